@@ -1,0 +1,3 @@
+from aecurves.cli import main
+
+raise SystemExit(main())

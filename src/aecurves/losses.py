@@ -1,0 +1,149 @@
+"""Reconstruction losses: mean squared error and a perceptual loss on frozen VGG16 features."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aecurves.errors import UserError
+
+LOSSES = ("mse", "vgg")
+# Indices in torchvision's vgg16().features right after relu1_2, relu2_2, relu3_3 and relu4_3.
+VGG_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MSELoss(nn.Module):
+    perceptual = False
+    description = "mean squared error"
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(recon.float(), target.float())
+
+
+def _vgg_weights_file() -> Path:
+    from torchvision.models import VGG16_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG16_Weights.IMAGENET1K_V1.url).name
+
+
+def vgg_missing_message(reason: str = "") -> str:
+    from torchvision.models import VGG16_Weights
+
+    return (
+        "The VGG16 ImageNet weights for the perceptual loss are not available"
+        + (f" ({reason})" if reason else "")
+        + f". On a machine with internet they are downloaded automatically from {VGG16_Weights.IMAGENET1K_V1.url}. "
+        f"Offline, copy that file to {_vgg_weights_file()} (torchvision's cache; set TORCH_HOME to move it) "
+        "or pass --vgg-weights PATH to a saved vgg16 state dict. "
+        "For a smoke test only, --vgg-weights random uses untrained VGG features (the loss is then not perceptual)."
+    )
+
+
+def load_vgg_features(weights: str = "imagenet") -> nn.Sequential:
+    """The first 23 layers of VGG16 (up to relu4_3), frozen, in eval mode.
+
+    `weights`: "imagenet" (torchvision's weights API: cached file or download), "random"
+    (smoke tests only), or a path to a vgg16 (or vgg16.features) state dict.
+    """
+    from torchvision.models import vgg16
+
+    with torch.random.fork_rng(devices=[]):  # "random" is deterministic and leaves the caller's RNG alone
+        torch.manual_seed(0)
+        features = vgg16(weights=None).features[: VGG_LAYERS["relu4_3"] + 1]
+    if weights == "random":
+        pass
+    elif weights == "imagenet":
+        from torchvision.models import VGG16_Weights
+
+        try:
+            state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+        except Exception as exc:  # no network, proxy refusal, truncated file...
+            raise UserError(vgg_missing_message(f"{type(exc).__name__}: {exc}")) from None
+        _load_features(features, state, VGG16_Weights.IMAGENET1K_V1.url)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(vgg_missing_message(f"--vgg-weights {weights}: no such file"))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"Could not read VGG weights from {path}: {exc}. "
+                            "Pass a file saved with torch.save(vgg16().state_dict(), PATH).") from None
+        _load_features(features, state, path)
+    features.eval()
+    features.requires_grad_(False)
+    return features
+
+
+def _load_features(features: nn.Sequential, state: dict, origin) -> None:
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"VGG weights in {origin} are not a state dict.")
+    # Accept a full vgg16 state dict ("features.0.weight") or a features-only one ("0.weight").
+    state = {k[len("features."):] if k.startswith("features.") else k: v for k, v in state.items()}
+    wanted = features.state_dict().keys()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise UserError(f"VGG weights in {origin} do not look like vgg16: missing {', '.join(missing[:4])}.")
+    try:
+        features.load_state_dict({k: state[k] for k in wanted})
+    except RuntimeError as exc:
+        raise UserError(f"VGG weights in {origin} do not match vgg16's shapes: {exc}") from None
+
+
+class VGGPerceptualLoss(nn.Module):
+    """Sum over relu1_2, relu2_2, relu3_3, relu4_3 of the mean L1 distance between VGG16 features.
+
+    Inputs in [0, 1] are normalised with the ImageNet mean and std; grayscale is repeated to 3 channels.
+    """
+
+    def __init__(self, weights: str = "imagenet"):
+        super().__init__()
+        self.features = load_vgg_features(weights)
+        self.perceptual = weights != "random"
+        self.description = "VGG16 perceptual (L1 on relu1_2, relu2_2, relu3_3, relu4_3)"
+        if not self.perceptual:
+            self.description += " with RANDOM VGG weights: not a perceptual loss, smoke tests only"
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.taps = set(VGG_LAYERS.values())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.features.eval()  # VGG stays in eval mode whatever the caller does
+        return self
+
+    def _feats(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                out.append(x)
+        return out
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target_feats = self._feats(target)
+        recon_feats = self._feats(recon)
+        return sum(F.l1_loss(r.float(), t.float()) for r, t in zip(recon_feats, target_feats))
+
+
+def make_loss(name: str, vgg_weights: str = "imagenet") -> nn.Module:
+    name = name.lower()
+    if name == "mse":
+        return MSELoss()
+    if name == "vgg":
+        loss = VGGPerceptualLoss(vgg_weights)
+        if not loss.perceptual:
+            print("warning: --vgg-weights random: the 'vgg' loss uses untrained features and is NOT perceptual; "
+                  "use it for smoke tests only.", file=sys.stderr)
+        return loss
+    raise UserError(f"Unknown loss {name!r}; choose one of: {', '.join(LOSSES)}.")
