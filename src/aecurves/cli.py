@@ -1,0 +1,162 @@
+"""Command line: argument parsing and dispatch only. Every flag also accepts its underscore spelling."""
+
+import argparse
+import sys
+
+from aecurves.errors import UserError
+
+
+def _flag(group, name: str, *aliases: str, **kwargs):
+    """Adds --name with its underscore (or dash) twin and any aliases, e.g. --batch-size / --batch_size."""
+    names = [name]
+    stem = name[2:]
+    twin = "--" + (stem.replace("-", "_") if "-" in stem else stem.replace("_", "-"))
+    if twin != name:
+        names.append(twin)
+    names.extend(aliases)
+    group.add_argument(*names, **kwargs)
+
+
+def _add_data_flags(p, dataset_default_note="lfw"):
+    g = p.add_argument_group("data")
+    _flag(g, "--dataset", choices=["celeba", "folder", "lfw", "synthetic"], default=None,
+          help=f"celeba (official layout), folder (any images), lfw (embedded, no download), synthetic "
+               f"(default: {dataset_default_note})")
+    _flag(g, "--data-dir", "--data_path", "--data-path", default=None,
+          help="dataset folder: for celeba the folder holding img_align_celeba/ (or img_align_celeba.zip)")
+    _flag(g, "--image-size", type=int, default=None, help="side of the square images (default: 64; 32 for lfw)")
+    _flag(g, "--limit", type=int, default=None, help="use only the first N images (default: all)")
+    _flag(g, "--val-fraction", type=float, default=None,
+          help="held-out fraction when the dataset has no official partition (default: 0.1)")
+    _flag(g, "--use-test", action="store_true",
+          help="hold out the official test partition instead of valid (celeba with list_eval_partition.txt)")
+    _flag(g, "--cache-dir", default=None,
+          help="where decoded images are cached (default: $AECURVES_CACHE or ~/.cache/aecurves)")
+
+
+def _add_runtime_flags(p):
+    g = p.add_argument_group("runtime")
+    _flag(g, "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
+    _flag(g, "--precision", choices=["auto", "fp32", "bf16"], default="auto",
+          help="bf16 autocast for training steps where the hardware runs it fast (auto), or force one; "
+               "evaluation is always fp32 (default: auto)")
+    _flag(g, "--vgg-weights", default="imagenet",
+          help="VGG16 weights for the perceptual loss: imagenet (torchvision, cached or downloaded), a PATH "
+               "to a vgg16 state dict, or random (smoke tests only; the loss is then not perceptual) "
+               "(default: imagenet)")
+    _flag(g, "--no-progress", action="store_true", help="no progress bars")
+
+
+def add_train_flags(p):
+    _add_data_flags(p)
+    g = p.add_argument_group("model and training")
+    _flag(g, "--loss", choices=["mse", "vgg"], default=None, help="reconstruction loss (default: mse)")
+    _flag(g, "--latent-dim", type=int, default=None, help="bottleneck size (default: 128)")
+    _flag(g, "--width", type=int, default=None, help="channels of the first conv stage (default: 32)")
+    _flag(g, "--batch-size", type=int, default=64, help="batch size per process (default: 64)")
+    _flag(g, "--epochs", type=int, default=30, help="(default: 30)")
+    _flag(g, "--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
+    _flag(g, "--wd", type=float, default=0.0, help="Adam weight decay (default: 0)")
+    _flag(g, "--seed", type=int, default=None, help="random seed (default: 42)")
+    g = p.add_argument_group("outputs")
+    _flag(g, "--out", "--dir", default="runs/train", help="run folder (default: runs/train)")
+    _flag(g, "--save-every-epoch", type=int, default=5,
+          help="write a checkpoint and a reconstruction grid every N epochs, and at the end (default: 5)")
+    _flag(g, "--checkpoint", default=None, help="resume from this checkpoint (default: OUT/checkpoint.pt with --resume)")
+    _flag(g, "--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _flag(g, "--num-images", type=int, default=8, help="test images in the reconstruction grid (default: 8)")
+    _add_runtime_flags(p)
+
+
+def add_train_curve_flags(p):
+    _add_data_flags(p, "the endpoints' dataset")
+    g = p.add_argument_group("curve")
+    _flag(g, "--init-start", required=False, help="checkpoint of the start endpoint θ(0) (required)")
+    _flag(g, "--init-end", required=False, help="checkpoint of the end endpoint θ(1) (required)")
+    _flag(g, "--curve", default="Bezier", type=str, help="Bezier or PolyChain, any case (default: Bezier)")
+    _flag(g, "--num-bends", type=int, default=3, help="control points including both ends (default: 3)")
+    _flag(g, "--fix-start", action="store_true", help="keep θ(0) at the start endpoint")
+    _flag(g, "--fix-end", action="store_true", help="keep θ(1) at the end endpoint")
+    _flag(g, "--init-linear-off", action="store_true",
+          help="leave inner bends at a fresh initialisation instead of on the segment")
+    g = p.add_argument_group("training")
+    _flag(g, "--loss", choices=["mse", "vgg"], default=None, help="(default: the endpoints' loss)")
+    _flag(g, "--batch-size", type=int, default=64, help="batch size per process (default: 64)")
+    _flag(g, "--epochs", type=int, default=10, help="(default: 10)")
+    _flag(g, "--lr", type=float, default=1e-3, help="Adam learning rate for the bends (default: 1e-3)")
+    _flag(g, "--wd", type=float, default=0.0,
+          help="weight of the regulariser wd/2·‖θ(t)‖² added to the loss (default: 0)")
+    _flag(g, "--seed", type=int, default=None, help="seed for t sampling and shuffling (default: 1)")
+    g = p.add_argument_group("outputs")
+    _flag(g, "--out", "--dir", default="runs/curve", help="run folder (default: runs/curve)")
+    _flag(g, "--save-every-epoch", type=int, default=1, help="checkpoint every N epochs and at the end (default: 1)")
+    _flag(g, "--resume", action="store_true", help="continue the curve run in --out from its checkpoint")
+    _add_runtime_flags(p)
+
+
+def add_export_point_flags(p):
+    _flag(p, "--ckpt", required=True, help="curve checkpoint (from train-curve)")
+    _flag(p, "--t", type=float, required=True, help="position on the curve, in [0, 1]")
+    _flag(p, "--out", required=True, help="file to write (an ordinary autoencoder checkpoint)")
+    _flag(p, "--bn-images", type=int, default=1024,
+          help="training images used to recompute BatchNorm statistics at t; 0 keeps the curve's (default: 1024)")
+    _flag(p, "--batch-size", type=int, default=256, help="(default: 256)")
+    _flag(p, "--cache-dir", default=None, help="image cache folder (default: $AECURVES_CACHE or ~/.cache/aecurves)")
+    _flag(p, "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
+    _flag(p, "--no-progress", action="store_true", help="no progress bars")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aecurves", description="Mode connectivity of autoencoders: train endpoints, connect them by "
+                                     "low-loss curves in weight space, evaluate and report.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_train_flags(sub.add_parser("train", help="train one autoencoder (an endpoint)",
+                                   description="Train a convolutional autoencoder (an endpoint of the curves)."))
+    add_train_curve_flags(sub.add_parser(
+        "train-curve", help="train a low-loss curve between two endpoints",
+        description="Train a Bezier or PolyChain curve θ(t) between two trained autoencoders; each batch draws "
+                    "t ~ U(0, 1) and minimises the reconstruction loss at θ(t) + wd/2·‖θ(t)‖²."))
+    add_export_point_flags(sub.add_parser(
+        "export-point", help="write θ(t) of a curve as an ordinary checkpoint",
+        description="Write the network at position t of a curve (BatchNorm statistics recomputed at t) as an "
+                    "ordinary autoencoder checkpoint that every command accepts as an endpoint."))
+    return parser
+
+
+def check_positive(args, *names):
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v < 1:
+            raise UserError(f"--{n.replace('_', '-')} must be at least 1, got {v}.")
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from aecurves import train
+
+            check_positive(args, "epochs", "batch_size", "save_every_epoch", "limit", "latent_dim", "width")
+            train.run(vars(args))
+        elif args.command == "train-curve":
+            from aecurves import train_curve
+
+            check_positive(args, "epochs", "batch_size", "save_every_epoch", "limit")
+            train_curve.run(vars(args))
+        elif args.command == "export-point":
+            from aecurves import train_curve
+
+            check_positive(args, "batch_size")
+            train_curve.export_point(vars(args))
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished checkpoints are intact (use --resume to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

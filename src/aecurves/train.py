@@ -1,0 +1,231 @@
+"""Endpoint training: one autoencoder, one seed, read top to bottom.
+
+`run(cfg)` takes the plain dict of `aecurves train` flags. It works alone or under torchrun
+(DistributedDataParallel; --batch-size is per process, as in torchvision's references).
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from aecurves import runtime
+from aecurves.checkpoint import append_jsonl, atomic_path, check_same_arch, load_checkpoint, save_checkpoint
+from aecurves.data import DEFAULT_IMAGE_SIZE, BatchLoader, load_data
+from aecurves.errors import UserError
+from aecurves.losses import make_loss
+from aecurves.models import ARCH_KEYS, build_model, num_parameters
+
+# Flags that are None when not given: they default to these, or to the checkpoint's values on resume.
+DEFAULTS = {"dataset": "lfw", "data_dir": None, "image_size": None, "limit": None, "val_fraction": 0.1,
+            "use_test": False, "loss": "mse", "seed": 42, "latent_dim": 128, "width": 32}
+COLUMNS = ["epoch", "train_loss", "test_loss", "test_mse", "test_psnr", "seconds", "images/s"]
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def train_one_epoch(model, loss_fn, optimizer, loader, device, precision, epoch, progress=True):
+    """Returns (mean training loss, images seen by this process)."""
+    model.train()
+    loader.set_epoch(epoch)
+    total = torch.zeros((), device=device)
+    seen = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, file=sys.stderr)
+    for step, x in enumerate(bar):
+        with runtime.autocast(device, precision):
+            loss = loss_fn(model(x), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * x.shape[0]
+        seen += x.shape[0]
+        if step % 10 == 0:  # .item() syncs with the GPU, so only now and then
+            value = loss.item()
+            check_finite(value, f"epoch {epoch}, step {step}")
+            bar.set_postfix(loss=f"{value:.4f}")
+    stats = runtime.all_reduce_sum(torch.stack([total, torch.tensor(float(seen), device=device)]))
+    mean = (stats[0] / stats[1]).item()
+    check_finite(mean, f"epoch {epoch}")
+    return mean, seen
+
+
+def check_finite(value: float, where: str) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"The training loss became {value} at {where}; training stopped and the last good "
+                            "checkpoint was left as it was. Lower --lr, or use --precision fp32, then resume with "
+                            "--resume (it restarts from the last good checkpoint).")
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, loader, device) -> dict:
+    """Loss, MSE and PSNR (mean over images of the per-image PSNR), always in fp32."""
+    model.eval()
+    sums = torch.zeros(4, device=device)  # loss*n, mse*n, psnr sum, n
+    for x in loader:
+        recon = model(x)
+        per_image_mse = (recon - x).pow(2).flatten(1).mean(1)
+        sums += torch.stack([loss_fn(recon, x) * x.shape[0], per_image_mse.sum(),
+                             psnr_from_mse(per_image_mse).sum(), torch.tensor(float(x.shape[0]), device=device)])
+    sums = runtime.all_reduce_sum(sums)
+    n = sums[3].clamp_min(1)
+    return {"loss": (sums[0] / n).item(), "mse": (sums[1] / n).item(), "psnr": (sums[2] / n).item()}
+
+
+def save_reconstructions(model, images: torch.Tensor, path) -> None:
+    """A PNG grid: fixed test images in the top row, their reconstructions below."""
+    from torchvision.utils import make_grid, save_image
+
+    model.eval()
+    with torch.no_grad():
+        recon = model(images)
+    grid = make_grid(torch.cat([images, recon]).float().cpu(), nrow=images.shape[0], padding=2, pad_value=1.0)
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, format="png")
+
+
+def format_row(row: dict, header: bool) -> str:
+    values = [row["epoch"], row["train_loss"], row["test_loss"], row["test_mse"], row["test_psnr"],
+              row["epoch_seconds"], row["images_per_s"]]
+    table = tabulate([values], COLUMNS, tablefmt="simple", floatfmt=["d", "9.5f", "9.5f", "9.5f", "7.2f", "8.1f", "8.0f"])
+    return table if header else table.splitlines()[2]
+
+
+def resolve_start(cfg: dict, out: Path):
+    """The checkpoint to resume from (or None), after refusing to overwrite an existing run."""
+    ckpt_path = Path(cfg["checkpoint"]) if cfg.get("checkpoint") else out / "checkpoint.pt"
+    if cfg.get("resume") or cfg.get("checkpoint"):
+        if not ckpt_path.is_file():
+            if cfg.get("checkpoint"):
+                load_checkpoint(ckpt_path, "endpoint")  # raises the missing-file error
+            return None  # --resume with nothing to resume: start fresh
+        return load_checkpoint(ckpt_path, "endpoint"), ckpt_path
+    if (out / "checkpoint.pt").exists():
+        raise UserError(f"{out} already holds a training run (checkpoint.pt). Pass --resume to continue it, "
+                        "or choose another --out folder; nothing was overwritten.")
+    return None
+
+
+def resolve_config(cfg: dict, saved: dict | None, ckpt_path) -> None:
+    """Fills flags left unset; on resume they come from the checkpoint, and explicit ones must agree with it."""
+    if cfg.get("data_dir"):
+        cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
+    if saved is not None:
+        differ = [f"{k}={saved.get(k)!r} vs {k}={cfg[k]!r}" for k in DEFAULTS
+                  if cfg.get(k) not in (None, False) and cfg[k] != saved.get(k)]
+        if differ:
+            raise UserError(f"The checkpoint {ckpt_path} does not match this run: " + "; ".join(differ)
+                            + " (checkpoint vs requested). Drop those flags to resume with the checkpoint's "
+                            "settings, or start a new run in another --out folder.")
+        for k in DEFAULTS:
+            if cfg.get(k) in (None, False):
+                cfg[k] = saved.get(k, DEFAULTS[k])
+    for k, v in DEFAULTS.items():
+        if cfg.get(k) is None:
+            cfg[k] = v
+    if cfg["image_size"] is None:
+        cfg["image_size"] = DEFAULT_IMAGE_SIZE.get(cfg["dataset"], 64)
+
+
+def run(cfg: dict) -> dict:
+    info, device = runtime.setup_distributed(cfg["device"])
+    try:
+        return _run(cfg, info, device)
+    finally:
+        runtime.cleanup_distributed()
+
+
+def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
+    log = print if info.is_main else (lambda *a, **k: None)
+    progress = info.is_main and not cfg.get("no_progress")
+    out = Path(cfg["out"])
+    start = resolve_start(cfg, out)
+    resumed = start[0] if start else None
+
+    resolve_config(cfg, resumed["args"] if resumed else None, start[1] if start else None)
+    precision = runtime.resolve_precision(cfg["precision"], device)
+    data_kwargs = dict(dataset=cfg["dataset"], data_dir=cfg.get("data_dir"), image_size=cfg["image_size"],
+                       limit=cfg.get("limit"), val_fraction=cfg["val_fraction"], use_test=cfg.get("use_test", False),
+                       cache_dir=cfg.get("cache_dir"))
+    if info.is_main:  # rank 0 builds the cache, the others then read it
+        data = load_data(**data_kwargs, progress=progress)
+    runtime.barrier()
+    if not info.is_main:
+        data = load_data(**data_kwargs, progress=False)
+    cfg["channels"] = data.channels
+    if resumed:
+        check_same_arch(resumed["args"], cfg, start[1], "the data of this run")
+
+    runtime.seed_everything(cfg["seed"])
+    model = build_model(cfg).to(device)
+    loss_fn = make_loss(cfg["loss"], cfg["vgg_weights"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("wd", 0.0))
+    history, start_epoch = [], 0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        history, start_epoch = list(resumed["metrics"]), resumed["epoch"]
+
+    log(f"data: {data.source}" + (f" ({len(data.skipped)} unreadable files skipped)" if data.skipped else ""))
+    log(f"model: ConvAutoencoder {', '.join(f'{k}={cfg[k]}' for k in ARCH_KEYS)}: {num_parameters(model):,} parameters")
+    log(f"loss: {loss_fn.description}; device {device}, precision {precision}, world size {info.world_size}, "
+        f"batch {cfg['batch_size']} per process")
+    if resumed:
+        log(f"resuming from {start[1]} at epoch {start_epoch}")
+    if start_epoch >= cfg["epochs"]:
+        log(f"nothing to do: the checkpoint is already at epoch {start_epoch} of {cfg['epochs']}")
+
+    train_loader = BatchLoader(data.train, cfg["batch_size"], device, shuffle=True, seed=cfg["seed"],
+                               rank=info.rank, world_size=info.world_size)
+    test_loader = BatchLoader(data.test, cfg["batch_size"], device, rank=info.rank, world_size=info.world_size)
+    fixed = data.test[: cfg.get("num_images", 8)].to(device).float().div(255)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.enabled else model
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        # metrics.jsonl always mirrors the checkpoint's history (drops rows logged after it by a crashed run)
+        with atomic_path(out / "metrics.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    perceptual = getattr(loss_fn, "perceptual", None)
+    for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
+        t0 = time.perf_counter()
+        train_loss, seen = train_one_epoch(net, loss_fn, optimizer, train_loader, device, precision, epoch, progress)
+        train_seconds = time.perf_counter() - t0
+        test = evaluate(model, loss_fn, test_loader, device)
+        row = {"epoch": epoch, "train_loss": train_loss, "test_loss": test["loss"], "test_mse": test["mse"],
+               "test_psnr": test["psnr"], "epoch_seconds": time.perf_counter() - t0,
+               "images_per_s": seen * info.world_size / train_seconds, "precision": precision}
+        if cfg["loss"] == "vgg":
+            row["loss_is_perceptual"] = perceptual
+        history.append(row)
+        log(format_row(row, header=epoch == start_epoch + 1))
+        if info.is_main:
+            append_jsonl(out / "metrics.jsonl", row)
+            if epoch % cfg["save_every_epoch"] == 0 or epoch == cfg["epochs"]:
+                state = {"kind": "endpoint", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch, "args": dict(cfg), "metrics": history,
+                         "skipped_images": len(data.skipped)}
+                save_checkpoint(out / f"checkpoint_epoch{epoch:03d}.pt", state)
+                save_checkpoint(out / "checkpoint.pt", state)
+                save_reconstructions(model, fixed, out / f"reconstructions_epoch{epoch:03d}.png")
+                save_reconstructions(model, fixed, out / "reconstructions.png")
+
+    summary = {"out": str(out), "epochs": cfg["epochs"], "skipped_images": len(data.skipped),
+               **({k: history[-1][k] for k in ("train_loss", "test_loss", "test_mse", "test_psnr")} if history else {})}
+    log(f"done: {summary.get('epochs')} epochs, test loss {summary.get('test_loss', float('nan')):.5f}, "
+        f"test PSNR {summary.get('test_psnr', float('nan')):.2f} dB, {len(data.skipped)} unreadable images skipped; "
+        f"checkpoint, metrics.jsonl and reconstructions.png in {out}")
+    return summary

@@ -1,0 +1,50 @@
+"""Shared fixtures: an isolated image cache, the optional real CelebA sample, tiny trained endpoints."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CELEBA_SAMPLE = SHARED_DATA / "celeba-sample"
+
+# Small enough to train in a second or two on a 2-core CPU, big enough to show a loss barrier.
+TINY = ["--dataset", "synthetic", "--image-size", "32", "--limit", "384", "--width", "8", "--latent-dim", "16",
+        "--batch-size", "32", "--lr", "3e-3", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Never touch the user's ~/.cache/aecurves from tests."""
+    old = os.environ.get("AECURVES_CACHE")
+    os.environ["AECURVES_CACHE"] = str(tmp_path_factory.mktemp("aecurves-cache"))
+    yield
+    if old is None:
+        os.environ.pop("AECURVES_CACHE", None)
+    else:
+        os.environ["AECURVES_CACHE"] = old
+
+
+@pytest.fixture
+def celeba_sample() -> Path:
+    if not (CELEBA_SAMPLE / "img_align_celeba").is_dir():
+        pytest.skip(f"the real CelebA sample is not here ({CELEBA_SAMPLE}); it ships only beside the project repo")
+    return CELEBA_SAMPLE
+
+
+def run_cli(*argv) -> int:
+    from aecurves.cli import main
+
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="session")
+def tiny_endpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """Two endpoint checkpoints trained from seeds 1 and 2 through the CLI (fp32, 6 epochs)."""
+    root = tmp_path_factory.mktemp("endpoints")
+    paths = []
+    for seed in (1, 2):
+        out = root / f"seed{seed}"
+        assert run_cli("train", *TINY, "--epochs", 6, "--seed", seed, "--precision", "fp32", "--out", out) == 0
+        paths.append(out / "checkpoint.pt")
+    return paths[0], paths[1]

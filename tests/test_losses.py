@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from aecurves.errors import UserError
+from aecurves.losses import VGG_LAYERS, load_vgg_features, make_loss
+
+
+def test_mse_matches_definition():
+    a, b = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)
+    assert make_loss("mse")(a, b).item() == pytest.approx(((a - b) ** 2).mean().item(), rel=1e-6)
+
+
+def test_vgg_random_is_zero_on_equal_inputs_and_positive_otherwise(capsys):
+    loss = make_loss("vgg", vgg_weights="random")
+    assert "NOT perceptual" in capsys.readouterr().err
+    assert loss.perceptual is False
+    x = torch.rand(2, 3, 32, 32)
+    assert loss(x, x).item() == 0.0
+    assert loss(x, torch.rand(2, 3, 32, 32)).item() > 0
+
+
+def test_vgg_grayscale_is_repeated_to_rgb():
+    loss = make_loss("vgg", vgg_weights="random")
+    gray, other = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    assert loss(gray, other).item() == pytest.approx(loss(gray.expand(-1, 3, -1, -1), other.expand(-1, 3, -1, -1)).item())
+
+
+def test_vgg_is_frozen_and_stays_in_eval_mode():
+    loss = make_loss("vgg", vgg_weights="random")
+    loss.train()
+    assert not loss.features.training
+    assert not any(p.requires_grad for p in loss.features.parameters())
+    recon = torch.rand(2, 3, 32, 32, requires_grad=True)
+    loss(recon, torch.rand(2, 3, 32, 32)).backward()
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
+    assert len(loss.features) == VGG_LAYERS["relu4_3"] + 1
+
+
+def test_random_vgg_does_not_disturb_the_global_rng():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    make_loss("vgg", vgg_weights="random")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_vgg_weights_from_a_file(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    net = make_layers(cfgs["D"])  # the layout of vgg16().features; saved as a full vgg16 state dict would be
+    torch.save({f"features.{k}": v for k, v in net.state_dict().items()}, tmp_path / "vgg.pth")
+    feats = load_vgg_features(str(tmp_path / "vgg.pth"))
+    assert torch.equal(feats[21].weight, net[21].weight)
+    torch.save({"0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="vgg16"):
+        load_vgg_features(str(tmp_path / "bad.pth"))
+
+
+def test_missing_vgg_weights_explain_the_remedy(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: torchvision must download, and cannot
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
+    with pytest.raises(UserError) as err:
+        make_loss("vgg")
+    msg = str(err.value)
+    assert "--vgg-weights" in msg and str(tmp_path) in msg and "vgg16-397923af.pth" in msg
+    with pytest.raises(UserError, match="no such file"):
+        make_loss("vgg", vgg_weights=str(tmp_path / "missing.pth"))

@@ -1,0 +1,122 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aecurves.checkpoint import load_checkpoint
+from aecurves.errors import UserError
+
+from conftest import TINY, run_cli
+
+
+def weights(path):
+    return load_checkpoint(path, "endpoint")["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY, "--epochs", 2, "--save-every-epoch", 1, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "parameters" in printed and "test_loss" in printed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["test_loss"] < rows[0]["test_loss"]
+    assert rows[1]["test_psnr"] == pytest.approx(rows[1]["test_psnr"]) and rows[1]["test_psnr"] > 10
+    for key in ("train_loss", "test_loss", "test_mse", "test_psnr", "epoch_seconds", "images_per_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    # every epoch's row is printed with the figures of metrics.jsonl
+    assert f"{rows[1]['test_loss']:9.5f}".strip() in printed
+    state = load_checkpoint(out / "checkpoint.pt", "endpoint")
+    assert state["epoch"] == 2 and state["args"]["latent_dim"] == 16 and state["args"]["channels"] == 3
+    assert state["metrics"] == rows
+    assert (out / "checkpoint_epoch001.pt").is_file()
+    from PIL import Image
+
+    grid = Image.open(out / "reconstructions.png")
+    assert grid.size[1] == 2 * 32 + 3 * 2  # originals over reconstructions, 2 px padding
+
+
+def test_same_seed_same_weights_and_other_seed_differs(tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert run_cli("train", *TINY, "--epochs", 1, "--seed", seed, "--out", tmp_path / name) == 0
+    assert_same_weights(weights(tmp_path / "a/checkpoint.pt"), weights(tmp_path / "b/checkpoint.pt"))
+    assert not torch.equal(weights(tmp_path / "a/checkpoint.pt")["encoder.0.0.weight"],
+                           weights(tmp_path / "c/checkpoint.pt")["encoder.0.0.weight"])
+
+
+def test_resume_gives_exactly_the_uninterrupted_weights(tmp_path):
+    assert run_cli("train", *TINY, "--epochs", 3, "--out", tmp_path / "straight") == 0
+    assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path / "stopped") == 0
+    assert run_cli("train", *TINY, "--epochs", 3, "--resume", "--out", tmp_path / "stopped") == 0
+    assert_same_weights(weights(tmp_path / "straight/checkpoint.pt"), weights(tmp_path / "stopped/checkpoint.pt"))
+    rows = (tmp_path / "stopped/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
+    assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path) == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_with_another_architecture_names_the_setting(tmp_path, capsys):
+    assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path) == 0
+    tiny = [a for a in TINY]
+    tiny[tiny.index("--latent-dim") + 1] = "32"
+    assert run_cli("train", *tiny, "--epochs", 2, "--resume", "--out", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "latent_dim=16" in err and "latent_dim=32" in err and "Traceback" not in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path) == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    from aecurves import train
+    from aecurves.losses import MSELoss
+
+    class NaNLoss(MSELoss):
+        def forward(self, recon, target):
+            return super().forward(recon, target) * float("nan")
+
+    monkeypatch.setattr(train, "make_loss", lambda *a, **k: NaNLoss())
+    assert run_cli("train", *TINY, "--epochs", 2, "--resume", "--out", tmp_path) == 2
+    assert "nan" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_bad_data_dir_is_a_user_error(tmp_path, capsys):
+    assert run_cli("train", "--dataset", "celeba", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "img_align_celeba" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_two_process_gloo_ddp(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "aecurves", "train", *TINY, "--epochs", 2, "--device", "cpu", "--out", out]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]  # only rank 0 writes
+    assert rows[1]["test_loss"] < rows[0]["test_loss"]
+    # each rank takes its own half of the shuffled data, so an epoch has half the steps of a single process
+    from aecurves.data import BatchLoader, load_data
+
+    data = load_data("synthetic", image_size=32, limit=384)
+    per_rank = BatchLoader(data.train, 32, shuffle=True, rank=0, world_size=2)
+    assert per_rank.num_samples == len(data.train) // 2
+    assert load_checkpoint(out / "checkpoint.pt")["optimizer"]["state"][0]["step"].item() == 2 * len(per_rank)
