@@ -43,20 +43,28 @@ def vgg_missing_message(reason: str = "") -> str:
     )
 
 
+def _vgg16_features() -> nn.Sequential:
+    """vgg16().features up to relu4_3, built without the 120M-parameter classifier (much faster)."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    features = make_layers(cfgs["D"])[: VGG_LAYERS["relu4_3"] + 1]
+    for m in features.modules():  # torchvision's VGG initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return features
+
+
 def load_vgg_features(weights: str = "imagenet") -> nn.Sequential:
     """The first 23 layers of VGG16 (up to relu4_3), frozen, in eval mode.
 
     `weights`: "imagenet" (torchvision's weights API: cached file or download), "random"
     (smoke tests only), or a path to a vgg16 (or vgg16.features) state dict.
     """
-    from torchvision.models import vgg16
-
     with torch.random.fork_rng(devices=[]):  # "random" is deterministic and leaves the caller's RNG alone
         torch.manual_seed(0)
-        features = vgg16(weights=None).features[: VGG_LAYERS["relu4_3"] + 1]
-    if weights == "random":
-        pass
-    elif weights == "imagenet":
+        features = _vgg16_features()
+    if weights == "imagenet":
         from torchvision.models import VGG16_Weights
 
         try:
@@ -64,7 +72,7 @@ def load_vgg_features(weights: str = "imagenet") -> nn.Sequential:
         except Exception as exc:  # no network, proxy refusal, truncated file...
             raise UserError(vgg_missing_message(f"{type(exc).__name__}: {exc}")) from None
         _load_features(features, state, VGG16_Weights.IMAGENET1K_V1.url)
-    else:
+    elif weights != "random":
         path = Path(weights)
         if not path.is_file():
             raise UserError(vgg_missing_message(f"--vgg-weights {weights}: no such file"))
