@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+
+from aecurves.checkpoint import load_checkpoint, save_checkpoint
+from aecurves.train_curve import load_curve
+
+from conftest import run_cli
+
+CURVE = ["--curve", "bezier", "--num_bends", 3, "--fix_start", "--fix_end", "--batch-size", 32, "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained_curve(tiny_endpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("curve")
+    a, b = tiny_endpoints
+    assert run_cli("train-curve", "--init_start", a, "--init_end", b, *CURVE, "--epochs", 4, "--dir", out) == 0
+    return out / "checkpoint.pt"
+
+
+def test_curve_checkpoint_keeps_the_fixed_endpoints_and_its_config(trained_curve, tiny_endpoints):
+    curve, state = load_curve(trained_curve)
+    assert state["kind"] == "curve" and state["epoch"] == 4 and state["args"]["curve"] == "Bezier"
+    a, b = (load_checkpoint(p, "endpoint")["model"] for p in tiny_endpoints)
+    for t, ref in ((0.0, a), (1.0, b)):
+        got = curve.state_dict_at(t)
+        for name, _ in curve.base.named_parameters():
+            assert torch.equal(got[name], ref[name]), (t, name)
+    # the middle bend moved away from the segment's midpoint
+    mid = (curve.bends[0] + curve.bends[2]) / 2
+    assert not torch.allclose(curve.bends[1], mid)
+    rows = [json.loads(r) for r in (trained_curve.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and all(r["train_l2_term"] == 0.0 for r in rows)
+    assert state["args"]["dataset"] == "synthetic"  # data came from the endpoints
+
+
+def test_weight_decay_term_is_reported_apart_from_the_reconstruction_loss(tiny_endpoints, tmp_path):
+    a, b = tiny_endpoints
+    assert run_cli("train-curve", "--init_start", a, "--init_end", b, *CURVE, "--epochs", 1, "--wd", 1e-3,
+                   "--dir", tmp_path) == 0
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    curve, _ = load_curve(tmp_path / "checkpoint.pt")
+    # t ~ U(0, 1) per batch: the reported term estimates the mean of wd/2 · ‖θ(t)‖² over t
+    mean_l2 = sum(curve.l2(t).item() for t in torch.linspace(0, 1, 101).tolist()) / 101
+    assert row["train_l2_term"] == pytest.approx(1e-3 / 2 * mean_l2, rel=0.1)
+    assert row["train_loss"] < 0.2
+
+
+def test_resume_gives_the_uninterrupted_curve(tiny_endpoints, tmp_path):
+    a, b = tiny_endpoints
+    common = ["--init_start", a, "--init_end", b, *CURVE]
+    assert run_cli("train-curve", *common, "--epochs", 2, "--dir", tmp_path / "straight") == 0
+    assert run_cli("train-curve", *common, "--epochs", 1, "--dir", tmp_path / "stopped") == 0
+    assert run_cli("train-curve", *common, "--epochs", 2, "--resume", "--dir", tmp_path / "stopped") == 0
+    x, _ = load_curve(tmp_path / "straight/checkpoint.pt")
+    y, _ = load_curve(tmp_path / "stopped/checkpoint.pt")
+    assert all(torch.equal(p, q) for p, q in zip(x.bends, y.bends))
+
+
+def test_export_point_writes_an_endpoint_that_train_curve_accepts(trained_curve, tiny_endpoints, tmp_path, capsys):
+    point = tmp_path / "mid.pt"
+    assert run_cli("export-point", "--ckpt", trained_curve, "--t", 0.5, "--out", point, "--no-progress") == 0
+    state = load_checkpoint(point, "endpoint")
+    curve, _ = load_curve(trained_curve)
+    flat = torch.cat([state["model"][n].reshape(-1) for n in curve.param_names])
+    assert torch.equal(flat, curve.flat_at(0.5).detach())
+    assert state["exported_from"]["bn_images"] > 0
+    # BN statistics were recomputed at t = 0.5, not copied from an endpoint
+    a = load_checkpoint(tiny_endpoints[0], "endpoint")["model"]
+    assert not torch.equal(state["model"]["encoder.0.1.running_mean"], a["encoder.0.1.running_mean"])
+    assert run_cli("train-curve", "--init_start", tiny_endpoints[0], "--init_end", point, *CURVE, "--epochs", 1,
+                   "--dir", tmp_path / "c2") == 0
+
+
+@pytest.mark.parametrize("case", ["mismatch", "curve_as_endpoint", "missing", "one_bend", "nothing_to_train",
+                                  "t_outside", "no_endpoints"])
+def test_bad_input_is_one_clear_error_and_overwrites_nothing(case, trained_curve, tiny_endpoints, tmp_path, capsys):
+    a, b = tiny_endpoints
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    curve_args = ["--dir", out, *CURVE, "--epochs", 1]
+    if case == "mismatch":
+        other = load_checkpoint(b, "endpoint")
+        other["args"] = {**other["args"], "latent_dim": 99}
+        save_checkpoint(tmp_path / "other.pt", other)
+        argv, expect = ["train-curve", "--init_start", a, "--init_end", tmp_path / "other.pt", *curve_args], "latent_dim"
+    elif case == "curve_as_endpoint":
+        argv, expect = ["train-curve", "--init_start", a, "--init_end", trained_curve, *curve_args], "export-point"
+    elif case == "missing":
+        argv, expect = ["train-curve", "--init_start", a, "--init_end", tmp_path / "nope.pt", *curve_args], "does not exist"
+    elif case == "one_bend":
+        argv, expect = ["train-curve", "--init_start", a, "--init_end", b, *curve_args, "--num_bends", 1], "at least 2"
+    elif case == "nothing_to_train":
+        argv, expect = ["train-curve", "--init_start", a, "--init_end", b, *curve_args, "--num_bends", 2], "Nothing to train"
+    elif case == "t_outside":
+        argv, expect = ["export-point", "--ckpt", trained_curve, "--t", 1.5, "--out", out / "keep.txt"], "[0, 1]"
+    else:
+        argv, expect = ["train-curve", *curve_args], "--init_start"
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err and err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
