@@ -106,6 +106,39 @@ def add_export_point_flags(p):
     _flag(p, "--no-progress", action="store_true", help="no progress bars")
 
 
+def add_eval_curve_flags(p):
+    g = p.add_argument_group("what to evaluate (one of)")
+    _flag(g, "--ckpt", default=None, help="curve checkpoint from train-curve")
+    _flag(g, "--segment", nargs=2, metavar=("START", "END"), default=None,
+          help="two endpoint checkpoints: evaluate the straight segment between them (nothing to train)")
+    g = p.add_argument_group("evaluation")
+    _flag(g, "--num-points", type=int, default=61, help="points t evenly spaced in [0, 1] (default: 61)")
+    _flag(g, "--bn-images", type=int, default=1024,
+          help="training images (a fixed subset drawn once) for the BatchNorm statistics at each t (default: 1024)")
+    _flag(g, "--train-images", type=int, default=1024,
+          help="training images (the same fixed subset) for the train metrics (default: 1024)")
+    _flag(g, "--full", action="store_true", help="use all training images for both, as the paper does")
+    _flag(g, "--num-images", type=int, default=4, help="held-out images in the reconstruction pictures (default: 4)")
+    _flag(g, "--no-segment-too", dest="segment_too", action="store_false",
+          help="for a curve, skip the comparison with the segment between its endpoints")
+    _flag(g, "--batch-size", type=int, default=256, help="(default: 256)")
+    _flag(g, "--use-test", action="store_true", help="hold out the official test partition (celeba)")
+    _flag(g, "--dataset", choices=["celeba", "folder", "lfw", "synthetic"], default=None,
+          help="(default: the checkpoint's)")
+    _flag(g, "--data-dir", "--data_path", "--data-path", default=None, help="(default: the checkpoint's)")
+    _flag(g, "--cache-dir", default=None, help="image cache folder (default: $AECURVES_CACHE or ~/.cache/aecurves)")
+    _flag(g, "--out", "--dir", default=None,
+          help="output folder (default: CKPT_FOLDER/eval for a curve, runs/segment for a segment)")
+    g = p.add_argument_group("runtime")
+    _flag(g, "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
+    _flag(g, "--precision", choices=["auto", "fp32", "bf16"], default="auto",
+          help="accepted for symmetry with train; evaluation always runs in fp32")
+    _flag(g, "--vgg-weights", default="imagenet",
+          help="VGG16 weights for the perceptual metric and vgg-loss checkpoints: imagenet, PATH or random "
+               "(default: imagenet; when unavailable the perceptual metric is left out)")
+    _flag(g, "--no-progress", action="store_true", help="no progress bars")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aecurves", description="Mode connectivity of autoencoders: train endpoints, connect them by "
@@ -117,6 +150,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "train-curve", help="train a low-loss curve between two endpoints",
         description="Train a Bezier or PolyChain curve θ(t) between two trained autoencoders; each batch draws "
                     "t ~ U(0, 1) and minimises the reconstruction loss at θ(t) + wd/2·‖θ(t)‖²."))
+    add_eval_curve_flags(sub.add_parser(
+        "eval-curve", help="metrics and reconstructions along a curve or a segment",
+        description="Evaluate losses, MSE, PSNR and the weight-space step along a curve (--ckpt) or the straight "
+                    "segment between two endpoints (--segment); BatchNorm statistics are recomputed at every t. "
+                    "Writes curve.npz, eval.json, loss_along_path.png and reconstructions.png."))
     add_export_point_flags(sub.add_parser(
         "export-point", help="write θ(t) of a curve as an ordinary checkpoint",
         description="Write the network at position t of a curve (BatchNorm statistics recomputed at t) as an "
@@ -144,6 +182,11 @@ def main(argv=None) -> int:
 
             check_positive(args, "epochs", "batch_size", "save_every_epoch", "limit")
             train_curve.run(vars(args))
+        elif args.command == "eval-curve":
+            from aecurves import evaluate
+
+            check_positive(args, "batch_size")
+            evaluate.run(vars(args))
         elif args.command == "export-point":
             from aecurves import train_curve
 

@@ -159,7 +159,8 @@ class Curve(nn.Module):
     def update_bn(self, batches, t, num_batches: int | None = None) -> int:
         """Recomputes BatchNorm running statistics at θ(t) from `batches` (the paper's update_bn).
 
-        Statistics are reset and then averaged over the batches with equal weight (momentum None).
+        Statistics are reset and then averaged over the batches weighted by batch size (momentum
+        b / (seen + b) per batch, as the paper does), so a short last batch does not count extra.
         Returns the number of images used (0 when the module has no BatchNorm).
         """
         bns = batchnorms(self.base)
@@ -168,7 +169,6 @@ class Curve(nn.Module):
         momenta = [m.momentum for m in bns]
         for m in bns:
             m.reset_running_stats()
-            m.momentum = None
         was_training = self.base.training
         self.base.train()
         weights = self.weights(t)
@@ -176,6 +176,8 @@ class Curve(nn.Module):
         for i, x in enumerate(batches):
             if num_batches is not None and i >= num_batches:
                 break
+            for m in bns:
+                m.momentum = x.shape[0] / (seen + x.shape[0])
             functional_call(self.base, weights, (x,))
             seen += x.shape[0]
         for m, mom in zip(bns, momenta):

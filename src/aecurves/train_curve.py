@@ -30,10 +30,10 @@ BN_BATCHES_PER_EPOCH = 8  # midpoint monitor: BN statistics from this many train
 COLUMNS = ["epoch", "train_loss", "l2_term", "mid_test_loss", "mid_test_mse", "seconds", "images/s"]
 
 
-def endpoint_pair(start_path, end_path) -> tuple[dict, dict]:
+def endpoint_pair(start_path, end_path, flags: str = "--init_start/--init_end") -> tuple[dict, dict]:
     """Loads both endpoint checkpoints and checks they describe the same architecture."""
-    a = load_checkpoint(start_path, "endpoint", "start endpoint (--init_start)")
-    b = load_checkpoint(end_path, "endpoint", "end endpoint (--init_end)")
+    a = load_checkpoint(start_path, "endpoint", f"start endpoint ({flags})")
+    b = load_checkpoint(end_path, "endpoint", f"end endpoint ({flags})")
     diff = arch_mismatch(a["args"], b["args"])
     if diff:
         raise UserError(f"The endpoints do not match each other: {'; '.join(diff)} ({start_path} vs {end_path}). "

@@ -1,0 +1,148 @@
+"""Figures: losses along paths in weight space, and grids of reconstructions along a path.
+
+Everything is drawn with matplotlib's object API (Figure + the Agg canvas), never pyplot, so importing this
+module changes no global backend and needs no display. Every file is written atomically.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from aecurves.checkpoint import atomic_path
+
+# Reconstruction grids: cells are upscaled (nearest) to at least MIN_CELL pixels so a label fits above each.
+MIN_CELL = 64
+PADDING = 2
+LINE_HEIGHT = 16  # pixels per text line in a grid's header
+
+
+def save_figure(fig, path, dpi: int = 120) -> None:
+    """Writes a matplotlib Figure as PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)  # attach an Agg canvas: works whatever backend pyplot would pick
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def series_from_results(results: Mapping, label: str, prefix: str = "", linestyle: str = "-", color=None,
+                        keys: Sequence[str] = ("tr_loss", "te_loss")) -> dict:
+    """A plotting series from evaluation results (a curve.npz, eval.json's "series", or a dict of arrays).
+
+    prefix="segment_" picks the straight segment evaluated alongside a curve.
+    """
+    series = {"label": label, "linestyle": linestyle, "color": color, "ts": np.asarray(results[prefix + "ts"])}
+    for k in keys:
+        if prefix + k in results:
+            series[k] = np.asarray(results[prefix + k])
+    return series
+
+
+def plot_metric_along_paths(series: Sequence[Mapping], path, keys: Sequence[str] = ("tr_loss", "te_loss"),
+                            panel_titles: Sequence[str] = ("train", "test"), ylabel: str = "loss",
+                            title: str | None = None, logy: bool = False) -> None:
+    """One panel per key in `keys`; in each, every series as a line against t.
+
+    Each series is a dict: label, ts, one array per key (missing or None: not drawn in that panel),
+    and optionally linestyle ("-" by default, e.g. "--" for a segment) and color.
+    """
+    from matplotlib.figure import Figure
+
+    if not series:
+        raise ValueError("nothing to plot: no series")
+    fig = Figure(figsize=(5.2 * len(keys), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key, panel in zip(axes, keys, panel_titles):
+        for s in series:
+            values = s.get(key)
+            if values is None:
+                continue
+            ax.plot(np.asarray(s["ts"]), np.asarray(values), linestyle=s.get("linestyle") or "-",
+                    color=s.get("color"), label=s.get("label"), linewidth=1.6)
+        ax.set_xlabel("t")
+        ax.set_ylabel(f"{panel} {ylabel}")
+        ax.set_title(panel)
+        ax.set_xlim(0, 1)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(handles, labels, fontsize="small")
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_loss_along_paths(series: Sequence[Mapping], path, title: str | None = None, ylabel: str = "loss",
+                          logy: bool = False) -> None:
+    """Train and test loss against t (two panels), like Fig. 2 of Garipov et al. (2018).
+
+    `series`: dicts with label, ts, tr_loss, te_loss, and optionally linestyle and color; e.g. three
+    curves (solid) and the segments between the same endpoints (dashed, same colour).
+    """
+    plot_metric_along_paths(series, path, ("tr_loss", "te_loss"), ("train", "test"), ylabel, title, logy)
+
+
+def _as_rgb_float(images: torch.Tensor) -> torch.Tensor:
+    images = images.detach().cpu()
+    images = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.clamp(0, 1)
+
+
+def grid_geometry(num_rows: int, num_cols: int, image_size: int, title: bool = False) -> dict:
+    """Pixel layout of reconstruction_grid: cell side, upscale factor, header height, image width/height."""
+    scale = max(1, math.ceil(MIN_CELL / image_size))
+    cell = image_size * scale
+    header = LINE_HEIGHT * (2 if title else 1)
+    return {"scale": scale, "cell": cell, "header": header, "padding": PADDING,
+            "width": num_cols * (cell + PADDING) + PADDING,
+            "height": header + num_rows * (cell + PADDING) + PADDING}
+
+
+def reconstruction_grid(originals: torch.Tensor, columns: Sequence[tuple[str, torch.Tensor]],
+                        title: str | None = None, first_label: str = "original"):
+    """A PIL image: one row per image; the originals in the first column, then one column per entry of
+    `columns` ((label, reconstructions [N, C, H, W]) pairs, e.g. one per t), each labelled in a header row.
+
+    Images are floats in [0, 1] or uint8; grayscale is shown as RGB. Pixels are upscaled by an integer
+    factor (nearest neighbour), so each cell holds the exact pixels of its image.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
+    n, _, size, _ = originals.shape
+    blocks = [_as_rgb_float(originals)] + [_as_rgb_float(r) for _, r in columns]
+    labels = [first_label] + [label for label, _ in columns]
+    geo = grid_geometry(n, len(blocks), size, bool(title))
+    cells = torch.stack(blocks, 1).flatten(0, 1)  # row-major: image i, then its columns
+    cells = cells.repeat_interleave(geo["scale"], 2).repeat_interleave(geo["scale"], 3)
+    grid = make_grid(cells, nrow=len(blocks), padding=PADDING, pad_value=1.0)
+    # the same float -> uint8 rounding as torchvision's save_image
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+    canvas = Image.new("RGB", (geo["width"], geo["height"]), "white")
+    canvas.paste(Image.fromarray(pixels), (0, geo["header"]))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    if title:
+        draw.text((PADDING + 2, 2), title, fill="black", font=font)
+    y = geo["header"] - LINE_HEIGHT + 2
+    for j, label in enumerate(labels):
+        left, _, right, _ = draw.textbbox((0, 0), label, font=font)
+        x = PADDING + j * (geo["cell"] + PADDING) + (geo["cell"] - (right - left)) / 2
+        draw.text((max(0, x), y), label, fill="black", font=font)
+    return canvas
+
+
+def save_reconstruction_grid(originals: torch.Tensor, columns: Sequence[tuple[str, torch.Tensor]], path,
+                             title: str | None = None, first_label: str = "original") -> dict:
+    """Writes reconstruction_grid(...) as a PNG, atomically; returns its grid_geometry."""
+    image = reconstruction_grid(originals, columns, title, first_label)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return grid_geometry(originals.shape[0], len(columns) + 1, originals.shape[-1], bool(title))

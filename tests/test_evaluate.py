@@ -1,0 +1,379 @@
+"""Tests for aecurves.evaluate (eval-curve): reproduces endpoints, path length, summaries, outputs, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aecurves import evaluate, plots
+from aecurves.checkpoint import load_checkpoint, save_checkpoint
+from aecurves.curves import Curve
+from aecurves.data import BatchLoader, load_data
+from aecurves.errors import UserError
+from aecurves.losses import MSELoss
+from aecurves.models import ConvAutoencoder, build_model
+from aecurves.train import evaluate as train_evaluate
+
+ARCH = {"channels": 3, "image_size": 32, "latent_dim": 16, "width": 8}
+DATA_ARGS = {"dataset": "synthetic", "data_dir": None, "image_size": 32, "limit": 256, "val_fraction": 0.1,
+             "use_test": False}
+FAST = {"num_points": 3, "bn_images": 64, "train_images": 64, "num_images": 2, "batch_size": 64, "device": "cpu",
+        "vgg_weights": "random", "no_progress": True}
+
+
+def _endpoint_args(seed, **arch):
+    return {**DATA_ARGS, "loss": "mse", "seed": seed, **ARCH, **arch, "lr": 3e-3, "epochs": 1}
+
+
+def _train_endpoint(data, seed, path, steps=40):
+    torch.manual_seed(seed)
+    model = ConvAutoencoder(**ARCH)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loader = BatchLoader(data.train, 32, "cpu", shuffle=True, seed=seed)
+    step, epoch = 0, 0
+    while step < steps:
+        epoch += 1
+        loader.set_epoch(epoch)
+        for x in loader:
+            loss = torch.nn.functional.mse_loss(model(x), x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+    with torch.no_grad():  # BN running statistics settle at the final weights, as after a long run at a low lr
+        for x in loader:
+            model(x)
+        model.train()
+    save_checkpoint(path, {"kind": "endpoint", "model": model.state_dict(), "optimizer": {}, "epoch": 1,
+                           "args": _endpoint_args(seed), "metrics": []})
+    return model
+
+
+def _save_curve(data, a_state, b_state, path, init_start, init_end, steps=15):
+    """A Bezier curve with 3 bends between the endpoints, its middle bend moved by a few training steps."""
+    torch.manual_seed(0)
+    curve = Curve(build_model(ARCH), "bezier", 3)
+    curve.set_endpoints(a_state, b_state)
+    curve.init_linear()
+    with torch.no_grad():
+        curve.bends[1].add_(0.05 * torch.randn_like(curve.bends[1]))
+    opt = torch.optim.Adam([p for p in curve.bends if p.requires_grad], lr=1e-3)
+    loader = BatchLoader(data.train, 32, "cpu", shuffle=True, seed=3)
+    curve.train()
+    for step, x in zip(range(steps), loader):
+        t = torch.rand(()).item()
+        loss = torch.nn.functional.mse_loss(curve(x, t), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    args = {**DATA_ARGS, "loss": "mse", "init_start": str(init_start), "init_end": str(init_end),
+            "curve": "Bezier", "num_bends": 3, "fix_start": True, "fix_end": True, "seed": 1}
+    save_checkpoint(path, {"kind": "curve", "curve": curve.curve_state(), "model_config": dict(ARCH),
+                           "optimizer": {}, "epoch": 1, "args": args, "metrics": []})
+    return curve
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    data = load_data("synthetic", image_size=32, limit=256, progress=False)
+    a_path, b_path = root / "a" / "checkpoint.pt", root / "b" / "checkpoint.pt"
+    models = [_train_endpoint(data, 1, a_path), _train_endpoint(data, 2, b_path)]
+    curve_path = root / "curve" / "checkpoint.pt"
+    _save_curve(data, models[0].state_dict(), models[1].state_dict(), curve_path, a_path, b_path)
+    odd_path = root / "odd" / "checkpoint.pt"  # another architecture: does not pair with a or b
+    save_checkpoint(odd_path, {"kind": "endpoint", "model": ConvAutoencoder(**{**ARCH, "width": 4}).state_dict(),
+                               "optimizer": {}, "epoch": 1, "args": _endpoint_args(3, width=4), "metrics": []})
+    return {"root": root, "data": data, "a": a_path, "b": b_path, "curve": curve_path, "odd": odd_path,
+            "models": models}
+
+
+@pytest.fixture(scope="session")
+def segment_run(setup):
+    out = setup["root"] / "segment_eval"
+    summary = evaluate.run({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 3,
+                            "bn_images": 1024, "train_images": 1024, "num_images": 0, "out": str(out)})
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def curve_run(setup):
+    summary = evaluate.run({**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 3})
+    return Path(summary["out"]), summary
+
+
+def _own_metrics(model, data):
+    loader = BatchLoader(data.test, 64, "cpu")
+    return train_evaluate(model, MSELoss(), loader, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the ends of a path reproduce the endpoints
+
+
+def test_t0_and_t1_reproduce_endpoints_exactly_with_their_own_buffers(setup):
+    data, (ma, mb) = setup["data"], setup["models"]
+    a, b = load_checkpoint(setup["a"]), load_checkpoint(setup["b"])
+    segment = evaluate.make_segment(build_model(ARCH), a["model"], b["model"])
+    test_loader = BatchLoader(data.test, 64, "cpu")
+    train_loader = BatchLoader(data.train, 64, "cpu")
+    for which, t, model in ((0, 0.0, ma), (1, 1.0, mb)):
+        segment.use_endpoint_buffers(which)
+        got = evaluate.evaluate_path(segment, [t], train_loader, test_loader, MSELoss())
+        own = _own_metrics(model, data)
+        for m in ("loss", "mse", "psnr"):
+            assert got[f"te_{m}"][0] == pytest.approx(own[m], rel=1e-6), (t, m)
+        own_train = train_evaluate(model, MSELoss(), train_loader, torch.device("cpu"))
+        assert got["tr_loss"][0] == pytest.approx(own_train["loss"], rel=1e-6)
+    # and it is the buffers that matter: the other endpoint's statistics give a different loss
+    segment.use_endpoint_buffers(1)
+    other = evaluate.evaluate_path(segment, [0.0], train_loader, test_loader, MSELoss())
+    assert other["te_loss"][0] != pytest.approx(_own_metrics(ma, data)["loss"], rel=1e-3)
+
+
+def test_segment_ends_match_endpoints_after_bn_recompute(setup, segment_run):
+    out, summary = segment_run
+    ra, rb = (_own_metrics(m, setup["data"]) for m in setup["models"])
+    assert summary["te_loss_start"] == pytest.approx(ra["loss"], rel=0.01)
+    assert summary["te_loss_end"] == pytest.approx(rb["loss"], rel=0.01)
+    assert summary["te_psnr_start"] == pytest.approx(ra["psnr"], rel=0.01)
+    # between two independently trained networks the straight line rises well above the ends
+    assert summary["te_barrier"] > 0.1 * max(ra["loss"], rb["loss"])
+    assert summary["te_loss_max"] > max(summary["te_loss_start"], summary["te_loss_end"])
+
+
+def test_segment_length_is_the_distance_between_endpoints(setup, segment_run):
+    out, summary = segment_run
+    a, b = load_checkpoint(setup["a"]), load_checkpoint(setup["b"])
+    names = [n for n, _ in build_model(ARCH).named_parameters()]
+    dist = torch.cat([(b["model"][n] - a["model"][n]).double().flatten() for n in names]).norm().item()
+    npz = np.load(out / "curve.npz")
+    assert npz["dl"][0] == 0
+    assert npz["dl"].sum() == pytest.approx(float(npz["length"]), rel=1e-9)
+    assert float(npz["length"]) == pytest.approx(dist, rel=1e-4)
+    assert np.allclose(npz["dl"][1:], dist / 2, rtol=1e-4)  # 3 evenly spaced points on a line
+
+
+def test_segment_outputs_agree(segment_run):
+    out, summary = segment_run
+    record = json.loads((out / "eval.json").read_text())
+    npz = dict(np.load(out / "curve.npz"))
+    series_keys = ["ts", "dl"] + [f"{s}_{m}" for s in ("tr", "te") for m in ("loss", "mse", "psnr")]
+    scalar_keys = ["length", "tr_barrier", "te_barrier"] + [
+        f"{s}_{m}_{st}" for s in ("tr", "te") for m in ("loss", "mse", "psnr") for st in ("min", "max", "avg", "int")]
+    for k in series_keys:
+        assert npz[k].shape == (3,), k
+        assert np.array_equal(npz[k], np.asarray(record["series"][k])), k
+    for k in scalar_keys:
+        assert float(npz[k]) == record["summary"][k] == summary[k], k
+    assert np.array_equal(npz["ts"], np.linspace(0, 1, 3))
+    # the summary really is computed from the series
+    assert summary["te_loss_min"] == npz["te_loss"].min() and summary["tr_mse_max"] == npz["tr_mse"].max()
+    assert summary["te_loss_avg"] == pytest.approx(npz["te_loss"].mean(), rel=1e-12)
+    assert summary["te_loss_int"] == pytest.approx(evaluate.dl_weighted_mean(npz["te_loss"], npz["dl"]), rel=1e-12)
+    assert summary["te_barrier"] == pytest.approx(evaluate.barrier(npz["ts"], npz["te_loss"]), rel=1e-12)
+    assert not any(k.startswith("segment_") for k in npz)  # a segment run has no separate comparison segment
+    assert "tr_perceptual" not in npz and any("perceptual metrics omitted" in n for n in record["notes"])
+    assert record["kind"] == "segment" and record["bn"]["recomputed"] and record["bn"]["images"] == 235
+    assert record["config"]["num_points"] == 3
+    # psnr agrees with mse only loosely (mean of per-image PSNR), but must be in the right range
+    assert 10 * np.log10(1 / npz["te_mse"].max()) <= npz["te_psnr"].max() + 1e-9
+    with Image.open(out / "loss_along_path.png") as im:
+        im.verify()
+    assert sorted(p.name for p in out.iterdir()) == ["curve.npz", "eval.json", "loss_along_path.png"]  # num_images 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_curve_run_with_its_segment(setup, curve_run):
+    out, summary = curve_run
+    assert out == setup["curve"].parent / "eval"  # the default output folder
+    npz = dict(np.load(out / "curve.npz"))
+    record = json.loads((out / "eval.json").read_text())
+    for k in ("ts", "dl", "tr_loss", "te_loss", "tr_mse", "te_psnr"):
+        assert npz[k].shape == (5,) and npz["segment_" + k].shape == (5,), k
+    for k in ("length", "tr_barrier", "te_barrier", "te_loss_int", "te_loss_min", "tr_loss_max", "te_mse_avg"):
+        assert float(npz["segment_" + k]) == record["summary"]["segment_" + k] == summary["segment_" + k], k
+    # both paths start and end at the same networks, evaluated with the same fixed BN subset
+    assert npz["te_loss"][0] == pytest.approx(npz["segment_te_loss"][0], rel=1e-6)
+    assert npz["te_loss"][-1] == pytest.approx(npz["segment_te_loss"][-1], rel=1e-6)
+    curve, _ = evaluate.load_curve(setup["curve"])
+    dist = (curve.bends[-1] - curve.bends[0]).double().norm().item()
+    assert summary["segment_length"] == pytest.approx(dist, rel=1e-4)
+    assert summary["length"] > summary["segment_length"]  # the bent path is longer than the chord
+    # the middle point of the curve is the Bezier point, not the segment's midpoint
+    assert npz["te_loss"][2] != pytest.approx(npz["segment_te_loss"][2], rel=1e-4)
+    assert record["kind"] == "curve" and record["segment_evaluated"]
+    assert record["endpoints"] == [str(setup["a"]), str(setup["b"])]
+    assert record["bn"]["images"] == 64 and record["train_metric_images"] == 64
+    for name in ("loss_along_path.png", "reconstructions.png", "reconstructions_segment.png"):
+        with Image.open(out / name) as im:
+            im.verify()
+
+
+def test_reconstruction_grid_holds_the_held_out_images(setup, curve_run):
+    out, _ = curve_run
+    originals = setup["data"].test[:3]
+    geo = plots.grid_geometry(3, 1 + evaluate.RECON_POINTS, 32, title=True)
+    with Image.open(out / "reconstructions.png") as im:
+        assert im.size == (geo["width"], geo["height"])
+        pixels = np.asarray(im.convert("RGB"))
+    step = geo["cell"] + geo["padding"]
+    for i in range(3):
+        top, left = geo["header"] + geo["padding"] + i * step, geo["padding"]
+        cell = pixels[top: top + geo["cell"], left: left + geo["cell"]]
+        assert np.array_equal(cell[:: geo["scale"], :: geo["scale"]].transpose(2, 0, 1), originals[i].numpy())
+    # the reconstruction at t=0 is near (not equal to) the original
+    top = geo["header"] + geo["padding"]
+    recon = pixels[top: top + geo["cell"], step + geo["padding"]: step + geo["padding"] + geo["cell"]]
+    recon = recon[:: geo["scale"], :: geo["scale"]].transpose(2, 0, 1).astype(float)
+    err = np.abs(recon - originals[0].numpy()).mean()
+    assert 0 < err < 40
+    # columns are in t order, whether taken during the evaluation (t = 0.25: one of the 5 points) or after it
+    # (t = 0.375), each with BN statistics from the same fixed subset
+    data = setup["data"]
+    perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(evaluate.SUBSET_SEED))
+    bn_loader = BatchLoader(data.train[perm[:64].sort().values], 64, "cpu")
+    curve, _ = evaluate.load_curve(setup["curve"])
+    fixed = originals.float().div(255)
+    for column, rec in zip((3, 4), evaluate.reconstructions_along(curve, [0.25, 0.375], fixed, bn_loader)):
+        expected = rec.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
+        for i in range(3):
+            top, left = geo["header"] + geo["padding"] + i * step, geo["padding"] + column * step
+            cell = pixels[top: top + geo["cell"], left: left + geo["cell"]][:: geo["scale"], :: geo["scale"]]
+            assert np.abs(cell.transpose(2, 0, 1).astype(int) - expected[i].astype(int)).max() <= 1, (column, i)
+
+
+def test_perceptual_metrics_with_real_vgg_weights(setup, tmp_path):
+    """Any vgg16 state dict passed as --vgg-weights PATH counts as real weights (here: a random one)."""
+    from torchvision.models import vgg16
+
+    weights = tmp_path / "vgg.pt"
+    torch.manual_seed(0)
+    torch.save(vgg16(weights=None).features[:23].state_dict(), weights)
+    summary = evaluate.run({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 2,
+                            "bn_images": 16, "train_images": 16, "num_images": 0, "vgg_weights": str(weights),
+                            "out": str(tmp_path / "out")})
+    npz = np.load(tmp_path / "out" / "curve.npz")
+    assert npz["te_perceptual"].shape == (2,) and np.all(npz["te_perceptual"] > 0)
+    assert float(npz["tr_perceptual_int"]) == summary["tr_perceptual_int"]
+    assert not summary["notes"]
+    assert not (tmp_path / "out" / "reconstructions.png").exists()  # num_images 0
+
+
+def test_losses_choice(tmp_path):
+    notes = []
+    loss_fn, perceptual = evaluate._losses("mse", str(tmp_path / "missing.pt"), notes)
+    assert isinstance(loss_fn, MSELoss) and perceptual is None
+    assert "perceptual metrics omitted" in notes[0] and "missing.pt" in notes[0]
+    with pytest.raises(UserError, match="trained with the vgg loss"):
+        evaluate._losses("vgg", str(tmp_path / "missing.pt"), [])
+    notes = []
+    loss_fn, perceptual = evaluate._losses("vgg", "random", notes)
+    assert perceptual is None and not loss_fn.perceptual and len(notes) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# summary statistics on hand-made arrays
+
+
+def test_barrier_by_hand():
+    assert evaluate.barrier([0, 0.5, 1], [1.0, 3.0, 2.0]) == pytest.approx(1.5)  # 3 - (1 + 2) / 2
+    assert evaluate.barrier([0, 0.25, 1], [2.0, 2.5, 0.0]) == pytest.approx(2.5 - 1.5)
+    assert evaluate.barrier([0, 0.5, 1], [1.0, 0.0, 1.0]) == 0.0  # below the chord: the ends give 0
+
+
+def test_dl_weighted_mean_by_hand():
+    # (½(1+3)·1 + ½(3+2)·3) / (1+3) = (2 + 7.5) / 4
+    assert evaluate.dl_weighted_mean([1.0, 3.0, 2.0], [0.0, 1.0, 3.0]) == pytest.approx(2.375)
+    assert evaluate.dl_weighted_mean([1.0, 3.0, 2.0], [0.0, 1.0, 1.0]) == pytest.approx(2.25)
+    assert evaluate.dl_weighted_mean([1.0, 5.0], [0.0, 0.0]) == 3.0  # no length: the plain mean
+
+
+def test_summarize_by_hand():
+    s = evaluate.summarize({"ts": np.array([0, 0.5, 1]), "dl": np.array([0.0, 1.0, 3.0]),
+                            "tr_loss": np.array([1.0, 3.0, 2.0]), "te_loss": np.array([2.0, 2.0, 2.0]),
+                            "te_psnr": np.array([20.0, 10.0, 30.0])})
+    assert s["length"] == 4.0
+    assert (s["tr_loss_start"], s["tr_loss_end"], s["tr_loss_min"], s["tr_loss_max"]) == (1.0, 2.0, 1.0, 3.0)
+    assert s["tr_loss_avg"] == 2.0 and s["tr_loss_int"] == pytest.approx(2.375)
+    assert s["tr_barrier"] == pytest.approx(1.5) and s["te_barrier"] == 0.0
+    assert s["te_psnr_int"] == pytest.approx((15 * 1 + 20 * 3) / 4)
+    assert "tr_psnr_min" not in s and "te_mse_min" not in s
+
+
+def test_step_lengths_on_a_hand_made_curve():
+    base = torch.nn.Linear(2, 1, bias=False)  # 2 parameters
+    seg = evaluate.make_segment(base, {"weight": torch.tensor([[0.0, 0.0]])}, {"weight": torch.tensor([[3.0, 4.0]])})
+    dl = evaluate.step_lengths(seg, np.linspace(0, 1, 6))
+    assert dl[0] == 0 and np.allclose(dl[1:], 1.0) and dl.sum() == pytest.approx(5.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"num_points": 1}, "at least 2"),
+    ({"num_points": 0}, "at least 2"),
+    ({"ckpt": None, "segment": None}, "neither"),
+    ({"segment": ["A", "B"]}, "both"),
+    ({"bn_images": 0}, "bn-images"),
+])
+def test_bad_config(setup, tmp_path, change, match):
+    cfg = {**FAST, "ckpt": str(setup["curve"]), "out": str(tmp_path / "out"), **change}
+    with pytest.raises(UserError, match=match):
+        evaluate.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_files(setup, tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(UserError, match="is an autoencoder checkpoint.*but a curve checkpoint.*is needed"):
+        evaluate.run({**FAST, "ckpt": str(setup["a"]), "out": out})
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate.run({**FAST, "ckpt": str(tmp_path / "nope.pt"), "out": out})
+    with pytest.raises(UserError, match=r"end endpoint \(--segment START END\) .*nope.pt does not exist"):
+        evaluate.run({**FAST, "segment": [str(setup["a"]), str(tmp_path / "nope.pt")], "out": out})
+    with pytest.raises(UserError, match="is a curve checkpoint"):  # a curve where an endpoint is needed
+        evaluate.run({**FAST, "segment": [str(setup["curve"]), str(setup["b"])], "out": out})
+    with pytest.raises(UserError, match="do not match"):
+        evaluate.run({**FAST, "segment": [str(setup["a"]), str(setup["odd"])], "out": out})
+    with pytest.raises(UserError, match="exactly two"):
+        evaluate.run({**FAST, "segment": [str(setup["a"])], "out": out})
+    with pytest.raises(UserError, match="does not fit"):  # lfw is grayscale, the networks take RGB
+        evaluate.run({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "dataset": "lfw", "out": out})
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_run_leaves_previous_results_intact(setup, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = {**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 2, "bn_images": 16,
+           "train_images": 16, "out": str(out)}
+    evaluate.run(cfg)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"eval.json", "curve.npz", "loss_along_path.png", "reconstructions.png"} <= set(before)
+    with pytest.raises(UserError):
+        evaluate.run({**cfg, "num_points": 1})
+    with pytest.raises(UserError):
+        evaluate.run({**cfg, "dataset": "lfw"})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "reconstructions_along", broken)  # fails after every point was evaluated
+        with pytest.raises(RuntimeError, match="boom"):
+            evaluate.run({**cfg, "num_points": 3})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with monkeypatch.context() as m:
+        m.setattr(plots, "save_reconstruction_grid", broken)  # fails while the new files are being written
+        with pytest.raises(RuntimeError, match="boom"):
+            evaluate.run({**cfg, "num_points": 3})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new npz, no temporary files
+    evaluate.run({**cfg, "num_points": 3})  # and a run that succeeds does replace them
+    assert json.loads((out / "eval.json").read_text())["num_points"] == 3
