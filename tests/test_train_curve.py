@@ -102,3 +102,14 @@ def test_bad_input_is_one_clear_error_and_overwrites_nothing(case, trained_curve
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err and err.count("\n") == 1
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+def test_trained_curve_beats_the_segment(trained_curve, tmp_path):
+    """The point of the project, on a small CPU problem: the curve's worst test loss is below the segment's."""
+    out = tmp_path / "eval"
+    assert run_cli("eval-curve", "--ckpt", trained_curve, "--num-points", 11, "--num-images", 0,
+                   "--out", out, "--no-progress") == 0
+    summary = json.loads((out / "eval.json").read_text())["summary"]
+    assert summary["segment_te_barrier"] > 0
+    assert summary["te_loss_max"] < summary["segment_te_loss_max"]
+    assert summary["te_barrier"] < summary["segment_te_barrier"]
