@@ -136,9 +136,17 @@ def test_official_partition_file(tmp_path, capsys):
     assert sorted(_ids(test.test, 20)) == [10, 11, 12]
     assert test.channels == 3 and test.image_size == 16 and test.train.dtype == torch.uint8
 
-    # --limit 5 keeps only train ids: the error says which split is empty
+    # --limit N with a partition: the first N train images and round(N * val_fraction) of valid and of test
+    limited = load_data("celeba", root, image_size=16, limit=4, val_fraction=0.5, cache_dir=cache, progress=False)
+    assert sorted(_ids(limited.train, 20)) == [1, 2, 3, 4] and sorted(_ids(limited.test, 20)) == [7, 8]
+    limited = load_data("celeba", root, image_size=16, limit=4, val_fraction=0.1, use_test=True, cache_dir=cache,
+                        progress=False)
+    assert sorted(_ids(limited.test, 20)) == [10]
+
+    # a partition file that lists no valid image: the error says which split is empty
+    (root / "list_eval_partition.txt").write_text("".join(f"{i:06d}.jpg 0\n" for i in range(1, 14)))
     with pytest.raises(UserError, match="valid split .* is empty"):
-        load_data("celeba", root, image_size=16, limit=5, cache_dir=cache, progress=False)
+        load_data("celeba", root, image_size=16, cache_dir=cache, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -132,6 +132,20 @@ def _read_partition(path: pathlib.Path) -> dict[str, int]:
     return partition
 
 
+def _limit_per_partition(names: list[str], partition: dict[str, int], limit: int, val_fraction: float) -> list[str]:
+    """--limit with the official partition: the first `limit` train names and the first
+    max(1, round(limit * val_fraction)) names of valid and of test, so no split is left empty."""
+    held = max(1, round(limit * val_fraction))
+    keep = {0: limit, 1: held, 2: held}
+    out = []
+    for name in names:
+        p = partition[name]
+        if keep[p] > 0:
+            out.append(name)
+            keep[p] -= 1
+    return out
+
+
 def _split(
     dataset: str,
     images: np.ndarray,
@@ -163,9 +177,8 @@ def _split(
         held_name = "test" if use_test else "valid"
         how = _PARTITION_FILE
         fix = (
-            f"{_PARTITION_FILE} assigns images by id (train 000001-162770, valid 162771-182637, test "
-            "182638-202599), so --limit, which keeps the first N names, can leave only train images; remove "
-            "--limit, or use a data folder without the partition file to get a name-hash split"
+            f"add the missing images or fix {_PARTITION_FILE} (train 000001-162770, valid 162771-182637, test "
+            "182638-202599), or remove it to get a split keyed on the file names"
         )
     if len(train) == 0 or len(test) == 0:
         empty = "train" if len(train) == 0 else held_name
@@ -538,9 +551,11 @@ def load_data(
         return _in_memory(dataset, names, images, val_fraction, use_test, "(scikit-image lfw_subset)")
 
     files = _list_celeba(data_dir) if dataset == "celeba" else _list_folder(data_dir)
-    names = files.names[:limit]
+    names = files.names
     partition = None
-    if files.partition_file is not None:
+    if files.partition_file is None:
+        names = names[:limit]
+    else:
         partition = _read_partition(files.partition_file)
         unlisted = [name for name in names if name not in partition]
         if unlisted:
@@ -553,6 +568,8 @@ def load_data(
                     f"{_PARTITION_FILE} that belongs to these images, or remove it to get a split keyed on the "
                     "file names."
                 )
+        if limit is not None:
+            names = _limit_per_partition(names, partition, limit, val_fraction)
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     images, meta = _load_cached(dataset, files, names, partition, image_size, limit, cache, progress)
     return _split(dataset, images, meta["names"], meta["partition_counts"], val_fraction, use_test,
