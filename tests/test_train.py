@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from aecurves.checkpoint import load_checkpoint
-from aecurves.errors import UserError
 
 from conftest import TINY, run_cli
 

@@ -95,11 +95,30 @@ def save_reconstructions(model, images: torch.Tensor, path) -> None:
         save_image(grid, tmp, format="png")
 
 
+def table_row(values: list, columns: list[str], floatfmt: list[str], header: bool) -> str:
+    """One epoch's row; fixed float widths keep the columns aligned from row to row without a header."""
+    table = tabulate([values], columns, tablefmt="simple", floatfmt=floatfmt)
+    return table if header else table.splitlines()[2]
+
+
 def format_row(row: dict, header: bool) -> str:
     values = [row["epoch"], row["train_loss"], row["test_loss"], row["test_mse"], row["test_psnr"],
               row["epoch_seconds"], row["images_per_s"]]
-    table = tabulate([values], COLUMNS, tablefmt="simple", floatfmt=["d", "9.5f", "9.5f", "9.5f", "7.2f", "8.1f", "8.0f"])
-    return table if header else table.splitlines()[2]
+    return table_row(values, COLUMNS, ["d", "9.5f", "9.5f", "9.5f", "7.2f", "8.1f", "8.0f"], header)
+
+
+def load_data_once(info: runtime.Dist, progress: bool, **kwargs):
+    """Rank 0 builds the image cache; the other ranks wait for it and then read it."""
+    data = load_data(**kwargs, progress=progress) if info.is_main else None
+    runtime.barrier()
+    return data if data is not None else load_data(**kwargs, progress=False)
+
+
+def reset_metrics_file(out: Path, history: list[dict]) -> None:
+    """metrics.jsonl mirrors the checkpoint's history (drops rows a crashed run logged after it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "metrics.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
 
 
 def resolve_start(cfg: dict, out: Path):
@@ -155,14 +174,9 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
 
     resolve_config(cfg, resumed["args"] if resumed else None, start[1] if start else None)
     precision = runtime.resolve_precision(cfg["precision"], device)
-    data_kwargs = dict(dataset=cfg["dataset"], data_dir=cfg.get("data_dir"), image_size=cfg["image_size"],
-                       limit=cfg.get("limit"), val_fraction=cfg["val_fraction"], use_test=cfg.get("use_test", False),
-                       cache_dir=cfg.get("cache_dir"))
-    if info.is_main:  # rank 0 builds the cache, the others then read it
-        data = load_data(**data_kwargs, progress=progress)
-    runtime.barrier()
-    if not info.is_main:
-        data = load_data(**data_kwargs, progress=False)
+    data = load_data_once(info, progress, dataset=cfg["dataset"], data_dir=cfg.get("data_dir"),
+                          image_size=cfg["image_size"], limit=cfg.get("limit"), val_fraction=cfg["val_fraction"],
+                          use_test=cfg.get("use_test", False), cache_dir=cfg.get("cache_dir"))
     cfg["channels"] = data.channels
     if resumed:
         check_same_arch(resumed["args"], cfg, start[1], "the data of this run")
@@ -194,10 +208,7 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
         if info.enabled else model
 
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        # metrics.jsonl always mirrors the checkpoint's history (drops rows logged after it by a crashed run)
-        with atomic_path(out / "metrics.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+        reset_metrics_file(out, history)
 
     perceptual = getattr(loss_fn, "perceptual", None)
     for epoch in range(start_epoch + 1, cfg["epochs"] + 1):

@@ -6,24 +6,22 @@ over the free bends. The reconstruction term alone is reported as `train_loss`, 
 the endpoints' figures; the regulariser is reported as `train_l2_term`.
 """
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tabulate import tabulate
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from aecurves import runtime
-from aecurves.checkpoint import append_jsonl, arch_mismatch, atomic_path, load_checkpoint, save_checkpoint
+from aecurves.checkpoint import append_jsonl, arch_mismatch, load_checkpoint, save_checkpoint
 from aecurves.curves import Curve, CurvePoint, make_coefficients
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.losses import make_loss
 from aecurves.models import ARCH_KEYS, build_model
-from aecurves.train import check_finite, evaluate
+from aecurves.train import check_finite, evaluate, load_data_once, reset_metrics_file, table_row
 
 DATA_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction")
 BN_BATCHES_PER_EPOCH = 8  # midpoint monitor: BN statistics from this many training batches
@@ -104,14 +102,9 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
     model_config = {k: a["args"][k] for k in ARCH_KEYS}
 
     precision = runtime.resolve_precision(cfg["precision"], device)
-    data_kwargs = dict(dataset=cfg["dataset"], data_dir=cfg.get("data_dir"), image_size=cfg["image_size"],
-                       limit=cfg.get("limit"), val_fraction=cfg["val_fraction"], use_test=cfg.get("use_test", False),
-                       cache_dir=cfg.get("cache_dir"))
-    if info.is_main:
-        data = load_data(**data_kwargs, progress=progress)
-    runtime.barrier()
-    if not info.is_main:
-        data = load_data(**data_kwargs, progress=False)
+    data = load_data_once(info, progress, dataset=cfg["dataset"], data_dir=cfg.get("data_dir"),
+                          image_size=cfg["image_size"], limit=cfg.get("limit"), val_fraction=cfg["val_fraction"],
+                          use_test=cfg.get("use_test", False), cache_dir=cfg.get("cache_dir"))
     if data.channels != model_config["channels"] or data.image_size != model_config["image_size"]:
         raise UserError(f"The data ({data.channels} channels, {data.image_size}px) does not fit the endpoints "
                         f"({model_config['channels']} channels, {model_config['image_size']}px); drop the --dataset/"
@@ -147,9 +140,7 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
         if info.enabled else curve
 
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "metrics.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+        reset_metrics_file(out, history)
 
     for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
@@ -188,9 +179,7 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
                "images_per_s": sums[2].item() / train_seconds, "precision": precision}
         history.append(row)
         values = [epoch, train_loss, l2_mean, mid["loss"], mid["mse"], row["epoch_seconds"], row["images_per_s"]]
-        table = tabulate([values], COLUMNS, tablefmt="simple",
-                         floatfmt=["d", "9.5f", "9.5f", "9.5f", "9.5f", "8.1f", "8.0f"])
-        log(table if epoch == start_epoch + 1 else table.splitlines()[2])
+        log(table_row(values, COLUMNS, ["d", "9.5f", "9.5f", "9.5f", "9.5f", "8.1f", "8.0f"], epoch == start_epoch + 1))
         if info.is_main:
             append_jsonl(out / "metrics.jsonl", row)
             if epoch % cfg["save_every_epoch"] == 0 or epoch == cfg["epochs"]:
