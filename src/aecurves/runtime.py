@@ -85,6 +85,16 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def distributed(device_name: str = "auto"):
+    """setup_distributed() for the duration of a command; the process group is always torn down."""
+    info, device = setup_distributed(device_name)
+    try:
+        yield info, device
+    finally:
+        cleanup_distributed()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -158,11 +158,8 @@ def resolve_config(cfg: dict, saved: dict | None, ckpt_path) -> None:
 
 
 def run(cfg: dict) -> dict:
-    info, device = runtime.setup_distributed(cfg["device"])
-    try:
+    with runtime.distributed(cfg["device"]) as (info, device):
         return _run(cfg, info, device)
-    finally:
-        runtime.cleanup_distributed()
 
 
 def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
