@@ -139,6 +139,41 @@ def add_eval_curve_flags(p):
     _flag(g, "--no-progress", action="store_true", help="no progress bars")
 
 
+def add_study_flags(p):
+    """`aecurves study`: preset values default to None here, so flags given explicitly are detectable."""
+    g = p.add_argument_group("study")
+    _flag(g, "--preset", choices=["demo", "celeba"], default=None,
+          help="demo: embedded LFW faces, a few minutes on a CPU; celeba: the full setting (needs --data-dir) "
+               "(default: demo)")
+    _flag(g, "--out", "--dir", default=None, help="study folder (default: runs/study)")
+    _flag(g, "--losses", default=None, help="comma-separated losses, one group each (default: mse,vgg)")
+    _flag(g, "--seeds", default=None, help="comma-separated endpoint seeds per loss; one curve per pair "
+                                           "(default: 1,2,3)")
+    _flag(g, "--force", action="append", default=None, metavar="STAGE",
+          help="redo a stage even if finished (repeatable): endpoint:mse:1, curve:mse:1-2, eval:mse:1-2, report, "
+               "or endpoints, curves, evals, a loss (mse, vgg), a prefix such as curve:mse, or all")
+    _add_data_flags(p, "the preset's: lfw for demo, celeba for celeba")
+    g = p.add_argument_group("endpoints (aecurves train)")
+    _flag(g, "--epochs", type=int, default=None, help="endpoint epochs (demo: 60, celeba: 30)")
+    _flag(g, "--lr", type=float, default=None, help="endpoint Adam learning rate (demo: 3e-3, celeba: 1e-4)")
+    _flag(g, "--batch-size", type=int, default=None, help="batch size for endpoints and curves (demo: 32, celeba: 64)")
+    _flag(g, "--latent-dim", type=int, default=None, help="bottleneck size (default: 128)")
+    _flag(g, "--width", type=int, default=None, help="channels of the first conv stage (demo: 16, celeba: 32)")
+    _flag(g, "--save-every-epoch", type=int, default=None,
+          help="endpoint checkpoint copies every N epochs (demo: 20, celeba: 5)")
+    g = p.add_argument_group("curves (aecurves train-curve; both ends fixed)")
+    _flag(g, "--curve", default=None, help="Bezier or PolyChain (default: Bezier)")
+    _flag(g, "--num-bends", type=int, default=None, help="control points including both ends (default: 3)")
+    _flag(g, "--curve-epochs", type=int, default=None, help="(demo: 60, celeba: 10)")
+    _flag(g, "--curve-lr", type=float, default=None, help="Adam learning rate for the bends (demo: 3e-3, celeba: 1e-4)")
+    _flag(g, "--wd", type=float, default=None, help="curve regulariser weight wd/2·‖θ(t)‖² (default: 0)")
+    g = p.add_argument_group("evaluation (aecurves eval-curve: every curve and its segment)")
+    _flag(g, "--num-points", type=int, default=None, help="points t per path (default: 61)")
+    _flag(g, "--bn-images", type=int, default=None, help="training images for BN statistics at each t (default: 1024)")
+    _flag(g, "--train-images", type=int, default=None, help="training images for train metrics (default: 1024)")
+    _add_runtime_flags(p)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aecurves", description="Mode connectivity of autoencoders: train endpoints, connect them by "
@@ -159,6 +194,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "export-point", help="write θ(t) of a curve as an ordinary checkpoint",
         description="Write the network at position t of a curve (BatchNorm statistics recomputed at t) as an "
                     "ordinary autoencoder checkpoint that every command accepts as an endpoint."))
+    add_study_flags(sub.add_parser(
+        "study", help="the whole experiment: endpoints, curves, evaluations and a report (resumable)",
+        description="Train endpoints for every loss and seed, connect every pair within a loss group by a curve, "
+                    "evaluate every curve and its segment, and write report.html / report.md. Re-running the same "
+                    "command skips finished stages and resumes an interrupted one."))
     return parser
 
 
@@ -192,6 +232,10 @@ def main(argv=None) -> int:
 
             check_positive(args, "batch_size")
             train_curve.export_point(vars(args))
+        elif args.command == "study":
+            from aecurves import study
+
+            return study.main(args)
         return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,548 @@
+"""The study report: report.html (self-contained), report.md and report.json, from a study folder's files alone.
+
+`write_report(study_dir)` reads study.json, each endpoint's metrics.jsonl and reconstructions.png, and each
+evaluation's eval.json, curve.npz and reconstruction strips, and writes
+
+    report.html   one file, figures embedded as data URIs: opens from disk, no server
+    report.md     the same content, figures linked from report_files/
+    report.json   every number the report shows, the summary sentences, and a fingerprint of the inputs
+    report_files/ the figures (loss along the paths per loss group; copies of the reconstruction grids)
+
+Every number in the summary is computed here from those files, and every conclusion is chosen by comparing
+the numbers with the thresholds below, so the text cannot contradict the tables.
+"""
+
+import base64
+import hashlib
+import html
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from aecurves.checkpoint import atomic_path, write_json
+
+REPORT_VERSION = 1
+FILES_DIR = "report_files"
+# Conclusions: a segment barrier below NO_BARRIER × the endpoints' mean test loss counts as "no clear barrier";
+# a curve removing at least MOST of it removes "most of the barrier"; PSNR within PSNR_TOLERANCE dB is "as good".
+NO_BARRIER = 0.05
+MOST = 0.8
+SOME = 0.3
+PSNR_TOLERANCE = 0.5
+ENDPOINT_KEYS = ("tr_loss", "te_loss", "tr_mse", "te_mse", "tr_psnr", "te_psnr")
+PATH_KEYS = ("te_loss_max", "te_barrier", "tr_barrier", "length", "te_psnr_min", "te_mse_max")
+LOSS_NAMES = {"mse": "MSE loss", "vgg": "VGG perceptual loss"}
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;max-width:1100px;
+margin:2em auto;padding:0 1.2em;color:#1d1d1f;line-height:1.5}
+h1{font-size:1.7em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+h3{margin-top:1.6em}
+table{border-collapse:collapse;margin:.8em 0 1.2em;font-size:.92em}
+th,td{border:1px solid #d0d0d0;padding:.3em .7em;text-align:left}th{background:#f4f4f6}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
+figure.pixels img{image-rendering:pixelated}
+figcaption{color:#555;font-size:.9em}
+.box{padding:.6em 1em;margin:1em 0;border-left:4px solid}
+.summary{background:#eef7ee;border-color:#3a3}.warn{background:#fff5e6;border-color:#e90}
+.muted{color:#666;font-size:.9em}
+code{background:#f4f4f6;padding:0 .25em;border-radius:3px}
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_report_json(study_dir) -> dict:
+    data = _read_json(Path(study_dir) / "report.json")
+    return data if isinstance(data, dict) else {}
+
+
+def _last_jsonl(path: Path) -> dict | None:
+    try:
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+
+
+def _study(study_dir: Path) -> dict:
+    study = _read_json(study_dir / "study.json")
+    if not isinstance(study, dict) or "groups" not in study:
+        from aecurves.errors import UserError
+
+        raise UserError(f"{study_dir} is not a study folder: it has no readable study.json (written by "
+                        "`aecurves study`).")
+    return study
+
+
+def input_files(study_dir) -> list[str]:
+    """The files (relative to the study folder) the report is made from."""
+    study_dir = Path(study_dir)
+    study = _study(study_dir)
+    files = []
+    for loss, group in study["groups"].items():
+        if group.get("status") != "run":
+            continue
+        for folder in group["endpoints"].values():
+            files += [f"{folder}/metrics.jsonl", f"{folder}/reconstructions.png"]
+        for pair in group["pairs"]:
+            files += [f"{pair['eval']}/{n}" for n in ("eval.json", "curve.npz", "reconstructions.png",
+                                                      "reconstructions_segment.png")]
+    return files
+
+
+def inputs_fingerprint(study_dir) -> str:
+    """SHA-256 over the report's version, study.json's config and groups, and every input file's bytes."""
+    study_dir = Path(study_dir)
+    study = _study(study_dir)
+    h = hashlib.sha256()
+    config = {k: v for k, v in (study.get("config") or {}).items() if k != "out"}  # a moved study is the same
+    h.update(json.dumps({"version": REPORT_VERSION, "config": config, "groups": study["groups"]},
+                        sort_keys=True).encode())
+    for rel in input_files(study_dir):
+        h.update(rel.encode())
+        path = study_dir / rel
+        h.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"missing")
+    return h.hexdigest()
+
+
+def collect(study_dir) -> dict:
+    """Every number of the report, read from the study's files: {config, groups: {loss: {...}}}."""
+    study_dir = Path(study_dir)
+    study = _study(study_dir)
+    out = {"config": study.get("config", {}), "groups": {}}
+    for loss, group in study["groups"].items():
+        g = {"status": group.get("status"), "loss": loss}
+        out["groups"][loss] = g
+        if group.get("status") != "run":
+            g.update(reason=group.get("reason", ""), remedy=group.get("remedy", ""))
+            continue
+        if group.get("warning"):
+            g["warning"] = group["warning"]
+        pairs, evals = [], {}
+        for pair in group["pairs"]:
+            a, b = pair["seeds"]
+            record = _read_json(study_dir / pair["eval"] / "eval.json")
+            p = {"seeds": [a, b], "eval": pair["eval"], "curve_folder": pair["curve"], "available": False}
+            if isinstance(record, dict) and "summary" in record:
+                s = record["summary"]
+                p.update(available=True, notes=record.get("notes", []), num_points=record.get("num_points"),
+                         loss_description=record.get("loss_description"), perceptual=record.get("perceptual"),
+                         path=record.get("path", {}),
+                         curve={k: s.get(k) for k in PATH_KEYS}, segment={k: s.get("segment_" + k) for k in PATH_KEYS})
+                seg, cur = p["segment"]["te_barrier"], p["curve"]["te_barrier"]
+                p["barrier_removed"] = (seg - cur) / seg if seg is not None and cur is not None and seg > 0 else None
+                seg_tr, cur_tr = p["segment"]["tr_barrier"], p["curve"]["tr_barrier"]
+                p["train_barrier_removed"] = (seg_tr - cur_tr) / seg_tr if seg_tr and seg_tr > 0 else None
+                evals[(a, "start")] = evals.get((a, "start")) or (s, "start", pair["eval"])
+                evals[(b, "end")] = evals.get((b, "end")) or (s, "end", pair["eval"])
+            pairs.append(p)
+        endpoints = []
+        for seed, folder in group["endpoints"].items():
+            seed = int(seed)
+            e = {"seed": seed, "folder": folder}
+            last = _last_jsonl(study_dir / folder / "metrics.jsonl")
+            if last:
+                e["training"] = {"epoch": last.get("epoch"), "train_loss": last.get("train_loss"),
+                                 "test_loss": last.get("test_loss"), "test_mse": last.get("test_mse"),
+                                 "test_psnr": last.get("test_psnr")}
+            found = evals.get((seed, "start")) or evals.get((seed, "end"))
+            if found:
+                s, which, where = found
+                e["eval"] = {k: s.get(f"{k}_{which}") for k in ENDPOINT_KEYS}
+                e["eval_source"] = f"{where}/eval.json ({which} of the path, t={0 if which == 'start' else 1})"
+            endpoints.append(e)
+        g.update(endpoints=endpoints, pairs=pairs, summary=_group_summary(endpoints, pairs))
+    return out
+
+
+def _group_summary(endpoints: list, pairs: list) -> dict:
+    done = [p for p in pairs if p["available"]]
+    ev = [e["eval"] for e in endpoints if "eval" in e]
+    s = {"pairs": len(pairs), "pairs_evaluated": len(done)}
+    if not done or not ev:
+        return s
+    seg = np.array([p["segment"]["te_barrier"] for p in done], dtype=float)
+    cur = np.array([p["curve"]["te_barrier"] for p in done], dtype=float)
+    removed = [p["barrier_removed"] for p in done if p["barrier_removed"] is not None]
+    s.update(
+        endpoint_te_loss_mean=float(np.mean([e["te_loss"] for e in ev])),
+        segment_te_barrier_mean=float(seg.mean()), segment_te_barrier_min=float(seg.min()),
+        segment_te_barrier_max=float(seg.max()),
+        curve_te_barrier_mean=float(cur.mean()), curve_te_barrier_min=float(cur.min()),
+        curve_te_barrier_max=float(cur.max()),
+        barrier_removed_mean=float(np.mean(removed)) if removed else None,
+        barrier_removed_min=float(np.min(removed)) if removed else None,
+        worst_psnr_curves=float(min(p["curve"]["te_psnr_min"] for p in done)),
+        worst_psnr_segments=float(min(p["segment"]["te_psnr_min"] for p in done)),
+        worst_psnr_endpoints=float(min(e["te_psnr"] for e in ev)),
+    )
+    s["segment_barrier_relative"] = s["segment_te_barrier_mean"] / s["endpoint_te_loss_mean"] \
+        if s["endpoint_te_loss_mean"] > 0 else None
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# formatting
+
+
+def fnum(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def fdb(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def fpct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def summary_sentences(loss: str, g: dict) -> list[str]:
+    """The group's conclusions, each chosen by the numbers it states."""
+    name = LOSS_NAMES.get(loss, loss)
+    if g["status"] != "run":
+        reason = g.get("reason", "").split(". ")[0].rstrip(".")
+        return [f"The {loss} group was skipped: {reason}. The {loss} section of the report gives the full reason "
+                "and the remedy (e.g. --vgg-weights PATH); the other groups are complete."]
+    s = g["summary"]
+    if "segment_te_barrier_mean" not in s:
+        return [f"The {loss} group has no finished evaluation yet ({s['pairs_evaluated']} of {s['pairs']} pairs)."]
+    n = s["pairs_evaluated"]
+    rel = s["segment_barrier_relative"]
+    out = []
+    seg_text = (f"{name}: on the straight segments between the endpoints the held-out loss rises above the chord by "
+                f"{fnum(s['segment_te_barrier_mean'])} on average over {n} pair{'s' if n != 1 else ''} "
+                f"(range {fnum(s['segment_te_barrier_min'])} to {fnum(s['segment_te_barrier_max'])}; "
+                f"{fpct(rel)} of the endpoints' mean held-out loss {fnum(s['endpoint_te_loss_mean'])}); "
+                f"along the curves the barrier is {fnum(s['curve_te_barrier_mean'])} on average "
+                f"(range {fnum(s['curve_te_barrier_min'])} to {fnum(s['curve_te_barrier_max'])}).")
+    out.append(seg_text)
+    mean, worst = s["barrier_removed_mean"], s["barrier_removed_min"]
+    if rel is None or rel < NO_BARRIER:
+        out.append(f"The segments show no clear barrier (below {fpct(NO_BARRIER)} of the endpoints' loss), so "
+                   "there is little for the curves to remove; this pair of minima is already nearly linearly "
+                   "connected at this scale.")
+    elif mean is None:
+        out.append("The fraction of the barrier removed could not be computed.")
+    elif worst >= MOST:
+        out.append(f"The curves remove most of the barrier for every pair: {fpct(mean)} on average, at least "
+                   f"{fpct(worst)}. The endpoints are connected by paths of nearly constant low loss.")
+    elif mean >= MOST:
+        out.append(f"On average the curves remove most of the barrier ({fpct(mean)}), but not for every pair "
+                   f"(worst pair {fpct(worst)}).")
+    elif mean >= SOME:
+        out.append(f"The curves reduce the barrier by {fpct(mean)} on average (worst pair {fpct(worst)}), but do not "
+                   "remove most of it.")
+    else:
+        out.append(f"The curves do not remove the barrier: {fpct(mean)} of it on average (worst pair {fpct(worst)}).")
+    a, b, c = s["worst_psnr_curves"], s["worst_psnr_endpoints"], s["worst_psnr_segments"]
+    psnr = (f"The worst held-out PSNR along the curves is {fdb(a)} dB, against {fdb(b)} dB for the worst endpoint "
+            f"and {fdb(c)} dB along the segments")
+    if a >= b - PSNR_TOLERANCE:
+        psnr += f": every point of the curves reconstructs about as well as the endpoints (within {PSNR_TOLERANCE} dB)."
+    else:
+        psnr += f": some points of the curves reconstruct worse than the endpoints, by up to {fdb(b - a)} dB."
+    out.append(psnr)
+    if g.get("warning"):
+        out.append(g["warning"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# document: a list of blocks, rendered to markdown and to HTML (so both hold the same content)
+
+
+class Doc:
+    def __init__(self):
+        self.blocks = []
+
+    def h(self, level: int, text: str):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str, cls: str | None = None):
+        self.blocks.append(("p", text, cls))
+
+    def ul(self, items: list[str], cls: str | None = None):
+        self.blocks.append(("ul", items, cls))
+
+    def table(self, headers: list[str], rows: list[list[str]], numeric_from: int = 1):
+        self.blocks.append(("table", headers, rows, numeric_from))
+
+    def img(self, rel: str, caption: str, pixels: bool = False, scale: int = 1):
+        self.blocks.append(("img", rel, caption, pixels, scale))
+
+
+def _md_cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(doc: Doc) -> str:
+    lines = []
+    for b in doc.blocks:
+        if b[0] == "h":
+            lines += ["#" * b[1] + " " + b[2], ""]
+        elif b[0] == "p":
+            lines += [("> " if b[2] else "") + b[1], ""]
+        elif b[0] == "ul":
+            lines += [("> " if b[2] else "") + "- " + item for item in b[1]] + [""]
+        elif b[0] == "table":
+            headers, rows = b[1], b[2]
+            lines.append("| " + " | ".join(_md_cell(h) for h in headers) + " |")
+            lines.append("|" + "|".join("---" if i < b[3] else "---:" for i in range(len(headers))) + "|")
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            lines.append("")
+        elif b[0] == "img":
+            lines += [f"![{b[2]}]({b[1]})", "", f"*{b[2]}*", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def to_html(doc: Doc, study_dir: Path, title: str) -> str:
+    esc = html.escape
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"]
+    for b in doc.blocks:
+        if b[0] == "h":
+            parts.append(f"<h{b[1]}>{esc(b[2])}</h{b[1]}>")
+        elif b[0] == "p":
+            cls = f" class=\"box {b[2]}\"" if b[2] else ""
+            parts.append(f"<p{cls}>{esc(b[1])}</p>")
+        elif b[0] == "ul":
+            items = "".join(f"<li>{esc(i)}</li>" for i in b[1])
+            parts.append(f"<div class=\"box {b[2]}\"><ul>{items}</ul></div>" if b[2] else f"<ul>{items}</ul>")
+        elif b[0] == "table":
+            head = "".join(f"<th>{esc(h)}</th>" for h in b[1])
+            body = "".join("<tr>" + "".join(
+                f"<td class=\"num\">{esc(str(c))}</td>" if i >= b[3] else f"<td>{esc(str(c))}</td>"
+                for i, c in enumerate(row)) + "</tr>" for row in b[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif b[0] == "img":
+            path = study_dir / b[1]
+            if path.is_file():
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+                src = f"data:image/png;base64,{data}"
+            else:
+                src = esc(b[1])
+            cls = " class=\"pixels\"" if b[3] else ""
+            size = ""
+            if b[4] > 1 and path.is_file():
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    size = f" width=\"{im.width * b[4]}\""
+            parts.append(f"<figure{cls}><img src=\"{src}\"{size} alt=\"{esc(b[2])}\"><figcaption>{esc(b[2])}"
+                         "</figcaption></figure>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figures
+
+
+def _copy(study_dir: Path, rel_src: str, name: str) -> str | None:
+    src = study_dir / rel_src
+    if not src.is_file():
+        return None
+    rel = f"{FILES_DIR}/{name}"
+    with atomic_path(study_dir / rel) as tmp:
+        shutil.copyfile(src, tmp)
+    return rel
+
+
+def plot_group(study_dir: Path, loss: str, g: dict) -> str | None:
+    """Loss along t for every curve (solid) and segment (dashed, same colour): train and test panels."""
+    from aecurves import plots
+
+    series = []
+    for i, p in enumerate(pr for pr in g["pairs"] if pr["available"]):
+        path = study_dir / p["eval"] / "curve.npz"
+        if not path.is_file():
+            continue
+        with np.load(path) as npz:
+            results = {k: npz[k] for k in npz.files}
+        a, b = p["seeds"]
+        color = f"C{i % 10}"
+        series.append(plots.series_from_results(results, f"curve {a}-{b}", color=color))
+        series.append(plots.series_from_results(results, f"segment {a}-{b}", prefix="segment_", linestyle="--",
+                                                color=color))
+    if not series:
+        return None
+    rel = f"{FILES_DIR}/{loss}_loss_along_paths.png"
+    label = LOSS_NAMES.get(loss, loss)
+    plots.plot_loss_along_paths(series, study_dir / rel, ylabel=label,
+                                title=f"{label} along the curves (solid) and the segments (dashed)")
+    return rel
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the report
+
+
+def _config_rows(cfg: dict) -> list[list[str]]:
+    keys = [("preset", "preset"), ("dataset", "dataset"), ("data_dir", "data folder"), ("image_size", "image size"),
+            ("limit", "image limit"), ("losses", "losses"), ("seeds", "seeds"), ("latent_dim", "bottleneck"),
+            ("width", "width"), ("epochs", "endpoint epochs"), ("lr", "endpoint lr (Adam)"),
+            ("batch_size", "batch size"), ("curve", "curve"), ("num_bends", "bends (ends fixed)"),
+            ("curve_epochs", "curve epochs"), ("curve_lr", "curve lr (Adam)"), ("wd", "curve wd"),
+            ("num_points", "points per path"), ("bn_images", "BN images per point"),
+            ("train_images", "train-metric images"), ("vgg_weights", "VGG weights"), ("device", "device"),
+            ("precision", "training precision")]
+    rows = []
+    for k, label in keys:
+        if k not in cfg or (cfg[k] is None and k in ("data_dir", "limit")):
+            continue
+        v = cfg[k]
+        rows.append([label, ", ".join(map(str, v)) if isinstance(v, list) else str(v)])
+    return rows
+
+
+def _summary_table(data: dict) -> tuple[list[str], list[list[str]]]:
+    headers = ["loss group", "pairs", "segment test barrier (mean)", "curve test barrier (mean)",
+               "barrier removed (mean)", "barrier removed (worst pair)", "worst test PSNR: curves (dB)",
+               "endpoints (dB)", "segments (dB)"]
+    rows = []
+    for loss, g in data["groups"].items():
+        if g["status"] != "run":
+            rows.append([loss, "skipped"] + ["—"] * (len(headers) - 2))
+            continue
+        s = g["summary"]
+        if "segment_te_barrier_mean" not in s:
+            rows.append([loss, f"{s['pairs_evaluated']} of {s['pairs']} evaluated"] + ["n/a"] * (len(headers) - 2))
+            continue
+        rows.append([loss, str(s["pairs_evaluated"]), fnum(s["segment_te_barrier_mean"]),
+                     fnum(s["curve_te_barrier_mean"]), fpct(s["barrier_removed_mean"]), fpct(s["barrier_removed_min"]),
+                     fdb(s["worst_psnr_curves"]), fdb(s["worst_psnr_endpoints"]), fdb(s["worst_psnr_segments"])])
+    return headers, rows
+
+
+def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
+    doc = Doc()
+    cfg = data["config"]
+    doc.h(1, "Mode connectivity of autoencoders: study report")
+    seeds = ", ".join(map(str, cfg.get("seeds", [])))
+    doc.p(f"Autoencoders trained from seeds {seeds} for each loss, every pair within a loss group connected by a "
+          f"{cfg.get('curve', '')} curve with {cfg.get('num_bends', '?')} bends (ends fixed), and every curve and the "
+          f"straight segment between the same endpoints evaluated at {cfg.get('num_points', '?')} points t in [0, 1] "
+          f"on {cfg.get('dataset', '?')} {cfg.get('image_size', '?')}x{cfg.get('image_size', '?')} images.", None)
+    lines = []
+    for loss, g in data["groups"].items():
+        lines += summary_sentences(loss, g)
+    doc.h(2, "Summary")
+    doc.table(*_summary_table(data))
+    doc.ul(lines, "summary")
+    doc.p("Barrier: max over t of L(t) − ((1 − t)·L(0) + t·L(1)), the rise of the held-out loss above the chord "
+          "between the two ends of a path; barrier removed: 1 − curve barrier / segment barrier. Losses, MSE and "
+          "PSNR are measured by eval-curve in fp32 after recomputing the BatchNorm statistics at each t.", "muted")
+
+    for loss, g in data["groups"].items():
+        name = LOSS_NAMES.get(loss, loss)
+        doc.h(2, f"{loss} group ({name})")
+        if g["status"] != "run":
+            doc.p(f"SKIPPED. {g.get('reason', '')}", "warn")
+            doc.p(f"Remedy: {g.get('remedy', '')}", "warn")
+            continue
+        if g.get("warning"):
+            doc.p(g["warning"], "warn")
+
+        doc.h(3, "Endpoints")
+        rows = []
+        for e in g["endpoints"]:
+            ev, tr = e.get("eval", {}), e.get("training", {})
+            rows.append([f"{loss} seed {e['seed']}", fnum(ev.get("tr_loss")), fnum(ev.get("te_loss")),
+                         fnum(ev.get("tr_mse")), fnum(ev.get("te_mse")), fdb(ev.get("tr_psnr")),
+                         fdb(ev.get("te_psnr")), str(tr.get("epoch", "n/a")), fnum(tr.get("test_loss")),
+                         fdb(tr.get("test_psnr"))])
+        doc.table(["autoencoder", "train loss", "test loss", "train MSE", "test MSE", "train PSNR (dB)",
+                   "test PSNR (dB)", "epochs", "test loss (training log)", "test PSNR (training log)"], rows)
+        doc.p("The first six columns come from eval-curve at t=0 / t=1 of the first path through each endpoint "
+              "(BatchNorm statistics recomputed like at every other point); the last three from the final row of the "
+              "endpoint's metrics.jsonl (its own running statistics).", "muted")
+        for e in g["endpoints"]:
+            rel = _copy(study_dir, f"{e['folder']}/reconstructions.png", f"{loss}_seed{e['seed']}_reconstructions.png")
+            if rel:
+                doc.img(rel, f"{loss} seed {e['seed']}: held-out images (top) and their reconstructions (bottom)",
+                        pixels=True, scale=2)
+
+        doc.h(3, "Loss along the paths")
+        rel = plot_group(study_dir, loss, g)
+        if rel:
+            doc.img(rel, f"{name} along t for every curve (solid) and the straight segment between the same "
+                         "endpoints (dashed, same colour); left: training images, right: held-out images")
+        else:
+            doc.p("No finished evaluation yet.", "warn")
+
+        for p in g["pairs"]:
+            a, b = p["seeds"]
+            doc.h(3, f"Seeds {a} and {b}")
+            if not p["available"]:
+                doc.p(f"Not evaluated yet ({p['eval']}/eval.json is missing).", "warn")
+                continue
+            cur, seg = p["curve"], p["segment"]
+            kind = p.get("path", {})
+            label = f"{kind.get('curve', 'curve')} curve ({kind.get('num_bends', '?')} bends)"
+            doc.table(["path", "max test loss", "test barrier", "barrier removed", "train barrier",
+                       "train barrier removed", "path length", "min test PSNR (dB)"],
+                      [[label, fnum(cur["te_loss_max"]), fnum(cur["te_barrier"]), fpct(p["barrier_removed"]),
+                        fnum(cur["tr_barrier"]), fpct(p["train_barrier_removed"]), fnum(cur["length"]),
+                        fdb(cur["te_psnr_min"])],
+                       ["segment", fnum(seg["te_loss_max"]), fnum(seg["te_barrier"]), "—", fnum(seg["tr_barrier"]),
+                        "—", fnum(seg["length"]), fdb(seg["te_psnr_min"])]])
+            tag = f"{loss}_seed{a}-seed{b}"
+            for src, suffix, what in (("reconstructions.png", "curve", "the curve"),
+                                      ("reconstructions_segment.png", "segment", "the segment")):
+                rel = _copy(study_dir, f"{p['eval']}/{src}", f"{tag}_{suffix}_reconstructions.png")
+                if rel:
+                    doc.img(rel, f"seeds {a}-{b}: held-out images reconstructed along {what} at t = 0, 1/8, …, 1",
+                            pixels=True)
+        notes = sorted({n for p in g["pairs"] if p["available"] for n in p.get("notes", [])})
+        if notes:
+            doc.p("Notes from eval-curve:", "muted")
+            doc.ul(notes)
+
+    doc.h(2, "Configuration")
+    doc.table(["setting", "value"], _config_rows(cfg), numeric_from=2)
+    doc.h(2, "Files")
+    doc.p("endpoints/{loss}_seed{s}/: aecurves train runs; curves/{loss}_seed{a}-seed{b}/: aecurves train-curve runs; "
+          "curves/{loss}_seed{a}-seed{b}/eval/: aecurves eval-curve of each curve and of its segment (eval.json, "
+          "curve.npz with segment_* arrays); study.json: the resolved configuration; report.json: every number "
+          f"above. Written {time.strftime('%Y-%m-%d %H:%M')} from the files of {study_dir.resolve()}; regenerate with "
+          f"python -c \"from aecurves.report import write_report; write_report('{study_dir}')\".", "muted")
+    return doc, lines
+
+
+def write_report(study_dir) -> dict:
+    """Writes report.html, report.md, report.json and report_files/ in `study_dir`, reading only its files."""
+    study_dir = Path(study_dir)
+    fingerprint = inputs_fingerprint(study_dir)
+    data = collect(study_dir)
+    (study_dir / FILES_DIR).mkdir(parents=True, exist_ok=True)
+    doc, lines = build(study_dir, data)
+    title = "aecurves study report"
+    with atomic_path(study_dir / "report.md") as tmp:
+        tmp.write_text(to_markdown(doc))
+    with atomic_path(study_dir / "report.html") as tmp:
+        tmp.write_text(to_html(doc, study_dir, title))
+    record = {"format_version": REPORT_VERSION, "inputs_fingerprint": fingerprint,
+              "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary_lines": lines,
+              "thresholds": {"no_barrier": NO_BARRIER, "most": MOST, "some": SOME, "psnr_tolerance_db": PSNR_TOLERANCE},
+              **data}
+    write_json(study_dir / "report.json", record)  # last: its fingerprint marks the report complete
+    print(f"wrote report.html, report.md, report.json and {FILES_DIR}/ in {study_dir}")
+    return record

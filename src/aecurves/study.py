@@ -1,0 +1,676 @@
+"""`aecurves study`: the whole experiment in one command, resumable, ending in a report.
+
+For every loss in `losses` (default mse, vgg) and every seed in `seeds` (default 1, 2, 3) an endpoint is
+trained; within each loss group every pair of endpoints is connected by a curve (Bezier, 3 bends, both ends
+fixed); every curve is evaluated at `num_points` values of t together with the straight segment between
+its ends; finally report.html / report.md are written. Each stage calls the same function as its own
+subcommand (train.run, train_curve.run, evaluate.run) with the configuration dict that subcommand's
+argparse would build, so defaults cannot drift and each stage folder holds exactly that command's files.
+
+Layout of the study folder (`--out`, default runs/study):
+
+    study.json                          resolved configuration, groups (run / skipped and why), stage list
+    endpoints/{loss}_seed{s}/           `aecurves train` run: checkpoint.pt, metrics.jsonl, reconstructions.png
+    curves/{loss}_seed{a}-seed{b}/      `aecurves train-curve` run: checkpoint.pt, metrics.jsonl
+    curves/{loss}_seed{a}-seed{b}/eval/ `aecurves eval-curve` of that curve AND of the straight segment between
+                                        its ends: eval.json, curve.npz (segment_* keys), loss_along_path.png,
+                                        reconstructions.png, reconstructions_segment.png
+    report.html, report.md, report.json the report (report.json: every number it shows)
+    report_files/                       the report's figures
+Every stage folder also holds study_stage.json (the stage's status and a SHA-256 of each input file).
+
+Stage names (for --force): endpoint:{loss}:{seed}, curve:{loss}:{a}-{b}, eval:{loss}:{a}-{b}, report.
+--force also takes `endpoints`, `curves`, `evals`, a loss (`mse`, `vgg`: its whole group), a prefix such as
+`curve:mse`, or `all`.
+
+Resuming. A stage is finished when its outputs are complete (an endpoint's checkpoint.pt at the requested
+epoch, a curve's checkpoint at the requested curve epoch, an evaluation's eval.json and every file it lists),
+they were made with the requested settings (read back from the checkpoint's / eval.json's own record), and
+the input files they were made from are unchanged (SHA-256 in study_stage.json). Finished stages are skipped;
+an interrupted training stage resumes from its last checkpoint; a stage whose inputs changed (e.g. its
+endpoint was redone) is redone. When the requested settings differ from those of existing outputs (say
+--epochs changed), the study refuses before doing anything and names the stages and settings: pass
+`--force STAGE` to redo them (what is built on them is then redone too) or choose another --out.
+Runtime settings (device, precision, progress bars, cache folder) never invalidate anything.
+Outputs from the same commands run by hand (e.g. endpoints trained under torchrun into
+endpoints/mse_seed1) are adopted when they match.
+"""
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aecurves.checkpoint import write_json
+from aecurves.errors import UserError
+
+FORMAT_VERSION = 1
+LOSSES = ("mse", "vgg")
+STAGE_RECORD = "study_stage.json"
+
+# Values every preset shares; a preset overrides some; any flag given explicitly overrides both.
+COMMON = {
+    "out": "runs/study", "losses": "mse,vgg", "seeds": "1,2,3",
+    "dataset": None, "data_dir": None, "image_size": None, "limit": None, "val_fraction": 0.1, "use_test": False,
+    "cache_dir": None,
+    "epochs": None, "lr": None, "batch_size": None, "latent_dim": 128, "width": 32, "save_every_epoch": 5,
+    "curve": "Bezier", "num_bends": 3, "curve_epochs": None, "curve_lr": None, "wd": 0.0,
+    "num_points": 61, "bn_images": 1024, "train_images": 1024,
+    "device": "auto", "precision": "auto", "vgg_weights": "imagenet",
+}
+PRESETS = {
+    # The embedded LFW faces (100 grayscale 32x32 images, 86 train / 14 held out) and a narrower network: the
+    # whole study takes minutes on a 2-core CPU (the README gives the measured time) and shows a clear barrier
+    # on every segment that the curves remove almost entirely.
+    "demo": {"dataset": "lfw", "image_size": 32, "epochs": 60, "lr": 3e-3, "batch_size": 32, "latent_dim": 128,
+             "width": 16, "save_every_epoch": 20, "curve_epochs": 60, "curve_lr": 3e-3, "num_points": 61},
+    # The founding document's setting: CelebA 64x64, bottleneck 128, batch 64, 30 epochs at Adam lr 1e-4.
+    # Curves: 10 epochs (~25,000 Adam steps on CelebA's 162,770 training images) at the endpoints' lr 1e-4.
+    "celeba": {"dataset": "celeba", "image_size": 64, "epochs": 30, "lr": 1e-4, "batch_size": 64,
+               "latent_dim": 128, "width": 32, "save_every_epoch": 5, "curve_epochs": 10, "curve_lr": 1e-4,
+               "num_points": 61},
+}
+DEFAULT_PRESET = "demo"
+# Flags that a preset may set (all default to None in argparse, so "given explicitly" is detectable).
+CONFIG_KEYS = tuple(COMMON)
+
+# Settings that define each stage's result, read back from its outputs to judge whether they still fit.
+ENDPOINT_SETTINGS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "loss", "seed",
+                     "latent_dim", "width", "batch_size", "epochs", "lr", "wd")
+CURVE_SETTINGS = ("curve", "num_bends", "fix_start", "fix_end", "init_linear_off", "epochs", "lr", "wd",
+                  "batch_size", "seed")
+EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images", "batch_size", "segment_too",
+                 "use_test")
+VGG_COST = 8.0  # first guess of a vgg stage's cost relative to the same mse stage (the estimate then measures it)
+RUNTIME_NOTE = "device, precision, progress bars and the cache folder never invalidate finished stages"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configuration
+
+
+def resolve_config(flags: dict) -> dict:
+    """Preset values, overridden by every flag given explicitly (not None), validated and normalised."""
+    preset = flags.get("preset") or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise UserError(f"Unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+    cfg = {**COMMON, **PRESETS[preset]}
+    explicit = {k: flags[k] for k in CONFIG_KEYS if flags.get(k) is not None}
+    for k in ("use_test",):  # store_true flags: only True counts as given
+        if explicit.get(k) is False:
+            explicit.pop(k)
+    cfg.update(explicit)
+    cfg["preset"] = preset
+    cfg["no_progress"] = bool(flags.get("no_progress"))
+    cfg["force"] = list(flags.get("force") or [])
+
+    losses = [s.strip().lower() for s in str(cfg["losses"]).split(",") if s.strip()]
+    bad = [s for s in losses if s not in LOSSES]
+    if not losses or bad or len(set(losses)) != len(losses):
+        raise UserError(f"--losses takes a comma-separated list of distinct losses from {', '.join(LOSSES)} "
+                        f"(e.g. mse,vgg); got {cfg['losses']!r}.")
+    cfg["losses"] = losses
+    try:
+        seeds = [int(s) for s in str(cfg["seeds"]).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds takes a comma-separated list of integers, e.g. 1,2,3; got {cfg['seeds']!r}.") \
+            from None
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds needs at least two distinct seeds (one curve per pair), e.g. 1,2,3; "
+                        f"got {cfg['seeds']!r}.")
+    cfg["seeds"] = sorted(seeds)
+
+    for key in ("epochs", "curve_epochs", "batch_size", "latent_dim", "width", "save_every_epoch", "bn_images",
+                "train_images", "limit", "image_size"):
+        v = cfg[key]
+        if v is not None and v < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {v}.")
+    if cfg["num_points"] < 2:
+        raise UserError(f"--num-points must be at least 2 (t = 0 and t = 1), got {cfg['num_points']}.")
+    for key in ("lr", "curve_lr"):
+        if not cfg[key] > 0:
+            raise UserError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}.")
+    if cfg["wd"] < 0:
+        raise UserError(f"--wd must not be negative, got {cfg['wd']}.")
+    from aecurves.curves import make_coefficients
+
+    cfg["curve"] = make_coefficients(cfg["curve"], cfg["num_bends"]).name
+    if cfg["num_bends"] < 3:
+        raise UserError(f"--num-bends must be at least 3 in a study (both ends are fixed, so 2 bends leave nothing "
+                        f"to train: that is the segment, which the study evaluates anyway); got {cfg['num_bends']}.")
+    if cfg["dataset"] in ("celeba", "folder") and not cfg["data_dir"]:
+        where = ("the folder holding img_align_celeba/ (or img_align_celeba.zip) and, optionally, "
+                 "list_eval_partition.txt" if cfg["dataset"] == "celeba" else "a folder of images")
+        raise UserError(f"The {cfg['dataset']} dataset needs --data-dir DIR: {where}. "
+                        + ("For example: aecurves study --preset celeba --data-dir data/celeba. "
+                           if cfg["dataset"] == "celeba" else "")
+                        + "Without data, `aecurves study` (the demo preset) runs on embedded LFW faces.")
+    if cfg["data_dir"]:
+        cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
+    if cfg["image_size"] is None:
+        from aecurves.data import DEFAULT_IMAGE_SIZE
+
+        cfg["image_size"] = DEFAULT_IMAGE_SIZE.get(cfg["dataset"], 64)
+    return cfg
+
+
+def _parse(subcommand: str, argv: list) -> dict | None:
+    """vars() of the subcommand's own argparse result for `argv`, or None if the subcommand does not exist."""
+    from aecurves import cli
+
+    parser = cli.get_args_parser()
+    choices = next((a.choices for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)),
+                   {})
+    if subcommand not in choices:
+        return None
+    return vars(parser.parse_args([subcommand, *[str(a) for a in argv]]))
+
+
+def _runtime_argv(cfg: dict) -> list:
+    argv = ["--device", cfg["device"], "--precision", cfg["precision"], "--vgg-weights", cfg["vgg_weights"]]
+    return argv + (["--no-progress"] if cfg["no_progress"] else [])
+
+
+def train_cfg(cfg: dict, loss: str, seed: int, out: Path, resume: bool) -> dict:
+    """The dict `aecurves train ...` builds for one endpoint."""
+    argv = ["--dataset", cfg["dataset"], "--image-size", cfg["image_size"], "--val-fraction", cfg["val_fraction"],
+            "--loss", loss, "--seed", seed, "--latent-dim", cfg["latent_dim"], "--width", cfg["width"],
+            "--batch-size", cfg["batch_size"], "--epochs", cfg["epochs"], "--lr", cfg["lr"],
+            "--save-every-epoch", cfg["save_every_epoch"], "--out", out, *_runtime_argv(cfg)]
+    argv += ["--data-dir", cfg["data_dir"]] if cfg["data_dir"] else []
+    argv += ["--limit", cfg["limit"]] if cfg["limit"] else []
+    argv += ["--use-test"] if cfg["use_test"] else []
+    argv += ["--cache-dir", cfg["cache_dir"]] if cfg["cache_dir"] else []
+    argv += ["--resume"] if resume else []
+    return _parse("train", argv)
+
+
+def curve_cfg(cfg: dict, start: Path, end: Path, out: Path, resume: bool) -> dict:
+    """The dict `aecurves train-curve ...` builds for one pair (data and loss: the endpoints')."""
+    argv = ["--init-start", start, "--init-end", end, "--curve", cfg["curve"], "--num-bends", cfg["num_bends"],
+            "--fix-start", "--fix-end", "--epochs", cfg["curve_epochs"], "--lr", cfg["curve_lr"], "--wd", cfg["wd"],
+            "--batch-size", cfg["batch_size"], "--out", out, *_runtime_argv(cfg)]
+    argv += ["--cache-dir", cfg["cache_dir"]] if cfg["cache_dir"] else []
+    argv += ["--resume"] if resume else []
+    return _parse("train-curve", argv)
+
+
+def eval_cfg(cfg: dict, ckpt: Path, out: Path) -> dict:
+    """The dict `aecurves eval-curve --ckpt CKPT ...` builds: the curve and its segment, in one evaluation."""
+    from aecurves import evaluate
+
+    parsed = _parse("eval-curve", ["--ckpt", ckpt])
+    base = dict(evaluate.DEFAULTS)
+    if parsed is not None:
+        base.update(parsed)
+    base.update({"ckpt": str(ckpt), "segment": None, "segment_too": True, "out": str(out),
+                 "num_points": cfg["num_points"], "bn_images": cfg["bn_images"], "train_images": cfg["train_images"],
+                 "device": cfg["device"], "precision": cfg["precision"], "vgg_weights": cfg["vgg_weights"],
+                 "cache_dir": cfg["cache_dir"],
+                 "no_progress": cfg["no_progress"], "use_test": cfg["use_test"]})
+    return base
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stages
+
+
+@dataclass
+class Stage:
+    name: str           # endpoint:mse:1, curve:mse:1-2, eval:mse:1-2, report
+    kind: str           # endpoint, curve, eval, report
+    label: str          # what the progress line shows
+    folder: str         # relative to the study folder
+    loss: str | None = None
+    seeds: tuple = ()
+    inputs: list = field(default_factory=list)  # files (relative) this stage is made from
+    units: float = 0.0  # relative cost, for the time estimate
+
+
+def endpoint_folder(loss: str, seed: int) -> str:
+    return f"endpoints/{loss}_seed{seed}"
+
+
+def curve_folder(loss: str, a: int, b: int) -> str:
+    return f"curves/{loss}_seed{a}-seed{b}"
+
+
+def plan(cfg: dict, n_train: int, n_test: int) -> list[Stage]:
+    """Every stage of the study in order (all loss groups, then the report)."""
+    stages = []
+    for loss in cfg["losses"]:
+        heavy = VGG_COST if loss == "vgg" else 1.0
+        for s in cfg["seeds"]:
+            stages.append(Stage(f"endpoint:{loss}:{s}", "endpoint", f"train {loss} seed {s}",
+                                endpoint_folder(loss, s), loss, (s,),
+                                units=cfg["epochs"] * (3 * n_train + n_test) * heavy))
+        for a, b in itertools.combinations(cfg["seeds"], 2):
+            ends = [f"{endpoint_folder(loss, s)}/checkpoint.pt" for s in (a, b)]
+            folder = curve_folder(loss, a, b)
+            stages.append(Stage(f"curve:{loss}:{a}-{b}", "curve", f"train-curve {loss} seeds {a}-{b}", folder,
+                                loss, (a, b), ends,
+                                units=cfg["curve_epochs"] * (4 * n_train + n_test + 8 * cfg["batch_size"]) * heavy))
+        for a, b in itertools.combinations(cfg["seeds"], 2):
+            folder = curve_folder(loss, a, b)
+            # per point: BN statistics (autoencoder passes), then the loss on train and test images
+            per_point = 2 * min(cfg["bn_images"], n_train) + (min(cfg["train_images"], n_train) + n_test) * heavy
+            stages.append(Stage(f"eval:{loss}:{a}-{b}", "eval", f"eval-curve {loss} seeds {a}-{b} (curve and segment)",
+                                folder + "/eval", loss, (a, b), [folder + "/checkpoint.pt"],
+                                units=2 * cfg["num_points"] * per_point / 3))
+    stages.append(Stage("report", "report", "report", "."))
+    return stages
+
+
+def select_forced(selectors: list[str], stages: list[Stage]) -> set[str]:
+    """Stage names matched by the --force selectors; an unknown selector is an error."""
+    chosen = set()
+    kinds = {"endpoints": "endpoint", "curves": "curve", "evals": "eval"}
+    for sel in selectors:
+        sel = sel.strip().lower()
+        hit = {s.name for s in stages
+               if sel == "all" or sel == s.name or kinds.get(sel) == s.kind or sel == s.loss
+               or s.name.startswith(sel + ":")}
+        if not hit:
+            names = ", ".join(s.name for s in stages)
+            raise UserError(f"--force {sel!r} matches no stage of this study. Stage names: {names}; or one of "
+                            "endpoints, curves, evals, report, a loss (e.g. mse), a prefix such as curve:mse, or all.")
+        chosen |= hit
+    return chosen
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _load_ckpt(path: Path, kind: str):
+    """A checkpoint of `kind`, or None when missing or unreadable."""
+    from aecurves.checkpoint import load_checkpoint
+
+    if not path.is_file():
+        return None
+    try:
+        return load_checkpoint(path, kind)
+    except UserError:
+        return None
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+class Study:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.root = Path(cfg["out"])
+        self.stages: list[Stage] = []
+        self.groups: dict = {}
+        self.forced: set[str] = set()
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self.t0 = time.perf_counter()
+        self.rates: dict = {}  # kind -> (seconds, units) of stages run now, for the estimate
+
+    # --- settings each stage should have, and the settings its outputs record
+
+    def expected(self, st: Stage) -> dict:
+        root = self.root
+        if st.kind == "endpoint":
+            c = train_cfg(self.cfg, st.loss, st.seeds[0], root / st.folder, False)
+            keys = ENDPOINT_SETTINGS + (("vgg_weights",) if st.loss == "vgg" else ())
+        elif st.kind == "curve":
+            c = curve_cfg(self.cfg, *(root / p for p in st.inputs), root / st.folder, False)
+            c["seed"] = 1 if c.get("seed") is None else c["seed"]  # train_curve's default
+            keys = CURVE_SETTINGS + (("vgg_weights",) if st.loss == "vgg" else ())
+        elif st.kind == "eval":
+            c = eval_cfg(self.cfg, root / st.inputs[0], root / st.folder)
+            keys = EVAL_SETTINGS + (("vgg_weights",) if st.loss == "vgg" else ())
+        else:
+            return {}
+        return {k: c.get(k) for k in keys}
+
+    def recorded(self, st: Stage) -> tuple[dict | None, dict]:
+        """(settings recorded by the stage's outputs or None when there are none, facts about completeness)."""
+        folder = self.root / st.folder
+        if st.kind in ("endpoint", "curve"):
+            state = _load_ckpt(folder / "checkpoint.pt", st.kind)
+            if state is None:
+                return None, {"exists": (folder / "checkpoint.pt").exists()}
+            args = state.get("args", {})
+            keys = ENDPOINT_SETTINGS if st.kind == "endpoint" else CURVE_SETTINGS
+            settings = {k: args.get(k) for k in keys + ("vgg_weights",)}
+            return settings, {"epoch": state.get("epoch"), "target": args.get("epochs"),
+                              "init": [args.get("init_start"), args.get("init_end")]}
+        if st.kind == "eval":
+            record = read_json(folder / "eval.json")
+            if not isinstance(record, dict) or "config" not in record:
+                return None, {"exists": (folder / "eval.json").exists()}
+            conf = record["config"]
+            files = record.get("files", {})
+            complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values()) \
+                and record.get("segment_evaluated") is True
+            return {k: conf.get(k) for k in EVAL_SETTINGS + ("vgg_weights",)}, \
+                {"complete": complete, "checkpoint": record.get("checkpoint")}
+        return None, {}
+
+    def settings_diff(self, st: Stage) -> list[str]:
+        rec, _ = self.recorded(st)
+        if rec is None:
+            return []
+        want = self.expected(st)
+        return [f"{k}={rec.get(k)!r} (existing) vs {want[k]!r} (requested)" for k in want
+                if not _same(rec.get(k), want[k])]
+
+    # --- judging a stage
+
+    def input_hashes(self, st: Stage) -> dict:
+        return {p: sha256(self.root / p) for p in st.inputs}
+
+    def status(self, st: Stage) -> tuple[str, str]:
+        """('done' | 'resume' | 'redo' | 'new', why)."""
+        folder = self.root / st.folder
+        record = read_json(folder / STAGE_RECORD)
+        rec, facts = self.recorded(st)
+        if rec is None:
+            if facts.get("exists"):
+                return "redo", "its output files are incomplete or unreadable"
+            return "new", ""
+        inputs_now = self.input_hashes(st)
+        if isinstance(record, dict):
+            if record.get("inputs", {}) != inputs_now:
+                return "redo", "its inputs changed since it was made"
+        else:  # outputs made outside the study (e.g. under torchrun): adopt them if they were made from these inputs
+            own = {str((self.root / p).resolve()) for p in st.inputs}
+            made_from = set(facts.get("init", [])) if st.kind == "curve" else \
+                {facts.get("checkpoint")} if st.kind == "eval" else set()
+            if st.kind != "endpoint" and made_from != own:
+                return "redo", "its outputs were not made from this study's inputs"
+        if st.kind in ("endpoint", "curve"):
+            target = self.cfg["epochs"] if st.kind == "endpoint" else self.cfg["curve_epochs"]
+            if facts["epoch"] == target:
+                return "done", "" if isinstance(record, dict) else "adopted"
+            if facts["epoch"] < target:
+                return "resume", f"interrupted at epoch {facts['epoch']} of {target}"
+            return "redo", f"its checkpoint is at epoch {facts['epoch']}, beyond {target}"
+        if st.kind == "eval":  # eval.json is renamed into place last, after every other file
+            if facts["complete"]:
+                return "done", "" if isinstance(record, dict) else "adopted"
+            return "redo", "its evaluation files are incomplete"
+        return "new", ""
+
+    def clear(self, st: Stage) -> None:
+        """Removes one stage's own outputs (for a curve: not its eval/ folder, which is the eval stage's)."""
+        folder = self.root / st.folder
+        if not folder.is_dir():
+            return
+        if st.kind == "curve":
+            for p in folder.iterdir():
+                if p.name != "eval":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        elif st.kind in ("endpoint", "eval"):
+            shutil.rmtree(folder)
+
+    def will_run(self) -> set[str]:
+        """Names of the stages expected to run now (for the time estimate): not finished, forced, or built on one
+        of those."""
+        out, by_output = set(), {}
+        for st in self.stages:
+            if st.kind == "report":
+                out.add(st.name)
+                continue
+            upstream = any(by_output.get(p) in out for p in st.inputs)
+            if upstream or st.name in self.forced or self.status(st)[0] != "done":
+                out.add(st.name)
+            by_output[f"{st.folder}/checkpoint.pt"] = st.name
+        return out
+
+    def write_record(self, st: Stage, status: str, **extra) -> None:
+        write_json(self.root / st.folder / STAGE_RECORD,
+                   {"stage": st.name, "status": status, "inputs": self.input_hashes(st), **extra})
+
+    # --- the study record
+
+    def write_study_json(self) -> None:
+        cfg = {k: v for k, v in self.cfg.items() if k not in ("force", "no_progress")}
+        write_json(self.root / "study.json", {
+            "format_version": FORMAT_VERSION,
+            "config": cfg,
+            "groups": self.groups,
+            "stages": [{"name": s.name, "kind": s.kind, "loss": s.loss, "seeds": list(s.seeds), "folder": s.folder}
+                       for s in self.stages],
+            "layout": {"endpoints": "endpoints/{loss}_seed{s}/ (aecurves train)",
+                       "curves": "curves/{loss}_seed{a}-seed{b}/ (aecurves train-curve)",
+                       "evals": "curves/{loss}_seed{a}-seed{b}/eval/ (aecurves eval-curve: curve and segment)",
+                       "report": "report.html, report.md, report.json, report_files/"},
+        })
+
+    # --- progress
+
+    def estimate_left(self, remaining: list[Stage]) -> str:
+        if not any(st.units for st in remaining):
+            return "only the report left" if remaining else "nothing left"
+        if not self.rates:
+            return "time left: estimated after the first stage"
+        total_s = sum(s for key, (s, _) in self.rates.items() if isinstance(key, str))
+        total_u = sum(u for key, (_, u) in self.rates.items() if isinstance(key, str))
+        default = total_s / max(total_u, 1e-9)
+        left = 0.0
+        for st in remaining:  # seconds per unit of the same kind and loss, else of the same kind, else overall
+            s, u = self.rates.get((st.kind, st.loss)) or self.rates.get(st.kind) or (None, None)
+            left += st.units * (s / u if u else default)
+        return f"about {fmt_seconds(left)} left"
+
+    def progress(self, i: int, st: Stage, todo: list[Stage], note: str = "") -> None:
+        elapsed = fmt_seconds(time.perf_counter() - self.t0)
+        print(f"\n=== study stage {i}/{len(self.stages)}: {st.label}{note} "
+              f"[elapsed {elapsed}, {self.estimate_left(todo)}]", flush=True)
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def check_vgg(weights: str) -> str | None:
+    """None when the VGG16 weights for the perceptual loss can be loaded, else the reason (with the remedy)."""
+    from aecurves import losses
+
+    try:
+        losses.load_vgg_features(weights)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def vgg_remedy(cfg: dict) -> str:
+    return ("Re-run the same command with --vgg-weights PATH (a saved vgg16 state dict), or once torchvision's "
+            "VGG16 ImageNet file is in its cache (see the reason); the finished stages are kept and only the vgg "
+            "group runs.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running
+
+
+def run(cfg: dict) -> dict:
+    """Runs (or resumes) the study described by the resolved `cfg` (see resolve_config); returns a summary."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("`aecurves study` runs as one process (evaluations and the report are single-process), "
+                        "so do not start it with torchrun. It uses one GPU with --device cuda. To train the "
+                        "endpoints on several GPUs, run `torchrun ... aecurves train` with the same settings into "
+                        "STUDY/endpoints/{loss}_seed{s} first; the study then adopts those finished checkpoints.")
+    from aecurves.data import load_data
+
+    study = Study(cfg)
+    root = study.root
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file; pass a folder for the study.")
+    if not cfg["epochs"] or not cfg["curve_epochs"]:
+        raise UserError("--epochs and --curve-epochs are needed.")
+
+    print(f"study in {root}: preset {cfg['preset']}, losses {','.join(cfg['losses'])}, seeds "
+          f"{','.join(map(str, cfg['seeds']))}, {cfg['curve']} curves with {cfg['num_bends']} bends, "
+          f"{cfg['num_points']} points per path", flush=True)
+    data = load_data(cfg["dataset"], cfg["data_dir"], cfg["image_size"], cfg["limit"], cfg["val_fraction"],
+                     cfg["use_test"], cfg["cache_dir"], progress=not cfg["no_progress"])
+    n_train, n_test = len(data.train), len(data.test)
+    print(f"data: {data.source}", flush=True)
+    del data
+
+    all_stages = plan(cfg, n_train, n_test)
+    study.forced = select_forced(cfg["force"], all_stages)
+
+    # the vgg group: checked once, before anything runs
+    for loss in cfg["losses"]:
+        group = {"status": "run", "seeds": cfg["seeds"],
+                 "endpoints": {str(s): endpoint_folder(loss, s) for s in cfg["seeds"]},
+                 "pairs": [{"seeds": [a, b], "curve": curve_folder(loss, a, b),
+                            "eval": curve_folder(loss, a, b) + "/eval"}
+                           for a, b in itertools.combinations(cfg["seeds"], 2)]}
+        if loss == "vgg":
+            reason = check_vgg(cfg["vgg_weights"])
+            if reason:
+                group.update(status="skipped", reason=reason, remedy=vgg_remedy(cfg))
+                print(f"\nvgg group SKIPPED: {reason}\nremedy: {group['remedy']}\n", flush=True)
+            elif cfg["vgg_weights"] == "random":
+                group["warning"] = ("--vgg-weights random: the vgg group was trained and evaluated with UNTRAINED "
+                                    "VGG16 features, so its loss is not perceptual; a smoke test only.")
+            else:
+                group["vgg_weights"] = cfg["vgg_weights"]
+        study.groups[loss] = group
+    study.stages = [s for s in all_stages if s.loss is None or study.groups[s.loss]["status"] == "run"]
+
+    # refuse before doing anything if existing outputs were made with other settings (and are not forced)
+    stale = []
+    for st in study.stages:
+        if st.name in study.forced or st.kind == "report":
+            continue
+        diff = study.settings_diff(st)
+        if diff:
+            stale.append(f"  {st.name} ({st.folder}): " + "; ".join(diff))
+    if stale:
+        raise UserError(
+            f"The study folder {root} holds finished work made with other settings:\n" + "\n".join(stale)
+            + "\nNothing was changed. Re-run with the settings it was made with (see its study.json), or redo "
+              "those stages with --force (e.g. --force endpoints; what is built on them is redone too), or choose "
+              f"another --out folder. ({RUNTIME_NOTE}.)")
+
+    root.mkdir(parents=True, exist_ok=True)
+    study.write_study_json()
+    will_run = study.will_run()
+    for i, st in enumerate(study.stages, 1):
+        todo = [s for s in study.stages[i - 1:] if s.name in will_run]
+        if st.kind == "report":
+            study.progress(i, st, [])
+            run_report_stage(study, st)
+            continue
+        forced = st.name in study.forced
+        state, why = ("forced", "--force") if forced else study.status(st)
+        if state == "done":
+            study.skipped.append(st.name)
+            note = " (adopted existing outputs)" if why == "adopted" else ""
+            study.progress(i, st, [s for s in todo if s is not st], f": finished already, skipped{note}")
+            if why == "adopted":
+                study.write_record(st, "done", adopted=True)
+            continue
+        note = {"resume": f": resuming ({why})", "redo": f": redoing ({why})", "forced": ": redoing (--force)",
+                "new": ""}[state]
+        study.progress(i, st, todo, note)
+        if state in ("redo", "forced"):
+            study.clear(st)
+        t0 = time.perf_counter()
+        try:
+            run_stage(study, st, resume=state == "resume")
+        except UserError as exc:
+            raise UserError(f"stage {st.name} ({st.label}) failed: {exc}\nThe finished stages are kept; fix the "
+                            "cause and re-run the same command to continue.") from None
+        seconds = time.perf_counter() - t0
+        state_after, why_after = study.status(st)
+        if state_after != "done":
+            raise UserError(f"stage {st.name} ran but its outputs are not complete ({why_after or state_after}); "
+                            f"see {root / st.folder}.")
+        for key in (st.kind, (st.kind, st.loss)):
+            s, u = study.rates.get(key, (0.0, 0.0))
+            study.rates[key] = (s + seconds, u + st.units)
+        study.ran.append(st.name)
+
+    from aecurves import report
+
+    summary = report.read_report_json(root)
+    print(f"\nstudy finished in {fmt_seconds(time.perf_counter() - study.t0)}: {len(study.ran)} stages run, "
+          f"{len(study.skipped)} already finished")
+    for loss, group in study.groups.items():
+        if group["status"] == "skipped":
+            print(f"{loss} group skipped: see the report for the reason and the remedy")
+    for line in summary.get("summary_lines", []):
+        print(f"  {line}")
+    print(f"report: {root / 'report.html'} (and report.md)")
+    return {"out": str(root), "ran": study.ran, "skipped": study.skipped, "groups": study.groups,
+            "report": summary}
+
+
+def run_stage(study: Study, st: Stage, resume: bool) -> None:
+    """One stage through the same function as its subcommand; study_stage.json marks it started, then done."""
+    from aecurves import evaluate, train, train_curve
+
+    root = study.root
+    folder = root / st.folder
+    study.write_record(st, "started")
+    if st.kind == "endpoint":
+        train.run(train_cfg(study.cfg, st.loss, st.seeds[0], folder, resume))
+    elif st.kind == "curve":
+        train_curve.run(curve_cfg(study.cfg, *(root / p for p in st.inputs), folder, resume))
+    elif st.kind == "eval":
+        evaluate.run(eval_cfg(study.cfg, root / st.inputs[0], folder))
+    study.write_record(st, "done")
+
+
+def run_report_stage(study: Study, st: Stage) -> None:
+    from aecurves import report
+
+    forced = "report" in study.forced
+    fingerprint = report.inputs_fingerprint(study.root)
+    existing = report.read_report_json(study.root)
+    complete = all((study.root / n).is_file() for n in ("report.html", "report.md", "report.json"))
+    if not forced and complete and existing.get("inputs_fingerprint") == fingerprint:
+        print("report: up to date with the study's files, skipped")
+        study.skipped.append(st.name)
+        return
+    report.write_report(study.root)
+    study.ran.append(st.name)
+
+
+def main(args) -> int:
+    """`aecurves study` from parsed arguments; returns the exit status."""
+    cfg = resolve_config(vars(args))
+    try:
+        run(cfg)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; every finished stage is kept in {cfg['out']}. Re-run the same command to continue: "
+              "finished stages are skipped and an interrupted training stage resumes from its last checkpoint.",
+              file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,290 @@
+"""Tests for `aecurves study`: end to end through the CLI, resume, --force, changed settings, offline VGG."""
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aecurves import study
+from aecurves.checkpoint import load_checkpoint
+from aecurves.cli import get_args_parser
+from aecurves.errors import UserError
+
+from conftest import run_cli
+
+# Tiny settings: 2 endpoints, 1 curve, 1 evaluation (curve + segment) on synthetic data, fp32 for exactness.
+SMALL = ["--dataset", "synthetic", "--image-size", 32, "--limit", 256, "--width", 8, "--latent-dim", 16,
+         "--batch-size", 32, "--lr", 3e-3, "--epochs", 3, "--curve-epochs", 2, "--curve-lr", 3e-3, "--num-points", 5,
+         "--bn-images", 64, "--train-images", 64, "--losses", "mse", "--seeds", "1,2", "--precision", "fp32",
+         "--device", "cpu", "--vgg-weights", "random", "--no-progress"]
+ENDPOINTS = ("endpoints/mse_seed1/checkpoint.pt", "endpoints/mse_seed2/checkpoint.pt")
+CURVE = "curves/mse_seed1-seed2/checkpoint.pt"
+EVAL = "curves/mse_seed1-seed2/eval"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, torch's spinning OpenMP threads make these tiny runs
+    up to 15x slower when other processes hold the cores; results do not depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _stamp(root: Path, rel: str) -> tuple:
+    p = root / rel
+    return p.stat().st_mtime_ns, _sha(p)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "s"
+    assert run_cli("study", *SMALL, "--out", out) == 0
+    return out
+
+
+@pytest.fixture
+def copy_of(finished, tmp_path) -> Path:
+    dest = tmp_path / "copy"
+    shutil.copytree(finished, dest)
+    return dest
+
+
+def _md_row(md: str, first_cell: str, after: str = "") -> list[str]:
+    """Cells of the first markdown table row starting with `first_cell` (after the text `after`)."""
+    text = md[md.index(after):] if after else md
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in the markdown")
+
+
+def test_study_end_to_end_layout_and_report_numbers(finished):
+    root = finished
+    for rel in (*ENDPOINTS, "endpoints/mse_seed1/metrics.jsonl", "endpoints/mse_seed1/reconstructions.png", CURVE,
+                "curves/mse_seed1-seed2/metrics.jsonl", f"{EVAL}/eval.json", f"{EVAL}/curve.npz",
+                f"{EVAL}/loss_along_path.png", f"{EVAL}/reconstructions.png", f"{EVAL}/reconstructions_segment.png",
+                "study.json", "report.html", "report.md", "report.json", "report_files/mse_loss_along_paths.png",
+                "endpoints/mse_seed1/study_stage.json", f"{EVAL}/study_stage.json"):
+        assert (root / rel).is_file(), rel
+    cfg = json.loads((root / "study.json").read_text())["config"]
+    assert cfg["epochs"] == 3 and cfg["curve_epochs"] == 2 and cfg["seeds"] == [1, 2] and cfg["losses"] == ["mse"]
+    assert cfg["curve"] == "Bezier" and cfg["num_bends"] == 3 and cfg["preset"] == "demo"
+    assert load_checkpoint(root / ENDPOINTS[0], "endpoint")["epoch"] == 3
+    curve = load_checkpoint(root / CURVE, "curve")
+    assert curve["epoch"] == 2 and curve["args"]["fix_start"] and curve["args"]["fix_end"]
+
+    record = json.loads((root / EVAL / "eval.json").read_text())
+    assert record["num_points"] == 5 and record["segment_evaluated"]
+    summary = record["summary"]
+    with np.load(root / EVAL / "curve.npz") as npz:
+        assert len(npz["ts"]) == 5 and len(npz["segment_ts"]) == 5
+        for k in ("te_barrier", "segment_te_barrier", "length", "segment_length", "te_loss_max"):
+            assert float(npz[k]) == pytest.approx(summary[k], rel=1e-12)
+
+    rep = json.loads((root / "report.json").read_text())
+    g = rep["groups"]["mse"]
+    pair = g["pairs"][0]
+    assert pair["curve"]["te_barrier"] == summary["te_barrier"]
+    assert pair["segment"]["te_barrier"] == summary["segment_te_barrier"]
+    assert pair["curve"]["length"] == summary["length"] and pair["segment"]["length"] == summary["segment_length"]
+    assert pair["curve"]["te_loss_max"] == summary["te_loss_max"]
+    removed = (summary["segment_te_barrier"] - summary["te_barrier"]) / summary["segment_te_barrier"]
+    assert pair["barrier_removed"] == pytest.approx(removed)
+    e1, e2 = g["endpoints"]
+    assert e1["eval"]["te_loss"] == summary["te_loss_start"] and e2["eval"]["te_psnr"] == summary["te_psnr_end"]
+    last = json.loads((root / "endpoints/mse_seed1/metrics.jsonl").read_text().splitlines()[-1])
+    assert e1["training"]["test_loss"] == last["test_loss"]
+    s = g["summary"]
+    assert s["segment_te_barrier_mean"] == summary["segment_te_barrier"]
+    assert s["worst_psnr_curves"] == summary["te_psnr_min"]
+    assert s["worst_psnr_endpoints"] == min(summary["te_psnr_start"], summary["te_psnr_end"])
+
+    # the markdown shows the same numbers (as formatted by the report)
+    md = (root / "report.md").read_text()
+    from aecurves.report import fdb, fnum, fpct
+
+    row = _md_row(md, "Bezier curve (3 bends)")
+    assert row[1:4] == [fnum(summary["te_loss_max"]), fnum(summary["te_barrier"]), fpct(removed)]
+    assert row[6] == fnum(summary["length"]) and row[7] == fdb(summary["te_psnr_min"])
+    seg = _md_row(md, "segment", "Seeds 1 and 2")
+    assert seg[1:3] == [fnum(summary["segment_te_loss_max"]), fnum(summary["segment_te_barrier"])]
+    ep = _md_row(md, "mse seed 1")
+    assert ep[2] == fnum(summary["te_loss_start"]) and ep[6] == fdb(summary["te_psnr_start"])
+    assert fnum(summary["segment_te_barrier"]) in rep["summary_lines"][0]
+    for line in rep["summary_lines"]:
+        assert line in md
+
+    # HTML: self-contained (figures embedded), with the same tables
+    html = (root / "report.html").read_text()
+    assert "<table>" in html and html.count("data:image/png;base64,") >= 5
+    assert 'src="report_files' not in html
+    assert fnum(summary["segment_te_barrier"]) in html
+
+
+def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
+    root = copy_of
+    before = {rel: _stamp(root, rel) for rel in (*ENDPOINTS, CURVE, f"{EVAL}/eval.json", "report.html")}
+
+    def boom(cfg):
+        raise AssertionError("a finished stage was run again")
+
+    for mod in ("train", "train_curve", "evaluate"):
+        monkeypatch.setattr(f"aecurves.{mod}.run", boom)
+    assert run_cli("study", *SMALL, "--out", root) == 0
+    assert {rel: _stamp(root, rel) for rel in before} == before
+    out = capsys.readouterr().out
+    assert out.count("finished already, skipped") == 4 and "report: up to date" in out
+    assert re.search(r"stage 3/5: train-curve mse seeds 1-2", out)
+
+
+def test_changed_settings_are_refused_before_anything_changes(copy_of, capsys):
+    root = copy_of
+    before = {rel: _stamp(root, rel) for rel in (*ENDPOINTS, CURVE)}
+    argv = [a for a in SMALL]
+    argv[argv.index("--epochs") + 1] = 4
+    assert run_cli("study", *argv, "--out", root) == 2
+    err = capsys.readouterr().err
+    assert "endpoint:mse:1" in err and "epochs=3 (existing) vs 4 (requested)" in err and "--force" in err
+    assert {rel: _stamp(root, rel) for rel in before} == before
+
+
+def test_force_redoes_one_endpoint_and_what_is_built_on_it(copy_of, capsys):
+    root = copy_of
+    other = _stamp(root, ENDPOINTS[1])
+    curve_before, eval_before = _sha(root / CURVE), _stamp(root, f"{EVAL}/eval.json")
+    assert run_cli("study", *SMALL, "--out", root, "--force", "endpoint:mse:1") == 0
+    out = capsys.readouterr().out
+    assert "train mse seed 1: redoing (--force)" in out
+    assert "train mse seed 2: finished already, skipped" in out
+    assert "train-curve mse seeds 1-2: redoing (its inputs changed" in out
+    assert _stamp(root, ENDPOINTS[1]) == other  # the other finished endpoint is untouched
+    assert _sha(root / CURVE) != curve_before and _stamp(root, f"{EVAL}/eval.json") != eval_before
+    assert load_checkpoint(root / ENDPOINTS[0], "endpoint")["epoch"] == 3
+
+
+def test_resume_after_interrupt(tmp_path, monkeypatch, capsys):
+    """Interrupted in the second stage (epoch 2 of endpoint seed 2): the re-run skips stage 1, resumes stage 2."""
+    from aecurves import train
+
+    root = tmp_path / "s"
+    argv = [*SMALL, "--save-every-epoch", 1, "--out", root]
+    real_epoch, calls = train.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # stage 1 runs epochs 1-3; stage 2 is stopped in its epoch 2
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    assert run_cli("study", *argv) == 130
+    assert "Re-run the same command" in capsys.readouterr().err
+    assert load_checkpoint(root / ENDPOINTS[0], "endpoint")["epoch"] == 3
+    assert load_checkpoint(root / ENDPOINTS[1], "endpoint")["epoch"] == 1
+    assert not (root / CURVE).exists()
+    first = _stamp(root, ENDPOINTS[0])
+
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    real_run, seen = train.run, []
+    monkeypatch.setattr(train, "run", lambda cfg: (seen.append(dict(cfg)), real_run(cfg))[1])
+    assert run_cli("study", *argv) == 0
+    out = capsys.readouterr().out
+    assert _stamp(root, ENDPOINTS[0]) == first  # not re-run
+    assert [(c["seed"], c["resume"]) for c in seen] == [(2, True)]
+    assert "resuming (interrupted at epoch 1 of 3)" in out and "resuming from" in out
+    rows = [json.loads(r) for r in (root / "endpoints/mse_seed2/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert (root / "report.html").is_file() and (root / f"{EVAL}/eval.json").is_file()
+
+
+def test_offline_vgg_group_is_skipped_with_the_remedy(copy_of, monkeypatch, capsys):
+    from aecurves import losses
+
+    def offline(weights="imagenet"):
+        raise UserError(losses.vgg_missing_message("URLError: offline in this test"))
+
+    monkeypatch.setattr(losses, "load_vgg_features", offline)
+    argv = [a for a in SMALL]
+    argv[argv.index("--losses") + 1] = "mse,vgg"
+    argv[argv.index("--vgg-weights") + 1] = "imagenet"
+    assert run_cli("study", *argv, "--out", copy_of) == 0
+    out = capsys.readouterr().out
+    assert "vgg group SKIPPED" in out and "--vgg-weights PATH" in out
+    assert not (copy_of / "endpoints/vgg_seed1").exists()
+    groups = json.loads((copy_of / "study.json").read_text())["groups"]
+    assert groups["mse"]["status"] == "run" and groups["vgg"]["status"] == "skipped"
+    rep = json.loads((copy_of / "report.json").read_text())
+    assert rep["groups"]["vgg"]["status"] == "skipped" and rep["groups"]["mse"]["pairs"][0]["available"]
+    md = (copy_of / "report.md").read_text()
+    assert "SKIPPED" in md and "offline in this test" in md and "--vgg-weights PATH" in md
+    assert "The vgg group was skipped" in md
+
+
+def test_stage_configs_are_the_subcommands_own_argparse_dicts(tmp_path):
+    parser = get_args_parser()
+    cfg = study.resolve_config({"preset": "demo", "out": str(tmp_path)})
+    t = study.train_cfg(cfg, "mse", 1, tmp_path / "e", False)
+    assert set(t) == set(vars(parser.parse_args(["train"])))
+    assert t["epochs"] == 60 and t["width"] == 16 and t["dataset"] == "lfw" and t["seed"] == 1
+    c = study.curve_cfg(cfg, tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c", True)
+    assert set(c) == set(vars(parser.parse_args(["train-curve"])))
+    assert c["fix_start"] and c["fix_end"] and c["resume"] and c["epochs"] == 60 and c["curve"] == "Bezier"
+    e = study.eval_cfg(cfg, tmp_path / "c.pt", tmp_path / "ev")
+    assert set(vars(parser.parse_args(["eval-curve"]))) <= set(e)
+    assert e["num_points"] == 61 and e["segment_too"] is True
+
+
+def test_presets_flags_and_bad_input(tmp_path):
+    cfg = study.resolve_config({"preset": None, "epochs": 7, "width": None})
+    assert cfg["preset"] == "demo" and cfg["epochs"] == 7 and cfg["width"] == 16 and cfg["seeds"] == [1, 2, 3]
+    assert cfg["losses"] == ["mse", "vgg"] and cfg["out"] == "runs/study"
+    celeba = study.resolve_config({"preset": "celeba", "data_dir": str(tmp_path)})
+    assert (celeba["image_size"], celeba["latent_dim"], celeba["batch_size"], celeba["epochs"], celeba["lr"]) == \
+        (64, 128, 64, 30, 1e-4)
+    with pytest.raises(UserError, match="--data-dir"):
+        study.resolve_config({"preset": "celeba"})
+    with pytest.raises(UserError, match="two distinct seeds"):
+        study.resolve_config({"seeds": "1"})
+    with pytest.raises(UserError, match="--losses"):
+        study.resolve_config({"losses": "mse,l1"})
+    stages = study.plan(study.resolve_config({"losses": "mse", "seeds": "1,2,3"}), 10, 2)
+    assert [s.name for s in stages][:4] == ["endpoint:mse:1", "endpoint:mse:2", "endpoint:mse:3", "curve:mse:1-2"]
+    assert len(stages) == 3 + 3 + 3 + 1
+    assert study.select_forced(["curves"], stages) == {"curve:mse:1-2", "curve:mse:1-3", "curve:mse:2-3"}
+    assert study.select_forced(["eval:mse:1-3", "report"], stages) == {"eval:mse:1-3", "report"}
+    assert len(study.select_forced(["mse"], stages)) == 9
+    with pytest.raises(UserError, match="matches no stage"):
+        study.select_forced(["curve:vgg:1-2"], stages)
+
+
+def test_cli_reports_a_missing_celeba_folder(capsys):
+    assert run_cli("study", "--preset", "celeba") == 2
+    assert "--data-dir" in capsys.readouterr().err
+
+
+def test_outputs_of_the_same_command_run_by_hand_are_adopted(tmp_path, capsys):
+    """E.g. endpoints trained under torchrun into the study folder: same settings, so the study adopts them."""
+    root = tmp_path / "s"
+    by_hand = ["--dataset", "synthetic", "--image-size", 32, "--limit", 256, "--width", 8, "--latent-dim", 16,
+               "--batch-size", 32, "--lr", 3e-3, "--epochs", 3, "--loss", "mse", "--seed", 1, "--precision", "fp32",
+               "--device", "cpu", "--save-every-epoch", 5, "--no-progress"]
+    assert run_cli("train", *by_hand, "--out", root / "endpoints/mse_seed1") == 0
+    before = _stamp(root, ENDPOINTS[0])
+    assert run_cli("study", *SMALL, "--out", root) == 0
+    out = capsys.readouterr().out
+    assert "train mse seed 1: finished already, skipped (adopted existing outputs)" in out
+    assert _stamp(root, ENDPOINTS[0]) == before
+    assert json.loads((root / "endpoints/mse_seed1/study_stage.json").read_text())["adopted"] is True
