@@ -91,6 +91,7 @@ def distributed(device_name: str = "auto"):
     info, device = setup_distributed(device_name)
     try:
         yield info, device
+        barrier()  # tear down together: a rank leaving while rank 0 still writes files can abort in gloo
     finally:
         cleanup_distributed()
 
