@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from aecurves import runtime
 from aecurves.checkpoint import append_jsonl, arch_mismatch, load_checkpoint, save_checkpoint
-from aecurves.curves import Curve, CurvePoint, make_coefficients
+from aecurves.curves import Curve, CurvePoint, batchnorms, make_coefficients
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.losses import make_loss
@@ -209,8 +209,7 @@ def export_point(cfg: dict) -> dict:
     device = runtime.resolve_device(cfg["device"])
     curve.to(device)
     used = 0
-    if cfg.get("bn_images", 0) and any(True for _ in curve.base.modules() if isinstance(
-            _, torch.nn.modules.batchnorm._BatchNorm)):
+    if cfg.get("bn_images", 0) and batchnorms(curve.base):
         data = load_data(args["dataset"], args.get("data_dir"), args["image_size"], args.get("limit"),
                          args["val_fraction"], args.get("use_test", False), cfg.get("cache_dir"),
                          progress=not cfg.get("no_progress"))
