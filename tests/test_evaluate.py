@@ -9,13 +9,14 @@ import torch
 from PIL import Image
 
 from aecurves import evaluate, plots
+from aecurves.config import SUBSET_SEED
 from aecurves.checkpoint import load_checkpoint, save_checkpoint
 from aecurves.curves import Curve
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.losses import MSELoss
 from aecurves.models import ConvAutoencoder, build_model
-from aecurves.train import evaluate as train_evaluate
+from aecurves.metrics import evaluate as measure
 
 ARCH = {"channels": 3, "image_size": 32, "latent_dim": 16, "width": 8}
 DATA_ARGS = {"dataset": "synthetic", "data_dir": None, "image_size": 32, "limit": 256, "val_fraction": 0.1,
@@ -109,7 +110,7 @@ def curve_run(setup):
 
 def _own_metrics(model, data):
     loader = BatchLoader(data.test, 64, "cpu")
-    return train_evaluate(model, MSELoss(), loader, torch.device("cpu"))
+    return measure(model, loader, MSELoss())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def test_t0_and_t1_reproduce_endpoints_exactly_with_their_own_buffers(setup):
         own = _own_metrics(model, data)
         for m in ("loss", "mse", "psnr"):
             assert got[f"te_{m}"][0] == pytest.approx(own[m], rel=1e-6), (t, m)
-        own_train = train_evaluate(model, MSELoss(), train_loader, torch.device("cpu"))
+        own_train = measure(model, train_loader, MSELoss())
         assert got["tr_loss"][0] == pytest.approx(own_train["loss"], rel=1e-6)
     # and it is the buffers that matter: the other endpoint's statistics give a different loss
     segment.use_endpoint_buffers(1)
@@ -236,7 +237,7 @@ def test_reconstruction_grid_holds_the_held_out_images(setup, curve_run):
     # columns are in t order, whether taken during the evaluation (t = 0.25: one of the 5 points) or after it
     # (t = 0.375), each with BN statistics from the same fixed subset
     data = setup["data"]
-    perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(evaluate.SUBSET_SEED))
+    perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(SUBSET_SEED))
     bn_loader = BatchLoader(data.train[perm[:64].sort().values], 64, "cpu")
     curve, _ = evaluate.load_curve(setup["curve"])
     fixed = originals.float().div(255)
@@ -246,6 +247,23 @@ def test_reconstruction_grid_holds_the_held_out_images(setup, curve_run):
             top, left = geo["header"] + geo["padding"] + i * step, geo["padding"] + column * step
             cell = pixels[top: top + geo["cell"], left: left + geo["cell"]][:: geo["scale"], :: geo["scale"]]
             assert np.abs(cell.transpose(2, 0, 1).astype(int) - expected[i].astype(int)).max() <= 1, (column, i)
+
+
+def test_default_protocol_against_full(setup, tmp_path):
+    """On a training set smaller than the default subsets, the default protocol IS --full, number for number;
+    a smaller subset is really used (it changes the figures, a little)."""
+    common = {**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 0, "segment_too": False}
+    defaults = {k: evaluate.DEFAULTS[k] for k in ("bn_images", "train_images", "batch_size")}
+    runs = {name: evaluate.run({**common, **extra, "out": str(tmp_path / name)})
+            for name, extra in (("default", defaults), ("full", {**defaults, "full": True}),
+                                ("small", {**defaults, "bn_images": 32, "train_images": 32}))}
+    series = {name: json.loads((tmp_path / name / "eval.json").read_text()) for name in runs}
+    n_train = len(setup["data"].train)
+    assert evaluate.DEFAULTS["bn_images"] > n_train and series["default"]["bn"]["images"] == n_train
+    for key in ("tr_loss", "te_loss", "tr_psnr", "te_psnr"):
+        assert series["default"]["series"][key] == series["full"]["series"][key], key
+    small, full = (np.array(series[n]["series"]["te_loss"]) for n in ("small", "full"))
+    assert not np.array_equal(small, full) and np.allclose(small, full, rtol=0.2)
 
 
 def test_perceptual_metrics_with_real_vgg_weights(setup, tmp_path):

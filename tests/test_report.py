@@ -91,6 +91,7 @@ def test_report_from_files_alone(tmp_path):
     # endpoint 3 first appears as the end of pair 1-3
     assert g["endpoints"][2]["eval"]["te_loss"] == ev["te_loss_end"]
     assert g["endpoints"][0]["training"]["test_loss"] == pytest.approx(0.010)
+    assert g["endpoints"][0]["training"]["last_epoch_gain"] == pytest.approx(0.001 / 0.011)
     assert s["worst_psnr_endpoints"] == min(e["eval"]["te_psnr"] for e in g["endpoints"])
 
     md = (root / "report.md").read_text()
@@ -159,3 +160,29 @@ def test_psnr_conclusion_follows_the_numbers():
     good = report.summary_sentences("mse", _group([0.02], [0.001], psnr_curves=17.0, psnr_ends=17.2))[-1]
     bad = report.summary_sentences("mse", _group([0.02], [0.001], psnr_curves=15.0, psnr_ends=17.2))[-1]
     assert "about as well as the endpoints" in good and "15.00 dB" in bad and "by up to 2.20 dB" in bad
+
+
+def test_report_states_the_schedules_the_protocol_and_convergence(tmp_path):
+    root = make_study(tmp_path / "study")
+    study = json.loads((root / "study.json").read_text())
+    study["config"].update(lr=3e-3, lr_schedule="paper", curve_lr=1e-3, curve_lr_schedule="constant",
+                           curve_epochs=5)
+    (root / "study.json").write_text(json.dumps(study))
+    for i, folder in enumerate(sorted((root / "curves").glob("*/eval"))):
+        record = json.loads((folder / "eval.json").read_text())
+        record.update(bn={"images": 500}, train_metric_images=500 if i else 400, data={"train_images": 500})
+        (folder / "eval.json").write_text(json.dumps(record))
+    report.write_report(root)
+    md = (root / "report.md").read_text()
+    assert "Adam at lr 0.003 with the paper schedule for 30 epochs" in md
+    assert "curves: Adam at lr 0.001 with the constant schedule for 5 epochs" in md
+    assert "lowers it linearly to 1% of it at 90%" in md
+    # one pair measured train metrics on 400 of 500 images: the report does not claim --full
+    assert "BatchNorm statistics from 500 and train metrics from 400 of the 500" in md
+    assert "last-epoch gain" in md and report.fpct(0.001 / 0.011) in md
+    for folder in (root / "curves").glob("*/eval"):
+        record = json.loads((folder / "eval.json").read_text())
+        record["train_metric_images"] = 500
+        (folder / "eval.json").write_text(json.dumps(record))
+    report.write_report(root)
+    assert "from all 500 training images at every point, which is eval-curve --full" in (root / "report.md").read_text()

@@ -280,7 +280,7 @@ def test_outputs_of_the_same_command_run_by_hand_are_adopted(tmp_path, capsys):
     root = tmp_path / "s"
     by_hand = ["--dataset", "synthetic", "--image-size", 32, "--limit", 256, "--width", 8, "--latent-dim", 16,
                "--batch-size", 32, "--lr", 3e-3, "--epochs", 3, "--loss", "mse", "--seed", 1, "--precision", "fp32",
-               "--device", "cpu", "--save-every-epoch", 5, "--no-progress"]
+               "--device", "cpu", "--save-every-epoch", 5, "--lr-schedule", "paper", "--no-progress"]
     assert run_cli("train", *by_hand, "--out", root / "endpoints/mse_seed1") == 0
     before = _stamp(root, ENDPOINTS[0])
     assert run_cli("study", *SMALL, "--out", root) == 0

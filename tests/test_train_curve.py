@@ -47,17 +47,6 @@ def test_weight_decay_term_is_reported_apart_from_the_reconstruction_loss(tiny_e
     assert row["train_loss"] < 0.2
 
 
-def test_resume_gives_the_uninterrupted_curve(tiny_endpoints, tmp_path):
-    a, b = tiny_endpoints
-    common = ["--init_start", a, "--init_end", b, *CURVE]
-    assert run_cli("train-curve", *common, "--epochs", 2, "--dir", tmp_path / "straight") == 0
-    assert run_cli("train-curve", *common, "--epochs", 1, "--dir", tmp_path / "stopped") == 0
-    assert run_cli("train-curve", *common, "--epochs", 2, "--resume", "--dir", tmp_path / "stopped") == 0
-    x, _ = load_curve(tmp_path / "straight/checkpoint.pt")
-    y, _ = load_curve(tmp_path / "stopped/checkpoint.pt")
-    assert all(torch.equal(p, q) for p, q in zip(x.bends, y.bends))
-
-
 def test_export_point_writes_an_endpoint_that_train_curve_accepts(trained_curve, tiny_endpoints, tmp_path, capsys):
     point = tmp_path / "mid.pt"
     assert run_cli("export-point", "--ckpt", trained_curve, "--t", 0.5, "--out", point, "--no-progress") == 0
@@ -113,3 +102,77 @@ def test_trained_curve_beats_the_segment(trained_curve, tmp_path):
     assert summary["segment_te_barrier"] > 0
     assert summary["te_loss_max"] < summary["segment_te_loss_max"]
     assert summary["te_barrier"] < summary["segment_te_barrier"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the lr schedule, t sampling and the midpoint monitor
+
+
+def test_default_schedule_is_the_papers_recorded_per_epoch(trained_curve):
+    rows = [json.loads(r) for r in (trained_curve.parent / "metrics.jsonl").read_text().splitlines()]
+    # 4 epochs, base lr 1e-3: alpha = 1/4, 2/4 -> 1; 3/4 -> 1 - 0.25/0.4*0.99 = 0.38125; 4/4 -> 0.01
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 0.38125e-3, 1e-5])
+    assert load_checkpoint(trained_curve, "curve")["args"]["lr_schedule"] == "paper"
+
+
+def test_monitor_predicts_eval_curve_at_the_midpoint(trained_curve, tmp_path):
+    last = json.loads((trained_curve.parent / "metrics.jsonl").read_text().splitlines()[-1])
+    assert run_cli("eval-curve", "--ckpt", trained_curve, "--num-points", 3, "--num-images", 0, "--no-segment-too",
+                   "--out", tmp_path / "eval", "--no-progress", "--vgg-weights", "random") == 0
+    record = json.loads((tmp_path / "eval/eval.json").read_text())
+    assert record["series"]["ts"][1] == 0.5
+    assert last["mid_test_loss"] == pytest.approx(record["series"]["te_loss"][1], rel=1e-5)
+    assert last["mid_test_psnr"] == pytest.approx(record["series"]["te_psnr"][1], rel=1e-5)
+
+
+def test_resume_after_an_interruption_follows_the_uninterrupted_schedule(tiny_endpoints, tmp_path, monkeypatch):
+    """Killed after epoch 1 of 3 and resumed: the same bends as a run that was never stopped (paper schedule,
+    stratified t), and the same lr in every epoch."""
+    from aecurves import train_curve
+
+    a, b = tiny_endpoints
+    common = ["--init_start", a, "--init_end", b, *CURVE, "--epochs", 3, "--t-sampling", "stratified"]
+    assert run_cli("train-curve", *common, "--dir", tmp_path / "straight") == 0
+    save = train_curve.save_checkpoint
+
+    def save_then_die(path, state):
+        save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_curve, "save_checkpoint", save_then_die)
+    assert run_cli("train-curve", *common, "--dir", tmp_path / "stopped") == 130
+    monkeypatch.setattr(train_curve, "save_checkpoint", save)
+    assert load_checkpoint(tmp_path / "stopped/checkpoint.pt", "curve")["epoch"] == 1
+    assert run_cli("train-curve", *common, "--resume", "--dir", tmp_path / "stopped") == 0
+    x, _ = load_curve(tmp_path / "straight/checkpoint.pt")
+    y, _ = load_curve(tmp_path / "stopped/checkpoint.pt")
+    assert all(torch.equal(p, q) for p, q in zip(x.bends, y.bends))
+    lrs = [[json.loads(r)["lr"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+           for d in ("straight", "stopped")]
+    assert lrs[0] == lrs[1] and lrs[0][-1] == pytest.approx(1e-5)
+
+
+def test_resume_keeps_the_checkpoints_schedule_and_refuses_a_contradicting_one(tiny_endpoints, tmp_path, capsys):
+    a, b = tiny_endpoints
+    common = ["--init_start", a, "--init_end", b, *CURVE, "--dir", tmp_path]
+    assert run_cli("train-curve", *common, "--epochs", 1, "--lr-schedule", "cosine") == 0
+    assert run_cli("train-curve", *common, "--epochs", 2, "--resume", "--lr-schedule", "paper") == 2
+    assert "lr_schedule='cosine' vs lr_schedule='paper'" in capsys.readouterr().err
+    # a checkpoint written before schedules existed was trained at a constant lr, and resumes so
+    state = load_checkpoint(tmp_path / "checkpoint.pt", "curve")
+    del state["args"]["lr_schedule"], state["args"]["t_sampling"]
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    assert run_cli("train-curve", *common, "--epochs", 2, "--resume", "--lr", 2e-3) == 0
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["lr"] == 2e-3  # constant, and the new --lr took effect on resume
+    assert load_checkpoint(tmp_path / "checkpoint.pt", "curve")["args"]["lr_schedule"] == "constant"
+
+
+def test_stratified_t_takes_one_value_from_each_slice():
+    from aecurves.train_curve import sample_ts
+
+    ts = sample_ts(50, torch.Generator().manual_seed(0), "stratified")
+    assert sorted(int(t * 50) for t in ts) == list(range(50))
+    assert ts != sorted(ts)  # in random order
+    uniform = sample_ts(50, torch.Generator().manual_seed(0), "uniform")
+    assert all(0 <= t < 1 for t in uniform) and len({int(t * 50) for t in uniform}) < 50

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from aecurves.errors import UserError
+from aecurves.config import BN_IMAGES, EVAL_BATCH_SIZE, LR_SCHEDULES as SCHEDULES, T_SAMPLING, TRAIN_IMAGES
 
 
 def _flag(group, name: str, *aliases: str, **kwargs):
@@ -56,6 +57,10 @@ def add_train_flags(p):
     _flag(g, "--batch-size", type=int, default=64, help="batch size per process (default: 64)")
     _flag(g, "--epochs", type=int, default=30, help="(default: 30)")
     _flag(g, "--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
+    _flag(g, "--lr-schedule", choices=SCHEDULES, default=None,
+          help="constant; paper: constant for the first half, then linearly down to 1%% of --lr at 90%% of "
+               "training, 1%% after (Garipov et al.); cosine: down to 0. Set before every step "
+               "(default: constant, or the checkpoint's with --resume)")
     _flag(g, "--wd", type=float, default=0.0, help="Adam weight decay (default: 0)")
     _flag(g, "--seed", type=int, default=None, help="random seed (default: 42)")
     g = p.add_argument_group("outputs")
@@ -83,7 +88,19 @@ def add_train_curve_flags(p):
     _flag(g, "--loss", choices=["mse", "vgg"], default=None, help="(default: the endpoints' loss)")
     _flag(g, "--batch-size", type=int, default=64, help="batch size per process (default: 64)")
     _flag(g, "--epochs", type=int, default=10, help="(default: 10)")
-    _flag(g, "--lr", type=float, default=1e-3, help="Adam learning rate for the bends (default: 1e-3)")
+    _flag(g, "--lr", type=float, default=1e-3, help="Adam base learning rate for the bends (default: 1e-3)")
+    _flag(g, "--lr-schedule", choices=SCHEDULES, default=None,
+          help="paper: the base lr for the first half of training, then linearly down to 1%% of it at 90%%, "
+               "1%% after (Garipov et al.'s train.py, set before every step); cosine: down to 0; constant "
+               "(default: paper, or the checkpoint's with --resume)")
+    _flag(g, "--t-sampling", choices=T_SAMPLING, default=None,
+          help="how each batch's t is drawn: stratified (each epoch takes one t from each of its N equal slices "
+               "of [0, 1], in random order, so every epoch covers the whole curve) or uniform (i.i.d. U(0, 1), as "
+               "the paper) (default: stratified, or the checkpoint's with --resume)")
+    _flag(g, "--bn-images", type=int, default=None,
+          help=f"training images for the BatchNorm statistics of the per-epoch midpoint monitor: the same fixed "
+               f"subset as eval-curve --bn-images, so the last figure equals eval-curve's at t = 0.5 "
+               f"(default: {BN_IMAGES})")
     _flag(g, "--wd", type=float, default=0.0,
           help="weight of the regulariser wd/2·‖θ(t)‖² added to the loss (default: 0)")
     _flag(g, "--seed", type=int, default=None, help="seed for t sampling and shuffling (default: 1)")
@@ -98,9 +115,10 @@ def add_export_point_flags(p):
     _flag(p, "--ckpt", required=True, help="curve checkpoint (from train-curve)")
     _flag(p, "--t", type=float, required=True, help="position on the curve, in [0, 1]")
     _flag(p, "--out", required=True, help="file to write (an ordinary autoencoder checkpoint)")
-    _flag(p, "--bn-images", type=int, default=1024,
-          help="training images used to recompute BatchNorm statistics at t; 0 keeps the curve's (default: 1024)")
-    _flag(p, "--batch-size", type=int, default=256, help="(default: 256)")
+    _flag(p, "--bn-images", type=int, default=BN_IMAGES,
+          help=f"training images used to recompute BatchNorm statistics at t; 0 keeps the curve's "
+               f"(default: {BN_IMAGES})")
+    _flag(p, "--batch-size", type=int, default=EVAL_BATCH_SIZE, help=f"(default: {EVAL_BATCH_SIZE})")
     _flag(p, "--cache-dir", default=None, help="image cache folder (default: $AECURVES_CACHE or ~/.cache/aecurves)")
     _flag(p, "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
     _flag(p, "--no-progress", action="store_true", help="no progress bars")
@@ -113,15 +131,17 @@ def add_eval_curve_flags(p):
           help="two endpoint checkpoints: evaluate the straight segment between them (nothing to train)")
     g = p.add_argument_group("evaluation")
     _flag(g, "--num-points", type=int, default=61, help="points t evenly spaced in [0, 1] (default: 61)")
-    _flag(g, "--bn-images", type=int, default=1024,
-          help="training images (a fixed subset drawn once) for the BatchNorm statistics at each t (default: 1024)")
-    _flag(g, "--train-images", type=int, default=1024,
-          help="training images (the same fixed subset) for the train metrics (default: 1024)")
+    _flag(g, "--bn-images", type=int, default=BN_IMAGES,
+          help=f"training images (a fixed subset drawn once) for the BatchNorm statistics at each t "
+               f"(default: {BN_IMAGES})")
+    _flag(g, "--train-images", type=int, default=TRAIN_IMAGES,
+          help=f"training images (the same fixed subset) for the train metrics (default: {TRAIN_IMAGES})")
     _flag(g, "--full", action="store_true", help="use all training images for both, as the paper does")
     _flag(g, "--num-images", type=int, default=4, help="held-out images in the reconstruction pictures (default: 4)")
     _flag(g, "--no-segment-too", dest="segment_too", action="store_false",
           help="for a curve, skip the comparison with the segment between its endpoints")
-    _flag(g, "--batch-size", type=int, default=256, help="(default: 256)")
+    _flag(g, "--batch-size", type=int, default=EVAL_BATCH_SIZE,
+          help=f"(default: {EVAL_BATCH_SIZE}; BN statistics are averaged per batch, so it is part of the protocol)")
     _flag(g, "--use-test", action="store_true", help="hold out the official test partition (celeba)")
     _flag(g, "--dataset", choices=["celeba", "folder", "lfw", "synthetic"], default=None,
           help="(default: the checkpoint's)")
@@ -156,6 +176,8 @@ def add_study_flags(p):
     g = p.add_argument_group("endpoints (aecurves train)")
     _flag(g, "--epochs", type=int, default=None, help="endpoint epochs (demo: 60, celeba: 30)")
     _flag(g, "--lr", type=float, default=None, help="endpoint Adam learning rate (demo: 3e-3, celeba: 1e-4)")
+    _flag(g, "--lr-schedule", choices=SCHEDULES, default=None,
+          help="endpoint lr schedule (default: paper, so the endpoints converge before a barrier is measured)")
     _flag(g, "--batch-size", type=int, default=None, help="batch size for endpoints and curves (demo: 32, celeba: 64)")
     _flag(g, "--latent-dim", type=int, default=None, help="bottleneck size (default: 128)")
     _flag(g, "--width", type=int, default=None, help="channels of the first conv stage (demo: 16, celeba: 32)")
@@ -166,11 +188,14 @@ def add_study_flags(p):
     _flag(g, "--num-bends", type=int, default=None, help="control points including both ends (default: 3)")
     _flag(g, "--curve-epochs", type=int, default=None, help="(demo: 60, celeba: 10)")
     _flag(g, "--curve-lr", type=float, default=None, help="Adam learning rate for the bends (demo: 3e-3, celeba: 1e-4)")
+    _flag(g, "--curve-lr-schedule", choices=SCHEDULES, default=None, help="lr schedule of the curves (default: paper)")
     _flag(g, "--wd", type=float, default=None, help="curve regulariser weight wd/2·‖θ(t)‖² (default: 0)")
     g = p.add_argument_group("evaluation (aecurves eval-curve: every curve and its segment)")
     _flag(g, "--num-points", type=int, default=None, help="points t per path (default: 61)")
-    _flag(g, "--bn-images", type=int, default=None, help="training images for BN statistics at each t (default: 1024)")
-    _flag(g, "--train-images", type=int, default=None, help="training images for train metrics (default: 1024)")
+    _flag(g, "--bn-images", type=int, default=None,
+          help=f"training images for BN statistics at each t and in the curves' midpoint monitor (default: {BN_IMAGES})")
+    _flag(g, "--train-images", type=int, default=None,
+          help=f"training images for train metrics (default: {TRAIN_IMAGES})")
     _add_runtime_flags(p)
 
 

@@ -1,10 +1,12 @@
 """`aecurves eval-curve`: losses along a trained curve, or along the straight segment between two endpoints.
 
 The counterpart of the paper's eval_curve.py (Garipov et al., 2018). At each of `num_points` values of t
-in [0, 1], BatchNorm statistics are recomputed at θ(t) from a fixed subset of training images (drawn once
-with a torch.Generator seeded 0, the same for every t; all training images with `full`), and then, in fp32
-and eval mode, the training-set and held-out metrics are measured: the checkpoint's reconstruction loss,
-MSE, PSNR (mean of per-image PSNR) and, when real VGG weights are available, the VGG perceptual loss.
+in [0, 1], BatchNorm statistics are recomputed at θ(t) from a fixed random subset of training images (drawn
+once, the same for every t), and then, in fp32 and eval mode, the training-set metrics are measured on a
+fixed subset stratified by the start endpoint's per-image MSE, and the held-out metrics on the whole
+held-out split (`protocol_subsets`; with `full`, or a training set no larger than the subsets, all training
+images): the checkpoint's reconstruction loss, MSE, PSNR (mean of per-image PSNR) and, when real VGG weights
+are available, the VGG perceptual loss.
 
 Per metric the summary has start, end, min, max, avg (plain mean over the points) and int, the dl-weighted
 mean Σ_i ½(m_{i-1} + m_i)·dl_i / Σ_i dl_i with dl_i = ‖θ(t_i) − θ(t_{i-1})‖ (the paper's *_int). The
@@ -39,8 +41,9 @@ from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.losses import make_loss
 from aecurves.models import ARCH_KEYS, build_model
-from aecurves.train import psnr_from_mse
-from aecurves.train_curve import endpoint_pair, fixed_subset, load_curve
+from aecurves.config import BN_IMAGES, EVAL_BATCH_SIZE, SUBSET_SEED, TRAIN_IMAGES
+from aecurves.metrics import evaluate, fixed_subset, per_image_mse, stratified_subset
+from aecurves.train_curve import endpoint_pair, load_curve
 
 # Every key run() reads, with the value used when the key is missing or None.
 DEFAULTS = {
@@ -50,10 +53,10 @@ DEFAULTS = {
     "use_test": False,      # True: hold out the official test partition (otherwise: the checkpoint's choice)
     "out": None,            # output folder (default: CKPT_FOLDER/eval, or runs/segment)
     "full": False,          # BN statistics and train metrics from ALL training images (as the paper)
-    "bn_images": 1024,      # training images for the BN statistics (fixed subset)
-    "train_images": 1024,   # training images for the train metrics (same fixed subset)
+    "bn_images": BN_IMAGES,        # training images for the BN statistics (fixed random subset)
+    "train_images": TRAIN_IMAGES,  # training images for the train metrics (fixed stratified subset)
     "num_images": 4,        # held-out images in the reconstruction grids (0: no grids)
-    "batch_size": 256,
+    "batch_size": EVAL_BATCH_SIZE,
     "device": "auto",
     "vgg_weights": "imagenet",
     "dataset": None,        # data overrides; None: the checkpoint's
@@ -63,7 +66,6 @@ DEFAULTS = {
     "segment_too": True,    # for a curve, also evaluate the segment between its endpoints
 }
 DEFAULT_SEGMENT_OUT = "runs/segment"
-SUBSET_SEED = 0
 RECON_POINTS = 9  # reconstructions at t = 0, 1/8, ..., 1
 METRICS = ("loss", "mse", "psnr", "perceptual")
 STATS = ("start", "end", "min", "max", "avg", "int")
@@ -133,33 +135,6 @@ def segment_of(curve: Curve) -> Curve:
 
 
 @torch.no_grad()
-def point_metrics(model, loader, loss_fn, perceptual_fn=None) -> dict:
-    """loss, mse, psnr (mean per-image PSNR) and optionally perceptual over `loader`, in eval mode.
-
-    The same arithmetic as train.evaluate, so an endpoint's figures are reproduced bit for bit.
-    """
-    model.eval()
-    sums = None
-    for x in loader:
-        recon = model(x)
-        per_image_mse = (recon - x).pow(2).flatten(1).mean(1)
-        n = torch.tensor(float(x.shape[0]), device=x.device)
-        loss = loss_fn(recon, x) * x.shape[0]
-        values = [loss, per_image_mse.sum(), psnr_from_mse(per_image_mse).sum(), n]
-        if perceptual_fn is not None:
-            values.append(loss if perceptual_fn is loss_fn else perceptual_fn(recon, x) * x.shape[0])
-        batch = torch.stack([v.float() for v in values])
-        sums = batch if sums is None else sums + batch
-    if sums is None:
-        raise UserError("No images to evaluate on: the data split is empty.")
-    n = sums[3].clamp_min(1)
-    out = {"loss": (sums[0] / n).item(), "mse": (sums[1] / n).item(), "psnr": (sums[2] / n).item()}
-    if perceptual_fn is not None:
-        out["perceptual"] = (sums[4] / n).item()
-    return out
-
-
-@torch.no_grad()
 def step_lengths(curve: Curve, ts) -> np.ndarray:
     """dl[i] = ‖θ(t_i) − θ(t_{i-1})‖ (dl[0] = 0), in float64 from curve.flat_at."""
     dl = np.zeros(len(ts))
@@ -186,8 +161,8 @@ def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptu
         if bn_loader is not None:
             curve.update_bn(bn_loader, t)
         point = CurvePoint(curve, t)
-        rows.append({"tr": point_metrics(point, train_loader, loss_fn, perceptual_fn),
-                     "te": point_metrics(point, test_loader, loss_fn, perceptual_fn)})
+        rows.append({"tr": evaluate(point, train_loader, loss_fn, perceptual_fn),
+                     "te": evaluate(point, test_loader, loss_fn, perceptual_fn)})
         if on_point is not None:
             on_point(t, point)
     series = {"ts": ts, "dl": step_lengths(curve, ts)}
@@ -216,6 +191,29 @@ def reconstructions_along(curve: Curve, ts, images: torch.Tensor, bn_loader=None
 
 # ----------------------------------------------------------------------------------------------------------
 # command
+
+
+def protocol_subsets(path: Curve, train: torch.Tensor, cfg: dict, device) -> tuple:
+    """(BN images, train-metric images, how they were chosen) of the evaluation protocol.
+
+    BN statistics: a fixed random subset of `bn_images`. Train metrics: `train_images` drawn one from each
+    of as many equal strata of the training images sorted by the start endpoint's per-image MSE, so the
+    subset holds easy and hard images in the whole set's shares (its mean loss then follows the whole
+    set's closely at every point of the path). A subset at least as large as the set is the set: --full.
+    """
+    n = len(train)
+    if cfg["full"] or (cfg["bn_images"] >= n and cfg["train_images"] >= n):
+        how = "all training images" + ("" if cfg["full"] else " (the subset sizes cover them: the --full protocol)")
+        return train, train, how
+    bn_images = fixed_subset(train, cfg["bn_images"], SUBSET_SEED)
+    how = f"BN: {len(bn_images)} random training images (torch.Generator seeded {SUBSET_SEED}); train metrics: "
+    if cfg["train_images"] >= n:
+        return bn_images, train, how + "all training images"
+    path.use_endpoint_buffers(0)
+    scores = per_image_mse(CurvePoint(path, 0.0), BatchLoader(train, cfg["batch_size"], device))
+    train_images = stratified_subset(train, cfg["train_images"], scores, SUBSET_SEED)
+    return bn_images, train_images, how + (f"{len(train_images)} training images, one from each of as many strata "
+                                           "of the start endpoint's per-image MSE")
 
 
 def _check_config(cfg: dict) -> None:
@@ -354,19 +352,10 @@ def run(cfg: dict) -> dict:
 
     # --- fixed image subsets, drawn once
     n_train = len(data.train)
-    if cfg["full"]:
-        bn_images = train_images = data.train
-        subset = "all training images"
-    else:
-        bn_images = fixed_subset(data.train, cfg["bn_images"], SUBSET_SEED)
-        train_images = fixed_subset(data.train, cfg["train_images"], SUBSET_SEED)
-        subset = f"a fixed random subset of the training images (torch.Generator seeded {SUBSET_SEED})"
-        for key, n in (("bn_images", cfg["bn_images"]), ("train_images", cfg["train_images"])):
-            if n > n_train:
-                notes.append(f"--{key.replace('_', '-')} {n} exceeds the {n_train} training images: all were used")
+    curve.to(device)
+    bn_images, train_images, subset = protocol_subsets(curve, data.train, cfg, device)
     bn_loader = BatchLoader(bn_images, cfg["batch_size"], device)
-    train_loader = bn_loader if len(train_images) == len(bn_images) else \
-        BatchLoader(train_images, cfg["batch_size"], device)  # same size: the same images (prefix of one perm)
+    train_loader = bn_loader if train_images is bn_images else BatchLoader(train_images, cfg["batch_size"], device)
     test_loader = BatchLoader(data.test, cfg["batch_size"], device)
     has_bn = bool(batchnorms(curve.base))
     if not has_bn:
@@ -377,10 +366,9 @@ def run(cfg: dict) -> dict:
         segment.to(device)
     ts = np.linspace(0.0, 1.0, cfg["num_points"])
     print(f"data: {data.source}")
-    print(f"evaluating the {subject['label']} at {len(ts)} points on {device}: BN statistics "
-          + (f"recomputed at each t from {len(bn_images)} training images ({subset})" if has_bn else "not used")
-          + f"; train metrics on {len(train_images)} images, test metrics on {len(data.test)} held-out images; "
-          f"loss: {loss_fn.description}")
+    print(f"evaluating the {subject['label']} at {len(ts)} points on {device}: "
+          + (f"BN statistics recomputed at each t; " if has_bn else "no BN statistics; ")
+          + f"{subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
     for note in notes:
         print(f"note: {note}")
 

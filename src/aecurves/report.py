@@ -70,12 +70,26 @@ def read_report_json(study_dir) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _last_jsonl(path: Path) -> dict | None:
+# Measured by benchmarks/eval_protocol.py (the README gives the command and the table).
+PROTOCOL_DEVIATION = ("On the real CelebA sample this protocol deviated from --full by at most "
+                      "PROTOCOL_FIGURE; see the README's evaluation-protocol section.")
+
+
+def _jsonl(path: Path) -> list[dict]:
     try:
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-        return json.loads(lines[-1]) if lines else None
+        return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
     except (OSError, ValueError):
+        return []
+
+
+def _gain(rows: list[dict]) -> float | None:
+    """Relative fall of the held-out loss over the last epoch: near 0 when the endpoint has converged."""
+    if len(rows) < 2:
         return None
+    before, after = rows[-2].get("test_loss"), rows[-1].get("test_loss")
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)) or not before > 0:
+        return None
+    return (before - after) / before
 
 
 def _study(study_dir: Path) -> dict:
@@ -142,6 +156,9 @@ def collect(study_dir) -> dict:
                 p.update(available=True, notes=record.get("notes", []), num_points=record.get("num_points"),
                          loss_description=record.get("loss_description"), perceptual=record.get("perceptual"),
                          path=record.get("path", {}),
+                         protocol={"bn_images": (record.get("bn") or {}).get("images"),
+                                   "train_images": record.get("train_metric_images"),
+                                   "n_train": (record.get("data") or {}).get("train_images")},
                          curve={k: s.get(k) for k in PATH_KEYS}, segment={k: s.get("segment_" + k) for k in PATH_KEYS})
                 seg, cur = p["segment"]["te_barrier"], p["curve"]["te_barrier"]
                 p["barrier_removed"] = (seg - cur) / seg if seg is not None and cur is not None and seg > 0 else None
@@ -154,11 +171,13 @@ def collect(study_dir) -> dict:
         for seed, folder in group["endpoints"].items():
             seed = int(seed)
             e = {"seed": seed, "folder": folder}
-            last = _last_jsonl(study_dir / folder / "metrics.jsonl")
-            if last:
+            rows = _jsonl(study_dir / folder / "metrics.jsonl")
+            if rows:
+                last = rows[-1]
                 e["training"] = {"epoch": last.get("epoch"), "train_loss": last.get("train_loss"),
                                  "test_loss": last.get("test_loss"), "test_mse": last.get("test_mse"),
-                                 "test_psnr": last.get("test_psnr")}
+                                 "test_psnr": last.get("test_psnr"), "lr": last.get("lr"),
+                                 "last_epoch_gain": _gain(rows)}
             found = evals.get((seed, "start")) or evals.get((seed, "end"))
             if found:
                 s, which, where = found
@@ -399,8 +418,9 @@ def _config_rows(cfg: dict) -> list[list[str]]:
     keys = [("preset", "preset"), ("dataset", "dataset"), ("data_dir", "data folder"), ("image_size", "image size"),
             ("limit", "image limit"), ("losses", "losses"), ("seeds", "seeds"), ("latent_dim", "bottleneck"),
             ("width", "width"), ("epochs", "endpoint epochs"), ("lr", "endpoint lr (Adam)"),
-            ("batch_size", "batch size"), ("curve", "curve"), ("num_bends", "bends (ends fixed)"),
-            ("curve_epochs", "curve epochs"), ("curve_lr", "curve lr (Adam)"), ("wd", "curve wd"),
+            ("lr_schedule", "endpoint lr schedule"), ("batch_size", "batch size"), ("curve", "curve"),
+            ("num_bends", "bends (ends fixed)"), ("curve_epochs", "curve epochs"), ("curve_lr", "curve lr (Adam)"),
+            ("curve_lr_schedule", "curve lr schedule"), ("wd", "curve wd"),
             ("num_points", "points per path"), ("bn_images", "BN images per point"),
             ("train_images", "train-metric images"), ("vgg_weights", "VGG weights"), ("device", "device"),
             ("precision", "training precision")]
@@ -411,6 +431,27 @@ def _config_rows(cfg: dict) -> list[list[str]]:
         v = cfg[k]
         rows.append([label, ", ".join(map(str, v)) if isinstance(v, list) else str(v)])
     return rows
+
+
+def training_and_protocol(cfg: dict, data: dict) -> str:
+    """What schedule trained the networks, and how far the evaluation protocol can be from --full."""
+    text = (f"Endpoints: Adam at lr {cfg.get('lr')} with the {cfg.get('lr_schedule', 'constant')} schedule for "
+            f"{cfg.get('epochs')} epochs; curves: Adam at lr {cfg.get('curve_lr')} with the "
+            f"{cfg.get('curve_lr_schedule', 'constant')} schedule for {cfg.get('curve_epochs')} epochs. ")
+    if "paper" in (cfg.get("lr_schedule"), cfg.get("curve_lr_schedule")):
+        text += ("The paper's schedule (Garipov et al., 2018) keeps the lr for the first half of training, lowers it "
+                 "linearly to 1% of it at 90%, and keeps 1% to the end. ")
+    protocols = [p["protocol"] for g in data["groups"].values() for p in g.get("pairs", [])
+                 if p.get("available") and p.get("protocol") and all(p["protocol"].values())]
+    if protocols:
+        bn, tr, n = (min(p[k] for p in protocols) for k in ("bn_images", "train_images", "n_train"))
+        if all(p["bn_images"] >= p["n_train"] and p["train_images"] >= p["n_train"] for p in protocols):
+            text += (f"Evaluation protocol: BatchNorm statistics and train metrics from all {n} training images at "
+                     "every point, which is eval-curve --full.")
+        else:
+            text += (f"Evaluation protocol: BatchNorm statistics from {bn} and train metrics from {tr} of the {n} "
+                     f"training images (a fixed subset) at every point. {PROTOCOL_DEVIATION}")
+    return text
 
 
 def _summary_table(data: dict) -> tuple[list[str], list[list[str]]]:
@@ -450,6 +491,7 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
     doc.p("Barrier: max over t of L(t) − ((1 − t)·L(0) + t·L(1)), the rise of the held-out loss above the chord "
           "between the two ends of a path; barrier removed: 1 − curve barrier / segment barrier. Losses, MSE and "
           "PSNR are measured by eval-curve in fp32 after recomputing the BatchNorm statistics at each t.", "muted")
+    doc.p(training_and_protocol(cfg, data), "muted")
 
     for loss, g in data["groups"].items():
         name = LOSS_NAMES.get(loss, loss)
@@ -468,12 +510,15 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
             rows.append([f"{loss} seed {e['seed']}", fnum(ev.get("tr_loss")), fnum(ev.get("te_loss")),
                          fnum(ev.get("tr_mse")), fnum(ev.get("te_mse")), fdb(ev.get("tr_psnr")),
                          fdb(ev.get("te_psnr")), str(tr.get("epoch", "n/a")), fnum(tr.get("test_loss")),
-                         fdb(tr.get("test_psnr"))])
+                         fdb(tr.get("test_psnr")), fpct(tr.get("last_epoch_gain"))])
         doc.table(["autoencoder", "train loss", "test loss", "train MSE", "test MSE", "train PSNR (dB)",
-                   "test PSNR (dB)", "epochs", "test loss (training log)", "test PSNR (training log)"], rows)
+                   "test PSNR (dB)", "epochs", "test loss (training log)", "test PSNR (training log)",
+                   "last-epoch gain"], rows)
         doc.p("The first six columns come from eval-curve at t=0 / t=1 of the first path through each endpoint "
-              "(BatchNorm statistics recomputed like at every other point); the last three from the final row of the "
-              "endpoint's metrics.jsonl (its own running statistics).", "muted")
+              "(BatchNorm statistics recomputed like at every other point); the last four from the endpoint's "
+              "metrics.jsonl (its own running statistics). Last-epoch gain: how much the held-out loss fell in the "
+              "final epoch; a barrier is only meaningful between endpoints that have converged (a gain near 0).",
+              "muted")
         for e in g["endpoints"]:
             rel = _copy(study_dir, f"{e['folder']}/reconstructions.png", f"{loss}_seed{e['seed']}_reconstructions.png")
             if rel:

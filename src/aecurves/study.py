@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aecurves.checkpoint import write_json
+from aecurves.config import BN_IMAGES, TRAIN_IMAGES
 from aecurves.errors import UserError
 
 FORMAT_VERSION = 1
@@ -59,9 +60,10 @@ COMMON = {
     "out": "runs/study", "losses": "mse,vgg", "seeds": "1,2,3",
     "dataset": None, "data_dir": None, "image_size": None, "limit": None, "val_fraction": 0.1, "use_test": False,
     "cache_dir": None,
-    "epochs": None, "lr": None, "batch_size": None, "latent_dim": 128, "width": 32, "save_every_epoch": 5,
-    "curve": "Bezier", "num_bends": 3, "curve_epochs": None, "curve_lr": None, "wd": 0.0,
-    "num_points": 61, "bn_images": 1024, "train_images": 1024,
+    "epochs": None, "lr": None, "lr_schedule": "paper", "batch_size": None, "latent_dim": 128, "width": 32,
+    "save_every_epoch": 5,
+    "curve": "Bezier", "num_bends": 3, "curve_epochs": None, "curve_lr": None, "curve_lr_schedule": "paper",
+    "wd": 0.0, "num_points": 61, "bn_images": BN_IMAGES, "train_images": TRAIN_IMAGES,
     "device": "auto", "precision": "auto", "vgg_weights": "imagenet",
 }
 PRESETS = {
@@ -82,9 +84,9 @@ CONFIG_KEYS = tuple(COMMON)
 
 # Settings that define each stage's result, read back from its outputs to judge whether they still fit.
 ENDPOINT_SETTINGS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "loss", "seed",
-                     "latent_dim", "width", "batch_size", "epochs", "lr", "wd")
-CURVE_SETTINGS = ("curve", "num_bends", "fix_start", "fix_end", "init_linear_off", "epochs", "lr", "wd",
-                  "batch_size", "seed")
+                     "latent_dim", "width", "batch_size", "epochs", "lr", "lr_schedule", "wd")
+CURVE_SETTINGS = ("curve", "num_bends", "fix_start", "fix_end", "init_linear_off", "epochs", "lr", "lr_schedule",
+                  "wd", "batch_size", "seed")
 EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images", "batch_size", "segment_too",
                  "use_test")
 VGG_COST = 8.0  # first guess of a vgg stage's cost relative to the same mse stage (the estimate then measures it)
@@ -182,7 +184,8 @@ def train_cfg(cfg: dict, loss: str, seed: int, out: Path, resume: bool) -> dict:
     argv = ["--dataset", cfg["dataset"], "--image-size", cfg["image_size"], "--val-fraction", cfg["val_fraction"],
             "--loss", loss, "--seed", seed, "--latent-dim", cfg["latent_dim"], "--width", cfg["width"],
             "--batch-size", cfg["batch_size"], "--epochs", cfg["epochs"], "--lr", cfg["lr"],
-            "--save-every-epoch", cfg["save_every_epoch"], "--out", out, *_runtime_argv(cfg)]
+            "--lr-schedule", cfg["lr_schedule"], "--save-every-epoch", cfg["save_every_epoch"], "--out", out,
+            *_runtime_argv(cfg)]
     argv += ["--data-dir", cfg["data_dir"]] if cfg["data_dir"] else []
     argv += ["--limit", cfg["limit"]] if cfg["limit"] else []
     argv += ["--use-test"] if cfg["use_test"] else []
@@ -194,7 +197,8 @@ def train_cfg(cfg: dict, loss: str, seed: int, out: Path, resume: bool) -> dict:
 def curve_cfg(cfg: dict, start: Path, end: Path, out: Path, resume: bool) -> dict:
     """The dict `aecurves train-curve ...` builds for one pair (data and loss: the endpoints')."""
     argv = ["--init-start", start, "--init-end", end, "--curve", cfg["curve"], "--num-bends", cfg["num_bends"],
-            "--fix-start", "--fix-end", "--epochs", cfg["curve_epochs"], "--lr", cfg["curve_lr"], "--wd", cfg["wd"],
+            "--fix-start", "--fix-end", "--epochs", cfg["curve_epochs"], "--lr", cfg["curve_lr"],
+            "--lr-schedule", cfg["curve_lr_schedule"], "--bn-images", cfg["bn_images"], "--wd", cfg["wd"],
             "--batch-size", cfg["batch_size"], "--out", out, *_runtime_argv(cfg)]
     argv += ["--cache-dir", cfg["cache_dir"]] if cfg["cache_dir"] else []
     argv += ["--resume"] if resume else []

@@ -20,30 +20,36 @@ from aecurves.checkpoint import append_jsonl, atomic_path, check_same_arch, load
 from aecurves.data import DEFAULT_IMAGE_SIZE, BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.losses import make_loss
+from aecurves.metrics import evaluate
 from aecurves.models import ARCH_KEYS, build_model, num_parameters
+from aecurves.schedules import lr_at, set_lr
 
 # Flags that are None when not given: they default to these, or to the checkpoint's values on resume.
 DEFAULTS = {"dataset": "lfw", "data_dir": None, "image_size": None, "limit": None, "val_fraction": 0.1,
-            "use_test": False, "loss": "mse", "seed": 42, "latent_dim": 128, "width": 32}
-COLUMNS = ["epoch", "train_loss", "test_loss", "test_mse", "test_psnr", "seconds", "images/s"]
+            "use_test": False, "loss": "mse", "seed": 42, "latent_dim": 128, "width": 32,
+            "lr_schedule": "constant"}
+COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_mse", "test_psnr", "seconds", "images/s"]
 
 
 class NonFiniteLoss(UserError):
     pass
 
 
-def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+def train_one_epoch(model, loss_fn, optimizer, loader, device, precision, epoch, progress=True, lr_for_step=None):
+    """Returns (mean training loss, images seen by this process, lr of the last step).
 
-
-def train_one_epoch(model, loss_fn, optimizer, loader, device, precision, epoch, progress=True):
-    """Returns (mean training loss, images seen by this process)."""
+    `lr_for_step(step)`, when given, sets the optimizer's lr before every step (the lr schedule).
+    """
     model.train()
     loader.set_epoch(epoch)
     total = torch.zeros((), device=device)
     seen = 0
+    lr = optimizer.param_groups[0]["lr"]
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, file=sys.stderr)
     for step, x in enumerate(bar):
+        if lr_for_step is not None:
+            lr = lr_for_step(step)
+            set_lr(optimizer, lr)
         with runtime.autocast(device, precision):
             loss = loss_fn(model(x), x)
         optimizer.zero_grad(set_to_none=True)
@@ -58,7 +64,7 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, precision, epoch,
     stats = runtime.all_reduce_sum(torch.stack([total, torch.tensor(float(seen), device=device)]))
     mean = (stats[0] / stats[1]).item()
     check_finite(mean, f"epoch {epoch}")
-    return mean, seen
+    return mean, seen, lr
 
 
 def check_finite(value: float, where: str) -> None:
@@ -66,21 +72,6 @@ def check_finite(value: float, where: str) -> None:
         raise NonFiniteLoss(f"The training loss became {value} at {where}; training stopped and the last good "
                             "checkpoint was left as it was. Lower --lr, or use --precision fp32, then resume with "
                             "--resume (it restarts from the last good checkpoint).")
-
-
-@torch.no_grad()
-def evaluate(model, loss_fn, loader, device) -> dict:
-    """Loss, MSE and PSNR (mean over images of the per-image PSNR), always in fp32."""
-    model.eval()
-    sums = torch.zeros(4, device=device)  # loss*n, mse*n, psnr sum, n
-    for x in loader:
-        recon = model(x)
-        per_image_mse = (recon - x).pow(2).flatten(1).mean(1)
-        sums += torch.stack([loss_fn(recon, x) * x.shape[0], per_image_mse.sum(),
-                             psnr_from_mse(per_image_mse).sum(), torch.tensor(float(x.shape[0]), device=device)])
-    sums = runtime.all_reduce_sum(sums)
-    n = sums[3].clamp_min(1)
-    return {"loss": (sums[0] / n).item(), "mse": (sums[1] / n).item(), "psnr": (sums[2] / n).item()}
 
 
 def save_reconstructions(model, images: torch.Tensor, path) -> None:
@@ -102,9 +93,9 @@ def table_row(values: list, columns: list[str], floatfmt: list[str], header: boo
 
 
 def format_row(row: dict, header: bool) -> str:
-    values = [row["epoch"], row["train_loss"], row["test_loss"], row["test_mse"], row["test_psnr"],
+    values = [row["epoch"], row["lr"], row["train_loss"], row["test_loss"], row["test_mse"], row["test_psnr"],
               row["epoch_seconds"], row["images_per_s"]]
-    return table_row(values, COLUMNS, ["d", "9.5f", "9.5f", "9.5f", "7.2f", "8.1f", "8.0f"], header)
+    return table_row(values, COLUMNS, ["d", "9.2e", "9.5f", "9.5f", "9.5f", "7.2f", "8.1f", "8.0f"], header)
 
 
 def load_data_once(info: runtime.Dist, progress: bool, **kwargs):
@@ -141,8 +132,8 @@ def resolve_config(cfg: dict, saved: dict | None, ckpt_path) -> None:
     if cfg.get("data_dir"):
         cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
     if saved is not None:
-        differ = [f"{k}={saved.get(k)!r} vs {k}={cfg[k]!r}" for k in DEFAULTS
-                  if cfg.get(k) not in (None, False) and cfg[k] != saved.get(k)]
+        differ = [f"{k}={saved.get(k, DEFAULTS[k])!r} vs {k}={cfg[k]!r}" for k in DEFAULTS
+                  if cfg.get(k) not in (None, False) and cfg[k] != saved.get(k, DEFAULTS[k])]
         if differ:
             raise UserError(f"The checkpoint {ckpt_path} does not match this run: " + "; ".join(differ)
                             + " (checkpoint vs requested). Drop those flags to resume with the checkpoint's "
@@ -190,7 +181,7 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
 
     log(f"data: {data.source}" + (f" ({len(data.skipped)} unreadable files skipped)" if data.skipped else ""))
     log(f"model: ConvAutoencoder {', '.join(f'{k}={cfg[k]}' for k in ARCH_KEYS)}: {num_parameters(model):,} parameters")
-    log(f"loss: {loss_fn.description}; device {device}, precision {precision}, world size {info.world_size}, "
+    log(f"loss: {loss_fn.description}; lr {cfg['lr']:g} ({cfg['lr_schedule']} schedule); device {device}, precision {precision}, world size {info.world_size}, "
         f"batch {cfg['batch_size']} per process")
     if resumed:
         log(f"resuming from {start[1]} at epoch {start_epoch}")
@@ -210,10 +201,12 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
     perceptual = getattr(loss_fn, "perceptual", None)
     for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
-        train_loss, seen = train_one_epoch(net, loss_fn, optimizer, train_loader, device, precision, epoch, progress)
+        train_loss, seen, lr = train_one_epoch(
+            net, loss_fn, optimizer, train_loader, device, precision, epoch, progress,
+            lambda step: lr_at(cfg["lr_schedule"], cfg["lr"], epoch, step, len(train_loader), cfg["epochs"]))
         train_seconds = time.perf_counter() - t0
-        test = evaluate(model, loss_fn, test_loader, device)
-        row = {"epoch": epoch, "train_loss": train_loss, "test_loss": test["loss"], "test_mse": test["mse"],
+        test = evaluate(model, test_loader, loss_fn)
+        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "test_loss": test["loss"], "test_mse": test["mse"],
                "test_psnr": test["psnr"], "epoch_seconds": time.perf_counter() - t0,
                "images_per_s": seen * info.world_size / train_seconds, "precision": precision}
         if cfg["loss"] == "vgg":

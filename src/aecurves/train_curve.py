@@ -1,9 +1,15 @@
 """Curve training: a low-loss curve between two trained autoencoders (the paper's train.py).
 
-Each batch draws a fresh t ~ U(0, 1) and minimises
+Each batch draws a fresh t in [0, 1] and minimises
     loss(t) = reconstruction loss at θ(t) + wd/2 · ‖θ(t)‖²
-over the free bends. The reconstruction term alone is reported as `train_loss`, so it compares with
+over the free bends, with Adam at the lr of `--lr-schedule` (default: the paper's, set before every step).
+t is stratified by default: each epoch's S batches take one t from each of the S equal slices of [0, 1], in
+random order, so every epoch covers the whole curve (the paper draws t i.i.d. uniform: `uniform`). The reconstruction term alone is reported as `train_loss`, so it compares with
 the endpoints' figures; the regulariser is reported as `train_l2_term`.
+
+After every epoch the midpoint θ(0.5) is measured exactly as eval-curve measures it (BatchNorm statistics
+from the same fixed subset of training images, held-out metrics in fp32), so the last epoch's figure is
+eval-curve's value at t = 0.5.
 """
 
 import sys
@@ -21,11 +27,16 @@ from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.losses import make_loss
 from aecurves.models import ARCH_KEYS, build_model
-from aecurves.train import check_finite, evaluate, load_data_once, reset_metrics_file, table_row
+from aecurves.config import BN_IMAGES, EVAL_BATCH_SIZE, T_SAMPLING
+from aecurves.metrics import evaluate, fixed_subset
+from aecurves.schedules import lr_at, set_lr
+from aecurves.train import check_finite, load_data_once, reset_metrics_file, table_row
 
 DATA_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction")
-BN_BATCHES_PER_EPOCH = 8  # midpoint monitor: BN statistics from this many training batches
-COLUMNS = ["epoch", "train_loss", "l2_term", "mid_test_loss", "mid_test_mse", "seconds", "images/s"]
+COLUMNS = ["epoch", "lr", "train_loss", "l2_term", "mid_test_loss", "mid_test_mse", "seconds", "images/s"]
+# Settings a checkpoint written before they existed was trained with, and this release's defaults.
+LEGACY = {"lr_schedule": "constant", "t_sampling": "uniform"}
+DEFAULTS = {"lr_schedule": "paper", "t_sampling": "stratified", "bn_images": BN_IMAGES}
 
 
 def endpoint_pair(start_path, end_path, flags: str = "--init_start/--init_end") -> tuple[dict, dict]:
@@ -65,6 +76,75 @@ def resolve_config(cfg: dict, a: dict) -> None:
     cfg["curve"] = make_coefficients(cfg["curve"], cfg["num_bends"]).name
 
 
+def resolve_training_settings(cfg: dict, saved: dict | None, ckpt_path) -> None:
+    """lr schedule, t sampling and monitor subset: the flag, else the checkpoint's, else this release's default.
+
+    A checkpoint from before a setting existed was trained with its LEGACY value (a constant lr, uniform t),
+    so resuming it keeps that. A flag that contradicts the checkpoint is refused: the run would mix two
+    trainings under one record.
+    """
+    differ = []
+    for k, default in DEFAULTS.items():
+        before = saved.get(k, LEGACY.get(k, default)) if saved is not None else None
+        if cfg.get(k) is None:
+            cfg[k] = before if before is not None else default
+        elif before is not None and cfg[k] != before:
+            differ.append(f"{k}={before!r} vs {k}={cfg[k]!r}")
+    if differ:
+        raise UserError(f"The curve checkpoint {ckpt_path} does not match this run: {'; '.join(differ)} (checkpoint "
+                        "vs requested). Drop those flags to resume with the checkpoint's settings, or start a new "
+                        "run in another --out folder.")
+    if cfg["t_sampling"] not in T_SAMPLING:
+        raise UserError(f"Unknown --t-sampling {cfg['t_sampling']!r}; choose one of: {', '.join(T_SAMPLING)}.")
+    if not isinstance(cfg["bn_images"], int) or cfg["bn_images"] < 1:
+        raise UserError(f"--bn-images must be an integer of at least 1, got {cfg['bn_images']!r}.")
+
+
+def sample_ts(n: int, generator: torch.Generator, method: str) -> list[float]:
+    """The t of each of an epoch's n steps: i.i.d. U(0, 1), or one from each slice [i/n, (i+1)/n) in random order."""
+    if method == "stratified":
+        return ((torch.randperm(n, generator=generator) + torch.rand(n, generator=generator)) / n).tolist()
+    return torch.rand(n, generator=generator).tolist()
+
+
+def train_curve_one_epoch(net, curve, loss_fn, optimizer, loader, device, precision, epoch, ts, lr_for_step, wd,
+                          progress=True):
+    """One pass over `loader`, step i at t = ts[i]. Returns (reconstruction loss, l2 term, images, last lr)."""
+    curve.train()
+    loader.set_epoch(epoch)
+    sums = torch.zeros(3, device=device)  # reconstruction*n, l2 term*n, n
+    lr = optimizer.param_groups[0]["lr"]
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, file=sys.stderr)
+    for step, x in enumerate(bar):
+        t = ts[step]
+        lr = lr_for_step(step)
+        set_lr(optimizer, lr)
+        with runtime.autocast(device, precision):
+            recon = net(x, t)
+            rec_loss = loss_fn(recon, x)
+        l2_term = wd / 2 * curve.l2(t) if wd else torch.zeros((), device=device)
+        loss = rec_loss + l2_term
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = x.shape[0]
+        sums += torch.stack([rec_loss.detach() * n, l2_term.detach() * n, torch.tensor(float(n), device=device)])
+        if step % 10 == 0:
+            value = loss.item()
+            check_finite(value, f"epoch {epoch}, step {step} (t={t:.3f})")
+            bar.set_postfix(loss=f"{value:.4f}", t=f"{t:.2f}", lr=f"{lr:.1e}")
+    sums = runtime.all_reduce_sum(sums)
+    train_loss, l2_mean = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+    check_finite(train_loss + l2_mean, f"epoch {epoch}")
+    return train_loss, l2_mean, sums[2].item(), lr
+
+
+def midpoint_monitor(curve, bn_loader, test_loader, loss_fn) -> dict:
+    """θ(0.5) measured as eval-curve measures it: BN statistics from its fixed subset, held-out metrics."""
+    curve.update_bn(bn_loader, 0.5)
+    return evaluate(CurvePoint(curve, 0.5), test_loader, loss_fn)
+
+
 def run(cfg: dict) -> dict:
     with runtime.distributed(cfg["device"]) as (info, device):
         return _run(cfg, info, device)
@@ -85,6 +165,7 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
     elif ckpt_path.exists():
         raise UserError(f"{out} already holds a curve run (checkpoint.pt). Pass --resume to continue it, "
                         "or choose another --dir/--out folder; nothing was overwritten.")
+    resolve_training_settings(cfg, resumed["args"] if resumed else None, ckpt_path)
     if not cfg.get("init_start") or not cfg.get("init_end"):
         raise UserError("train-curve needs both endpoints: --init_start CKPT1 --init_end CKPT2 "
                         "(checkpoints written by `aecurves train`).")
@@ -126,13 +207,19 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
     log(f"curve: {cfg['curve']} with {cfg['num_bends']} bends between {cfg['init_start']} and {cfg['init_end']}; "
         f"start {'fixed' if cfg['fix_start'] else 'free'}, end {'fixed' if cfg['fix_end'] else 'free'}, "
         f"{curve.num_trainable():,} trainable parameters")
-    log(f"loss: {loss_fn.description} + wd/2·‖θ(t)‖² with wd={cfg['wd']}; device {device}, precision {precision}")
+    log(f"loss: {loss_fn.description} + wd/2·‖θ(t)‖² with wd={cfg['wd']}; Adam lr {cfg['lr']:g} "
+        f"({cfg['lr_schedule']} schedule), t {cfg['t_sampling']}; device {device}, precision {precision}")
+    log(f"monitor: θ(0.5) on the held-out images after BN statistics from {min(cfg['bn_images'], len(data.train))} "
+        "training images (eval-curve's protocol)")
     if resumed:
         log(f"resuming from {ckpt_path} at epoch {start_epoch}")
 
     train_loader = BatchLoader(data.train, cfg["batch_size"], device, shuffle=True, seed=cfg["seed"],
                                rank=info.rank, world_size=info.world_size)
-    test_loader = BatchLoader(data.test, cfg["batch_size"], device, rank=info.rank, world_size=info.world_size)
+    # The monitor uses eval-curve's protocol: the same fixed BN subset and batch size (BN statistics are
+    # averaged per batch), so its last figure is eval-curve's at t = 0.5.
+    bn_loader = BatchLoader(fixed_subset(data.train, cfg["bn_images"]), EVAL_BATCH_SIZE, device)
+    test_loader = BatchLoader(data.test, EVAL_BATCH_SIZE, device, rank=info.rank, world_size=info.world_size)
     net = DistributedDataParallel(curve, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else curve
 
@@ -141,42 +228,23 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
 
     for epoch in range(start_epoch + 1, cfg["epochs"] + 1):
         t0 = time.perf_counter()
-        # t is drawn from a generator seeded by (seed, epoch, rank): reproducible, and resumable per epoch
+        # t comes from a generator seeded by (seed, epoch, rank): reproducible, and resumable per epoch
         gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch * 101 + info.rank)
-        curve.train()
-        train_loader.set_epoch(epoch)
-        sums = torch.zeros(3, device=device)  # reconstruction*n, l2 term*n, n
-        bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not progress, file=sys.stderr)
-        for step, x in enumerate(bar):
-            t = torch.rand((), generator=gen).item()
-            with runtime.autocast(device, precision):
-                recon = net(x, t)
-                rec_loss = loss_fn(recon, x)
-            l2_term = cfg["wd"] / 2 * curve.l2(t) if cfg["wd"] else torch.zeros((), device=device)
-            loss = rec_loss + l2_term
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = x.shape[0]
-            sums += torch.stack([rec_loss.detach() * n, l2_term.detach() * n, torch.tensor(float(n), device=device)])
-            if step % 10 == 0:
-                value = loss.item()
-                check_finite(value, f"epoch {epoch}, step {step} (t={t:.3f})")
-                bar.set_postfix(loss=f"{value:.4f}", t=f"{t:.2f}")
+        ts = sample_ts(len(train_loader), gen, cfg["t_sampling"])
+        train_loss, l2_mean, seen, lr = train_curve_one_epoch(
+            net, curve, loss_fn, optimizer, train_loader, device, precision, epoch, ts,
+            lambda step: lr_at(cfg["lr_schedule"], cfg["lr"], epoch, step, len(train_loader), cfg["epochs"]),
+            cfg["wd"], progress)
         train_seconds = time.perf_counter() - t0
-        sums = runtime.all_reduce_sum(sums)
-        train_loss, l2_mean = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-        check_finite(train_loss + l2_mean, f"epoch {epoch}")
-
-        # Monitor: the midpoint, after recomputing BN statistics there from a few training batches.
-        curve.update_bn(train_loader, 0.5, BN_BATCHES_PER_EPOCH)
-        mid = evaluate(CurvePoint(curve, 0.5), loss_fn, test_loader, device)
-        row = {"epoch": epoch, "train_loss": train_loss, "train_l2_term": l2_mean, "mid_test_loss": mid["loss"],
-               "mid_test_mse": mid["mse"], "mid_test_psnr": mid["psnr"], "epoch_seconds": time.perf_counter() - t0,
-               "images_per_s": sums[2].item() / train_seconds, "precision": precision}
+        mid = midpoint_monitor(curve, bn_loader, test_loader, loss_fn)
+        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_l2_term": l2_mean,
+               "mid_test_loss": mid["loss"], "mid_test_mse": mid["mse"], "mid_test_psnr": mid["psnr"],
+               "epoch_seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds,
+               "precision": precision}
         history.append(row)
-        values = [epoch, train_loss, l2_mean, mid["loss"], mid["mse"], row["epoch_seconds"], row["images_per_s"]]
-        log(table_row(values, COLUMNS, ["d", "9.5f", "9.5f", "9.5f", "9.5f", "8.1f", "8.0f"], epoch == start_epoch + 1))
+        values = [epoch, lr, train_loss, l2_mean, mid["loss"], mid["mse"], row["epoch_seconds"], row["images_per_s"]]
+        log(table_row(values, COLUMNS, ["d", "9.2e", "9.5f", "9.5f", "9.5f", "9.5f", "8.1f", "8.0f"],
+                      epoch == start_epoch + 1))
         if info.is_main:
             append_jsonl(out / "metrics.jsonl", row)
             if epoch % cfg["save_every_epoch"] == 0 or epoch == cfg["epochs"]:
@@ -186,14 +254,6 @@ def _run(cfg: dict, info: runtime.Dist, device: torch.device) -> dict:
 
     log(f"done: curve checkpoint {ckpt_path}; evaluate it with `aecurves eval-curve --ckpt {ckpt_path}`")
     return {"out": str(out), "checkpoint": str(ckpt_path), **(history[-1] if history else {})}
-
-
-def fixed_subset(images: torch.Tensor, n: int | None, seed: int = 0) -> torch.Tensor:
-    """`n` images drawn once with a fixed generator (all of them when n is None or too large)."""
-    if n is None or n >= len(images):
-        return images
-    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-    return images[idx.sort().values]
 
 
 def export_point(cfg: dict) -> dict:

@@ -1,0 +1,58 @@
+"""The evaluation protocol's building blocks: subsets, per-image MSE, the shared evaluate()."""
+
+import pytest
+import torch
+
+from aecurves.data import BatchLoader
+from aecurves.errors import UserError
+from aecurves.losses import MSELoss
+from aecurves.metrics import evaluate, fixed_subset, per_image_mse, psnr_from_mse, stratified_subset
+
+
+def test_fixed_subsets_are_nested_sorted_and_seeded():
+    images = torch.arange(1000)
+    small, large = fixed_subset(images, 100), fixed_subset(images, 300)
+    assert set(small.tolist()) <= set(large.tolist()) and torch.equal(small, small.sort().values)
+    assert torch.equal(small, fixed_subset(images, 100)) and not torch.equal(small, fixed_subset(images, 100, seed=1))
+    assert fixed_subset(images, 1000) is images and fixed_subset(images, None) is images
+
+
+def test_stratified_subset_takes_one_image_per_stratum_and_follows_the_mean():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.empty(10_000).exponential_(generator=gen)  # skewed, like per-image losses
+    images = torch.arange(10_000)
+    sub = stratified_subset(images, 100, scores)
+    assert len(sub) == 100 and torch.equal(sub, sub.sort().values)
+    ranks = torch.empty(10_000, dtype=torch.long)
+    ranks[torch.argsort(scores, stable=True)] = torch.arange(10_000)
+    assert sorted((ranks[sub] // 100).tolist()) == list(range(100))  # exactly one per stratum of 100
+    # a per-image quantity that depends on the score (plus noise) is estimated far better than by random subsets
+    value = scores + 0.1 * torch.randn(10_000, generator=gen)
+    err = lambda idx: abs(value[idx].mean() / value.mean() - 1).item()  # noqa: E731
+    strat = [err(stratified_subset(images, 100, scores, seed=s)) for s in range(50)]
+    rand = [err(fixed_subset(images, 100, seed=s)) for s in range(50)]
+    assert sum(strat) < sum(rand) / 4
+    assert stratified_subset(images, 10_000, scores) is images
+    with pytest.raises(ValueError):
+        stratified_subset(images, 10, scores[:5])
+
+
+class Zeros(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def test_evaluate_and_per_image_mse_by_hand():
+    values = torch.tensor([0, 51, 102, 153, 204, 255], dtype=torch.uint8)  # 0, 0.2, ..., 1 after /255
+    images = values.view(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
+    loader = BatchLoader(images, 4, "cpu")  # a batch of 4 and a batch of 2
+    mse = per_image_mse(Zeros(), loader)
+    expected = (torch.arange(6.0) / 5) ** 2
+    assert torch.allclose(mse, expected, atol=1e-6)
+    got = evaluate(Zeros(), loader, MSELoss())
+    assert got["mse"] == pytest.approx(expected.mean().item(), rel=1e-6)
+    assert got["loss"] == pytest.approx(got["mse"], rel=1e-6)  # MSE loss, batches weighted by their size
+    assert got["psnr"] == pytest.approx(psnr_from_mse(expected).mean().item(), rel=1e-5)
+    assert evaluate(torch.nn.Identity(), loader, MSELoss())["mse"] == 0.0
+    with pytest.raises(UserError, match="empty"):
+        evaluate(Zeros(), BatchLoader(torch.zeros(0, 1, 2, 2, dtype=torch.uint8), 4, "cpu"), MSELoss())
