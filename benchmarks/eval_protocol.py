@@ -13,8 +13,13 @@ metrics from every training image) is compared with the subset protocol (both fr
   sizes, pooled as c² = mean(n·deviation²), and the script prints 3c/sqrt(n): the deviation that a fixed
   subset of n exceeds about 3 times in 1000.
 
+The train subset of eval-curve is stratified by the start endpoint's per-image MSE (metrics.stratified_subset);
+its deviation is measured the same way at --strat-sizes (well below this data's size, so that each stratum
+holds several images), with the BN subset drawn at random as above.
+
 The cost ratio counts the images each point costs, BN pass plus train-metric pass (the held-out pass is the
-same in both): 2N for --full, n_bn + n_train for the subsets.
+same in both): 2N for --full, n_bn + n_train for the subsets (plus, for the stratified subset, one pass over
+the N training images per evaluation, which the README adds for 61 points).
 
     python benchmarks/eval_protocol.py --ckpt CURVE.pt [--ckpt ...] [--limit 4000] [--points 0,0.25,0.5]
 

@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 
 from aecurves import evaluate, plots
-from aecurves.config import SUBSET_SEED
 from aecurves.checkpoint import load_checkpoint, save_checkpoint
+from aecurves.config import SUBSET_SEED
 from aecurves.curves import Curve
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.losses import MSELoss
-from aecurves.models import ConvAutoencoder, build_model
 from aecurves.metrics import evaluate as measure
+from aecurves.models import ConvAutoencoder, build_model
 
 ARCH = {"channels": 3, "image_size": 32, "latent_dim": 16, "width": 8}
 DATA_ARGS = {"dataset": "synthetic", "data_dir": None, "image_size": 32, "limit": 256, "val_fraction": 0.1,

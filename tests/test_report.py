@@ -175,10 +175,10 @@ def test_report_states_the_schedules_the_protocol_and_convergence(tmp_path):
     report.write_report(root)
     md = (root / "report.md").read_text()
     assert "Adam at lr 0.003 with the paper schedule for 30 epochs" in md
-    assert "curves: Adam at lr 0.001 with the constant schedule for 5 epochs" in md
+    assert "curves: Adam at lr 0.001 with the constant schedule and uniform t for 5 epochs" in md
     assert "lowers it linearly to 1% of it at 90%" in md
     # one pair measured train metrics on 400 of 500 images: the report does not claim --full
-    assert "BatchNorm statistics from 500 and train metrics from 400 of the 500" in md
+    assert "BatchNorm statistics from 500 and train metrics from 400 of the 500 training images (fixed subsets) at every point. These subsets are smaller than the defaults" in md
     assert "last-epoch gain" in md and report.fpct(0.001 / 0.011) in md
     for folder in (root / "curves").glob("*/eval"):
         record = json.loads((folder / "eval.json").read_text())

@@ -189,6 +189,8 @@ def add_study_flags(p):
     _flag(g, "--curve-epochs", type=int, default=None, help="(demo: 60, celeba: 10)")
     _flag(g, "--curve-lr", type=float, default=None, help="Adam learning rate for the bends (demo: 3e-3, celeba: 1e-4)")
     _flag(g, "--curve-lr-schedule", choices=SCHEDULES, default=None, help="lr schedule of the curves (default: paper)")
+    _flag(g, "--t-sampling", choices=T_SAMPLING, default=None,
+          help="how the curves draw t per batch (default: stratified; see train-curve --help)")
     _flag(g, "--wd", type=float, default=None, help="curve regulariser weight wd/2·‖θ(t)‖² (default: 0)")
     g = p.add_argument_group("evaluation (aecurves eval-curve: every curve and its segment)")
     _flag(g, "--num-points", type=int, default=None, help="points t per path (default: 61)")

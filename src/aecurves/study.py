@@ -63,6 +63,7 @@ COMMON = {
     "epochs": None, "lr": None, "lr_schedule": "paper", "batch_size": None, "latent_dim": 128, "width": 32,
     "save_every_epoch": 5,
     "curve": "Bezier", "num_bends": 3, "curve_epochs": None, "curve_lr": None, "curve_lr_schedule": "paper",
+    "t_sampling": "stratified",
     "wd": 0.0, "num_points": 61, "bn_images": BN_IMAGES, "train_images": TRAIN_IMAGES,
     "device": "auto", "precision": "auto", "vgg_weights": "imagenet",
 }
@@ -86,7 +87,7 @@ CONFIG_KEYS = tuple(COMMON)
 ENDPOINT_SETTINGS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "loss", "seed",
                      "latent_dim", "width", "batch_size", "epochs", "lr", "lr_schedule", "wd")
 CURVE_SETTINGS = ("curve", "num_bends", "fix_start", "fix_end", "init_linear_off", "epochs", "lr", "lr_schedule",
-                  "wd", "batch_size", "seed")
+                  "t_sampling", "wd", "batch_size", "seed")
 EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images", "batch_size", "segment_too",
                  "use_test")
 VGG_COST = 8.0  # first guess of a vgg stage's cost relative to the same mse stage (the estimate then measures it)
@@ -198,7 +199,8 @@ def curve_cfg(cfg: dict, start: Path, end: Path, out: Path, resume: bool) -> dic
     """The dict `aecurves train-curve ...` builds for one pair (data and loss: the endpoints')."""
     argv = ["--init-start", start, "--init-end", end, "--curve", cfg["curve"], "--num-bends", cfg["num_bends"],
             "--fix-start", "--fix-end", "--epochs", cfg["curve_epochs"], "--lr", cfg["curve_lr"],
-            "--lr-schedule", cfg["curve_lr_schedule"], "--bn-images", cfg["bn_images"], "--wd", cfg["wd"],
+            "--lr-schedule", cfg["curve_lr_schedule"], "--t-sampling", cfg["t_sampling"],
+            "--bn-images", cfg["bn_images"], "--wd", cfg["wd"],
             "--batch-size", cfg["batch_size"], "--out", out, *_runtime_argv(cfg)]
     argv += ["--cache-dir", cfg["cache_dir"]] if cfg["cache_dir"] else []
     argv += ["--resume"] if resume else []

@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from aecurves import runtime
 from aecurves.checkpoint import append_jsonl, arch_mismatch, load_checkpoint, save_checkpoint
+from aecurves.config import BN_IMAGES, EVAL_BATCH_SIZE, T_SAMPLING
 from aecurves.curves import Curve, CurvePoint, batchnorms, make_coefficients
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.losses import make_loss
 from aecurves.models import ARCH_KEYS, build_model
-from aecurves.config import BN_IMAGES, EVAL_BATCH_SIZE, T_SAMPLING
 from aecurves.metrics import evaluate, fixed_subset
 from aecurves.schedules import lr_at, set_lr
 from aecurves.train import check_finite, load_data_once, reset_metrics_file, table_row
