@@ -137,7 +137,8 @@ def main():
         f = (lambda v: f"{v:.2f}" if v is not None else "-")
         print(f"{n:>6} {f(row['fixed_test']):>11} {f(row['fixed_train']):>12} {row['three_sigma_test']:>8.2f} "
               f"{row['three_sigma_train']:>9.2f} {f(row['fixed_strat_train']):>12} "
-              f"{row['three_sigma_strat_train']:>9.2f} {row['cost_ratio_here']:>12.1f} {row['cost_ratio_celeba']:>36.1f}")
+              f"{row['three_sigma_strat_train']:>9.2f} {row['cost_ratio_here']:>12.1f} "
+              f"{row['cost_ratio_celeba']:>36.1f}")
     print(f"c (relative deviation x sqrt(n)) at the worst point: test {c[0]:.3f}, train {c[1]:.3f}, train with a "
           f"stratified subset {cs:.3f}; {time.perf_counter() - t0:.0f} s")
     if args.json:

@@ -3,8 +3,8 @@
 import argparse
 import sys
 
-from aecurves.errors import UserError
 from aecurves.config import BN_IMAGES, EVAL_BATCH_SIZE, LR_SCHEDULES as SCHEDULES, T_SAMPLING, TRAIN_IMAGES
+from aecurves.errors import UserError
 
 
 def _flag(group, name: str, *aliases: str, **kwargs):
@@ -135,7 +135,8 @@ def add_eval_curve_flags(p):
           help=f"training images (a fixed subset drawn once) for the BatchNorm statistics at each t "
                f"(default: {BN_IMAGES})")
     _flag(g, "--train-images", type=int, default=TRAIN_IMAGES,
-          help=f"training images (the same fixed subset) for the train metrics (default: {TRAIN_IMAGES})")
+          help=f"training images for the train metrics: a fixed subset stratified by the start endpoint's "
+               f"per-image MSE (default: {TRAIN_IMAGES})")
     _flag(g, "--full", action="store_true", help="use all training images for both, as the paper does")
     _flag(g, "--num-images", type=int, default=4, help="held-out images in the reconstruction pictures (default: 4)")
     _flag(g, "--no-segment-too", dest="segment_too", action="store_false",
@@ -195,7 +196,8 @@ def add_study_flags(p):
     g = p.add_argument_group("evaluation (aecurves eval-curve: every curve and its segment)")
     _flag(g, "--num-points", type=int, default=None, help="points t per path (default: 61)")
     _flag(g, "--bn-images", type=int, default=None,
-          help=f"training images for BN statistics at each t and in the curves' midpoint monitor (default: {BN_IMAGES})")
+          help=f"training images for BN statistics at each t and in the curves' midpoint monitor "
+               f"(default: {BN_IMAGES})")
     _flag(g, "--train-images", type=int, default=None,
           help=f"training images for train metrics (default: {TRAIN_IMAGES})")
     _add_runtime_flags(p)

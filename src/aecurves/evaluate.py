@@ -36,12 +36,12 @@ from tqdm import tqdm
 
 from aecurves import plots, runtime
 from aecurves.checkpoint import atomic_path, write_json
+from aecurves.config import BN_IMAGES, EVAL_BATCH_SIZE, SUBSET_SEED, TRAIN_IMAGES
 from aecurves.curves import Curve, CurvePoint, batchnorms
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.losses import make_loss
 from aecurves.models import ARCH_KEYS, build_model
-from aecurves.config import BN_IMAGES, EVAL_BATCH_SIZE, SUBSET_SEED, TRAIN_IMAGES
 from aecurves.metrics import evaluate, fixed_subset, per_image_mse, stratified_subset
 from aecurves.train_curve import endpoint_pair, load_curve
 
@@ -352,7 +352,9 @@ def run(cfg: dict) -> dict:
 
     # --- fixed image subsets, drawn once
     n_train = len(data.train)
-    curve.to(device)
+    curve.to(device)  # the stratified subset is scored on the device
+    if segment is not None:
+        segment.to(device)
     bn_images, train_images, subset = protocol_subsets(curve, data.train, cfg, device)
     bn_loader = BatchLoader(bn_images, cfg["batch_size"], device)
     train_loader = bn_loader if train_images is bn_images else BatchLoader(train_images, cfg["batch_size"], device)
@@ -361,13 +363,10 @@ def run(cfg: dict) -> dict:
     if not has_bn:
         bn_loader = None
 
-    curve.to(device)
-    if segment is not None:
-        segment.to(device)
     ts = np.linspace(0.0, 1.0, cfg["num_points"])
     print(f"data: {data.source}")
     print(f"evaluating the {subject['label']} at {len(ts)} points on {device}: "
-          + (f"BN statistics recomputed at each t; " if has_bn else "no BN statistics; ")
+          + ("BN statistics recomputed at each t; " if has_bn else "no BN statistics; ")
           + f"{subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
     for note in notes:
         print(f"note: {note}")

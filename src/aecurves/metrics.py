@@ -1,8 +1,8 @@
 """Reconstruction metrics and the evaluation protocol shared by training, the curve monitor and eval-curve.
 
 One function measures a network (`evaluate`), and one protocol says how BatchNorm statistics and training-set
-metrics are taken at a point of a path (`fixed_subset`, with config's SUBSET_SEED and EVAL_BATCH_SIZE), so the midpoint
-monitor of train-curve and eval-curve compute the same number at t = 0.5.
+metrics are taken at a point of a path (`fixed_subset`, `stratified_subset`, with config's SUBSET_SEED and
+EVAL_BATCH_SIZE), so the midpoint monitor of train-curve and eval-curve compute the same number at t = 0.5.
 """
 
 import torch
@@ -10,7 +10,6 @@ import torch
 from aecurves import runtime
 from aecurves.config import SUBSET_SEED
 from aecurves.errors import UserError
-
 
 
 def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:

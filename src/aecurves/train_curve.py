@@ -4,7 +4,8 @@ Each batch draws a fresh t in [0, 1] and minimises
     loss(t) = reconstruction loss at θ(t) + wd/2 · ‖θ(t)‖²
 over the free bends, with Adam at the lr of `--lr-schedule` (default: the paper's, set before every step).
 t is stratified by default: each epoch's S batches take one t from each of the S equal slices of [0, 1], in
-random order, so every epoch covers the whole curve (the paper draws t i.i.d. uniform: `uniform`). The reconstruction term alone is reported as `train_loss`, so it compares with
+random order, so every epoch covers the whole curve (the paper draws t i.i.d. uniform: `uniform`).
+The reconstruction term alone is reported as `train_loss`, so it compares with
 the endpoints' figures; the regulariser is reported as `train_l2_term`.
 
 After every epoch the midpoint θ(0.5) is measured exactly as eval-curve measures it (BatchNorm statistics
