@@ -33,12 +33,11 @@ import time
 import numpy as np
 import torch
 
+from aecurves.checkpoint import load_curve
 from aecurves.config import EVAL_BATCH_SIZE, SUBSET_SEED
-from aecurves.curves import CurvePoint
+from aecurves.curves import CurvePoint, segment_of
 from aecurves.data import BatchLoader, load_data
-from aecurves.evaluate import segment_of
 from aecurves.metrics import fixed_subset, per_image_mse, stratified_subset
-from aecurves.train_curve import load_curve
 
 CELEBA_TRAIN = 162_770
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from aecurves import report
 from aecurves.errors import UserError
-from aecurves.evaluate import summarize
+from aecurves.metrics import summarize
 
 
 def _png(path: Path, size=(40, 20)) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from aecurves import study
 from aecurves.checkpoint import load_checkpoint
-from aecurves.cli import get_args_parser
+from aecurves.cli import parse
+from aecurves.config import StudyConfig, as_record, make
 from aecurves.errors import UserError
 
 from conftest import run_cli
@@ -141,7 +142,7 @@ def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
     def boom(cfg):
         raise AssertionError("a finished stage was run again")
 
-    for mod in ("train", "train_curve", "evaluate"):
+    for mod in ("train", "train_curve", "eval_curve"):
         monkeypatch.setattr(f"aecurves.{mod}.run", boom)
     assert run_cli("study", *SMALL, "--out", root) == 0
     assert {rel: _stamp(root, rel) for rel in before} == before
@@ -199,11 +200,11 @@ def test_resume_after_interrupt(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
     real_run, seen = train.run, []
-    monkeypatch.setattr(train, "run", lambda cfg: (seen.append(dict(cfg)), real_run(cfg))[1])
+    monkeypatch.setattr(train, "run", lambda cfg: (seen.append(cfg), real_run(cfg))[1])
     assert run_cli("study", *argv) == 0
     out = capsys.readouterr().out
     assert _stamp(root, ENDPOINTS[0]) == first  # not re-run
-    assert [(c["seed"], c["resume"]) for c in seen] == [(2, True)]
+    assert [(c.seed, c.resume) for c in seen] == [(2, True)]
     assert "resuming (interrupted at epoch 1 of 3)" in out and "resuming from" in out
     rows = [json.loads(r) for r in (root / "endpoints/mse_seed2/metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -233,34 +234,39 @@ def test_offline_vgg_group_is_skipped_with_the_remedy(copy_of, monkeypatch, caps
     assert "The vgg group was skipped" in md
 
 
-def test_stage_configs_are_the_subcommands_own_argparse_dicts(tmp_path):
-    parser = get_args_parser()
-    cfg = study.resolve_config({"preset": "demo", "out": str(tmp_path)})
-    t = study.train_cfg(cfg, "mse", 1, tmp_path / "e", False)
-    assert set(t) == set(vars(parser.parse_args(["train"])))
-    assert t["epochs"] == 60 and t["width"] == 16 and t["dataset"] == "lfw" and t["seed"] == 1
-    c = study.curve_cfg(cfg, tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c", True)
-    assert set(c) == set(vars(parser.parse_args(["train-curve"])))
-    assert c["fix_start"] and c["fix_end"] and c["resume"] and c["epochs"] == 60 and c["curve"] == "Bezier"
-    e = study.eval_cfg(cfg, tmp_path / "c.pt", tmp_path / "ev")
-    assert set(vars(parser.parse_args(["eval-curve"]))) <= set(e)
-    assert e["num_points"] == 61 and e["segment_too"] is True
+def test_stage_configs_equal_the_commands_run_by_hand(tmp_path):
+    """Each stage's config is exactly what its own command builds from the same flags."""
+    cfg = study.resolve_config(make(StudyConfig, {"preset": "demo", "out": str(tmp_path)}))
+    t = study.train_config(cfg, "mse", 1, tmp_path / "e", False)
+    _, by_hand = parse(["train", "--dataset", "lfw", "--image-size", "32", "--loss", "mse", "--seed", "1", "--width",
+                        "16", "--batch-size", "32", "--epochs", "60", "--lr", "3e-3", "--lr-schedule", "paper",
+                        "--save-every-epoch", "20", "--out", str(tmp_path / "e")])
+    assert as_record(t) == as_record(by_hand)
+    c = study.curve_config(cfg, tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c", True)
+    _, by_hand = parse(["train-curve", "--init-start", str(tmp_path / "a.pt"), "--init-end", str(tmp_path / "b.pt"),
+                        "--fix-start", "--fix-end", "--epochs", "60", "--lr", "3e-3", "--batch-size", "32",
+                        "--out", str(tmp_path / "c"), "--resume"])
+    assert as_record(c) == as_record(by_hand)
+    e = study.eval_config(cfg, tmp_path / "c.pt", tmp_path / "ev")
+    _, by_hand = parse(["eval-curve", "--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "ev")])
+    assert as_record(e) == as_record(by_hand)
+    assert e.num_points == 61 and e.segment_too is True and c.seed == 1 and t.width == 16
 
 
 def test_presets_flags_and_bad_input(tmp_path):
-    cfg = study.resolve_config({"preset": None, "epochs": 7, "width": None})
+    cfg = study.resolve_config(make(StudyConfig, {"epochs": 7}))
     assert cfg["preset"] == "demo" and cfg["epochs"] == 7 and cfg["width"] == 16 and cfg["seeds"] == [1, 2, 3]
     assert cfg["losses"] == ["mse", "vgg"] and cfg["out"] == "runs/study"
-    celeba = study.resolve_config({"preset": "celeba", "data_dir": str(tmp_path)})
+    celeba = study.resolve_config(make(StudyConfig, {"preset": "celeba", "data_dir": str(tmp_path)}))
     assert (celeba["image_size"], celeba["latent_dim"], celeba["batch_size"], celeba["epochs"], celeba["lr"]) == \
         (64, 128, 64, 30, 1e-4)
     with pytest.raises(UserError, match="--data-dir"):
-        study.resolve_config({"preset": "celeba"})
+        study.resolve_config(make(StudyConfig, {"preset": "celeba"}))
     with pytest.raises(UserError, match="two distinct seeds"):
-        study.resolve_config({"seeds": "1"})
+        study.resolve_config(make(StudyConfig, {"seeds": "1"}))
     with pytest.raises(UserError, match="--losses"):
-        study.resolve_config({"losses": "mse,l1"})
-    stages = study.plan(study.resolve_config({"losses": "mse", "seeds": "1,2,3"}), 10, 2)
+        study.resolve_config(make(StudyConfig, {"losses": "mse,l1"}))
+    stages = study.plan(study.resolve_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3"})), 10, 2)
     assert [s.name for s in stages][:4] == ["endpoint:mse:1", "endpoint:mse:2", "endpoint:mse:3", "curve:mse:1-2"]
     assert len(stages) == 3 + 3 + 3 + 1
     assert study.select_forced(["curves"], stages) == {"curve:mse:1-2", "curve:mse:1-3", "curve:mse:2-3"}

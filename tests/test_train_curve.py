@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-from aecurves.checkpoint import load_checkpoint, save_checkpoint
-from aecurves.train_curve import load_curve
+from aecurves.checkpoint import load_checkpoint, load_curve, save_checkpoint
 
 from conftest import run_cli
 

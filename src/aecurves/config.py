@@ -1,4 +1,19 @@
-"""Defaults shared by several commands, written once (no torch import, so the CLI stays fast to start)."""
+"""Every setting of every command, written once: one dataclass per command, each default beside its help text.
+
+The CLI builds its flags from these classes (cli.py), the study builds its stages' configs from them directly,
+and checkpoints store them as plain dicts (`as_record`). A field's metadata holds what the flag needs: help,
+`shown` (the default as --help words, when the value alone would not say it), choices, aliases, bounds.
+`given` records which fields were set explicitly (on the command line, or by the study): on --resume the
+others come from the checkpoint. No torch import here, so `aecurves --help` starts fast.
+"""
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+
+from aecurves.errors import UserError
 
 # The evaluation protocol: BatchNorm statistics and training-set metrics at a point of a path come from fixed
 # subsets of the training images, drawn once with a generator seeded SUBSET_SEED. The sizes were chosen with
@@ -10,5 +25,400 @@ BN_IMAGES = 8192
 TRAIN_IMAGES = 8192
 EVAL_BATCH_SIZE = 256
 
+DATASETS = ("celeba", "folder", "lfw", "synthetic")
+DEFAULT_IMAGE_SIZE = {"celeba": 64, "folder": 64, "synthetic": 64, "lfw": 32}
+LOSSES = ("mse", "vgg")
 LR_SCHEDULES = ("paper", "cosine", "constant")
 T_SAMPLING = ("uniform", "stratified")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+BUILTIN_MODEL = "aecurves.models:ConvAutoencoder"
+MODEL_SIGNATURE = "FACTORY(channels=C, image_size=S, latent_dim=D, **MODEL_KWARGS)"
+
+
+def option(default=None, help: str = "", *, shown: str | None = None, group: str | None = None,
+           choices=None, aliases: tuple = (), minimum=None, positive: bool = False, required: bool = False,
+           metavar=None, nargs=None, negative_flag: str | None = None, repeat: bool = False,
+           positional: bool = False, cli: bool = True, factory=None):
+    """A config field with its help text and everything its command-line flag needs."""
+    meta = {"help": help, "shown": shown, "group": group, "choices": choices, "aliases": aliases,
+            "minimum": minimum, "positive": positive, "required": required, "metavar": metavar, "nargs": nargs,
+            "negative_flag": negative_flag, "repeat": repeat, "positional": positional, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def same_as(cls, name: str, help: str | None = None, **changes):
+    """The field `name` of another command's config: its default and help, not written a second time."""
+    f = cls.__dataclass_fields__[name]
+    meta = {**f.metadata, **changes, **({"help": help} if help is not None else {})}
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=meta)
+    return field(default=f.default, metadata=meta)
+
+
+def _given():
+    return option(factory=tuple, cli=False, help="names of the fields set explicitly")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the commands
+
+
+@dataclass
+class TrainConfig:
+    """`aecurves train`: one autoencoder (an endpoint)."""
+
+    dataset: str = option("lfw", "celeba (official layout), folder (any images), lfw (embedded, no download), "
+                                 "synthetic", choices=DATASETS, group="data")
+    data_dir: str | None = option(None, "dataset folder: for celeba the folder holding img_align_celeba/ (or "
+                                        "img_align_celeba.zip)", aliases=("--data_path", "--data-path"), group="data")
+    image_size: int | None = option(None, "side of the square images", shown="64; 32 for lfw", minimum=1,
+                                    group="data")
+    limit: int | None = option(None, "use only the first N images", shown="all", minimum=1, group="data")
+    val_fraction: float = option(0.1, "held-out fraction when the dataset has no official partition", group="data")
+    use_test: bool = option(False, "hold out the official test partition instead of valid (celeba with "
+                                   "list_eval_partition.txt)", group="data")
+    cache_dir: str | None = option(None, "where decoded images are cached", shown="$AECURVES_CACHE or "
+                                   "~/.cache/aecurves", group="data")
+    model: str = option(BUILTIN_MODEL, f"the autoencoder: MODULE:FACTORY or FILE.py:FACTORY, called as "
+                                       f"{MODEL_SIGNATURE}; it must map images to images of the same shape",
+                        group="model")
+    model_kwargs: dict = option(factory=dict, help="JSON object of extra keyword arguments for the factory",
+                                shown="{}", metavar="JSON", group="model")
+    latent_dim: int = option(128, "bottleneck size", minimum=1, group="model")
+    width: int = option(32, "channels of the first conv stage (the built-in model only)", minimum=1,
+                        group="model")
+    loss: str = option("mse", "reconstruction loss", choices=LOSSES, group="training")
+    batch_size: int = option(64, "batch size per process", minimum=1, group="training")
+    epochs: int = option(30, "", minimum=1, group="training")
+    lr: float = option(1e-4, "Adam learning rate", positive=True, group="training")
+    lr_schedule: str = option("constant", "constant; paper: constant for the first half, then linearly down to 1% "
+                                          "of --lr at 90% of training, 1% after (Garipov et al.); cosine: down to "
+                                          "0. Set before every step", choices=LR_SCHEDULES, group="training")
+    wd: float = option(0.0, "Adam weight decay", minimum=0, group="training")
+    seed: int = option(42, "random seed", group="training")
+    out: str = option("runs/train", "run folder", aliases=("--dir",), group="outputs")
+    save_every_epoch: int = option(5, "write a checkpoint and a reconstruction grid every N epochs, and at the end",
+                                   minimum=1, group="outputs")
+    checkpoint: str | None = option(None, "resume from this checkpoint", shown="OUT/checkpoint.pt with --resume",
+                                    group="outputs")
+    resume: bool = option(False, "continue the run in --out from its last checkpoint (settings not given "
+                                 "explicitly come from it)", group="outputs")
+    num_images: int = option(8, "test images in the reconstruction grid", minimum=0, group="outputs")
+    device: str = option("auto", "", choices=DEVICES, group="runtime")
+    precision: str = option("auto", "bf16 autocast for training steps where the hardware runs it fast (auto), or "
+                                    "force one; evaluation is always fp32", choices=PRECISIONS, group="runtime")
+    vgg_weights: str = option("imagenet", "VGG16 weights for the perceptual loss: imagenet (torchvision, cached or "
+                                          "downloaded), a PATH to a vgg16 state dict, or random (smoke tests only; "
+                                          "the loss is then not perceptual)", group="runtime")
+    no_progress: bool = option(False, "no progress bars", group="runtime")
+    given: tuple = _given()
+
+
+# Settings that an endpoint run takes from its checkpoint on --resume unless given explicitly.
+TRAIN_RESUME_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "model",
+                     "model_kwargs", "latent_dim", "width", "loss", "seed", "lr_schedule")
+
+
+@dataclass
+class TrainCurveConfig:
+    """`aecurves train-curve`: a low-loss curve between two endpoints."""
+
+    dataset: str | None = option(None, "celeba, folder, lfw or synthetic", shown="the endpoints'", choices=DATASETS,
+                                 group="data")
+    data_dir: str | None = option(None, "dataset folder", shown="the endpoints'",
+                                  aliases=("--data_path", "--data-path"), group="data")
+    image_size: int | None = option(None, "side of the square images", shown="the endpoints'", minimum=1,
+                                    group="data")
+    limit: int | None = option(None, "use only the first N images", shown="the endpoints'", minimum=1,
+                               group="data")
+    val_fraction: float | None = option(None, "held-out fraction when the dataset has no official partition",
+                                        shown="the endpoints'", group="data")
+    use_test: bool = same_as(TrainConfig, "use_test")
+    cache_dir: str | None = same_as(TrainConfig, "cache_dir")
+    init_start: str | None = option(None, "checkpoint of the start endpoint θ(0)", shown="required", group="curve")
+    init_end: str | None = option(None, "checkpoint of the end endpoint θ(1)", shown="required", group="curve")
+    curve: str = option("Bezier", "Bezier or PolyChain, any case", group="curve")
+    num_bends: int = option(3, "control points including both ends", minimum=2, group="curve")
+    fix_start: bool = option(False, "keep θ(0) at the start endpoint", group="curve")
+    fix_end: bool = option(False, "keep θ(1) at the end endpoint", group="curve")
+    init_linear_off: bool = option(False, "leave inner bends at a fresh initialisation instead of on the segment",
+                                   group="curve")
+    model: str | None = option(None, "the endpoints' model factory; needed (the same value) when the endpoints were "
+                                     "made with a factory outside aecurves, whose code is never imported unasked",
+                               shown="the endpoints', if built into aecurves", group="curve")
+    loss: str | None = option(None, "", shown="the endpoints'", choices=LOSSES, group="training")
+    batch_size: int = same_as(TrainConfig, "batch_size", group="training")
+    epochs: int = option(10, "", minimum=1, group="training")
+    lr: float = option(1e-3, "Adam base learning rate for the bends", positive=True, group="training")
+    lr_schedule: str = option("paper", "paper: the base lr for the first half of training, then linearly down to 1% "
+                                       "of it at 90%, 1% after (Garipov et al.'s train.py, set before every step); "
+                                       "cosine: down to 0; constant", choices=LR_SCHEDULES, group="training")
+    t_sampling: str = option("stratified", "how each batch's t is drawn: stratified (each epoch takes one t from "
+                                           "each of its N equal slices of [0, 1], in random order, so every epoch "
+                                           "covers the whole curve) or uniform (i.i.d. U(0, 1), as the paper)",
+                             choices=T_SAMPLING, group="training")
+    bn_images: int = option(BN_IMAGES, "training images for the BatchNorm statistics of the per-epoch midpoint "
+                                       "monitor: the same fixed subset as eval-curve --bn-images, so the last "
+                                       "figure equals eval-curve's at t = 0.5", minimum=1, group="training")
+    wd: float = option(0.0, "weight of the regulariser wd/2·‖θ(t)‖² added to the loss", minimum=0,
+                       group="training")
+    seed: int = option(1, "seed for t sampling and shuffling", group="training")
+    out: str = option("runs/curve", "run folder", aliases=("--dir",), group="outputs")
+    save_every_epoch: int = option(1, "checkpoint every N epochs and at the end", minimum=1, group="outputs")
+    resume: bool = option(False, "continue the curve run in --out from its checkpoint (settings not given "
+                                 "explicitly come from it)", group="outputs")
+    device: str = same_as(TrainConfig, "device")
+    precision: str = same_as(TrainConfig, "precision")
+    vgg_weights: str = same_as(TrainConfig, "vgg_weights")
+    no_progress: bool = same_as(TrainConfig, "no_progress")
+    given: tuple = _given()
+
+
+# Settings that a curve run takes from its checkpoint on --resume unless given explicitly. A checkpoint from
+# before a setting existed was trained with its CURVE_LEGACY value.
+CURVE_RESUME_KEYS = ("init_start", "init_end", "curve", "num_bends", "fix_start", "fix_end", "init_linear_off",
+                     "seed", "dataset", "data_dir", "image_size", "limit", "val_fraction", "loss", "wd", "batch_size",
+                     "lr_schedule", "t_sampling", "bn_images")
+CURVE_LEGACY = {"lr_schedule": "constant", "t_sampling": "uniform"}
+
+
+@dataclass
+class EvalCurveConfig:
+    """`aecurves eval-curve`: metrics and reconstructions along a curve or a segment."""
+
+    ckpt: str | None = option(None, "curve checkpoint from train-curve", group="what to evaluate (one of)")
+    segment: list | None = option(None, "two endpoint checkpoints: evaluate the straight segment between them "
+                                        "(nothing to train)", nargs=2, metavar=("START", "END"),
+                                  group="what to evaluate (one of)")
+    num_points: int = option(61, "points t evenly spaced in [0, 1]", minimum=2, group="evaluation")
+    bn_images: int = option(BN_IMAGES, "training images (a fixed subset drawn once) for the BatchNorm statistics "
+                                       "at each t", minimum=1, group="evaluation")
+    train_images: int = option(TRAIN_IMAGES, "training images for the train metrics: a fixed subset stratified by "
+                                             "the start endpoint's per-image MSE", minimum=1, group="evaluation")
+    full: bool = option(False, "use all training images for both, as the paper does", group="evaluation")
+    num_images: int = option(4, "held-out images in the reconstruction pictures", minimum=0, group="evaluation")
+    segment_too: bool = option(True, "for a curve, also evaluate the segment between its endpoints",
+                               negative_flag="--no-segment-too", group="evaluation")
+    batch_size: int = option(EVAL_BATCH_SIZE, "BN statistics are averaged per batch, so it is part of the "
+                                              "protocol", minimum=1, group="evaluation")
+    use_test: bool = option(False, "hold out the official test partition (celeba)", group="evaluation")
+    dataset: str | None = option(None, "", shown="the checkpoint's", choices=DATASETS, group="evaluation")
+    data_dir: str | None = option(None, "", shown="the checkpoint's", aliases=("--data_path", "--data-path"),
+                                  group="evaluation")
+    cache_dir: str | None = same_as(TrainConfig, "cache_dir", group="evaluation")
+    model: str | None = same_as(TrainCurveConfig, "model", help="the checkpoint's model factory; needed (the same "
+                                "value) when it is outside aecurves", shown="the checkpoint's, if built into "
+                                "aecurves", group="evaluation")
+    out: str | None = option(None, "output folder", shown="CKPT_FOLDER/eval for a curve, runs/segment for a segment",
+                             aliases=("--dir",), group="evaluation")
+    device: str = same_as(TrainConfig, "device")
+    vgg_weights: str = same_as(TrainConfig, "vgg_weights", help="VGG16 weights for the perceptual metric and "
+                               "vgg-loss checkpoints: imagenet, PATH or random (when unavailable the perceptual "
+                               "metric is left out)")
+    no_progress: bool = same_as(TrainConfig, "no_progress")
+    given: tuple = _given()
+
+
+@dataclass
+class ExportPointConfig:
+    """`aecurves export-point`: θ(t) of a curve as an ordinary checkpoint."""
+
+    ckpt: str | None = option(None, "curve checkpoint (from train-curve)", required=True)
+    t: float | None = option(None, "position on the curve, in [0, 1]", required=True)
+    out: str | None = option(None, "file to write (an ordinary autoencoder checkpoint)", required=True)
+    bn_images: int = option(BN_IMAGES, "training images used to recompute BatchNorm statistics at t; 0 keeps the "
+                                       "curve's", minimum=0)
+    batch_size: int = same_as(EvalCurveConfig, "batch_size", help="", group=None)
+    cache_dir: str | None = same_as(TrainConfig, "cache_dir", group=None)
+    model: str | None = same_as(EvalCurveConfig, "model", group=None)
+    device: str = same_as(TrainConfig, "device", group=None)
+    no_progress: bool = same_as(TrainConfig, "no_progress", group=None)
+    given: tuple = _given()
+
+
+@dataclass
+class ReportConfig:
+    """`aecurves report`: (re)writes a study's report from its files."""
+
+    study_dir: str = option("runs/study", "the study folder (holding study.json)", positional=True, nargs="?")
+    given: tuple = _given()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the study: its own defaults, its presets, and the stage settings it shares with the commands
+
+PRESETS = {
+    # The embedded LFW faces (100 grayscale 32x32 images, 86 train / 14 held out) and a narrower network: the
+    # whole study takes minutes on a 2-core CPU (the README gives the measured time) and shows a clear barrier
+    # on every segment that the curves remove almost entirely.
+    "demo": {"dataset": "lfw", "image_size": 32, "epochs": 60, "lr": 3e-3, "batch_size": 32, "width": 16,
+             "save_every_epoch": 20, "curve_epochs": 60, "curve_lr": 3e-3},
+    # The founding document's setting: CelebA 64x64, bottleneck 128, batch 64, 30 epochs at Adam lr 1e-4.
+    # Curves: 10 epochs (~25,000 Adam steps on CelebA's 162,770 training images) at the endpoints' lr 1e-4.
+    "celeba": {"dataset": "celeba", "image_size": 64, "epochs": 30, "lr": 1e-4, "batch_size": 64, "width": 32,
+               "save_every_epoch": 5, "curve_epochs": 10, "curve_lr": 1e-4},
+}
+
+
+def _preset(name: str, help: str, **kw):
+    shown = ", ".join(f"{p}: {v[name]}" for p, v in PRESETS.items())
+    return option(None, help, shown=shown, **kw)
+
+
+@dataclass
+class StudyConfig:
+    """`aecurves study`: endpoints, curves, evaluations and a report. None: the preset's value."""
+
+    preset: str = option("demo", "demo: embedded LFW faces, a few minutes on a CPU; celeba: the full setting (needs "
+                                 "--data-dir)", choices=tuple(PRESETS), group="study")
+    out: str = option("runs/study", "study folder", aliases=("--dir",), group="study")
+    losses: str = option("mse,vgg", "comma-separated losses, one group each", group="study")
+    seeds: str = option("1,2,3", "comma-separated endpoint seeds per loss; one curve per pair", group="study")
+    force: list = option(factory=list, help="redo a stage even if finished (repeatable): endpoint:mse:1, "
+                         "curve:mse:1-2, eval:mse:1-2, report, or endpoints, curves, evals, a loss (mse, vgg), a "
+                         "prefix such as curve:mse, or all", shown="none", repeat=True, metavar="STAGE",
+                         group="study")
+    dataset: str | None = _preset("dataset", "celeba, folder, lfw or synthetic", choices=DATASETS, group="data")
+    data_dir: str | None = same_as(TrainConfig, "data_dir")
+    image_size: int | None = _preset("image_size", "side of the square images", minimum=1, group="data")
+    limit: int | None = same_as(TrainConfig, "limit")
+    val_fraction: float = same_as(TrainConfig, "val_fraction")
+    use_test: bool = same_as(TrainConfig, "use_test")
+    cache_dir: str | None = same_as(TrainConfig, "cache_dir")
+    model: str = same_as(TrainConfig, "model", group="endpoints (aecurves train)")
+    model_kwargs: dict = same_as(TrainConfig, "model_kwargs", group="endpoints (aecurves train)")
+    epochs: int | None = _preset("epochs", "endpoint epochs", minimum=1, group="endpoints (aecurves train)")
+    lr: float | None = _preset("lr", "endpoint Adam learning rate", positive=True,
+                               group="endpoints (aecurves train)")
+    lr_schedule: str = option("paper", "endpoint lr schedule (paper, so the endpoints converge before a barrier is "
+                                       "measured)", choices=LR_SCHEDULES, group="endpoints (aecurves train)")
+    batch_size: int | None = _preset("batch_size", "batch size for endpoints and curves", minimum=1,
+                                     group="endpoints (aecurves train)")
+    latent_dim: int = same_as(TrainConfig, "latent_dim", group="endpoints (aecurves train)")
+    width: int | None = _preset("width", "channels of the first conv stage (the built-in model only)", minimum=1,
+                                group="endpoints (aecurves train)")
+    save_every_epoch: int | None = _preset("save_every_epoch", "endpoint checkpoint copies every N epochs",
+                                           minimum=1, group="endpoints (aecurves train)")
+    curve: str = same_as(TrainCurveConfig, "curve", group="curves (aecurves train-curve; both ends fixed)")
+    num_bends: int = same_as(TrainCurveConfig, "num_bends", minimum=3,
+                             group="curves (aecurves train-curve; both ends fixed)")
+    curve_epochs: int | None = _preset("curve_epochs", "curve epochs", minimum=1,
+                                       group="curves (aecurves train-curve; both ends fixed)")
+    curve_lr: float | None = _preset("curve_lr", "Adam learning rate for the bends", positive=True,
+                                     group="curves (aecurves train-curve; both ends fixed)")
+    curve_lr_schedule: str = same_as(TrainCurveConfig, "lr_schedule", help="lr schedule of the curves",
+                                     group="curves (aecurves train-curve; both ends fixed)")
+    t_sampling: str = same_as(TrainCurveConfig, "t_sampling", help="how the curves draw t per batch (see "
+                              "train-curve --help)", group="curves (aecurves train-curve; both ends fixed)")
+    wd: float = same_as(TrainCurveConfig, "wd", group="curves (aecurves train-curve; both ends fixed)")
+    num_points: int = same_as(EvalCurveConfig, "num_points", help="points t per path",
+                              group="evaluation (aecurves eval-curve: every curve and its segment)")
+    bn_images: int = same_as(EvalCurveConfig, "bn_images", help="training images for BN statistics at each t and "
+                             "in the curves' midpoint monitor",
+                             group="evaluation (aecurves eval-curve: every curve and its segment)")
+    train_images: int = same_as(EvalCurveConfig, "train_images", help="training images for train metrics",
+                                group="evaluation (aecurves eval-curve: every curve and its segment)")
+    device: str = same_as(TrainConfig, "device")
+    precision: str = same_as(TrainConfig, "precision")
+    vgg_weights: str = same_as(TrainConfig, "vgg_weights")
+    no_progress: bool = same_as(TrainConfig, "no_progress")
+    given: tuple = _given()
+
+
+COMMANDS = {"train": TrainConfig, "train-curve": TrainCurveConfig, "eval-curve": EvalCurveConfig,
+            "export-point": ExportPointConfig, "study": StudyConfig, "report": ReportConfig}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def value_type(f: dataclasses.Field):
+    """The type a field's values have, without its `| None`."""
+    tp = f.type
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) or tp
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    if f.metadata.get("shown") is not None:
+        return f.metadata["shown"]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return "none" if default is None else str(default)
+
+
+def parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"--model-kwargs takes a JSON object such as '{{\"hidden\": 512}}'; {text!r} is not JSON "
+                        f"({exc}).") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--model-kwargs takes a JSON object such as '{{\"hidden\": 512}}', got {text!r}.")
+    return value
+
+
+def validate(cfg) -> None:
+    """Bounds, choices and types of every field, for configs from the CLI and from Python alike."""
+    for f in dataclasses.fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None or not meta.get("cli", True):
+            continue
+        name, kind = flag_name(f.name), value_type(f)
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+            raise UserError(f"{name} must be an integer, got {value!r}.")
+        if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise UserError(f"{name} must be a number, got {value!r}.")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise UserError(f"Unknown {name} {value!r}; choose one of: {', '.join(meta['choices'])}.")
+        if meta.get("minimum") is not None and value < meta["minimum"]:
+            raise UserError(f"{name} must be at least {meta['minimum']}, got {value}.")
+        if meta.get("positive") and not value > 0:
+            raise UserError(f"{name} must be positive, got {value}.")
+
+
+def make(cls, given: dict):
+    """A config of `cls` from the fields set explicitly (the rest take their defaults), validated."""
+    unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    cfg = cls(**given, given=tuple(given))
+    validate(cfg)
+    return cfg
+
+
+def as_record(cfg) -> dict:
+    """The config as a plain dict for checkpoints and JSON (no `given`)."""
+    record = dataclasses.asdict(cfg)
+    record.pop("given", None)
+    return record
+
+
+def is_given(cfg, name: str) -> bool:
+    return name in cfg.given
+
+
+def settle_with_checkpoint(cfg, saved: dict, keys, where, legacy: dict | None = None, same=None) -> None:
+    """On --resume: each of `keys` not given explicitly takes the checkpoint's value; one given explicitly must
+    agree with it (a run would otherwise mix two trainings under one record). `same(k, a, b)` compares."""
+    legacy = legacy or {}
+    same = same or (lambda k, a, b: a == b)
+    differ = []
+    for k in keys:
+        before = saved.get(k, legacy.get(k, getattr(cfg, k)))
+        if not is_given(cfg, k):
+            setattr(cfg, k, before)
+        elif not same(k, before, getattr(cfg, k)):
+            differ.append(f"{k}={before!r} vs {k}={getattr(cfg, k)!r}")
+    if differ:
+        raise UserError(f"The checkpoint {where} does not match this run: " + "; ".join(differ)
+                        + " (checkpoint vs requested). Drop those flags to resume with the checkpoint's settings, "
+                        "or start a new run in another --out folder.")

@@ -6,8 +6,10 @@ The module is never rewritten: its parameters are replaced by θ(t) at call time
 Each bend is stored as one flat vector, so θ(t) and its squared norm cost a few vector operations.
 """
 
+import copy
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -121,9 +123,6 @@ class Curve(nn.Module):
             alpha = k / (self.num_bends - 1)
             self.bends[k].copy_((1 - alpha) * first + alpha * last)
 
-    def coefficients(self, t) -> torch.Tensor:
-        return self.coeffs(t)
-
     def flat_at(self, t) -> torch.Tensor:
         """θ(t) as one flat vector; exact at the bends (1·θ_k + 0·rest is θ_k bit for bit)."""
         c = self.coeffs(t).tolist()
@@ -229,3 +228,32 @@ class CurvePoint(nn.Module):
     def train(self, mode: bool = True):
         self.curve.train(mode)
         return self
+
+
+def make_segment(base: torch.nn.Module, start_state: dict, end_state: dict) -> Curve:
+    """The straight segment θ(t) = (1 − t)·θ_A + t·θ_B as a Curve (PolyChain with 2 fixed bends)."""
+    segment = Curve(base, "polychain", 2, fix_start=True, fix_end=True)
+    segment.set_endpoints(start_state, end_state)
+    return segment
+
+
+def segment_of(curve: Curve) -> Curve:
+    """The segment between a curve's first and last bend, with the endpoints' own BN buffers."""
+    states = []
+    for k, buffers in ((0, curve.endpoint_buffers[0]), (-1, curve.endpoint_buffers[1])):
+        weights = curve.unflatten(curve.bends[k].detach().cpu().clone())
+        states.append({**weights, **(buffers or {})})
+    base = copy.deepcopy(curve.base).cpu()
+    return make_segment(base, *states).to(curve.bends[0].device)
+
+
+@torch.no_grad()
+def step_lengths(curve: Curve, ts) -> np.ndarray:
+    """dl[i] = ‖θ(t_i) − θ(t_{i-1})‖ (dl[0] = 0), in float64 from curve.flat_at."""
+    dl = np.zeros(len(ts))
+    prev = curve.flat_at(float(ts[0])).double()
+    for i in range(1, len(ts)):
+        cur = curve.flat_at(float(ts[i])).double()
+        dl[i] = (cur - prev).norm().item()
+        prev = cur
+    return dl

@@ -23,7 +23,6 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -33,10 +32,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from aecurves import runtime
+from aecurves.config import DATASETS, DEFAULT_IMAGE_SIZE
 from aecurves.errors import UserError
-
-DATASETS = ("celeba", "folder", "lfw", "synthetic")
-DEFAULT_IMAGE_SIZE = {"celeba": 64, "folder": 64, "synthetic": 64, "lfw": 32}
+from aecurves.files import new_temp_file, write_json
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # The usual 64x64 CelebA crop is a centered 140x140 square of the 178x218 originals. It is expressed as a
 # fraction of the width so that downscaled copies give the same faces.
@@ -348,25 +347,6 @@ def _decode_into(out: np.ndarray, files: _Files, names: list[str], desc: str, pr
 # cache
 
 
-def _temp_file(folder: pathlib.Path, prefix: str) -> str:
-    """A new empty file in folder (same file system, so os.replace is atomic), readable like a normal file."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix + ".", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-    return tmp
-
-
-def _atomic_json(path: pathlib.Path, obj) -> None:
-    tmp = _temp_file(path.parent, path.name)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _open_cache(npy: pathlib.Path, meta_path: pathlib.Path, key: str):
     """Return (memmap, metadata) when a complete cache for key exists, else None."""
     try:
@@ -414,7 +394,7 @@ def _load_cached(
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_file(cache_dir, stem)
+        tmp = str(new_temp_file(cache_dir, stem))
     except OSError as exc:
         raise UserError(
             f"Cannot write the image cache in {cache_dir} ({exc}). Pass a writable folder with --cache-dir "
@@ -439,7 +419,7 @@ def _load_cached(
                   f"(first error, {order[first]}: {errors[first]})")
             # Rare path: copy the good rows into a smaller file (the .npy header fixes the shape).
             keep = np.array([i for i in range(len(order)) if i not in errors])
-            tmp2 = _temp_file(cache_dir, stem)
+            tmp2 = str(new_temp_file(cache_dir, stem))
             tmp_files.append(tmp2)
             kept = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8, shape=(len(keep),) + out.shape[1:])
             for start in range(0, len(keep), 1024):
@@ -456,12 +436,19 @@ def _load_cached(
                 "names": order, "skipped": skipped, "partition_counts": counts}
         # The .npy goes in place first: a .json with a matching key then always means a complete cache.
         os.replace(tmp, npy)
-        _atomic_json(meta_path, meta)
+        write_json(meta_path, meta)
     finally:
         for path in tmp_files:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     return np.load(npy, mmap_mode="c"), meta
+
+
+def load_data_once(info: runtime.Dist, progress: bool, **kwargs) -> ImageData:
+    """load_data() under torchrun: rank 0 builds the image cache; the other ranks wait for it, then read it."""
+    data = load_data(**kwargs, progress=progress) if info.is_main else None
+    runtime.barrier()
+    return data if data is not None else load_data(**kwargs, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

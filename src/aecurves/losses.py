@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aecurves.config import LOSSES
 from aecurves.errors import UserError
 
-LOSSES = ("mse", "vgg")
 # Indices in torchvision's vgg16().features right after relu1_2, relu2_2, relu3_3 and relu4_3.
 VGG_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

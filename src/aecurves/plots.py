@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from aecurves.checkpoint import atomic_path
+from aecurves.files import atomic_path
 
 # Reconstruction grids: cells are upscaled (nearest) to at least MIN_CELL pixels so a label fits above each.
 MIN_CELL = 64

@@ -18,12 +18,14 @@ import html
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from aecurves.checkpoint import atomic_path, write_json
-from aecurves.config import BN_IMAGES, TRAIN_IMAGES
+from aecurves.config import BN_IMAGES, TRAIN_IMAGES, ReportConfig
+from aecurves.errors import UserError
+from aecurves.files import atomic_path, read_json, read_jsonl, write_json
 
 REPORT_VERSION = 1
 FILES_DIR = "report_files"
@@ -59,15 +61,8 @@ code{background:#f4f4f6;padding:0 .25em;border-radius:3px}
 # reading
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def read_report_json(study_dir) -> dict:
-    data = _read_json(Path(study_dir) / "report.json")
+    data = read_json(Path(study_dir) / "report.json")
     return data if isinstance(data, dict) else {}
 
 
@@ -76,13 +71,6 @@ PROTOCOL_DEVIATION = ("The train-metric subset is stratified by the start endpoi
                       "real CelebA images (benchmarks/eval_protocol.py), subsets of the default size keep every "
                       "measured point within 1% of --full at three standard deviations; the README's "
                       "evaluation-protocol section gives the table.")
-
-
-def _jsonl(path: Path) -> list[dict]:
-    try:
-        return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except (OSError, ValueError):
-        return []
 
 
 def _gain(rows: list[dict]) -> float | None:
@@ -96,10 +84,8 @@ def _gain(rows: list[dict]) -> float | None:
 
 
 def _study(study_dir: Path) -> dict:
-    study = _read_json(study_dir / "study.json")
+    study = read_json(study_dir / "study.json")
     if not isinstance(study, dict) or "groups" not in study:
-        from aecurves.errors import UserError
-
         raise UserError(f"{study_dir} is not a study folder: it has no readable study.json (written by "
                         "`aecurves study`).")
     return study
@@ -152,7 +138,7 @@ def collect(study_dir) -> dict:
         pairs, evals = [], {}
         for pair in group["pairs"]:
             a, b = pair["seeds"]
-            record = _read_json(study_dir / pair["eval"] / "eval.json")
+            record = read_json(study_dir / pair["eval"] / "eval.json")
             p = {"seeds": [a, b], "eval": pair["eval"], "curve_folder": pair["curve"], "available": False}
             if isinstance(record, dict) and "summary" in record:
                 s = record["summary"]
@@ -174,7 +160,7 @@ def collect(study_dir) -> dict:
         for seed, folder in group["endpoints"].items():
             seed = int(seed)
             e = {"seed": seed, "folder": folder}
-            rows = _jsonl(study_dir / folder / "metrics.jsonl")
+            rows = read_jsonl(study_dir / folder / "metrics.jsonl")
             if rows:
                 last = rows[-1]
                 e["training"] = {"epoch": last.get("epoch"), "train_loss": last.get("train_loss"),
@@ -290,24 +276,57 @@ def summary_sentences(loss: str, g: dict) -> list[str]:
 # document: a list of blocks, rendered to markdown and to HTML (so both hold the same content)
 
 
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Paragraph:
+    text: str
+    cls: str | None = None  # a box: "summary", "warn" or "muted"
+
+
+@dataclass
+class Items:
+    items: list
+    cls: str | None = None
+
+
+@dataclass
+class Table:
+    headers: list
+    rows: list
+    numeric_from: int = 1  # columns from this one on are right-aligned numbers
+
+
+@dataclass
+class Figure:
+    rel: str              # path relative to the study folder
+    caption: str
+    pixels: bool = False  # small images: scale without smoothing
+    scale: int = 1
+
+
 class Doc:
     def __init__(self):
         self.blocks = []
 
     def h(self, level: int, text: str):
-        self.blocks.append(("h", level, text))
+        self.blocks.append(Heading(level, text))
 
     def p(self, text: str, cls: str | None = None):
-        self.blocks.append(("p", text, cls))
+        self.blocks.append(Paragraph(text, cls))
 
     def ul(self, items: list[str], cls: str | None = None):
-        self.blocks.append(("ul", items, cls))
+        self.blocks.append(Items(items, cls))
 
     def table(self, headers: list[str], rows: list[list[str]], numeric_from: int = 1):
-        self.blocks.append(("table", headers, rows, numeric_from))
+        self.blocks.append(Table(headers, rows, numeric_from))
 
     def img(self, rel: str, caption: str, pixels: bool = False, scale: int = 1):
-        self.blocks.append(("img", rel, caption, pixels, scale))
+        self.blocks.append(Figure(rel, caption, pixels, scale))
 
 
 def _md_cell(text) -> str:
@@ -317,20 +336,19 @@ def _md_cell(text) -> str:
 def to_markdown(doc: Doc) -> str:
     lines = []
     for b in doc.blocks:
-        if b[0] == "h":
-            lines += ["#" * b[1] + " " + b[2], ""]
-        elif b[0] == "p":
-            lines += [("> " if b[2] else "") + b[1], ""]
-        elif b[0] == "ul":
-            lines += [("> " if b[2] else "") + "- " + item for item in b[1]] + [""]
-        elif b[0] == "table":
-            headers, rows = b[1], b[2]
-            lines.append("| " + " | ".join(_md_cell(h) for h in headers) + " |")
-            lines.append("|" + "|".join("---" if i < b[3] else "---:" for i in range(len(headers))) + "|")
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+        if isinstance(b, Heading):
+            lines += ["#" * b.level + " " + b.text, ""]
+        elif isinstance(b, Paragraph):
+            lines += [("> " if b.cls else "") + b.text, ""]
+        elif isinstance(b, Items):
+            lines += [("> " if b.cls else "") + "- " + item for item in b.items] + [""]
+        elif isinstance(b, Table):
+            lines.append("| " + " | ".join(_md_cell(h) for h in b.headers) + " |")
+            lines.append("|" + "|".join("---" if i < b.numeric_from else "---:" for i in range(len(b.headers))) + "|")
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
             lines.append("")
-        elif b[0] == "img":
-            lines += [f"![{b[2]}]({b[1]})", "", f"*{b[2]}*", ""]
+        elif isinstance(b, Figure):
+            lines += [f"![{b.caption}]({b.rel})", "", f"*{b.caption}*", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -340,36 +358,36 @@ def to_html(doc: Doc, study_dir: Path, title: str) -> str:
              f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
              f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"]
     for b in doc.blocks:
-        if b[0] == "h":
-            parts.append(f"<h{b[1]}>{esc(b[2])}</h{b[1]}>")
-        elif b[0] == "p":
-            cls = f" class=\"box {b[2]}\"" if b[2] else ""
-            parts.append(f"<p{cls}>{esc(b[1])}</p>")
-        elif b[0] == "ul":
-            items = "".join(f"<li>{esc(i)}</li>" for i in b[1])
-            parts.append(f"<div class=\"box {b[2]}\"><ul>{items}</ul></div>" if b[2] else f"<ul>{items}</ul>")
-        elif b[0] == "table":
-            head = "".join(f"<th>{esc(h)}</th>" for h in b[1])
+        if isinstance(b, Heading):
+            parts.append(f"<h{b.level}>{esc(b.text)}</h{b.level}>")
+        elif isinstance(b, Paragraph):
+            cls = f" class=\"box {b.cls}\"" if b.cls else ""
+            parts.append(f"<p{cls}>{esc(b.text)}</p>")
+        elif isinstance(b, Items):
+            items = "".join(f"<li>{esc(i)}</li>" for i in b.items)
+            parts.append(f"<div class=\"box {b.cls}\"><ul>{items}</ul></div>" if b.cls else f"<ul>{items}</ul>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{esc(h)}</th>" for h in b.headers)
             body = "".join("<tr>" + "".join(
-                f"<td class=\"num\">{esc(str(c))}</td>" if i >= b[3] else f"<td>{esc(str(c))}</td>"
-                for i, c in enumerate(row)) + "</tr>" for row in b[2])
+                f"<td class=\"num\">{esc(str(c))}</td>" if i >= b.numeric_from else f"<td>{esc(str(c))}</td>"
+                for i, c in enumerate(row)) + "</tr>" for row in b.rows)
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif b[0] == "img":
-            path = study_dir / b[1]
+        elif isinstance(b, Figure):
+            path = study_dir / b.rel
             if path.is_file():
                 data = base64.b64encode(path.read_bytes()).decode("ascii")
                 src = f"data:image/png;base64,{data}"
             else:
-                src = esc(b[1])
-            cls = " class=\"pixels\"" if b[3] else ""
+                src = esc(b.rel)
+            cls = " class=\"pixels\"" if b.pixels else ""
             size = ""
-            if b[4] > 1 and path.is_file():
+            if b.scale > 1 and path.is_file():
                 from PIL import Image
 
                 with Image.open(path) as im:
-                    size = f" width=\"{im.width * b[4]}\""
-            parts.append(f"<figure{cls}><img src=\"{src}\"{size} alt=\"{esc(b[2])}\"><figcaption>{esc(b[2])}"
-                         "</figcaption></figure>")
+                    size = f" width=\"{im.width * b.scale}\""
+            parts.append(f"<figure{cls}><img src=\"{src}\"{size} alt=\"{esc(b.caption)}\"><figcaption>"
+                         f"{esc(b.caption)}</figcaption></figure>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -575,7 +593,7 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
           "curves/{loss}_seed{a}-seed{b}/eval/: aecurves eval-curve of each curve and of its segment (eval.json, "
           "curve.npz with segment_* arrays); study.json: the resolved configuration; report.json: every number "
           f"above. Written {time.strftime('%Y-%m-%d %H:%M')} from the files of {study_dir.resolve()}; regenerate with "
-          f"python -c \"from aecurves.report import write_report; write_report('{study_dir}')\".", "muted")
+          f"`aecurves report {study_dir}`.", "muted")
     return doc, lines
 
 
@@ -598,3 +616,11 @@ def write_report(study_dir) -> dict:
     write_json(study_dir / "report.json", record)  # last: its fingerprint marks the report complete
     print(f"wrote report.html, report.md, report.json and {FILES_DIR}/ in {study_dir}")
     return record
+
+
+def run(cfg: ReportConfig) -> dict:
+    """`aecurves report DIR`."""
+    study_dir = Path(cfg.study_dir)
+    if not study_dir.is_dir():
+        raise UserError(f"{study_dir} is not a folder; pass the folder of a study (the --out of `aecurves study`).")
+    return write_report(study_dir)

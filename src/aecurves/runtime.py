@@ -7,10 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from aecurves.config import DEVICES, PRECISIONS
 from aecurves.errors import UserError
-
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass

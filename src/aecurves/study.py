@@ -4,8 +4,9 @@ For every loss in `losses` (default mse, vgg) and every seed in `seeds` (default
 trained; within each loss group every pair of endpoints is connected by a curve (Bezier, 3 bends, both ends
 fixed); every curve is evaluated at `num_points` values of t together with the straight segment between
 its ends; finally report.html / report.md are written. Each stage calls the same function as its own
-subcommand (train.run, train_curve.run, evaluate.run) with the configuration dict that subcommand's
-argparse would build, so defaults cannot drift and each stage folder holds exactly that command's files.
+subcommand (train.run, train_curve.run, eval_curve.run), with that command's config dataclass built directly
+from the study's settings (config.py), so defaults cannot drift and each stage folder holds exactly that
+command's files.
 
 Layout of the study folder (`--out`, default runs/study):
 
@@ -36,52 +37,23 @@ Outputs from the same commands run by hand (e.g. endpoints trained under torchru
 endpoints/mse_seed1) are adopted when they match.
 """
 
-import hashlib
 import itertools
-import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aecurves.checkpoint import write_json
-from aecurves.config import BN_IMAGES, TRAIN_IMAGES
+from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, LOSSES, PRESETS, EvalCurveConfig, StudyConfig, \
+    TrainConfig, TrainCurveConfig, as_record, make, validate
 from aecurves.errors import UserError
+from aecurves.files import read_json, sha256, write_json
 
 FORMAT_VERSION = 1
-LOSSES = ("mse", "vgg")
 STAGE_RECORD = "study_stage.json"
-
-# Values every preset shares; a preset overrides some; any flag given explicitly overrides both.
-COMMON = {
-    "out": "runs/study", "losses": "mse,vgg", "seeds": "1,2,3",
-    "dataset": None, "data_dir": None, "image_size": None, "limit": None, "val_fraction": 0.1, "use_test": False,
-    "cache_dir": None,
-    "epochs": None, "lr": None, "lr_schedule": "paper", "batch_size": None, "latent_dim": 128, "width": 32,
-    "save_every_epoch": 5,
-    "curve": "Bezier", "num_bends": 3, "curve_epochs": None, "curve_lr": None, "curve_lr_schedule": "paper",
-    "t_sampling": "stratified",
-    "wd": 0.0, "num_points": 61, "bn_images": BN_IMAGES, "train_images": TRAIN_IMAGES,
-    "device": "auto", "precision": "auto", "vgg_weights": "imagenet",
-}
-PRESETS = {
-    # The embedded LFW faces (100 grayscale 32x32 images, 86 train / 14 held out) and a narrower network: the
-    # whole study takes minutes on a 2-core CPU (the README gives the measured time) and shows a clear barrier
-    # on every segment that the curves remove almost entirely.
-    "demo": {"dataset": "lfw", "image_size": 32, "epochs": 60, "lr": 3e-3, "batch_size": 32, "latent_dim": 128,
-             "width": 16, "save_every_epoch": 20, "curve_epochs": 60, "curve_lr": 3e-3, "num_points": 61},
-    # The founding document's setting: CelebA 64x64, bottleneck 128, batch 64, 30 epochs at Adam lr 1e-4.
-    # Curves: 10 epochs (~25,000 Adam steps on CelebA's 162,770 training images) at the endpoints' lr 1e-4.
-    "celeba": {"dataset": "celeba", "image_size": 64, "epochs": 30, "lr": 1e-4, "batch_size": 64,
-               "latent_dim": 128, "width": 32, "save_every_epoch": 5, "curve_epochs": 10, "curve_lr": 1e-4,
-               "num_points": 61},
-}
-DEFAULT_PRESET = "demo"
-# Flags that a preset may set (all default to None in argparse, so "given explicitly" is detectable).
-CONFIG_KEYS = tuple(COMMON)
+INTERRUPTED = ("\ninterrupted; every finished stage is kept in {out}. Re-run the same command to continue: finished "
+               "stages are skipped and an interrupted training stage resumes from its last checkpoint.")
 
 # Settings that define each stage's result, read back from its outputs to judge whether they still fit.
 ENDPOINT_SETTINGS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "loss", "seed",
@@ -92,26 +64,22 @@ EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images"
                  "use_test")
 VGG_COST = 8.0  # first guess of a vgg stage's cost relative to the same mse stage (the estimate then measures it)
 RUNTIME_NOTE = "device, precision, progress bars and the cache folder never invalidate finished stages"
+VGG_REMEDY = ("Re-run the same command with --vgg-weights PATH (a saved vgg16 state dict), or once torchvision's "
+              "VGG16 ImageNet file is in its cache (see the reason); the finished stages are kept and only the vgg "
+              "group runs.")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # configuration
 
 
-def resolve_config(flags: dict) -> dict:
-    """Preset values, overridden by every flag given explicitly (not None), validated and normalised."""
-    preset = flags.get("preset") or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise UserError(f"Unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
-    cfg = {**COMMON, **PRESETS[preset]}
-    explicit = {k: flags[k] for k in CONFIG_KEYS if flags.get(k) is not None}
-    for k in ("use_test",):  # store_true flags: only True counts as given
-        if explicit.get(k) is False:
-            explicit.pop(k)
-    cfg.update(explicit)
-    cfg["preset"] = preset
-    cfg["no_progress"] = bool(flags.get("no_progress"))
-    cfg["force"] = list(flags.get("force") or [])
+def resolve_config(config: StudyConfig) -> dict:
+    """The study's settings: the preset's values for every field left at None, validated and normalised."""
+    validate(config)
+    cfg = as_record(config)
+    for k, v in PRESETS[config.preset].items():
+        if cfg[k] is None:
+            cfg[k] = v
 
     losses = [s.strip().lower() for s in str(cfg["losses"]).split(",") if s.strip()]
     bad = [s for s in losses if s not in LOSSES]
@@ -129,24 +97,9 @@ def resolve_config(flags: dict) -> dict:
                         f"got {cfg['seeds']!r}.")
     cfg["seeds"] = sorted(seeds)
 
-    for key in ("epochs", "curve_epochs", "batch_size", "latent_dim", "width", "save_every_epoch", "bn_images",
-                "train_images", "limit", "image_size"):
-        v = cfg[key]
-        if v is not None and v < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {v}.")
-    if cfg["num_points"] < 2:
-        raise UserError(f"--num-points must be at least 2 (t = 0 and t = 1), got {cfg['num_points']}.")
-    for key in ("lr", "curve_lr"):
-        if not cfg[key] > 0:
-            raise UserError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}.")
-    if cfg["wd"] < 0:
-        raise UserError(f"--wd must not be negative, got {cfg['wd']}.")
     from aecurves.curves import make_coefficients
 
     cfg["curve"] = make_coefficients(cfg["curve"], cfg["num_bends"]).name
-    if cfg["num_bends"] < 3:
-        raise UserError(f"--num-bends must be at least 3 in a study (both ends are fixed, so 2 bends leave nothing "
-                        f"to train: that is the segment, which the study evaluates anyway); got {cfg['num_bends']}.")
     if cfg["dataset"] in ("celeba", "folder") and not cfg["data_dir"]:
         where = ("the folder holding img_align_celeba/ (or img_align_celeba.zip) and, optionally, "
                  "list_eval_partition.txt" if cfg["dataset"] == "celeba" else "a folder of images")
@@ -157,70 +110,62 @@ def resolve_config(flags: dict) -> dict:
     if cfg["data_dir"]:
         cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
     if cfg["image_size"] is None:
-        from aecurves.data import DEFAULT_IMAGE_SIZE
-
         cfg["image_size"] = DEFAULT_IMAGE_SIZE.get(cfg["dataset"], 64)
+    if cfg["model"] != BUILTIN_MODEL:
+        if "width" in config.given:
+            raise UserError(f"--width is a setting of the built-in model; pass the settings of --model "
+                            f"{cfg['model']} with --model-kwargs JSON.")
+        cfg["width"] = None
     return cfg
 
 
-def _parse(subcommand: str, argv: list) -> dict | None:
-    """vars() of the subcommand's own argparse result for `argv`, or None if the subcommand does not exist."""
-    from aecurves import cli
-
-    parser = cli.get_args_parser()
-    choices = next((a.choices for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)),
-                   {})
-    if subcommand not in choices:
-        return None
-    return vars(parser.parse_args([subcommand, *[str(a) for a in argv]]))
+def _runtime(cfg: dict) -> dict:
+    return {"device": cfg["device"], "precision": cfg["precision"], "vgg_weights": cfg["vgg_weights"],
+            "no_progress": cfg["no_progress"]}
 
 
-def _runtime_argv(cfg: dict) -> list:
-    argv = ["--device", cfg["device"], "--precision", cfg["precision"], "--vgg-weights", cfg["vgg_weights"]]
-    return argv + (["--no-progress"] if cfg["no_progress"] else [])
+def _custom_model(cfg: dict) -> dict:
+    """--model for the stages that read checkpoints: needed (only) for a factory outside aecurves."""
+    return {} if cfg["model"] == BUILTIN_MODEL else {"model": cfg["model"]}
 
 
-def train_cfg(cfg: dict, loss: str, seed: int, out: Path, resume: bool) -> dict:
-    """The dict `aecurves train ...` builds for one endpoint."""
-    argv = ["--dataset", cfg["dataset"], "--image-size", cfg["image_size"], "--val-fraction", cfg["val_fraction"],
-            "--loss", loss, "--seed", seed, "--latent-dim", cfg["latent_dim"], "--width", cfg["width"],
-            "--batch-size", cfg["batch_size"], "--epochs", cfg["epochs"], "--lr", cfg["lr"],
-            "--lr-schedule", cfg["lr_schedule"], "--save-every-epoch", cfg["save_every_epoch"], "--out", out,
-            *_runtime_argv(cfg)]
-    argv += ["--data-dir", cfg["data_dir"]] if cfg["data_dir"] else []
-    argv += ["--limit", cfg["limit"]] if cfg["limit"] else []
-    argv += ["--use-test"] if cfg["use_test"] else []
-    argv += ["--cache-dir", cfg["cache_dir"]] if cfg["cache_dir"] else []
-    argv += ["--resume"] if resume else []
-    return _parse("train", argv)
+def _set(cfg: dict, *keys: str) -> dict:
+    """The study settings among `keys` that are set (not None, not False): passed to a stage as given."""
+    return {k: cfg[k] for k in keys if cfg[k] not in (None, False)}
 
 
-def curve_cfg(cfg: dict, start: Path, end: Path, out: Path, resume: bool) -> dict:
-    """The dict `aecurves train-curve ...` builds for one pair (data and loss: the endpoints')."""
-    argv = ["--init-start", start, "--init-end", end, "--curve", cfg["curve"], "--num-bends", cfg["num_bends"],
-            "--fix-start", "--fix-end", "--epochs", cfg["curve_epochs"], "--lr", cfg["curve_lr"],
-            "--lr-schedule", cfg["curve_lr_schedule"], "--t-sampling", cfg["t_sampling"],
-            "--bn-images", cfg["bn_images"], "--wd", cfg["wd"],
-            "--batch-size", cfg["batch_size"], "--out", out, *_runtime_argv(cfg)]
-    argv += ["--cache-dir", cfg["cache_dir"]] if cfg["cache_dir"] else []
-    argv += ["--resume"] if resume else []
-    return _parse("train-curve", argv)
+def train_config(cfg: dict, loss: str, seed: int, out: Path, resume: bool) -> TrainConfig:
+    """The config of `aecurves train` for one endpoint."""
+    given = {"dataset": cfg["dataset"], "image_size": cfg["image_size"], "val_fraction": cfg["val_fraction"],
+             "loss": loss, "seed": seed, "latent_dim": cfg["latent_dim"], "batch_size": cfg["batch_size"],
+             "epochs": cfg["epochs"], "lr": cfg["lr"], "lr_schedule": cfg["lr_schedule"],
+             "save_every_epoch": cfg["save_every_epoch"], "out": str(out), "model": cfg["model"],
+             "model_kwargs": cfg["model_kwargs"], **_runtime(cfg),
+             **_set(cfg, "width", "data_dir", "limit", "use_test", "cache_dir")}
+    if resume:
+        given["resume"] = True
+    return make(TrainConfig, given)
 
 
-def eval_cfg(cfg: dict, ckpt: Path, out: Path) -> dict:
-    """The dict `aecurves eval-curve --ckpt CKPT ...` builds: the curve and its segment, in one evaluation."""
-    from aecurves import evaluate
+def curve_config(cfg: dict, start: Path, end: Path, out: Path, resume: bool) -> TrainCurveConfig:
+    """The config of `aecurves train-curve` for one pair (data and loss: the endpoints')."""
+    given = {"init_start": str(start), "init_end": str(end), "curve": cfg["curve"], "num_bends": cfg["num_bends"],
+             "fix_start": True, "fix_end": True, "epochs": cfg["curve_epochs"], "lr": cfg["curve_lr"],
+             "lr_schedule": cfg["curve_lr_schedule"], "t_sampling": cfg["t_sampling"], "bn_images": cfg["bn_images"],
+             "wd": cfg["wd"], "batch_size": cfg["batch_size"], "out": str(out), **_runtime(cfg),
+             **_set(cfg, "cache_dir"), **_custom_model(cfg)}
+    if resume:
+        given["resume"] = True
+    return make(TrainCurveConfig, given)
 
-    parsed = _parse("eval-curve", ["--ckpt", ckpt])
-    base = dict(evaluate.DEFAULTS)
-    if parsed is not None:
-        base.update(parsed)
-    base.update({"ckpt": str(ckpt), "segment": None, "segment_too": True, "out": str(out),
-                 "num_points": cfg["num_points"], "bn_images": cfg["bn_images"], "train_images": cfg["train_images"],
-                 "device": cfg["device"], "precision": cfg["precision"], "vgg_weights": cfg["vgg_weights"],
-                 "cache_dir": cfg["cache_dir"],
-                 "no_progress": cfg["no_progress"], "use_test": cfg["use_test"]})
-    return base
+
+def eval_config(cfg: dict, ckpt: Path, out: Path) -> EvalCurveConfig:
+    """The config of `aecurves eval-curve --ckpt CKPT`: the curve and its segment, in one evaluation."""
+    given = {"ckpt": str(ckpt), "segment_too": True, "out": str(out), "num_points": cfg["num_points"],
+             "bn_images": cfg["bn_images"], "train_images": cfg["train_images"], "device": cfg["device"],
+             "vgg_weights": cfg["vgg_weights"], "cache_dir": cfg["cache_dir"], "no_progress": cfg["no_progress"],
+             "use_test": cfg["use_test"], **_custom_model(cfg)}
+    return make(EvalCurveConfig, given)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,21 +235,6 @@ def select_forced(selectors: list[str], stages: list[Stage]) -> set[str]:
     return chosen
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _load_ckpt(path: Path, kind: str):
     """A checkpoint of `kind`, or None when missing or unreadable."""
     from aecurves.checkpoint import load_checkpoint
@@ -343,18 +273,18 @@ class Study:
     def expected(self, st: Stage) -> dict:
         root = self.root
         if st.kind == "endpoint":
-            c = train_cfg(self.cfg, st.loss, st.seeds[0], root / st.folder, False)
-            keys = ENDPOINT_SETTINGS + (("vgg_weights",) if st.loss == "vgg" else ())
+            c = train_config(self.cfg, st.loss, st.seeds[0], root / st.folder, False)
+            keys = ENDPOINT_SETTINGS
         elif st.kind == "curve":
-            c = curve_cfg(self.cfg, *(root / p for p in st.inputs), root / st.folder, False)
-            c["seed"] = 1 if c.get("seed") is None else c["seed"]  # train_curve's default
-            keys = CURVE_SETTINGS + (("vgg_weights",) if st.loss == "vgg" else ())
+            c = curve_config(self.cfg, *(root / p for p in st.inputs), root / st.folder, False)
+            keys = CURVE_SETTINGS
         elif st.kind == "eval":
-            c = eval_cfg(self.cfg, root / st.inputs[0], root / st.folder)
-            keys = EVAL_SETTINGS + (("vgg_weights",) if st.loss == "vgg" else ())
+            c = eval_config(self.cfg, root / st.inputs[0], root / st.folder)
+            keys = EVAL_SETTINGS
         else:
             return {}
-        return {k: c.get(k) for k in keys}
+        record = as_record(c)
+        return {k: record[k] for k in keys + (("vgg_weights",) if st.loss == "vgg" else ())}
 
     def recorded(self, st: Stage) -> tuple[dict | None, dict]:
         """(settings recorded by the stage's outputs or None when there are none, facts about completeness)."""
@@ -511,18 +441,17 @@ def check_vgg(weights: str) -> str | None:
     return None
 
 
-def vgg_remedy(cfg: dict) -> str:
-    return ("Re-run the same command with --vgg-weights PATH (a saved vgg16 state dict), or once torchvision's "
-            "VGG16 ImageNet file is in its cache (see the reason); the finished stages are kept and only the vgg "
-            "group runs.")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # running
 
 
-def run(cfg: dict) -> dict:
-    """Runs (or resumes) the study described by the resolved `cfg` (see resolve_config); returns a summary."""
+def run(config: StudyConfig) -> dict:
+    """Runs (or resumes) the study `config` describes; returns a summary."""
+    return run_study(resolve_config(config))
+
+
+def run_study(cfg: dict) -> dict:
+    """Runs (or resumes) the study described by the resolved settings `cfg` (see resolve_config)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("`aecurves study` runs as one process (evaluations and the report are single-process), "
                         "so do not start it with torchrun. It uses one GPU with --device cuda. To train the "
@@ -559,7 +488,7 @@ def run(cfg: dict) -> dict:
         if loss == "vgg":
             reason = check_vgg(cfg["vgg_weights"])
             if reason:
-                group.update(status="skipped", reason=reason, remedy=vgg_remedy(cfg))
+                group.update(status="skipped", reason=reason, remedy=VGG_REMEDY)
                 print(f"\nvgg group SKIPPED: {reason}\nremedy: {group['remedy']}\n", flush=True)
             elif cfg["vgg_weights"] == "random":
                 group["warning"] = ("--vgg-weights random: the vgg group was trained and evaluated with UNTRAINED "
@@ -640,17 +569,17 @@ def run(cfg: dict) -> dict:
 
 def run_stage(study: Study, st: Stage, resume: bool) -> None:
     """One stage through the same function as its subcommand; study_stage.json marks it started, then done."""
-    from aecurves import evaluate, train, train_curve
+    from aecurves import eval_curve, train, train_curve
 
     root = study.root
     folder = root / st.folder
     study.write_record(st, "started")
     if st.kind == "endpoint":
-        train.run(train_cfg(study.cfg, st.loss, st.seeds[0], folder, resume))
+        train.run(train_config(study.cfg, st.loss, st.seeds[0], folder, resume))
     elif st.kind == "curve":
-        train_curve.run(curve_cfg(study.cfg, *(root / p for p in st.inputs), folder, resume))
+        train_curve.run(curve_config(study.cfg, *(root / p for p in st.inputs), folder, resume))
     elif st.kind == "eval":
-        evaluate.run(eval_cfg(study.cfg, root / st.inputs[0], folder))
+        eval_curve.run(eval_config(study.cfg, root / st.inputs[0], folder))
     study.write_record(st, "done")
 
 
@@ -667,16 +596,3 @@ def run_report_stage(study: Study, st: Stage) -> None:
         return
     report.write_report(study.root)
     study.ran.append(st.name)
-
-
-def main(args) -> int:
-    """`aecurves study` from parsed arguments; returns the exit status."""
-    cfg = resolve_config(vars(args))
-    try:
-        run(cfg)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; every finished stage is kept in {cfg['out']}. Re-run the same command to continue: "
-              "finished stages are skipped and an interrupted training stage resumes from its last checkpoint.",
-              file=sys.stderr)
-        return 130
-    return 0

@@ -1,4 +1,4 @@
-"""Tests for aecurves.evaluate (eval-curve): reproduces endpoints, path length, summaries, outputs, bad input."""
+"""Tests for aecurves.eval_curve (eval-curve): reproduces endpoints, path length, summaries, outputs, bad input."""
 
 import json
 from pathlib import Path
@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from aecurves import evaluate, plots
-from aecurves.checkpoint import load_checkpoint, save_checkpoint
-from aecurves.config import SUBSET_SEED
-from aecurves.curves import Curve
+from aecurves import eval_curve, metrics, plots
+from aecurves.checkpoint import load_checkpoint, load_curve, save_checkpoint
+from aecurves.config import SUBSET_SEED, EvalCurveConfig, make
+from aecurves.curves import Curve, make_segment, step_lengths
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.losses import MSELoss
@@ -23,6 +23,10 @@ DATA_ARGS = {"dataset": "synthetic", "data_dir": None, "image_size": 32, "limit"
              "use_test": False}
 FAST = {"num_points": 3, "bn_images": 64, "train_images": 64, "num_images": 2, "batch_size": 64, "device": "cpu",
         "vgg_weights": "random", "no_progress": True}
+
+
+def run_eval(settings: dict) -> dict:
+    return eval_curve.run(make(EvalCurveConfig, settings))
 
 
 def _endpoint_args(seed, **arch):
@@ -97,14 +101,14 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="session")
 def segment_run(setup):
     out = setup["root"] / "segment_eval"
-    summary = evaluate.run({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 3,
+    summary = run_eval({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 3,
                             "bn_images": 1024, "train_images": 1024, "num_images": 0, "out": str(out)})
     return out, summary
 
 
 @pytest.fixture(scope="session")
 def curve_run(setup):
-    summary = evaluate.run({**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 3})
+    summary = run_eval({**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 3})
     return Path(summary["out"]), summary
 
 
@@ -120,12 +124,12 @@ def _own_metrics(model, data):
 def test_t0_and_t1_reproduce_endpoints_exactly_with_their_own_buffers(setup):
     data, (ma, mb) = setup["data"], setup["models"]
     a, b = load_checkpoint(setup["a"]), load_checkpoint(setup["b"])
-    segment = evaluate.make_segment(build_model(ARCH), a["model"], b["model"])
+    segment = make_segment(build_model(ARCH), a["model"], b["model"])
     test_loader = BatchLoader(data.test, 64, "cpu")
     train_loader = BatchLoader(data.train, 64, "cpu")
     for which, t, model in ((0, 0.0, ma), (1, 1.0, mb)):
         segment.use_endpoint_buffers(which)
-        got = evaluate.evaluate_path(segment, [t], train_loader, test_loader, MSELoss())
+        got = metrics.evaluate_path(segment, [t], train_loader, test_loader, MSELoss())
         own = _own_metrics(model, data)
         for m in ("loss", "mse", "psnr"):
             assert got[f"te_{m}"][0] == pytest.approx(own[m], rel=1e-6), (t, m)
@@ -133,7 +137,7 @@ def test_t0_and_t1_reproduce_endpoints_exactly_with_their_own_buffers(setup):
         assert got["tr_loss"][0] == pytest.approx(own_train["loss"], rel=1e-6)
     # and it is the buffers that matter: the other endpoint's statistics give a different loss
     segment.use_endpoint_buffers(1)
-    other = evaluate.evaluate_path(segment, [0.0], train_loader, test_loader, MSELoss())
+    other = metrics.evaluate_path(segment, [0.0], train_loader, test_loader, MSELoss())
     assert other["te_loss"][0] != pytest.approx(_own_metrics(ma, data)["loss"], rel=1e-3)
 
 
@@ -176,8 +180,8 @@ def test_segment_outputs_agree(segment_run):
     # the summary really is computed from the series
     assert summary["te_loss_min"] == npz["te_loss"].min() and summary["tr_mse_max"] == npz["tr_mse"].max()
     assert summary["te_loss_avg"] == pytest.approx(npz["te_loss"].mean(), rel=1e-12)
-    assert summary["te_loss_int"] == pytest.approx(evaluate.dl_weighted_mean(npz["te_loss"], npz["dl"]), rel=1e-12)
-    assert summary["te_barrier"] == pytest.approx(evaluate.barrier(npz["ts"], npz["te_loss"]), rel=1e-12)
+    assert summary["te_loss_int"] == pytest.approx(metrics.dl_weighted_mean(npz["te_loss"], npz["dl"]), rel=1e-12)
+    assert summary["te_barrier"] == pytest.approx(metrics.loss_barrier(npz["ts"], npz["te_loss"]), rel=1e-12)
     assert not any(k.startswith("segment_") for k in npz)  # a segment run has no separate comparison segment
     assert "tr_perceptual" not in npz and any("perceptual metrics omitted" in n for n in record["notes"])
     assert record["kind"] == "segment" and record["bn"]["recomputed"] and record["bn"]["images"] == 235
@@ -202,7 +206,7 @@ def test_curve_run_with_its_segment(setup, curve_run):
     # both paths start and end at the same networks, evaluated with the same fixed BN subset
     assert npz["te_loss"][0] == pytest.approx(npz["segment_te_loss"][0], rel=1e-6)
     assert npz["te_loss"][-1] == pytest.approx(npz["segment_te_loss"][-1], rel=1e-6)
-    curve, _ = evaluate.load_curve(setup["curve"])
+    curve, _ = load_curve(setup["curve"])
     dist = (curve.bends[-1] - curve.bends[0]).double().norm().item()
     assert summary["segment_length"] == pytest.approx(dist, rel=1e-4)
     assert summary["length"] > summary["segment_length"]  # the bent path is longer than the chord
@@ -219,7 +223,7 @@ def test_curve_run_with_its_segment(setup, curve_run):
 def test_reconstruction_grid_holds_the_held_out_images(setup, curve_run):
     out, _ = curve_run
     originals = setup["data"].test[:3]
-    geo = plots.grid_geometry(3, 1 + evaluate.RECON_POINTS, 32, title=True)
+    geo = plots.grid_geometry(3, 1 + eval_curve.RECON_POINTS, 32, title=True)
     with Image.open(out / "reconstructions.png") as im:
         assert im.size == (geo["width"], geo["height"])
         pixels = np.asarray(im.convert("RGB"))
@@ -239,9 +243,9 @@ def test_reconstruction_grid_holds_the_held_out_images(setup, curve_run):
     data = setup["data"]
     perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(SUBSET_SEED))
     bn_loader = BatchLoader(data.train[perm[:64].sort().values], 64, "cpu")
-    curve, _ = evaluate.load_curve(setup["curve"])
+    curve, _ = load_curve(setup["curve"])
     fixed = originals.float().div(255)
-    for column, rec in zip((3, 4), evaluate.reconstructions_along(curve, [0.25, 0.375], fixed, bn_loader)):
+    for column, rec in zip((3, 4), metrics.reconstructions_along(curve, [0.25, 0.375], fixed, bn_loader)):
         expected = rec.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()
         for i in range(3):
             top, left = geo["header"] + geo["padding"] + i * step, geo["padding"] + column * step
@@ -253,13 +257,13 @@ def test_default_protocol_against_full(setup, tmp_path):
     """On a training set smaller than the default subsets, the default protocol IS --full, number for number;
     a smaller subset is really used (it changes the figures, a little)."""
     common = {**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 0, "segment_too": False}
-    defaults = {k: evaluate.DEFAULTS[k] for k in ("bn_images", "train_images", "batch_size")}
-    runs = {name: evaluate.run({**common, **extra, "out": str(tmp_path / name)})
+    defaults = {k: EvalCurveConfig.__dataclass_fields__[k].default for k in ("bn_images", "train_images", "batch_size")}
+    runs = {name: run_eval({**common, **extra, "out": str(tmp_path / name)})
             for name, extra in (("default", defaults), ("full", {**defaults, "full": True}),
                                 ("small", {**defaults, "bn_images": 32, "train_images": 32}))}
     series = {name: json.loads((tmp_path / name / "eval.json").read_text()) for name in runs}
     n_train = len(setup["data"].train)
-    assert evaluate.DEFAULTS["bn_images"] > n_train and series["default"]["bn"]["images"] == n_train
+    assert defaults["bn_images"] > n_train and series["default"]["bn"]["images"] == n_train
     for key in ("tr_loss", "te_loss", "tr_psnr", "te_psnr"):
         assert series["default"]["series"][key] == series["full"]["series"][key], key
     small, full = (np.array(series[n]["series"]["te_loss"]) for n in ("small", "full"))
@@ -273,7 +277,7 @@ def test_perceptual_metrics_with_real_vgg_weights(setup, tmp_path):
     weights = tmp_path / "vgg.pt"
     torch.manual_seed(0)
     torch.save(vgg16(weights=None).features[:23].state_dict(), weights)
-    summary = evaluate.run({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 2,
+    summary = run_eval({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 2,
                             "bn_images": 16, "train_images": 16, "num_images": 0, "vgg_weights": str(weights),
                             "out": str(tmp_path / "out")})
     npz = np.load(tmp_path / "out" / "curve.npz")
@@ -285,13 +289,13 @@ def test_perceptual_metrics_with_real_vgg_weights(setup, tmp_path):
 
 def test_losses_choice(tmp_path):
     notes = []
-    loss_fn, perceptual = evaluate._losses("mse", str(tmp_path / "missing.pt"), notes)
+    loss_fn, perceptual = eval_curve.losses_for("mse", str(tmp_path / "missing.pt"), notes)
     assert isinstance(loss_fn, MSELoss) and perceptual is None
     assert "perceptual metrics omitted" in notes[0] and "missing.pt" in notes[0]
     with pytest.raises(UserError, match="trained with the vgg loss"):
-        evaluate._losses("vgg", str(tmp_path / "missing.pt"), [])
+        eval_curve.losses_for("vgg", str(tmp_path / "missing.pt"), [])
     notes = []
-    loss_fn, perceptual = evaluate._losses("vgg", "random", notes)
+    loss_fn, perceptual = eval_curve.losses_for("vgg", "random", notes)
     assert perceptual is None and not loss_fn.perceptual and len(notes) == 2
 
 
@@ -300,20 +304,20 @@ def test_losses_choice(tmp_path):
 
 
 def test_barrier_by_hand():
-    assert evaluate.barrier([0, 0.5, 1], [1.0, 3.0, 2.0]) == pytest.approx(1.5)  # 3 - (1 + 2) / 2
-    assert evaluate.barrier([0, 0.25, 1], [2.0, 2.5, 0.0]) == pytest.approx(2.5 - 1.5)
-    assert evaluate.barrier([0, 0.5, 1], [1.0, 0.0, 1.0]) == 0.0  # below the chord: the ends give 0
+    assert metrics.loss_barrier([0, 0.5, 1], [1.0, 3.0, 2.0]) == pytest.approx(1.5)  # 3 - (1 + 2) / 2
+    assert metrics.loss_barrier([0, 0.25, 1], [2.0, 2.5, 0.0]) == pytest.approx(2.5 - 1.5)
+    assert metrics.loss_barrier([0, 0.5, 1], [1.0, 0.0, 1.0]) == 0.0  # below the chord: the ends give 0
 
 
 def test_dl_weighted_mean_by_hand():
     # (½(1+3)·1 + ½(3+2)·3) / (1+3) = (2 + 7.5) / 4
-    assert evaluate.dl_weighted_mean([1.0, 3.0, 2.0], [0.0, 1.0, 3.0]) == pytest.approx(2.375)
-    assert evaluate.dl_weighted_mean([1.0, 3.0, 2.0], [0.0, 1.0, 1.0]) == pytest.approx(2.25)
-    assert evaluate.dl_weighted_mean([1.0, 5.0], [0.0, 0.0]) == 3.0  # no length: the plain mean
+    assert metrics.dl_weighted_mean([1.0, 3.0, 2.0], [0.0, 1.0, 3.0]) == pytest.approx(2.375)
+    assert metrics.dl_weighted_mean([1.0, 3.0, 2.0], [0.0, 1.0, 1.0]) == pytest.approx(2.25)
+    assert metrics.dl_weighted_mean([1.0, 5.0], [0.0, 0.0]) == 3.0  # no length: the plain mean
 
 
 def test_summarize_by_hand():
-    s = evaluate.summarize({"ts": np.array([0, 0.5, 1]), "dl": np.array([0.0, 1.0, 3.0]),
+    s = metrics.summarize({"ts": np.array([0, 0.5, 1]), "dl": np.array([0.0, 1.0, 3.0]),
                             "tr_loss": np.array([1.0, 3.0, 2.0]), "te_loss": np.array([2.0, 2.0, 2.0]),
                             "te_psnr": np.array([20.0, 10.0, 30.0])})
     assert s["length"] == 4.0
@@ -326,8 +330,8 @@ def test_summarize_by_hand():
 
 def test_step_lengths_on_a_hand_made_curve():
     base = torch.nn.Linear(2, 1, bias=False)  # 2 parameters
-    seg = evaluate.make_segment(base, {"weight": torch.tensor([[0.0, 0.0]])}, {"weight": torch.tensor([[3.0, 4.0]])})
-    dl = evaluate.step_lengths(seg, np.linspace(0, 1, 6))
+    seg = make_segment(base, {"weight": torch.tensor([[0.0, 0.0]])}, {"weight": torch.tensor([[3.0, 4.0]])})
+    dl = step_lengths(seg, np.linspace(0, 1, 6))
     assert dl[0] == 0 and np.allclose(dl[1:], 1.0) and dl.sum() == pytest.approx(5.0)
 
 
@@ -345,26 +349,26 @@ def test_step_lengths_on_a_hand_made_curve():
 def test_bad_config(setup, tmp_path, change, match):
     cfg = {**FAST, "ckpt": str(setup["curve"]), "out": str(tmp_path / "out"), **change}
     with pytest.raises(UserError, match=match):
-        evaluate.run(cfg)
+        run_eval(cfg)
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_files(setup, tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(UserError, match="is an autoencoder checkpoint.*but a curve checkpoint.*is needed"):
-        evaluate.run({**FAST, "ckpt": str(setup["a"]), "out": out})
+        run_eval({**FAST, "ckpt": str(setup["a"]), "out": out})
     with pytest.raises(UserError, match="does not exist"):
-        evaluate.run({**FAST, "ckpt": str(tmp_path / "nope.pt"), "out": out})
+        run_eval({**FAST, "ckpt": str(tmp_path / "nope.pt"), "out": out})
     with pytest.raises(UserError, match=r"end endpoint \(--segment START END\) .*nope.pt does not exist"):
-        evaluate.run({**FAST, "segment": [str(setup["a"]), str(tmp_path / "nope.pt")], "out": out})
+        run_eval({**FAST, "segment": [str(setup["a"]), str(tmp_path / "nope.pt")], "out": out})
     with pytest.raises(UserError, match="is a curve checkpoint"):  # a curve where an endpoint is needed
-        evaluate.run({**FAST, "segment": [str(setup["curve"]), str(setup["b"])], "out": out})
+        run_eval({**FAST, "segment": [str(setup["curve"]), str(setup["b"])], "out": out})
     with pytest.raises(UserError, match="do not match"):
-        evaluate.run({**FAST, "segment": [str(setup["a"]), str(setup["odd"])], "out": out})
+        run_eval({**FAST, "segment": [str(setup["a"]), str(setup["odd"])], "out": out})
     with pytest.raises(UserError, match="exactly two"):
-        evaluate.run({**FAST, "segment": [str(setup["a"])], "out": out})
+        run_eval({**FAST, "segment": [str(setup["a"])], "out": out})
     with pytest.raises(UserError, match="does not fit"):  # lfw is grayscale, the networks take RGB
-        evaluate.run({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "dataset": "lfw", "out": out})
+        run_eval({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "dataset": "lfw", "out": out})
     assert not (tmp_path / "out").exists()
 
 
@@ -372,26 +376,26 @@ def test_failed_run_leaves_previous_results_intact(setup, tmp_path, monkeypatch)
     out = tmp_path / "out"
     cfg = {**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 2, "bn_images": 16,
            "train_images": 16, "out": str(out)}
-    evaluate.run(cfg)
+    run_eval(cfg)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {"eval.json", "curve.npz", "loss_along_path.png", "reconstructions.png"} <= set(before)
     with pytest.raises(UserError):
-        evaluate.run({**cfg, "num_points": 1})
+        run_eval({**cfg, "num_points": 1})
     with pytest.raises(UserError):
-        evaluate.run({**cfg, "dataset": "lfw"})
+        run_eval({**cfg, "dataset": "lfw"})
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
     with monkeypatch.context() as m:
-        m.setattr(evaluate, "reconstructions_along", broken)  # fails after every point was evaluated
+        m.setattr(eval_curve, "reconstructions_along", broken)  # fails after every point was evaluated
         with pytest.raises(RuntimeError, match="boom"):
-            evaluate.run({**cfg, "num_points": 3})
+            run_eval({**cfg, "num_points": 3})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     with monkeypatch.context() as m:
         m.setattr(plots, "save_reconstruction_grid", broken)  # fails while the new files are being written
         with pytest.raises(RuntimeError, match="boom"):
-            evaluate.run({**cfg, "num_points": 3})
+            run_eval({**cfg, "num_points": 3})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new npz, no temporary files
-    evaluate.run({**cfg, "num_points": 3})  # and a run that succeeds does replace them
+    run_eval({**cfg, "num_points": 3})  # and a run that succeeds does replace them
     assert json.loads((out / "eval.json").read_text())["num_points"] == 3

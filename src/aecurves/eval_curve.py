@@ -1,0 +1,301 @@
+"""`aecurves eval-curve`: losses along a trained curve, or along the straight segment between two endpoints.
+
+The counterpart of the paper's eval_curve.py (Garipov et al., 2018). At each of `num_points` values of t
+in [0, 1], BatchNorm statistics are recomputed at θ(t) from a fixed random subset of training images (drawn
+once, the same for every t), and then, in fp32 and eval mode, the training-set metrics are measured on a
+fixed subset stratified by the start endpoint's per-image MSE, and the held-out metrics on the whole
+held-out split (`protocol_subsets`; with `full`, or a training set no larger than the subsets, all training
+images): the checkpoint's reconstruction loss, MSE, PSNR (mean of per-image PSNR) and, when real VGG weights
+are available, the VGG perceptual loss.
+
+Per metric the summary has start, end, min, max, avg (plain mean over the points) and int, the dl-weighted
+mean Σ_i ½(m_{i-1} + m_i)·dl_i / Σ_i dl_i with dl_i = ‖θ(t_i) − θ(t_{i-1})‖ (the paper's *_int). The
+path length is Σ dl, and the barrier max_t [L(t) − ((1 − t)·L(0) + t·L(1))] on the train and test loss.
+
+For a curve, the straight segment between its first and last bend is evaluated the same way (unless
+`segment_too` is False) and stored under the same names prefixed `segment_`.
+
+Outputs in `out` (default: CKPT_FOLDER/eval for a curve, runs/segment for --segment):
+curve.npz, eval.json, loss_along_path.png, reconstructions.png and, for a curve with its segment,
+reconstructions_segment.png. Nothing is written before every point was evaluated; then each file goes to a
+temporary beside it, and only when all were written are they renamed into place (eval.json last), so a
+failed or interrupted run never leaves partial or mixed results over earlier ones.
+"""
+
+import contextlib
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tabulate import tabulate
+
+from aecurves import plots, runtime
+from aecurves.checkpoint import load_curve, load_endpoint_pair
+from aecurves.config import SUBSET_SEED, EvalCurveConfig, as_record, validate
+from aecurves.curves import Curve, batchnorms, make_segment, segment_of
+from aecurves.data import BatchLoader, load_data
+from aecurves.errors import UserError
+from aecurves.files import atomic_path, write_json
+from aecurves.losses import make_loss
+from aecurves.metrics import METRICS, SPLITS, STATS, evaluate_path, protocol_subsets, reconstruct, \
+    reconstructions_along, summarize
+from aecurves.models import build_model
+
+DEFAULT_SEGMENT_OUT = "runs/segment"
+RECON_POINTS = 9  # reconstructions at t = 0, 1/8, ..., 1
+
+
+@dataclass
+class Subject:
+    """What is evaluated: a curve (and, unless told otherwise, the segment between its ends), or a segment."""
+
+    kind: str                 # "curve" or "segment"
+    path: Curve
+    segment: Curve | None     # the curve's own segment, evaluated beside it
+    args: dict                # the checkpoint's run config (data, loss)
+    arch: dict
+    label: str
+    checkpoint: str | None
+    endpoints: list
+    loss: str
+    notes: list
+
+
+@dataclass
+class PathResults:
+    series: dict              # per-point arrays, segment's prefixed "segment_"
+    summary: dict             # scalars (summarize), prefixed the same way
+    recons: dict              # prefix -> reconstructions at RECON_POINTS values of t
+    labels: dict              # prefix -> label
+    seconds: float
+
+
+def run(cfg: EvalCurveConfig) -> dict:
+    cfg = dataclasses.replace(cfg)
+    check_config(cfg)
+    out = output_folder(cfg)
+    device = runtime.resolve_device(cfg.device)
+
+    subject = load_subject(cfg)
+    data, data_record = load_subject_data(cfg, subject)
+    loss_fn, perceptual_fn = losses_for(subject.loss, cfg.vgg_weights, subject.notes)
+    loss_fn = loss_fn.to(device)
+    perceptual_fn = perceptual_fn.to(device) if perceptual_fn is not None else None
+
+    # fixed image subsets, drawn once
+    subject.path.to(device)  # the stratified subset is scored on the device
+    if subject.segment is not None:
+        subject.segment.to(device)
+    bn_images, train_images, subset = protocol_subsets(subject.path, data.train, cfg.bn_images, cfg.train_images,
+                                                       cfg.full, cfg.batch_size, device)
+    has_bn = bool(batchnorms(subject.path.base))
+    bn_loader = BatchLoader(bn_images, cfg.batch_size, device)
+    train_loader = bn_loader if train_images is bn_images else BatchLoader(train_images, cfg.batch_size, device)
+    if not has_bn:
+        bn_loader = None
+    test_loader = BatchLoader(data.test, cfg.batch_size, device)
+    fixed = data.test[: cfg.num_images].to(device).float().div(255)
+
+    ts = np.linspace(0.0, 1.0, cfg.num_points)
+    print(f"data: {data.source}")
+    print(f"evaluating the {subject.label} at {len(ts)} points on {device}: "
+          + ("BN statistics recomputed at each t; " if has_bn else "no BN statistics; ")
+          + f"{subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
+    for note in subject.notes:
+        print(f"note: {note}")
+
+    results = evaluate_paths(subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
+                             progress=not cfg.no_progress)
+    for prefix, label in results.labels.items():
+        print_summary(label, results.summary, prefix)
+
+    record = {
+        "kind": subject.kind,
+        "checkpoint": subject.checkpoint,
+        "endpoints": subject.endpoints,
+        "path": {"curve": subject.path.curve_name, "num_bends": subject.path.num_bends}
+        if subject.kind == "curve" else {"curve": "segment", "num_bends": 2},
+        "segment_evaluated": subject.segment is not None,
+        "loss": subject.loss,
+        "loss_description": loss_fn.description,
+        "perceptual": perceptual_fn is not None,
+        "data": {**data_record, "source": data.source, "train_images": len(data.train), "test_images": len(data.test)},
+        "bn": {"recomputed": has_bn, "images": len(bn_images) if has_bn else 0, "subset": subset,
+               "subset_seed": None if cfg.full else SUBSET_SEED},
+        "train_metric_images": len(train_images),
+        "test_metric_images": len(data.test),
+        "num_points": len(ts),
+        "reconstruction_ts": np.linspace(0.0, 1.0, RECON_POINTS).tolist() if results.recons else [],
+        "notes": subject.notes,
+        "device": str(device),
+        "seconds": results.seconds,
+        "config": as_record(cfg),
+        "summary": results.summary,
+        "series": {k: np.asarray(v).tolist() for k, v in results.series.items()},
+    }
+    files = write_outputs(out, subject, results, fixed, record)
+    print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
+    return {"out": str(out), "kind": subject.kind, "notes": subject.notes, "files": files, **results.summary}
+
+
+def check_config(cfg: EvalCurveConfig) -> None:
+    if bool(cfg.ckpt) == bool(cfg.segment):
+        which = "both" if cfg.ckpt else "neither"
+        raise UserError(f"eval-curve needs exactly one thing to evaluate, but {which} of --ckpt and --segment was "
+                        "given. Pass --ckpt CURVE_CHECKPOINT (from `aecurves train-curve`) to evaluate a trained "
+                        "curve (and, by default, the straight segment between its endpoints), or --segment START "
+                        "END (two checkpoints from `aecurves train`) to evaluate only the straight line between "
+                        "two endpoints.")
+    if cfg.segment is not None and (isinstance(cfg.segment, (str, os.PathLike)) or len(cfg.segment) != 2):
+        raise UserError(f"--segment takes exactly two endpoint checkpoints, START and END; got {cfg.segment!r}.")
+    validate(cfg)
+
+
+def output_folder(cfg: EvalCurveConfig) -> Path:
+    out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).parent / "eval" if cfg.ckpt else Path(DEFAULT_SEGMENT_OUT))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"The output folder {out} is an existing file; pass another --out folder.")
+    return out
+
+
+def load_subject(cfg: EvalCurveConfig) -> Subject:
+    """Loads what is evaluated: the curve (and its segment), or the segment alone."""
+    if cfg.ckpt:
+        curve, state = load_curve(cfg.ckpt, cfg.model)
+        args = state.get("args", {})
+        return Subject("curve", curve, segment_of(curve) if cfg.segment_too else None, args,
+                       dict(state["model_config"]), f"{curve.curve_name} curve ({curve.num_bends} bends)",
+                       str(Path(cfg.ckpt).resolve()), [args.get("init_start"), args.get("init_end")],
+                       args.get("loss") or "mse", [])
+    start, end = (str(Path(p).resolve()) for p in cfg.segment)
+    a, b, arch = load_endpoint_pair(start, end, cfg.model, "--segment START END")
+    notes = []
+    loss = a["args"].get("loss") or "mse"
+    if (b["args"].get("loss") or "mse") != loss:
+        notes.append(f"the endpoints were trained with different losses ({loss} vs {b['args'].get('loss')}); "
+                     f"'loss' is the start endpoint's ({loss})")
+    return Subject("segment", make_segment(build_model(arch), a["model"], b["model"]), None, a["args"], arch,
+                   "segment", None, [start, end], loss, notes)
+
+
+def load_subject_data(cfg: EvalCurveConfig, subject: Subject):
+    """(the data, how it was chosen): the checkpoint's, unless overridden."""
+    args = subject.args
+    record = {"dataset": cfg.dataset or args.get("dataset"), "data_dir": cfg.data_dir or args.get("data_dir"),
+              "image_size": subject.arch["image_size"], "limit": args.get("limit"),
+              "val_fraction": args.get("val_fraction") or 0.1, "use_test": bool(cfg.use_test or args.get("use_test")),
+              "cache_dir": cfg.cache_dir}
+    if not record["dataset"]:
+        raise UserError("The checkpoint does not record its dataset; pass --dataset (and --data-dir).")
+    if record["data_dir"]:
+        record["data_dir"] = str(Path(record["data_dir"]).expanduser().resolve())
+    data = load_data(**record, progress=not cfg.no_progress)
+    if data.channels != subject.arch["channels"] or data.image_size != subject.arch["image_size"]:
+        raise UserError(f"The data ({data.channels} channels, {data.image_size}px) does not fit the network "
+                        f"({subject.arch['channels']} channels, {subject.arch['image_size']}px); drop the "
+                        "--dataset/--data-dir overrides or pass data like the network was trained on.")
+    return data, record
+
+
+def losses_for(loss_name: str, vgg_weights: str, notes: list):
+    """(loss_fn, perceptual_fn or None); records in `notes` why perceptual metrics are omitted."""
+    perceptual_fn = None
+    if vgg_weights == "random":
+        notes.append("perceptual metrics omitted: --vgg-weights random gives untrained VGG features, which do not "
+                     "measure perceptual similarity")
+    else:
+        try:
+            perceptual_fn = make_loss("vgg", vgg_weights)
+        except UserError as exc:
+            notes.append(f"perceptual metrics omitted: {exc}")
+    if loss_name == "vgg":
+        if perceptual_fn is not None:
+            return perceptual_fn, perceptual_fn
+        try:
+            loss_fn = make_loss("vgg", vgg_weights)
+        except UserError as exc:
+            raise UserError(f"This network was trained with the vgg loss, and evaluating that loss needs the VGG "
+                            f"weights. {exc}") from None
+        notes.append("the training loss 'vgg' was evaluated with RANDOM VGG weights: not a perceptual loss")
+        return loss_fn, None
+    return make_loss(loss_name), perceptual_fn
+
+
+def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
+                   progress: bool) -> PathResults:
+    """Every point of the curve (and its segment), and reconstructions of `fixed` at RECON_POINTS values of t:
+    taken during the evaluation at the t the two grids share, then at the others (BN recomputed the same way)."""
+    t0 = time.perf_counter()
+    paths = {"": (subject.path, subject.label)}
+    if subject.segment is not None:
+        paths["segment_"] = (subject.segment, "segment")
+    recon_ts = np.linspace(0.0, 1.0, RECON_POINTS)
+    series, summary, recons = {}, {}, {}
+    for prefix, (path, label) in paths.items():
+        taken = {}
+
+        def on_point(t, point, taken=taken):
+            hit = np.flatnonzero(np.isclose(recon_ts, t, rtol=0, atol=1e-9))
+            if len(fixed) and len(hit):
+                taken[int(hit[0])] = reconstruct(point, fixed)
+
+        one = evaluate_path(path, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, progress,
+                            desc=label, on_point=on_point)
+        series.update({prefix + k: v for k, v in one.items()})
+        summary.update({prefix + k: v for k, v in summarize(one).items()})
+        if len(fixed):
+            missing = [i for i in range(RECON_POINTS) if i not in taken]
+            taken.update(zip(missing, reconstructions_along(path, recon_ts[missing], fixed, bn_loader)))
+            recons[prefix] = [taken[i] for i in range(RECON_POINTS)]
+    return PathResults(series, summary, recons, {p: label for p, (_, label) in paths.items()},
+                       time.perf_counter() - t0)
+
+
+def print_summary(title: str, summary: dict, prefix: str = "") -> None:
+    rows = []
+    for split, split_name in SPLITS.items():
+        for m in METRICS:
+            if f"{prefix}{split}_{m}_min" in summary:
+                rows.append([f"{split_name} {m}"] + [summary[f"{prefix}{split}_{m}_{s}"] for s in STATS])
+    print(f"\n{title}")
+    print(tabulate(rows, ["metric", *STATS], tablefmt="simple", floatfmt=".5f"))
+    print(f"path length {summary[prefix + 'length']:.5f}; barrier: train {summary[prefix + 'tr_barrier']:.5f}, "
+          f"test {summary[prefix + 'te_barrier']:.5f}")
+
+
+def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, record: dict) -> dict:
+    """Every file is first written to a temporary beside it; only when all of them were written are they renamed
+    into place (eval.json last), so a failure leaves earlier results untouched. Returns {kind: path}."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = {"json": "eval.json", "npz": "curve.npz", "loss_plot": "loss_along_path.png"}
+    for prefix in results.recons:
+        names["reconstructions" + ("_segment" if prefix else "")] = \
+            "reconstructions_segment.png" if prefix else "reconstructions.png"
+    files = {k: str(out / v) for k, v in names.items()}
+    with contextlib.ExitStack() as stack:
+        tmp = {k: stack.enter_context(atomic_path(out / v)) for k, v in names.items()}  # renamed in reverse order
+        save_npz(tmp["npz"], {**results.series, **results.summary})
+        loss_label = "VGG perceptual loss" if subject.loss == "vgg" else "MSE loss"
+        plot_series = [plots.series_from_results(results.series, subject.label, color="C0")]
+        if subject.segment is not None:
+            plot_series.append(plots.series_from_results(results.series, "segment", prefix="segment_",
+                                                         linestyle="--", color="C0"))
+        plots.plot_loss_along_paths(plot_series, tmp["loss_plot"], ylabel=loss_label,
+                                    title=f"{loss_label} along the {subject.label}")
+        labels = [f"t={t:g}" for t in np.linspace(0.0, 1.0, RECON_POINTS)]
+        for prefix, images in results.recons.items():
+            key = "reconstructions" + ("_segment" if prefix else "")
+            plots.save_reconstruction_grid(fixed, list(zip(labels, images)), tmp[key],
+                                           title=f"{results.labels[prefix]}: held-out images and their "
+                                                 "reconstructions")
+        write_json(tmp["json"], {**record, "files": files})
+    return files
+
+
+def save_npz(path: Path, arrays: dict) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append .npz to the name
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})

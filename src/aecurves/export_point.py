@@ -1,0 +1,41 @@
+"""`aecurves export-point`: θ(t) of a curve, with BatchNorm statistics recomputed at t, as an ordinary endpoint
+checkpoint that every command accepts."""
+
+from pathlib import Path
+
+from aecurves import runtime
+from aecurves.checkpoint import load_curve, save_checkpoint
+from aecurves.config import ExportPointConfig, validate
+from aecurves.curves import batchnorms
+from aecurves.data import BatchLoader, load_data
+from aecurves.errors import UserError
+from aecurves.metrics import fixed_subset
+
+DATA_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test")
+
+
+def run(cfg: ExportPointConfig) -> dict:
+    validate(cfg)
+    if cfg.ckpt is None or cfg.t is None or cfg.out is None:
+        raise UserError("export-point needs --ckpt CURVE_CHECKPOINT, --t T and --out FILE.")
+    if not 0.0 <= cfg.t <= 1.0:
+        raise UserError(f"--t must lie in [0, 1] (0 is the start endpoint, 1 the end), got {cfg.t}.")
+    out = Path(cfg.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; pass a file name such as {out / 'point.pt'}.")
+    curve, state = load_curve(cfg.ckpt, cfg.model)
+    args = state["args"]
+    device = runtime.resolve_device(cfg.device)
+    curve.to(device)
+    used = 0
+    if cfg.bn_images and batchnorms(curve.base):
+        data = load_data(args["dataset"], args.get("data_dir"), args["image_size"], args.get("limit"),
+                         args["val_fraction"], args.get("use_test", False), cfg.cache_dir,
+                         progress=not cfg.no_progress)
+        used = curve.update_bn(BatchLoader(fixed_subset(data.train, cfg.bn_images), cfg.batch_size, device), cfg.t)
+    point = {"kind": "endpoint", "model": curve.state_dict_at(cfg.t), "optimizer": {}, "epoch": 0, "metrics": [],
+             "args": {**{k: args.get(k) for k in DATA_KEYS + ("loss", "seed")}, **state["model_config"]},
+             "exported_from": {"curve": str(Path(cfg.ckpt).resolve()), "t": cfg.t, "bn_images": used}}
+    save_checkpoint(out, point)
+    print(f"wrote θ({cfg.t:g}) of {cfg.ckpt} to {out} (BatchNorm statistics recomputed from {used} training images)")
+    return {"out": str(out), "t": cfg.t, "bn_images": used}
