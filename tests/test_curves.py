@@ -74,12 +74,20 @@ def test_curve_ends_are_the_endpoints_bit_for_bit(kind, bends):
     with torch.no_grad():
         for bend in curve.bends[1:-1]:
             bend.add_(torch.randn_like(bend))  # a trained-looking curve, not the segment
-    params = dict(a.named_parameters())
     for t, net in ((0.0, a), (1.0, b)):
         state = curve.state_dict_at(t)
         for name, p in net.named_parameters():
             assert torch.equal(state[name], p.detach()), (t, name)
-    assert set(curve.state_dict_at(0.3)) == set(a.state_dict()) and params
+    # inside, every parameter is Σ_k c_k(t) θ_k, and the state dict has the module's own keys
+    inside = curve.state_dict_at(0.3)
+    assert set(inside) == set(a.state_dict())
+    c = curve.coeffs(0.3)
+    for name, p in a.named_parameters():
+        bends = [curve.unflatten(bend.detach())[name] for bend in curve.bends]
+        expected = sum(ck * bend for ck, bend in zip(c.tolist(), bends))
+        assert torch.allclose(inside[name], expected, atol=1e-6), name
+        if not all(torch.equal(bend, bends[0]) for bend in bends):  # BatchNorm's initial 1s and 0s are shared
+            assert not torch.equal(inside[name], p.detach()), name
 
 
 def test_any_module_runs_and_matches_its_endpoints_output():

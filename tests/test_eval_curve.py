@@ -270,6 +270,7 @@ def test_default_protocol_against_full(setup, tmp_path):
     assert not np.array_equal(small, full) and np.allclose(small, full, rtol=0.2)
 
 
+@pytest.mark.slow
 def test_perceptual_metrics_with_real_vgg_weights(setup, tmp_path):
     """Any vgg16 state dict passed as --vgg-weights PATH counts as real weights (here: a random one)."""
     from torchvision.models import vgg16
@@ -355,11 +356,11 @@ def test_bad_config(setup, tmp_path, change, match):
 
 def test_bad_files(setup, tmp_path):
     out = str(tmp_path / "out")
-    with pytest.raises(UserError, match="is an autoencoder checkpoint.*but a curve checkpoint.*is needed"):
+    with pytest.raises(UserError, match="but a curve checkpoint"):
         run_eval({**FAST, "ckpt": str(setup["a"]), "out": out})
     with pytest.raises(UserError, match="does not exist"):
         run_eval({**FAST, "ckpt": str(tmp_path / "nope.pt"), "out": out})
-    with pytest.raises(UserError, match=r"end endpoint \(--segment START END\) .*nope.pt does not exist"):
+    with pytest.raises(UserError, match=r"end endpoint .*nope.pt does not exist"):
         run_eval({**FAST, "segment": [str(setup["a"]), str(tmp_path / "nope.pt")], "out": out})
     with pytest.raises(UserError, match="is a curve checkpoint"):  # a curve where an endpoint is needed
         run_eval({**FAST, "segment": [str(setup["curve"]), str(setup["b"])], "out": out})

@@ -72,6 +72,7 @@ def _md_row(md: str, first_cell: str, after: str = "") -> list[str]:
     raise AssertionError(f"no row {first_cell!r} in the markdown")
 
 
+@pytest.mark.slow
 def test_study_end_to_end_layout_and_report_numbers(finished):
     root = finished
     for rel in (*ENDPOINTS, "endpoints/mse_seed1/metrics.jsonl", "endpoints/mse_seed1/reconstructions.png", CURVE,
@@ -135,6 +136,7 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
     assert fnum(summary["segment_te_barrier"]) in html
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
     root = copy_of
     before = {rel: _stamp(root, rel) for rel in (*ENDPOINTS, CURVE, f"{EVAL}/eval.json", "report.html")}
@@ -151,6 +153,17 @@ def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
     assert re.search(r"stage 3/5: train-curve mse seeds 1-2", out)
 
 
+@pytest.mark.slow
+def test_report_command_rewrites_the_report(copy_of):
+    before = json.loads((copy_of / "report.json").read_text())
+    (copy_of / "report.html").unlink()
+    assert run_cli("report", copy_of) == 0
+    after = json.loads((copy_of / "report.json").read_text())
+    assert (copy_of / "report.html").is_file() and after["inputs_fingerprint"] == before["inputs_fingerprint"]
+    assert after["summary_lines"] == before["summary_lines"]
+
+
+@pytest.mark.slow
 def test_changed_settings_are_refused_before_anything_changes(copy_of, capsys):
     root = copy_of
     before = {rel: _stamp(root, rel) for rel in (*ENDPOINTS, CURVE)}
@@ -162,6 +175,7 @@ def test_changed_settings_are_refused_before_anything_changes(copy_of, capsys):
     assert {rel: _stamp(root, rel) for rel in before} == before
 
 
+@pytest.mark.slow
 def test_force_redoes_one_endpoint_and_what_is_built_on_it(copy_of, capsys):
     root = copy_of
     other = _stamp(root, ENDPOINTS[1])
@@ -176,6 +190,7 @@ def test_force_redoes_one_endpoint_and_what_is_built_on_it(copy_of, capsys):
     assert load_checkpoint(root / ENDPOINTS[0], "endpoint")["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt(tmp_path, monkeypatch, capsys):
     """Interrupted in the second stage (epoch 2 of endpoint seed 2): the re-run skips stage 1, resumes stage 2."""
     from aecurves import train
@@ -211,6 +226,7 @@ def test_resume_after_interrupt(tmp_path, monkeypatch, capsys):
     assert (root / "report.html").is_file() and (root / f"{EVAL}/eval.json").is_file()
 
 
+@pytest.mark.slow
 def test_offline_vgg_group_is_skipped_with_the_remedy(copy_of, monkeypatch, capsys):
     from aecurves import losses
 
@@ -281,6 +297,7 @@ def test_cli_reports_a_missing_celeba_folder(capsys):
     assert "--data-dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_outputs_of_the_same_command_run_by_hand_are_adopted(tmp_path, capsys):
     """E.g. endpoints trained under torchrun into the study folder: same settings, so the study adopts them."""
     root = tmp_path / "s"

@@ -157,13 +157,19 @@ def test_resume_keeps_the_checkpoints_schedule_and_refuses_a_contradicting_one(t
     assert run_cli("train-curve", *common, "--epochs", 1, "--lr-schedule", "cosine") == 0
     assert run_cli("train-curve", *common, "--epochs", 2, "--resume", "--lr-schedule", "paper") == 2
     assert "lr_schedule='cosine' vs lr_schedule='paper'" in capsys.readouterr().err
+    # what defines the curve is the checkpoint's too: a contradicting flag is refused, not silently overridden
+    assert run_cli("train-curve", *common, "--epochs", 2, "--resume", "--num-bends", 4, "--curve", "polychain") == 2
+    assert "num_bends=3 vs num_bends=4" in capsys.readouterr().err
+    assert run_cli("train-curve", *common, "--epochs", 2, "--resume", "--curve", "BEZIER") == 0  # the same curve
+    assert load_checkpoint(tmp_path / "checkpoint.pt", "curve")["epoch"] == 2
+    assert run_cli("train-curve", *common, "--epochs", 2, "--resume") == 0
     # a checkpoint written before schedules existed was trained at a constant lr, and resumes so
     state = load_checkpoint(tmp_path / "checkpoint.pt", "curve")
     del state["args"]["lr_schedule"], state["args"]["t_sampling"]
     save_checkpoint(tmp_path / "checkpoint.pt", state)
-    assert run_cli("train-curve", *common, "--epochs", 2, "--resume", "--lr", 2e-3) == 0
+    assert run_cli("train-curve", *common, "--epochs", 3, "--resume", "--lr", 2e-3) == 0
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[1]["lr"] == 2e-3  # constant, and the new --lr took effect on resume
+    assert rows[2]["lr"] == 2e-3  # constant, and the new --lr took effect on resume
     assert load_checkpoint(tmp_path / "checkpoint.pt", "curve")["args"]["lr_schedule"] == "constant"
 
 

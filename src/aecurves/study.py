@@ -478,41 +478,10 @@ def run_study(cfg: dict) -> dict:
     all_stages = plan(cfg, n_train, n_test)
     study.forced = select_forced(cfg["force"], all_stages)
 
-    # the vgg group: checked once, before anything runs
-    for loss in cfg["losses"]:
-        group = {"status": "run", "seeds": cfg["seeds"],
-                 "endpoints": {str(s): endpoint_folder(loss, s) for s in cfg["seeds"]},
-                 "pairs": [{"seeds": [a, b], "curve": curve_folder(loss, a, b),
-                            "eval": curve_folder(loss, a, b) + "/eval"}
-                           for a, b in itertools.combinations(cfg["seeds"], 2)]}
-        if loss == "vgg":
-            reason = check_vgg(cfg["vgg_weights"])
-            if reason:
-                group.update(status="skipped", reason=reason, remedy=VGG_REMEDY)
-                print(f"\nvgg group SKIPPED: {reason}\nremedy: {group['remedy']}\n", flush=True)
-            elif cfg["vgg_weights"] == "random":
-                group["warning"] = ("--vgg-weights random: the vgg group was trained and evaluated with UNTRAINED "
-                                    "VGG16 features, so its loss is not perceptual; a smoke test only.")
-            else:
-                group["vgg_weights"] = cfg["vgg_weights"]
-        study.groups[loss] = group
+    study.groups = {loss: loss_group(cfg, loss) for loss in cfg["losses"]}  # vgg: checked once, up front
     study.stages = [s for s in all_stages if s.loss is None or study.groups[s.loss]["status"] == "run"]
 
-    # refuse before doing anything if existing outputs were made with other settings (and are not forced)
-    stale = []
-    for st in study.stages:
-        if st.name in study.forced or st.kind == "report":
-            continue
-        diff = study.settings_diff(st)
-        if diff:
-            stale.append(f"  {st.name} ({st.folder}): " + "; ".join(diff))
-    if stale:
-        raise UserError(
-            f"The study folder {root} holds finished work made with other settings:\n" + "\n".join(stale)
-            + "\nNothing was changed. Re-run with the settings it was made with (see its study.json), or redo "
-              "those stages with --force (e.g. --force endpoints; what is built on them is redone too), or choose "
-              f"another --out folder. ({RUNTIME_NOTE}.)")
-
+    refuse_stale_outputs(study)  # before anything changes
     root.mkdir(parents=True, exist_ok=True)
     study.write_study_json()
     will_run = study.will_run()
@@ -565,6 +534,42 @@ def run_study(cfg: dict) -> dict:
     print(f"report: {root / 'report.html'} (and report.md)")
     return {"out": str(root), "ran": study.ran, "skipped": study.skipped, "groups": study.groups,
             "report": summary}
+
+
+def loss_group(cfg: dict, loss: str) -> dict:
+    """One loss group's record for study.json: its folders, and whether it runs (vgg needs the VGG weights)."""
+    group = {"status": "run", "seeds": cfg["seeds"],
+             "endpoints": {str(s): endpoint_folder(loss, s) for s in cfg["seeds"]},
+             "pairs": [{"seeds": [a, b], "curve": curve_folder(loss, a, b), "eval": curve_folder(loss, a, b) + "/eval"}
+                       for a, b in itertools.combinations(cfg["seeds"], 2)]}
+    if loss == "vgg":
+        reason = check_vgg(cfg["vgg_weights"])
+        if reason:
+            group.update(status="skipped", reason=reason, remedy=VGG_REMEDY)
+            print(f"\nvgg group SKIPPED: {reason}\nremedy: {group['remedy']}\n", flush=True)
+        elif cfg["vgg_weights"] == "random":
+            group["warning"] = ("--vgg-weights random: the vgg group was trained and evaluated with UNTRAINED "
+                                "VGG16 features, so its loss is not perceptual; a smoke test only.")
+        else:
+            group["vgg_weights"] = cfg["vgg_weights"]
+    return group
+
+
+def refuse_stale_outputs(study: "Study") -> None:
+    """Refuses, naming stages and settings, when existing outputs were made with other settings (not forced)."""
+    stale = []
+    for st in study.stages:
+        if st.name in study.forced or st.kind == "report":
+            continue
+        diff = study.settings_diff(st)
+        if diff:
+            stale.append(f"  {st.name} ({st.folder}): " + "; ".join(diff))
+    if stale:
+        raise UserError(
+            f"The study folder {study.root} holds finished work made with other settings:\n" + "\n".join(stale)
+            + "\nNothing was changed. Re-run with the settings it was made with (see its study.json), or redo "
+              "those stages with --force (e.g. --force endpoints; what is built on them is redone too), or choose "
+              f"another --out folder. ({RUNTIME_NOTE}.)")
 
 
 def run_stage(study: Study, st: Stage, resume: bool) -> None:

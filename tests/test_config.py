@@ -1,0 +1,65 @@
+"""Tests for aecurves.config: one dataclass per command, defaults written once, validation, resume settling."""
+
+import dataclasses
+
+import pytest
+
+from aecurves import config
+from aecurves.config import (EvalCurveConfig, ExportPointConfig, StudyConfig, TrainConfig, TrainCurveConfig, as_record,
+                             make, settle_with_checkpoint)
+from aecurves.errors import UserError
+
+
+def default(cls, name):
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def test_study_shares_the_commands_defaults_and_help():
+    """The study's stage settings are the commands' own fields (same_as), not second copies."""
+    for study_name, cls, name in (("latent_dim", TrainConfig, "latent_dim"), ("num_points", EvalCurveConfig, "num_points"),
+                                  ("bn_images", EvalCurveConfig, "bn_images"), ("curve", TrainCurveConfig, "curve"),
+                                  ("curve_lr_schedule", TrainCurveConfig, "lr_schedule"),
+                                  ("t_sampling", TrainCurveConfig, "t_sampling"), ("wd", TrainCurveConfig, "wd")):
+        assert default(StudyConfig, study_name) == default(cls, name), study_name
+    assert default(ExportPointConfig, "bn_images") == default(EvalCurveConfig, "bn_images") == config.BN_IMAGES
+    assert StudyConfig.__dataclass_fields__["num_bends"].metadata["minimum"] == 3  # both ends fixed in a study
+    assert TrainCurveConfig.__dataclass_fields__["num_bends"].metadata["minimum"] == 2
+
+
+def test_preset_fields_default_to_none_and_every_preset_sets_them():
+    for name in ("dataset", "epochs", "lr", "batch_size", "width", "curve_epochs", "curve_lr", "save_every_epoch"):
+        assert default(StudyConfig, name) is None, name
+        assert all(name in values for values in config.PRESETS.values()), name
+    assert set().union(*config.PRESETS.values()) <= {f.name for f in dataclasses.fields(StudyConfig)}
+
+
+def test_make_records_what_was_given_and_validates():
+    cfg = make(TrainConfig, {"epochs": 3, "lr": 0.5})
+    assert cfg.given == ("epochs", "lr") and cfg.epochs == 3 and cfg.batch_size == default(TrainConfig, "batch_size")
+    assert "given" not in as_record(cfg) and as_record(cfg)["epochs"] == 3
+    with pytest.raises(TypeError, match="no field"):
+        make(TrainConfig, {"epoch": 3})
+    for change, phrase in (({"epochs": 0}, "--epochs must be at least 1"), ({"lr": 0.0}, "--lr must be positive"),
+                           ({"lr_schedule": "step"}, "Unknown --lr-schedule"), ({"batch_size": 2.5}, "integer"),
+                           ({"wd": -1.0}, "--wd must be at least 0"), ({"latent_dim": True}, "integer")):
+        with pytest.raises(UserError, match=phrase):
+            make(TrainConfig, change)
+
+
+def test_settle_with_checkpoint():
+    saved = {"loss": "vgg", "seed": 7}
+    cfg = make(TrainConfig, {"seed": 7})
+    settle_with_checkpoint(cfg, saved, ("loss", "seed", "lr_schedule"), "ckpt.pt", legacy={"lr_schedule": "constant"})
+    assert (cfg.loss, cfg.seed, cfg.lr_schedule) == ("vgg", 7, "constant")  # not given: the checkpoint's
+    cfg = make(TrainConfig, {"loss": "mse", "seed": 8})
+    with pytest.raises(UserError, match="loss='vgg' vs loss='mse'; seed=7 vs seed=8"):
+        settle_with_checkpoint(cfg, saved, ("loss", "seed"), "ckpt.pt")
+
+
+def test_parse_json_object():
+    assert config.parse_json_object('{"hidden": 5}') == {"hidden": 5}
+    with pytest.raises(UserError, match="not JSON"):
+        config.parse_json_object("{hidden: 5}")
+    with pytest.raises(UserError, match="JSON object"):
+        config.parse_json_object("[5]")
