@@ -252,7 +252,7 @@ def test_offline_vgg_group_is_skipped_with_the_remedy(copy_of, monkeypatch, caps
 
 def test_stage_configs_equal_the_commands_run_by_hand(tmp_path):
     """Each stage's config is exactly what its own command builds from the same flags."""
-    cfg = study.resolve_config(make(StudyConfig, {"preset": "demo", "out": str(tmp_path)}))
+    cfg = study.resolve_study_config(make(StudyConfig, {"preset": "demo", "out": str(tmp_path)}))
     t = study.train_config(cfg, "mse", 1, tmp_path / "e", False)
     _, by_hand = parse(["train", "--dataset", "lfw", "--image-size", "32", "--loss", "mse", "--seed", "1", "--width",
                         "16", "--batch-size", "32", "--epochs", "60", "--lr", "3e-3", "--lr-schedule", "paper",
@@ -270,19 +270,19 @@ def test_stage_configs_equal_the_commands_run_by_hand(tmp_path):
 
 
 def test_presets_flags_and_bad_input(tmp_path):
-    cfg = study.resolve_config(make(StudyConfig, {"epochs": 7}))
+    cfg = study.resolve_study_config(make(StudyConfig, {"epochs": 7}))
     assert cfg["preset"] == "demo" and cfg["epochs"] == 7 and cfg["width"] == 16 and cfg["seeds"] == [1, 2, 3]
     assert cfg["losses"] == ["mse", "vgg"] and cfg["out"] == "runs/study"
-    celeba = study.resolve_config(make(StudyConfig, {"preset": "celeba", "data_dir": str(tmp_path)}))
+    celeba = study.resolve_study_config(make(StudyConfig, {"preset": "celeba", "data_dir": str(tmp_path)}))
     assert (celeba["image_size"], celeba["latent_dim"], celeba["batch_size"], celeba["epochs"], celeba["lr"]) == \
         (64, 128, 64, 30, 1e-4)
     with pytest.raises(UserError, match="--data-dir"):
-        study.resolve_config(make(StudyConfig, {"preset": "celeba"}))
+        study.resolve_study_config(make(StudyConfig, {"preset": "celeba"}))
     with pytest.raises(UserError, match="two distinct seeds"):
-        study.resolve_config(make(StudyConfig, {"seeds": "1"}))
+        study.resolve_study_config(make(StudyConfig, {"seeds": "1"}))
     with pytest.raises(UserError, match="--losses"):
-        study.resolve_config(make(StudyConfig, {"losses": "mse,l1"}))
-    stages = study.plan(study.resolve_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3"})), 10, 2)
+        study.resolve_study_config(make(StudyConfig, {"losses": "mse,l1"}))
+    stages = study.plan(study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3"})), 10, 2)
     assert [s.name for s in stages][:4] == ["endpoint:mse:1", "endpoint:mse:2", "endpoint:mse:3", "curve:mse:1-2"]
     assert len(stages) == 3 + 3 + 3 + 1
     assert study.select_forced(["curves"], stages) == {"curve:mse:1-2", "curve:mse:1-3", "curve:mse:2-3"}

@@ -72,6 +72,20 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, capsys):
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_alone_finishes_the_run_as_planned(tmp_path):
+    """`--resume` with no setting: data, model, batch size, lr and epochs all come from the checkpoint (runtime
+    flags such as --precision do not: they are the machine's)."""
+    assert run_cli("train", *TINY, "--epochs", 3, "--save-every-epoch", 1, "--precision", "fp32",
+                   "--out", tmp_path / "straight") == 0
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "checkpoint.pt").write_bytes((tmp_path / "straight/checkpoint_epoch001.pt").read_bytes())
+    assert run_cli("train", "--resume", "--out", stopped, "--no-progress", "--precision", "fp32") == 0
+    state = load_checkpoint(stopped / "checkpoint.pt", "endpoint")
+    assert state["epoch"] == 3 and state["args"]["lr"] == 3e-3 and state["args"]["batch_size"] == 32
+    assert_same_weights(weights(tmp_path / "straight/checkpoint.pt"), state["model"])
+
+
 def test_resume_with_another_architecture_names_the_setting(tmp_path, capsys):
     assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path) == 0
     tiny = [a for a in TINY]

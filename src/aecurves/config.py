@@ -117,9 +117,12 @@ class TrainConfig:
     given: tuple = _given()
 
 
-# Settings that an endpoint run takes from its checkpoint on --resume unless given explicitly.
+# On --resume, an endpoint run takes these from its checkpoint unless given explicitly, and refuses a contradicting
+# flag; RESUME_CARRIED come from the checkpoint too unless given, but may change (the run then follows the new
+# value). So `--resume` alone finishes the run as planned.
 TRAIN_RESUME_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "model",
-                     "model_kwargs", "latent_dim", "width", "loss", "seed", "lr_schedule")
+                     "model_kwargs", "latent_dim", "width", "loss", "seed", "lr_schedule", "batch_size", "wd")
+RESUME_CARRIED = ("epochs", "lr", "save_every_epoch")
 
 
 @dataclass
@@ -406,9 +409,14 @@ def is_given(cfg, name: str) -> bool:
     return name in cfg.given
 
 
-def settle_with_checkpoint(cfg, saved: dict, keys, where, legacy: dict | None = None, same=None) -> None:
+def settle_with_checkpoint(cfg, saved: dict, keys, where, legacy: dict | None = None, same=None,
+                           carried=RESUME_CARRIED) -> None:
     """On --resume: each of `keys` not given explicitly takes the checkpoint's value; one given explicitly must
-    agree with it (a run would otherwise mix two trainings under one record). `same(k, a, b)` compares."""
+    agree with it (a run would otherwise mix two trainings under one record). `same(k, a, b)` compares.
+    Each of `carried` not given takes the checkpoint's value, and may be changed by giving it."""
+    for k in carried:
+        if not is_given(cfg, k) and k in saved:
+            setattr(cfg, k, saved[k])
     legacy = legacy or {}
     same = same or (lambda k, a, b: a == b)
     differ = []

@@ -10,6 +10,7 @@ from aecurves.curves import batchnorms
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.metrics import fixed_subset
+from aecurves.models import arch_of
 
 DATA_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test")
 
@@ -34,7 +35,7 @@ def run(cfg: ExportPointConfig) -> dict:
                          progress=not cfg.no_progress)
         used = curve.update_bn(BatchLoader(fixed_subset(data.train, cfg.bn_images), cfg.batch_size, device), cfg.t)
     point = {"kind": "endpoint", "model": curve.state_dict_at(cfg.t), "optimizer": {}, "epoch": 0, "metrics": [],
-             "args": {**{k: args.get(k) for k in DATA_KEYS + ("loss", "seed")}, **state["model_config"]},
+             "args": {**{k: args.get(k) for k in DATA_KEYS + ("loss", "seed")}, **arch_of(state["model_config"])},
              "exported_from": {"curve": str(Path(cfg.ckpt).resolve()), "t": cfg.t, "bn_images": used}}
     save_checkpoint(out, point)
     print(f"wrote θ({cfg.t:g}) of {cfg.ckpt} to {out} (BatchNorm statistics recomputed from {used} training images)")

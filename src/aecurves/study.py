@@ -73,7 +73,7 @@ VGG_REMEDY = ("Re-run the same command with --vgg-weights PATH (a saved vgg16 st
 # configuration
 
 
-def resolve_config(config: StudyConfig) -> dict:
+def resolve_study_config(config: StudyConfig) -> dict:
     """The study's settings: the preset's values for every field left at None, validated and normalised."""
     validate(config)
     cfg = as_record(config)
@@ -447,11 +447,11 @@ def check_vgg(weights: str) -> str | None:
 
 def run(config: StudyConfig) -> dict:
     """Runs (or resumes) the study `config` describes; returns a summary."""
-    return run_study(resolve_config(config))
+    return run_study(resolve_study_config(config))
 
 
 def run_study(cfg: dict) -> dict:
-    """Runs (or resumes) the study described by the resolved settings `cfg` (see resolve_config)."""
+    """Runs (or resumes) the study described by the resolved settings `cfg` (see resolve_study_config)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("`aecurves study` runs as one process (evaluations and the report are single-process), "
                         "so do not start it with torchrun. It uses one GPU with --device cuda. To train the "

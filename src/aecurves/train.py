@@ -94,7 +94,7 @@ def resolve_start(cfg: TrainConfig, out: Path):
     return None
 
 
-def resolve_config(cfg: TrainConfig, saved: dict | None, ckpt_path) -> None:
+def resolve_train_config(cfg: TrainConfig, saved: dict | None, ckpt_path) -> None:
     """On resume, settings not given explicitly come from the checkpoint (explicit ones must agree with it);
     a model factory outside aecurves must be named again with --model."""
     if cfg.data_dir:
@@ -125,7 +125,7 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     start = resolve_start(cfg, out)
     resumed, ckpt_path = start if start else (None, None)
 
-    resolve_config(cfg, resumed["args"] if resumed else None, ckpt_path)
+    resolve_train_config(cfg, resumed["args"] if resumed else None, ckpt_path)
     precision = runtime.resolve_precision(cfg.precision, device)
     data = load_data_once(info, progress, dataset=cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
                           limit=cfg.limit, val_fraction=cfg.val_fraction, use_test=cfg.use_test,

@@ -51,7 +51,7 @@ def _same_setting(key: str, a, b) -> bool:
     return a == b
 
 
-def resolve_config(cfg: TrainCurveConfig, saved: dict | None, ckpt_path) -> None:
+def resolve_curve_config(cfg: TrainCurveConfig, saved: dict | None, ckpt_path) -> None:
     """On resume, what defines the curve and its data comes from the checkpoint unless given explicitly (and
     then it must agree); epochs, lr, device... come from the flags. A checkpoint from before a setting existed
     was trained with its legacy value (a constant lr, uniform t), so resuming it keeps that."""
@@ -139,7 +139,7 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
     elif ckpt_path.exists():
         raise UserError(f"{out} already holds a curve run (checkpoint.pt). Pass --resume to continue it, "
                         "or choose another --dir/--out folder; nothing was overwritten.")
-    resolve_config(cfg, resumed["args"] if resumed else None, ckpt_path)
+    resolve_curve_config(cfg, resumed["args"] if resumed else None, ckpt_path)
     a, b, arch = load_endpoint_pair(cfg.init_start, cfg.init_end, cfg.model)
     cfg.init_start, cfg.init_end = (str(Path(p).resolve()) for p in (cfg.init_start, cfg.init_end))
     cfg.model = arch["model"]
