@@ -17,7 +17,8 @@ def default(cls, name):
 
 def test_study_shares_the_commands_defaults_and_help():
     """The study's stage settings are the commands' own fields (same_as), not second copies."""
-    for study_name, cls, name in (("latent_dim", TrainConfig, "latent_dim"), ("num_points", EvalCurveConfig, "num_points"),
+    for study_name, cls, name in (("latent_dim", TrainConfig, "latent_dim"),
+                                  ("num_points", EvalCurveConfig, "num_points"),
                                   ("bn_images", EvalCurveConfig, "bn_images"), ("curve", TrainCurveConfig, "curve"),
                                   ("curve_lr_schedule", TrainCurveConfig, "lr_schedule"),
                                   ("t_sampling", TrainCurveConfig, "t_sampling"), ("wd", TrainCurveConfig, "wd")):

@@ -26,6 +26,8 @@ TRAIN_IMAGES = 8192
 EVAL_BATCH_SIZE = 256
 
 DATASETS = ("celeba", "folder", "lfw", "synthetic")
+VAL_FRACTION = 0.1  # held-out share of a dataset without an official partition (load_data's default too)
+DEFAULT_SEGMENT_OUT = "runs/segment"
 DEFAULT_IMAGE_SIZE = {"celeba": 64, "folder": 64, "synthetic": 64, "lfw": 32}
 LOSSES = ("mse", "vgg")
 LR_SCHEDULES = ("paper", "cosine", "constant")
@@ -77,7 +79,8 @@ class TrainConfig:
     image_size: int | None = option(None, "side of the square images", shown="64; 32 for lfw", minimum=1,
                                     group="data")
     limit: int | None = option(None, "use only the first N images", shown="all", minimum=1, group="data")
-    val_fraction: float = option(0.1, "held-out fraction when the dataset has no official partition", group="data")
+    val_fraction: float = option(VAL_FRACTION, "held-out fraction when the dataset has no official partition",
+                                 group="data")
     use_test: bool = option(False, "hold out the official test partition instead of valid (celeba with "
                                    "list_eval_partition.txt)", group="data")
     cache_dir: str | None = option(None, "where decoded images are cached", shown="$AECURVES_CACHE or "
@@ -215,7 +218,8 @@ class EvalCurveConfig:
     model: str | None = same_as(TrainCurveConfig, "model", help="the checkpoint's model factory; needed (the same "
                                 "value) when it is outside aecurves", shown="the checkpoint's, if built into "
                                 "aecurves", group="evaluation")
-    out: str | None = option(None, "output folder", shown="CKPT_FOLDER/eval for a curve, runs/segment for a segment",
+    out: str | None = option(None, "output folder",
+                             shown=f"CKPT_FOLDER/eval for a curve, {DEFAULT_SEGMENT_OUT} for a segment",
                              aliases=("--dir",), group="evaluation")
     device: str = same_as(TrainConfig, "device")
     vgg_weights: str = same_as(TrainConfig, "vgg_weights", help="VGG16 weights for the perceptual metric and "

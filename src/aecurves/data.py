@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from aecurves import runtime
-from aecurves.config import DATASETS, DEFAULT_IMAGE_SIZE
+from aecurves.config import DATASETS, DEFAULT_IMAGE_SIZE, VAL_FRACTION
 from aecurves.errors import UserError
 from aecurves.files import new_temp_file, write_json
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -507,7 +507,7 @@ def load_data(
     data_dir: str | os.PathLike | None = None,
     image_size: int | None = None,
     limit: int | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float = VAL_FRACTION,
     use_test: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,

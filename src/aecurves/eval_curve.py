@@ -34,7 +34,8 @@ from tabulate import tabulate
 
 from aecurves import plots, runtime
 from aecurves.checkpoint import load_curve, load_endpoint_pair
-from aecurves.config import SUBSET_SEED, EvalCurveConfig, as_record, validate
+from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, VAL_FRACTION, EvalCurveConfig, as_record, \
+    validate
 from aecurves.curves import Curve, batchnorms, make_segment, segment_of
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
@@ -44,7 +45,6 @@ from aecurves.metrics import METRICS, SPLITS, STATS, evaluate_path, protocol_sub
     reconstructions_along, summarize
 from aecurves.models import build_model
 
-DEFAULT_SEGMENT_OUT = "runs/segment"
 RECON_POINTS = 9  # reconstructions at t = 0, 1/8, ..., 1
 
 
@@ -186,7 +186,8 @@ def load_subject_data(cfg: EvalCurveConfig, subject: Subject):
     args = subject.args
     record = {"dataset": cfg.dataset or args.get("dataset"), "data_dir": cfg.data_dir or args.get("data_dir"),
               "image_size": subject.arch["image_size"], "limit": args.get("limit"),
-              "val_fraction": args.get("val_fraction") or 0.1, "use_test": bool(cfg.use_test or args.get("use_test")),
+              "val_fraction": args.get("val_fraction") or VAL_FRACTION,
+              "use_test": bool(cfg.use_test or args.get("use_test")),
               "cache_dir": cfg.cache_dir}
     if not record["dataset"]:
         raise UserError("The checkpoint does not record its dataset; pass --dataset (and --data-dir).")
