@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from aecurves import runtime
+from aecurves import console, runtime
 from aecurves.config import DATASETS, DEFAULT_IMAGE_SIZE, VAL_FRACTION
 from aecurves.errors import UserError
 from aecurves.files import new_temp_file, write_json
@@ -334,8 +333,7 @@ def _decode_into(out: np.ndarray, files: _Files, names: list[str], desc: str, pr
         pool = concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1))
         try:
             results = pool.map(work, range(len(names)))
-            for i, error in enumerate(tqdm(results, total=len(names), desc=desc, unit="img",
-                                           file=sys.stderr, disable=not progress)):
+            for i, error in enumerate(console.progress(results, desc, progress, unit="img", total=len(names))):
                 if error is not None:
                     errors[i] = error
         finally:

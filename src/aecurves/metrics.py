@@ -9,13 +9,11 @@ path length, and the loss barrier on the train and test loss.
 """
 
 import math
-import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from aecurves import runtime
+from aecurves import console, runtime
 from aecurves.curves import Curve, CurvePoint, step_lengths
 from aecurves.config import SUBSET_SEED
 from aecurves.data import BatchLoader
@@ -163,7 +161,7 @@ def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptu
     """
     ts = np.asarray(ts, dtype=np.float64)
     rows = []
-    for t in tqdm(ts, desc=desc, unit="point", leave=False, disable=not progress, file=sys.stderr):
+    for t in console.progress(ts, desc, progress, unit="point"):
         t = float(t)
         if bn_loader is not None:
             curve.update_bn(bn_loader, t)

@@ -5,15 +5,13 @@
 """
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from aecurves import runtime
+from aecurves import console, runtime
 from aecurves.checkpoint import check_same_arch, load_checkpoint, save_checkpoint, trusted_arch
 from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, TRAIN_RESUME_KEYS, TrainConfig, as_record, \
     is_given, settle_with_checkpoint, validate
@@ -39,7 +37,7 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, precision, epoch,
     total = torch.zeros((), device=device)
     seen = 0
     lr = optimizer.param_groups[0]["lr"]
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, file=sys.stderr)
+    bar = console.progress(loader, f"epoch {epoch}", progress, unit="batch")
     for step, x in enumerate(bar):
         if lr_for_step is not None:
             lr = lr_for_step(step)

@@ -14,15 +14,13 @@ eval-curve's value at t = 0.5.
 """
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from aecurves import runtime
+from aecurves import console, runtime
 from aecurves.checkpoint import load_checkpoint, load_endpoint_pair, save_checkpoint
 from aecurves.config import CURVE_LEGACY, CURVE_RESUME_KEYS, EVAL_BATCH_SIZE, TrainCurveConfig, as_record, \
     settle_with_checkpoint, validate
@@ -90,7 +88,7 @@ def train_curve_one_epoch(net, curve, loss_fn, optimizer, loader, device, precis
     loader.set_epoch(epoch)
     sums = torch.zeros(3, device=device)  # reconstruction*n, l2 term*n, n
     lr = optimizer.param_groups[0]["lr"]
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, file=sys.stderr)
+    bar = console.progress(loader, f"epoch {epoch}", progress, unit="batch")
     for step, x in enumerate(bar):
         t = ts[step]
         lr = lr_for_step(step)
