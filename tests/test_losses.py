@@ -69,3 +69,24 @@ def test_missing_vgg_weights_explain_the_remedy(tmp_path, monkeypatch):
     assert "--vgg-weights" in msg and str(tmp_path) in msg and "vgg16-397923af.pth" in msg
     with pytest.raises(UserError, match="no such file"):
         make_loss("vgg", vgg_weights=str(tmp_path / "missing.pth"))
+
+
+def test_imagenet_weights_are_attempted_once_per_process(monkeypatch):
+    from torchvision.models import VGG16_Weights
+
+    from aecurves import losses
+
+    calls = []
+
+    def offline(self, *args, **kwargs):
+        calls.append(1)
+        raise OSError("offline in this test")
+
+    monkeypatch.setattr(losses, "_IMAGENET_FAILURE", [])
+    monkeypatch.setattr(type(VGG16_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    for _ in range(3):
+        with pytest.raises(losses.VGGUnavailable) as exc:
+            load_vgg_features("imagenet")
+    assert len(calls) == 1
+    assert "offline in this test" in exc.value.short and "\n" not in exc.value.short
+    assert "--vgg-weights PATH" in str(exc.value) and len(exc.value.short) < len(str(exc.value))

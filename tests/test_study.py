@@ -231,7 +231,7 @@ def test_offline_vgg_group_is_skipped_with_the_remedy(copy_of, monkeypatch, caps
     from aecurves import losses
 
     def offline(weights="imagenet"):
-        raise UserError(losses.vgg_missing_message("URLError: offline in this test"))
+        raise losses.VGGUnavailable("URLError: offline in this test")
 
     monkeypatch.setattr(losses, "load_vgg_features", offline)
     argv = [a for a in SMALL]
@@ -239,7 +239,11 @@ def test_offline_vgg_group_is_skipped_with_the_remedy(copy_of, monkeypatch, caps
     argv[argv.index("--vgg-weights") + 1] = "imagenet"
     assert run_cli("study", *argv, "--out", copy_of) == 0
     out = capsys.readouterr().out
-    assert "vgg group SKIPPED" in out and "--vgg-weights PATH" in out
+    # one line up front, the full reason and remedy once, at the end
+    first = next(line for line in out.splitlines() if line.startswith("vgg group skipped: "))
+    assert "offline in this test" in first and "remedy follows at the end" in first
+    assert out.count(losses.vgg_missing_message("URLError: offline in this test")) == 1
+    assert out.rindex("vgg group SKIPPED") > out.index("study finished")
     assert not (copy_of / "endpoints/vgg_seed1").exists()
     groups = json.loads((copy_of / "study.json").read_text())["groups"]
     assert groups["mse"]["status"] == "run" and groups["vgg"]["status"] == "skipped"

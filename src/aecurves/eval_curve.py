@@ -211,7 +211,7 @@ def losses_for(loss_name: str, vgg_weights: str, notes: list):
         try:
             perceptual_fn = make_loss("vgg", vgg_weights)
         except UserError as exc:
-            notes.append(f"perceptual metrics omitted: {exc}")
+            notes.append(f"perceptual metrics omitted: {getattr(exc, 'short', exc)}")
     if loss_name == "vgg":
         if perceptual_fn is not None:
             return perceptual_fn, perceptual_fn

@@ -43,6 +43,20 @@ def vgg_missing_message(reason: str = "") -> str:
     )
 
 
+class VGGUnavailable(UserError):
+    """The VGG16 weights cannot be loaded: str() gives the reason and the remedy, `short` one line."""
+
+    def __init__(self, reason: str):
+        super().__init__(vgg_missing_message(reason))
+        self.reason = reason
+        self.short = (f"the VGG16 ImageNet weights are not available ({reason}); pass --vgg-weights PATH, or see "
+                      "the README's 'VGG weights offline'")
+
+
+# One download attempt per process: a study that lacks the weights tries once, not once per stage.
+_IMAGENET_FAILURE: list[str] = []
+
+
 def _vgg16_features() -> nn.Sequential:
     """vgg16().features up to relu4_3, built without the 120M-parameter classifier (much faster)."""
     from torchvision.models.vgg import cfgs, make_layers
@@ -67,15 +81,18 @@ def load_vgg_features(weights: str = "imagenet") -> nn.Sequential:
     if weights == "imagenet":
         from torchvision.models import VGG16_Weights
 
+        if _IMAGENET_FAILURE:
+            raise VGGUnavailable(_IMAGENET_FAILURE[0])
         try:
             state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
         except Exception as exc:  # no network, proxy refusal, truncated file...
-            raise UserError(vgg_missing_message(f"{type(exc).__name__}: {exc}")) from None
+            _IMAGENET_FAILURE.append(f"{type(exc).__name__}: {exc}")
+            raise VGGUnavailable(_IMAGENET_FAILURE[0]) from None
         _load_features(features, state, VGG16_Weights.IMAGENET1K_V1.url)
     elif weights != "random":
         path = Path(weights)
         if not path.is_file():
-            raise UserError(vgg_missing_message(f"--vgg-weights {weights}: no such file"))
+            raise VGGUnavailable(f"--vgg-weights {weights}: no such file")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:

@@ -430,14 +430,14 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def check_vgg(weights: str) -> str | None:
-    """None when the VGG16 weights for the perceptual loss can be loaded, else the reason (with the remedy)."""
+def check_vgg(weights: str) -> UserError | None:
+    """None when the VGG16 weights for the perceptual loss can be loaded, else why not (with the remedy)."""
     from aecurves import losses
 
     try:
         losses.load_vgg_features(weights)
     except UserError as exc:
-        return str(exc)
+        return exc
     return None
 
 
@@ -528,7 +528,7 @@ def run_study(cfg: dict) -> dict:
           f"{len(study.skipped)} already finished")
     for loss, group in study.groups.items():
         if group["status"] == "skipped":
-            print(f"{loss} group skipped: see the report for the reason and the remedy")
+            print(f"\n{loss} group SKIPPED: {group['reason']}\nremedy: {group['remedy']}\n")
     for line in summary.get("summary_lines", []):
         print(f"  {line}")
     print(f"report: {root / 'report.html'} (and report.md)")
@@ -543,10 +543,11 @@ def loss_group(cfg: dict, loss: str) -> dict:
              "pairs": [{"seeds": [a, b], "curve": curve_folder(loss, a, b), "eval": curve_folder(loss, a, b) + "/eval"}
                        for a, b in itertools.combinations(cfg["seeds"], 2)]}
     if loss == "vgg":
-        reason = check_vgg(cfg["vgg_weights"])
-        if reason:
-            group.update(status="skipped", reason=reason, remedy=VGG_REMEDY)
-            print(f"\nvgg group SKIPPED: {reason}\nremedy: {group['remedy']}\n", flush=True)
+        problem = check_vgg(cfg["vgg_weights"])
+        if problem:
+            group.update(status="skipped", reason=str(problem), remedy=VGG_REMEDY)
+            print(f"vgg group skipped: {getattr(problem, 'short', problem)} (the remedy follows at the end)",
+                  flush=True)
         elif cfg["vgg_weights"] == "random":
             group["warning"] = ("--vgg-weights random: the vgg group was trained and evaluated with UNTRAINED "
                                 "VGG16 features, so its loss is not perceptual; a smoke test only.")
