@@ -81,7 +81,17 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
                 "study.json", "report.html", "report.md", "report.json", "report_files/mse_loss_along_paths.png",
                 "endpoints/mse_seed1/study_stage.json", f"{EVAL}/study_stage.json"):
         assert (root / rel).is_file(), rel
-    cfg = json.loads((root / "study.json").read_text())["config"]
+    study_json = json.loads((root / "study.json").read_text())
+    cfg = study_json["config"]
+    prov = study_json["provenance"]  # what ran where, and how long each stage took
+    import torch
+
+    import aecurves
+
+    assert prov["aecurves"] == aecurves.__version__ and prov["torch"] == torch.__version__
+    assert prov["device"].startswith("cpu (") and prov["precision"] == "fp32" and prov["host"]
+    assert set(prov["stage_seconds"]) == {"endpoint:mse:1", "endpoint:mse:2", "curve:mse:1-2", "eval:mse:1-2"}
+    assert prov["wall_seconds"] >= sum(prov["stage_seconds"].values()) > 0 and prov["finished"] >= prov["started"]
     assert cfg["epochs"] == 3 and cfg["curve_epochs"] == 2 and cfg["seeds"] == [1, 2] and cfg["losses"] == ["mse"]
     assert cfg["curve"] == "Bezier" and cfg["num_bends"] == 3 and cfg["preset"] == "demo"
     assert load_checkpoint(root / ENDPOINTS[0], "endpoint")["epoch"] == 3
@@ -140,6 +150,7 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
 def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
     root = copy_of
     before = {rel: _stamp(root, rel) for rel in (*ENDPOINTS, CURVE, f"{EVAL}/eval.json", "report.html")}
+    provenance = json.loads((root / "study.json").read_text())["provenance"]
 
     def boom(cfg):
         raise AssertionError("a finished stage was run again")
@@ -151,6 +162,7 @@ def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count("finished already, skipped") == 4 and "report: up to date" in out
     assert re.search(r"stage 3/5: train-curve mse seeds 1-2", out)
+    assert json.loads((root / "study.json").read_text())["provenance"] == provenance  # that of the run that made it
 
 
 @pytest.mark.slow

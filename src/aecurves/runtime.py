@@ -113,3 +113,50 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def provenance(device_name: str = "auto", precision: str = "auto") -> dict:
+    """What ran where: versions, the git commit of a checkout, the host, the device and the training precision."""
+    import platform
+    import socket
+
+    from aecurves import __version__
+
+    device = resolve_device(device_name)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"aecurves": __version__, "git_commit": git_commit(), "torch": torch.__version__,
+            "python": platform.python_version(), "host": socket.gethostname(), "device": f"{device.type} ({name})",
+            "precision": resolve_precision(precision, device)}
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        line = ""
+    return line.split(":", 1)[1].strip() if ":" in line else (platform.processor() or platform.machine() or "cpu")
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from (marked when it has uncommitted changes), else None."""
+    import subprocess
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+
+    def git(*args):
+        out = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if not top or (Path(top) / "src" / "aecurves").resolve() != package:  # e.g. a venv inside another repo
+            return None
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit} (with uncommitted changes)" if commit and dirty else commit

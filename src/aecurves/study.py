@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aecurves import runtime
 from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, LOSSES, PRESETS, EvalCurveConfig, StudyConfig, \
     TrainConfig, TrainCurveConfig, as_record, make, validate
 from aecurves.errors import UserError
@@ -266,6 +267,8 @@ class Study:
         self.ran: list[str] = []
         self.skipped: list[str] = []
         self.t0 = time.perf_counter()
+        self.provenance: dict = {}  # set by run_study; kept from the last run that ran stages when nothing runs
+        self.previous_provenance: dict | None = None
         self.rates: dict = {}  # kind -> (seconds, units) of stages run now, for the estimate
 
     # --- settings each stage should have, and the settings its outputs record
@@ -389,9 +392,11 @@ class Study:
 
     def write_study_json(self) -> None:
         cfg = {k: v for k, v in self.cfg.items() if k not in ("force", "no_progress")}
+        trained = [n for n in self.ran if n != "report"]
         write_json(self.root / "study.json", {
             "format_version": FORMAT_VERSION,
             "config": cfg,
+            "provenance": self.provenance if trained or not self.previous_provenance else self.previous_provenance,
             "groups": self.groups,
             "stages": [{"name": s.name, "kind": s.kind, "loss": s.loss, "seeds": list(s.seeds), "folder": s.folder}
                        for s in self.stages],
@@ -483,11 +488,19 @@ def run_study(cfg: dict) -> dict:
 
     refuse_stale_outputs(study)  # before anything changes
     root.mkdir(parents=True, exist_ok=True)
+    previous = read_json(root / "study.json")
+    study.previous_provenance = previous.get("provenance") if isinstance(previous, dict) else None
+    study.provenance = {**runtime.provenance(cfg["device"], cfg["precision"]),
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "wall_seconds": None,
+                        "stage_seconds": dict((study.previous_provenance or {}).get("stage_seconds") or {})}
     study.write_study_json()
     will_run = study.will_run()
     for i, st in enumerate(study.stages, 1):
         todo = [s for s in study.stages[i - 1:] if s.name in will_run]
         if st.kind == "report":
+            study.provenance.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                    wall_seconds=round(time.perf_counter() - study.t0, 1))
+            study.write_study_json()  # the report shows the provenance of the stages it reports on
             study.progress(i, st, [])
             run_report_stage(study, st)
             continue
@@ -520,6 +533,8 @@ def run_study(cfg: dict) -> dict:
             s, u = study.rates.get(key, (0.0, 0.0))
             study.rates[key] = (s + seconds, u + st.units)
         study.ran.append(st.name)
+        study.provenance["stage_seconds"][st.name] = round(seconds, 1)
+        study.write_study_json()
 
     from aecurves import report
 
