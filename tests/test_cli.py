@@ -53,3 +53,39 @@ def test_bad_values_exit_2_with_a_message(capsys, tmp_path):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_config_file_round_trip_and_flags_override(tmp_path, capsys):
+    assert main(["study", "--preset", "celeba", "--data-dir", str(tmp_path), "--seeds", "4,5", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "study.toml").write_text(printed)
+    assert main(["study", "--config", str(tmp_path / "study.toml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed  # the printed settings are a config file that reads back the same
+    _, cfg = parse(["study", "--config", str(tmp_path / "study.toml"), "--epochs", "3"])
+    assert cfg.epochs == 3 and cfg.seeds == "4,5" and cfg.preset == "celeba" and cfg.width == 32
+    assert "epochs" in cfg.given and "seeds" in cfg.given and "limit" not in cfg.given  # unset values stay unset
+    (tmp_path / "train.toml").write_text('batch-size = 16\nlr = 1\nmodel_kwargs = {hidden = 8}\n')
+    _, cfg = parse(["train", "--config", str(tmp_path / "train.toml")])
+    assert (cfg.batch_size, cfg.lr, cfg.model_kwargs) == (16, 1, {"hidden": 8})
+
+
+def test_a_studys_own_record_reproduces_it(tmp_path, capsys):
+    import json
+
+    assert main(["study", "--losses", "mse", "--epochs", "7", "--print-config"]) == 0
+    resolved = capsys.readouterr().out
+    record = {"format_version": 1, "config": {**{"losses": ["mse"], "seeds": [1, 2, 3], "epochs": 7}}}
+    (tmp_path / "study.json").write_text(json.dumps(record))
+    assert main(["study", "--config", str(tmp_path / "study.json"), "--print-config"]) == 0
+    assert capsys.readouterr().out == resolved
+
+
+def test_bad_config_files(tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text("epochs = \n")
+    (tmp_path / "unknown.toml").write_text("epoch = 3\n")
+    (tmp_path / "value.toml").write_text('epochs = "many"\n')
+    for name, phrase in (("bad.toml", "could not be read"), ("unknown.toml", "unknown setting(s) epoch"),
+                         ("value.toml", "--epochs must be an integer"), ("none.toml", "no such file")):
+        assert main(["train", "--config", str(tmp_path / name), "--out", str(tmp_path / "r")]) == 2
+        assert phrase in capsys.readouterr().err, name
+    assert not (tmp_path / "r").exists()

@@ -92,6 +92,8 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
     assert prov["device"].startswith("cpu (") and prov["precision"] == "fp32" and prov["host"]
     assert set(prov["stage_seconds"]) == {"endpoint:mse:1", "endpoint:mse:2", "curve:mse:1-2", "eval:mse:1-2"}
     assert prov["wall_seconds"] >= sum(prov["stage_seconds"].values()) > 0 and prov["finished"] >= prov["started"]
+    _, again = parse(["study", "--config", str(root / "study.json")])  # a study's record reproduces it
+    assert study.resolved_config(again) == cfg
     assert cfg["epochs"] == 3 and cfg["curve_epochs"] == 2 and cfg["seeds"] == [1, 2] and cfg["losses"] == ["mse"]
     assert cfg["curve"] == "Bezier" and cfg["num_bends"] == 3 and cfg["preset"] == "demo"
     assert load_checkpoint(root / ENDPOINTS[0], "endpoint")["epoch"] == 3

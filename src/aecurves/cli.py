@@ -87,21 +87,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cls in config.COMMANDS.items():
         short, long = DESCRIPTIONS[name]
-        add_flags(sub.add_parser(name, help=short, description=long, allow_abbrev=False), cls)
+        command = sub.add_parser(name, help=short, description=long, allow_abbrev=False)
+        add_flags(command, cls)
+        files = command.add_argument_group("configuration files")
+        files.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                           help="read settings from a TOML file whose keys are the flag names (or from a study's "
+                                "study.json); flags given as well override it")
+        files.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
+                           help="print the resolved settings as TOML (which --config reads back) and exit")
     return parser
 
 
 def parse(argv=None):
-    """(command, its config) from the command line."""
+    """(command, its config) from the command line: a --config file's settings, overridden by the flags."""
+    command, cfg, _ = parse_with_options(argv)
+    return command, cfg
+
+
+def parse_with_options(argv=None):
+    """(command, its config, {"print_config": bool})."""
     args = vars(get_args_parser().parse_args(argv))
     command = args.pop("command")
-    return command, config.make(config.COMMANDS[command], args)
+    options = {"print_config": args.pop("print_config", False)}
+    cls = config.COMMANDS[command]
+    values = config.read_config_file(args.pop("config"), cls) if "config" in args else {}
+    values.update(args)
+    return command, config.make(cls, values), options
 
 
 def main(argv=None) -> int:
     command, cfg, module = None, None, None
     try:
-        command, cfg = parse(argv)
+        command, cfg, options = parse_with_options(argv)
         if command == "train":
             from aecurves import train as module
         elif command == "train-curve":
@@ -114,6 +131,10 @@ def main(argv=None) -> int:
             from aecurves import study as module
         else:
             from aecurves import report as module
+        if options["print_config"]:
+            resolved = module.resolved_config(cfg) if hasattr(module, "resolved_config") else config.as_record(cfg)
+            print(config.to_toml(resolved), end="")
+            return 0
         module.run(cfg)
         return 0
     except UserError as exc:

@@ -434,3 +434,62 @@ def settle_with_checkpoint(cfg, saved: dict, keys, where, legacy: dict | None = 
         raise UserError(f"The checkpoint {where} does not match this run: " + "; ".join(differ)
                         + " (checkpoint vs requested). Drop those flags to resume with the checkpoint's settings, "
                         "or start a new run in another --out folder.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config files: TOML with the flags' names as keys (or a study.json), and the resolved config printed as TOML
+
+
+def read_config_file(path: str, cls) -> dict:
+    """Field values from a TOML file (keys: the flag names, with - or _) or a JSON file such as a study's
+    study.json (its "config" entry), checked against the fields of `cls`. Unset (null) values are left out."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file. Pass a TOML file whose keys are the flag names "
+                        "(e.g. epochs = 30), or a study's study.json.")
+    try:
+        if file.suffix == ".json":
+            values = json.loads(file.read_text())
+            values = values.get("config", values) if isinstance(values, dict) else values
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            values = tomllib.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {path} could not be read ({type(exc).__name__}: {exc}).") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must hold a table of settings (key = value).")
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    values = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
+    unknown = sorted(set(values) - names - set(IGNORED_IN_CONFIG_FILES))
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; the settings of this command "
+                        f"are: {', '.join(sorted(names))}.")
+    for k in ("losses", "seeds"):  # a study.json holds them as lists
+        if isinstance(values.get(k), list):
+            values[k] = ",".join(str(v) for v in values[k])
+    return {k: v for k, v in values.items() if k in names}
+
+
+IGNORED_IN_CONFIG_FILES = ("format_version",)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def to_toml(record: dict) -> str:
+    """A flat config as TOML that --config reads back; unset values become comments."""
+    return "".join(f"{k} = {_toml_value(v)}\n" if v is not None else f"# {k} is not set\n" for k, v in record.items())

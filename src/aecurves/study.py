@@ -120,6 +120,12 @@ def resolve_study_config(config: StudyConfig) -> dict:
     return cfg
 
 
+def resolved_config(config: StudyConfig) -> dict:
+    """The settings the study runs with (`aecurves study --print-config`), as its study.json records them."""
+    cfg = resolve_study_config(config)
+    return {k: v for k, v in cfg.items() if k not in ("force", "no_progress")}
+
+
 def _runtime(cfg: dict) -> dict:
     return {"device": cfg["device"], "precision": cfg["precision"], "vgg_weights": cfg["vgg_weights"],
             "no_progress": cfg["no_progress"]}
