@@ -61,6 +61,29 @@ def test_export_point_writes_an_endpoint_that_train_curve_accepts(trained_curve,
                    "--dir", tmp_path / "c2") == 0
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "state_dict"])
+def test_export_point_as_plain_weights_loads_into_a_bare_model(fmt, trained_curve, tmp_path):
+    from aecurves.models import ConvAutoencoder
+
+    ckpt, plain = tmp_path / "mid.pt", tmp_path / f"mid.{fmt}"
+    for out, extra in ((ckpt, []), (plain, ["--format", fmt])):
+        assert run_cli("export-point", "--ckpt", trained_curve, "--t", 0.5, "--out", out, "--no-progress", *extra) == 0
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        weights = load_file(plain)
+    else:
+        weights = torch.load(plain, weights_only=True)
+    arch = json.loads((tmp_path / f"mid.{fmt}.json").read_text())["architecture"]
+    bare = ConvAutoencoder(**{k: arch[k] for k in ("channels", "image_size", "latent_dim", "width")})
+    bare.load_state_dict(weights)  # strict: every key, every shape
+    reference = ConvAutoencoder(**{k: arch[k] for k in ("channels", "image_size", "latent_dim", "width")})
+    reference.load_state_dict(load_checkpoint(ckpt, "endpoint")["model"])
+    x = torch.rand(4, arch["channels"], arch["image_size"], arch["image_size"])
+    bare.eval(), reference.eval()
+    assert torch.equal(bare(x), reference(x))
+
+
 @pytest.mark.parametrize("case", ["mismatch", "curve_as_endpoint", "missing", "one_bend", "nothing_to_train",
                                   "t_outside", "no_endpoints"])
 def test_bad_input_is_one_clear_error_and_overwrites_nothing(case, trained_curve, tiny_endpoints, tmp_path, capsys):

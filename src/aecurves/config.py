@@ -35,6 +35,7 @@ T_SAMPLING = ("uniform", "stratified")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 BUILTIN_MODEL = "aecurves.models:ConvAutoencoder"
+EXPORT_FORMATS = ("checkpoint", "safetensors", "state_dict")
 MODEL_SIGNATURE = "FACTORY(channels=C, image_size=S, latent_dim=D, **MODEL_KWARGS)"
 
 
@@ -238,6 +239,10 @@ class ExportPointConfig:
     out: str | None = option(None, "file to write (an ordinary autoencoder checkpoint)", required=True)
     bn_images: int = option(BN_IMAGES, "training images used to recompute BatchNorm statistics at t; 0 keeps the "
                                        "curve's", minimum=0)
+    format: str = option("checkpoint", "checkpoint: an aecurves endpoint checkpoint, which every command accepts; "
+                                       "safetensors or state_dict: the plain weights, which load into a bare model "
+                                       "with load_state_dict (its architecture is written beside them, in OUT.json)",
+                         choices=EXPORT_FORMATS)
     batch_size: int = same_as(EvalCurveConfig, "batch_size", help="", group=None)
     cache_dir: str | None = same_as(TrainConfig, "cache_dir", group=None)
     model: str | None = same_as(EvalCurveConfig, "model", group=None)

@@ -1,18 +1,42 @@
 """`aecurves export-point`: θ(t) of a curve, with BatchNorm statistics recomputed at t, as an ordinary endpoint
-checkpoint that every command accepts."""
+checkpoint that every command accepts, or as plain weights (safetensors or a torch state dict) for use elsewhere,
+with the architecture in a JSON file beside them."""
 
+import json
 from pathlib import Path
+
+import torch
 
 from aecurves import runtime
 from aecurves.checkpoint import load_curve, save_checkpoint
-from aecurves.config import ExportPointConfig, validate
+from aecurves.config import MODEL_SIGNATURE, ExportPointConfig, validate
 from aecurves.curves import batchnorms
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
+from aecurves.files import atomic_path, write_json
 from aecurves.metrics import fixed_subset
 from aecurves.models import arch_of
 
 DATA_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test")
+
+
+def sidecar(out: Path) -> Path:
+    return out.with_name(out.name + ".json")
+
+
+def save_weights(out: Path, point: dict, fmt: str) -> None:
+    """The state dict alone (safetensors or torch.save), and OUT.json: how to build the model that loads it."""
+    state = {k: v.contiguous() for k, v in point["model"].items()}
+    arch = arch_of(point["args"])
+    with atomic_path(out) as tmp:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={"aecurves_architecture": json.dumps(arch)})
+        else:
+            torch.save(state, tmp)
+    write_json(sidecar(out), {"architecture": arch, "build": MODEL_SIGNATURE, "format": fmt,
+                              "exported_from": point["exported_from"]})
 
 
 def run(cfg: ExportPointConfig) -> dict:
@@ -37,6 +61,10 @@ def run(cfg: ExportPointConfig) -> dict:
     point = {"kind": "endpoint", "model": curve.state_dict_at(cfg.t), "optimizer": {}, "epoch": 0, "metrics": [],
              "args": {**{k: args.get(k) for k in DATA_KEYS + ("loss", "seed")}, **arch_of(state["model_config"])},
              "exported_from": {"curve": str(Path(cfg.ckpt).resolve()), "t": cfg.t, "bn_images": used}}
-    save_checkpoint(out, point)
-    print(f"wrote θ({cfg.t:g}) of {cfg.ckpt} to {out} (BatchNorm statistics recomputed from {used} training images)")
-    return {"out": str(out), "t": cfg.t, "bn_images": used}
+    if cfg.format == "checkpoint":
+        save_checkpoint(out, point)
+    else:
+        save_weights(out, point, cfg.format)
+    print(f"wrote θ({cfg.t:g}) of {cfg.ckpt} to {out} as {cfg.format} (BatchNorm statistics recomputed from {used} "
+          f"training images)" + (f"; architecture in {sidecar(out)}" if cfg.format != "checkpoint" else ""))
+    return {"out": str(out), "t": cfg.t, "bn_images": used, "format": cfg.format}
