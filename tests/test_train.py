@@ -154,3 +154,23 @@ def test_paper_schedule_and_a_new_lr_on_resume(tmp_path, capsys):
     # --epochs 4 redraws the schedule over 4 epochs: epoch 3 ends at alpha 3/4 -> 1 - 0.25/0.4*0.99 = 0.38125
     assert rows[2]["lr"] == pytest.approx(1e-2 * 0.38125) and rows[3]["lr"] == pytest.approx(1e-4)
     assert load_checkpoint(out / "checkpoint.pt", "endpoint")["args"]["lr_schedule"] == "paper"
+
+
+def test_tensorboard_is_optional(tmp_path, capsys):
+    """With the optional package: scalars and grids in OUT/tensorboard; without it: a clear error, nothing written."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert run_cli("train", *TINY, "--epochs", 1, "--tensorboard", "--out", tmp_path / "run") == 2
+        assert "pip install tensorboard" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run_cli("train", *TINY, "--epochs", 2, "--tensorboard", "--out", tmp_path / "run") == 0
+    events = EventAccumulator(str(tmp_path / "run/tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    losses = [e.value for e in events.Scalars("test_loss")]
+    assert losses == pytest.approx([r["test_loss"] for r in rows], rel=1e-6)
+    assert "reconstructions" in events.Tags()["images"]

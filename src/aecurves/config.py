@@ -111,6 +111,8 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --out from its last checkpoint (settings not given "
                                  "explicitly come from it)", group="outputs")
     num_images: int = option(8, "test images in the reconstruction grid", minimum=0, group="outputs")
+    tensorboard: bool = option(False, "also write the epoch figures and reconstruction grids for TensorBoard to "
+                                      "OUT/tensorboard (needs the optional tensorboard package)", group="outputs")
     device: str = option("auto", "", choices=DEVICES, group="runtime")
     precision: str = option("auto", "bf16 autocast for training steps where the hardware runs it fast (auto), or "
                                     "force one; evaluation is always fp32", choices=PRECISIONS, group="runtime")

@@ -59,16 +59,31 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, precision, epoch,
     return mean, seen, lr
 
 
-def save_reconstructions(model, images: torch.Tensor, path) -> None:
-    """A PNG grid: fixed test images in the top row, their reconstructions below."""
-    from torchvision.utils import make_grid, save_image
+def reconstruction_grid(model, images: torch.Tensor) -> torch.Tensor:
+    """Fixed test images in the top row, their reconstructions below, as one [3, H, W] image in [0, 1]."""
+    from torchvision.utils import make_grid
 
     model.eval()
     with torch.no_grad():
         recon = model(images)
-    grid = make_grid(torch.cat([images, recon]).float().cpu(), nrow=images.shape[0], padding=2, pad_value=1.0)
+    return make_grid(torch.cat([images, recon]).float().cpu(), nrow=images.shape[0], padding=2, pad_value=1.0)
+
+
+def save_reconstructions(grid: torch.Tensor, path) -> None:
+    from torchvision.utils import save_image
+
     with atomic_path(path) as tmp:
         save_image(grid, tmp, format="png")
+
+
+def tensorboard_writer(out: Path):
+    """A SummaryWriter in OUT/tensorboard; tensorboard is optional, so a missing package is a clear error."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard (or "
+                        "pip install -e '.[tensorboard]'); metrics.jsonl holds the same figures without it.") from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
 def format_row(row: dict, header: bool) -> str:
@@ -161,6 +176,7 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
 
+    board = tensorboard_writer(out) if cfg.tensorboard and info.is_main else None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "metrics.jsonl", history)  # mirrors the checkpoint (drops rows a crashed run logged)
@@ -182,13 +198,21 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
         log(format_row(row, header=epoch == start_epoch + 1))
         if info.is_main:
             append_jsonl(out / "metrics.jsonl", row)
+            if board is not None:
+                for key in ("train_loss", "test_loss", "test_mse", "test_psnr", "lr", "images_per_s"):
+                    board.add_scalar(key, row[key], epoch)
             if epoch % cfg.save_every_epoch == 0 or epoch == cfg.epochs:
                 state = {"kind": "endpoint", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": epoch, "args": args, "metrics": history, "skipped_images": len(data.skipped)}
                 save_checkpoint(out / f"checkpoint_epoch{epoch:03d}.pt", state)
                 save_checkpoint(out / "checkpoint.pt", state)
-                save_reconstructions(model, fixed, out / f"reconstructions_epoch{epoch:03d}.png")
-                save_reconstructions(model, fixed, out / "reconstructions.png")
+                grid = reconstruction_grid(model, fixed)
+                save_reconstructions(grid, out / f"reconstructions_epoch{epoch:03d}.png")
+                save_reconstructions(grid, out / "reconstructions.png")
+                if board is not None:
+                    board.add_image("reconstructions", grid, epoch)
+    if board is not None:
+        board.close()
 
     summary = {"out": str(out), "epochs": cfg.epochs, "skipped_images": len(data.skipped),
                **({k: history[-1][k] for k in ("train_loss", "test_loss", "test_mse", "test_psnr")} if history else {})}
