@@ -400,3 +400,12 @@ def test_failed_run_leaves_previous_results_intact(setup, tmp_path, monkeypatch)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new npz, no temporary files
     run_eval({**cfg, "num_points": 3})  # and a run that succeeds does replace them
     assert json.loads((out / "eval.json").read_text())["num_points"] == 3
+
+
+def test_figures_name_the_pair():
+    subject = eval_curve.Subject("curve", None, None, {}, {}, "Bezier curve (3 bends)", None,
+                                 ["/s/endpoints/mse_seed1/checkpoint.pt", "/s/endpoints/mse_seed2/checkpoint.pt"],
+                                 "mse", [])
+    assert eval_curve.between_names(subject) == " between mse_seed1 and mse_seed2"
+    assert eval_curve.between_names(eval_curve.Subject("curve", None, None, {}, {}, "c", None, [None, None], "mse",
+                                                       [])) == ""

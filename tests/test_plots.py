@@ -115,3 +115,75 @@ def test_reconstruction_grid_without_title():
     image = plots.reconstruction_grid(originals, [("t=0", torch.ones(3, 3, 32, 32))])
     geo = plots.grid_geometry(3, 2, 32)
     assert image.size == (geo["width"], geo["height"]) and geo["header"] == plots.LINE_HEIGHT
+
+
+def _ink_rows(pixels: np.ndarray) -> int:
+    """Height in pixels of the dark (text) part of an RGB array."""
+    rows = np.flatnonzero((pixels.min(-1) < 128).any(1))
+    return int(rows[-1] - rows[0] + 1) if len(rows) else 0
+
+
+def test_labels_are_truetype_and_taller_than_the_bitmap_default():
+    from PIL import ImageDraw, ImageFont
+
+    font = plots.label_font()
+    assert isinstance(font, ImageFont.FreeTypeFont) and font.size == plots.LABEL_FONT_SIZE
+    ascent, descent = font.getmetrics()
+    assert ascent + descent <= plots.LINE_HEIGHT - 2  # a line of text fits its header line
+    image = plots.reconstruction_grid(torch.ones(1, 3, 32, 32), [("t=0", torch.ones(1, 3, 32, 32))])
+    geo = plots.grid_geometry(1, 2, 32)
+    label = np.asarray(image)[: geo["header"], : geo["cell"] + geo["padding"]]  # "original", above column 0
+    old = Image.new("RGB", (200, 40), "white")
+    ImageDraw.Draw(old).text((2, 2), "original", fill="black", font=ImageFont.load_default())
+    assert _ink_rows(label) >= 12 and _ink_rows(label) > _ink_rows(np.asarray(old)) * 1.2
+
+
+def test_label_font_falls_back_to_the_default(monkeypatch):
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    def missing(*args, **kwargs):
+        raise ValueError("Failed to find font")
+
+    plots.label_font.cache_clear()
+    monkeypatch.setattr(font_manager, "findfont", missing)
+    try:
+        assert plots.label_font().getbbox("t=0") == ImageFont.load_default().getbbox("t=0")
+        image = plots.reconstruction_grid(torch.zeros(2, 1, 32, 32), [("t=0", torch.ones(2, 1, 32, 32))], title="x")
+        geo = plots.grid_geometry(2, 2, 32, title=True)
+        assert image.size == (geo["width"], geo["height"])
+    finally:
+        plots.label_font.cache_clear()
+
+
+def test_labelled_rows_layout_and_pixels(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    originals = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8, generator=g)
+    recons = torch.rand(5, 1, 16, 16, generator=g)
+    labels = ["original", "reconstruction"]
+    geo = plots.save_labelled_rows(list(zip(labels, (originals, recons))), tmp_path / "rows.png", title="seed 1")
+    with Image.open(tmp_path / "rows.png") as im:
+        assert im.size == (geo["width"], geo["height"])
+        pixels = np.asarray(im.convert("RGB"))
+    assert geo["scale"] == 4 and geo["cell"] == 64 and geo["header"] == plots.LINE_HEIGHT
+    assert geo["width"] == geo["left"] + 5 * (64 + 2) + 2 and geo["height"] == plots.LINE_HEIGHT + 2 * (64 + 2) + 2
+    expected = [originals, recons.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)]
+    for r in range(2):
+        top = geo["header"] + 2 + r * 66
+        for j in range(5):
+            x = geo["left"] + 2 + j * 66
+            block = pixels[top: top + 64, x: x + 64]
+            want = expected[r][j].expand(3, -1, -1).permute(1, 2, 0).numpy().repeat(4, 0).repeat(4, 1)
+            assert np.array_equal(block, want), (r, j)
+        label = pixels[top: top + 64, : geo["left"]]
+        assert _ink_rows(label) >= 10, r  # its label, beside its row
+    assert _ink_rows(pixels[: geo["header"]]) >= 10  # the title
+    # the label column fits the longest label
+    assert geo["left"] > plots._text_width("reconstruction") and (pixels[:, geo["left"] - 1].min(-1) < 128).sum() == 0
+
+
+def test_labelled_rows_widen_for_a_long_title():
+    rows = [("a", torch.zeros(1, 3, 64, 64))]
+    title = "a title much wider than one cell and its label"
+    image = plots.labelled_rows(rows, title=title)
+    assert image.width == plots.rows_geometry(1, 1, 64, ["a"], title)["width"] > plots._text_width(title)

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.utils import make_grid, save_image
 
-from aecurves import report
+from aecurves import plots, report
 from aecurves.errors import UserError
 from aecurves.metrics import summarize
 
@@ -17,56 +19,101 @@ def _png(path: Path, size=(40, 20)) -> None:
     Image.new("RGB", size, (90, 120, 150)).save(path)
 
 
-def _series(ts, loss_at_ends, bump, psnr0=20.0):
-    """A path whose loss rises by `bump` above the chord in the middle."""
+def _series(ts, loss_at_ends, bump, psnr0=20.0, loss_scale=1.0):
+    """A path whose loss rises by `bump` above the chord in the middle; the loss is `loss_scale` × the MSE."""
     l0, l1 = loss_at_ends
-    loss = (1 - ts) * l0 + ts * l1 + bump * np.sin(np.pi * ts) ** 2
-    psnr = psnr0 - 10 * np.log10(loss / l0)
-    return {"ts": ts, "dl": np.r_[0.0, np.full(len(ts) - 1, 0.5)], "tr_loss": loss * 0.9, "te_loss": loss,
-            "tr_mse": loss * 0.9, "te_mse": loss, "tr_psnr": psnr + 0.3, "te_psnr": psnr}
+    mse = (1 - ts) * l0 + ts * l1 + bump * np.sin(np.pi * ts) ** 2
+    psnr = psnr0 - 10 * np.log10(mse / l0)
+    return {"ts": ts, "dl": np.r_[0.0, np.full(len(ts) - 1, 0.5)], "tr_loss": mse * 0.9 * loss_scale,
+            "te_loss": mse * loss_scale, "tr_mse": mse * 0.9, "te_mse": mse, "tr_psnr": psnr + 0.3, "te_psnr": psnr}
 
 
-def make_study(root: Path, bumps=((0.02, 0.001), (0.03, 0.002), (0.025, 0.0005)), vgg_skipped=True) -> Path:
-    """A study folder as `aecurves study` leaves it (mse group, seeds 1-3), made by hand."""
+# endpoints' reconstructions.png as train.py writes it: make_grid of ENDPOINT_IMAGES held-out images over their
+# reconstructions, ENDPOINT_SIZE pixels square, padding 2
+ENDPOINT_IMAGES, ENDPOINT_SIZE = 4, 16
+
+
+def _endpoint_png(path: Path, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (2, ENDPOINT_IMAGES, 3, ENDPOINT_SIZE, ENDPOINT_SIZE), generator=g,
+                           dtype=torch.uint8)
+    save_image(make_grid(images.flatten(0, 1).float() / 255, nrow=ENDPOINT_IMAGES, padding=2, pad_value=1.0), path)
+    return images[0], images[1]
+
+
+def make_study(root: Path, bumps=((0.02, 0.001), (0.03, 0.002), (0.025, 0.0005)), vgg_skipped=True,
+               losses=("mse",), n_train=86, n_test=14, psnr=20.0, device="cpu", precision="bf16",
+               provenance=None) -> Path:
+    """A study folder as `aecurves study` leaves it (a group per loss in `losses`, seeds 1-3; the vgg group skipped
+    unless it is in `losses`), made by hand. The stages' files record what ran: eval-curve on `device` with
+    n_train training / n_test held-out images, training in `precision`; the request was auto / 8192 images."""
     seeds = [1, 2, 3]
     pairs = [(1, 2), (1, 3), (2, 3)]
-    groups = {"mse": {"status": "run", "seeds": seeds,
-                      "endpoints": {str(s): f"endpoints/mse_seed{s}" for s in seeds},
-                      "pairs": [{"seeds": [a, b], "curve": f"curves/mse_seed{a}-seed{b}",
-                                 "eval": f"curves/mse_seed{a}-seed{b}/eval"} for a, b in pairs]}}
-    if vgg_skipped:
+    groups = {loss: {"status": "run", "seeds": seeds,
+                     "endpoints": {str(s): f"endpoints/{loss}_seed{s}" for s in seeds},
+                     "pairs": [{"seeds": [a, b], "curve": f"curves/{loss}_seed{a}-seed{b}",
+                                "eval": f"curves/{loss}_seed{a}-seed{b}/eval"} for a, b in pairs]} for loss in losses}
+    if vgg_skipped and "vgg" not in losses:
         groups["vgg"] = {"status": "skipped", "reason": "The VGG16 ImageNet weights for the perceptual loss are not "
                          "available (offline). Copy the file somewhere.", "remedy": "Re-run with --vgg-weights PATH."}
     config = {"preset": "demo", "dataset": "lfw", "image_size": 32, "losses": list(groups), "seeds": seeds,
-              "curve": "Bezier", "num_bends": 3, "num_points": 7, "epochs": 30, "out": str(root)}
+              "curve": "Bezier", "num_bends": 3, "num_points": 7, "epochs": 30, "out": str(root),
+              "bn_images": 8192, "train_images": 8192, "device": "auto", "precision": "auto"}
     root.mkdir(parents=True, exist_ok=True)
-    (root / "study.json").write_text(json.dumps({"config": config, "groups": groups, "stages": []}))
+    study = {"config": config, "groups": groups, "stages": []}
+    if provenance is not None:
+        study["provenance"] = provenance
+    (root / "study.json").write_text(json.dumps(study))
     ends = {1: 0.010, 2: 0.012, 3: 0.011}
-    for s in seeds:
-        folder = root / f"endpoints/mse_seed{s}"
-        folder.mkdir(parents=True)
-        rows = [{"epoch": e, "train_loss": 0.02, "test_loss": ends[s] + 0.001 * (30 - e), "test_mse": ends[s],
-                 "test_psnr": 19.0} for e in (29, 30)]
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        _png(folder / "reconstructions.png")
-    ts = np.linspace(0, 1, 7)
-    for (a, b), (seg_bump, cur_bump) in zip(pairs, bumps):
-        folder = root / f"curves/mse_seed{a}-seed{b}/eval"
-        curve = _series(ts, (ends[a], ends[b]), cur_bump)
-        segment = _series(ts, (ends[a], ends[b]), seg_bump)
-        summary = {**summarize(curve), **{"segment_" + k: v for k, v in summarize(segment).items()}}
-        results = {**curve, **{"segment_" + k: v for k, v in segment.items()}}
-        folder.mkdir(parents=True)
-        with open(folder / "curve.npz", "wb") as f:
-            np.savez(f, **results, **summary)
-        (folder / "eval.json").write_text(json.dumps({
-            "kind": "curve", "path": {"curve": "Bezier", "num_bends": 3}, "segment_evaluated": True,
-            "num_points": 7, "notes": ["a note"], "loss_description": "mean squared error", "perceptual": False,
-            "summary": summary, "series": {k: np.asarray(v).tolist() for k, v in results.items()},
-            "config": {}, "files": {}}))
-        _png(folder / "reconstructions.png", (120, 40))
-        _png(folder / "reconstructions_segment.png", (120, 40))
+    for loss in losses:
+        scale = 10.0 if loss == "vgg" else 1.0  # a perceptual loss is not the MSE
+        for s in seeds:
+            folder = root / f"endpoints/{loss}_seed{s}"
+            folder.mkdir(parents=True)
+            rows = [{"epoch": e, "train_loss": 0.02, "test_loss": ends[s] + 0.001 * (30 - e), "test_mse": ends[s],
+                     "test_psnr": 19.0, "precision": precision} for e in (29, 30)]
+            (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            _endpoint_png(folder / "reconstructions.png", s)
+        ts = np.linspace(0, 1, 7)
+        for (a, b), (seg_bump, cur_bump) in zip(pairs, bumps):
+            folder = root / f"curves/{loss}_seed{a}-seed{b}/eval"
+            curve = _series(ts, (ends[a], ends[b]), cur_bump, psnr, scale)
+            segment = _series(ts, (ends[a], ends[b]), seg_bump, psnr, scale)
+            summary = {**summarize(curve), **{"segment_" + k: v for k, v in summarize(segment).items()}}
+            results = {**curve, **{"segment_" + k: v for k, v in segment.items()}}
+            folder.mkdir(parents=True)
+            (folder.parent / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "precision": precision}) + "\n")
+            with open(folder / "curve.npz", "wb") as f:
+                np.savez(f, **results, **summary)
+            used = min(8192, n_train)
+            (folder / "eval.json").write_text(json.dumps({
+                "kind": "curve", "path": {"curve": "Bezier", "num_bends": 3}, "segment_evaluated": True,
+                "num_points": 7, "notes": ["a note"], "loss": loss, "perceptual": loss == "vgg",
+                "loss_description": "VGG perceptual loss" if loss == "vgg" else "mean squared error",
+                "summary": summary, "series": {k: np.asarray(v).tolist() for k, v in results.items()},
+                "device": device, "bn": {"recomputed": True, "images": used, "subset": "a subset"},
+                "train_metric_images": used, "test_metric_images": n_test,
+                "data": {"train_images": n_train, "test_images": n_test}, "config": {}, "files": {}}))
+            _png(folder / "reconstructions.png", (120, 40))
+            _png(folder / "reconstructions_segment.png", (120, 40))
     return root
+
+
+def _md_table(md: str, after: str) -> list[list[str]]:
+    """The cells of the first markdown table after the text `after` (header row first)."""
+    lines = md[md.index(after):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _setting(md: str, name: str) -> str:
+    return dict(_md_table(md, "## Configuration")[1:])[name]
 
 
 def test_report_from_files_alone(tmp_path):
@@ -186,3 +233,188 @@ def test_report_states_the_schedules_the_protocol_and_convergence(tmp_path):
         (folder / "eval.json").write_text(json.dumps(record))
     report.write_report(root)
     assert "from all 500 training images at every point, which is eval-curve --full" in (root / "report.md").read_text()
+
+
+def test_configuration_shows_what_ran(tmp_path):
+    root = make_study(tmp_path / "study")
+    metrics = root / "endpoints/mse_seed2/metrics.jsonl"  # one endpoint ran (resumed) in fp32
+    metrics.write_text(metrics.read_text().replace('"bf16"', '"fp32"'))
+    record = report.write_report(root)
+    md = (root / "report.md").read_text()
+    assert _setting(md, "device") == "cpu (requested auto)"
+    assert _setting(md, "training precision") == "bf16, fp32 (requested auto)"
+    assert _setting(md, "BN statistics per point, from") == "86 (all training images; requested 8192)"
+    assert _setting(md, "train metrics per point, from") == "86 (all training images; requested 8192)"
+    assert _setting(md, "held-out metrics per point, from") == "14 (all held-out images)"
+    assert _setting(md, "images (training / held out)") == "86 training / 14 held-out images"
+    assert record["ran"]["device"] == ["cpu"] and record["ran"]["training_precision"] == ["bf16", "fp32"]
+    assert "| device | auto |" not in md and "| BN images per point | 8192 |" not in md
+
+
+def test_configuration_of_a_large_dataset_and_of_an_unfinished_study(tmp_path):
+    # a subset of the requested size, on a GPU: no "(requested ...)" where the request is what ran
+    big = make_study(tmp_path / "big", n_train=20000, n_test=2000, device="cuda", precision="fp32")
+    study = json.loads((big / "study.json").read_text())
+    study["config"]["device"] = "cuda"
+    (big / "study.json").write_text(json.dumps(study))
+    report.write_report(big)
+    md = (big / "report.md").read_text()
+    assert _setting(md, "BN statistics per point, from") == "8192 of 20000 training images"
+    assert _setting(md, "device") == "cuda" and _setting(md, "training precision") == "fp32 (requested auto)"
+
+    # nothing ran yet: no eval.json, no training log
+    root = make_study(tmp_path / "study")
+    for path in [*root.glob("curves/*/eval/eval.json"), *root.glob("**/metrics.jsonl")]:
+        path.unlink()
+    report.write_report(root)
+    md = (root / "report.md").read_text()
+    assert _setting(md, "device") == "not run yet (requested auto)"
+    assert _setting(md, "training precision") == "not run yet (requested auto)"
+    assert _setting(md, "BN statistics per point, from") == "not run yet (requested 8192)"
+
+
+PROVENANCE = {"aecurves": "0.1.0", "git_commit": "0123456789abcdef0123456789abcdef01234567", "torch": "2.14.1+cu130",
+              "python": "3.11.7", "host": "node-7", "device": "NVIDIA H200", "started": "2026-11-29T19:40:00",
+              "finished": "2026-11-29T19:41:00", "wall_seconds": 58.2,
+              "stage_seconds": {"endpoint:mse:1": 3.1, "curve:mse:1-2": 125.0, "report": 0.8}}
+
+
+def test_provenance_is_shown_and_copied(tmp_path):
+    root = make_study(tmp_path / "study", provenance=PROVENANCE)
+    report.write_report(root)
+    assert json.loads((root / "report.json").read_text())["provenance"] == PROVENANCE
+    md = (root / "report.md").read_text()
+    rows = dict(_md_table(md, "### Provenance")[1:])
+    assert rows["aecurves version"] == "0.1.0" and rows["git commit"] == PROVENANCE["git_commit"]
+    assert rows["torch"] == "2.14.1+cu130" and rows["Python"] == "3.11.7" and rows["host"] == "node-7"
+    assert rows["device"] == "NVIDIA H200" and rows["started"] == "2026-11-29 19:40:00"
+    assert rows["wall time, whole study"] == "58.2 s"
+    stages = _md_table(md, "| stage | wall time |")
+    assert stages[1:] == [["endpoint:mse:1", "3.1 s"], ["curve:mse:1-2", "2 min 05 s"], ["report", "0.8 s"]]
+    assert "Made with aecurves 0.1.0 (commit 0123456789ab), torch 2.14.1+cu130" in md
+
+
+def test_provenance_not_recorded(tmp_path):
+    root = make_study(tmp_path / "study", provenance={**PROVENANCE, "finished": None, "wall_seconds": None,
+                                                      "git_commit": None, "stage_seconds": {}})
+    report.write_report(root)
+    rows = dict(_md_table((root / "report.md").read_text(), "### Provenance")[1:])
+    assert rows["git commit"] == rows["finished"] == rows["wall time, whole study"] == "not recorded"
+
+    old = make_study(tmp_path / "old")  # study.json without provenance
+    record = report.write_report(old)
+    md = (old / "report.md").read_text()
+    assert record["provenance"] is None and json.loads((old / "report.json").read_text())["provenance"] is None
+    assert "Not recorded: this study.json has no provenance" in md and "Provenance (versions, host" in md
+
+
+def test_fingerprint_ignores_provenance(tmp_path):
+    # a re-run that skips every stage rewrites study.json's provenance: the report must stay up to date
+    root = make_study(tmp_path / "study", provenance=PROVENANCE)
+    before = report.inputs_fingerprint(root)
+    study = json.loads((root / "study.json").read_text())
+    study["provenance"] = {**PROVENANCE, "started": "2026-12-01T08:00:00", "wall_seconds": 4.3, "host": "other"}
+    (root / "study.json").write_text(json.dumps(study))
+    assert report.inputs_fingerprint(root) == before
+    del study["provenance"]
+    (root / "study.json").write_text(json.dumps(study))
+    assert report.inputs_fingerprint(root) == before
+    study["config"]["epochs"] = 31  # while the configuration does count
+    (root / "study.json").write_text(json.dumps(study))
+    assert report.inputs_fingerprint(root) != before
+
+
+def test_endpoint_table_has_one_figure_per_quantity(tmp_path):
+    root = make_study(tmp_path / "study", losses=("mse", "vgg"))
+    record = report.write_report(root)
+    md = (root / "report.md").read_text()
+    mse = _md_table(md, "## mse group")
+    assert mse[0] == ["autoencoder", "train MSE", "test MSE", "train PSNR (dB)", "test PSNR (dB)", "epochs",
+                      "last-epoch gain"]
+    ev = record["groups"]["mse"]["endpoints"][0]["eval"]
+    assert mse[1][:5] == ["mse seed 1", report.fnum(ev["tr_loss"]), report.fnum(ev["te_loss"]),
+                          report.fdb(ev["tr_psnr"]), report.fdb(ev["te_psnr"])]
+    vgg = _md_table(md, "## vgg group")
+    assert vgg[0][:7] == ["autoencoder", "train loss (perceptual)", "test loss (perceptual)", "train MSE", "test MSE",
+                          "train PSNR (dB)", "test PSNR (dB)"]
+    ev = record["groups"]["vgg"]["endpoints"][0]["eval"]
+    assert ev["te_loss"] == pytest.approx(10 * ev["te_mse"])
+    assert vgg[1][2] == report.fnum(ev["te_loss"]) and vgg[1][4] == report.fnum(ev["te_mse"])
+    # the training log's held-out figure only in the footnote, named as such
+    assert not any("training log" in h for h in mse[0] + vgg[0])
+    footnote = md[md.index("## mse group"):md.index("## vgg group")]
+    assert "The training log (metrics.jsonl) gives another held-out MSE, 0.01 (seed 1), 0.012 (seed 2)" in footnote
+    # the paths' table names the quantity once too
+    assert _md_table(md, "### Seeds 1 and 2")[0][1] == "max test MSE"
+
+
+@pytest.mark.parametrize("n_train, psnr, expected", [
+    (86, 20.0, "weak autoencoders on a tiny dataset (under 1000 training images; held-out PSNR under 22 dB)"),
+    (86, 30.0, ": autoencoders on a tiny dataset (under 1000 training images), enough to show the method"),
+    (50000, 20.0, ": weak autoencoders (held-out PSNR under 22 dB), enough to show the method, not a result about "
+                  "well-trained models."),
+    (50000, 30.0, None),
+])
+def test_caveat_states_the_data_and_the_endpoints(tmp_path, n_train, psnr, expected):
+    root = make_study(tmp_path / "study", n_train=n_train, n_test=14, psnr=psnr)
+    record = report.write_report(root)
+    md = (root / "report.md").read_text()
+    html = (root / "report.html").read_text()
+    g = record["groups"]["mse"]
+    if expected is None:
+        assert g["caveat"] is None and "These mse endpoints were trained on" not in md
+        return
+    psnrs = [e["eval"]["te_psnr"] for e in g["endpoints"]]
+    ratio = np.mean([e["eval"]["te_mse"] / e["eval"]["tr_mse"] for e in g["endpoints"]])
+    assert g["caveat"] == (f"These mse endpoints were trained on {n_train} images (14 held out); their held-out PSNR "
+                           f"is {report.fdb(min(psnrs))} to {report.fdb(max(psnrs))} dB and their train MSE is "
+                           f"{ratio:.1f}× below the test MSE" + g["caveat"][g["caveat"].index(":"):])
+    assert expected in g["caveat"] and g["caveat"] in record["summary_lines"]
+    assert f"<p class=\"box warn\">{g['caveat']}</p>" in html
+
+
+def test_html_tables_scroll_inside_their_box(tmp_path):
+    root = make_study(tmp_path / "study", provenance=PROVENANCE)
+    report.write_report(root)
+    html = (root / "report.html").read_text()
+    assert html.count("<table>") >= 8
+    assert html.count('<div class="scroll"><table>') == html.count("<table") == html.count("</table></div>")
+    assert ".scroll{overflow-x:auto" in html
+
+
+def test_endpoint_grid_is_labelled_and_enlarged(tmp_path):
+    root = make_study(tmp_path / "study")
+    report.write_report(root)
+    originals, recons = _endpoint_png(tmp_path / "again.png", 2)  # what seed 2's reconstructions.png holds
+    with Image.open(root / "report_files/mse_seed2_reconstructions.png") as im:
+        pixels = np.asarray(im.convert("RGB"))
+    cell = plots.MIN_CELL  # 16-pixel images enlarged 4 times, like the strips along the paths
+    header = pixels.shape[0] - 2 * (cell + 2) - 2
+    left = pixels.shape[1] - ENDPOINT_IMAGES * (cell + 2) - 2
+    assert header == plots.LINE_HEIGHT and left > 60  # a title line; a label column
+    for r, row in enumerate((originals, recons)):
+        top = header + 2 + r * (cell + 2)
+        for j in range(ENDPOINT_IMAGES):
+            x = left + 2 + j * (cell + 2)
+            block = pixels[top: top + cell, x: x + cell]
+            assert np.array_equal(block, row[j].permute(1, 2, 0).numpy().repeat(4, 0).repeat(4, 1)), (r, j)
+        label = pixels[top: top + cell, :left]
+        assert (label.min(-1) < 128).sum() > 30, r  # "original" / "reconstruction" written left of each row
+    md = (root / "report.md").read_text()
+    assert "*mse group, seed 2: held-out images and their reconstructions after the last epoch*" in md
+
+
+def test_figures_name_their_pairs(tmp_path, monkeypatch):
+    drawn = []
+    original = plots.plot_loss_along_paths
+    monkeypatch.setattr(plots, "plot_loss_along_paths",
+                        lambda series, path, **kw: drawn.append((series, kw)) or original(series, path, **kw))
+    root = make_study(tmp_path / "study")
+    report.write_report(root)
+    (series, kw), = drawn
+    assert kw["title"].startswith("mse group, seeds 1-2, 1-3, 2-3: MSE loss along the curves")
+    assert [s["label"] for s in series][:2] == ["curve, seeds 1-2", "segment, seeds 1-2"]
+    md = (root / "report.md").read_text()
+    assert "*mse group, seeds 1-2, 1-3, 2-3: MSE loss along t for every curve" in md
+    assert "*mse group, seeds 1-3: held-out images reconstructed along the Bezier curve (3 bends) at" in md
+    assert "*mse group, seeds 2-3: held-out images reconstructed along the straight segment at" in md

@@ -136,7 +136,7 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
     seg = _md_row(md, "segment", "Seeds 1 and 2")
     assert seg[1:3] == [fnum(summary["segment_te_loss_max"]), fnum(summary["segment_te_barrier"])]
     ep = _md_row(md, "mse seed 1")
-    assert ep[2] == fnum(summary["te_loss_start"]) and ep[6] == fdb(summary["te_psnr_start"])
+    assert ep[2] == fnum(summary["te_mse_start"]) and ep[4] == fdb(summary["te_psnr_start"])
     assert fnum(summary["segment_te_barrier"]) in rep["summary_lines"][0]
     for line in rep["summary_lines"]:
         assert line in md

@@ -284,16 +284,23 @@ def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, reco
         if subject.segment is not None:
             plot_series.append(plots.series_from_results(results.series, "segment", prefix="segment_",
                                                          linestyle="--", color="C0"))
+        between = between_names(subject)
         plots.plot_loss_along_paths(plot_series, tmp["loss_plot"], ylabel=loss_label,
-                                    title=f"{loss_label} along the {subject.label}")
+                                    title=f"{loss_label} along the {subject.label}{between}")
         labels = [f"t={t:g}" for t in np.linspace(0.0, 1.0, RECON_POINTS)]
         for prefix, images in results.recons.items():
             key = "reconstructions" + ("_segment" if prefix else "")
             plots.save_reconstruction_grid(fixed, list(zip(labels, images)), tmp[key],
-                                           title=f"{results.labels[prefix]}: held-out images and their "
+                                           title=f"{results.labels[prefix]}{between}: held-out images and their "
                                                  "reconstructions")
         write_json(tmp["json"], {**record, "files": files})
     return files
+
+
+def between_names(subject: Subject) -> str:
+    """' between A and B' with the endpoints' run folders (e.g. mse_seed1), so every figure names its pair."""
+    names = [Path(p).parent.name or Path(p).stem for p in subject.endpoints if p]
+    return f" between {names[0]} and {names[1]}" if len(names) == 2 else ""
 
 
 def save_npz(path: Path, arrays: dict) -> None:

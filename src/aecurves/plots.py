@@ -1,9 +1,10 @@
-"""Figures: losses along paths in weight space, and grids of reconstructions along a path.
+"""Figures: losses along paths in weight space, grids of reconstructions along a path, labelled rows of images.
 
 Everything is drawn with matplotlib's object API (Figure + the Agg canvas), never pyplot, so importing this
 module changes no global backend and needs no display. Every file is written atomically.
 """
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -15,7 +16,12 @@ from aecurves.files import atomic_path
 # Reconstruction grids: cells are upscaled (nearest) to at least MIN_CELL pixels so a label fits above each.
 MIN_CELL = 64
 PADDING = 2
-LINE_HEIGHT = 16  # pixels per text line in a grid's header
+# Labels in DejaVu Sans (shipped with matplotlib) at LABEL_FONT_SIZE px: readable at 100% zoom ("t=0.125" and
+# "original" fit a 64-px cell). LINE_HEIGHT holds one line of it (ascent + descent = 17 px) with a small margin.
+LABEL_FONT = "DejaVu Sans"
+LABEL_FONT_SIZE = 13
+LINE_HEIGHT = 20  # pixels per text line in a grid's header
+TEXT_MARGIN = 4   # pixels between a row label and the grid's edge or its first cell
 
 
 def save_figure(fig, path, dpi: int = 120) -> None:
@@ -94,6 +100,35 @@ def _as_rgb_float(images: torch.Tensor) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
+@functools.lru_cache(maxsize=None)
+def label_font():
+    """The grids' label font: a TrueType font at LABEL_FONT_SIZE px, or Pillow's default where none is found."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont(LABEL_FONT, fallback_to_default=False), LABEL_FONT_SIZE)
+    except (ImportError, OSError, ValueError):  # no matplotlib, no such font, or a file FreeType cannot read
+        return ImageFont.load_default()
+
+
+def _text_width(text: str) -> int:
+    left, _, right, _ = label_font().getbbox(text)
+    return math.ceil(right - left)
+
+
+def _cell_pixels(cells: torch.Tensor, ncols: int, scale: int) -> np.ndarray:
+    """Images [K, C, H, W] (row-major) as one uint8 array [rows, cols] of cells upscaled by `scale` (nearest),
+    PADDING white pixels around each cell."""
+    from torchvision.utils import make_grid
+
+    cells = _as_rgb_float(cells).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    grid = make_grid(cells, nrow=ncols, padding=PADDING, pad_value=1.0)
+    # the same float -> uint8 rounding as torchvision's save_image
+    return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 def grid_geometry(num_rows: int, num_cols: int, image_size: int, title: bool = False) -> dict:
     """Pixel layout of reconstruction_grid: cell side, upscale factor, header height, image width/height."""
     scale = max(1, math.ceil(MIN_CELL / image_size))
@@ -112,29 +147,23 @@ def reconstruction_grid(originals: torch.Tensor, columns: Sequence[tuple[str, to
     Images are floats in [0, 1] or uint8; grayscale is shown as RGB. Pixels are upscaled by an integer
     factor (nearest neighbour), so each cell holds the exact pixels of its image.
     """
-    from PIL import Image, ImageDraw, ImageFont
-    from torchvision.utils import make_grid
+    from PIL import Image, ImageDraw
 
     n, _, size, _ = originals.shape
     blocks = [_as_rgb_float(originals)] + [_as_rgb_float(r) for _, r in columns]
     labels = [first_label] + [label for label, _ in columns]
     geo = grid_geometry(n, len(blocks), size, bool(title))
     cells = torch.stack(blocks, 1).flatten(0, 1)  # row-major: image i, then its columns
-    cells = cells.repeat_interleave(geo["scale"], 2).repeat_interleave(geo["scale"], 3)
-    grid = make_grid(cells, nrow=len(blocks), padding=PADDING, pad_value=1.0)
-    # the same float -> uint8 rounding as torchvision's save_image
-    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
     canvas = Image.new("RGB", (geo["width"], geo["height"]), "white")
-    canvas.paste(Image.fromarray(pixels), (0, geo["header"]))
+    canvas.paste(Image.fromarray(_cell_pixels(cells, len(blocks), geo["scale"])), (0, geo["header"]))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    font = label_font()
     if title:
         draw.text((PADDING + 2, 2), title, fill="black", font=font)
     y = geo["header"] - LINE_HEIGHT + 2
     for j, label in enumerate(labels):
-        left, _, right, _ = draw.textbbox((0, 0), label, font=font)
-        x = PADDING + j * (geo["cell"] + PADDING) + (geo["cell"] - (right - left)) / 2
+        x = PADDING + j * (geo["cell"] + PADDING) + (geo["cell"] - _text_width(label)) / 2
         draw.text((max(0, x), y), label, fill="black", font=font)
     return canvas
 
@@ -146,3 +175,47 @@ def save_reconstruction_grid(originals: torch.Tensor, columns: Sequence[tuple[st
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return grid_geometry(originals.shape[0], len(columns) + 1, originals.shape[-1], bool(title))
+
+
+def rows_geometry(num_rows: int, num_cols: int, image_size: int, labels: Sequence[str],
+                  title: str | None = None) -> dict:
+    """Pixel layout of labelled_rows: grid_geometry's cells right of a label column `left` pixels wide, under a
+    title line; wide enough for the title."""
+    geo = grid_geometry(num_rows, num_cols, image_size)
+    left = max(_text_width(label) for label in labels) + 2 * TEXT_MARGIN
+    header = LINE_HEIGHT if title else 0
+    width = max(left + geo["width"], _text_width(title) + 2 * TEXT_MARGIN if title else 0)
+    return {**geo, "header": header, "left": left, "width": width,
+            "height": header + num_rows * (geo["cell"] + PADDING) + PADDING}
+
+
+def labelled_rows(rows: Sequence[tuple[str, torch.Tensor]], title: str | None = None):
+    """A PIL image: one row of images per entry of `rows` ((label, images [N, C, H, W]) pairs, e.g. held-out
+    images and their reconstructions), the label left of its row, cells upscaled like reconstruction_grid's."""
+    from PIL import Image, ImageDraw
+
+    labels = [label for label, _ in rows]
+    n, _, size, _ = rows[0][1].shape
+    geo = rows_geometry(len(rows), n, size, labels, title)
+    cells = torch.cat([_as_rgb_float(images) for _, images in rows])
+
+    canvas = Image.new("RGB", (geo["width"], geo["height"]), "white")
+    canvas.paste(Image.fromarray(_cell_pixels(cells, n, geo["scale"])), (geo["left"], geo["header"]))
+    draw = ImageDraw.Draw(canvas)
+    font = label_font()
+    if title:
+        draw.text((TEXT_MARGIN, 2), title, fill="black", font=font)
+    for i, label in enumerate(labels):
+        _, top, _, bottom = draw.textbbox((0, 0), label, font=font)
+        middle = geo["header"] + PADDING + i * (geo["cell"] + PADDING) + geo["cell"] / 2
+        draw.text((TEXT_MARGIN, middle - (top + bottom) / 2), label, fill="black", font=font)
+    return canvas
+
+
+def save_labelled_rows(rows: Sequence[tuple[str, torch.Tensor]], path, title: str | None = None) -> dict:
+    """Writes labelled_rows(...) as a PNG, atomically; returns its rows_geometry."""
+    image = labelled_rows(rows, title)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    n, _, size, _ = rows[0][1].shape
+    return rows_geometry(len(rows), n, size, [label for label, _ in rows], title)

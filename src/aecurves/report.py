@@ -5,8 +5,10 @@ evaluation's eval.json, curve.npz and reconstruction strips, and writes
 
     report.html   one file, figures embedded as data URIs: opens from disk, no server
     report.md     the same content, figures linked from report_files/
-    report.json   every number the report shows, the summary sentences, and a fingerprint of the inputs
-    report_files/ the figures (loss along the paths per loss group; copies of the reconstruction grids)
+    report.json   every number the report shows, the summary sentences, study.json's provenance, and a
+                  fingerprint of the inputs
+    report_files/ the figures (loss along the paths per loss group; the endpoints' reconstructions labelled and
+                  enlarged; copies of the reconstruction strips along the paths)
 
 Every number in the summary is computed here from those files, and every conclusion is chosen by comparing
 the numbers with the thresholds below, so the text cannot contradict the tables.
@@ -27,7 +29,7 @@ from aecurves.config import BN_IMAGES, TRAIN_IMAGES, ReportConfig
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, read_json, read_jsonl, write_json
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: resolved settings, provenance, caveat, labelled endpoint grids (a version-1 report is redone)
 FILES_DIR = "report_files"
 # Conclusions: a segment barrier below NO_BARRIER × the endpoints' mean test loss counts as "no clear barrier";
 # a curve removing at least MOST of it removes "most of the barrier"; PSNR within PSNR_TOLERANCE dB is "as good".
@@ -35,19 +37,24 @@ NO_BARRIER = 0.05
 MOST = 0.8
 SOME = 0.3
 PSNR_TOLERANCE = 0.5
+# The caveat beside the result: endpoints trained on fewer than SMALL_TRAIN_SET images, or whose worst held-out PSNR
+# is below LOW_PSNR_DB, show the method but say nothing about well-trained autoencoders on a dataset like CelebA.
+SMALL_TRAIN_SET = 1000
+LOW_PSNR_DB = 22.0
 ENDPOINT_KEYS = ("tr_loss", "te_loss", "tr_mse", "te_mse", "tr_psnr", "te_psnr")
 PATH_KEYS = ("te_loss_max", "te_barrier", "tr_barrier", "length", "te_psnr_min", "te_mse_max")
 LOSS_NAMES = {"mse": "MSE loss", "vgg": "VGG perceptual loss"}
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;max-width:1100px;
-margin:2em auto;padding:0 1.2em;color:#1d1d1f;line-height:1.5}
+margin:2em auto;padding:0 1.2em;color:#1d1d1f;line-height:1.5;overflow-wrap:break-word}
 h1{font-size:1.7em;margin-bottom:.2em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 h3{margin-top:1.6em}
-table{border-collapse:collapse;margin:.8em 0 1.2em;font-size:.92em}
+.scroll{overflow-x:auto;max-width:100%;margin:.8em 0 1.2em}
+table{border-collapse:collapse;font-size:.92em}
 th,td{border:1px solid #d0d0d0;padding:.3em .7em;text-align:left}th{background:#f4f4f6}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figure.pixels img{image-rendering:pixelated}
 figcaption{color:#555;font-size:.9em}
 .box{padding:.6em 1em;margin:1em 0;border-left:4px solid}
@@ -102,13 +109,18 @@ def input_files(study_dir) -> list[str]:
         for folder in group["endpoints"].values():
             files += [f"{folder}/metrics.jsonl", f"{folder}/reconstructions.png"]
         for pair in group["pairs"]:
+            files.append(f"{pair['curve']}/metrics.jsonl")  # the curve's training precision
             files += [f"{pair['eval']}/{n}" for n in ("eval.json", "curve.npz", "reconstructions.png",
                                                       "reconstructions_segment.png")]
     return files
 
 
 def inputs_fingerprint(study_dir) -> str:
-    """SHA-256 over the report's version, study.json's config and groups, and every input file's bytes."""
+    """SHA-256 over the report's version, study.json's config and groups, and every input file's bytes.
+
+    study.json's provenance (host, times) is left out on purpose: a re-run that skips every stage rewrites it, and
+    must not rewrite the report.
+    """
     study_dir = Path(study_dir)
     study = _study(study_dir)
     h = hashlib.sha256()
@@ -123,10 +135,13 @@ def inputs_fingerprint(study_dir) -> str:
 
 
 def collect(study_dir) -> dict:
-    """Every number of the report, read from the study's files: {config, groups: {loss: {...}}}."""
+    """Every number of the report, read from the study's files: {config, provenance, groups: {loss: {...}}, ran}
+    (ran: what the stages recorded they used, see what_ran)."""
     study_dir = Path(study_dir)
     study = _study(study_dir)
-    out = {"config": study.get("config", {}), "groups": {}}
+    provenance = study.get("provenance")
+    out = {"config": study.get("config", {}), "provenance": provenance if isinstance(provenance, dict) else None,
+           "groups": {}}
     for loss, group in study["groups"].items():
         g = {"status": group.get("status"), "loss": loss}
         out["groups"][loss] = g
@@ -139,15 +154,20 @@ def collect(study_dir) -> dict:
         for pair in group["pairs"]:
             a, b = pair["seeds"]
             record = read_json(study_dir / pair["eval"] / "eval.json")
-            p = {"seeds": [a, b], "eval": pair["eval"], "curve_folder": pair["curve"], "available": False}
+            p = {"seeds": [a, b], "eval": pair["eval"], "curve_folder": pair["curve"], "available": False,
+                 "curve_precision": _precisions(read_jsonl(study_dir / pair["curve"] / "metrics.jsonl"))}
             if isinstance(record, dict) and "summary" in record:
                 s = record["summary"]
+                bn, data = record.get("bn") or {}, record.get("data") or {}
                 p.update(available=True, notes=record.get("notes", []), num_points=record.get("num_points"),
                          loss_description=record.get("loss_description"), perceptual=record.get("perceptual"),
                          path=record.get("path", {}),
-                         protocol={"bn_images": (record.get("bn") or {}).get("images"),
+                         # what eval-curve really used (the request is in study.json's config)
+                         protocol={"bn_images": bn.get("images"), "bn_recomputed": bn.get("recomputed"),
                                    "train_images": record.get("train_metric_images"),
-                                   "n_train": (record.get("data") or {}).get("train_images")},
+                                   "n_train": data.get("train_images"),
+                                   "test_images": record.get("test_metric_images"), "n_test": data.get("test_images"),
+                                   "device": record.get("device")},
                          curve={k: s.get(k) for k in PATH_KEYS}, segment={k: s.get("segment_" + k) for k in PATH_KEYS})
                 seg, cur = p["segment"]["te_barrier"], p["curve"]["te_barrier"]
                 p["barrier_removed"] = (seg - cur) / seg if seg is not None and cur is not None and seg > 0 else None
@@ -166,7 +186,7 @@ def collect(study_dir) -> dict:
                 e["training"] = {"epoch": last.get("epoch"), "train_loss": last.get("train_loss"),
                                  "test_loss": last.get("test_loss"), "test_mse": last.get("test_mse"),
                                  "test_psnr": last.get("test_psnr"), "lr": last.get("lr"),
-                                 "last_epoch_gain": _gain(rows)}
+                                 "last_epoch_gain": _gain(rows), "precision": _precisions(rows)}
             found = evals.get((seed, "start")) or evals.get((seed, "end"))
             if found:
                 s, which, where = found
@@ -174,7 +194,14 @@ def collect(study_dir) -> dict:
                 e["eval_source"] = f"{where}/eval.json ({which} of the path, t={0 if which == 'start' else 1})"
             endpoints.append(e)
         g.update(endpoints=endpoints, pairs=pairs, summary=_group_summary(endpoints, pairs))
+        g["caveat"] = caveat(loss, g)
+    out["ran"] = what_ran(out["groups"])
     return out
+
+
+def _precisions(rows: list[dict]) -> list[str]:
+    """The precisions a training log's epochs ran in (a resumed run may have changed it)."""
+    return sorted({str(r["precision"]) for r in rows if r.get("precision")})
 
 
 def _group_summary(endpoints: list, pairs: list) -> dict:
@@ -183,6 +210,14 @@ def _group_summary(endpoints: list, pairs: list) -> dict:
     s = {"pairs": len(pairs), "pairs_evaluated": len(done)}
     if not done or not ev:
         return s
+    # the data the endpoints were trained and measured on, and how well they fit it (for the caveat)
+    counts = [(p["protocol"]["n_train"], p["protocol"]["n_test"]) for p in done]
+    n_train, n_test = (sorted({c[i] for c in counts if isinstance(c[i], int)}) for i in (0, 1))
+    ratios = [e["te_mse"] / e["tr_mse"] for e in ev if e.get("te_mse") is not None and e.get("tr_mse")]
+    s.update(train_set_images=n_train[0] if len(n_train) == 1 else None,
+             test_set_images=n_test[0] if len(n_test) == 1 else None,
+             endpoint_te_psnr_max=float(max(e["te_psnr"] for e in ev)),
+             endpoint_mse_test_over_train=float(np.mean(ratios)) if ratios else None)
     seg = np.array([p["segment"]["te_barrier"] for p in done], dtype=float)
     cur = np.array([p["curve"]["te_barrier"] for p in done], dtype=float)
     removed = [p["barrier_removed"] for p in done if p["barrier_removed"] is not None]
@@ -219,6 +254,15 @@ def fdb(x) -> str:
 
 def fpct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def fseconds(x) -> str:
+    if not isinstance(x, (int, float)):
+        return "not recorded"
+    if x < 60:
+        return f"{x:.1f} s"
+    s = int(round(x))
+    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s"
 
 
 def summary_sentences(loss: str, g: dict) -> list[str]:
@@ -270,6 +314,32 @@ def summary_sentences(loss: str, g: dict) -> list[str]:
     if g.get("warning"):
         out.append(g["warning"])
     return out
+
+
+def caveat(loss: str, g: dict) -> str | None:
+    """The data's size and the endpoints' quality, stated plainly when the endpoints were trained on few images
+    (under SMALL_TRAIN_SET) or reconstruct poorly (worst held-out PSNR under LOW_PSNR_DB); else None."""
+    s = g.get("summary", {})
+    n, worst = s.get("train_set_images"), s.get("worst_psnr_endpoints")
+    if g.get("status") != "run" or n is None or worst is None:
+        return None
+    small, weak = n < SMALL_TRAIN_SET, worst < LOW_PSNR_DB
+    if not (small or weak):
+        return None
+    best = s["endpoint_te_psnr_max"]
+    psnr = fdb(worst) if fdb(worst) == fdb(best) else f"{fdb(worst)} to {fdb(best)}"
+    held_out = f"{s['test_set_images']} held out" if s.get("test_set_images") is not None else "held-out count n/a"
+    text = f"These {loss} endpoints were trained on {n} images ({held_out}); their held-out PSNR is {psnr} dB"
+    ratio = s.get("endpoint_mse_test_over_train")
+    if ratio is not None and ratio >= 1:
+        text += f" and their train MSE is {ratio:.1f}× below the test MSE"
+    elif ratio is not None:
+        text += f" and their test MSE is {1 / ratio:.1f}× below the train MSE"
+    what = {(True, True): "weak autoencoders on a tiny dataset", (True, False): "autoencoders on a tiny dataset",
+            (False, True): "weak autoencoders"}[small, weak]
+    why = [f"under {SMALL_TRAIN_SET} training images"] * small + [f"held-out PSNR under {LOW_PSNR_DB:g} dB"] * weak
+    scale = "CelebA-scale models" if small else "well-trained models"
+    return f"{text}: {what} ({'; '.join(why)}), enough to show the method, not a result about {scale}."
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,7 +441,9 @@ def to_html(doc: Doc, study_dir: Path, title: str) -> str:
             body = "".join("<tr>" + "".join(
                 f"<td class=\"num\">{esc(str(c))}</td>" if i >= b.numeric_from else f"<td>{esc(str(c))}</td>"
                 for i, c in enumerate(row)) + "</tr>" for row in b.rows)
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            # a wide table scrolls inside its box instead of widening the page on a narrow screen
+            parts.append(f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+                         "</div>")
         elif isinstance(b, Figure):
             path = study_dir / b.rel
             if path.is_file():
@@ -406,11 +478,15 @@ def _copy(study_dir: Path, rel_src: str, name: str) -> str | None:
     return rel
 
 
+def _pairs_text(pairs: list) -> str:
+    return ", ".join(f"{a}-{b}" for a, b in (p["seeds"] for p in pairs))
+
+
 def plot_group(study_dir: Path, loss: str, g: dict) -> str | None:
     """Loss along t for every curve (solid) and segment (dashed, same colour): train and test panels."""
     from aecurves import plots
 
-    series = []
+    series, plotted = [], []
     for i, p in enumerate(pr for pr in g["pairs"] if pr["available"]):
         path = study_dir / p["eval"] / "curve.npz"
         if not path.is_file():
@@ -419,39 +495,171 @@ def plot_group(study_dir: Path, loss: str, g: dict) -> str | None:
             results = {k: npz[k] for k in npz.files}
         a, b = p["seeds"]
         color = f"C{i % 10}"
-        series.append(plots.series_from_results(results, f"curve {a}-{b}", color=color))
-        series.append(plots.series_from_results(results, f"segment {a}-{b}", prefix="segment_", linestyle="--",
-                                                color=color))
+        series.append(plots.series_from_results(results, f"curve, seeds {a}-{b}", color=color))
+        series.append(plots.series_from_results(results, f"segment, seeds {a}-{b}", prefix="segment_",
+                                                linestyle="--", color=color))
+        plotted.append(p)
     if not series:
         return None
     rel = f"{FILES_DIR}/{loss}_loss_along_paths.png"
     label = LOSS_NAMES.get(loss, loss)
     plots.plot_loss_along_paths(series, study_dir / rel, ylabel=label,
-                                title=f"{label} along the curves (solid) and the segments (dashed)")
+                                title=f"{loss} group, seeds {_pairs_text(plotted)}: {label} along the curves "
+                                      "(solid) and the segments (dashed)")
     return rel
+
+
+def _endpoint_rows(path: Path) -> list | None:
+    """The two rows of an endpoint's reconstructions.png (train.py: torchvision's make_grid with padding 2, the
+    held-out images over their reconstructions) as uint8 tensors [N, 3, s, s]; None for any other layout."""
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    height, width, _ = pixels.shape
+    pad = 2
+    size = (height - pad) // 2 - pad
+    if size < 1:
+        return None
+    n, extra = divmod(width - pad, size + pad)
+    if n < 1 or extra or 2 * (size + pad) + pad != height:
+        return None
+    rows = []
+    for r in range(2):
+        top = pad + r * (size + pad)
+        cells = [pixels[top: top + size, pad + j * (size + pad): pad + j * (size + pad) + size] for j in range(n)]
+        rows.append(torch.from_numpy(np.stack(cells)).permute(0, 3, 1, 2).contiguous())
+    return rows
+
+
+def endpoint_grid(study_dir: Path, loss: str, e: dict) -> tuple[str, bool] | None:
+    """(figure, labelled): the endpoint's reconstructions.png redrawn with row labels and cells enlarged like the
+    strips along the paths; a copy as it is when its layout is not train.py's; None when it is missing."""
+    from aecurves import plots
+
+    src = study_dir / e["folder"] / "reconstructions.png"
+    name = f"{loss}_seed{e['seed']}_reconstructions.png"
+    if not src.is_file():
+        return None
+    rows = _endpoint_rows(src)
+    if rows is None:
+        return _copy(study_dir, f"{e['folder']}/reconstructions.png", name), False
+    rel = f"{FILES_DIR}/{name}"
+    plots.save_labelled_rows([("original", rows[0]), ("reconstruction", rows[1])], study_dir / rel,
+                             title=f"{loss} seed {e['seed']}: held-out images and their reconstructions")
+    return rel, True
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the report
 
 
-def _config_rows(cfg: dict) -> list[list[str]]:
+def _count(used, available, what: str) -> str | None:
+    """'86 (all training images)', '500 of 2000 training images', or None when not recorded."""
+    if used is None:
+        return None
+    if available is None:
+        return str(used)
+    return f"{used} (all {what})" if used >= available else f"{used} of {available} {what}"
+
+
+def what_ran(groups: dict) -> dict:
+    """What the stages really used, read from their own files (eval.json, metrics.jsonl): for each setting the
+    distinct values over all stages, empty when none has run yet."""
+    pairs = [p for g in groups.values() for p in g.get("pairs", [])]
+    protocols = [p["protocol"] for p in pairs if p.get("available")]
+    precisions = [x for g in groups.values() for e in g.get("endpoints", [])
+                  for x in e.get("training", {}).get("precision", [])]
+    precisions += [x for p in pairs for x in p.get("curve_precision", [])]
+
+    def bn(p):
+        if p.get("bn_recomputed") is False:
+            return "none: the running statistics from training are kept"
+        return _count(p.get("bn_images"), p.get("n_train"), "training images")
+
+    def distinct(values) -> list:
+        return sorted({v for v in values if v is not None}, key=str)
+
+    return {"device": distinct(p.get("device") for p in protocols),
+            "training_precision": distinct(precisions),
+            "data": distinct(f"{p['n_train']} training / {p['n_test']} held-out images" for p in protocols
+                             if p.get("n_train") is not None),
+            "bn_images": distinct(bn(p) for p in protocols),
+            "train_metric_images": distinct(_count(p.get("train_images"), p.get("n_train"), "training images")
+                                            for p in protocols),
+            "test_metric_images": distinct(_count(p.get("test_images"), p.get("n_test"), "held-out images")
+                                           for p in protocols)}
+
+
+def _ran(values: list, requested=None) -> str:
+    """What ran, with the request beside it where it differs: 'cpu (requested auto)'; 'not run yet' when none ran."""
+    text = ", ".join(map(str, values)) or "not run yet"
+    if requested is None or (len(values) == 1 and str(values[0]).split(" ")[0] == str(requested)):
+        return text
+    # '86 (all training images)' and request 8192 -> '86 (all training images; requested 8192)'
+    return f"{text[:-1]}; requested {requested})" if text.endswith(")") else f"{text} (requested {requested})"
+
+
+def _config_rows(cfg: dict, ran: dict) -> list[list[str]]:
+    """The configuration as it ran: study.json's settings, and for those the study resolves at run time (device,
+    precision, subset sizes capped by the data) the values the stages recorded, beside the request."""
     keys = [("preset", "preset"), ("dataset", "dataset"), ("data_dir", "data folder"), ("image_size", "image size"),
             ("limit", "image limit"), ("losses", "losses"), ("seeds", "seeds"), ("latent_dim", "bottleneck"),
             ("width", "width"), ("epochs", "endpoint epochs"), ("lr", "endpoint lr (Adam)"),
             ("lr_schedule", "endpoint lr schedule"), ("batch_size", "batch size"), ("curve", "curve"),
             ("num_bends", "bends (ends fixed)"), ("curve_epochs", "curve epochs"), ("curve_lr", "curve lr (Adam)"),
             ("curve_lr_schedule", "curve lr schedule"), ("wd", "curve wd"),
-            ("num_points", "points per path"), ("bn_images", "BN images per point"),
-            ("train_images", "train-metric images"), ("vgg_weights", "VGG weights"), ("device", "device"),
-            ("precision", "training precision")]
+            ("num_points", "points per path"), ("vgg_weights", "VGG weights")]
     rows = []
     for k, label in keys:
         if k not in cfg or (cfg[k] is None and k in ("data_dir", "limit")):
             continue
         v = cfg[k]
         rows.append([label, ", ".join(map(str, v)) if isinstance(v, list) else str(v)])
+    rows += [["images (training / held out)", _ran(ran["data"])],
+             ["BN statistics per point, from", _ran(ran["bn_images"], cfg.get("bn_images"))],
+             ["train metrics per point, from", _ran(ran["train_metric_images"], cfg.get("train_images"))],
+             ["held-out metrics per point, from", _ran(ran["test_metric_images"])],
+             ["device", _ran(ran["device"], cfg.get("device"))],
+             ["training precision", _ran(ran["training_precision"], cfg.get("precision"))]]
     return rows
+
+
+PROVENANCE_KEYS = (("aecurves", "aecurves version"), ("git_commit", "git commit"), ("torch", "torch"),
+                   ("python", "Python"), ("host", "host"), ("device", "device"), ("started", "started"),
+                   ("finished", "finished"))
+
+
+def _when(value) -> str:
+    return str(value).replace("T", " ") if value else "not recorded"
+
+
+def provenance_rows(prov: dict) -> list[list[str]]:
+    """study.json's provenance as table rows; a missing entry reads "not recorded"."""
+    rows = []
+    for k, label in PROVENANCE_KEYS:
+        value = prov.get(k)
+        if k in ("started", "finished"):
+            rows.append([label, _when(value)])
+        else:
+            rows.append([label, "not recorded" if value is None else str(value)])
+    rows.append(["wall time, whole study", fseconds(prov.get("wall_seconds"))])
+    known = {k for k, _ in PROVENANCE_KEYS} | {"wall_seconds", "stage_seconds"}
+    rows += [[k, str(v)] for k, v in prov.items() if k not in known]  # whatever a later aecurves adds
+    return rows
+
+
+def provenance_line(prov: dict | None) -> str:
+    if not prov:
+        return ("Provenance (versions, host, dates, wall times): not recorded (study.json predates it or was not "
+                "written by `aecurves study`).")
+    commit = prov.get("git_commit")
+    return (f"Made with aecurves {prov.get('aecurves', '?')}"
+            f"{f' (commit {str(commit)[:12]})' if commit else ''}, torch {prov.get('torch', '?')}, Python "
+            f"{prov.get('python', '?')} on {prov.get('host', '?')} ({prov.get('device', '?')}); started "
+            f"{_when(prov.get('started'))}; wall time {fseconds(prov.get('wall_seconds'))}. Details under "
+            "Provenance.")
 
 
 def training_and_protocol(cfg: dict, data: dict) -> str:
@@ -464,7 +672,8 @@ def training_and_protocol(cfg: dict, data: dict) -> str:
         text += ("The paper's schedule (Garipov et al., 2018) keeps the lr for the first half of training, lowers it "
                  "linearly to 1% of it at 90%, and keeps 1% to the end. ")
     protocols = [p["protocol"] for g in data["groups"].values() for p in g.get("pairs", [])
-                 if p.get("available") and p.get("protocol") and all(p["protocol"].values())]
+                 if p.get("available") and all((p.get("protocol") or {}).get(k)
+                                               for k in ("bn_images", "train_images", "n_train"))]
     if protocols:
         bn, tr, n = (min(p[k] for p in protocols) for k in ("bn_images", "train_images", "n_train"))
         if all(p["bn_images"] >= p["n_train"] and p["train_images"] >= p["n_train"] for p in protocols):
@@ -498,6 +707,44 @@ def _summary_table(data: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _endpoint_table(loss: str, g: dict) -> tuple[list[str], list[list[str]]]:
+    """eval-curve's figures for each endpoint (the ones to quote: measured like every point of the paths)."""
+    if loss == "mse":
+        # the loss is the MSE: one pair of columns, not two equal ones; the loss's own values, which the barriers
+        # are measured from (eval-curve's separately reduced MSE differs from them by rounding only)
+        metrics = [("train MSE", "tr_loss"), ("test MSE", "te_loss")]
+    else:
+        kind = "perceptual" if any(p.get("perceptual") for p in g["pairs"]) else loss
+        metrics = [(f"train loss ({kind})", "tr_loss"), (f"test loss ({kind})", "te_loss"), ("train MSE", "tr_mse"),
+                   ("test MSE", "te_mse")]
+    headers = ["autoencoder"] + [h for h, _ in metrics] + ["train PSNR (dB)", "test PSNR (dB)", "epochs",
+                                                           "last-epoch gain"]
+    rows = []
+    for e in g["endpoints"]:
+        ev, tr = e.get("eval", {}), e.get("training", {})
+        rows.append([f"{loss} seed {e['seed']}"] + [fnum(ev.get(k)) for _, k in metrics]
+                    + [fdb(ev.get("tr_psnr")), fdb(ev.get("te_psnr")), str(tr.get("epoch", "n/a")),
+                       fpct(tr.get("last_epoch_gain"))])
+    return headers, rows
+
+
+def endpoint_footnote(loss: str, g: dict) -> str:
+    """Where the table's figures come from, and why the training log's held-out figure differs from them."""
+    what = "MSE" if loss == "mse" else "loss"
+    columns = "MSE and PSNR" if loss == "mse" else "loss, MSE and PSNR"
+    text = (f"The {columns} columns are eval-curve's, at t=0 / t=1 of the first path through each endpoint, with "
+            "the BatchNorm statistics recomputed from training images as at every point of the paths: the figures "
+            "to quote, comparable with every point of the paths. ")
+    logged = [f"{fnum(e['training']['test_loss'])} (seed {e['seed']})" for e in g["endpoints"]
+              if (e.get("training") or {}).get("test_loss") is not None]
+    if logged:
+        text += (f"The training log (metrics.jsonl) gives another held-out {what}, {', '.join(logged)}, measured "
+                 "with the BatchNorm running statistics kept from training. ")
+    return text + ("Epochs and last-epoch gain come from the training log: the gain is how much the held-out loss "
+                   "fell in the final epoch; a barrier is only meaningful between endpoints that have converged "
+                   "(a gain near 0).")
+
+
 def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
     doc = Doc()
     cfg = data["config"]
@@ -507,12 +754,16 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
           f"{cfg.get('curve', '')} curve with {cfg.get('num_bends', '?')} bends (ends fixed), and every curve and the "
           f"straight segment between the same endpoints evaluated at {cfg.get('num_points', '?')} points t in [0, 1] "
           f"on {cfg.get('dataset', '?')} {cfg.get('image_size', '?')}x{cfg.get('image_size', '?')} images.", None)
-    lines = []
+    doc.p(provenance_line(data["provenance"]), "muted")
+    lines, caveats = [], []
     for loss, g in data["groups"].items():
         lines += summary_sentences(loss, g)
+        caveats += [g["caveat"]] if g.get("caveat") else []
     doc.h(2, "Summary")
     doc.table(*_summary_table(data))
     doc.ul(lines, "summary")
+    for text in caveats:
+        doc.p(text, "warn")
     doc.p("Barrier: max over t of L(t) − ((1 − t)·L(0) + t·L(1)), the rise of the held-out loss above the chord "
           "between the two ends of a path; barrier removed: 1 − curve barrier / segment barrier. Losses, MSE and "
           "PSNR are measured by eval-curve in fp32 after recomputing the BatchNorm statistics at each t.", "muted")
@@ -529,32 +780,23 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
             doc.p(g["warning"], "warn")
 
         doc.h(3, "Endpoints")
-        rows = []
+        doc.table(*_endpoint_table(loss, g))
+        doc.p(endpoint_footnote(loss, g), "muted")
         for e in g["endpoints"]:
-            ev, tr = e.get("eval", {}), e.get("training", {})
-            rows.append([f"{loss} seed {e['seed']}", fnum(ev.get("tr_loss")), fnum(ev.get("te_loss")),
-                         fnum(ev.get("tr_mse")), fnum(ev.get("te_mse")), fdb(ev.get("tr_psnr")),
-                         fdb(ev.get("te_psnr")), str(tr.get("epoch", "n/a")), fnum(tr.get("test_loss")),
-                         fdb(tr.get("test_psnr")), fpct(tr.get("last_epoch_gain"))])
-        doc.table(["autoencoder", "train loss", "test loss", "train MSE", "test MSE", "train PSNR (dB)",
-                   "test PSNR (dB)", "epochs", "test loss (training log)", "test PSNR (training log)",
-                   "last-epoch gain"], rows)
-        doc.p("The first six columns come from eval-curve at t=0 / t=1 of the first path through each endpoint "
-              "(BatchNorm statistics recomputed like at every other point); the last four from the endpoint's "
-              "metrics.jsonl (its own running statistics). Last-epoch gain: how much the held-out loss fell in the "
-              "final epoch; a barrier is only meaningful between endpoints that have converged (a gain near 0).",
-              "muted")
-        for e in g["endpoints"]:
-            rel = _copy(study_dir, f"{e['folder']}/reconstructions.png", f"{loss}_seed{e['seed']}_reconstructions.png")
-            if rel:
-                doc.img(rel, f"{loss} seed {e['seed']}: held-out images (top) and their reconstructions (bottom)",
-                        pixels=True, scale=2)
+            grid = endpoint_grid(study_dir, loss, e)
+            if grid is None:
+                continue
+            rel, labelled = grid
+            rows = "" if labelled else " (top row)", "" if labelled else " (bottom row)"
+            doc.img(rel, f"{loss} group, seed {e['seed']}: held-out images{rows[0]} and their reconstructions{rows[1]} "
+                         "after the last epoch", pixels=not labelled, scale=1 if labelled else 2)
 
         doc.h(3, "Loss along the paths")
         rel = plot_group(study_dir, loss, g)
         if rel:
-            doc.img(rel, f"{name} along t for every curve (solid) and the straight segment between the same "
-                         "endpoints (dashed, same colour); left: training images, right: held-out images")
+            doc.img(rel, f"{loss} group, seeds {_pairs_text([p for p in g['pairs'] if p['available']])}: {name} "
+                         "along t for every curve (solid) and the straight segment between the same endpoints "
+                         "(dashed, same colour); left: training images, right: held-out images")
         else:
             doc.p("No finished evaluation yet.", "warn")
 
@@ -567,7 +809,8 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
             cur, seg = p["curve"], p["segment"]
             kind = p.get("path", {})
             label = f"{kind.get('curve', 'curve')} curve ({kind.get('num_bends', '?')} bends)"
-            doc.table(["path", "max test loss", "test barrier", "barrier removed", "train barrier",
+            what = "MSE" if loss == "mse" else "loss"
+            doc.table(["path", f"max test {what}", "test barrier", "barrier removed", "train barrier",
                        "train barrier removed", "path length", "min test PSNR (dB)"],
                       [[label, fnum(cur["te_loss_max"]), fnum(cur["te_barrier"]), fpct(p["barrier_removed"]),
                         fnum(cur["tr_barrier"]), fpct(p["train_barrier_removed"]), fnum(cur["length"]),
@@ -575,26 +818,40 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
                        ["segment", fnum(seg["te_loss_max"]), fnum(seg["te_barrier"]), "—", fnum(seg["tr_barrier"]),
                         "—", fnum(seg["length"]), fdb(seg["te_psnr_min"])]])
             tag = f"{loss}_seed{a}-seed{b}"
-            for src, suffix, what in (("reconstructions.png", "curve", "the curve"),
-                                      ("reconstructions_segment.png", "segment", "the segment")):
+            for src, suffix, what in (("reconstructions.png", "curve", f"the {label}"),
+                                      ("reconstructions_segment.png", "segment", "the straight segment")):
                 rel = _copy(study_dir, f"{p['eval']}/{src}", f"{tag}_{suffix}_reconstructions.png")
                 if rel:
-                    doc.img(rel, f"seeds {a}-{b}: held-out images reconstructed along {what} at t = 0, 1/8, …, 1",
-                            pixels=True)
+                    doc.img(rel, f"{loss} group, seeds {a}-{b}: held-out images reconstructed along {what} at "
+                                 "t = 0, 1/8, …, 1", pixels=True)
         notes = sorted({n for p in g["pairs"] if p["available"] for n in p.get("notes", [])})
         if notes:
             doc.p("Notes from eval-curve:", "muted")
             doc.ul(notes)
 
     doc.h(2, "Configuration")
-    doc.table(["setting", "value"], _config_rows(cfg), numeric_from=2)
+    doc.p("study.json's settings; where the study resolves a setting at run time (device, precision, subsets capped "
+          "by the data), the value the stages recorded in their own files, with the request beside it where they "
+          "differ.", "muted")
+    doc.table(["setting", "value"], _config_rows(cfg, data["ran"]), numeric_from=2)
+    doc.h(3, "Provenance")
+    prov = data["provenance"]
+    if not prov:
+        doc.p("Not recorded: this study.json has no provenance (versions, host, dates, wall times).", "muted")
+    else:
+        doc.table(["", "as recorded in study.json"], provenance_rows(prov), numeric_from=2)
+        stages = prov.get("stage_seconds")
+        if isinstance(stages, dict) and stages:
+            doc.table(["stage", "wall time"], [[k, fseconds(v)] for k, v in stages.items()])
+        else:
+            doc.p("Wall time per stage: not recorded.", "muted")
     doc.h(2, "Files")
     doc.p("endpoints/{loss}_seed{s}/: aecurves train runs; curves/{loss}_seed{a}-seed{b}/: aecurves train-curve runs; "
           "curves/{loss}_seed{a}-seed{b}/eval/: aecurves eval-curve of each curve and of its segment (eval.json, "
           "curve.npz with segment_* arrays); study.json: the resolved configuration; report.json: every number "
           f"above. Written {time.strftime('%Y-%m-%d %H:%M')} from the files of {study_dir.resolve()}; regenerate with "
           f"`aecurves report {study_dir}`.", "muted")
-    return doc, lines
+    return doc, lines + caveats
 
 
 def write_report(study_dir) -> dict:
