@@ -63,7 +63,11 @@ CURVE_SETTINGS = ("curve", "num_bends", "fix_start", "fix_end", "init_linear_off
                   "t_sampling", "wd", "batch_size", "seed")
 EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images", "batch_size", "segment_too",
                  "use_test")
-VGG_COST = 8.0  # first guess of a vgg stage's cost relative to the same mse stage (the estimate then measures it)
+# First guesses of what the VGG16 features cost per image, relative to the autoencoder's forward pass, for the time
+# estimate before a stage of that kind has run (then the measured rate is used). Measured on the demo on this
+# project's 2-core CPU: a vgg training stage took 15x its mse twin; an evaluation with VGG metrics ~48 units/image.
+VGG_TRAIN_COST = 15.0
+VGG_EVAL_COST = 48.0
 RUNTIME_NOTE = "device, precision, progress bars and the cache folder never invalidate finished stages"
 VGG_REMEDY = ("Re-run the same command with --vgg-weights PATH (a saved vgg16 state dict), or once torchvision's "
               "VGG16 ImageNet file is in its cache (see the reason); the finished stages are kept and only the vgg "
@@ -199,18 +203,19 @@ def curve_folder(loss: str, a: int, b: int) -> str:
     return f"curves/{loss}_seed{a}-seed{b}"
 
 
-def plan(cfg: dict, n_train: int, n_test: int) -> list[Stage]:
+def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list[Stage]:
     """Every stage of the study in order (all loss groups, then the report).
 
     A stage's `units` estimate its cost in images passed through the autoencoder (a training step counts 3:
-    forward and backward), times VGG_COST for the vgg loss: training scales with epochs × images, an
-    evaluation with points × images. On the demo the measured seconds per unit of the three kinds agree
-    within 10% (1.5e-4 to 1.6e-4 s on this project's 2-core CPU), so the first stages' rate predicts the rest.
+    forward and backward); VGG features add VGG_TRAIN_COST or VGG_EVAL_COST per image. Training scales with
+    epochs × images, an evaluation with points × images. On the demo the measured seconds per unit of the three
+    kinds of mse stage agree within 15% (1.4e-4 to 1.6e-4 s on this project's 2-core CPU), so the first stages'
+    rate predicts the rest. `perceptual`: evaluations also measure the VGG perceptual metric.
     """
     stages = []
     bn = min(cfg["bn_images"], n_train)
     for loss in cfg["losses"]:
-        heavy = VGG_COST if loss == "vgg" else 1.0
+        heavy = VGG_TRAIN_COST if loss == "vgg" else 1.0
         for s in cfg["seeds"]:
             stages.append(Stage(f"endpoint:{loss}:{s}", "endpoint", f"train {loss} seed {s}",
                                 endpoint_folder(loss, s), loss, (s,),
@@ -225,7 +230,8 @@ def plan(cfg: dict, n_train: int, n_test: int) -> list[Stage]:
         for a, b in itertools.combinations(cfg["seeds"], 2):
             folder = curve_folder(loss, a, b)
             # per point of the curve and of its segment: BN statistics, then the train and test metrics
-            per_point = bn + (min(cfg["train_images"], n_train) + n_test) * heavy
+            metric = 1 + (VGG_EVAL_COST if loss == "vgg" or perceptual else 0.0)
+            per_point = bn + (min(cfg["train_images"], n_train) + n_test) * metric
             stages.append(Stage(f"eval:{loss}:{a}-{b}", "eval", f"eval-curve {loss} seeds {a}-{b} (curve and segment)",
                                 folder + "/eval", loss, (a, b), [folder + "/checkpoint.pt"],
                                 units=2 * cfg["num_points"] * per_point + n_train))
@@ -494,10 +500,12 @@ def run_study(cfg: dict) -> dict:
     print(f"data: {data.source}", flush=True)
     del data
 
-    all_stages = plan(cfg, n_train, n_test)
-    study.forced = select_forced(cfg["force"], all_stages)
-
     study.groups = {loss: loss_group(cfg, loss) for loss in cfg["losses"]}  # vgg: checked once, up front
+    perceptual = cfg["vgg_weights"] != "random" and study.groups.get("vgg", {}).get("status", "run") == "run"
+    if "vgg" not in study.groups and cfg["vgg_weights"] != "random":
+        perceptual = check_vgg(cfg["vgg_weights"]) is None
+    all_stages = plan(cfg, n_train, n_test, perceptual)
+    study.forced = select_forced(cfg["force"], all_stages)
     study.stages = [s for s in all_stages if s.loss is None or study.groups[s.loss]["status"] == "run"]
 
     refuse_stale_outputs(study)  # before anything changes
