@@ -89,3 +89,21 @@ def test_bad_config_files(tmp_path, capsys):
         assert main(["train", "--config", str(tmp_path / name), "--out", str(tmp_path / "r")]) == 2
         assert phrase in capsys.readouterr().err, name
     assert not (tmp_path / "r").exists()
+
+
+def test_exit_codes_user_error_2_bug_propagates_interrupt_130(monkeypatch, tmp_path, capsys):
+    from aecurves import train
+
+    def bug(cfg):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # not swallowed: Python prints the traceback and exits 1
+        main(["train", "--out", str(tmp_path)])
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted)
+    assert main(["train", "--out", str(tmp_path)]) == 130
+    assert "interrupted" in capsys.readouterr().err

@@ -253,15 +253,17 @@ def test_reconstruction_grid_holds_the_held_out_images(setup, curve_run):
             assert np.abs(cell.transpose(2, 0, 1).astype(int) - expected[i].astype(int)).max() <= 1, (column, i)
 
 
-def test_default_protocol_against_full(setup, tmp_path):
-    """On a training set smaller than the default subsets, the default protocol IS --full, number for number;
-    a smaller subset is really used (it changes the figures, a little)."""
+def test_default_protocol_against_full(setup, tmp_path, capsys):
+    """On a training set smaller than the default subsets, the default protocol IS --full, number for number,
+    without a warning about the sizes; a smaller subset is really used (it changes the figures, a little)."""
     common = {**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 0, "segment_too": False}
     defaults = {k: EvalCurveConfig.__dataclass_fields__[k].default for k in ("bn_images", "train_images", "batch_size")}
     runs = {name: run_eval({**common, **extra, "out": str(tmp_path / name)})
             for name, extra in (("default", defaults), ("full", {**defaults, "full": True}),
                                 ("small", {**defaults, "bn_images": 32, "train_images": 32}))}
     series = {name: json.loads((tmp_path / name / "eval.json").read_text()) for name in runs}
+    printed = capsys.readouterr()
+    assert "warning" not in (printed.out + printed.err).lower() and "exceeds" not in printed.out + printed.err
     n_train = len(setup["data"].train)
     assert defaults["bn_images"] > n_train and series["default"]["bn"]["images"] == n_train
     for key in ("tr_loss", "te_loss", "tr_psnr", "te_psnr"):
