@@ -48,3 +48,14 @@ def test_trusted_arch():
         trusted_arch(custom, "other:build", "x.pt")
     arch = trusted_arch(custom, "mine:build", "x.pt")
     assert arch["model_kwargs"] == {"h": 2} and arch["width"] is None
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(tiny_endpoints, tmp_path, capsys):
+    state = load_checkpoint(tiny_endpoints[0], "endpoint")
+    del state["args"]
+    save_checkpoint(tmp_path / "no_args.pt", state)
+    with pytest.raises(UserError, match="lacks args"):
+        load_checkpoint(tmp_path / "no_args.pt")
+    assert run_cli("eval-curve", "--segment", tmp_path / "no_args.pt", tiny_endpoints[1],
+                   "--out", tmp_path / "x") == 2
+    assert "damaged" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -64,3 +64,14 @@ def test_parse_json_object():
         config.parse_json_object("{hidden: 5}")
     with pytest.raises(UserError, match="JSON object"):
         config.parse_json_object("[5]")
+
+
+def test_non_finite_numbers_and_empty_out_are_refused():
+    for change, phrase in (({"lr": float("nan")}, "--lr must be a finite number"),
+                           ({"wd": float("nan")}, "--wd must be a finite number"),
+                           ({"lr": float("inf")}, "--lr must be a finite number"),
+                           ({"out": ""}, "--out must name a folder")):
+        with pytest.raises(UserError, match=phrase):
+            make(TrainConfig, change)
+    with pytest.raises(UserError, match="--t must be a finite number"):
+        make(ExportPointConfig, {"ckpt": "c.pt", "t": float("nan"), "out": "p.pt"})

@@ -174,3 +174,44 @@ def test_tensorboard_is_optional(tmp_path, capsys):
     losses = [e.value for e in events.Scalars("test_loss")]
     assert losses == pytest.approx([r["test_loss"] for r in rows], rel=1e-6)
     assert "reconstructions" in events.Tags()["images"]
+
+
+def test_fine_tuning_from_an_exported_point_and_runs_that_would_be_overwritten(tmp_path, capsys):
+    assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path / "a") == 0
+    state = load_checkpoint(tmp_path / "a/checkpoint.pt", "endpoint")
+    point = {**state, "optimizer": {}, "epoch": 0, "metrics": [], "exported_from": {"t": 0.5}}  # as export-point
+    torch.save(point, tmp_path / "point.pt")
+    capsys.readouterr()
+    assert run_cli("train", *TINY, "--epochs", 2, "--checkpoint", tmp_path / "point.pt", "--out", tmp_path / "ft") == 0
+    assert "fresh Adam optimizer" in capsys.readouterr().out
+    tuned = load_checkpoint(tmp_path / "ft/checkpoint.pt", "endpoint")
+    assert tuned["epoch"] == 2 and [r["epoch"] for r in tuned["metrics"]] == [1, 2]
+    # starting another checkpoint over an existing run, or writing a run where a file is, is refused
+    before = (tmp_path / "ft/checkpoint.pt").read_bytes()
+    assert run_cli("train", *TINY, "--epochs", 3, "--checkpoint", tmp_path / "point.pt", "--out", tmp_path / "ft") == 2
+    assert "would overwrite it" in capsys.readouterr().err
+    assert (tmp_path / "ft/checkpoint.pt").read_bytes() == before
+    (tmp_path / "file").write_text("mine")
+    assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path / "file") == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+
+
+def test_diverged_state_stops_even_with_a_finite_loss(tmp_path, monkeypatch, capsys):
+    """BatchNorm statistics that became inf (as --lr 1e6 does) stop the run; the last good checkpoint stays."""
+    from aecurves import train
+
+    assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path) == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    real = train.train_one_epoch
+
+    def diverging(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        with torch.no_grad():
+            model.encoder[0][1].running_var.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(train, "train_one_epoch", diverging)
+    assert run_cli("train", *TINY, "--epochs", 2, "--resume", "--out", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "diverged at epoch 2" in err and "encoder.0.1.running_var" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before

@@ -204,3 +204,43 @@ def test_stratified_t_takes_one_value_from_each_slice():
     assert ts != sorted(ts)  # in random order
     uniform = sample_ts(50, torch.Generator().manual_seed(0), "uniform")
     assert all(0 <= t < 1 for t in uniform) and len({int(t * 50) for t in uniform}) < 50
+
+
+def test_endpoints_with_different_losses_need_an_explicit_loss(tiny_endpoints, tmp_path, capsys):
+    b = load_checkpoint(tiny_endpoints[1], "endpoint")
+    b["args"]["loss"] = "vgg"
+    save_checkpoint(tmp_path / "b_vgg.pt", b)
+    common = ["--init_start", tiny_endpoints[0], "--init_end", tmp_path / "b_vgg.pt", *CURVE, "--epochs", 1]
+    assert run_cli("train-curve", *common, "--dir", tmp_path / "c") == 2
+    assert "different losses (mse and vgg)" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert run_cli("train-curve", *common, "--loss", "mse", "--dir", tmp_path / "c") == 0
+    assert load_checkpoint(tmp_path / "c/checkpoint.pt", "curve")["args"]["loss"] == "mse"
+
+
+def test_export_point_never_replaces_a_file(trained_curve, tiny_endpoints, tmp_path, capsys):
+    kept = {p: p.read_bytes() for p in (trained_curve, tiny_endpoints[0])}
+    for out in (trained_curve, tiny_endpoints[0]):
+        assert run_cli("export-point", "--ckpt", trained_curve, "--t", 0.5, "--out", out, "--no-progress") == 2
+        assert "one of this command's inputs" in capsys.readouterr().err
+    (tmp_path / "mine.pt").write_text("mine")
+    assert run_cli("export-point", "--ckpt", trained_curve, "--t", 0.5, "--out", tmp_path / "mine.pt") == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "mine.pt").read_text() == "mine"
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
+def test_a_diverged_curve_stops_before_it_is_saved(tiny_endpoints, tmp_path, monkeypatch, capsys):
+    from aecurves import train_curve
+
+    real = train_curve.train_curve_one_epoch
+
+    def diverging(net, curve, *args, **kwargs):
+        out = real(net, curve, *args, **kwargs)
+        with torch.no_grad():
+            curve.bends[1][0] = float("nan")
+        return out
+
+    monkeypatch.setattr(train_curve, "train_curve_one_epoch", diverging)
+    a, b = tiny_endpoints
+    assert run_cli("train-curve", "--init_start", a, "--init_end", b, *CURVE, "--epochs", 1, "--dir", tmp_path) == 2
+    assert "non-finite values in bend 1" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint.pt").exists()

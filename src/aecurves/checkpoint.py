@@ -21,6 +21,10 @@ from aecurves.files import atomic_path
 from aecurves.models import ARCH_KEYS, arch_of, build_model, is_builtin
 
 FORMAT_VERSION = 1
+# What each kind of checkpoint must hold to be used at all (type of each entry).
+REQUIRED = {"endpoint": {"model": dict, "args": dict, "epoch": int, "metrics": list, "optimizer": dict},
+            "curve": {"curve": dict, "model_config": dict, "args": dict, "epoch": int, "metrics": list,
+                      "optimizer": dict}}
 KINDS = {"endpoint": "an autoencoder checkpoint (from `aecurves train` or `aecurves export-point`)",
          "curve": "a curve checkpoint (from `aecurves train-curve`)"}
 
@@ -47,6 +51,11 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None, what: str 
     if not isinstance(state, dict) or state.get("kind") not in KINDS:
         raise UserError(f"The {what} {path} is not an aecurves checkpoint (no 'kind' field); "
                         "pass a file written by `aecurves train`, `train-curve` or `export-point`.")
+    missing = [k for k, t in REQUIRED[state["kind"]].items() if not isinstance(state.get(k), t)]
+    if missing:
+        raise UserError(f"The {what} {path} is damaged or was not written by aecurves: it lacks "
+                        f"{', '.join(missing)}. Pass a checkpoint written by `aecurves train`, `train-curve` or "
+                        "`export-point`.")
     if kind is not None and state["kind"] != kind:
         extra = (" To use a point of a curve as an endpoint, write one with "
                  "`aecurves export-point --ckpt CURVE --t 0.5 --out FILE`." if kind == "endpoint" else "")

@@ -9,6 +9,7 @@ others come from the checkpoint. No torch import here, so `aecurves --help` star
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -393,7 +394,12 @@ def validate(cfg) -> None:
             raise UserError(f"{name} must be a number, got {value!r}.")
         if meta.get("choices") and value not in meta["choices"]:
             raise UserError(f"Unknown {name} {value!r}; choose one of: {', '.join(meta['choices'])}.")
-        if meta.get("minimum") is not None and value < meta["minimum"]:
+        if kind is float and not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value}.")
+        if kind is str and f.name == "out" and not value.strip():
+            raise UserError(f"{name} must name a folder or file; an empty name would write into the current "
+                            "folder.")
+        if meta.get("minimum") is not None and not value >= meta["minimum"]:
             raise UserError(f"{name} must be at least {meta['minimum']}, got {value}.")
         if meta.get("positive") and not value > 0:
             raise UserError(f"{name} must be positive, got {value}.")

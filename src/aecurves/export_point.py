@@ -50,6 +50,13 @@ def run(cfg: ExportPointConfig) -> dict:
         raise UserError(f"--out {out} is a folder; pass a file name such as {out / 'point.pt'}.")
     curve, state = load_curve(cfg.ckpt, cfg.model)
     args = state["args"]
+    inputs = [cfg.ckpt, args.get("init_start"), args.get("init_end")]
+    if any(p and Path(p).resolve() == out.resolve() for p in inputs):
+        raise UserError(f"--out {out} is one of this command's inputs (the curve checkpoint or one of its endpoints); "
+                        "writing the point there would destroy it. Choose another file name; nothing was written.")
+    if out.exists() or (cfg.format != "checkpoint" and sidecar(out).exists()):
+        raise UserError(f"--out {out} already exists; export-point never replaces a file. Choose another name, or "
+                        "delete the old file first; nothing was written.")
     device = runtime.resolve_device(cfg.device)
     curve.to(device)
     used = 0

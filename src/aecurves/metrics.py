@@ -95,6 +95,17 @@ class NonFiniteLoss(UserError):
     pass
 
 
+def check_finite_state(tensors, where: str) -> None:
+    """Parameters and buffers (e.g. BatchNorm's running_var) must stay finite: a diverged run stops here, before
+    its state is saved, even when the loss itself still looked finite."""
+    bad = [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteLoss(f"The network diverged at {where}: non-finite values in {', '.join(bad[:4])}"
+                            f"{' ...' if len(bad) > 4 else ''}; training stopped and the last good checkpoint was "
+                            "left as it was. Lower --lr, or use --precision fp32, then resume with --resume (it "
+                            "restarts from the last good checkpoint).")
+
+
 def check_finite(value: float, where: str) -> None:
     if not math.isfinite(value):
         raise NonFiniteLoss(f"The training loss became {value} at {where}; training stopped and the last good "

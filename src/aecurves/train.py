@@ -20,7 +20,7 @@ from aecurves.data import BatchLoader, load_data_once
 from aecurves.errors import UserError
 from aecurves.files import append_jsonl, atomic_path, write_jsonl
 from aecurves.losses import make_loss
-from aecurves.metrics import check_finite, evaluate
+from aecurves.metrics import check_finite, check_finite_state, evaluate
 from aecurves.models import arch_of, build_model, num_parameters
 from aecurves.schedules import lr_at, set_lr
 
@@ -94,7 +94,13 @@ def format_row(row: dict, header: bool) -> str:
 
 def resolve_start(cfg: TrainConfig, out: Path):
     """(checkpoint, its path) to resume from, or None, after refusing to overwrite an existing run."""
-    ckpt_path = Path(cfg.checkpoint) if cfg.checkpoint else out / "checkpoint.pt"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run (nothing was written).")
+    own = out / "checkpoint.pt"
+    ckpt_path = Path(cfg.checkpoint) if cfg.checkpoint else own
+    if cfg.checkpoint and own.exists() and ckpt_path.resolve().parent != out.resolve():
+        raise UserError(f"{out} already holds a training run (checkpoint.pt); starting it over from --checkpoint "
+                        f"{ckpt_path} would overwrite it. Choose another --out folder; nothing was overwritten.")
     if cfg.resume or cfg.checkpoint:
         if not ckpt_path.is_file():
             if cfg.checkpoint:
@@ -153,8 +159,10 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     loss_fn = make_loss(cfg.loss, cfg.vgg_weights).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     history, start_epoch = [], 0
+    fine_tune = bool(resumed) and not resumed["optimizer"]  # e.g. a point exported from a curve
     if resumed:
         model.load_state_dict(resumed["model"])
+    if resumed and not fine_tune:
         optimizer.load_state_dict(resumed["optimizer"])
         history, start_epoch = list(resumed["metrics"]), resumed["epoch"]
 
@@ -164,7 +172,10 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     log(f"model: {arch['model']}{kwargs} {settings}: {num_parameters(model):,} parameters")
     log(f"loss: {loss_fn.description}; lr {cfg.lr:g} ({cfg.lr_schedule} schedule); device {device}, precision "
         f"{precision}, world size {info.world_size}, batch {cfg.batch_size} per process")
-    if resumed:
+    if fine_tune:
+        log(f"fine-tuning from {ckpt_path}: its weights, a fresh Adam optimizer (the file holds no optimizer "
+            "state), epochs counted from 0")
+    elif resumed:
         log(f"resuming from {ckpt_path} at epoch {start_epoch}")
     if start_epoch >= cfg.epochs:
         log(f"nothing to do: the checkpoint is already at epoch {start_epoch} of {cfg.epochs}")
@@ -188,6 +199,7 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
             net, loss_fn, optimizer, train_loader, device, precision, epoch, progress,
             lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs))
         train_seconds = time.perf_counter() - t0
+        check_finite_state(model.state_dict().items(), f"epoch {epoch}")
         test = evaluate(model, test_loader, loss_fn)
         row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "test_loss": test["loss"], "test_mse": test["mse"],
                "test_psnr": test["psnr"], "epoch_seconds": time.perf_counter() - t0,

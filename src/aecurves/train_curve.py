@@ -30,7 +30,7 @@ from aecurves.data import BatchLoader, load_data_once
 from aecurves.errors import UserError
 from aecurves.files import append_jsonl, write_jsonl
 from aecurves.losses import make_loss
-from aecurves.metrics import check_finite, evaluate, fixed_subset
+from aecurves.metrics import check_finite, check_finite_state, evaluate, fixed_subset
 from aecurves.models import build_model
 from aecurves.schedules import lr_at, set_lr
 
@@ -65,8 +65,13 @@ def resolve_curve_config(cfg: TrainCurveConfig, saved: dict | None, ckpt_path) -
                         "itself, use `aecurves eval-curve --segment START END`.")
 
 
-def fill_from_endpoint(cfg: TrainCurveConfig, endpoint_args: dict) -> None:
-    """Data and loss default to the start endpoint's; flags given explicitly win."""
+def fill_from_endpoint(cfg: TrainCurveConfig, endpoint_args: dict, end_args: dict) -> None:
+    """Data and loss default to the start endpoint's; flags given explicitly win. Endpoints trained with different
+    losses need an explicit --loss: either one would be a silent choice."""
+    losses = (endpoint_args.get("loss") or "mse", end_args.get("loss") or "mse")
+    if cfg.loss is None and losses[0] != losses[1]:
+        raise UserError(f"The endpoints were trained with different losses ({losses[0]} and {losses[1]}); pass "
+                        f"--loss {losses[0]} or --loss {losses[1]} to say which one the curve minimises.")
     for k in DATA_KEYS + ("loss",):
         if getattr(cfg, k) is None:
             setattr(cfg, k, endpoint_args.get(k))
@@ -131,6 +136,8 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
     progress = info.is_main and not cfg.no_progress
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the curve run (nothing was written).")
     resumed = None
     if cfg.resume and ckpt_path.is_file():
         resumed = load_checkpoint(ckpt_path, "curve", "curve checkpoint")
@@ -141,7 +148,7 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
     a, b, arch = load_endpoint_pair(cfg.init_start, cfg.init_end, cfg.model)
     cfg.init_start, cfg.init_end = (str(Path(p).resolve()) for p in (cfg.init_start, cfg.init_end))
     cfg.model = arch["model"]
-    fill_from_endpoint(cfg, a["args"])
+    fill_from_endpoint(cfg, a["args"], b["args"])
 
     precision = runtime.resolve_precision(cfg.precision, device)
     data = load_data_once(info, progress, dataset=cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
@@ -202,6 +209,8 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
             lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs),
             cfg.wd, progress)
         train_seconds = time.perf_counter() - t0
+        check_finite_state([*((f"bend {k}", b) for k, b in enumerate(curve.bends)), *curve.base.named_buffers()],
+                           f"epoch {epoch}")
         mid = midpoint_monitor(curve, bn_loader, test_loader, loss_fn)
         row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_l2_term": l2_mean,
                "mid_test_loss": mid["loss"], "mid_test_mse": mid["mse"], "mid_test_psnr": mid["psnr"],
