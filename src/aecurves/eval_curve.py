@@ -39,7 +39,7 @@ from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, VAL_FRACTION, Eval
 from aecurves.curves import Curve, batchnorms, make_segment, segment_of
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
-from aecurves.files import atomic_path, write_json
+from aecurves.files import atomic_path, folder_lock, write_json
 from aecurves.losses import make_loss
 from aecurves.metrics import METRICS, SPLITS, STATS, evaluate_path, protocol_subsets, reconstruct, \
     reconstructions_along, summarize
@@ -136,7 +136,8 @@ def run(cfg: EvalCurveConfig) -> dict:
         "summary": results.summary,
         "series": {k: np.asarray(v).tolist() for k, v in results.series.items()},
     }
-    files = write_outputs(out, subject, results, fixed, record)
+    with folder_lock(out, "evaluation"):
+        files = write_outputs(out, subject, results, fixed, record)
     print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
     return {"out": str(out), "kind": subject.kind, "notes": subject.notes, "files": files, **results.summary}
 

@@ -68,3 +68,37 @@ def sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+LOCK_NAME = ".aecurves.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "run"):
+    """One writer per output folder: an exclusive flock on FOLDER/.aecurves.lock for the duration of the block.
+
+    A second process is refused with the holder's PID. The OS releases the lock when its holder dies, so a lock
+    file left by a killed process is simply taken over. (Where fcntl is missing, e.g. Windows, there is no lock.)
+    """
+    from aecurves.errors import UserError
+
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"Another aecurves process (PID {holder}) is writing the {what} in {folder}. Wait for it "
+                            "to finish, or choose another --out folder; nothing was changed.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -49,7 +49,7 @@ from aecurves import runtime
 from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, LOSSES, PRESETS, EvalCurveConfig, StudyConfig, \
     TrainConfig, TrainCurveConfig, as_record, make, validate
 from aecurves.errors import UserError
-from aecurves.files import read_json, sha256, write_json
+from aecurves.files import folder_lock, read_json, sha256, write_json
 
 FORMAT_VERSION = 1
 STAGE_RECORD = "study_stage.json"
@@ -509,7 +509,13 @@ def run_study(cfg: dict) -> dict:
     study.stages = [s for s in all_stages if s.loss is None or study.groups[s.loss]["status"] == "run"]
 
     refuse_stale_outputs(study)  # before anything changes
-    root.mkdir(parents=True, exist_ok=True)
+    with folder_lock(root, "study"):  # one study per folder: a second one would redo and interleave every stage
+        return run_stages(study, cfg)
+
+
+def run_stages(study: "Study", cfg: dict) -> dict:
+    """The stages in order: finished ones skipped, interrupted ones resumed, then the report; returns a summary."""
+    root = study.root
     previous = read_json(root / "study.json")
     study.previous_provenance = previous.get("provenance") if isinstance(previous, dict) else None
     study.provenance = {**runtime.provenance(cfg["device"], cfg["precision"]),

@@ -4,6 +4,7 @@
 --batch-size is per process, as in torchvision's references).
 """
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, TRAIN_RESUME_KEYS
 from aecurves.console import table_row
 from aecurves.data import BatchLoader, load_data_once
 from aecurves.errors import UserError
-from aecurves.files import append_jsonl, atomic_path, write_jsonl
+from aecurves.files import append_jsonl, atomic_path, folder_lock, write_jsonl
 from aecurves.losses import make_loss
 from aecurves.metrics import check_finite, check_finite_state, evaluate
 from aecurves.models import arch_of, build_model, num_parameters
@@ -188,43 +189,45 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
         if info.enabled else model
 
     board = tensorboard_writer(out) if cfg.tensorboard and info.is_main else None
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(out / "metrics.jsonl", history)  # mirrors the checkpoint (drops rows a crashed run logged)
-
-    perceptual = getattr(loss_fn, "perceptual", None)
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        train_loss, seen, lr = train_one_epoch(
-            net, loss_fn, optimizer, train_loader, device, precision, epoch, progress,
-            lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs))
-        train_seconds = time.perf_counter() - t0
-        check_finite_state(model.state_dict().items(), f"epoch {epoch}")
-        test = evaluate(model, test_loader, loss_fn)
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "test_loss": test["loss"], "test_mse": test["mse"],
-               "test_psnr": test["psnr"], "epoch_seconds": time.perf_counter() - t0,
-               "images_per_s": seen * info.world_size / train_seconds, "precision": precision}
-        if cfg.loss == "vgg":
-            row["loss_is_perceptual"] = perceptual
-        history.append(row)
-        log(format_row(row, header=epoch == start_epoch + 1))
+    # one writer per run folder (rank 0 writes; the lock is released when the block ends or the process dies)
+    with folder_lock(out, "training run") if info.is_main else contextlib.nullcontext():
         if info.is_main:
-            append_jsonl(out / "metrics.jsonl", row)
-            if board is not None:
-                for key in ("train_loss", "test_loss", "test_mse", "test_psnr", "lr", "images_per_s"):
-                    board.add_scalar(key, row[key], epoch)
-            if epoch % cfg.save_every_epoch == 0 or epoch == cfg.epochs:
-                state = {"kind": "endpoint", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "args": args, "metrics": history, "skipped_images": len(data.skipped)}
-                save_checkpoint(out / f"checkpoint_epoch{epoch:03d}.pt", state)
-                save_checkpoint(out / "checkpoint.pt", state)
-                grid = reconstruction_grid(model, fixed)
-                save_reconstructions(grid, out / f"reconstructions_epoch{epoch:03d}.png")
-                save_reconstructions(grid, out / "reconstructions.png")
+            out.mkdir(parents=True, exist_ok=True)
+            write_jsonl(out / "metrics.jsonl", history)  # mirrors the checkpoint (drops rows a crashed run logged)
+
+        perceptual = getattr(loss_fn, "perceptual", None)
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            train_loss, seen, lr = train_one_epoch(
+                net, loss_fn, optimizer, train_loader, device, precision, epoch, progress,
+                lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs))
+            train_seconds = time.perf_counter() - t0
+            check_finite_state(model.state_dict().items(), f"epoch {epoch}")
+            test = evaluate(model, test_loader, loss_fn)
+            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "test_loss": test["loss"],
+                   "test_mse": test["mse"], "test_psnr": test["psnr"], "epoch_seconds": time.perf_counter() - t0,
+                   "images_per_s": seen * info.world_size / train_seconds, "precision": precision}
+            if cfg.loss == "vgg":
+                row["loss_is_perceptual"] = perceptual
+            history.append(row)
+            log(format_row(row, header=epoch == start_epoch + 1))
+            if info.is_main:
+                append_jsonl(out / "metrics.jsonl", row)
                 if board is not None:
-                    board.add_image("reconstructions", grid, epoch)
-    if board is not None:
-        board.close()
+                    for key in ("train_loss", "test_loss", "test_mse", "test_psnr", "lr", "images_per_s"):
+                        board.add_scalar(key, row[key], epoch)
+                if epoch % cfg.save_every_epoch == 0 or epoch == cfg.epochs:
+                    state = {"kind": "endpoint", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "epoch": epoch, "args": args, "metrics": history, "skipped_images": len(data.skipped)}
+                    save_checkpoint(out / f"checkpoint_epoch{epoch:03d}.pt", state)
+                    save_checkpoint(out / "checkpoint.pt", state)
+                    grid = reconstruction_grid(model, fixed)
+                    save_reconstructions(grid, out / f"reconstructions_epoch{epoch:03d}.png")
+                    save_reconstructions(grid, out / "reconstructions.png")
+                    if board is not None:
+                        board.add_image("reconstructions", grid, epoch)
+        if board is not None:
+            board.close()
 
     summary = {"out": str(out), "epochs": cfg.epochs, "skipped_images": len(data.skipped),
                **({k: history[-1][k] for k in ("train_loss", "test_loss", "test_mse", "test_psnr")} if history else {})}

@@ -13,6 +13,7 @@ from the same fixed subset of training images, held-out metrics in fp32), so the
 eval-curve's value at t = 0.5.
 """
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from aecurves.console import table_row
 from aecurves.curves import Curve, CurvePoint, make_coefficients
 from aecurves.data import BatchLoader, load_data_once
 from aecurves.errors import UserError
-from aecurves.files import append_jsonl, write_jsonl
+from aecurves.files import append_jsonl, folder_lock, write_jsonl
 from aecurves.losses import make_loss
 from aecurves.metrics import check_finite, check_finite_state, evaluate, fixed_subset
 from aecurves.models import build_model
@@ -194,38 +195,41 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
     net = DistributedDataParallel(curve, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else curve
 
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(out / "metrics.jsonl", history)  # mirrors the checkpoint (drops rows a crashed run logged)
-
-    args = as_record(cfg)
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        # t comes from a generator seeded by (seed, epoch, rank): reproducible, and resumable per epoch
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + info.rank)
-        ts = sample_ts(len(train_loader), gen, cfg.t_sampling)
-        train_loss, l2_mean, seen, lr = train_curve_one_epoch(
-            net, curve, loss_fn, optimizer, train_loader, device, precision, epoch, ts,
-            lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs),
-            cfg.wd, progress)
-        train_seconds = time.perf_counter() - t0
-        check_finite_state([*((f"bend {k}", b) for k, b in enumerate(curve.bends)), *curve.base.named_buffers()],
-                           f"epoch {epoch}")
-        mid = midpoint_monitor(curve, bn_loader, test_loader, loss_fn)
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_l2_term": l2_mean,
-               "mid_test_loss": mid["loss"], "mid_test_mse": mid["mse"], "mid_test_psnr": mid["psnr"],
-               "epoch_seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds,
-               "precision": precision}
-        history.append(row)
-        values = [epoch, lr, train_loss, l2_mean, mid["loss"], mid["mse"], row["epoch_seconds"], row["images_per_s"]]
-        log(table_row(values, COLUMNS, ["d", "9.2e", "9.5f", "9.5f", "9.5f", "9.5f", "8.1f", "8.0f"],
-                      epoch == start_epoch + 1))
+    # one writer per run folder (rank 0 writes; the lock is released when the block ends or the process dies)
+    with folder_lock(out, "curve run") if info.is_main else contextlib.nullcontext():
         if info.is_main:
-            append_jsonl(out / "metrics.jsonl", row)
-            if epoch % cfg.save_every_epoch == 0 or epoch == cfg.epochs:
-                state = {"kind": "curve", "curve": curve.curve_state(), "model_config": arch,
-                         "optimizer": optimizer.state_dict(), "epoch": epoch, "args": args, "metrics": history}
-                save_checkpoint(out / "checkpoint.pt", state)
+            out.mkdir(parents=True, exist_ok=True)
+            write_jsonl(out / "metrics.jsonl", history)  # mirrors the checkpoint (drops rows a crashed run logged)
+
+        args = as_record(cfg)
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            # t comes from a generator seeded by (seed, epoch, rank): reproducible, and resumable per epoch
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + info.rank)
+            ts = sample_ts(len(train_loader), gen, cfg.t_sampling)
+            train_loss, l2_mean, seen, lr = train_curve_one_epoch(
+                net, curve, loss_fn, optimizer, train_loader, device, precision, epoch, ts,
+                lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs),
+                cfg.wd, progress)
+            train_seconds = time.perf_counter() - t0
+            check_finite_state([*((f"bend {k}", b) for k, b in enumerate(curve.bends)), *curve.base.named_buffers()],
+                               f"epoch {epoch}")
+            mid = midpoint_monitor(curve, bn_loader, test_loader, loss_fn)
+            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_l2_term": l2_mean,
+                   "mid_test_loss": mid["loss"], "mid_test_mse": mid["mse"], "mid_test_psnr": mid["psnr"],
+                   "epoch_seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds,
+                   "precision": precision}
+            history.append(row)
+            values = [epoch, lr, train_loss, l2_mean, mid["loss"], mid["mse"], row["epoch_seconds"],
+                      row["images_per_s"]]
+            log(table_row(values, COLUMNS, ["d", "9.2e", "9.5f", "9.5f", "9.5f", "9.5f", "8.1f", "8.0f"],
+                          epoch == start_epoch + 1))
+            if info.is_main:
+                append_jsonl(out / "metrics.jsonl", row)
+                if epoch % cfg.save_every_epoch == 0 or epoch == cfg.epochs:
+                    state = {"kind": "curve", "curve": curve.curve_state(), "model_config": arch,
+                             "optimizer": optimizer.state_dict(), "epoch": epoch, "args": args, "metrics": history}
+                    save_checkpoint(out / "checkpoint.pt", state)
 
     log(f"done: curve checkpoint {ckpt_path}; evaluate it with `aecurves eval-curve --ckpt {ckpt_path}`")
     return {"out": str(out), "checkpoint": str(ckpt_path), **(history[-1] if history else {})}
