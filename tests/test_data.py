@@ -415,3 +415,22 @@ def test_batch_loader_bad_arguments():
         BatchLoader(_indexed_images(4).float(), batch_size=1)
     with pytest.raises(ValueError):
         BatchLoader(_indexed_images(4), batch_size=1, rank=2, world_size=2)
+
+
+def test_outputs_and_caches_inside_the_data_folder_are_refused(tmp_path, monkeypatch, capsys):
+    """They would be read back as training images by the next run."""
+    from conftest import run_cli
+
+    images = tmp_path / "images"
+    _make_folder(images, range(40))
+    before = _snapshot(images)
+    common = ["--dataset", "folder", "--data-dir", images, "--image-size", 16, "--epochs", 1, "--no-progress"]
+    assert run_cli("train", *common, "--out", images / "run") == 2
+    assert "inside the data folder" in capsys.readouterr().err
+    monkeypatch.chdir(images)  # `study --dataset folder --data-dir .` run from the image folder
+    assert run_cli("study", "--dataset", "folder", "--data-dir", ".", "--losses", "mse", "--no-progress") == 2
+    assert "inside the data folder" in capsys.readouterr().err
+    monkeypatch.setenv("AECURVES_CACHE", str(images / "cache"))
+    assert run_cli("train", *common, "--out", tmp_path / "run") == 2
+    assert "image cache" in capsys.readouterr().err
+    assert _snapshot(images) == before  # nothing was written into the data folder

@@ -53,6 +53,17 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "aecurves"
 
 
+def check_outside_data(path, data_dir, flag: str) -> None:
+    """What aecurves writes (runs, caches) must not live inside the image folder: it would be read back as
+    training images by the next run."""
+    if not data_dir or path is None:
+        return
+    p, d = pathlib.Path(path).expanduser().resolve(), pathlib.Path(data_dir).expanduser().resolve()
+    if p == d or d in p.parents:
+        raise UserError(f"{flag} {path} is inside the data folder {data_dir}: what aecurves writes there would be "
+                        "read back as training images. Choose a folder outside it; nothing was written.")
+
+
 @dataclass
 class ImageData:
     train: torch.Tensor  # uint8 [N, C, H, W], CPU
@@ -556,6 +567,7 @@ def load_data(
         if limit is not None:
             names = _limit_per_partition(names, partition, limit, val_fraction)
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    check_outside_data(cache, files.root, "The image cache (--cache-dir or $AECURVES_CACHE)")
     images, meta = _load_cached(dataset, files, names, partition, image_size, limit, cache, progress)
     return _split(dataset, images, meta["names"], meta["partition_counts"], val_fraction, use_test,
                   str(files.root), list(meta["skipped"]))

@@ -37,7 +37,7 @@ from aecurves.checkpoint import load_curve, load_endpoint_pair
 from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, VAL_FRACTION, EvalCurveConfig, as_record, \
     validate
 from aecurves.curves import Curve, batchnorms, make_segment, segment_of
-from aecurves.data import BatchLoader, load_data
+from aecurves.data import BatchLoader, check_outside_data, load_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, folder_lock, write_json
 from aecurves.losses import make_loss
@@ -81,6 +81,7 @@ def run(cfg: EvalCurveConfig) -> dict:
 
     subject = load_subject(cfg)
     data, data_record = load_subject_data(cfg, subject)
+    check_outside_data(out, data_record["data_dir"], "--out")
     loss_fn, perceptual_fn = losses_for(subject.loss, cfg.vgg_weights, subject.notes)
     loss_fn = loss_fn.to(device)
     perceptual_fn = perceptual_fn.to(device) if perceptual_fn is not None else None

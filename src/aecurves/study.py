@@ -114,6 +114,9 @@ def resolve_study_config(config: StudyConfig) -> dict:
                         + "Without data, `aecurves study` (the demo preset) runs on embedded LFW faces.")
     if cfg["data_dir"]:
         cfg["data_dir"] = str(Path(cfg["data_dir"]).expanduser().resolve())
+        from aecurves.data import check_outside_data
+
+        check_outside_data(cfg["out"], cfg["data_dir"], "--out")
     if cfg["image_size"] is None:
         cfg["image_size"] = DEFAULT_IMAGE_SIZE.get(cfg["dataset"], 64)
     if cfg["model"] != BUILTIN_MODEL:

@@ -17,7 +17,7 @@ from aecurves.checkpoint import check_same_arch, load_checkpoint, save_checkpoin
 from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, TRAIN_RESUME_KEYS, TrainConfig, as_record, \
     is_given, settle_with_checkpoint, validate
 from aecurves.console import table_row
-from aecurves.data import BatchLoader, load_data_once
+from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
 from aecurves.files import append_jsonl, atomic_path, folder_lock, write_jsonl
 from aecurves.losses import make_loss
@@ -146,6 +146,7 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     resumed, ckpt_path = start if start else (None, None)
 
     resolve_train_config(cfg, resumed["args"] if resumed else None, ckpt_path)
+    check_outside_data(out, cfg.data_dir, "--out")
     precision = runtime.resolve_precision(cfg.precision, device)
     data = load_data_once(info, progress, dataset=cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
                           limit=cfg.limit, val_fraction=cfg.val_fraction, use_test=cfg.use_test,

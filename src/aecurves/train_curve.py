@@ -27,7 +27,7 @@ from aecurves.config import CURVE_LEGACY, CURVE_RESUME_KEYS, EVAL_BATCH_SIZE, Tr
     settle_with_checkpoint, validate
 from aecurves.console import table_row
 from aecurves.curves import Curve, CurvePoint, make_coefficients
-from aecurves.data import BatchLoader, load_data_once
+from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
 from aecurves.files import append_jsonl, folder_lock, write_jsonl
 from aecurves.losses import make_loss
@@ -150,6 +150,7 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
     cfg.init_start, cfg.init_end = (str(Path(p).resolve()) for p in (cfg.init_start, cfg.init_end))
     cfg.model = arch["model"]
     fill_from_endpoint(cfg, a["args"], b["args"])
+    check_outside_data(out, cfg.data_dir, "--out")
 
     precision = runtime.resolve_precision(cfg.precision, device)
     data = load_data_once(info, progress, dataset=cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
