@@ -434,3 +434,30 @@ def test_outputs_and_caches_inside_the_data_folder_are_refused(tmp_path, monkeyp
     assert run_cli("train", *common, "--out", tmp_path / "run") == 2
     assert "image cache" in capsys.readouterr().err
     assert _snapshot(images) == before  # nothing was written into the data folder
+
+
+def test_images_replaced_under_the_same_names_are_decoded_again(tmp_path):
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    _make_celeba(images, range(30), step=5)
+    first = load_data("celeba", images, image_size=16, cache_dir=cache, progress=False)
+    _make_celeba(images, range(30), step=8)  # same names, other pixels
+    second = load_data("celeba", images, image_size=16, cache_dir=cache, progress=False)
+    assert not torch.equal(first.train, second.train)
+    assert sorted(_ids(second.train, step=8)) == sorted(_ids(first.train, step=5))
+
+
+def test_a_cache_damaged_in_place_is_rebuilt(tmp_path, capsys):
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    _make_celeba(images, range(30))
+    good = load_data("celeba", images, image_size=16, cache_dir=cache, progress=False)
+    good_train, good_test = good.train.clone(), good.test.clone()  # the loaded tensors map the cache file
+    npy = next(cache.glob("*.npy"))
+    size = npy.stat().st_size
+    with open(npy, "r+b") as f:  # random bytes after the header, same size
+        f.seek(size - good.train.numel())
+        f.write(np.random.default_rng(0).integers(0, 256, good.train.numel(), dtype=np.uint8).tobytes())
+    assert npy.stat().st_size == size
+    capsys.readouterr()
+    again = load_data("celeba", images, image_size=16, cache_dir=cache, progress=False)
+    assert "damaged" in capsys.readouterr().err
+    assert torch.equal(again.train, good_train) and torch.equal(again.test, good_test)

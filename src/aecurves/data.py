@@ -234,6 +234,31 @@ class _Files:
             yield open_member
 
 
+def _files_fingerprint(files: _Files, names: list[str]) -> str:
+    """What the images' content is known by without reading them: each file's size and modification time, or
+    in a zip each member's size and CRC-32. Part of the cache key, so images replaced under the same names
+    are decoded again rather than served from a stale cache."""
+    h = hashlib.sha1()
+    if files.members is None:
+        for name in names:
+            st = os.stat(files.root / name)
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        with zipfile.ZipFile(files.root) as archive:
+            info = {i.filename: i for i in archive.infolist()}
+        for name in names:
+            i = info[files.members[name]]
+            h.update(f"{name}\0{i.file_size}\0{i.CRC}\n".encode())
+    return h.hexdigest()
+
+
+def _sample_digest(images: np.ndarray) -> str:
+    """SHA-1 of up to 256 evenly spaced images of the cache: checked on every open, so a cache damaged in place
+    (same size, other bytes) is rebuilt instead of trained on, at the cost of reading 256 images."""
+    rows = np.unique(np.linspace(0, len(images) - 1, num=min(256, len(images))).round().astype(np.int64))
+    return hashlib.sha1(np.ascontiguousarray(images[rows]).tobytes()).hexdigest() if len(images) else ""
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
@@ -365,7 +390,12 @@ def _open_cache(npy: pathlib.Path, meta_path: pathlib.Path, key: str):
         images = np.load(npy, mmap_mode="c")
     except (OSError, ValueError):
         return None
-    if meta.get("key") != key or images.shape[0] != len(meta.get("names", ())):
+    if meta.get("key") != key:
+        return None
+    if images.shape[0] != len(meta.get("names", ())) or images.shape[1:] != tuple(meta.get("shape", ())) \
+            or meta.get("sample_sha1") != _sample_digest(images):
+        _warn(f"the image cache {npy.name} is damaged (its shape or content changed since it was written); "
+              "decoding the images again")
         return None
     return images, meta
 
@@ -389,6 +419,7 @@ def _load_cached(
         "transform": TRANSFORM_VERSION,
         "limit": limit,
         "partition": None if partition is None else [partition[n] for n in names],
+        "files": _files_fingerprint(files, names),
     }
     key = hashlib.sha1(json.dumps(key_fields).encode()).hexdigest()
     stem = f"{dataset}-{image_size}px-{len(names)}-{key[:16]}"
@@ -441,8 +472,11 @@ def _load_cached(
         out.flush()
         del out
         counts = None if partition is None else [sum(partition[n] == p for n in order) for p in range(3)]
+        written = np.load(tmp, mmap_mode="r")
         meta = {"key": key, "dataset": dataset, "source": str(files.root), "transform": TRANSFORM_VERSION,
-                "names": order, "skipped": skipped, "partition_counts": counts}
+                "names": order, "skipped": skipped, "partition_counts": counts, "shape": list(written.shape[1:]),
+                "sample_sha1": _sample_digest(written)}
+        del written
         # The .npy goes in place first: a .json with a matching key then always means a complete cache.
         os.replace(tmp, npy)
         write_json(meta_path, meta)
