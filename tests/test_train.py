@@ -47,6 +47,11 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     assert grid.size[1] == 2 * 32 + 3 * 2  # originals over reconstructions, 2 px padding
 
 
+def test_no_reconstruction_pictures_with_num_images_0(tmp_path):
+    assert run_cli("train", *TINY, "--epochs", 1, "--num-images", 0, "--out", tmp_path) == 0
+    assert (tmp_path / "checkpoint.pt").is_file() and not list(tmp_path.glob("*.png"))
+
+
 def test_same_seed_same_weights_and_other_seed_differs(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         assert run_cli("train", *TINY, "--epochs", 1, "--seed", seed, "--out", tmp_path / name) == 0

@@ -10,7 +10,9 @@ rebuilt freely; one outside is imported only when the same --model is passed (`t
 file is never imported unasked.
 """
 
+import errno
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,7 +34,12 @@ KINDS = {"endpoint": "an autoencoder checkpoint (from `aecurves train` or `aecur
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     state = {"format_version": FORMAT_VERSION, **state}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch's writer reports a full disk as "basic_ios::clear: iostream error"
+            if shutil.disk_usage(Path(tmp).parent).free < 64 << 20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+            raise
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None, what: str = "checkpoint") -> dict:

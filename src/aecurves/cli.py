@@ -6,6 +6,7 @@ the parsed result, so each config knows which fields were set explicitly (`given
 
 import argparse
 import dataclasses
+import errno
 import sys
 
 from aecurves import __version__, config
@@ -31,6 +32,16 @@ DESCRIPTIONS = {
               "finished stages and resumes an interrupted one."),
     "report": ("(re)write a study's report from its files",
                "Write report.html, report.md and report.json of a study folder from the files its stages wrote."),
+}
+
+
+FILESYSTEM_ERRORS = {
+    errno.ENOSPC: "The disk is full: free some space, or choose an --out (or --cache-dir) on another disk.",
+    errno.EDQUOT: "The disk quota is exhausted: free some space, or choose an --out (or --cache-dir) elsewhere.",
+    errno.EACCES: "Permission denied: choose a folder you can write (--out, --cache-dir).",
+    errno.EPERM: "Permission denied: choose a folder you can write (--out, --cache-dir).",
+    errno.EROFS: "The file system is read-only: choose a writable --out (or --cache-dir).",
+    errno.ENAMETOOLONG: "The name is too long for the file system: choose a shorter --out.",
 }
 
 
@@ -139,6 +150,14 @@ def main(argv=None) -> int:
         return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine's, not a bug: a full disk, a read-only or forbidden folder
+        advice = FILESYSTEM_ERRORS.get(exc.errno)
+        if advice is None:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: could not write{where}: {exc.strerror or exc}. {advice} Files are written to a temporary "
+              "and renamed only when complete, so finished checkpoints and results are intact.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         message = getattr(module, "INTERRUPTED", "interrupted; finished checkpoints are intact (use --resume to "

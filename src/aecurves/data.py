@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -381,6 +382,21 @@ def _decode_into(out: np.ndarray, files: _Files, names: list[str], desc: str, pr
 # cache
 
 
+def _reserve(path) -> None:
+    """Allocates the file's blocks now: a memory-mapped file on a full disk would otherwise die with SIGBUS at
+    the first page that finds no room, leaving a sparse file behind. ENOSPC here is an ordinary error."""
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system without fallocate: carry on
+                return
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
+        finally:
+            os.close(fd)
+
+
 def _open_cache(npy: pathlib.Path, meta_path: pathlib.Path, key: str):
     """Return (memmap, metadata) when a complete cache for key exists, else None."""
     try:
@@ -445,6 +461,7 @@ def _load_cached(
     try:
         shape = (len(order), 3, image_size, image_size)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _reserve(tmp)
         errors = _decode_into(out, files, order, f"decoding {dataset}", progress)
         if errors:
             skipped = [order[i] for i in sorted(errors)]

@@ -222,11 +222,12 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
                              "epoch": epoch, "args": args, "metrics": history, "skipped_images": len(data.skipped)}
                     save_checkpoint(out / f"checkpoint_epoch{epoch:03d}.pt", state)
                     save_checkpoint(out / "checkpoint.pt", state)
-                    grid = reconstruction_grid(model, fixed)
-                    save_reconstructions(grid, out / f"reconstructions_epoch{epoch:03d}.png")
-                    save_reconstructions(grid, out / "reconstructions.png")
-                    if board is not None:
-                        board.add_image("reconstructions", grid, epoch)
+                    if len(fixed):  # --num-images 0: no pictures
+                        grid = reconstruction_grid(model, fixed)
+                        save_reconstructions(grid, out / f"reconstructions_epoch{epoch:03d}.png")
+                        save_reconstructions(grid, out / "reconstructions.png")
+                        if board is not None:
+                            board.add_image("reconstructions", grid, epoch)
         if board is not None:
             board.close()
 
