@@ -168,6 +168,18 @@ def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_a_stage_is_finished_only_with_every_output(copy_of, capsys):
+    (copy_of / "endpoints/mse_seed1/reconstructions.png").unlink()
+    kept = {rel: _stamp(copy_of, rel) for rel in (*ENDPOINTS, CURVE)}
+    assert run_cli("study", *SMALL, "--out", copy_of) == 0
+    out = capsys.readouterr().out
+    assert "train mse seed 1: resuming (some of its outputs are missing)" in out
+    assert (copy_of / "endpoints/mse_seed1/reconstructions.png").is_file()
+    assert {rel: _stamp(copy_of, rel) for rel in kept} == kept  # nothing built on it was redone
+    assert out.count("finished already, skipped") == 3
+
+
+@pytest.mark.slow
 def test_report_command_rewrites_the_report(copy_of):
     before = json.loads((copy_of / "report.json").read_text())
     (copy_of / "report.html").unlink()

@@ -47,6 +47,20 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     assert grid.size[1] == 2 * 32 + 3 * 2  # originals over reconstructions, 2 px padding
 
 
+def test_resume_rewrites_a_missing_or_stale_picture(tmp_path):
+    """E.g. a kill between the checkpoint write and the picture write: the picture shows the checkpoint again."""
+    assert run_cli("train", *TINY, "--epochs", 1, "--precision", "fp32", "--out", tmp_path) == 0
+    picture = tmp_path / "reconstructions.png"
+    original = picture.read_bytes()
+    picture.unlink()
+    assert run_cli("train", *TINY, "--epochs", 1, "--resume", "--precision", "fp32", "--out", tmp_path) == 0
+    assert picture.read_bytes() == original
+    picture.write_bytes(b"stale")
+    os.utime(picture, ns=(0, 0))  # older than the checkpoint
+    assert run_cli("train", *TINY, "--epochs", 1, "--resume", "--precision", "fp32", "--out", tmp_path) == 0
+    assert picture.read_bytes() == original
+
+
 def test_no_reconstruction_pictures_with_num_images_0(tmp_path):
     assert run_cli("train", *TINY, "--epochs", 1, "--num-images", 0, "--out", tmp_path) == 0
     assert (tmp_path / "checkpoint.pt").is_file() and not list(tmp_path.glob("*.png"))

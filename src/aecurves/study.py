@@ -322,7 +322,9 @@ class Study:
             args = state.get("args", {})
             keys = ENDPOINT_SETTINGS if st.kind == "endpoint" else CURVE_SETTINGS
             settings = {k: args.get(k) for k in keys + ("vgg_weights",)}
+            promised = ["metrics.jsonl"] + (["reconstructions.png"] if st.kind == "endpoint" else [])
             return settings, {"epoch": state.get("epoch"), "target": args.get("epochs"),
+                              "outputs": all((folder / name).is_file() for name in promised),
                               "init": [args.get("init_start"), args.get("init_end")]}
         if st.kind == "eval":
             record = read_json(folder / "eval.json")
@@ -370,6 +372,8 @@ class Study:
                 return "redo", "its outputs were not made from this study's inputs"
         if st.kind in ("endpoint", "curve"):
             target = self.cfg["epochs"] if st.kind == "endpoint" else self.cfg["curve_epochs"]
+            if facts["epoch"] == target and not facts["outputs"]:
+                return "resume", "some of its outputs are missing"  # a resumed run writes them again
             if facts["epoch"] == target:
                 return "done", "" if isinstance(record, dict) else "adopted"
             if facts["epoch"] < target:

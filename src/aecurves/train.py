@@ -195,6 +195,10 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             write_jsonl(out / "metrics.jsonl", history)  # mirrors the checkpoint (drops rows a crashed run logged)
+            picture = out / "reconstructions.png"
+            if resumed and not fine_tune and len(fixed) and (
+                    not picture.exists() or picture.stat().st_mtime_ns < ckpt_path.stat().st_mtime_ns):
+                save_reconstructions(reconstruction_grid(model, fixed), picture)  # e.g. killed before it was written
 
         perceptual = getattr(loss_fn, "perceptual", None)
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
