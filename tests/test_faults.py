@@ -1,9 +1,10 @@
-"""Faults of the machine, injected: a full disk and a folder that cannot be written are messages and exit 2, and
-leave nothing half-written behind."""
+"""Faults, injected: a full disk and a folder that cannot be written are messages and exit 2 and leave nothing
+half-written behind; a SIGKILL at a random moment of training loses nothing that a resume does not restore."""
 
 import errno
 import os
 
+import pytest
 from PIL import Image
 
 from conftest import TINY, run_cli
@@ -63,3 +64,64 @@ def test_a_folder_that_cannot_be_written(tmp_path, monkeypatch, capsys):
         assert run_cli(*argv) == 2, argv[0]
         err = capsys.readouterr().err
         assert "Permission denied: choose a folder you can write" in err and "Traceback" not in err
+
+
+def _kill_during(argv, out, epochs_done: int, extra: float) -> bool:
+    """Runs `aecurves ARGV` in a new process and SIGKILLs it `extra` seconds after its metrics.jsonl shows
+    `epochs_done` epochs (mid-epoch, or while it writes a checkpoint); False if it finished first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    # the same thread count as this process: float sums in another order would differ in the last bits
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "aecurves", *map(str, argv)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= epochs_done:
+            time.sleep(extra)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [3, 4])
+def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(seed, tiny_endpoints, tmp_path):
+    """train and train-curve, killed at a moment drawn from `seed` (an epoch, or a checkpoint write), then
+    resumed: the same weights and optimizer state as a run that was never stopped."""
+    import random
+
+    import torch
+
+    from aecurves.checkpoint import load_checkpoint
+
+    rng = random.Random(seed)
+    epochs_done, extra = rng.randint(1, 3), rng.uniform(0.0, 0.2)
+    a, b = tiny_endpoints
+    runs = {
+        "train": (["train", *TINY, "--epochs", 6, "--save-every-epoch", 1, "--precision", "fp32", "--seed", seed],
+                  "endpoint", "model"),
+        "train-curve": (["train-curve", "--init-start", a, "--init-end", b, "--fix-start", "--fix-end", "--epochs", 6,
+                         "--batch-size", 32, "--bn-images", 64, "--precision", "fp32", "--no-progress",
+                         "--seed", seed], "curve", "curve"),
+    }
+    for name, (argv, kind, weights) in runs.items():
+        straight, stopped = tmp_path / f"{name}-straight", tmp_path / f"{name}-stopped"
+        assert run_cli(*argv, "--out", straight) == 0
+        assert _kill_during([*argv, "--out", stopped], stopped, epochs_done, extra), f"{name} finished before the kill"
+        assert run_cli(*argv, "--out", stopped, "--resume") == 0
+        x, y = (load_checkpoint(d / "checkpoint.pt", kind) for d in (straight, stopped))
+        assert x["epoch"] == y["epoch"] == 6, name
+        if kind == "curve":
+            assert torch.equal(x["curve"]["bends"], y["curve"]["bends"]), name
+        else:
+            assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"]), name
+        for group_x, group_y in zip(x["optimizer"]["state"].values(), y["optimizer"]["state"].values()):
+            assert all(torch.equal(group_x[k], group_y[k]) for k in group_x), name
