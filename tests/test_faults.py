@@ -125,3 +125,85 @@ def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(seed
             assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"]), name
         for group_x, group_y in zip(x["optimizer"]["state"].values(), y["optimizer"]["state"].values()):
             assert all(torch.equal(group_x[k], group_y[k]) for k in group_x), name
+
+
+def test_eval_curve_checks_its_folder_before_the_long_part(tiny_endpoints, tmp_path, monkeypatch, capsys):
+    from aecurves import eval_curve, files
+
+    real = files.new_temp_file
+
+    def read_only(folder, prefix, suffix=".tmp"):
+        if prefix == "write-check":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+        return real(folder, prefix, suffix)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation ran before the folder was checked")
+
+    monkeypatch.setattr(files, "new_temp_file", read_only)
+    monkeypatch.setattr(eval_curve, "evaluate_paths", never)
+    assert run_cli("eval-curve", "--segment", *tiny_endpoints, "--out", tmp_path / "ev", "--no-progress") == 2
+    assert "read-only" in capsys.readouterr().err
+
+
+def test_a_segment_between_different_losses_needs_loss(tiny_endpoints, tmp_path, capsys):
+    from aecurves.checkpoint import load_checkpoint, save_checkpoint
+
+    b = load_checkpoint(tiny_endpoints[1], "endpoint")
+    b["args"]["loss"] = "vgg"
+    save_checkpoint(tmp_path / "b.pt", b)
+    common = ["eval-curve", "--segment", tiny_endpoints[0], tmp_path / "b.pt", "--num-points", 2, "--bn-images", 32,
+              "--train-images", 32, "--num-images", 0, "--vgg-weights", "random", "--no-progress"]
+    assert run_cli(*common, "--out", tmp_path / "a") == 2
+    assert "different losses (mse and vgg)" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert run_cli(*common, "--loss", "mse", "--out", tmp_path / "b") == 0
+
+
+BAD_INPUT = [  # (command line after the command, phrase of the message); each was a traceback once
+    (["train", *TINY, "--image-size", 48], "power of two"),
+    (["train", *TINY, "--image-size", 7], "power of two"),
+    (["train", *TINY, "--lr", "1e38"], "--lr must be at most 100"),
+    (["train", *TINY, "--lr", "nan"], "--lr must be a finite number"),
+    (["train", *TINY, "--lr", -1], "--lr must be positive"),
+    (["train", *TINY, "--wd", -1], "--wd must be at least 0"),
+    (["train", *TINY, "--num-images", -1], "--num-images must be at least 0"),
+    (["train", *TINY, "--out", ""], "--out must name a folder"),
+    (["train", *TINY, "--out", "{file}"], "is a file"),
+    (["train", "--dataset", "folder", "--data-dir", "{file}", "--no-progress"], "is a file, not a folder"),
+    (["train-curve", "--init-start", "{a}", "--init-end", "{b}", "--out", "{file}"], "is a file"),
+    (["eval-curve", "--segment", "{a}", "{b}", "--out", "{file}"], "existing file"),
+    (["eval-curve", "--segment", "{a}", "{b}", "--bn-images", -1], "--bn-images must be at least 1"),
+    (["study", "--out", "{file}", "--losses", "mse", "--dataset", "synthetic", "--limit", 64], "is a file"),
+]
+
+
+@pytest.mark.parametrize("argv, phrase", BAD_INPUT, ids=[" ".join(map(str, a[:1] + a[-2:])) for a, _ in BAD_INPUT])
+def test_bad_input_is_a_message_and_exit_2(argv, phrase, tiny_endpoints, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    values = {"file": tmp_path / "file", "a": tiny_endpoints[0], "b": tiny_endpoints[1]}
+    argv = [str(a).format(**values) if isinstance(a, str) else a for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", tmp_path / "out"]
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_cache_whose_header_has_another_shape_is_rebuilt(tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from aecurves.data import load_data
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(10):
+        Image.new("RGB", (20, 20), (i * 20, 0, 0)).save(images / f"{i:03d}.png")
+    first = load_data("folder", images, image_size=8, cache_dir=tmp_path / "cache", progress=False)
+    train = first.train.clone()
+    npy = next((tmp_path / "cache").glob("*.npy"))
+    np.save(npy, np.zeros((10, 3, 4, 4), dtype=np.uint8))  # a valid .npy of another shape
+    capsys.readouterr()
+    again = load_data("folder", images, image_size=8, cache_dir=tmp_path / "cache", progress=False)
+    assert "damaged" in capsys.readouterr().err and torch.equal(again.train, train)

@@ -37,17 +37,18 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 BUILTIN_MODEL = "aecurves.models:ConvAutoencoder"
 EXPORT_FORMATS = ("checkpoint", "safetensors", "state_dict")
+MAX_LR = 100.0  # far above any useful Adam lr; larger values overflow float32 arithmetic in the optimizer
 MODEL_SIGNATURE = "FACTORY(channels=C, image_size=S, latent_dim=D, **MODEL_KWARGS)"
 
 
 def option(default=None, help: str = "", *, shown: str | None = None, group: str | None = None,
-           choices=None, aliases: tuple = (), minimum=None, positive: bool = False, required: bool = False,
-           metavar=None, nargs=None, negative_flag: str | None = None, repeat: bool = False,
+           choices=None, aliases: tuple = (), minimum=None, maximum=None, positive: bool = False,
+           required: bool = False, metavar=None, nargs=None, negative_flag: str | None = None, repeat: bool = False,
            positional: bool = False, cli: bool = True, factory=None):
     """A config field with its help text and everything its command-line flag needs."""
     meta = {"help": help, "shown": shown, "group": group, "choices": choices, "aliases": aliases,
-            "minimum": minimum, "positive": positive, "required": required, "metavar": metavar, "nargs": nargs,
-            "negative_flag": negative_flag, "repeat": repeat, "positional": positional, "cli": cli}
+            "minimum": minimum, "maximum": maximum, "positive": positive, "required": required, "metavar": metavar,
+            "nargs": nargs, "negative_flag": negative_flag, "repeat": repeat, "positional": positional, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -98,7 +99,7 @@ class TrainConfig:
     loss: str = option("mse", "reconstruction loss", choices=LOSSES, group="training")
     batch_size: int = option(64, "batch size per process", minimum=1, group="training")
     epochs: int = option(30, "", minimum=1, group="training")
-    lr: float = option(1e-4, "Adam learning rate", positive=True, group="training")
+    lr: float = option(1e-4, "Adam learning rate", positive=True, maximum=MAX_LR, group="training")
     lr_schedule: str = option("constant", "constant; paper: constant for the first half, then linearly down to 1% "
                                           "of --lr at 90% of training, 1% after (Garipov et al.); cosine: down to "
                                           "0. Set before every step", choices=LR_SCHEDULES, group="training")
@@ -162,7 +163,7 @@ class TrainCurveConfig:
     loss: str | None = option(None, "", shown="the endpoints'", choices=LOSSES, group="training")
     batch_size: int = same_as(TrainConfig, "batch_size", group="training")
     epochs: int = option(10, "", minimum=1, group="training")
-    lr: float = option(1e-3, "Adam base learning rate for the bends", positive=True, group="training")
+    lr: float = option(1e-3, "Adam base learning rate for the bends", positive=True, maximum=MAX_LR, group="training")
     lr_schedule: str = option("paper", "paper: the base lr for the first half of training, then linearly down to 1% "
                                        "of it at 90%, 1% after (Garipov et al.'s train.py, set before every step); "
                                        "cosine: down to 0; constant", choices=LR_SCHEDULES, group="training")
@@ -215,6 +216,9 @@ class EvalCurveConfig:
     batch_size: int = option(EVAL_BATCH_SIZE, "BN statistics are averaged per batch, so it is part of the "
                                               "protocol", minimum=1, group="evaluation")
     use_test: bool = option(False, "hold out the official test partition (celeba)", group="evaluation")
+    loss: str | None = option(None, "the reconstruction loss to evaluate; needed for a segment between endpoints "
+                                    "trained with different losses", shown="the checkpoint's", choices=LOSSES,
+                              group="evaluation")
     dataset: str | None = option(None, "", shown="the checkpoint's", choices=DATASETS, group="evaluation")
     data_dir: str | None = option(None, "", shown="the checkpoint's", aliases=("--data_path", "--data-path"),
                                   group="evaluation")
@@ -306,7 +310,7 @@ class StudyConfig:
     model: str = same_as(TrainConfig, "model", group="endpoints (aecurves train)")
     model_kwargs: dict = same_as(TrainConfig, "model_kwargs", group="endpoints (aecurves train)")
     epochs: int | None = _preset("epochs", "endpoint epochs", minimum=1, group="endpoints (aecurves train)")
-    lr: float | None = _preset("lr", "endpoint Adam learning rate", positive=True,
+    lr: float | None = _preset("lr", "endpoint Adam learning rate", positive=True, maximum=MAX_LR,
                                group="endpoints (aecurves train)")
     lr_schedule: str = option("paper", "endpoint lr schedule (paper, so the endpoints converge before a barrier is "
                                        "measured)", choices=LR_SCHEDULES, group="endpoints (aecurves train)")
@@ -322,7 +326,7 @@ class StudyConfig:
                              group="curves (aecurves train-curve; both ends fixed)")
     curve_epochs: int | None = _preset("curve_epochs", "curve epochs", minimum=1,
                                        group="curves (aecurves train-curve; both ends fixed)")
-    curve_lr: float | None = _preset("curve_lr", "Adam learning rate for the bends", positive=True,
+    curve_lr: float | None = _preset("curve_lr", "Adam learning rate for the bends", positive=True, maximum=MAX_LR,
                                      group="curves (aecurves train-curve; both ends fixed)")
     curve_lr_schedule: str = same_as(TrainCurveConfig, "lr_schedule", help="lr schedule of the curves",
                                      group="curves (aecurves train-curve; both ends fixed)")
@@ -401,6 +405,8 @@ def validate(cfg) -> None:
                             "folder.")
         if meta.get("minimum") is not None and not value >= meta["minimum"]:
             raise UserError(f"{name} must be at least {meta['minimum']}, got {value}.")
+        if meta.get("maximum") is not None and not value <= meta["maximum"]:
+            raise UserError(f"{name} must be at most {meta['maximum']:g}, got {value}.")
         if meta.get("positive") and not value > 0:
             raise UserError(f"{name} must be positive, got {value}.")
 

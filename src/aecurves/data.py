@@ -290,7 +290,8 @@ def _list_celeba(data_dir: str | os.PathLike | None) -> _Files:
         partition = path.parent / _PARTITION_FILE
         return _Files(path, sorted(members), members, partition if partition.is_file() else None)
     if not path.is_dir():
-        raise UserError(_celeba_help(f"The CelebA data folder {path} does not exist."))
+        what = "is a file, not a folder (or img_align_celeba.zip)" if path.exists() else "does not exist"
+        raise UserError(_celeba_help(f"The CelebA data folder {path} {what}."))
     partition = path / _PARTITION_FILE
     partition = partition if partition.is_file() else None
     image_dir = path / "img_align_celeba"
@@ -317,7 +318,8 @@ def _list_folder(data_dir: str | os.PathLike | None) -> _Files:
         raise UserError(_folder_help("The folder dataset needs --data-dir."))
     path = pathlib.Path(data_dir).expanduser().resolve()
     if not path.is_dir():
-        raise UserError(_folder_help(f"The image folder {path} does not exist."))
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise UserError(_folder_help(f"The image folder {path} {what}."))
     names = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # skip .git, .cache and the like

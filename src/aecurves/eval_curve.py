@@ -39,7 +39,7 @@ from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, VAL_FRACTION, Eval
 from aecurves.curves import Curve, batchnorms, make_segment, segment_of
 from aecurves.data import BatchLoader, check_outside_data, load_data
 from aecurves.errors import UserError
-from aecurves.files import atomic_path, folder_lock, write_json
+from aecurves.files import atomic_path, check_writable, folder_lock, write_json
 from aecurves.losses import make_loss
 from aecurves.metrics import METRICS, SPLITS, STATS, evaluate_path, protocol_subsets, reconstruct, \
     reconstructions_along, summarize
@@ -108,6 +108,7 @@ def run(cfg: EvalCurveConfig) -> dict:
     for note in subject.notes:
         print(f"note: {note}")
 
+    check_writable(out)  # now, not after every point was computed
     results = evaluate_paths(subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
                              progress=not cfg.no_progress)
     for prefix, label in results.labels.items():
@@ -171,16 +172,15 @@ def load_subject(cfg: EvalCurveConfig) -> Subject:
         return Subject("curve", curve, segment_of(curve) if cfg.segment_too else None, args,
                        dict(state["model_config"]), f"{curve.curve_name} curve ({curve.num_bends} bends)",
                        str(Path(cfg.ckpt).resolve()), [args.get("init_start"), args.get("init_end")],
-                       args.get("loss") or "mse", [])
+                       cfg.loss or args.get("loss") or "mse", [])
     start, end = (str(Path(p).resolve()) for p in cfg.segment)
     a, b, arch = load_endpoint_pair(start, end, cfg.model, "--segment START END")
-    notes = []
-    loss = a["args"].get("loss") or "mse"
-    if (b["args"].get("loss") or "mse") != loss:
-        notes.append(f"the endpoints were trained with different losses ({loss} vs {b['args'].get('loss')}); "
-                     f"'loss' is the start endpoint's ({loss})")
+    losses = (a["args"].get("loss") or "mse", b["args"].get("loss") or "mse")
+    if cfg.loss is None and losses[0] != losses[1]:
+        raise UserError(f"The endpoints were trained with different losses ({losses[0]} and {losses[1]}); pass "
+                        f"--loss {losses[0]} or --loss {losses[1]} to say which one to evaluate along the segment.")
     return Subject("segment", make_segment(build_model(arch), a["model"], b["model"]), None, a["args"], arch,
-                   "segment", None, [start, end], loss, notes)
+                   "segment", None, [start, end], cfg.loss or losses[0], [])
 
 
 def load_subject_data(cfg: EvalCurveConfig, subject: Subject):

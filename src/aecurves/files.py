@@ -70,6 +70,14 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Creates `folder` and a file in it (removed at once): a read-only, forbidden or full place fails here with
+    the OSError the CLI explains, before hours of work rather than after."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    new_temp_file(folder, "write-check").unlink()
+
+
 LOCK_NAME = ".aecurves.lock"
 
 
