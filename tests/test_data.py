@@ -1,5 +1,6 @@
 """Tests for aecurves.data: splits, crop geometry, cache, bad input, BatchLoader."""
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -461,3 +462,26 @@ def test_a_cache_damaged_in_place_is_rebuilt(tmp_path, capsys):
     again = load_data("celeba", images, image_size=16, cache_dir=cache, progress=False)
     assert "damaged" in capsys.readouterr().err
     assert torch.equal(again.train, good_train) and torch.equal(again.test, good_test)
+
+
+def test_folder_items_that_cannot_be_used_as_given_are_named_not_dropped(tmp_path, capsys):
+    root = tmp_path / "images"
+    _make_folder(root, range(6))
+    elsewhere = tmp_path / "elsewhere"
+    _make_folder(elsewhere, range(6, 9))
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    _write_image(root / "run" / "x.png", 1)
+    (root / "run" / ".aecurves.lock").write_text("1\n")  # an aecurves output folder (e.g. an old run)
+    bad = os.path.join(os.fsencode(root), b"bad\xff.png")
+    with open(bad, "wb") as f:
+        Image.new("RGB", (8, 8)).save(f, format="png")
+    sixteen = np.full((20, 20), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    Image.fromarray(sixteen).save(root / "deep.png")
+    capsys.readouterr()
+    data = load_data("folder", root, image_size=8, cache_dir=tmp_path / "cache", progress=False)
+    err = capsys.readouterr().err
+    for phrase in ("linked/ (a link to a folder", "run/ (an aecurves output folder)", "not valid UTF-8"):
+        assert phrase in err, phrase
+    assert len(data.skipped) == 3 and len(data.train) + len(data.test) == 7  # 6 images and the 16-bit one
+    grey = [img for img in torch.cat([data.train, data.test]) if int(img[0].float().std()) == 0 and img[0, 0, 0] == img[1, 0, 0]]
+    assert [int(g[0, 0, 0]) for g in grey] == [128]  # scaled by its bit depth, not clipped to white

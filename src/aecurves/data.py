@@ -35,7 +35,7 @@ from PIL import Image
 from aecurves import console, runtime
 from aecurves.config import DATASETS, DEFAULT_IMAGE_SIZE, VAL_FRACTION
 from aecurves.errors import UserError
-from aecurves.files import new_temp_file, write_json
+from aecurves.files import LOCK_NAME, new_temp_file, write_json
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # The usual 64x64 CelebA crop is a centered 140x140 square of the 178x218 originals. It is expressed as a
 # fraction of the width so that downscaled copies give the same faces.
@@ -218,6 +218,7 @@ class _Files:
     names: list[str]  # sorted; celeba: file names, folder: relative posix paths
     members: dict[str, str] | None = None
     partition_file: pathlib.Path | None = None
+    passed_over: list[str] = field(default_factory=list)  # what the listing could not use, and why
 
     @contextlib.contextmanager
     def opener(self):
@@ -320,18 +321,50 @@ def _list_folder(data_dir: str | os.PathLike | None) -> _Files:
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise UserError(_folder_help(f"The image folder {path} {what}."))
-    names = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # skip .git, .cache and the like
+    names, passed_over = [], []
+
+    def unreadable(exc: OSError) -> None:
+        passed_over.append(f"{pathlib.Path(exc.filename).relative_to(path)}/ (unreadable folder: {exc.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(path, onerror=unreadable):
         rel = pathlib.PurePath(dirpath).relative_to(path)
-        names += [(rel / name).as_posix() for name in filenames if _is_image(name)]
+        if (pathlib.Path(dirpath) / LOCK_NAME).exists() and rel != pathlib.PurePath("."):
+            passed_over.append(f"{rel.as_posix()}/ (an aecurves output folder)")
+            dirnames[:] = []
+            continue
+        for d in dirnames:
+            if not d.startswith(".") and os.path.islink(os.path.join(dirpath, d)):
+                passed_over.append(f"{(rel / d).as_posix()}/ (a link to a folder; links are not followed)")
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # skip .git, .cache and the like
+        for name in filenames:
+            if not _is_image(name):
+                continue
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that are not UTF-8: the name cannot be recorded faithfully
+                passed_over.append(f"{(rel / name).as_posix().encode('utf-8', 'replace').decode()} (a file name "
+                                   "that is not valid UTF-8)")
+                continue
+            names.append((rel / name).as_posix())
+    if passed_over:
+        _warn(f"passed over {len(passed_over)} item(s) in {path}: {_name_list(passed_over)}")
     if not names:
         raise UserError(_folder_help(f"The folder {path} holds no images."))
-    return _Files(path, sorted(names))
+    return _Files(path, sorted(names), passed_over=passed_over)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # decoding
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. 16- and 32-bit grayscale (e.g. 16-bit PNG) is scaled to 0-255 by its bit depth: PIL's own
+    convert("RGB") would clip every value above 255 to white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or values.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGB")
 
 
 def _decode_image(fp, image_size: int) -> np.ndarray:
@@ -345,7 +378,7 @@ def _decode_image(fp, image_size: int) -> np.ndarray:
             im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
             side *= im.size[0] / w
             w, h = im.size
-        im = im.convert("RGB")
+        im = _to_rgb(im)
         # Crop the smallest integer box around the exact (possibly half-pixel) square, then resize with the
         # exact square as a box: the filter never reads outside the crop, and centering stays exact.
         left, top = (w - side) / 2, (h - side) / 2
@@ -623,7 +656,7 @@ def load_data(
     check_outside_data(cache, files.root, "The image cache (--cache-dir or $AECURVES_CACHE)")
     images, meta = _load_cached(dataset, files, names, partition, image_size, limit, cache, progress)
     return _split(dataset, images, meta["names"], meta["partition_counts"], val_fraction, use_test,
-                  str(files.root), list(meta["skipped"]))
+                  str(files.root), list(files.passed_over) + list(meta["skipped"]))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -168,7 +168,8 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
         optimizer.load_state_dict(resumed["optimizer"])
         history, start_epoch = list(resumed["metrics"]), resumed["epoch"]
 
-    log(f"data: {data.source}" + (f" ({len(data.skipped)} unreadable files skipped)" if data.skipped else ""))
+    log(f"data: {data.source}" + (f" ({len(data.skipped)} files or folders skipped, named in the warning above)"
+                                if data.skipped else ""))
     settings = ", ".join(f"{k}={v}" for k, v in arch.items() if k not in ("model", "model_kwargs") and v is not None)
     kwargs = f" {arch['model_kwargs']}" if arch["model_kwargs"] else ""
     log(f"model: {arch['model']}{kwargs} {settings}: {num_parameters(model):,} parameters")
@@ -238,6 +239,6 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     summary = {"out": str(out), "epochs": cfg.epochs, "skipped_images": len(data.skipped),
                **({k: history[-1][k] for k in ("train_loss", "test_loss", "test_mse", "test_psnr")} if history else {})}
     log(f"done: {summary.get('epochs')} epochs, test loss {summary.get('test_loss', float('nan')):.5f}, "
-        f"test PSNR {summary.get('test_psnr', float('nan')):.2f} dB, {len(data.skipped)} unreadable images skipped; "
+        f"test PSNR {summary.get('test_psnr', float('nan')):.2f} dB, {len(data.skipped)} files or folders skipped; "
         f"checkpoint, metrics.jsonl and reconstructions.png in {out}")
     return summary
