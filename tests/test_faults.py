@@ -207,3 +207,86 @@ def test_a_cache_whose_header_has_another_shape_is_rebuilt(tmp_path, capsys):
     capsys.readouterr()
     again = load_data("folder", images, image_size=8, cache_dir=tmp_path / "cache", progress=False)
     assert "damaged" in capsys.readouterr().err and torch.equal(again.train, train)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs, when this process may mount one (root in a container that allows it); else skip."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_really_full_disk(small_disk, tmp_path, monkeypatch, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(120):  # 120 x 3 x 64 x 64 bytes: more than the 1 MB disk holds
+        Image.new("RGB", (70, 70), (i, 2 * i % 256, 50)).save(images / f"{i:03d}.png")
+    monkeypatch.setenv("AECURVES_CACHE", str(small_disk / "cache"))
+    assert run_cli("train", "--dataset", "folder", "--data-dir", images, "--epochs", 1, "--no-progress",
+                   "--out", tmp_path / "run") == 2
+    assert "The disk is full" in capsys.readouterr().err
+    assert list((small_disk / "cache").iterdir()) == []  # no sparse file left behind
+    # a checkpoint larger than the disk: a message, not "basic_ios::clear", and no partial file
+    monkeypatch.setenv("AECURVES_CACHE", str(tmp_path / "cache"))
+    assert run_cli("train", "--dataset", "synthetic", "--image-size", 32, "--limit", 64, "--width", 32,
+                   "--epochs", 1, "--no-progress", "--out", small_disk / "run") == 2
+    assert "The disk is full" in capsys.readouterr().err
+    assert not [p for p in (small_disk / "run").iterdir() if p.suffix == ".pt" or ".tmp" in p.name]
+
+
+def test_a_really_read_only_folder(tmp_path, capsys):
+    """A read-only tmpfs (root could write through chmod): every writing command says so, before any work."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        assert run_cli("train", *TINY, "--epochs", 1, "--out", disk / "run") == 2
+        assert "read-only" in capsys.readouterr().err
+        assert run_cli("study", "--dataset", "synthetic", "--limit", 64, "--losses", "mse", "--seeds", "1,2",
+                       "--no-progress", "--out", disk / "study") == 2
+        assert "read-only" in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_two_studies_at_once(tmp_path, capsys):
+    """A second study into a folder another process is writing is refused (they used to interleave every file)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    study = ["study", "--dataset", "synthetic", "--image-size", 32, "--limit", 128, "--width", 4, "--latent-dim", 8,
+             "--epochs", 30, "--curve-epochs", 2, "--losses", "mse", "--seeds", "1,2", "--num-points", 3,
+             "--no-progress", "--out", tmp_path / "s"]
+    first = subprocess.Popen([sys.executable, "-m", "aecurves", *map(str, study)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        lock = tmp_path / "s" / ".aecurves.lock"
+        while first.poll() is None and not (lock.exists() and lock.read_text().strip()):
+            time.sleep(0.01)
+        assert first.poll() is None, "the first study ended before the second one started"
+        assert run_cli(*study) == 2
+        assert f"PID {first.pid}" in capsys.readouterr().err
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert run_cli(*study) == 0  # the killed study's lock is taken over, and the study finishes
