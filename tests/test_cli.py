@@ -84,9 +84,13 @@ def test_bad_config_files(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("epochs = \n")
     (tmp_path / "unknown.toml").write_text("epoch = 3\n")
     (tmp_path / "value.toml").write_text('epochs = "many"\n')
+    (tmp_path / "kwargs.toml").write_text('model_kwargs = 5\n')
+    (tmp_path / "out.toml").write_text('out = 5\n')
     for name, phrase in (("bad.toml", "could not be read"), ("unknown.toml", "unknown setting(s) epoch"),
-                         ("value.toml", "--epochs must be an integer"), ("none.toml", "no such file")):
-        assert main(["train", "--config", str(tmp_path / name), "--out", str(tmp_path / "r")]) == 2
+                         ("value.toml", "--epochs must be an integer"), ("none.toml", "no such file"),
+                         ("kwargs.toml", "--model-kwargs must be a table"), ("out.toml", "--out must be a string")):
+        flags = [] if name == "out.toml" else ["--out", str(tmp_path / "r")]  # a flag would override the file
+        assert main(["train", "--config", str(tmp_path / name), *flags]) == 2
         assert phrase in capsys.readouterr().err, name
     assert not (tmp_path / "r").exists()
 

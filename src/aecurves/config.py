@@ -396,6 +396,10 @@ def validate(cfg) -> None:
             raise UserError(f"{name} must be an integer, got {value!r}.")
         if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise UserError(f"{name} must be a number, got {value!r}.")
+        for wanted, words in ((str, "a string"), (bool, "true or false"), (dict, "a table (a JSON object)"),
+                              (list, "a list")):
+            if kind is wanted and not isinstance(value, wanted):
+                raise UserError(f"{name} must be {words}, got {value!r}.")
         if meta.get("choices") and value not in meta["choices"]:
             raise UserError(f"Unknown {name} {value!r}; choose one of: {', '.join(meta['choices'])}.")
         if kind is float and not math.isfinite(value):
