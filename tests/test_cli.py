@@ -21,7 +21,8 @@ def test_flags_spellings_and_given():
 
 
 def test_every_command_parses_to_its_defaults():
-    required = {"export-point": ["--ckpt", "c.pt", "--t", "0.5", "--out", "p.pt"]}
+    required = {"export-point": ["--ckpt", "c.pt", "--t", "0.5", "--out", "p.pt"],
+                "align": ["--init-start", "a.pt", "--init-end", "b.pt", "--out", "c.pt"]}
     for command, cls in config.COMMANDS.items():
         _, cfg = parse([command, *required.get(command, [])])
         fresh = cls(**{k: getattr(cfg, k) for k in cfg.given})

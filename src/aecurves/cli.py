@@ -26,6 +26,11 @@ DESCRIPTIONS = {
     "export-point": ("write θ(t) of a curve as an ordinary checkpoint",
                      "Write the network at position t of a curve (BatchNorm statistics recomputed at t) as an "
                      "ordinary autoencoder checkpoint that every command accepts as an endpoint."),
+    "align": ("reorder endpoint B's hidden units (and map its latent code) to match endpoint A",
+              "Write endpoint B with its hidden units permuted, and its linear bottleneck mapped, to match endpoint A: "
+              "the same function as B, ready for eval-curve --segment A B_ALIGNED or train-curve. Asks whether the "
+              "straight line's barrier is only a matter of unit order (Entezari et al. 2022, Ainsworth et al. "
+              "2023)."),
     "study": ("the whole experiment: endpoints, curves, evaluations and a report (resumable)",
               "Train endpoints for every loss and seed, connect every pair within a loss group by a curve, evaluate "
               "every curve and its segment, and write report.html / report.md. Re-running the same command skips "
@@ -138,6 +143,8 @@ def main(argv=None) -> int:
             from aecurves import eval_curve as module
         elif command == "export-point":
             from aecurves import export_point as module
+        elif command == "align":
+            from aecurves import align as module
         elif command == "study":
             from aecurves import study as module
         else:

@@ -37,6 +37,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 BUILTIN_MODEL = "aecurves.models:ConvAutoencoder"
 EXPORT_FORMATS = ("checkpoint", "safetensors", "state_dict")
+ALIGN_METHODS = ("weights", "activations")
+LATENT_MAPS = ("none", "permutation", "orthogonal", "linear")
+ALIGN_TOLERANCE = 1e-5  # an aligned network's outputs may differ from the original's by at most this (fp32)
 MAX_LR = 100.0  # far above any useful Adam lr; larger values overflow float32 arithmetic in the optimizer
 MODEL_SIGNATURE = "FACTORY(channels=C, image_size=S, latent_dim=D, **MODEL_KWARGS)"
 
@@ -259,6 +262,29 @@ class ExportPointConfig:
 
 
 @dataclass
+class AlignConfig:
+    """`aecurves align`: end endpoint B reordered (and its latent code mapped) to match start endpoint A."""
+
+    init_start: str | None = option(None, "endpoint A, the one aligned to", required=True)
+    init_end: str | None = option(None, "endpoint B, the one reordered", required=True)
+    out: str | None = option(None, "file to write: B aligned to A, an ordinary endpoint checkpoint", required=True)
+    method: str = option("activations", "weights: weight matching (data-free, Ainsworth et al.); activations: "
+                                        "match hidden units by the correlation of their activations on "
+                                        "--images training images", choices=ALIGN_METHODS)
+    latent: str = option("orthogonal", "the bottleneck: none (left as it is), permutation (matched like the "
+                                       "hidden units), orthogonal (Procrustes on the two networks' codes of the "
+                                       "same images) or linear (least squares on them)", choices=LATENT_MAPS)
+    images: int = option(1024, "training images for activation matching and the latent map", minimum=1)
+    batch_size: int = same_as(EvalCurveConfig, "batch_size", help="", group=None)
+    seed: int = option(0, "seed of weight matching's visiting order")
+    cache_dir: str | None = same_as(TrainConfig, "cache_dir", group=None)
+    model: str | None = same_as(EvalCurveConfig, "model", group=None)
+    device: str = same_as(TrainConfig, "device", group=None)
+    no_progress: bool = same_as(TrainConfig, "no_progress", group=None)
+    given: tuple = _given()
+
+
+@dataclass
 class ReportConfig:
     """`aecurves report`: (re)writes a study's report from its files."""
 
@@ -348,7 +374,7 @@ class StudyConfig:
 
 
 COMMANDS = {"train": TrainConfig, "train-curve": TrainCurveConfig, "eval-curve": EvalCurveConfig,
-            "export-point": ExportPointConfig, "study": StudyConfig, "report": ReportConfig}
+            "export-point": ExportPointConfig, "align": AlignConfig, "study": StudyConfig, "report": ReportConfig}
 
 
 # ----------------------------------------------------------------------------------------------------------

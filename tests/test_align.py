@@ -1,0 +1,94 @@
+"""Tests for aecurves.align: the aligned endpoint computes B's function, a permuted copy is recovered exactly,
+aligning to oneself changes nothing, and bad input is a message."""
+
+import json
+
+import pytest
+import torch
+
+from aecurves.checkpoint import load_checkpoint, save_checkpoint
+from aecurves.models import build_model
+from aecurves.symmetry import find_groups, permute
+
+from conftest import run_cli
+
+FAST = ["--images", 128, "--no-progress"]
+
+
+def permuted_copy(path, out, seed=0):
+    """Endpoint `path` with every group (the latent included) randomly permuted: the same function."""
+    state = load_checkpoint(path, "endpoint")
+    net = build_model(state["args"])
+    net.load_state_dict(state["model"])
+    size = state["args"]["image_size"]
+    groups = find_groups(net, torch.rand(2, state["args"]["channels"], size, size))
+    g = torch.Generator().manual_seed(seed)
+    perms = {grp.name: torch.randperm(grp.size, generator=g) for grp in groups}
+    save_checkpoint(out, {**state, "model": permute(net.state_dict(), groups, perms)})
+    return out
+
+
+def test_weight_matching_recovers_a_permuted_copy_exactly(tiny_endpoints, tmp_path):
+    a = tiny_endpoints[0]
+    b = permuted_copy(a, tmp_path / "b.pt")
+    assert run_cli("align", "--init_start", a, "--init_end", b, "--method", "weights", "--latent", "permutation",
+                   *FAST, "--out", tmp_path / "aligned.pt") == 0
+    want, got = load_checkpoint(a, "endpoint")["model"], load_checkpoint(tmp_path / "aligned.pt", "endpoint")
+    assert all(torch.allclose(want[k].float(), got["model"][k].float(), atol=1e-6) for k in want)
+    assert got["aligned_to"]["units_moved"] > 0 and got["aligned_to"]["max_output_difference"] <= 1e-5
+    # the straight line from A to its aligned copy is A all along: no barrier
+    assert run_cli("eval-curve", "--segment", a, tmp_path / "aligned.pt", "--num-points", 3, "--bn-images", 64,
+                   "--train-images", 64, "--num-images", 0, "--vgg-weights", "random", "--no-progress",
+                   "--out", tmp_path / "ev") == 0
+    summary = json.loads((tmp_path / "ev/eval.json").read_text())["summary"]
+    assert abs(summary["te_barrier"]) < 1e-6
+
+
+@pytest.mark.parametrize("method, latent", [("activations", "orthogonal"), ("weights", "none")])
+def test_the_aligned_endpoint_computes_bs_function_and_trains_a_curve(method, latent, tiny_endpoints, tmp_path):
+    a, b = tiny_endpoints
+    out = tmp_path / "aligned.pt"
+    assert run_cli("align", "--init_start", a, "--init_end", b, "--method", method, "--latent", latent, *FAST,
+                   "--out", out) == 0
+    record = load_checkpoint(out, "endpoint")
+    assert record["aligned_to"]["max_output_difference"] <= 1e-5 and record["aligned_to"]["method"] == method
+    assert record["optimizer"] == {}  # B's Adam moments are in the old order
+    if latent == "none":
+        assert not torch.equal(record["model"]["decoder_input.weight"].sum(0),
+                               load_checkpoint(a, "endpoint")["model"]["decoder_input.weight"].sum(0))
+    assert run_cli("train-curve", "--init_start", a, "--init_end", out, "--fix-start", "--fix-end", "--epochs", 1,
+                   "--batch-size", 32, "--bn-images", 64, "--no-progress", "--dir", tmp_path / "curve") == 0
+
+
+def test_a_least_squares_latent_map_keeps_the_function_or_is_refused(tiny_endpoints, tmp_path, capsys):
+    """An unconstrained map can be ill-conditioned: float32 then cannot keep B's function within 1e-5."""
+    a, b = tiny_endpoints
+    out = tmp_path / "aligned.pt"
+    code = run_cli("align", "--init_start", a, "--init_end", b, "--latent", "linear", *FAST, "--out", out)
+    if code == 0:
+        assert load_checkpoint(out, "endpoint")["aligned_to"]["max_output_difference"] <= 1e-5
+    else:
+        assert code == 2 and "ill-conditioned" in capsys.readouterr().err and not out.exists()
+
+
+def test_aligning_an_endpoint_to_itself_changes_nothing(tiny_endpoints, tmp_path):
+    a = tiny_endpoints[0]
+    for method in ("weights", "activations"):
+        out = tmp_path / f"{method}.pt"
+        assert run_cli("align", "--init_start", a, "--init_end", a, "--method", method, "--latent", "permutation",
+                       *FAST, "--out", out) == 0
+        assert load_checkpoint(out, "endpoint")["aligned_to"]["units_moved"] == 0, method
+
+
+def test_bad_input(tiny_endpoints, tmp_path, capsys):
+    a, b = tiny_endpoints
+    assert run_cli("align", "--init_start", a, "--init_end", b, "--out", b) == 2
+    assert "one of the endpoints" in capsys.readouterr().err
+    (tmp_path / "mine.pt").write_text("mine")
+    assert run_cli("align", "--init_start", a, "--init_end", b, "--out", tmp_path / "mine.pt") == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "mine.pt").read_text() == "mine"
+    odd = load_checkpoint(b, "endpoint")
+    odd["args"]["latent_dim"] = 99
+    save_checkpoint(tmp_path / "odd.pt", odd)
+    assert run_cli("align", "--init_start", a, "--init_end", tmp_path / "odd.pt", "--out", tmp_path / "x.pt") == 2
+    assert "do not match" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
