@@ -271,7 +271,7 @@ class AlignConfig:
     method: str = option("activations", "weights: weight matching (data-free, Ainsworth et al.); activations: "
                                         "match hidden units by the correlation of their activations on "
                                         "--images training images", choices=ALIGN_METHODS)
-    latent: str = option("orthogonal", "the bottleneck: none (left as it is), permutation (matched like the "
+    latent: str = option("permutation", "the bottleneck: none (left as it is), permutation (matched like the "
                                        "hidden units), orthogonal (Procrustes on the two networks' codes of the "
                                        "same images) or linear (least squares on them)", choices=LATENT_MAPS)
     images: int = option(1024, "training images for activation matching and the latent map", minimum=1)
