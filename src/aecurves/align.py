@@ -17,7 +17,7 @@ import torch
 from aecurves import runtime
 from aecurves.checkpoint import load_endpoint_pair, save_checkpoint
 from aecurves.config import ALIGN_TOLERANCE, AlignConfig, validate
-from aecurves.data import BatchLoader, load_data
+from aecurves.data import BatchLoader, load_run_data
 from aecurves.errors import UserError
 from aecurves.metrics import fixed_subset
 from aecurves.models import build_model
@@ -87,8 +87,7 @@ def check_out(cfg: AlignConfig) -> Path:
 
 def training_images(args: dict, cfg: AlignConfig, device) -> BatchLoader:
     """A fixed subset of B's training images (the endpoints share their data)."""
-    data = load_data(args["dataset"], args.get("data_dir"), args["image_size"], args.get("limit"),
-                     args["val_fraction"], args.get("use_test", False), cfg.cache_dir, progress=not cfg.no_progress)
+    data = load_run_data(args, cfg.cache_dir, progress=not cfg.no_progress)
     return BatchLoader(fixed_subset(data.train, cfg.images), cfg.batch_size, device)
 
 

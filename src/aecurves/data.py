@@ -539,6 +539,12 @@ def _load_cached(
     return np.load(npy, mmap_mode="c"), meta
 
 
+def load_run_data(args: dict, cache_dir=None, progress: bool = True) -> ImageData:
+    """The data a checkpoint's run was trained on, from its recorded settings (`args`)."""
+    return load_data(args["dataset"], args.get("data_dir"), args["image_size"], args.get("limit"),
+                     args["val_fraction"], args.get("use_test", False), cache_dir, progress=progress)
+
+
 def load_data_once(info: runtime.Dist, progress: bool, **kwargs) -> ImageData:
     """load_data() under torchrun: rank 0 builds the image cache; the other ranks wait for it, then read it."""
     data = load_data(**kwargs, progress=progress) if info.is_main else None

@@ -11,7 +11,7 @@ from aecurves import runtime
 from aecurves.checkpoint import load_curve, save_checkpoint
 from aecurves.config import MODEL_SIGNATURE, ExportPointConfig, validate
 from aecurves.curves import batchnorms
-from aecurves.data import BatchLoader, load_data
+from aecurves.data import BatchLoader, load_run_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, write_json
 from aecurves.metrics import fixed_subset
@@ -61,9 +61,7 @@ def run(cfg: ExportPointConfig) -> dict:
     curve.to(device)
     used = 0
     if cfg.bn_images and batchnorms(curve.base):
-        data = load_data(args["dataset"], args.get("data_dir"), args["image_size"], args.get("limit"),
-                         args["val_fraction"], args.get("use_test", False), cfg.cache_dir,
-                         progress=not cfg.no_progress)
+        data = load_run_data(args, cfg.cache_dir, progress=not cfg.no_progress)
         used = curve.update_bn(BatchLoader(fixed_subset(data.train, cfg.bn_images), cfg.batch_size, device), cfg.t)
     point = {"kind": "endpoint", "model": curve.state_dict_at(cfg.t), "optimizer": {}, "epoch": 0, "metrics": [],
              "args": {**{k: args.get(k) for k in DATA_KEYS + ("loss", "seed")}, **arch_of(state["model_config"])},

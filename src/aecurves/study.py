@@ -508,9 +508,10 @@ def run_study(cfg: dict) -> dict:
     del data
 
     study.groups = {loss: loss_group(cfg, loss) for loss in cfg["losses"]}  # vgg: checked once, up front
-    perceptual = cfg["vgg_weights"] != "random" and study.groups.get("vgg", {}).get("status", "run") == "run"
-    if "vgg" not in study.groups and cfg["vgg_weights"] != "random":
-        perceptual = check_vgg(cfg["vgg_weights"]) is None
+    # evaluations also measure the perceptual metric when the real VGG weights load (the vgg group checked them)
+    vgg = study.groups.get("vgg")
+    perceptual = cfg["vgg_weights"] != "random" and (
+        vgg["status"] == "run" if vgg else check_vgg(cfg["vgg_weights"]) is None)
     all_stages = plan(cfg, n_train, n_test, perceptual)
     study.forced = select_forced(cfg["force"], all_stages)
     study.stages = [s for s in all_stages if s.loss is None or study.groups[s.loss]["status"] == "run"]
