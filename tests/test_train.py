@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from aecurves.checkpoint import load_checkpoint
+from aecurves.models import arch_of, build_model
 
 from conftest import TINY, run_cli
 
@@ -234,3 +235,39 @@ def test_diverged_state_stops_even_with_a_finite_loss(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "diverged at epoch 2" in err and "encoder.0.1.running_var" in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_init_starts_from_an_endpoint_with_a_fresh_optimizer_and_its_own_schedule(tmp_path, capsys):
+    """--init: the endpoint's weights, data and model; this run's epochs, lr and schedule (the study's "endpoint
+    given as much extra training as a curve"); resumable like any run."""
+    assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path / "a") == 0
+    a = load_checkpoint(tmp_path / "a/checkpoint.pt", "endpoint")
+    # an lr of 1e-30 leaves every parameter where it starts: exactly the endpoint's
+    assert run_cli("train", "--init", tmp_path / "a/checkpoint.pt", "--epochs", 1, "--lr", "1e-30", "--no-progress",
+                   "--out", tmp_path / "still") == 0
+    still = load_checkpoint(tmp_path / "still/checkpoint.pt", "endpoint")
+    params = {n for n, _ in build_model(arch_of(a["args"])).named_parameters()}
+    assert params and all(torch.equal(still["model"][n], a["model"][n]) for n in params)
+    for k in ("dataset", "limit", "width", "latent_dim", "image_size", "loss"):
+        assert still["args"][k] == a["args"][k], k
+    assert still["args"]["init"] == str((tmp_path / "a/checkpoint.pt").resolve())
+
+    extra = ["--init", tmp_path / "a/checkpoint.pt", "--lr", "1e-3", "--lr-schedule", "paper", "--seed", 5,
+             "--save-every-epoch", 1, "--precision", "fp32", "--no-progress"]
+    assert run_cli("train", *extra, "--epochs", 3, "--out", tmp_path / "straight") == 0
+    rows = [json.loads(r) for r in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["lr"] == pytest.approx(1e-5)  # paper: 1% at the end
+    # interrupted after one epoch and resumed: the same weights as the straight run
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "checkpoint.pt").write_bytes((tmp_path / "straight/checkpoint_epoch001.pt").read_bytes())
+    assert run_cli("train", "--resume", "--precision", "fp32", "--no-progress", "--out", stopped) == 0
+    assert_same_weights(weights(tmp_path / "straight/checkpoint.pt"), weights(stopped / "checkpoint.pt"))
+
+    capsys.readouterr()
+    assert run_cli("train", "--init", tmp_path / "a/checkpoint.pt", "--loss", "vgg", "--vgg-weights", "random",
+                   "--epochs", 1, "--out", tmp_path / "other") == 2
+    assert "loss='mse' vs loss='vgg'" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert run_cli("train", "--init", tmp_path / "a/checkpoint.pt", "--checkpoint", tmp_path / "a/checkpoint.pt",
+                   "--epochs", 1, "--out", tmp_path / "both") == 2
+    assert "pass one of them" in capsys.readouterr().err

@@ -115,6 +115,10 @@ class TrainConfig:
                                     group="outputs")
     resume: bool = option(False, "continue the run in --out from its last checkpoint (settings not given "
                                  "explicitly come from it)", group="outputs")
+    init: str | None = option(None, "start from this endpoint's weights with a fresh Adam optimizer and this run's "
+                                    "--epochs, --lr and --lr-schedule (e.g. an endpoint given as much extra training "
+                                    "as a curve); its data and model settings are kept", metavar="CKPT",
+                              group="outputs")
     num_images: int = option(8, "test images in the reconstruction grid", minimum=0, group="outputs")
     tensorboard: bool = option(False, "also write the epoch figures and reconstruction grids for TensorBoard to "
                                       "OUT/tensorboard (needs the optional tensorboard package)", group="outputs")
@@ -132,8 +136,11 @@ class TrainConfig:
 # flag; RESUME_CARRIED come from the checkpoint too unless given, but may change (the run then follows the new
 # value). So `--resume` alone finishes the run as planned.
 TRAIN_RESUME_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "model",
-                     "model_kwargs", "latent_dim", "width", "loss", "seed", "lr_schedule", "batch_size", "wd")
+                     "model_kwargs", "latent_dim", "width", "loss", "seed", "lr_schedule", "batch_size", "wd", "init")
 RESUME_CARRIED = ("epochs", "lr", "save_every_epoch")
+# With --init, a run takes the data and the model from the endpoint it starts from (the training settings are its own).
+TRAIN_INIT_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "model", "model_kwargs",
+                   "latent_dim", "width", "loss")
 
 
 @dataclass

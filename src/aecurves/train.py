@@ -14,8 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aecurves import console, runtime
 from aecurves.checkpoint import check_same_arch, load_checkpoint, save_checkpoint, trusted_arch
-from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, TRAIN_RESUME_KEYS, TrainConfig, as_record, \
-    is_given, settle_with_checkpoint, validate
+from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, TRAIN_INIT_KEYS, TRAIN_RESUME_KEYS, TrainConfig, \
+    as_record, is_given, settle_with_checkpoint, validate
 from aecurves.console import table_row
 from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
@@ -102,26 +102,46 @@ def resolve_start(cfg: TrainConfig, out: Path):
     if cfg.checkpoint and own.exists() and ckpt_path.resolve().parent != out.resolve():
         raise UserError(f"{out} already holds a training run (checkpoint.pt); starting it over from --checkpoint "
                         f"{ckpt_path} would overwrite it. Choose another --out folder; nothing was overwritten.")
+    if cfg.init and cfg.checkpoint:
+        raise UserError("--init starts a new run from an endpoint's weights and --checkpoint resumes one; pass one "
+                        "of them.")
     if cfg.resume or cfg.checkpoint:
         if not ckpt_path.is_file():
             if cfg.checkpoint:
                 load_checkpoint(ckpt_path, "endpoint")  # raises the missing-file error
             return None  # --resume with nothing to resume: start fresh
         return load_checkpoint(ckpt_path, "endpoint"), ckpt_path
-    if (out / "checkpoint.pt").exists():
+    if own.exists():
         raise UserError(f"{out} already holds a training run (checkpoint.pt). Pass --resume to continue it, "
                         "or choose another --out folder; nothing was overwritten.")
     return None
 
 
-def resolve_train_config(cfg: TrainConfig, saved: dict | None, ckpt_path) -> None:
+def resolve_init(cfg: TrainConfig, resumed) -> dict | None:
+    """The endpoint --init starts from (None without --init, or when resuming such a run from its own checkpoint)."""
+    if not cfg.init:
+        return None
+    cfg.init = str(Path(cfg.init).expanduser().resolve())
+    if resumed:
+        return None
+    if Path(cfg.init).resolve() == (Path(cfg.out) / "checkpoint.pt").resolve():
+        raise UserError(f"--init {cfg.init} is this run's own checkpoint; pass the endpoint to start from and a new "
+                        "--out folder.")
+    return load_checkpoint(cfg.init, "endpoint")
+
+
+def resolve_train_config(cfg: TrainConfig, saved: dict | None, ckpt_path, init: dict | None = None) -> None:
     """On resume, settings not given explicitly come from the checkpoint (explicit ones must agree with it);
-    a model factory outside aecurves must be named again with --model."""
+    with --init, the data and model settings come from the endpoint it starts from; a model factory outside
+    aecurves must be named again with --model."""
     if cfg.data_dir:
         cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
     if saved is not None:
         trusted_arch(saved, cfg.model if is_given(cfg, "model") else None, ckpt_path)
         settle_with_checkpoint(cfg, saved, TRAIN_RESUME_KEYS, ckpt_path)
+    if init is not None:
+        trusted_arch(init["args"], cfg.model if is_given(cfg, "model") else None, cfg.init)
+        settle_with_checkpoint(cfg, init["args"], TRAIN_INIT_KEYS, f"{cfg.init} (--init)", carried=())
     if cfg.image_size is None:
         cfg.image_size = DEFAULT_IMAGE_SIZE.get(cfg.dataset, 64)
     if cfg.model != BUILTIN_MODEL:
@@ -145,7 +165,8 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     start = resolve_start(cfg, out)
     resumed, ckpt_path = start if start else (None, None)
 
-    resolve_train_config(cfg, resumed["args"] if resumed else None, ckpt_path)
+    init = resolve_init(cfg, resumed)
+    resolve_train_config(cfg, resumed["args"] if resumed else None, ckpt_path, init)
     check_outside_data(out, cfg.data_dir, "--out")
     precision = runtime.resolve_precision(cfg.precision, device)
     data = load_data_once(info, progress, dataset=cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
@@ -153,8 +174,9 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
                           cache_dir=cfg.cache_dir)
     args = {**as_record(cfg), "channels": data.channels}  # what the checkpoint records
     arch = arch_of(args)
-    if resumed:
-        check_same_arch(resumed["args"], args, ckpt_path, "the data of this run")
+    for state, where in ((resumed, ckpt_path), (init, cfg.init)):
+        if state:
+            check_same_arch(state["args"], args, where, "the data of this run")
 
     runtime.seed_everything(cfg.seed)
     model = build_model(arch).to(device)
@@ -162,8 +184,8 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     history, start_epoch = [], 0
     fine_tune = bool(resumed) and not resumed["optimizer"]  # e.g. a point exported from a curve
-    if resumed:
-        model.load_state_dict(resumed["model"])
+    if resumed or init:
+        model.load_state_dict((resumed or init)["model"])
     if resumed and not fine_tune:
         optimizer.load_state_dict(resumed["optimizer"])
         history, start_epoch = list(resumed["metrics"]), resumed["epoch"]
@@ -175,6 +197,8 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     log(f"model: {arch['model']}{kwargs} {settings}: {num_parameters(model):,} parameters")
     log(f"loss: {loss_fn.description}; lr {cfg.lr:g} ({cfg.lr_schedule} schedule); device {device}, precision "
         f"{precision}, world size {info.world_size}, batch {cfg.batch_size} per process")
+    if init:
+        log(f"starting from the weights of {cfg.init} with a fresh Adam optimizer, epochs counted from 0")
     if fine_tune:
         log(f"fine-tuning from {ckpt_path}: its weights, a fresh Adam optimizer (the file holds no optimizer "
             "state), epochs counted from 0")
