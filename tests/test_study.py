@@ -17,7 +17,8 @@ from aecurves.errors import UserError
 
 from conftest import run_cli
 
-# Tiny settings: 2 endpoints, 1 curve, 1 evaluation (curve + segment) on synthetic data, fp32 for exactness.
+# Tiny settings on synthetic data, fp32 for exactness: 2 endpoints, each also trained on as long as a curve; B
+# aligned to A; a curve to B and one to the aligned B; 2 evaluations (curve + segment) and the extra-trained pair.
 SMALL = ["--dataset", "synthetic", "--image-size", 32, "--limit", 256, "--width", 8, "--latent-dim", 16,
          "--batch-size", 32, "--lr", 3e-3, "--epochs", 3, "--curve-epochs", 2, "--curve-lr", 3e-3, "--num-points", 5,
          "--bn-images", 64, "--train-images", 64, "--losses", "mse", "--seeds", "1,2", "--precision", "fp32",
@@ -25,6 +26,13 @@ SMALL = ["--dataset", "synthetic", "--image-size", 32, "--limit", 256, "--width"
 ENDPOINTS = ("endpoints/mse_seed1/checkpoint.pt", "endpoints/mse_seed2/checkpoint.pt")
 CURVE = "curves/mse_seed1-seed2/checkpoint.pt"
 EVAL = "curves/mse_seed1-seed2/eval"
+ALIGNED = "aligned/mse_seed2-to-seed1/checkpoint.pt"
+ALIGNED_CURVE = "curves/mse_seed1-seed2_aligned/checkpoint.pt"
+ALIGNED_EVAL = "curves/mse_seed1-seed2_aligned/eval"
+EXTRAS = ("endpoints/mse_seed1_extra/checkpoint.pt", "endpoints/mse_seed2_extra/checkpoint.pt")
+BASELINE = "baselines/mse_seed1-seed2"
+STAGES = ["endpoint:mse:1", "endpoint:mse:2", "extra:mse:1", "extra:mse:2", "align:mse:1-2", "curve:mse:1-2",
+          "aligned-curve:mse:1-2", "eval:mse:1-2", "aligned-eval:mse:1-2", "baseline:mse:1-2"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,7 +87,9 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
                 "curves/mse_seed1-seed2/metrics.jsonl", f"{EVAL}/eval.json", f"{EVAL}/curve.npz",
                 f"{EVAL}/loss_along_path.png", f"{EVAL}/reconstructions.png", f"{EVAL}/reconstructions_segment.png",
                 "study.json", "report.html", "report.md", "report.json", "report_files/mse_loss_along_paths.png",
-                "endpoints/mse_seed1/study_stage.json", f"{EVAL}/study_stage.json"):
+                "endpoints/mse_seed1/study_stage.json", f"{EVAL}/study_stage.json", ALIGNED, ALIGNED_CURVE, *EXTRAS,
+                f"{ALIGNED_EVAL}/eval.json", f"{ALIGNED_EVAL}/reconstructions_segment.png", f"{BASELINE}/eval.json",
+                "report_files/mse_seed1-seed2_aligned_segment_reconstructions.png"):
         assert (root / rel).is_file(), rel
     study_json = json.loads((root / "study.json").read_text())
     cfg = study_json["config"]
@@ -90,7 +100,7 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
 
     assert prov["aecurves"] == aecurves.__version__ and prov["torch"] == torch.__version__
     assert prov["device"].startswith("cpu (") and prov["precision"] == "fp32" and prov["host"]
-    assert set(prov["stage_seconds"]) == {"endpoint:mse:1", "endpoint:mse:2", "curve:mse:1-2", "eval:mse:1-2"}
+    assert list(prov["stage_seconds"]) == STAGES
     assert prov["wall_seconds"] >= sum(prov["stage_seconds"].values()) > 0 and prov["finished"] >= prov["started"]
     _, again = parse(["study", "--config", str(root / "study.json")])  # a study's record reproduces it
     assert study.resolved_config(again) == cfg
@@ -126,6 +136,32 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
     assert s["worst_psnr_curves"] == summary["te_psnr_min"]
     assert s["worst_psnr_endpoints"] == min(summary["te_psnr_start"], summary["te_psnr_end"])
 
+    # the aligned paths and the extra-trained endpoints: B aligned to A, a curve to it, both ends trained on as
+    # long as a curve (train --init with the curve's epochs, lr and schedule), measured like the paths' points
+    aligned = load_checkpoint(root / ALIGNED, "endpoint")
+    assert aligned["aligned_to"]["method"] == "activations" and aligned["aligned_to"]["latent"] == "permutation"
+    assert aligned["aligned_to"]["end"] == str((root / ENDPOINTS[1]).resolve())
+    assert load_checkpoint(root / ALIGNED_CURVE, "curve")["args"]["init_end"] == str((root / ALIGNED).resolve())
+    extra = load_checkpoint(root / EXTRAS[0], "endpoint")
+    assert extra["args"]["init"] == str((root / ENDPOINTS[0]).resolve())
+    assert (extra["epoch"], extra["args"]["lr"], extra["args"]["lr_schedule"]) == (2, 3e-3, "paper")
+    a = json.loads((root / ALIGNED_EVAL / "eval.json").read_text())["summary"]
+    # B and aligned B compute the same function: the same held-out loss at t = 1 (BN recomputed alike)
+    assert a["te_loss_end"] == pytest.approx(summary["te_loss_end"], rel=1e-4)
+    base = json.loads((root / BASELINE / "eval.json").read_text())
+    assert base["num_points"] == 2 and base["endpoints"] == [str((root / e).resolve()) for e in EXTRAS]
+    better, extra_best = min(summary["te_loss_start"], summary["te_loss_end"]), \
+        min(base["summary"]["te_loss_start"], base["summary"]["te_loss_end"])
+    paths = pair["paths"]
+    assert paths["aligned_segment"]["barrier"] == a["segment_te_barrier"] and paths["aligned_curve"]["barrier"] == \
+        a["te_barrier"]
+    assert paths["aligned_segment"]["removed"] == pytest.approx(
+        (summary["segment_te_barrier"] - a["segment_te_barrier"]) / summary["segment_te_barrier"])
+    assert paths["curve"]["best_vs_endpoint"] == pytest.approx((summary["te_loss_min"] - better) / better)
+    assert paths["aligned_curve"]["best_vs_extra"] == pytest.approx((a["te_loss_min"] - extra_best) / extra_best)
+    one = s["paths"]["aligned_curve"]["barrier"]  # one pair: the mean, no interval
+    assert (one["n"], one["mean"], one["lo"]) == (1, a["te_barrier"], None)
+
     # the markdown shows the same numbers (as formatted by the report)
     md = (root / "report.md").read_text()
     from aecurves.report import fdb, fnum, fpct
@@ -135,6 +171,10 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
     assert row[6] == fnum(summary["length"]) and row[7] == fdb(summary["te_psnr_min"])
     seg = _md_row(md, "segment", "Seeds 1 and 2")
     assert seg[1:3] == [fnum(summary["segment_te_loss_max"]), fnum(summary["segment_te_barrier"])]
+    barriers = _md_row(md, "seeds 1-2", "Test barrier:")
+    assert barriers[1:] == [fnum(summary["segment_te_barrier"]), fnum(a["segment_te_barrier"]),
+                            fnum(summary["te_barrier"]), fnum(a["te_barrier"])]
+    assert _md_row(md, "aligned segment", "Seeds 1 and 2")[2] == fnum(a["segment_te_barrier"])
     ep = _md_row(md, "mse seed 1")
     assert ep[2] == fnum(summary["te_mse_start"]) and ep[4] == fdb(summary["te_psnr_start"])
     assert fnum(summary["segment_te_barrier"]) in rep["summary_lines"][0]
@@ -157,13 +197,13 @@ def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
     def boom(cfg):
         raise AssertionError("a finished stage was run again")
 
-    for mod in ("train", "train_curve", "eval_curve"):
+    for mod in ("train", "train_curve", "eval_curve", "align"):
         monkeypatch.setattr(f"aecurves.{mod}.run", boom)
     assert run_cli("study", *SMALL, "--out", root) == 0
     assert {rel: _stamp(root, rel) for rel in before} == before
     out = capsys.readouterr().out
-    assert out.count("finished already, skipped") == 4 and "report: up to date" in out
-    assert re.search(r"stage 3/5: train-curve mse seeds 1-2", out)
+    assert out.count("finished already, skipped") == len(STAGES) and "report: up to date" in out
+    assert re.search(r"stage 6/11: train-curve mse seeds 1-2", out)
     assert json.loads((root / "study.json").read_text())["provenance"] == provenance  # that of the run that made it
 
 
@@ -176,7 +216,7 @@ def test_a_stage_is_finished_only_with_every_output(copy_of, capsys):
     assert "train mse seed 1: resuming (some of its outputs are missing)" in out
     assert (copy_of / "endpoints/mse_seed1/reconstructions.png").is_file()
     assert {rel: _stamp(copy_of, rel) for rel in kept} == kept  # nothing built on it was redone
-    assert out.count("finished already, skipped") == 3
+    assert out.count("finished already, skipped") == len(STAGES) - 1
 
 
 @pytest.mark.slow
@@ -245,7 +285,7 @@ def test_resume_after_interrupt(tmp_path, monkeypatch, capsys):
     assert run_cli("study", *argv) == 0
     out = capsys.readouterr().out
     assert _stamp(root, ENDPOINTS[0]) == first  # not re-run
-    assert [(c.seed, c.resume) for c in seen] == [(2, True)]
+    assert [(c.seed, c.resume, bool(c.init)) for c in seen] == [(2, True, False), (1, False, True), (2, False, True)]
     assert "resuming (interrupted at epoch 1 of 3)" in out and "resuming from" in out
     rows = [json.loads(r) for r in (root / "endpoints/mse_seed2/metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -297,6 +337,19 @@ def test_stage_configs_equal_the_commands_run_by_hand(tmp_path):
     _, by_hand = parse(["eval-curve", "--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "ev")])
     assert as_record(e) == as_record(by_hand)
     assert e.num_points == 61 and e.segment_too is True and c.seed == 1 and t.width == 16
+    x = study.extra_config(cfg, tmp_path / "a.pt", 2, tmp_path / "x", False)
+    _, by_hand = parse(["train", "--init", str(tmp_path / "a.pt"), "--seed", "2", "--batch-size", "32", "--epochs",
+                        "60", "--lr", "3e-3", "--lr-schedule", "paper", "--save-every-epoch", "60",
+                        "--out", str(tmp_path / "x")])
+    assert as_record(x) == as_record(by_hand)
+    al = study.align_config(cfg, tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "al")
+    _, by_hand = parse(["align", "--init_start", str(tmp_path / "a.pt"), "--init_end", str(tmp_path / "b.pt"),
+                        "--out", str(tmp_path / "al/checkpoint.pt")])
+    assert as_record(al) == as_record(by_hand)
+    b = study.baseline_config(cfg, tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "bl")
+    _, by_hand = parse(["eval-curve", "--segment", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--num-points",
+                        "2", "--num-images", "0", "--out", str(tmp_path / "bl")])
+    assert as_record(b) == as_record(by_hand)
 
 
 def test_presets_flags_and_bad_input(tmp_path):
@@ -312,12 +365,24 @@ def test_presets_flags_and_bad_input(tmp_path):
         study.resolve_study_config(make(StudyConfig, {"seeds": "1"}))
     with pytest.raises(UserError, match="--losses"):
         study.resolve_study_config(make(StudyConfig, {"losses": "mse,l1"}))
-    stages = study.plan(study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3"})), 10, 2)
+    plain = {"losses": "mse", "seeds": "1,2,3", "align": False, "extra_training": False}
+    stages = study.plan(study.resolve_study_config(make(StudyConfig, plain)), 10, 2)
     assert [s.name for s in stages][:4] == ["endpoint:mse:1", "endpoint:mse:2", "endpoint:mse:3", "curve:mse:1-2"]
     assert len(stages) == 3 + 3 + 3 + 1
     assert study.select_forced(["curves"], stages) == {"curve:mse:1-2", "curve:mse:1-3", "curve:mse:2-3"}
     assert study.select_forced(["eval:mse:1-3", "report"], stages) == {"eval:mse:1-3", "report"}
     assert len(study.select_forced(["mse"], stages)) == 9
+    # by default: extra training per endpoint, alignment, an aligned curve and its evaluation, a baseline per pair
+    stages = study.plan(study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3"})), 10, 2)
+    names = [s.name for s in stages]
+    assert names[3:9] == ["extra:mse:1", "extra:mse:2", "extra:mse:3", "align:mse:1-2", "align:mse:1-3",
+                          "align:mse:2-3"]
+    assert len(stages) == 3 * 8 + 1 and names.index("aligned-curve:mse:1-2") < names.index("eval:mse:1-2")
+    assert study.select_forced(["curves"], stages) == {f"{k}:mse:{p}" for k in ("curve", "aligned-curve")
+                                                       for p in ("1-2", "1-3", "2-3")}
+    assert study.select_forced(["aligns"], stages) == {"align:mse:1-2", "align:mse:1-3", "align:mse:2-3"}
+    assert stages[names.index("aligned-curve:mse:2-3")].inputs == ["endpoints/mse_seed2/checkpoint.pt",
+                                                                  "aligned/mse_seed3-to-seed2/checkpoint.pt"]
     with pytest.raises(UserError, match="matches no stage"):
         study.select_forced(["curve:vgg:1-2"], stages)
 

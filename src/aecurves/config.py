@@ -366,6 +366,16 @@ class StudyConfig:
     t_sampling: str = same_as(TrainCurveConfig, "t_sampling", help="how the curves draw t per batch (see "
                               "train-curve --help)", group="curves (aecurves train-curve; both ends fixed)")
     wd: float = same_as(TrainCurveConfig, "wd", group="curves (aecurves train-curve; both ends fixed)")
+    extra_training: bool = option(True, "(on by default) also train every endpoint on for --curve-epochs at the "
+                                        "curves' lr and schedule (aecurves train --init): a curve's bend gets that "
+                                        "much training, so a path's best point is compared with these too",
+                                  negative_flag="--no-extra-training",
+                                  group="curves (aecurves train-curve; both ends fixed)")
+    align: bool = option(True, "(on by default) for every pair also align B to A (aecurves align), evaluate the "
+                               "segment to the aligned B and train a curve to it", negative_flag="--no-align",
+                         group="alignment (aecurves align)")
+    align_method: str = same_as(AlignConfig, "method", group="alignment (aecurves align)")
+    align_latent: str = same_as(AlignConfig, "latent", group="alignment (aecurves align)")
     num_points: int = same_as(EvalCurveConfig, "num_points", help="points t per path",
                               group="evaluation (aecurves eval-curve: every curve and its segment)")
     bn_images: int = same_as(EvalCurveConfig, "bn_images", help="training images for BN statistics at each t and "

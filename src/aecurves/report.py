@@ -28,8 +28,9 @@ import numpy as np
 from aecurves.config import BN_IMAGES, TRAIN_IMAGES, ReportConfig
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, read_json, read_jsonl, write_json
+from aecurves.stats import mean_interval
 
-REPORT_VERSION = 2  # 2: resolved settings, provenance, caveat, labelled endpoint grids (a version-1 report is redone)
+REPORT_VERSION = 3  # 3: aligned paths, extra-trained endpoints, intervals over pairs (older reports are redone)
 FILES_DIR = "report_files"
 # Conclusions: a segment barrier below NO_BARRIER × the endpoints' mean test loss counts as "no clear barrier";
 # a curve removing at least MOST of it removes "most of the barrier"; PSNR within PSNR_TOLERANCE dB is "as good".
@@ -110,8 +111,14 @@ def input_files(study_dir) -> list[str]:
             files += [f"{folder}/metrics.jsonl", f"{folder}/reconstructions.png"]
         for pair in group["pairs"]:
             files.append(f"{pair['curve']}/metrics.jsonl")  # the curve's training precision
-            files += [f"{pair['eval']}/{n}" for n in ("eval.json", "curve.npz", "reconstructions.png",
-                                                      "reconstructions_segment.png")]
+            for key in ("eval", "aligned_eval"):
+                if key in pair:
+                    files += [f"{pair[key]}/{n}" for n in ("eval.json", "curve.npz", "reconstructions.png",
+                                                           "reconstructions_segment.png")]
+            if "aligned_endpoint" in pair:
+                files.append(f"{pair['aligned_endpoint']}/study_stage.json")  # how long the alignment took
+            if "baseline_eval" in pair:
+                files.append(f"{pair['baseline_eval']}/eval.json")
     return files
 
 
@@ -175,6 +182,7 @@ def collect(study_dir) -> dict:
                 p["train_barrier_removed"] = (seg_tr - cur_tr) / seg_tr if seg_tr and seg_tr > 0 else None
                 evals[(a, "start")] = evals.get((a, "start")) or (s, "start", pair["eval"])
                 evals[(b, "end")] = evals.get((b, "end")) or (s, "end", pair["eval"])
+                p.update(aligned_and_extra(study_dir, pair, s))
             pairs.append(p)
         endpoints = []
         for seed, folder in group["endpoints"].items():
@@ -196,6 +204,41 @@ def collect(study_dir) -> dict:
         g.update(endpoints=endpoints, pairs=pairs, summary=_group_summary(endpoints, pairs))
         g["caveat"] = caveat(loss, g)
     out["ran"] = what_ran(out["groups"])
+    return out
+
+
+PATHS = (("segment", "straight segment"), ("aligned_segment", "aligned segment"), ("curve", "curve"),
+         ("aligned_curve", "aligned curve"))
+
+
+def aligned_and_extra(study_dir: Path, pair: dict, naive: dict) -> dict:
+    """A pair's four paths side by side (when the study aligned B): each one's test barrier, the share of the
+    naive segment's barrier it removes, its best point's test loss against the better endpoint and, when the
+    endpoints were trained on as long as a curve, against the better of those."""
+    paths = {"segment": {"barrier": naive.get("segment_te_barrier"), "best": naive.get("segment_te_loss_min")},
+             "curve": {"barrier": naive.get("te_barrier"), "best": naive.get("te_loss_min")}}
+    out = {"paths": paths, "aligned_eval": pair.get("aligned_eval")}
+    record = read_json(study_dir / pair["aligned_eval"] / "eval.json") if "aligned_eval" in pair else None
+    if isinstance(record, dict) and "summary" in record:
+        a = record["summary"]
+        paths["aligned_segment"] = {"barrier": a.get("segment_te_barrier"), "best": a.get("segment_te_loss_min")}
+        paths["aligned_curve"] = {"barrier": a.get("te_barrier"), "best": a.get("te_loss_min")}
+        out["aligned_curve"] = {k: a.get(k) for k in PATH_KEYS}
+        out["aligned_segment"] = {k: a.get("segment_" + k) for k in PATH_KEYS}
+        stage = read_json(study_dir / pair["aligned_endpoint"] / "study_stage.json")
+        result = stage.get("result") if isinstance(stage, dict) else None
+        out["align_seconds"] = result.get("seconds") if isinstance(result, dict) else None
+    better = min(naive.get("te_loss_start"), naive.get("te_loss_end"))
+    extra = read_json(study_dir / pair["baseline_eval"] / "eval.json") if "baseline_eval" in pair else None
+    extra_best = min(extra["summary"]["te_loss_start"], extra["summary"]["te_loss_end"]) \
+        if isinstance(extra, dict) and "summary" in extra else None
+    out.update(better_endpoint_te_loss=better, extra_endpoint_te_loss=extra_best)
+    naive_barrier = paths["segment"]["barrier"]
+    for path in paths.values():
+        b, best = path["barrier"], path["best"]
+        path["removed"] = _removed(naive_barrier, b)
+        path["best_vs_endpoint"] = (best - better) / better if best is not None and better else None
+        path["best_vs_extra"] = (best - extra_best) / extra_best if best is not None and extra_best else None
     return out
 
 
@@ -235,6 +278,11 @@ def _group_summary(endpoints: list, pairs: list) -> dict:
     )
     s["segment_barrier_relative"] = s["segment_te_barrier_mean"] / s["endpoint_te_loss_mean"] \
         if s["endpoint_te_loss_mean"] > 0 else None
+    # over pairs, per path: the barrier, the share of the naive barrier removed, the best point against the
+    # better endpoint and against the better extra-trained endpoint; each as mean, std, range and 95% t-interval
+    s["paths"] = {name: {key: mean_interval([p["paths"][name][key] for p in done if name in p.get("paths", {})])
+                         for key in ("barrier", "removed", "best_vs_endpoint", "best_vs_extra")}
+                  for name, _ in PATHS if any(name in p.get("paths", {}) for p in done)}
     return s
 
 
@@ -311,8 +359,40 @@ def summary_sentences(loss: str, g: dict) -> list[str]:
     else:
         psnr += f": some points of the curves reconstruct worse than the endpoints, by up to {fdb(b - a)} dB."
     out.append(psnr)
+    out += alignment_sentences(s.get("paths", {}))
     if g.get("warning"):
         out.append(g["warning"])
+    return out
+
+
+def _sure(r: dict) -> str:
+    """Whether a mean's 95% interval settles its sign: the caution to add when it does not."""
+    if r["lo"] is None:
+        return " (one pair: no interval)"
+    if r["lo"] <= 0 <= r["hi"]:
+        return (f"; its 95% interval [{fpct(r['lo'])}, {fpct(r['hi'])}] includes 0, too wide to conclude from "
+                f"{r['n']} pairs")
+    return f" (95% interval {fpct(r['lo'])} to {fpct(r['hi'])})"
+
+
+def alignment_sentences(paths: dict) -> list[str]:
+    """What aligning B to A does to the straight segment and the curve, and how the paths' best points compare with
+    endpoints given as much extra training, each with the interval over pairs."""
+    out = []
+    if "aligned_segment" in paths and paths["aligned_segment"]["removed"]["mean"] is not None:
+        seg, cur = paths["aligned_segment"]["removed"], paths["aligned_curve"]["removed"]
+        out.append(f"Aligning B to A (permuting its hidden units, mapping its latent code) removes "
+                   f"{fpct(seg['mean'])} of the straight segment's barrier on average{_sure(seg)}; the curve to the "
+                   f"aligned B removes {fpct(cur['mean'])}{_sure(cur)}.")
+    vs_extra = {k: v["best_vs_extra"] for k, v in paths.items() if v["best_vs_extra"]["mean"] is not None}
+    if "curve" in vs_extra:
+        best = min(vs_extra, key=lambda k: vs_extra[k]["mean"])
+        r = vs_extra[best]
+        where = "below" if r["mean"] < 0 else "above"
+        out.append(f"The best point along the {best.replace('_', ' ')} is {fpct(abs(r['mean']))} {where} the better "
+                   f"endpoint trained on for as long as a curve, on average{_sure(r)}"
+                   + ("." if r["mean"] < 0 else ": the paths' low points come from the extra training, not from "
+                                                 "the path."))
     return out
 
 
@@ -486,26 +566,31 @@ def plot_group(study_dir: Path, loss: str, g: dict) -> str | None:
     """Loss along t for every curve (solid) and segment (dashed, same colour): train and test panels."""
     from aecurves import plots
 
-    series, plotted = [], []
+    series, plotted, aligned = [], [], False
     for i, p in enumerate(pr for pr in g["pairs"] if pr["available"]):
         path = study_dir / p["eval"] / "curve.npz"
         if not path.is_file():
             continue
-        with np.load(path) as npz:
-            results = {k: npz[k] for k in npz.files}
         a, b = p["seeds"]
         color = f"C{i % 10}"
-        series.append(plots.series_from_results(results, f"curve, seeds {a}-{b}", color=color))
-        series.append(plots.series_from_results(results, f"segment, seeds {a}-{b}", prefix="segment_",
-                                                linestyle="--", color=color))
+        kinds = [(path, "", "curve", "-"), (path, "segment_", "segment", "--")]
+        aligned_npz = study_dir / str(p.get("aligned_eval")) / "curve.npz"
+        if "aligned_curve" in p and aligned_npz.is_file():
+            kinds += [(aligned_npz, "", "aligned curve", "-."), (aligned_npz, "segment_", "aligned segment", ":")]
+            aligned = True
+        for npz_path, prefix, what, style in kinds:
+            with np.load(npz_path) as npz:
+                results = {k: npz[k] for k in npz.files}
+            series.append(plots.series_from_results(results, f"{what}, seeds {a}-{b}", prefix=prefix,
+                                                    linestyle=style, color=color))
         plotted.append(p)
     if not series:
         return None
     rel = f"{FILES_DIR}/{loss}_loss_along_paths.png"
     label = LOSS_NAMES.get(loss, loss)
+    styles = "every path" if aligned else "the curves (solid) and the segments (dashed)"
     plots.plot_loss_along_paths(series, study_dir / rel, ylabel=label,
-                                title=f"{loss} group, seeds {_pairs_text(plotted)}: {label} along the curves "
-                                      "(solid) and the segments (dashed)")
+                                title=f"{loss} group, seeds {_pairs_text(plotted)}: {label} along {styles}")
     return rel
 
 
@@ -689,9 +774,11 @@ def training_and_protocol(cfg: dict, data: dict) -> str:
 
 
 def _summary_table(data: dict) -> tuple[list[str], list[list[str]]]:
+    aligned = any("aligned_segment" in g.get("summary", {}).get("paths", {}) for g in data["groups"].values())
     headers = ["loss group", "pairs", "segment test barrier (mean)", "curve test barrier (mean)",
-               "barrier removed (mean)", "barrier removed (worst pair)", "worst test PSNR: curves (dB)",
-               "endpoints (dB)", "segments (dB)"]
+               "barrier removed (mean)", "barrier removed (worst pair)"] \
+        + ["aligned segment removes (mean)", "aligned curve removes (mean)"] * aligned \
+        + ["worst test PSNR: curves (dB)", "endpoints (dB)", "segments (dB)"]
     rows = []
     for loss, g in data["groups"].items():
         if g["status"] != "run":
@@ -701,9 +788,13 @@ def _summary_table(data: dict) -> tuple[list[str], list[list[str]]]:
         if "segment_te_barrier_mean" not in s:
             rows.append([loss, f"{s['pairs_evaluated']} of {s['pairs']} evaluated"] + ["n/a"] * (len(headers) - 2))
             continue
+        paths = s.get("paths", {})
+        removed = [fpct(paths[k]["removed"]["mean"]) if k in paths else "n/a"
+                   for k in ("aligned_segment", "aligned_curve")] * aligned
         rows.append([loss, str(s["pairs_evaluated"]), fnum(s["segment_te_barrier_mean"]),
                      fnum(s["curve_te_barrier_mean"]), fpct(s["barrier_removed_mean"]), fpct(s["barrier_removed_min"]),
-                     fdb(s["worst_psnr_curves"]), fdb(s["worst_psnr_endpoints"]), fdb(s["worst_psnr_segments"])])
+                     *removed, fdb(s["worst_psnr_curves"]), fdb(s["worst_psnr_endpoints"]),
+                     fdb(s["worst_psnr_segments"])])
     return headers, rows
 
 
@@ -743,6 +834,48 @@ def endpoint_footnote(loss: str, g: dict) -> str:
     return text + ("Epochs and last-epoch gain come from the training log: the gain is how much the held-out loss "
                    "fell in the final epoch; a barrier is only meaningful between endpoints that have converged "
                    "(a gain near 0).")
+
+
+def finterval(r: dict, fmt) -> str:
+    """"mean [lo, hi]" of a mean_interval record; the mean alone for one pair."""
+    if r["mean"] is None:
+        return "n/a"
+    if r["lo"] is None:
+        return f"{fmt(r['mean'])} (one pair)"
+    return f"{fmt(r['mean'])} [{fmt(r['lo'])}, {fmt(r['hi'])}]"
+
+
+def _removed(naive, barrier) -> float | None:
+    return (naive - barrier) / naive if naive and naive > 0 and barrier is not None else None
+
+
+def fsigned(x) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def path_tables(g: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(caption, headers, rows) of the four paths compared per pair, with a last row of means and 95% intervals."""
+    done = [p for p in g["pairs"] if p["available"] and "paths" in p]
+    names = [(k, label) for k, label in PATHS if k in g["summary"].get("paths", {})]
+    if not done or not names:
+        return []
+    mean_label = "mean [95% interval]"
+    tables = []
+    for key, caption, fmt, skip in (
+            ("barrier", "test barrier", fnum, ()),
+            ("removed", "share of the straight segment's test barrier removed", fpct, ("segment",)),
+            ("best_vs_endpoint", "best point of each path (lowest test loss) against the better endpoint", fsigned,
+             ()),
+            ("best_vs_extra", "best point of each path against the better endpoint trained on as long as a curve "
+                              "(the fair comparison)", fsigned, ())):
+        cols = [(k, label) for k, label in names if k not in skip]
+        if all(p["paths"].get(k, {}).get(key) is None for p in done for k, _ in cols):
+            continue
+        rows = [[f"seeds {p['seeds'][0]}-{p['seeds'][1]}"] + [fmt(p["paths"].get(k, {}).get(key)) for k, _ in cols]
+                for p in done]
+        rows.append([mean_label] + [finterval(g["summary"]["paths"][k][key], fmt) for k, _ in cols])
+        tables.append((caption, ["pair"] + [label for _, label in cols], rows))
+    return tables
 
 
 def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
@@ -794,11 +927,27 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
         doc.h(3, "Loss along the paths")
         rel = plot_group(study_dir, loss, g)
         if rel:
+            aligned = any("aligned_curve" in p for p in g["pairs"])
             doc.img(rel, f"{loss} group, seeds {_pairs_text([p for p in g['pairs'] if p['available']])}: {name} "
                          "along t for every curve (solid) and the straight segment between the same endpoints "
-                         "(dashed, same colour); left: training images, right: held-out images")
+                         "(dashed, same colour)" + ("; the curve to the aligned B (dash-dot) and the aligned "
+                                                    "segment (dotted)" if aligned else "")
+                    + "; left: training images, right: held-out images")
         else:
             doc.p("No finished evaluation yet.", "warn")
+
+        tables = path_tables(g)
+        if tables:
+            doc.h(3, "Straight segment, aligned segment, curve, aligned curve")
+            doc.p("The aligned segment and the aligned curve end at B aligned to A (aecurves align: B's hidden units "
+                  "reordered and its latent code mapped; the same function). Best point: the path's lowest held-out "
+                  "loss, relative to the better endpoint (negative: below it). A curve's middle bend gets "
+                  f"{data['config'].get('curve_epochs', '?')} epochs of extra training, so the endpoints trained on "
+                  "for as long (aecurves train --init, same lr schedule) are the fair comparison. Means over pairs "
+                  "with a 95% t-interval; with few pairs the interval is wide.", "muted")
+            for caption, headers, rows in tables:
+                doc.p(caption[0].upper() + caption[1:] + ":", None)
+                doc.table(headers, rows)
 
         for p in g["pairs"]:
             a, b = p["seeds"]
@@ -816,11 +965,21 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
                         fnum(cur["tr_barrier"]), fpct(p["train_barrier_removed"]), fnum(cur["length"]),
                         fdb(cur["te_psnr_min"])],
                        ["segment", fnum(seg["te_loss_max"]), fnum(seg["te_barrier"]), "—", fnum(seg["tr_barrier"]),
-                        "—", fnum(seg["length"]), fdb(seg["te_psnr_min"])]])
+                        "—", fnum(seg["length"]), fdb(seg["te_psnr_min"])]]
+                      + [[f"aligned {what}", fnum(x["te_loss_max"]), fnum(x["te_barrier"]),
+                          fpct(p["paths"][f"aligned_{what}"]["removed"]), fnum(x["tr_barrier"]),
+                          fpct(_removed(seg["tr_barrier"], x["tr_barrier"])), fnum(x["length"]),
+                          fdb(x["te_psnr_min"])]
+                         for what, x in (("curve", p.get("aligned_curve")), ("segment", p.get("aligned_segment")))
+                         if x is not None])
             tag = f"{loss}_seed{a}-seed{b}"
-            for src, suffix, what in (("reconstructions.png", "curve", f"the {label}"),
-                                      ("reconstructions_segment.png", "segment", "the straight segment")):
-                rel = _copy(study_dir, f"{p['eval']}/{src}", f"{tag}_{suffix}_reconstructions.png")
+            strips = [(p["eval"], "reconstructions.png", "curve", f"the {label}"),
+                      (p["eval"], "reconstructions_segment.png", "segment", "the straight segment")]
+            if p.get("aligned_segment") is not None:
+                strips.append((p["aligned_eval"], "reconstructions_segment.png", "aligned_segment",
+                               f"the straight segment to seed {b} aligned to seed {a}"))
+            for folder, src, suffix, what in strips:
+                rel = _copy(study_dir, f"{folder}/{src}", f"{tag}_{suffix}_reconstructions.png")
                 if rel:
                     doc.img(rel, f"{loss} group, seeds {a}-{b}: held-out images reconstructed along {what} at "
                                  "t = 0, 1/8, …, 1", pixels=True)
@@ -846,9 +1005,11 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
         else:
             doc.p("Wall time per stage: not recorded.", "muted")
     doc.h(2, "Files")
-    doc.p("endpoints/{loss}_seed{s}/: aecurves train runs; curves/{loss}_seed{a}-seed{b}/: aecurves train-curve runs; "
-          "curves/{loss}_seed{a}-seed{b}/eval/: aecurves eval-curve of each curve and of its segment (eval.json, "
-          "curve.npz with segment_* arrays); study.json: the resolved configuration; report.json: every number "
+    doc.p("endpoints/{loss}_seed{s}/: aecurves train runs (…_extra: trained on as long as a curve); "
+          "aligned/{loss}_seed{b}-to-seed{a}/: aecurves align; curves/{loss}_seed{a}-seed{b}/ (…_aligned: to the "
+          "aligned B): aecurves train-curve runs; …/eval/: aecurves eval-curve of each curve and of its segment "
+          "(eval.json, curve.npz with segment_* arrays); baselines/: the extra-trained endpoints measured like the "
+          "paths; study.json: the resolved configuration; report.json: every number "
           f"above. Written {time.strftime('%Y-%m-%d %H:%M')} from the files of {study_dir.resolve()}; regenerate with "
           f"`aecurves report {study_dir}`.", "muted")
     return doc, lines + caveats

@@ -1,28 +1,37 @@
 """`aecurves study`: the whole experiment in one command, resumable, ending in a report.
 
 For every loss in `losses` (default mse, vgg) and every seed in `seeds` (default 1, 2, 3) an endpoint is
-trained; within each loss group every pair of endpoints is connected by a curve (Bezier, 3 bends, both ends
-fixed); every curve is evaluated at `num_points` values of t together with the straight segment between
-its ends; finally report.html / report.md are written. Each stage calls the same function as its own
-subcommand (train.run, train_curve.run, eval_curve.run), with that command's config dataclass built directly
-from the study's settings (config.py), so defaults cannot drift and each stage folder holds exactly that
+trained; within each loss group every pair of endpoints (A, B) is connected by a curve (Bezier, 3 bends, both ends
+fixed), and every curve is evaluated at `num_points` values of t together with the straight segment between its
+ends. With --align (the default) B is also aligned to A (`aecurves align`: its hidden units permuted, its latent
+code mapped, the same function), and a curve to the aligned B is trained and evaluated with its segment, the
+aligned segment. With --extra-training (the default) every endpoint is also trained on for as long as a curve
+(`aecurves train --init`), and those endpoints are measured like the paths' points: the fair comparison for a
+path's best point. Finally report.html / report.md are written. Each stage calls the same function as its own
+subcommand (train.run, align.run, train_curve.run, eval_curve.run), with that command's config dataclass built
+directly from the study's settings (config.py), so defaults cannot drift and each stage folder holds exactly that
 command's files.
 
 Layout of the study folder (`--out`, default runs/study):
 
     study.json                          resolved configuration, groups (run / skipped and why), stage list
     endpoints/{loss}_seed{s}/           `aecurves train` run: checkpoint.pt, metrics.jsonl, reconstructions.png
+    endpoints/{loss}_seed{s}_extra/     `aecurves train --init` of that endpoint, as long as a curve
+    aligned/{loss}_seed{b}-to-seed{a}/  `aecurves align`: checkpoint.pt, B aligned to A
     curves/{loss}_seed{a}-seed{b}/      `aecurves train-curve` run: checkpoint.pt, metrics.jsonl
     curves/{loss}_seed{a}-seed{b}/eval/ `aecurves eval-curve` of that curve AND of the straight segment between
                                         its ends: eval.json, curve.npz (segment_* keys), loss_along_path.png,
                                         reconstructions.png, reconstructions_segment.png
+    curves/{loss}_seed{a}-seed{b}_aligned/[eval/]  the same, from A to the aligned B
+    baselines/{loss}_seed{a}-seed{b}/   `aecurves eval-curve --segment` of the two extra-trained endpoints, t = 0, 1
     report.html, report.md, report.json the report (report.json: every number it shows)
     report_files/                       the report's figures
 Every stage folder also holds study_stage.json (the stage's status and a SHA-256 of each input file).
 
-Stage names (for --force): endpoint:{loss}:{seed}, curve:{loss}:{a}-{b}, eval:{loss}:{a}-{b}, report.
---force also takes `endpoints`, `curves`, `evals`, a loss (`mse`, `vgg`: its whole group), a prefix such as
-`curve:mse`, or `all`.
+Stage names (for --force): endpoint:{loss}:{s}, extra:{loss}:{s}, align:{loss}:{a}-{b}, curve:{loss}:{a}-{b},
+aligned-curve:{loss}:{a}-{b}, eval:{loss}:{a}-{b}, aligned-eval:{loss}:{a}-{b}, baseline:{loss}:{a}-{b}, report.
+--force also takes `endpoints`, `extras`, `aligns`, `curves`, `evals`, a loss (`mse`, `vgg`: its whole group), a
+prefix such as `curve:mse`, or `all`.
 
 Resuming. A stage is finished when its outputs are complete (an endpoint's checkpoint.pt at the requested
 epoch, a curve's checkpoint at the requested curve epoch, an evaluation's eval.json and every file it lists),
@@ -46,8 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aecurves import runtime
-from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, LOSSES, PRESETS, EvalCurveConfig, StudyConfig, \
-    TrainConfig, TrainCurveConfig, as_record, make, validate
+from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, LOSSES, PRESETS, AlignConfig, EvalCurveConfig, \
+    StudyConfig, TrainConfig, TrainCurveConfig, as_record, make, validate
 from aecurves.errors import UserError
 from aecurves.files import folder_lock, read_json, sha256, write_json
 
@@ -63,6 +72,9 @@ CURVE_SETTINGS = ("curve", "num_bends", "fix_start", "fix_end", "init_linear_off
                   "t_sampling", "wd", "batch_size", "seed")
 EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images", "batch_size", "segment_too",
                  "use_test")
+# an endpoint given extra training: its data and model are its endpoint's (the input, checked by its hash)
+EXTRA_SETTINGS = ("epochs", "lr", "lr_schedule", "batch_size", "wd", "seed")
+ALIGN_SETTINGS = ("method", "latent", "images")
 # First guesses of what the VGG16 features cost per image, relative to the autoencoder's forward pass, for the time
 # estimate before a stage of that kind has run (then the measured rate is used). Measured on the demo on this
 # project's 2-core CPU: a vgg training stage took 15x its mse twin; an evaluation with VGG metrics ~48 units/image.
@@ -182,14 +194,44 @@ def eval_config(cfg: dict, ckpt: Path, out: Path) -> EvalCurveConfig:
     return make(EvalCurveConfig, given)
 
 
+def extra_config(cfg: dict, endpoint: Path, seed: int, out: Path, resume: bool) -> TrainConfig:
+    """`aecurves train --init ENDPOINT`: the endpoint trained further exactly as long as a curve, at the curves'
+    lr and schedule (a curve's bend gets that much training: the fair comparison for a path's best point)."""
+    given = {"init": str(endpoint), "seed": seed, "batch_size": cfg["batch_size"], "epochs": cfg["curve_epochs"],
+             "lr": cfg["curve_lr"], "lr_schedule": cfg["curve_lr_schedule"], "wd": cfg["wd"],
+             "save_every_epoch": cfg["curve_epochs"], "out": str(out), **_runtime(cfg), **_set(cfg, "cache_dir"),
+             **_custom_model(cfg)}
+    if resume:
+        given["resume"] = True
+    return make(TrainConfig, given)
+
+
+def align_config(cfg: dict, start: Path, end: Path, out: Path) -> AlignConfig:
+    """`aecurves align`: B reordered to match A, written as OUT/checkpoint.pt."""
+    given = {"init_start": str(start), "init_end": str(end), "out": str(out / "checkpoint.pt"),
+             "method": cfg["align_method"], "latent": cfg["align_latent"], "device": cfg["device"],
+             "no_progress": cfg["no_progress"], **_set(cfg, "cache_dir"), **_custom_model(cfg)}
+    return make(AlignConfig, given)
+
+
+def baseline_config(cfg: dict, start: Path, end: Path, out: Path) -> EvalCurveConfig:
+    """`aecurves eval-curve --segment` at t = 0 and 1 only: the two extra-trained endpoints measured exactly like
+    every point of the paths."""
+    given = {"segment": [str(start), str(end)], "out": str(out), "num_points": 2, "num_images": 0,
+             "bn_images": cfg["bn_images"], "train_images": cfg["train_images"], "device": cfg["device"],
+             "vgg_weights": cfg["vgg_weights"], "cache_dir": cfg["cache_dir"], "no_progress": cfg["no_progress"],
+             "use_test": cfg["use_test"], **_custom_model(cfg)}
+    return make(EvalCurveConfig, given)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # stages
 
 
 @dataclass
 class Stage:
-    name: str           # endpoint:mse:1, curve:mse:1-2, eval:mse:1-2, report
-    kind: str           # endpoint, curve, eval, report
+    name: str           # endpoint:mse:1, extra:mse:1, align:mse:1-2, curve:mse:1-2, aligned-curve:mse:1-2, ...
+    kind: str           # endpoint, extra, align, curve, eval, report
     label: str          # what the progress line shows
     folder: str         # relative to the study folder
     loss: str | None = None
@@ -197,13 +239,30 @@ class Stage:
     inputs: list = field(default_factory=list)  # files (relative) this stage is made from
     units: float = 0.0  # relative cost, for the time estimate
 
+    @property
+    def step(self) -> str:
+        """What the stage does: its name up to the loss (curve and aligned-curve are both of kind curve)."""
+        return self.name.split(":")[0]
+
 
 def endpoint_folder(loss: str, seed: int) -> str:
     return f"endpoints/{loss}_seed{seed}"
 
 
-def curve_folder(loss: str, a: int, b: int) -> str:
-    return f"curves/{loss}_seed{a}-seed{b}"
+def extra_folder(loss: str, seed: int) -> str:
+    return f"endpoints/{loss}_seed{seed}_extra"
+
+
+def curve_folder(loss: str, a: int, b: int, aligned: bool = False) -> str:
+    return f"curves/{loss}_seed{a}-seed{b}" + ("_aligned" if aligned else "")
+
+
+def aligned_folder(loss: str, a: int, b: int) -> str:
+    return f"aligned/{loss}_seed{b}-to-seed{a}"
+
+
+def baseline_folder(loss: str, a: int, b: int) -> str:
+    return f"baselines/{loss}_seed{a}-seed{b}"
 
 
 def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list[Stage]:
@@ -217,27 +276,50 @@ def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list
     """
     stages = []
     bn = min(cfg["bn_images"], n_train)
+    pairs = list(itertools.combinations(cfg["seeds"], 2))
     for loss in cfg["losses"]:
         heavy = VGG_TRAIN_COST if loss == "vgg" else 1.0
+        ckpt = {s: f"{endpoint_folder(loss, s)}/checkpoint.pt" for s in cfg["seeds"]}
         for s in cfg["seeds"]:
             stages.append(Stage(f"endpoint:{loss}:{s}", "endpoint", f"train {loss} seed {s}",
                                 endpoint_folder(loss, s), loss, (s,),
                                 units=cfg["epochs"] * (3 * n_train + n_test) * heavy))
-        for a, b in itertools.combinations(cfg["seeds"], 2):
-            ends = [f"{endpoint_folder(loss, s)}/checkpoint.pt" for s in (a, b)]
-            folder = curve_folder(loss, a, b)
-            # per epoch: training steps (mixing the bends adds about one pass), then the midpoint monitor
-            stages.append(Stage(f"curve:{loss}:{a}-{b}", "curve", f"train-curve {loss} seeds {a}-{b}", folder,
-                                loss, (a, b), ends,
-                                units=cfg["curve_epochs"] * ((4 * n_train + n_test) * heavy + bn)))
-        for a, b in itertools.combinations(cfg["seeds"], 2):
-            folder = curve_folder(loss, a, b)
-            # per point of the curve and of its segment: BN statistics, then the train and test metrics
-            metric = 1 + (VGG_EVAL_COST if loss == "vgg" or perceptual else 0.0)
-            per_point = bn + (min(cfg["train_images"], n_train) + n_test) * metric
-            stages.append(Stage(f"eval:{loss}:{a}-{b}", "eval", f"eval-curve {loss} seeds {a}-{b} (curve and segment)",
-                                folder + "/eval", loss, (a, b), [folder + "/checkpoint.pt"],
-                                units=2 * cfg["num_points"] * per_point + n_train))
+        if cfg["extra_training"]:
+            for s in cfg["seeds"]:
+                stages.append(Stage(f"extra:{loss}:{s}", "extra", f"train {loss} seed {s} as long as a curve",
+                                    extra_folder(loss, s), loss, (s,), [ckpt[s]],
+                                    units=cfg["curve_epochs"] * (3 * n_train + n_test) * heavy))
+        if cfg["align"]:
+            for a, b in pairs:
+                stages.append(Stage(f"align:{loss}:{a}-{b}", "align", f"align {loss} seed {b} to seed {a}",
+                                    aligned_folder(loss, a, b), loss, (a, b), [ckpt[a], ckpt[b]],
+                                    units=4 * min(AlignConfig.images, n_train)))
+        # per epoch: training steps (mixing the bends adds about one pass), then the midpoint monitor
+        curve_units = cfg["curve_epochs"] * ((4 * n_train + n_test) * heavy + bn)
+        for a, b in pairs:
+            stages.append(Stage(f"curve:{loss}:{a}-{b}", "curve", f"train-curve {loss} seeds {a}-{b}",
+                                curve_folder(loss, a, b), loss, (a, b), [ckpt[a], ckpt[b]], units=curve_units))
+            if cfg["align"]:
+                stages.append(Stage(f"aligned-curve:{loss}:{a}-{b}", "curve",
+                                    f"train-curve {loss} seeds {a}-{b} aligned", curve_folder(loss, a, b, True),
+                                    loss, (a, b), [ckpt[a], f"{aligned_folder(loss, a, b)}/checkpoint.pt"],
+                                    units=curve_units))
+        # per point of a path: BN statistics, then the train and test metrics
+        metric = 1 + (VGG_EVAL_COST if loss == "vgg" or perceptual else 0.0)
+        per_point = bn + (min(cfg["train_images"], n_train) + n_test) * metric
+        for a, b in pairs:
+            for aligned in (False, True)[:1 + cfg["align"]]:
+                folder = curve_folder(loss, a, b, aligned)
+                stages.append(Stage(f"{'aligned-' * aligned}eval:{loss}:{a}-{b}", "eval",
+                                    f"eval-curve {loss} seeds {a}-{b}{' aligned' * aligned} (curve and segment)",
+                                    folder + "/eval", loss, (a, b), [folder + "/checkpoint.pt"],
+                                    units=2 * cfg["num_points"] * per_point + n_train))
+            if cfg["extra_training"]:
+                stages.append(Stage(f"baseline:{loss}:{a}-{b}", "eval",
+                                    f"eval-curve {loss} seeds {a}-{b} trained as long as a curve",
+                                    baseline_folder(loss, a, b), loss, (a, b),
+                                    [f"{extra_folder(loss, s)}/checkpoint.pt" for s in (a, b)],
+                                    units=2 * per_point + n_train))
     stages.append(Stage("report", "report", "report", "."))
     return stages
 
@@ -245,7 +327,7 @@ def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list
 def select_forced(selectors: list[str], stages: list[Stage]) -> set[str]:
     """Stage names matched by the --force selectors; an unknown selector is an error."""
     chosen = set()
-    kinds = {"endpoints": "endpoint", "curves": "curve", "evals": "eval"}
+    kinds = {"endpoints": "endpoint", "extras": "extra", "aligns": "align", "curves": "curve", "evals": "eval"}
     for sel in selectors:
         sel = sel.strip().lower()
         hit = {s.name for s in stages
@@ -254,7 +336,8 @@ def select_forced(selectors: list[str], stages: list[Stage]) -> set[str]:
         if not hit:
             names = ", ".join(s.name for s in stages)
             raise UserError(f"--force {sel!r} matches no stage of this study. Stage names: {names}; or one of "
-                            "endpoints, curves, evals, report, a loss (e.g. mse), a prefix such as curve:mse, or all.")
+                            "endpoints, extras, aligns, curves, evals, report, a loss (e.g. mse), a prefix such as "
+                            "curve:mse, or all.")
         chosen |= hit
     return chosen
 
@@ -296,36 +379,50 @@ class Study:
 
     # --- settings each stage should have, and the settings its outputs record
 
-    def expected(self, st: Stage) -> dict:
-        root = self.root
+    def config(self, st: Stage, resume: bool = False):
+        """The config of the command that makes the stage."""
+        root, folder = self.root, self.root / st.folder
+        inputs = [root / p for p in st.inputs]
         if st.kind == "endpoint":
-            c = train_config(self.cfg, st.loss, st.seeds[0], root / st.folder, False)
-            keys = ENDPOINT_SETTINGS
-        elif st.kind == "curve":
-            c = curve_config(self.cfg, *(root / p for p in st.inputs), root / st.folder, False)
-            keys = CURVE_SETTINGS
-        elif st.kind == "eval":
-            c = eval_config(self.cfg, root / st.inputs[0], root / st.folder)
-            keys = EVAL_SETTINGS
-        else:
+            return train_config(self.cfg, st.loss, st.seeds[0], folder, resume)
+        if st.kind == "extra":
+            return extra_config(self.cfg, inputs[0], st.seeds[0], folder, resume)
+        if st.kind == "align":
+            return align_config(self.cfg, *inputs, folder)
+        if st.kind == "curve":
+            return curve_config(self.cfg, *inputs, folder, resume)
+        if st.step == "baseline":
+            return baseline_config(self.cfg, *inputs, folder)
+        return eval_config(self.cfg, inputs[0], folder)
+
+    def expected(self, st: Stage) -> dict:
+        keys = {"endpoint": ENDPOINT_SETTINGS, "extra": EXTRA_SETTINGS, "align": ALIGN_SETTINGS,
+                "curve": CURVE_SETTINGS, "eval": EVAL_SETTINGS}.get(st.kind)
+        if keys is None:
             return {}
-        record = as_record(c)
-        return {k: record[k] for k in keys + (("vgg_weights",) if st.loss == "vgg" else ())}
+        record = as_record(self.config(st))
+        vgg = st.loss == "vgg" and st.kind not in ("align", "extra")
+        return {k: record[k] for k in keys + (("vgg_weights",) if vgg else ())}
 
     def recorded(self, st: Stage) -> tuple[dict | None, dict]:
         """(settings recorded by the stage's outputs or None when there are none, facts about completeness)."""
         folder = self.root / st.folder
-        if st.kind in ("endpoint", "curve"):
-            state = _load_ckpt(folder / "checkpoint.pt", st.kind)
+        if st.kind in ("endpoint", "extra", "curve", "align"):
+            state = _load_ckpt(folder / "checkpoint.pt", "curve" if st.kind == "curve" else "endpoint")
             if state is None:
                 return None, {"exists": (folder / "checkpoint.pt").exists()}
             args = state.get("args", {})
-            keys = ENDPOINT_SETTINGS if st.kind == "endpoint" else CURVE_SETTINGS
+            if st.kind == "align":
+                aligned = state.get("aligned_to") or {}
+                return {k: aligned.get(k) for k in ALIGN_SETTINGS}, {"init": [aligned.get("start"),
+                                                                             aligned.get("end")]}
+            keys = {"endpoint": ENDPOINT_SETTINGS, "extra": EXTRA_SETTINGS, "curve": CURVE_SETTINGS}[st.kind]
             settings = {k: args.get(k) for k in keys + ("vgg_weights",)}
-            promised = ["metrics.jsonl"] + (["reconstructions.png"] if st.kind == "endpoint" else [])
+            promised = ["metrics.jsonl"] + (["reconstructions.png"] if st.kind != "curve" else [])
             return settings, {"epoch": state.get("epoch"), "target": args.get("epochs"),
                               "outputs": all((folder / name).is_file() for name in promised),
-                              "init": [args.get("init_start"), args.get("init_end")]}
+                              "init": [args.get("init")] if st.kind == "extra" else
+                              [args.get("init_start"), args.get("init_end")]}
         if st.kind == "eval":
             record = read_json(folder / "eval.json")
             if not isinstance(record, dict) or "config" not in record:
@@ -333,10 +430,10 @@ class Study:
             conf = record["config"]
             files = record.get("files", {})
             complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values()) \
-                and record.get("segment_evaluated") is True
+                and record.get("segment_evaluated") is (st.step != "baseline")
+            made_from = record.get("endpoints") if st.step == "baseline" else [record.get("checkpoint")]
             return {k: conf.get(k) for k in EVAL_SETTINGS + ("vgg_weights",)}, \
-                {"complete": complete, "checkpoint": record.get("checkpoint")}
-        return None, {}
+                {"complete": complete, "init": made_from or []}
 
     def settings_diff(self, st: Stage) -> list[str]:
         rec, _ = self.recorded(st)
@@ -366,11 +463,11 @@ class Study:
                 return "redo", "its inputs changed since it was made"
         else:  # outputs made outside the study (e.g. under torchrun): adopt them if they were made from these inputs
             own = {str((self.root / p).resolve()) for p in st.inputs}
-            made_from = set(facts.get("init", [])) if st.kind == "curve" else \
-                {facts.get("checkpoint")} if st.kind == "eval" else set()
-            if st.kind != "endpoint" and made_from != own:
+            if st.kind != "endpoint" and set(facts.get("init", [])) != own:
                 return "redo", "its outputs were not made from this study's inputs"
-        if st.kind in ("endpoint", "curve"):
+        if st.kind == "align":
+            return "done", "" if isinstance(record, dict) else "adopted"
+        if st.kind in ("endpoint", "extra", "curve"):
             target = self.cfg["epochs"] if st.kind == "endpoint" else self.cfg["curve_epochs"]
             if facts["epoch"] == target and not facts["outputs"]:
                 return "resume", "some of its outputs are missing"  # a resumed run writes them again
@@ -394,7 +491,7 @@ class Study:
             for p in folder.iterdir():
                 if p.name != "eval":
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
-        elif st.kind in ("endpoint", "eval"):
+        elif st.kind != "report":
             shutil.rmtree(folder)
 
     def will_run(self) -> set[str]:
@@ -428,8 +525,15 @@ class Study:
             "stages": [{"name": s.name, "kind": s.kind, "loss": s.loss, "seeds": list(s.seeds), "folder": s.folder}
                        for s in self.stages],
             "layout": {"endpoints": "endpoints/{loss}_seed{s}/ (aecurves train)",
-                       "curves": "curves/{loss}_seed{a}-seed{b}/ (aecurves train-curve)",
-                       "evals": "curves/{loss}_seed{a}-seed{b}/eval/ (aecurves eval-curve: curve and segment)",
+                       "extras": "endpoints/{loss}_seed{s}_extra/ (aecurves train --init: trained on as long as a "
+                                 "curve)",
+                       "aligned": "aligned/{loss}_seed{b}-to-seed{a}/ (aecurves align: B aligned to A)",
+                       "curves": "curves/{loss}_seed{a}-seed{b}[_aligned]/ (aecurves train-curve; _aligned: to the "
+                                 "aligned B)",
+                       "evals": "curves/{loss}_seed{a}-seed{b}[_aligned]/eval/ (aecurves eval-curve: curve and "
+                                "segment)",
+                       "baselines": "baselines/{loss}_seed{a}-seed{b}/ (aecurves eval-curve of the extra-trained "
+                                    "endpoints at t = 0 and 1)",
                        "report": "report.html, report.md, report.json, report_files/"},
         })
 
@@ -593,6 +697,16 @@ def loss_group(cfg: dict, loss: str) -> dict:
              "endpoints": {str(s): endpoint_folder(loss, s) for s in cfg["seeds"]},
              "pairs": [{"seeds": [a, b], "curve": curve_folder(loss, a, b), "eval": curve_folder(loss, a, b) + "/eval"}
                        for a, b in itertools.combinations(cfg["seeds"], 2)]}
+    if cfg["extra_training"]:
+        group["extra_endpoints"] = {str(s): extra_folder(loss, s) for s in cfg["seeds"]}
+    for pair in group["pairs"]:
+        a, b = pair["seeds"]
+        if cfg["align"]:
+            aligned = curve_folder(loss, a, b, aligned=True)
+            pair.update(aligned_endpoint=aligned_folder(loss, a, b), aligned_curve=aligned,
+                        aligned_eval=aligned + "/eval")
+        if cfg["extra_training"]:
+            pair["baseline_eval"] = baseline_folder(loss, a, b)
     if loss == "vgg":
         problem = check_vgg(cfg["vgg_weights"])
         if problem:
@@ -626,18 +740,12 @@ def refuse_stale_outputs(study: "Study") -> None:
 
 def run_stage(study: Study, st: Stage, resume: bool) -> None:
     """One stage through the same function as its subcommand; study_stage.json marks it started, then done."""
-    from aecurves import eval_curve, train, train_curve
+    from aecurves import align, eval_curve, train, train_curve
 
-    root = study.root
-    folder = root / st.folder
+    command = {"endpoint": train, "extra": train, "align": align, "curve": train_curve, "eval": eval_curve}[st.kind]
     study.write_record(st, "started")
-    if st.kind == "endpoint":
-        train.run(train_config(study.cfg, st.loss, st.seeds[0], folder, resume))
-    elif st.kind == "curve":
-        train_curve.run(curve_config(study.cfg, *(root / p for p in st.inputs), folder, resume))
-    elif st.kind == "eval":
-        eval_curve.run(eval_config(study.cfg, root / st.inputs[0], folder))
-    study.write_record(st, "done")
+    result = command.run(study.config(st, resume))
+    study.write_record(st, "done", **({"result": result} if st.kind == "align" else {}))  # the report shows its time
 
 
 def run_report_stage(study: Study, st: Stage) -> None:
