@@ -28,10 +28,11 @@ def permuted_copy(path, out, seed=0):
     return out
 
 
-def test_weight_matching_recovers_a_permuted_copy_exactly(tiny_endpoints, tmp_path):
+@pytest.mark.parametrize("method", ["weights", "activations", "both"])
+def test_every_method_recovers_a_permuted_copy_exactly(method, tiny_endpoints, tmp_path):
     a = tiny_endpoints[0]
     b = permuted_copy(a, tmp_path / "b.pt")
-    assert run_cli("align", "--init_start", a, "--init_end", b, "--method", "weights", "--latent", "permutation",
+    assert run_cli("align", "--init_start", a, "--init_end", b, "--method", method, "--latent", "permutation",
                    *FAST, "--out", tmp_path / "aligned.pt") == 0
     want, got = load_checkpoint(a, "endpoint")["model"], load_checkpoint(tmp_path / "aligned.pt", "endpoint")
     assert all(torch.allclose(want[k].float(), got["model"][k].float(), atol=1e-6) for k in want)
@@ -44,12 +45,13 @@ def test_weight_matching_recovers_a_permuted_copy_exactly(tiny_endpoints, tmp_pa
     assert abs(summary["te_barrier"]) < 1e-6
 
 
-@pytest.mark.parametrize("method, latent", [("activations", "orthogonal"), ("weights", "none")])
-def test_the_aligned_endpoint_computes_bs_function_and_trains_a_curve(method, latent, tiny_endpoints, tmp_path):
+@pytest.mark.parametrize("method, latent, at", [("activations", "orthogonal", "post"), ("weights", "none", "post"),
+                                               ("activations", "permutation", "pre")])
+def test_the_aligned_endpoint_computes_bs_function_and_trains_a_curve(method, latent, at, tiny_endpoints, tmp_path):
     a, b = tiny_endpoints
     out = tmp_path / "aligned.pt"
-    assert run_cli("align", "--init_start", a, "--init_end", b, "--method", method, "--latent", latent, *FAST,
-                   "--out", out) == 0
+    assert run_cli("align", "--init_start", a, "--init_end", b, "--method", method, "--latent", latent,
+                   "--match-at", at, *FAST, "--out", out) == 0
     record = load_checkpoint(out, "endpoint")
     assert record["aligned_to"]["max_output_difference"] <= 1e-5 and record["aligned_to"]["method"] == method
     assert record["optimizer"] == {}  # B's Adam moments are in the old order
@@ -92,3 +94,21 @@ def test_bad_input(tiny_endpoints, tmp_path, capsys):
     save_checkpoint(tmp_path / "odd.pt", odd)
     assert run_cli("align", "--init_start", a, "--init_end", tmp_path / "odd.pt", "--out", tmp_path / "x.pt") == 2
     assert "do not match" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def test_activation_matching_reads_units_before_or_after_the_activation(tiny_endpoints):
+    from aecurves.align import _unit_activations
+
+    state = load_checkpoint(tiny_endpoints[0], "endpoint")
+    net = build_model(state["args"])
+    net.load_state_dict(state["model"])
+    size = state["args"]["image_size"]
+    x = torch.rand(4, state["args"]["channels"], size, size)
+    groups = [g for g in find_groups(net, x) if g.name == "encoder.0.0"]
+    net.eval()
+    with torch.no_grad():
+        conv = net.encoder[0][0](x)
+        post = net.encoder[0][2](net.encoder[0][1](conv))
+    for at, want in (("pre", conv), ("post", post)):
+        got = _unit_activations(net, groups, [x], at)["encoder.0.0"]
+        assert torch.allclose(got, want.transpose(0, 1).reshape(groups[0].size, -1).double(), atol=1e-6), at

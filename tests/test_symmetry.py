@@ -99,6 +99,10 @@ def test_conv_autoencoder_groups(size):
     assert "encoder.0.0.weight" in touched and not any("num_batches_tracked" in n for n in touched)
     assert all(e.axis == 0 for g in groups for e in g.entries if e.name == "encoder.0.0.weight")
     assert f"decoder.{stages - 1}.bias" not in touched
+    # the tensors that carry each group's units: the writer's output first, as the next layer reads them last
+    taps = {g.name: g.taps for g in groups}
+    assert taps["encoder.0.0"] == ["encoder_0_0", "encoder_0_1", "encoder_0_2"]  # conv, BN, ReLU
+    assert taps[linear] == [f"encoder_{stages + 1}"] and taps["decoder_input"] == ["decoder_input", "relu"]
 
 
 def test_custom_model_groups():

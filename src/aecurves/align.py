@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import fx
 
 from aecurves import runtime
 from aecurves.checkpoint import load_endpoint_pair, save_checkpoint
@@ -37,15 +38,16 @@ def run(cfg: AlignConfig) -> dict:
     groups = find_groups(model_b, example)
     latent = [g for g in groups if g.kind == "latent"]
     hidden = [g for g in groups if g.kind != "latent"]
-    images = training_images(b["args"], cfg, device) if cfg.method == "activations" or cfg.latent in (
+    images = training_images(b["args"], cfg, device) if cfg.method != "weights" or cfg.latent in (
         "orthogonal", "linear") else None
 
     t0 = time.perf_counter()
     matched = groups if cfg.latent == "permutation" else hidden
-    if cfg.method == "weights":
-        perms = weight_matching(model_a.state_dict(), model_b.state_dict(), matched, seed=cfg.seed)
-    else:
-        perms = activation_matching(model_a, model_b, matched, images)
+    perms = None
+    if cfg.method in ("activations", "both"):
+        perms = activation_matching(model_a, model_b, matched, images, cfg.match_at)
+    if cfg.method in ("weights", "both"):
+        perms = weight_matching(model_a.state_dict(), model_b.state_dict(), matched, seed=cfg.seed, init=perms)
     state = permute(model_b.state_dict(), groups, perms)
     maps = {}
     if cfg.latent in ("orthogonal", "linear") and latent:
@@ -60,6 +62,7 @@ def run(cfg: AlignConfig) -> dict:
     aligned = {**b, "model": {k: v.detach().cpu() for k, v in state.items()}, "optimizer": {},
                "aligned_to": {"start": str(Path(cfg.init_start).resolve()), "end": str(Path(cfg.init_end).resolve()),
                               "method": cfg.method, "latent": cfg.latent, "images": cfg.images,
+                              "match_at": cfg.match_at,
                               "groups": {g.name: g.size for g in groups}, "units_moved": moved,
                               "max_output_difference": deviation, "seconds": seconds}}
     save_checkpoint(out, aligned)
@@ -91,35 +94,41 @@ def training_images(args: dict, cfg: AlignConfig, device) -> BatchLoader:
     return BatchLoader(fixed_subset(data.train, cfg.images), cfg.batch_size, device)
 
 
-@torch.no_grad()
-def _unit_activations(model, groups, images) -> dict[str, torch.Tensor]:
-    """Each group's units as rows of samples: the writing module's output over all images and positions."""
-    modules = dict(model.named_modules())
-    found = {g.name: [] for g in groups}
-    hooks = []
-    for g in groups:
-        if g.name not in modules:
-            raise UserError(f"Activation matching needs the module that writes group {g.name}, and {g.name} is not "
-                            "a module of the model; use --method weights.")
+class _Taps(fx.Interpreter):
+    """Runs a traced model and keeps the values of the named nodes."""
 
-        def keep(module, inputs, output, name=g.name, size=g.size):
-            units = output.reshape(output.shape[0], size, -1)  # a unit owns a block of features, or a channel
-            found[name].append(units.transpose(0, 1).reshape(size, -1).double().cpu())
-        hooks.append(modules[g.name].register_forward_hook(keep))
+    def __init__(self, gm: fx.GraphModule, wanted: set):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = out
+        return out
+
+
+@torch.no_grad()
+def _unit_activations(model, groups, images, at: str = "pre") -> dict[str, torch.Tensor]:
+    """Each group's units as rows of samples over all images and positions: as the layer that writes them outputs
+    them (at="pre"), or as the next layer reads them, after BatchNorm and the activation (at="post")."""
+    tap = {g.name: g.taps[0] if at == "pre" else g.taps[-1] for g in groups}
+    found = {g.name: [] for g in groups}
     model.eval()
-    try:
-        for x in images:
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    gm = fx.symbolic_trace(model)  # find_groups traced the same model, so this cannot fail
+    for x in images:
+        runner = _Taps(gm, set(tap.values()))
+        runner.run(x)
+        for g in groups:
+            units = runner.values[tap[g.name]].reshape(x.shape[0], g.size, -1)  # a unit: a channel or a block
+            found[g.name].append(units.transpose(0, 1).reshape(g.size, -1).double().cpu())
     return {name: torch.cat(rows, dim=1) for name, rows in found.items()}
 
 
-def activation_matching(model_a, model_b, groups, images) -> dict[str, torch.Tensor]:
+def activation_matching(model_a, model_b, groups, images, at: str = "pre") -> dict[str, torch.Tensor]:
     """For each group, the assignment of B's units to A's that maximises the summed correlation of their
     activations on the same images (Entezari et al., Ainsworth et al.)."""
-    acts_a, acts_b = _unit_activations(model_a, groups, images), _unit_activations(model_b, groups, images)
+    acts_a, acts_b = (_unit_activations(m, groups, images, at) for m in (model_a, model_b))
     perms = {}
     for g in groups:
         za, zb = (_standardise(acts[g.name]) for acts in (acts_a, acts_b))
@@ -135,7 +144,7 @@ def _standardise(rows: torch.Tensor) -> torch.Tensor:
 
 def latent_map(model_a, model_b, group, images, how: str) -> torch.Tensor:
     """M with M z_B ≈ z_A on the same images: orthogonal (Procrustes) or any linear map (least squares)."""
-    za, zb = (_unit_activations(m, [group], images)[group.name].T for m in (model_a, model_b))  # [samples, d]
+    za, zb = (_unit_activations(m, [group], images, "pre")[group.name].T for m in (model_a, model_b))  # [n, d]
     if how == "orthogonal":
         u, _, vh = torch.linalg.svd(za.T @ zb)
         return u @ vh

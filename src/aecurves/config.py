@@ -37,7 +37,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 BUILTIN_MODEL = "aecurves.models:ConvAutoencoder"
 EXPORT_FORMATS = ("checkpoint", "safetensors", "state_dict")
-ALIGN_METHODS = ("weights", "activations")
+ALIGN_METHODS = ("weights", "activations", "both")
 LATENT_MAPS = ("none", "permutation", "orthogonal", "linear")
 ALIGN_TOLERANCE = 1e-5  # an aligned network's outputs may differ from the original's by at most this (fp32)
 MAX_LR = 100.0  # far above any useful Adam lr; larger values overflow float32 arithmetic in the optimizer
@@ -277,7 +277,11 @@ class AlignConfig:
     out: str | None = option(None, "file to write: B aligned to A, an ordinary endpoint checkpoint", required=True)
     method: str = option("activations", "weights: weight matching (data-free, Ainsworth et al.); activations: "
                                         "match hidden units by the correlation of their activations on "
-                                        "--images training images", choices=ALIGN_METHODS)
+                                        "--images training images; both: activation matching, then weight "
+                                        "matching starting from it", choices=ALIGN_METHODS)
+    match_at: str = option("pre", "where activation matching reads a unit: pre (the output of the layer that "
+                                   "writes it) or post (as the next layer reads it, after BatchNorm and the "
+                                   "activation)", choices=("pre", "post"))
     latent: str = option("permutation", "the bottleneck: none (left as it is), permutation (matched like the "
                                        "hidden units), orthogonal (Procrustes on the two networks' codes of the "
                                        "same images) or linear (least squares on them)", choices=LATENT_MAPS)

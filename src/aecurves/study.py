@@ -74,7 +74,7 @@ EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images"
                  "use_test")
 # an endpoint given extra training: its data and model are its endpoint's (the input, checked by its hash)
 EXTRA_SETTINGS = ("epochs", "lr", "lr_schedule", "batch_size", "wd", "seed")
-ALIGN_SETTINGS = ("method", "latent", "images")
+ALIGN_SETTINGS = ("method", "latent", "match_at", "images")
 # First guesses of what the VGG16 features cost per image, relative to the autoencoder's forward pass, for the time
 # estimate before a stage of that kind has run (then the measured rate is used). Measured on the demo on this
 # project's 2-core CPU: a vgg training stage took 15x its mse twin; an evaluation with VGG metrics ~48 units/image.

@@ -54,6 +54,9 @@ class Group:
     size: int
     entries: list[Entry]
     kind: str = "hidden"  # "latent": a Linear -> Linear code, where any invertible map is a symmetry
+    # fx node names of the tensors that carry the units, in forward order, reshapes left out: the first is the
+    # writer's output, the last the units as the next layer reads them (e.g. after BatchNorm and ReLU)
+    taps: list = field(default_factory=list)
 
 
 # --- what the tracer understands -------------------------------------------------------------------------------
@@ -115,6 +118,7 @@ class _Space:
     entries: list = field(default_factory=list)  # [name, axis, block], lists so coarsening can update blocks
     uses: set = field(default_factory=set)       # kinds of op it went through: decides "latent"
     fixed: bool = False                          # reaches the output or an unpermuted tensor
+    taps: list = field(default_factory=list)     # nodes carrying the units (see Group.taps)
 
 
 class _Tracer:
@@ -180,6 +184,7 @@ class _Tracer:
         a.entries += b.entries
         a.uses |= b.uses
         a.fixed |= b.fixed
+        a.taps += b.taps
 
     def attach(self, key: str, axis: int, layout: tuple, node: fx.Node) -> None:
         if key not in self.keys:  # a bias=False, affine=False or stat-less module
@@ -230,6 +235,7 @@ class _Tracer:
         if o is None or len(o) < 2 or o[:2] != s[:2]:
             return self.unknown(node, spaced, f"{_describe(node, self.modules)}, changing shape {s} to {o}")
         self.layout[node] = self.layout[x]
+        self.root(node).taps.append(node.name)
         if use:
             self.use(node, use)
 
@@ -255,6 +261,7 @@ class _Tracer:
                 self.use(x, f"{kind}_in")
             size = m.out_features if isinstance(m, nn.Linear) else m.out_channels
             self.layout[node] = (self.new_space(t, size), 1)
+            self.root(node).taps.append(node.name)
             self.attach(f"{t}.weight", out_axis, self.layout[node], node)
             self.attach(f"{t}.bias", 0, self.layout[node], node)
             self.use(node, f"{kind}_out")
@@ -355,6 +362,7 @@ class _Tracer:
         for key, axis in params:
             self.attach(key, axis, self.layout[node], node)
         self.use(node, "elementwise")
+        self.root(node).taps.append(node.name)
         if pinned:
             self.root(node).fixed = True
 
@@ -365,7 +373,7 @@ class _Tracer:
                 continue
             entries = [Entry(*e) for e in space.entries]
             latent = space.uses == {"linear_in", "linear_out"} and all(e.block == 1 for e in entries)
-            found.append(Group(space.name, space.size, entries, "latent" if latent else "hidden"))
+            found.append(Group(space.name, space.size, entries, "latent" if latent else "hidden", list(space.taps)))
         return found
 
 
@@ -501,13 +509,15 @@ def _rows(w: torch.Tensor, axis: int, size: int) -> torch.Tensor:
 
 
 def weight_matching(state_a: dict, state_b: dict, groups: list[Group], iters: int = 100,
-                    seed: int = 0) -> dict[str, torch.Tensor]:
+                    seed: int = 0, init: dict | None = None) -> dict[str, torch.Tensor]:
     """Permutations that make B's weights as close as possible to A's (the largest sum of inner products):
     permute(state_b, groups, result) is B reordered to match A, computing the same function as B.
 
     Coordinate ascent as in Ainsworth et al.: each sweep visits the groups in a random order and solves a linear
-    assignment for one with the others held; it stops after a sweep in which no group's total improved."""
+    assignment for one with the others held; it stops after a sweep in which no group's total improved. It starts
+    from the identity, or from `init` (permutations by group name)."""
     perms = {g.name: torch.arange(g.size) for g in groups}
+    perms.update({k: v.clone() for k, v in (init or {}).items() if k in perms})  # e.g. activation matching's
     along: dict[str, list] = {}  # tensor name -> [(group name, axis, block)]
     for g in groups:
         for e in g.entries:
