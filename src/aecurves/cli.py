@@ -31,6 +31,11 @@ DESCRIPTIONS = {
               "the same function as B, ready for eval-curve --segment A B_ALIGNED or train-curve. Asks whether the "
               "straight line's barrier is only a matter of unit order (Entezari et al. 2022, Ainsworth et al. "
               "2023)."),
+    "plane": ("losses on a grid over the plane through a curve's bends (or three networks)",
+              "Evaluate the train and test loss and MSE on a G x G grid over the plane through a curve's first, "
+              "middle and last bend (--ckpt), or through three networks (--points A B C), with BatchNorm "
+              "statistics recomputed at every grid point as eval-curve does. Writes plane.npz, plane.png (filled "
+              "contours on a log scale, with the curve and the segment) and plane.json."),
     "study": ("the whole experiment: endpoints, curves, evaluations and a report (resumable)",
               "Train endpoints for every loss and seed, connect every pair within a loss group by a curve, evaluate "
               "every curve and its segment, and write report.html / report.md. Re-running the same command skips "
@@ -145,6 +150,8 @@ def main(argv=None) -> int:
             from aecurves import export_point as module
         elif command == "align":
             from aecurves import align as module
+        elif command == "plane":
+            from aecurves import plane as module
         elif command == "study":
             from aecurves import study as module
         else:

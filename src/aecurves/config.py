@@ -296,6 +296,50 @@ class AlignConfig:
 
 
 @dataclass
+class PlaneConfig:
+    """`aecurves plane`: losses on a grid over the plane through a curve's first, middle and last bend (or
+    through three networks)."""
+
+    ckpt: str | None = option(None, "curve checkpoint from train-curve: the plane through its first, middle and "
+                                    "last bend", group="the plane (one of)")
+    points: list | None = option(None, "three endpoint checkpoints: the plane through them (A at the origin, C on "
+                                       "the first axis, B above it)", nargs=3, metavar=("A", "B", "C"),
+                                 group="the plane (one of)")
+    grid: int = option(21, "grid points per side (G x G networks are evaluated)", minimum=2,
+                       aliases=("--grid-points", "--grid_points"), group="grid")
+    margin: float = option(0.2, "margin on every side of the three points, as a fraction of the distance between "
+                                "the first and last (along x) and of the middle one's distance from the line "
+                                "through them (along y)", minimum=0, group="grid")
+    margin_left: float | None = option(None, "margin left of the first point", shown="--margin", minimum=0,
+                                       group="grid")
+    margin_right: float | None = option(None, "margin right of the last point", shown="--margin", minimum=0,
+                                        group="grid")
+    margin_bottom: float | None = option(None, "margin below the line through the first and last point",
+                                         shown="--margin", minimum=0, group="grid")
+    margin_top: float | None = option(None, "margin above the middle point", shown="--margin", minimum=0,
+                                      group="grid")
+    curve_points: int = option(61, "points t along the curve (and the segment) for their projection on the "
+                                   "plane", minimum=2, group="grid")
+    bn_images: int = same_as(EvalCurveConfig, "bn_images", help="training images (a fixed subset drawn once: "
+                             "eval-curve's) for the BatchNorm statistics at each grid point")
+    train_images: int = same_as(EvalCurveConfig, "train_images")
+    full: bool = same_as(EvalCurveConfig, "full")
+    batch_size: int = same_as(EvalCurveConfig, "batch_size")
+    use_test: bool = same_as(EvalCurveConfig, "use_test")
+    loss: str | None = same_as(EvalCurveConfig, "loss", help="the reconstruction loss to evaluate; needed for "
+                               "--points whose networks were trained with different losses")
+    cache_dir: str | None = same_as(EvalCurveConfig, "cache_dir")
+    model: str | None = same_as(EvalCurveConfig, "model")
+    out: str | None = option(None, "output folder", shown="CKPT_FOLDER/plane for a curve, runs/plane for --points",
+                             aliases=("--dir",), group="evaluation")
+    device: str = same_as(TrainConfig, "device")
+    vgg_weights: str = same_as(TrainConfig, "vgg_weights", help="VGG16 weights for vgg-loss checkpoints: imagenet, "
+                               "PATH or random")
+    no_progress: bool = same_as(TrainConfig, "no_progress")
+    given: tuple = _given()
+
+
+@dataclass
 class ReportConfig:
     """`aecurves report`: (re)writes a study's report from its files."""
 
@@ -395,7 +439,8 @@ class StudyConfig:
 
 
 COMMANDS = {"train": TrainConfig, "train-curve": TrainCurveConfig, "eval-curve": EvalCurveConfig,
-            "export-point": ExportPointConfig, "align": AlignConfig, "study": StudyConfig, "report": ReportConfig}
+            "export-point": ExportPointConfig, "align": AlignConfig, "plane": PlaneConfig, "study": StudyConfig,
+            "report": ReportConfig}
 
 
 # ----------------------------------------------------------------------------------------------------------

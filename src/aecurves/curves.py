@@ -64,6 +64,36 @@ def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+@torch.no_grad()
+def recompute_bn(module: nn.Module, weights: dict, batches, num_batches: int | None = None) -> int:
+    """Recomputes `module`'s BatchNorm running statistics with its parameters replaced by `weights`.
+
+    Statistics are reset and then averaged over the batches weighted by batch size (momentum
+    b / (seen + b) per batch, as the paper does), so a short last batch does not count extra.
+    Returns the number of images used (0 when the module has no BatchNorm).
+    """
+    bns = batchnorms(module)
+    if not bns:
+        return 0
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+    was_training = module.training
+    module.train()
+    seen = 0
+    for i, x in enumerate(batches):
+        if num_batches is not None and i >= num_batches:
+            break
+        for m in bns:
+            m.momentum = x.shape[0] / (seen + x.shape[0])
+        functional_call(module, weights, (x,))
+        seen += x.shape[0]
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    module.train(was_training)
+    return seen
+
+
 class Curve(nn.Module):
     """A curve of `num_bends` control points through the parameter space of `base`.
 
@@ -156,33 +186,11 @@ class Curve(nn.Module):
 
     @torch.no_grad()
     def update_bn(self, batches, t, num_batches: int | None = None) -> int:
-        """Recomputes BatchNorm running statistics at θ(t) from `batches` (the paper's update_bn).
-
-        Statistics are reset and then averaged over the batches weighted by batch size (momentum
-        b / (seen + b) per batch, as the paper does), so a short last batch does not count extra.
-        Returns the number of images used (0 when the module has no BatchNorm).
-        """
-        bns = batchnorms(self.base)
-        if not bns:
+        """Recomputes BatchNorm running statistics at θ(t) from `batches` (the paper's update_bn): see
+        `recompute_bn`. Returns the number of images used (0 when the module has no BatchNorm)."""
+        if not batchnorms(self.base):
             return 0
-        momenta = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-        was_training = self.base.training
-        self.base.train()
-        weights = self.weights(t)
-        seen = 0
-        for i, x in enumerate(batches):
-            if num_batches is not None and i >= num_batches:
-                break
-            for m in bns:
-                m.momentum = x.shape[0] / (seen + x.shape[0])
-            functional_call(self.base, weights, (x,))
-            seen += x.shape[0]
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        self.base.train(was_training)
-        return seen
+        return recompute_bn(self.base, self.weights(t), batches, num_batches)
 
     @torch.no_grad()
     def state_dict_at(self, t) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ LABEL_FONT = "DejaVu Sans"
 LABEL_FONT_SIZE = 13
 LINE_HEIGHT = 20  # pixels per text line in a grid's header
 TEXT_MARGIN = 4   # pixels between a row label and the grid's edge or its first cell
+MAX_PLANE_STRETCH = 3.0  # plane figures: the most one axis may be drawn longer than the other at equal scales
 
 
 def save_figure(fig, path, dpi: int = 120) -> None:
@@ -219,3 +220,67 @@ def save_labelled_rows(rows: Sequence[tuple[str, torch.Tensor]], path, title: st
         image.save(tmp, format="PNG")
     n, _, size, _ = rows[0][1].shape
     return rows_geometry(len(rows), n, size, [label for label, _ in rows], title)
+
+
+def plot_plane(grid: np.ndarray, panels: Mapping[str, np.ndarray], path, points: Sequence[Mapping] = (),
+               lines: Sequence[Mapping] = (), title: str | None = None, value_label: str = "loss",
+               xlabel: str = "x", ylabel: str = "y", num_levels: int = 24) -> None:
+    """Filled contours over a plane in weight space (Garipov et al., 2018, Fig. 1), one panel per entry of
+    `panels` (title -> values [G, G] at grid [G, G, 2]), all on one logarithmic colour scale.
+
+    `points`: dicts with label, xy and optionally marker (e.g. the endpoints and the middle bend); `lines`:
+    dicts with xy [K, 2] and optionally linestyle (e.g. the curve, and the segment dashed; say which is which
+    in the title). Equal axis scales, so distances on the figure are distances in weight space, unless the
+    plane is more than MAX_PLANE_STRETCH times wider than high (or higher than wide): then y is stretched
+    (or squeezed) to that ratio, and its label says by how much.
+    """
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    values = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in panels.values()])
+    shown = values[np.isfinite(values) & (values > 0)]
+    if not len(shown):
+        raise ValueError("nothing to plot: no positive finite value")
+    lo, hi = float(shown.min()), float(shown.max())
+    if hi <= lo * (1 + 1e-6):  # a flat plane: one band around its value
+        lo, hi = lo / 1.001, hi * 1.001
+    levels = np.geomspace(lo, hi, num_levels + 1)
+    norm = LogNorm(lo, hi)
+    x, y = grid[..., 0], grid[..., 1]
+    ratio = float(np.ptp(y) / np.ptp(x))
+    shown_ratio = float(np.clip(ratio, 1 / MAX_PLANE_STRETCH, MAX_PLANE_STRETCH))
+    aspect = shown_ratio / ratio  # 1: equal scales
+    if not math.isclose(aspect, 1.0):
+        ylabel += f"\n(drawn {'stretched' if aspect > 1 else 'squeezed'} ×{max(aspect, 1 / aspect):.2g})"
+    side = 5.5
+    fig = Figure(figsize=(side * min(1, 1 / shown_ratio) * len(panels) + 1.4, side * min(1, shown_ratio) + 1.3),
+                 layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    filled = None
+    for ax, (name, v) in zip(axes, panels.items()):
+        v = np.ma.masked_invalid(np.clip(np.asarray(v, dtype=np.float64), lo, hi))
+        filled = ax.contourf(x, y, v, levels=levels, norm=norm, cmap="viridis")
+        ax.contour(x, y, v, levels=levels[::4], norm=norm, colors="black", linewidths=0.4, alpha=0.35)
+        for line in lines:
+            xy = np.asarray(line["xy"])
+            ax.plot(xy[:, 0], xy[:, 1], color="white", linestyle=line.get("linestyle", "-"), linewidth=1.8)
+        for p in points:
+            px, py = p["xy"]
+            ax.plot(px, py, p.get("marker", "o"), color="white", markeredgecolor="black", markersize=8, zorder=3)
+            ax.annotate(p["label"], (px, py), textcoords="offset points", xytext=(6, 6), color="white",
+                        fontweight="bold", zorder=4)
+        ax.set_aspect(aspect, adjustable="box")
+        ax.set_xlim(x.min(), x.max())
+        ax.set_ylim(y.min(), y.max())
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    bar = fig.colorbar(filled, ax=list(axes), label=value_label + " (log scale)")
+    bar.ax.minorticks_off()
+    bar.set_ticks(np.geomspace(lo, hi, 6))
+    bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)

@@ -1,0 +1,316 @@
+"""`aecurves plane`: train and test loss and MSE on a grid over the plane through a curve's first, middle and
+last bend (--ckpt), or through three networks (--points A B C, which take the roles of those bends).
+
+The counterpart of the paper's plane.py (Garipov et al., 2018; timgaripov/dnn-mode-connectivity), followed in
+its basis (u along θ₂ − θ₀, v the part of θ₁ − θ₀ orthogonal to it), its grid (G points per side over
+[−margin_left, 1 + margin_right]·dx by [−margin_bottom, 1 + margin_top]·dy, default 21 and 0.2), its
+coordinates (grid[i, j] = (α_i·dx, β_j·dy)), the projection of the curve at `curve_points` values of t, and its
+evaluation of each grid point: BatchNorm statistics recomputed there from training images, then the metrics on
+training and held-out images (see planes.py for the math). Deviations, and why:
+- The evaluation protocol is eval-curve's, not the paper's whole training set: BN statistics from the same
+  fixed subset of training images, train metrics on the same stratified subset (`protocol_subsets`; --full:
+  all of them), the same batch size. So the values at θ₀ and θ₂ are eval-curve's at t = 0 and 1.
+- The metric is the checkpoint's reconstruction loss (as in eval-curve), without the paper's weight-decay
+  term in "loss": curves here are trained with wd = 0 by default. MSE and PSNR stand in for nll and error;
+  the VGG perceptual metric that eval-curve adds when it can is left out (its cost would dominate).
+- The middle bend of a curve with more than 3 bends is bend num_bends // 2 (the paper's script takes bend 1 of
+  3, and would take bend 2 as the "end" of longer curves); the curve then leaves the plane, and how far it
+  does is recorded (curve_distance). The straight segment θ₀–θ₂ is projected too.
+- The three bends are also evaluated directly (bend_* values), so their metrics are exact even where they
+  fall between grid nodes. The basis, coordinates and grid points are computed in float64 (the paper: in
+  the weights' float32). Three points that span no plane are refused (planes.py). Margins are not negative:
+  the plane always shows the three points.
+- Grid points are evaluated one at a time. Stacking several networks per call (torch.func.vmap over their
+  weights) does the same arithmetic; on a CPU, where every point's convolutions already fill the cores, it
+  measured no faster (the 64x64 model, a batch of 256: two stacked networks 1.89 s, one after the other
+  1.78 s).
+
+Outputs in `out` (default CKPT_FOLDER/plane, or runs/plane for --points): plane.npz, plane.png (train and test
+loss, filled contours on one log scale, with the three points, the curve and the segment) and plane.json,
+written only when every point was evaluated, each to a temporary renamed into place (plane.json last).
+"""
+
+import contextlib
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from aecurves import plots, runtime
+from aecurves.checkpoint import arch_mismatch, load_checkpoint, load_curve, trusted_arch
+from aecurves.config import SUBSET_SEED, VAL_FRACTION, PlaneConfig, as_record, validate
+from aecurves.curves import Curve, batchnorms, make_segment
+from aecurves.data import BatchLoader, check_outside_data, load_run_data
+from aecurves.errors import UserError
+from aecurves.files import atomic_path, check_writable, folder_lock, write_json
+from aecurves.losses import make_loss
+from aecurves.metrics import protocol_subsets
+from aecurves.models import build_model
+from aecurves.planes import evaluate_grid, evaluate_network, grid_axes, plane_through
+
+DEFAULT_POINTS_OUT = "runs/plane"
+
+
+@dataclass
+class Subject:
+    """The three networks that span the plane, and what they came from."""
+
+    kind: str                 # "curve" or "points"
+    flats: list               # θ₀, θ₁, θ₂ as flat vectors of the base's parameters
+    labels: tuple             # their names on the figure
+    path: Curve               # the curve, or the segment A–C: the base module, and the protocol's start endpoint
+    curve: Curve | None
+    middle: int | None        # the curve's bend taken as θ₁
+    args: dict                # the run config whose data and loss are used
+    inputs: list              # the checkpoint files
+    loss: str
+
+
+def run(cfg: PlaneConfig) -> dict:
+    cfg = dataclasses.replace(cfg)
+    check_config(cfg)
+    out = output_folder(cfg)
+    device = runtime.resolve_device(cfg.device)
+
+    subject = load_subject(cfg)
+    plane = plane_through(*subject.flats, names=subject.labels)
+    margins = {side: getattr(cfg, f"margin_{side}") if getattr(cfg, f"margin_{side}") is not None else cfg.margin
+               for side in ("left", "right", "bottom", "top")}
+    alphas, betas, grid = grid_axes(plane, cfg.grid, *margins.values())
+    ts = np.linspace(0.0, 1.0, cfg.curve_points)
+    projections = project_paths(subject, plane, ts)
+
+    data, data_record = load_subject_data(cfg, subject)
+    check_outside_data(out, data_record["data_dir"], "--out")
+    loss_fn = losses_for(subject.loss, cfg.vgg_weights).to(device)
+    path = subject.path.to(device)
+    bn_images, train_images, subset = protocol_subsets(path, data.train, cfg.bn_images, cfg.train_images, cfg.full,
+                                                       cfg.batch_size, device)
+    has_bn = bool(batchnorms(path.base))
+    bn_loader = BatchLoader(bn_images, cfg.batch_size, device)
+    train_loader = bn_loader if train_images is bn_images else BatchLoader(train_images, cfg.batch_size, device)
+    test_loader = BatchLoader(data.test, cfg.batch_size, device)
+    if not has_bn:
+        bn_loader = None
+
+    print(f"data: {data.source}")
+    print(f"the plane through {', '.join(subject.labels)}: dx = {plane.dx:.4f}, dy = {plane.dy:.4f}; a {cfg.grid}x"
+          f"{cfg.grid} grid on {device}: " + ("BN statistics recomputed at each point; " if has_bn else
+                                              "no BN statistics; ")
+          + f"{subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
+    check_writable(out)  # now, not after every point was computed
+
+    t0 = time.perf_counter()
+    bends = [evaluate_network(path.base, path.unflatten(f.detach().to(device)), train_loader, test_loader, loss_fn,
+                              bn_loader) for f in subject.flats]
+    t1 = time.perf_counter()
+    values = evaluate_grid(path.base, path.unflatten, plane, grid, train_loader, test_loader, loss_fn, bn_loader,
+                           progress=not cfg.no_progress)
+    seconds = time.perf_counter() - t0
+    per_point = (seconds - (t1 - t0)) / cfg.grid**2
+
+    bend_coordinates = np.stack([plane.coordinates(f) for f in subject.flats])
+    arrays = {"alphas": alphas, "betas": betas, "grid": grid, "bend_coordinates": bend_coordinates, "ts": ts,
+              **projections, **values,
+              **{f"bend_{k}": np.array([b[k] for b in bends]) for k in values},
+              "dx": np.float64(plane.dx), "dy": np.float64(plane.dy)}
+    summary = summarize(subject, values, bends)
+    print_summary(subject, bend_coordinates, bends, summary, seconds, per_point)
+
+    record = {
+        "kind": subject.kind,
+        "inputs": subject.inputs,
+        "endpoints": [subject.args.get("init_start"), subject.args.get("init_end")] if subject.curve is not None
+        else subject.inputs,
+        "points": list(subject.labels),
+        "curve": None if subject.curve is None else {"curve": subject.curve.curve_name,
+                                                     "num_bends": subject.curve.num_bends,
+                                                     "middle_bend": subject.middle},
+        "plane": {"dx": plane.dx, "dy": plane.dy, "bend_coordinates": bend_coordinates.tolist(),
+                  "curve_max_distance": float(projections["curve_distance"].max())
+                  if "curve_distance" in projections else None},
+        "grid": {"points": cfg.grid, "margins": margins, "alphas": alphas.tolist(), "betas": betas.tolist()},
+        "loss": subject.loss,
+        "loss_description": loss_fn.description,
+        "data": {**data_record, "source": data.source, "train_images": len(data.train), "test_images": len(data.test)},
+        "bn": {"recomputed": has_bn, "images": len(bn_images) if has_bn else 0, "subset": subset,
+               "subset_seed": None if cfg.full else SUBSET_SEED},
+        "train_metric_images": len(train_images),
+        "test_metric_images": len(data.test),
+        "bends": [{"label": label, "coordinates": xy.tolist(), **b}
+                  for label, xy, b in zip(subject.labels, bend_coordinates, bends)],
+        "summary": summary,
+        "device": str(device),
+        "seconds": seconds,
+        "seconds_per_point": per_point,
+        "config": as_record(cfg),
+    }
+    with folder_lock(out, "plane"):
+        files = write_outputs(out, subject, arrays, record)
+    print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
+    return {"out": str(out), "kind": subject.kind, "files": files, "seconds": seconds,
+            "seconds_per_point": per_point, **summary}
+
+
+def check_config(cfg: PlaneConfig) -> None:
+    if bool(cfg.ckpt) == bool(cfg.points):
+        which = "both" if cfg.ckpt else "neither"
+        raise UserError(f"plane needs exactly one plane, but {which} of --ckpt and --points was given. Pass --ckpt "
+                        "CURVE_CHECKPOINT (from `aecurves train-curve`) for the plane through the curve's first, "
+                        "middle and last bend, or --points A B C (three checkpoints from `aecurves train`) for the "
+                        "plane through three networks.")
+    if cfg.points is not None and (isinstance(cfg.points, (str, os.PathLike)) or len(cfg.points) != 3):
+        raise UserError(f"--points takes exactly three endpoint checkpoints, A B C; got {cfg.points!r}.")
+    validate(cfg)
+
+
+def output_folder(cfg: PlaneConfig) -> Path:
+    out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).parent / "plane" if cfg.ckpt else Path(DEFAULT_POINTS_OUT))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"The output folder {out} is an existing file; pass another --out folder.")
+    return out
+
+
+def load_subject(cfg: PlaneConfig) -> Subject:
+    if cfg.ckpt:
+        curve, state = load_curve(cfg.ckpt, cfg.model)
+        if curve.num_bends < 3:
+            raise UserError(f"The curve {cfg.ckpt} has {curve.num_bends} bends: it is the straight segment, and a "
+                            "line spans no plane. Pass a curve with at least 3 bends (train-curve --num-bends 3), "
+                            "or --points A B C.")
+        middle = curve.num_bends // 2
+        args = state.get("args", {})
+        flats = [curve.bends[k].detach() for k in (0, middle, curve.num_bends - 1)]
+        labels = ("θ₀", f"θ{subscript(middle)}", f"θ{subscript(curve.num_bends - 1)}")
+        return Subject("curve", flats, labels, curve, curve, middle, args, [str(Path(cfg.ckpt).resolve())],
+                       cfg.loss or args.get("loss") or "mse")
+    paths = [str(Path(p).resolve()) for p in cfg.points]
+    states, arch = load_points(paths, cfg.model)
+    losses = [s["args"].get("loss") or "mse" for s in states]
+    if cfg.loss is None and len(set(losses)) > 1:
+        raise UserError(f"The three networks were trained with different losses ({', '.join(losses)}); pass --loss "
+                        "mse or --loss vgg to say which one to evaluate over the plane.")
+    segment = make_segment(build_model(arch), states[0]["model"], states[2]["model"])
+    flats = [segment.flatten(s["model"]) for s in states]
+    return Subject("points", flats, ("A", "B", "C"), segment, None, None, states[0]["args"], paths,
+                   cfg.loss or losses[0])
+
+
+def subscript(k: int) -> str:
+    return str(k).translate(str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉"))
+
+
+def load_points(paths: list, requested_model: str | None) -> tuple[list, dict]:
+    """The three endpoint checkpoints of --points, checked to describe the same network."""
+    states = [load_checkpoint(p, "endpoint", f"network {name} (--points A B C)") for p, name in zip(paths, "ABC")]
+    arch = trusted_arch(states[0]["args"], requested_model, paths[0])
+    for p, s, name in zip(paths[1:], states[1:], "BC"):
+        trusted_arch(s["args"], requested_model, p)
+        diff = arch_mismatch(states[0]["args"], s["args"])
+        if diff:
+            raise UserError(f"The networks of --points do not match each other: {'; '.join(diff)} (A {paths[0]} vs "
+                            f"{name} {p}). A plane in weight space needs three networks of the same architecture; "
+                            "train them with the same --model, --latent-dim, --width, --image-size and dataset "
+                            "channels.")
+    return states, arch
+
+
+@torch.no_grad()
+def project_paths(subject: Subject, plane, ts: np.ndarray) -> dict:
+    """(x, y) of the segment θ₀–θ₂ and, for a curve, of θ(t) and its distance from the plane, at each t."""
+    start, end = (subject.flats[k].detach().cpu().double() for k in (0, 2))
+    out = {"segment_coordinates": np.stack([plane.coordinates(start + float(t) * (end - start)) for t in ts])}
+    if subject.curve is not None:
+        points = [subject.curve.flat_at(float(t)).detach().cpu() for t in ts]
+        out["curve_coordinates"] = np.stack([plane.coordinates(p) for p in points])
+        out["curve_distance"] = np.array([plane.distance(p) for p in points])
+    return out
+
+
+def load_subject_data(cfg: PlaneConfig, subject: Subject):
+    """(the data, how it was chosen): the run's, as eval-curve takes it."""
+    args = subject.args
+    if not args.get("dataset"):
+        raise UserError(f"The checkpoint {subject.inputs[0]} does not record its dataset, so the plane cannot be "
+                        "evaluated on its data.")
+    record = {"dataset": args["dataset"], "data_dir": args.get("data_dir"), "image_size": args["image_size"],
+              "limit": args.get("limit"), "val_fraction": args.get("val_fraction") or VAL_FRACTION,
+              "use_test": bool(cfg.use_test or args.get("use_test"))}
+    if record["data_dir"]:
+        record["data_dir"] = str(Path(record["data_dir"]).expanduser().resolve())
+    data = load_run_data(record, cfg.cache_dir, progress=not cfg.no_progress)
+    return data, {**record, "cache_dir": cfg.cache_dir}
+
+
+def losses_for(loss_name: str, vgg_weights: str) -> nn.Module:
+    if loss_name != "vgg":
+        return make_loss(loss_name)
+    try:
+        return make_loss("vgg", vgg_weights)
+    except UserError as exc:
+        raise UserError(f"The networks were trained with the vgg loss, and evaluating it needs the VGG weights. "
+                        f"{exc}") from None
+
+
+def summarize(subject: Subject, values: dict, bends: list) -> dict:
+    """Scalars: each loss's min and max over the grid, and at the three points."""
+    out = {}
+    for key in ("tr_loss", "te_loss", "tr_mse", "te_mse"):
+        out[f"{key}_min"], out[f"{key}_max"] = float(values[key].min()), float(values[key].max())
+        for which, b in zip(("start", "middle", "end"), bends):
+            out[f"{key}_{which}"] = b[key]
+    return out
+
+
+def print_summary(subject: Subject, coordinates, bends, summary: dict, seconds: float, per_point: float) -> None:
+    rows = [[label, *xy, b["tr_loss"], b["te_loss"], b["te_mse"]] for label, xy, b in zip(subject.labels, coordinates,
+                                                                                            bends)]
+    print()
+    print(tabulate(rows, ["point", "x", "y", "train loss", "test loss", "test mse"], tablefmt="simple",
+                   floatfmt=".5f"))
+    print(f"over the grid: train loss {summary['tr_loss_min']:.5f} to {summary['tr_loss_max']:.5f}, test loss "
+          f"{summary['te_loss_min']:.5f} to {summary['te_loss_max']:.5f}; {seconds:.1f} s ({per_point:.2f} s per "
+          "grid point)")
+
+
+def write_outputs(out: Path, subject: Subject, arrays: dict, record: dict) -> dict:
+    """Each file goes to a temporary beside it, renamed into place only when all were written (plane.json
+    last), so a failure leaves earlier results untouched. Returns {kind: path}."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = {"json": "plane.json", "npz": "plane.npz", "plot": "plane.png"}
+    files = {k: str(out / v) for k, v in names.items()}
+    with contextlib.ExitStack() as stack:
+        tmp = {k: stack.enter_context(atomic_path(out / v)) for k, v in names.items()}  # renamed in reverse order
+        with open(tmp["npz"], "wb") as f:  # a file object: np.savez would otherwise append .npz to the name
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        plot(tmp["plot"], subject, arrays, record)
+        write_json(tmp["json"], {**record, "files": files})
+    return files
+
+
+def plot(path, subject: Subject, arrays: dict, record: dict) -> None:
+    first, middle, last = subject.labels
+    markers = ("o", "s", "o")
+    points = [{"label": label, "xy": xy, "marker": m} for label, xy, m in zip(subject.labels,
+                                                                              arrays["bend_coordinates"], markers)]
+    if subject.curve is not None:
+        lines = [{"xy": arrays["curve_coordinates"]}, {"xy": arrays["segment_coordinates"], "linestyle": "--"}]
+        name = Path(subject.inputs[0]).parent.name or Path(subject.inputs[0]).stem
+        title = (f"over the plane through the first, middle and last bend of {name}\n"
+                 f"solid: the {subject.curve.curve_name} curve's projection; dashed: the segment")
+    else:
+        xy = arrays["bend_coordinates"]
+        lines = [{"xy": xy[[a, b]], "linestyle": "--"} for a, b in ((0, 2), (0, 1), (1, 2))]
+        names = [Path(p).parent.name or Path(p).stem for p in subject.inputs]
+        title = (f"over the plane through A, B, C = {', '.join(names)}\n"
+                 "dashed: the straight segments between them")
+    loss_label = "VGG perceptual loss" if record["loss"] == "vgg" else "MSE loss"
+    plots.plot_plane(arrays["grid"], {"train": arrays["tr_loss"], "test": arrays["te_loss"]}, path, points, lines,
+                     title=f"{loss_label} {title}", value_label=loss_label, xlabel=f"x: along {last} − {first}",
+                     ylabel=f"y: towards {middle}")
