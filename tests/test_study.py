@@ -22,7 +22,7 @@ from conftest import run_cli
 SMALL = ["--dataset", "synthetic", "--image-size", 32, "--limit", 256, "--width", 8, "--latent-dim", 16,
          "--batch-size", 32, "--lr", 3e-3, "--epochs", 3, "--curve-epochs", 2, "--curve-lr", 3e-3, "--num-points", 5,
          "--bn-images", 64, "--train-images", 64, "--losses", "mse", "--seeds", "1,2", "--precision", "fp32",
-         "--device", "cpu", "--vgg-weights", "random", "--no-progress"]
+         "--device", "cpu", "--vgg-weights", "random", "--plane-grid", 4, "--no-progress"]
 ENDPOINTS = ("endpoints/mse_seed1/checkpoint.pt", "endpoints/mse_seed2/checkpoint.pt")
 CURVE = "curves/mse_seed1-seed2/checkpoint.pt"
 EVAL = "curves/mse_seed1-seed2/eval"
@@ -32,7 +32,7 @@ ALIGNED_EVAL = "curves/mse_seed1-seed2_aligned/eval"
 EXTRAS = ("endpoints/mse_seed1_extra/checkpoint.pt", "endpoints/mse_seed2_extra/checkpoint.pt")
 BASELINE = "baselines/mse_seed1-seed2"
 STAGES = ["endpoint:mse:1", "endpoint:mse:2", "extra:mse:1", "extra:mse:2", "align:mse:1-2", "curve:mse:1-2",
-          "aligned-curve:mse:1-2", "eval:mse:1-2", "aligned-eval:mse:1-2", "baseline:mse:1-2"]
+          "aligned-curve:mse:1-2", "eval:mse:1-2", "aligned-eval:mse:1-2", "baseline:mse:1-2", "plane:mse:1-2"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -89,7 +89,8 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
                 "study.json", "report.html", "report.md", "report.json", "report_files/mse_loss_along_paths.png",
                 "endpoints/mse_seed1/study_stage.json", f"{EVAL}/study_stage.json", ALIGNED, ALIGNED_CURVE, *EXTRAS,
                 f"{ALIGNED_EVAL}/eval.json", f"{ALIGNED_EVAL}/reconstructions_segment.png", f"{BASELINE}/eval.json",
-                "report_files/mse_seed1-seed2_aligned_segment_reconstructions.png"):
+                "report_files/mse_seed1-seed2_aligned_segment_reconstructions.png",
+                "curves/mse_seed1-seed2/plane/plane.json", "report_files/mse_plane_seed1-seed2.png"):
         assert (root / rel).is_file(), rel
     study_json = json.loads((root / "study.json").read_text())
     cfg = study_json["config"]
@@ -159,6 +160,8 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
         (summary["segment_te_barrier"] - a["segment_te_barrier"]) / summary["segment_te_barrier"])
     assert paths["curve"]["best_vs_endpoint"] == pytest.approx((summary["te_loss_min"] - better) / better)
     assert paths["aligned_curve"]["best_vs_extra"] == pytest.approx((a["te_loss_min"] - extra_best) / extra_best)
+    plane = json.loads((root / "curves/mse_seed1-seed2/plane/plane.json").read_text())
+    assert plane["config"]["grid"] == 4 and g["plane"]["summary"] == plane["summary"]
     one = s["paths"]["aligned_curve"]["barrier"]  # one pair: the mean, no interval
     assert (one["n"], one["mean"], one["lo"]) == (1, a["te_barrier"], None)
 
@@ -203,7 +206,7 @@ def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
     assert {rel: _stamp(root, rel) for rel in before} == before
     out = capsys.readouterr().out
     assert out.count("finished already, skipped") == len(STAGES) and "report: up to date" in out
-    assert re.search(r"stage 6/11: train-curve mse seeds 1-2", out)
+    assert re.search(r"stage 6/12: train-curve mse seeds 1-2", out)
     assert json.loads((root / "study.json").read_text())["provenance"] == provenance  # that of the run that made it
 
 
@@ -350,6 +353,9 @@ def test_stage_configs_equal_the_commands_run_by_hand(tmp_path):
     _, by_hand = parse(["eval-curve", "--segment", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--num-points",
                         "2", "--num-images", "0", "--out", str(tmp_path / "bl")])
     assert as_record(b) == as_record(by_hand)
+    pl = study.plane_config(cfg, tmp_path / "c.pt", tmp_path / "pl")
+    _, by_hand = parse(["plane", "--ckpt", str(tmp_path / "c.pt"), "--grid", "21", "--out", str(tmp_path / "pl")])
+    assert as_record(pl) == as_record(by_hand)
 
 
 def test_presets_flags_and_bad_input(tmp_path):
@@ -365,7 +371,7 @@ def test_presets_flags_and_bad_input(tmp_path):
         study.resolve_study_config(make(StudyConfig, {"seeds": "1"}))
     with pytest.raises(UserError, match="--losses"):
         study.resolve_study_config(make(StudyConfig, {"losses": "mse,l1"}))
-    plain = {"losses": "mse", "seeds": "1,2,3", "align": False, "extra_training": False}
+    plain = {"losses": "mse", "seeds": "1,2,3", "align": False, "extra_training": False, "plane_grid": 0}
     stages = study.plan(study.resolve_study_config(make(StudyConfig, plain)), 10, 2)
     assert [s.name for s in stages][:4] == ["endpoint:mse:1", "endpoint:mse:2", "endpoint:mse:3", "curve:mse:1-2"]
     assert len(stages) == 3 + 3 + 3 + 1
@@ -377,7 +383,8 @@ def test_presets_flags_and_bad_input(tmp_path):
     names = [s.name for s in stages]
     assert names[3:9] == ["extra:mse:1", "extra:mse:2", "extra:mse:3", "align:mse:1-2", "align:mse:1-3",
                           "align:mse:2-3"]
-    assert len(stages) == 3 * 8 + 1 and names.index("aligned-curve:mse:1-2") < names.index("eval:mse:1-2")
+    assert len(stages) == 3 * 8 + 2 and names.index("aligned-curve:mse:1-2") < names.index("eval:mse:1-2")
+    assert names[-2:] == ["plane:mse:1-2", "report"]  # the demo preset draws one plane per group
     assert study.select_forced(["curves"], stages) == {f"{k}:mse:{p}" for k in ("curve", "aligned-curve")
                                                        for p in ("1-2", "1-3", "2-3")}
     assert study.select_forced(["aligns"], stages) == {"align:mse:1-2", "align:mse:1-3", "align:mse:2-3"}

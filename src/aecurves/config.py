@@ -355,11 +355,12 @@ PRESETS = {
     # whole study takes minutes on a 2-core CPU (the README gives the measured time) and shows a clear barrier
     # on every segment that the curves remove almost entirely.
     "demo": {"dataset": "lfw", "image_size": 32, "epochs": 60, "lr": 3e-3, "batch_size": 32, "width": 16,
-             "save_every_epoch": 20, "curve_epochs": 60, "curve_lr": 3e-3},
+             "save_every_epoch": 20, "curve_epochs": 60, "curve_lr": 3e-3, "plane_grid": 21},
     # The founding document's setting: CelebA 64x64, bottleneck 128, batch 64, 30 epochs at Adam lr 1e-4.
     # Curves: 10 epochs (~25,000 Adam steps on CelebA's 162,770 training images) at the endpoints' lr 1e-4.
+    # No plane by default: 441 networks evaluated on CelebA take long on anything but a GPU (see the README).
     "celeba": {"dataset": "celeba", "image_size": 64, "epochs": 30, "lr": 1e-4, "batch_size": 64, "width": 32,
-               "save_every_epoch": 5, "curve_epochs": 10, "curve_lr": 1e-4},
+               "save_every_epoch": 5, "curve_epochs": 10, "curve_lr": 1e-4, "plane_grid": 0},
 }
 
 
@@ -424,6 +425,9 @@ class StudyConfig:
                          group="alignment (aecurves align)")
     align_method: str = same_as(AlignConfig, "method", group="alignment (aecurves align)")
     align_latent: str = same_as(AlignConfig, "latent", group="alignment (aecurves align)")
+    plane_grid: int | None = _preset("plane_grid", "grid points per side of one loss plane per group, through the "
+                                     "curve of its first pair (aecurves plane); 0: no plane", minimum=0,
+                                     group="loss plane (aecurves plane)")
     num_points: int = same_as(EvalCurveConfig, "num_points", help="points t per path",
                               group="evaluation (aecurves eval-curve: every curve and its segment)")
     bn_images: int = same_as(EvalCurveConfig, "bn_images", help="training images for BN statistics at each t and "

@@ -119,6 +119,8 @@ def input_files(study_dir) -> list[str]:
                 files.append(f"{pair['aligned_endpoint']}/study_stage.json")  # how long the alignment took
             if "baseline_eval" in pair:
                 files.append(f"{pair['baseline_eval']}/eval.json")
+        if "plane" in group:
+            files += [f"{group['plane']['folder']}/{n}" for n in ("plane.json", "plane.png")]
     return files
 
 
@@ -202,6 +204,11 @@ def collect(study_dir) -> dict:
                 e["eval_source"] = f"{where}/eval.json ({which} of the path, t={0 if which == 'start' else 1})"
             endpoints.append(e)
         g.update(endpoints=endpoints, pairs=pairs, summary=_group_summary(endpoints, pairs))
+        if "plane" in group:
+            record = read_json(study_dir / group["plane"]["folder"] / "plane.json")
+            g["plane"] = {**group["plane"], "available": isinstance(record, dict) and "summary" in record,
+                          **({"summary": record["summary"], "grid": record.get("grid"),
+                              "seconds": record.get("seconds")} if isinstance(record, dict) else {})}
         g["caveat"] = caveat(loss, g)
     out["ran"] = what_ran(out["groups"])
     return out
@@ -935,6 +942,18 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
                     + "; left: training images, right: held-out images")
         else:
             doc.p("No finished evaluation yet.", "warn")
+
+        plane = g.get("plane")
+        if plane:
+            a, b = plane["seeds"]
+            rel = _copy(study_dir, f"{plane['folder']}/plane.png", f"{loss}_plane_seed{a}-seed{b}.png") \
+                if plane["available"] else None
+            if rel:
+                doc.img(rel, f"{loss} group, seeds {a}-{b}: {name} over the plane through the curve's first, middle "
+                             "and last bend (aecurves plane), BatchNorm statistics recomputed at every grid point; "
+                             "the curve solid, the straight segment dashed")
+            else:
+                doc.p(f"The loss plane of seeds {a}-{b} is not there yet ({plane['folder']}/plane.json).", "warn")
 
         tables = path_tables(g)
         if tables:

@@ -24,13 +24,14 @@ Layout of the study folder (`--out`, default runs/study):
                                         reconstructions.png, reconstructions_segment.png
     curves/{loss}_seed{a}-seed{b}_aligned/[eval/]  the same, from A to the aligned B
     baselines/{loss}_seed{a}-seed{b}/   `aecurves eval-curve --segment` of the two extra-trained endpoints, t = 0, 1
+    curves/{loss}_seed{a}-seed{b}/plane/  `aecurves plane` through that curve's bends (first pair; --plane-grid)
     report.html, report.md, report.json the report (report.json: every number it shows)
     report_files/                       the report's figures
 Every stage folder also holds study_stage.json (the stage's status and a SHA-256 of each input file).
 
 Stage names (for --force): endpoint:{loss}:{s}, extra:{loss}:{s}, align:{loss}:{a}-{b}, curve:{loss}:{a}-{b},
-aligned-curve:{loss}:{a}-{b}, eval:{loss}:{a}-{b}, aligned-eval:{loss}:{a}-{b}, baseline:{loss}:{a}-{b}, report.
---force also takes `endpoints`, `extras`, `aligns`, `curves`, `evals`, a loss (`mse`, `vgg`: its whole group), a
+aligned-curve:{loss}:{a}-{b}, eval:{loss}:{a}-{b}, aligned-eval:{loss}:{a}-{b}, baseline:{loss}:{a}-{b},
+plane:{loss}:{a}-{b}, report. --force also takes `endpoints`, `extras`, `aligns`, `curves`, `evals`, `planes`, a loss (`mse`, `vgg`: its whole group), a
 prefix such as `curve:mse`, or `all`.
 
 Resuming. A stage is finished when its outputs are complete (an endpoint's checkpoint.pt at the requested
@@ -56,7 +57,7 @@ from pathlib import Path
 
 from aecurves import runtime
 from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, LOSSES, PRESETS, AlignConfig, EvalCurveConfig, \
-    StudyConfig, TrainConfig, TrainCurveConfig, as_record, make, validate
+    PlaneConfig, StudyConfig, TrainConfig, TrainCurveConfig, as_record, make, validate
 from aecurves.errors import UserError
 from aecurves.files import folder_lock, read_json, sha256, write_json
 
@@ -75,6 +76,7 @@ EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images"
 # an endpoint given extra training: its data and model are its endpoint's (the input, checked by its hash)
 EXTRA_SETTINGS = ("epochs", "lr", "lr_schedule", "batch_size", "wd", "seed")
 ALIGN_SETTINGS = ("method", "latent", "match_at", "images")
+PLANE_SETTINGS = ("grid", "margin", "bn_images", "train_images", "full", "batch_size", "use_test")
 # First guesses of what the VGG16 features cost per image, relative to the autoencoder's forward pass, for the time
 # estimate before a stage of that kind has run (then the measured rate is used). Measured on the demo on this
 # project's 2-core CPU: a vgg training stage took 15x its mse twin; an evaluation with VGG metrics ~48 units/image.
@@ -214,6 +216,15 @@ def align_config(cfg: dict, start: Path, end: Path, out: Path) -> AlignConfig:
     return make(AlignConfig, given)
 
 
+def plane_config(cfg: dict, ckpt: Path, out: Path) -> PlaneConfig:
+    """`aecurves plane --ckpt CURVE`: the loss over the plane through the curve's bends, eval-curve's subsets."""
+    given = {"ckpt": str(ckpt), "out": str(out), "grid": cfg["plane_grid"], "bn_images": cfg["bn_images"],
+             "train_images": cfg["train_images"], "use_test": cfg["use_test"], "device": cfg["device"],
+             "vgg_weights": cfg["vgg_weights"], "cache_dir": cfg["cache_dir"], "no_progress": cfg["no_progress"],
+             **_custom_model(cfg)}
+    return make(PlaneConfig, given)
+
+
 def baseline_config(cfg: dict, start: Path, end: Path, out: Path) -> EvalCurveConfig:
     """`aecurves eval-curve --segment` at t = 0 and 1 only: the two extra-trained endpoints measured exactly like
     every point of the paths."""
@@ -320,6 +331,13 @@ def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list
                                     baseline_folder(loss, a, b), loss, (a, b),
                                     [f"{extra_folder(loss, s)}/checkpoint.pt" for s in (a, b)],
                                     units=2 * per_point + n_train))
+        if cfg["plane_grid"]:
+            a, b = pairs[0]
+            folder = curve_folder(loss, a, b)
+            plane_point = bn + (min(cfg["train_images"], n_train) + n_test) * (1 + VGG_EVAL_COST * (loss == "vgg"))
+            stages.append(Stage(f"plane:{loss}:{a}-{b}", "plane", f"plane {loss} seeds {a}-{b}", folder + "/plane",
+                                loss, (a, b), [folder + "/checkpoint.pt"],
+                                units=(cfg["plane_grid"] ** 2 + 3) * plane_point + n_train))
     stages.append(Stage("report", "report", "report", "."))
     return stages
 
@@ -327,7 +345,8 @@ def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list
 def select_forced(selectors: list[str], stages: list[Stage]) -> set[str]:
     """Stage names matched by the --force selectors; an unknown selector is an error."""
     chosen = set()
-    kinds = {"endpoints": "endpoint", "extras": "extra", "aligns": "align", "curves": "curve", "evals": "eval"}
+    kinds = {"endpoints": "endpoint", "extras": "extra", "aligns": "align", "curves": "curve", "evals": "eval",
+             "planes": "plane"}
     for sel in selectors:
         sel = sel.strip().lower()
         hit = {s.name for s in stages
@@ -391,17 +410,19 @@ class Study:
             return align_config(self.cfg, *inputs, folder)
         if st.kind == "curve":
             return curve_config(self.cfg, *inputs, folder, resume)
+        if st.kind == "plane":
+            return plane_config(self.cfg, inputs[0], folder)
         if st.step == "baseline":
             return baseline_config(self.cfg, *inputs, folder)
         return eval_config(self.cfg, inputs[0], folder)
 
     def expected(self, st: Stage) -> dict:
         keys = {"endpoint": ENDPOINT_SETTINGS, "extra": EXTRA_SETTINGS, "align": ALIGN_SETTINGS,
-                "curve": CURVE_SETTINGS, "eval": EVAL_SETTINGS}.get(st.kind)
+                "curve": CURVE_SETTINGS, "eval": EVAL_SETTINGS, "plane": PLANE_SETTINGS}.get(st.kind)
         if keys is None:
             return {}
         record = as_record(self.config(st))
-        vgg = st.loss == "vgg" and st.kind not in ("align", "extra")
+        vgg = st.loss == "vgg" and st.kind not in ("align", "extra", "plane")
         return {k: record[k] for k in keys + (("vgg_weights",) if vgg else ())}
 
     def recorded(self, st: Stage) -> tuple[dict | None, dict]:
@@ -434,6 +455,14 @@ class Study:
             made_from = record.get("endpoints") if st.step == "baseline" else [record.get("checkpoint")]
             return {k: conf.get(k) for k in EVAL_SETTINGS + ("vgg_weights",)}, \
                 {"complete": complete, "init": made_from or []}
+        if st.kind == "plane":
+            record = read_json(folder / "plane.json")
+            if not isinstance(record, dict) or "config" not in record:
+                return None, {"exists": (folder / "plane.json").exists()}
+            files = record.get("files", {})
+            complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values())
+            return {k: record["config"].get(k) for k in PLANE_SETTINGS}, \
+                {"complete": complete, "init": [str(Path(record["config"].get("ckpt") or "").resolve())]}
 
     def settings_diff(self, st: Stage) -> list[str]:
         rec, _ = self.recorded(st)
@@ -476,20 +505,20 @@ class Study:
             if facts["epoch"] < target:
                 return "resume", f"interrupted at epoch {facts['epoch']} of {target}"
             return "redo", f"its checkpoint is at epoch {facts['epoch']}, beyond {target}"
-        if st.kind == "eval":  # eval.json is renamed into place last, after every other file
+        if st.kind in ("eval", "plane"):  # eval.json / plane.json is renamed into place last
             if facts["complete"]:
                 return "done", "" if isinstance(record, dict) else "adopted"
             return "redo", "its evaluation files are incomplete"
         return "new", ""
 
     def clear(self, st: Stage) -> None:
-        """Removes one stage's own outputs (for a curve: not its eval/ folder, which is the eval stage's)."""
+        """Removes one stage's own outputs (for a curve: not its eval/ and plane/ folders, other stages')."""
         folder = self.root / st.folder
         if not folder.is_dir():
             return
         if st.kind == "curve":
             for p in folder.iterdir():
-                if p.name != "eval":
+                if p.name not in ("eval", "plane"):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         elif st.kind != "report":
             shutil.rmtree(folder)
@@ -534,6 +563,7 @@ class Study:
                                 "segment)",
                        "baselines": "baselines/{loss}_seed{a}-seed{b}/ (aecurves eval-curve of the extra-trained "
                                     "endpoints at t = 0 and 1)",
+                       "plane": "curves/{loss}_seed{a}-seed{b}/plane/ (aecurves plane, the first pair of each group)",
                        "report": "report.html, report.md, report.json, report_files/"},
         })
 
@@ -707,6 +737,9 @@ def loss_group(cfg: dict, loss: str) -> dict:
                         aligned_eval=aligned + "/eval")
         if cfg["extra_training"]:
             pair["baseline_eval"] = baseline_folder(loss, a, b)
+    if cfg["plane_grid"]:
+        first = group["pairs"][0]
+        group["plane"] = {"seeds": first["seeds"], "folder": first["curve"] + "/plane"}
     if loss == "vgg":
         problem = check_vgg(cfg["vgg_weights"])
         if problem:
@@ -740,9 +773,10 @@ def refuse_stale_outputs(study: "Study") -> None:
 
 def run_stage(study: Study, st: Stage, resume: bool) -> None:
     """One stage through the same function as its subcommand; study_stage.json marks it started, then done."""
-    from aecurves import align, eval_curve, train, train_curve
+    from aecurves import align, eval_curve, plane, train, train_curve
 
-    command = {"endpoint": train, "extra": train, "align": align, "curve": train_curve, "eval": eval_curve}[st.kind]
+    command = {"endpoint": train, "extra": train, "align": align, "curve": train_curve, "eval": eval_curve,
+               "plane": plane}[st.kind]
     study.write_record(st, "started")
     result = command.run(study.config(st, resume))
     study.write_record(st, "done", **({"result": result} if st.kind == "align" else {}))  # the report shows its time
