@@ -1,4 +1,5 @@
-"""Tests for aecurves.eval_curve (eval-curve): reproduces endpoints, path length, summaries, outputs, bad input."""
+"""Tests for aecurves.eval_curve (eval-curve): reproduces endpoints, path length, summaries, outputs, SSIM,
+ensembles, bad input."""
 
 import json
 from pathlib import Path
@@ -11,13 +12,15 @@ from PIL import Image
 from aecurves import eval_curve, metrics, plots
 from aecurves.checkpoint import load_checkpoint, load_curve, save_checkpoint
 from aecurves.config import SUBSET_SEED, EvalCurveConfig, make
-from aecurves.curves import Curve, make_segment, step_lengths
+from aecurves.curves import Curve, make_segment, segment_of, step_lengths
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.files import LOCK_NAME
 from aecurves.losses import MSELoss
 from aecurves.metrics import evaluate as measure
 from aecurves.models import ConvAutoencoder, build_model
+
+from conftest import run_cli
 
 ARCH = {"channels": 3, "image_size": 32, "latent_dim": 16, "width": 8}
 DATA_ARGS = {"dataset": "synthetic", "data_dir": None, "image_size": 32, "limit": 256, "val_fraction": 0.1,
@@ -109,7 +112,7 @@ def segment_run(setup):
 
 @pytest.fixture(scope="session")
 def curve_run(setup):
-    summary = run_eval({**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 3})
+    summary = run_eval({**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 3, "ensemble": 3})
     return Path(summary["out"]), summary
 
 
@@ -305,6 +308,134 @@ def test_losses_choice(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# SSIM along every path
+
+
+def test_ssim_along_the_curve_and_its_segment(curve_run):
+    out, summary = curve_run
+    npz = dict(np.load(out / "curve.npz"))
+    record = json.loads((out / "eval.json").read_text())
+    assert record["ssim"] and record["loss"] == "mse"  # trained with MSE, measured by SSIM too
+    for k in ("tr_ssim", "te_ssim", "segment_tr_ssim", "segment_te_ssim"):
+        assert npz[k].shape == (5,) and np.array_equal(npz[k], np.asarray(record["series"][k])), k
+        assert np.all((npz[k] > 0) & (npz[k] < 1)), k
+    for k in ("te_ssim_int", "te_ssim_min", "segment_te_ssim_max", "tr_ssim_start"):
+        assert float(npz[k]) == record["summary"][k] == summary[k], k
+    # the curve and its segment share their ends
+    assert npz["te_ssim"][0] == pytest.approx(npz["segment_te_ssim"][0], rel=1e-6)
+
+
+def test_ssim_is_left_out_with_a_note_for_images_smaller_than_its_window():
+    notes = []
+    assert not eval_curve.ssim_fits(8, notes) and "SSIM omitted" in notes[0] and "11x11" in notes[0]
+    notes = []
+    assert eval_curve.ssim_fits(16, notes) and not notes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ensembles along a path
+
+
+def _bn_loader(data):
+    return BatchLoader(data.train[:64], 64, "cpu")  # one batch: its statistics are the running ones
+
+
+def _own_bn(state, bn_images):
+    """An endpoint with BN statistics recomputed by hand: one batch, torch's cumulative average."""
+    model = build_model(ARCH)
+    model.load_state_dict(state)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(bn_images.float() / 255)
+    return model.eval()
+
+
+def test_endpoint_average_by_hand_and_k2(setup):
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    data = setup["data"]
+    curve, _ = load_curve(setup["curve"])
+    test_loader = BatchLoader(data.test, 8, "cpu")  # batches of 8 and a short last one
+    got = metrics.evaluate_ensembles(curve, 2, test_loader, _bn_loader(data), ssim=True)
+    # by hand: each endpoint with BN recomputed on the same subset, outputs averaged over all held-out images
+    ends = [_own_bn(load_checkpoint(setup[w])["model"], data.train[:64]) for w in ("a", "b")]
+    x = data.test.float() / 255
+    with torch.no_grad():
+        recon = (ends[0](x) + ends[1](x)) / 2
+    mse = (recon - x).pow(2).flatten(1).mean(1)
+    by_hand = {"mse": mse.mean().item(), "psnr": metrics.psnr_from_mse(mse).mean().item(),
+               "ssim": structural_similarity_index_measure(recon, x, data_range=1.0).item()}
+    for m, value in by_hand.items():
+        assert got["metrics"]["endpoint_average"][m] == pytest.approx(value, rel=1e-5), m
+    # K = 2: the points are the endpoints, so (a) is (b)
+    assert np.array_equal(got["ts"], [0.0, 1.0])
+    assert got["metrics"]["path_average"] == got["metrics"]["endpoint_average"]
+    for m in ("mse", "psnr", "ssim"):
+        assert got["metrics"]["best_endpoint"][m] == got["metrics"][got["which"][m]][m]
+    # (c) with K = 2 is the segment's midpoint
+    mid = metrics.evaluate_path(segment_of(curve), [0.5], test_loader, test_loader, MSELoss(),
+                                bn_loader=_bn_loader(data))
+    assert got["metrics"]["weight_average"]["mse"] == pytest.approx(mid["te_mse"][0], rel=1e-5)
+    # per image, ‖(a + b)/2 − x‖² <= (‖a − x‖² + ‖b − x‖²)/2 (convexity)
+    ends_mse = [got["metrics"][w]["mse"] for w in ("start", "end")]
+    assert got["metrics"]["endpoint_average"]["mse"] <= sum(ends_mse) / 2
+
+
+def test_ensemble_outputs_of_a_curve(setup, curve_run):
+    out, summary = curve_run
+    record = json.loads((out / "eval.json").read_text())
+    npz = dict(np.load(out / "curve.npz"))
+    ens = record["ensemble"]
+    assert ens["k"] == 3 and ens["ts"] == [0.0, 0.5, 1.0] and ens["metrics"] == ["mse", "psnr", "ssim"]
+    assert ens["test_images"] == len(setup["data"].test) and summary["ensemble"] == ens
+    assert list(ens["entries"]) == list(metrics.ENSEMBLES)
+    assert int(npz["ensemble_k"]) == 3 and np.array_equal(npz["ensemble_ts"], ens["ts"])
+    for name, entry in ens["entries"].items():
+        assert entry["what"] == metrics.ENSEMBLES[name]
+        for m in ("mse", "psnr", "ssim"):
+            assert float(npz[f"ensemble_{name}_{m}"]) == entry[m], (name, m)
+    for m in ("mse", "psnr", "ssim"):  # the endpoints alone: the curve's first and last point
+        assert ens["entries"]["start"][m] == pytest.approx(npz[f"te_{m}"][0], rel=1e-6), m
+        assert ens["entries"]["end"][m] == pytest.approx(npz[f"te_{m}"][-1], rel=1e-6), m
+    assert record["files"]["ensemble"] == str(out / "ensemble.png")
+    labels = ["original"] + [eval_curve.ENSEMBLE_LABELS[n].format(k=3) for n in eval_curve.PICTURE_ROWS]
+    title = "ensembles of the Bezier curve (3 bends) between a and b: held-out images"
+    geo = plots.rows_geometry(6, 3, 32, labels, title)
+    with Image.open(out / "ensemble.png") as im:
+        assert im.size == (geo["width"], geo["height"])
+        pixels = np.asarray(im.convert("RGB"))
+    top, left = geo["header"] + geo["padding"], geo["left"] + geo["padding"]
+    first = pixels[top: top + geo["cell"], left: left + geo["cell"]][:: geo["scale"], :: geo["scale"]]
+    assert np.array_equal(first.transpose(2, 0, 1), setup["data"].test[0].numpy())  # the originals' row
+
+
+def test_segment_ensemble_of_identical_networks_is_that_network(setup, tmp_path):
+    """A segment from A to A: every point, both averages and the weight average are A itself."""
+    out = tmp_path / "same"
+    assert run_cli("eval-curve", "--segment", setup["a"], setup["a"], "--ensemble", 3, "--num-points", 2,
+                   "--bn-images", 32, "--train-images", 32, "--num-images", 2, "--batch-size", 64, "--device", "cpu",
+                   "--vgg-weights", "random", "--no-progress", "--out", out) == 0
+    record = json.loads((out / "eval.json").read_text())
+    entries = record["ensemble"]["entries"]
+    for name in ("path_average", "endpoint_average", "weight_average", "end", "best_endpoint"):
+        for m in ("mse", "psnr", "ssim"):
+            assert entries[name][m] == pytest.approx(entries["start"][m], rel=1e-6, abs=1e-6), (name, m)
+    assert (out / "ensemble.png").is_file() and "ensemble" in record["files"]
+
+
+def test_ensemble_1_is_refused(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli("eval-curve", "--ckpt", setup["curve"], "--ensemble", 1, "--no-progress", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "--ensemble 1 is not an ensemble" in err and "K >= 2" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # summary statistics on hand-made arrays
 
 
@@ -350,6 +481,8 @@ def test_step_lengths_on_a_hand_made_curve():
     ({"ckpt": None, "segment": None}, "neither"),
     ({"segment": ["A", "B"]}, "both"),
     ({"bn_images": 0}, "bn-images"),
+    ({"ensemble": 1}, "K >= 2"),
+    ({"ensemble": -1}, "at least 0"),
 ])
 def test_bad_config(setup, tmp_path, change, match):
     cfg = {**FAST, "ckpt": str(setup["curve"]), "out": str(tmp_path / "out"), **change}

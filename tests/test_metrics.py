@@ -6,7 +6,8 @@ import torch
 from aecurves.data import BatchLoader
 from aecurves.errors import UserError
 from aecurves.losses import MSELoss
-from aecurves.metrics import evaluate, fixed_subset, per_image_mse, psnr_from_mse, stratified_subset
+from aecurves.metrics import evaluate, fixed_subset, per_image_mse, psnr_from_mse, ssim_per_image, \
+    stratified_subset
 
 
 def test_fixed_subsets_are_nested_sorted_and_seeded():
@@ -54,5 +55,47 @@ def test_evaluate_and_per_image_mse_by_hand():
     assert got["loss"] == pytest.approx(got["mse"], rel=1e-6)  # MSE loss, batches weighted by their size
     assert got["psnr"] == pytest.approx(psnr_from_mse(expected).mean().item(), rel=1e-5)
     assert evaluate(torch.nn.Identity(), loader, MSELoss())["mse"] == 0.0
+    assert "ssim" not in got  # SSIM only when asked for
     with pytest.raises(UserError, match="empty"):
         evaluate(Zeros(), BatchLoader(torch.zeros(0, 1, 2, 2, dtype=torch.uint8), 4, "cpu"), MSELoss())
+
+
+class Darker(torch.nn.Module):
+    """A clearly different image: contrast halved, plus a fixed pattern."""
+
+    def forward(self, x):
+        pattern = torch.linspace(0, 0.2, x.shape[-1]).expand_as(x)
+        return 0.5 * x + pattern
+
+
+def _images(n=7, side=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    smooth = torch.rand(n, 3, side // 4, side // 4, generator=gen).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    return (smooth * 255).to(torch.uint8)
+
+
+def test_ssim_of_an_image_with_itself_is_one():
+    loader = BatchLoader(_images(), 4, "cpu")
+    got = evaluate(torch.nn.Identity(), loader, MSELoss(), ssim=True)
+    assert got["ssim"] == pytest.approx(1.0, abs=1e-6) and got["mse"] == 0.0
+
+
+def test_ssim_of_a_different_pair_is_torchmetrics_value():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    images = _images(7, 32)
+    got = evaluate(Darker(), BatchLoader(images, 4, "cpu"), MSELoss(), ssim=True)  # batches of 4 and 3
+    x = images.float() / 255
+    # torchmetrics' defaults are Wang et al.'s (Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03): only the range is set
+    expected = structural_similarity_index_measure(Darker()(x), x, data_range=1.0).item()  # mean over images
+    assert got["ssim"] < 0.95
+    assert got["ssim"] == pytest.approx(expected, rel=1e-6)
+    per_image = ssim_per_image(Darker()(x), x)
+    assert per_image.shape == (7,) and got["ssim"] == pytest.approx(per_image.mean().item(), rel=1e-6)
+
+
+def test_ssim_needs_images_as_large_as_its_window():
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(UserError, match="at least 11x11"):
+        ssim_per_image(x, x)
+    assert ssim_per_image(torch.rand(2, 1, 11, 11), torch.rand(2, 1, 11, 11)).shape == (2,)  # exactly the window

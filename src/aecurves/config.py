@@ -223,6 +223,11 @@ class EvalCurveConfig:
     num_images: int = option(4, "held-out images in the reconstruction pictures", minimum=0, group="evaluation")
     segment_too: bool = option(True, "for a curve, also evaluate the segment between its endpoints",
                                negative_flag="--no-segment-too", group="evaluation")
+    ensemble: int = option(0, "K >= 2: also measure on the held-out images (a) the output average of the path's "
+                              "networks at K evenly spaced t in [0, 1], (b) that of its two endpoints and (c) the "
+                              "network at the mean of the K points' weights, each with BN statistics recomputed "
+                              "like every point's (and ensemble.png); 0: off", minimum=0, metavar="K",
+                           group="evaluation")
     batch_size: int = option(EVAL_BATCH_SIZE, "BN statistics are averaged per batch, so it is part of the "
                                               "protocol", minimum=1, group="evaluation")
     use_test: bool = option(False, "hold out the official test partition (celeba)", group="evaluation")

@@ -5,8 +5,9 @@ in [0, 1], BatchNorm statistics are recomputed at θ(t) from a fixed random subs
 once, the same for every t), and then, in fp32 and eval mode, the training-set metrics are measured on a
 fixed subset stratified by the start endpoint's per-image MSE, and the held-out metrics on the whole
 held-out split (`protocol_subsets`; with `full`, or a training set no larger than the subsets, all training
-images): the checkpoint's reconstruction loss, MSE, PSNR (mean of per-image PSNR) and, when real VGG weights
-are available, the VGG perceptual loss.
+images): the checkpoint's reconstruction loss, MSE, PSNR (mean of per-image PSNR), SSIM (mean of per-image
+SSIM; left out, with a note, for images smaller than its 11x11 window) and, when real VGG weights are
+available, the VGG perceptual loss. Every path is measured by every metric, whatever loss it was trained with.
 
 Per metric the summary has start, end, min, max, avg (plain mean over the points) and int, the dl-weighted
 mean Σ_i ½(m_{i-1} + m_i)·dl_i / Σ_i dl_i with dl_i = ‖θ(t_i) − θ(t_{i-1})‖ (the paper's *_int). The
@@ -15,11 +16,17 @@ path length is Σ dl, and the barrier max_t [L(t) − ((1 − t)·L(0) + t·L(1)
 For a curve, the straight segment between its first and last bend is evaluated the same way (unless
 `segment_too` is False) and stored under the same names prefixed `segment_`.
 
+With `ensemble` K >= 2, the path (the curve, or the segment of --segment) is also measured on the held-out
+images as ensembles (metrics.evaluate_ensembles): (a) the output average of its networks at K evenly spaced
+t, (b) that of its two endpoints, (c) one network at the mean of the K points' weights, beside the two
+endpoints alone; every network with BN statistics recomputed as at every point.
+
 Outputs in `out` (default: CKPT_FOLDER/eval for a curve, runs/segment for --segment):
-curve.npz, eval.json, loss_along_path.png, reconstructions.png and, for a curve with its segment,
-reconstructions_segment.png. Nothing is written before every point was evaluated; then each file goes to a
-temporary beside it, and only when all were written are they renamed into place (eval.json last), so a
-failed or interrupted run never leaves partial or mixed results over earlier ones.
+curve.npz, eval.json, loss_along_path.png, reconstructions.png, for a curve with its segment
+reconstructions_segment.png, and with `ensemble` ensemble.png. Nothing is written before every point was
+evaluated; then each file goes to a temporary beside it, and only when all were written are they renamed
+into place (eval.json last), so a failed or interrupted run never leaves partial or mixed results over
+earlier ones.
 """
 
 import contextlib
@@ -41,8 +48,8 @@ from aecurves.data import BatchLoader, check_outside_data, load_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, check_writable, folder_lock, write_json
 from aecurves.losses import make_loss
-from aecurves.metrics import METRICS, SPLITS, STATS, evaluate_path, protocol_subsets, reconstruct, \
-    reconstructions_along, summarize
+from aecurves.metrics import ENSEMBLES, METRICS, SPLITS, SSIM_WINDOW, STATS, evaluate_ensembles, evaluate_path, \
+    protocol_subsets, reconstruct, reconstructions_along, summarize
 from aecurves.models import build_model
 
 RECON_POINTS = 9  # reconstructions at t = 0, 1/8, ..., 1
@@ -85,6 +92,7 @@ def run(cfg: EvalCurveConfig) -> dict:
     loss_fn, perceptual_fn = losses_for(subject.loss, cfg.vgg_weights, subject.notes)
     loss_fn = loss_fn.to(device)
     perceptual_fn = perceptual_fn.to(device) if perceptual_fn is not None else None
+    ssim = ssim_fits(data.image_size, subject.notes)
 
     # fixed image subsets, drawn once
     subject.path.to(device)  # the stratified subset is scored on the device
@@ -110,9 +118,17 @@ def run(cfg: EvalCurveConfig) -> dict:
 
     check_writable(out)  # now, not after every point was computed
     results = evaluate_paths(subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                             progress=not cfg.no_progress)
+                             ssim, progress=not cfg.no_progress)
+    ensemble = None
+    if cfg.ensemble:
+        t0 = time.perf_counter()
+        ensemble = evaluate_ensembles(subject.path, cfg.ensemble, test_loader, bn_loader, ssim, fixed,
+                                      progress=not cfg.no_progress)
+        ensemble["seconds"] = time.perf_counter() - t0
     for prefix, label in results.labels.items():
         print_summary(label, results.summary, prefix)
+    if ensemble is not None:
+        print_ensemble(subject, ensemble, len(data.test))
 
     record = {
         "kind": subject.kind,
@@ -124,6 +140,7 @@ def run(cfg: EvalCurveConfig) -> dict:
         "loss": subject.loss,
         "loss_description": loss_fn.description,
         "perceptual": perceptual_fn is not None,
+        "ssim": ssim,
         "data": {**data_record, "source": data.source, "train_images": len(data.train), "test_images": len(data.test)},
         "bn": {"recomputed": has_bn, "images": len(bn_images) if has_bn else 0, "subset": subset,
                "subset_seed": None if cfg.full else SUBSET_SEED},
@@ -138,10 +155,13 @@ def run(cfg: EvalCurveConfig) -> dict:
         "summary": results.summary,
         "series": {k: np.asarray(v).tolist() for k, v in results.series.items()},
     }
+    if ensemble is not None:
+        record["ensemble"] = ensemble_record(ensemble, len(data.test))
     with folder_lock(out, "evaluation"):
-        files = write_outputs(out, subject, results, fixed, record)
+        files = write_outputs(out, subject, results, fixed, record, ensemble)
     print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
-    return {"out": str(out), "kind": subject.kind, "notes": subject.notes, "files": files, **results.summary}
+    return {"out": str(out), "kind": subject.kind, "notes": subject.notes, "files": files, **results.summary,
+            **({"ensemble": record["ensemble"]} if ensemble is not None else {})}
 
 
 def check_config(cfg: EvalCurveConfig) -> None:
@@ -155,6 +175,9 @@ def check_config(cfg: EvalCurveConfig) -> None:
     if cfg.segment is not None and (isinstance(cfg.segment, (str, os.PathLike)) or len(cfg.segment) != 2):
         raise UserError(f"--segment takes exactly two endpoint checkpoints, START and END; got {cfg.segment!r}.")
     validate(cfg)
+    if cfg.ensemble == 1:
+        raise UserError("--ensemble 1 is not an ensemble: pass K >= 2 (the output average of K evenly spaced "
+                        "points t in [0, 1], which include both endpoints), or 0 to leave ensembles out.")
 
 
 def output_folder(cfg: EvalCurveConfig) -> Path:
@@ -227,8 +250,16 @@ def losses_for(loss_name: str, vgg_weights: str, notes: list):
     return make_loss(loss_name), perceptual_fn
 
 
+def ssim_fits(image_size: int, notes: list) -> bool:
+    """Whether SSIM is measured; records in `notes` why not (images smaller than its window)."""
+    if image_size >= SSIM_WINDOW:
+        return True
+    notes.append(f"SSIM omitted: {image_size}px images are smaller than its {SSIM_WINDOW}x{SSIM_WINDOW} window")
+    return False
+
+
 def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                   progress: bool) -> PathResults:
+                   ssim: bool, progress: bool) -> PathResults:
     """Every point of the curve (and its segment), and reconstructions of `fixed` at RECON_POINTS values of t:
     taken during the evaluation at the t the two grids share, then at the others (BN recomputed the same way)."""
     t0 = time.perf_counter()
@@ -246,7 +277,7 @@ def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, per
                 taken[int(hit[0])] = reconstruct(point, fixed)
 
         one = evaluate_path(path, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, progress,
-                            desc=label, on_point=on_point)
+                            desc=label, on_point=on_point, ssim=ssim)
         series.update({prefix + k: v for k, v in one.items()})
         summary.update({prefix + k: v for k, v in summarize(one).items()})
         if len(fixed):
@@ -269,7 +300,40 @@ def print_summary(title: str, summary: dict, prefix: str = "") -> None:
           f"test {summary[prefix + 'te_barrier']:.5f}")
 
 
-def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, record: dict) -> dict:
+ENSEMBLE_LABELS = {"path_average": "(a) mean output, {k} points", "endpoint_average": "(b) mean output, 2 ends",
+                   "weight_average": "(c) mean weights, {k} points", "start": "start (t=0)", "end": "end (t=1)",
+                   "best_endpoint": "better endpoint, per metric"}
+PICTURE_ROWS = ("start", "end", "path_average", "endpoint_average", "weight_average")
+
+
+def print_ensemble(subject: Subject, ensemble: dict, num_images: int) -> None:
+    k = len(ensemble["ts"])
+    metrics = list(ensemble["metrics"]["start"])
+    rows = [[ENSEMBLE_LABELS[name].format(k=k)] + [values[m] for m in metrics]
+            for name, values in ensemble["metrics"].items()]
+    print(f"\nensembles of the {subject.label} on {num_images} held-out images (BN statistics recomputed for "
+          "every network)")
+    print(tabulate(rows, ["ensemble", *metrics], tablefmt="simple", floatfmt=".5f"))
+
+
+def ensemble_record(ensemble: dict, num_images: int) -> dict:
+    """eval.json's "ensemble": K, the ts, the held-out images, and per entry what it is and its metrics."""
+    return {"k": len(ensemble["ts"]), "ts": np.asarray(ensemble["ts"]).tolist(), "test_images": num_images,
+            "metrics": list(ensemble["metrics"]["start"]), "best_endpoint_is": ensemble["which"],
+            "entries": {name: {"what": ENSEMBLES[name], **values} for name, values in ensemble["metrics"].items()},
+            "seconds": ensemble["seconds"]}
+
+
+def ensemble_arrays(ensemble: dict) -> dict:
+    """curve.npz's ensemble_k, ensemble_ts and ensemble_{entry}_{metric} (e.g. ensemble_path_average_mse)."""
+    arrays = {"ensemble_k": len(ensemble["ts"]), "ensemble_ts": np.asarray(ensemble["ts"])}
+    for name, values in ensemble["metrics"].items():
+        arrays.update({f"ensemble_{name}_{m}": v for m, v in values.items()})
+    return arrays
+
+
+def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, record: dict,
+                  ensemble: dict | None = None) -> dict:
     """Every file is first written to a temporary beside it; only when all of them were written are they renamed
     into place (eval.json last), so a failure leaves earlier results untouched. Returns {kind: path}."""
     out.mkdir(parents=True, exist_ok=True)
@@ -277,10 +341,13 @@ def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, reco
     for prefix in results.recons:
         names["reconstructions" + ("_segment" if prefix else "")] = \
             "reconstructions_segment.png" if prefix else "reconstructions.png"
+    if ensemble is not None and ensemble["reconstructions"]:
+        names["ensemble"] = "ensemble.png"
     files = {k: str(out / v) for k, v in names.items()}
     with contextlib.ExitStack() as stack:
         tmp = {k: stack.enter_context(atomic_path(out / v)) for k, v in names.items()}  # renamed in reverse order
-        save_npz(tmp["npz"], {**results.series, **results.summary})
+        save_npz(tmp["npz"], {**results.series, **results.summary,
+                              **(ensemble_arrays(ensemble) if ensemble is not None else {})})
         loss_label = "VGG perceptual loss" if subject.loss == "vgg" else "MSE loss"
         plot_series = [plots.series_from_results(results.series, subject.label, color="C0")]
         if subject.segment is not None:
@@ -295,6 +362,11 @@ def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, reco
             plots.save_reconstruction_grid(fixed, list(zip(labels, images)), tmp[key],
                                            title=f"{results.labels[prefix]}{between}: held-out images and their "
                                                  "reconstructions")
+        if "ensemble" in names:
+            k = len(ensemble["ts"])
+            rows = [(ENSEMBLE_LABELS[name].format(k=k), ensemble["reconstructions"][name]) for name in PICTURE_ROWS]
+            plots.save_labelled_rows([("original", fixed), *rows], tmp["ensemble"],
+                                     title=f"ensembles of the {subject.label}{between}: held-out images")
         write_json(tmp["json"], {**record, "files": files})
     return files
 

@@ -1,20 +1,22 @@
 """Reconstruction metrics, path statistics and the evaluation protocol shared by training, the curve monitor and
 eval-curve.
 
-One function measures a network (`evaluate`), and one protocol says how BatchNorm statistics and training-set
-metrics are taken at a point of a path (`fixed_subset`, `stratified_subset`, with config's SUBSET_SEED and
-EVAL_BATCH_SIZE), so the midpoint monitor of train-curve and eval-curve compute the same number at t = 0.5.
-Along a path, `summarize` gives each metric's start, end, min, max, avg and int (the dl-weighted mean), the
-path length, and the loss barrier on the train and test loss.
+One function measures a network (`evaluate`: loss, MSE, PSNR, optionally the VGG perceptual loss and SSIM),
+and one protocol says how BatchNorm statistics and training-set metrics are taken at a point of a path
+(`fixed_subset`, `stratified_subset`, with config's SUBSET_SEED and EVAL_BATCH_SIZE), so the midpoint monitor
+of train-curve and eval-curve compute the same number at t = 0.5. Along a path, `summarize` gives each
+metric's start, end, min, max, avg and int (the dl-weighted mean), the path length, and the loss barrier on
+the train and test loss; `evaluate_ensembles` measures ensembles of its points.
 """
 
 import math
 
 import numpy as np
 import torch
+from torch.func import functional_call
 
 from aecurves import console, runtime
-from aecurves.curves import Curve, CurvePoint, step_lengths
+from aecurves.curves import Curve, CurvePoint, recompute_bn, step_lengths
 from aecurves.config import SUBSET_SEED
 from aecurves.data import BatchLoader
 from aecurves.errors import UserError
@@ -24,35 +26,73 @@ def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-@torch.no_grad()
-def evaluate(model, loader, loss_fn, perceptual_fn=None) -> dict:
-    """loss, mse, psnr (mean of per-image PSNR) and optionally perceptual over `loader`, in eval mode and fp32.
+SSIM_WINDOW = 11  # the side of SSIM's Gaussian window (Wang et al., 2004): images must be at least this large
 
+
+def check_ssim_size(height: int, width: int) -> None:
+    if min(height, width) < SSIM_WINDOW:
+        raise UserError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels (its Gaussian window), "
+                        f"but these are {height}x{width}; leave SSIM out for images this small.")
+
+
+def ssim_per_image(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each image's SSIM (Wang et al., 2004: 11x11 Gaussian window, σ 1.5, K1 0.01, K2 0.03, data range 1 for
+    images in [0, 1]), the mean over its pixels and channels: torchmetrics' structural_similarity_index_measure."""
+    check_ssim_size(x.shape[-2], x.shape[-1])
+    # imported here: torchmetrics takes seconds to import, and only SSIM needs it
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(recon.float(), x.float(), gaussian_kernel=True, sigma=1.5,
+                                               kernel_size=SSIM_WINDOW, data_range=1.0, k1=0.01, k2=0.03,
+                                               reduction="none")
+
+
+def image_sums(recon: torch.Tensor, x: torch.Tensor, ssim: bool = False) -> dict:
+    """Sums over the batch of per-image MSE, PSNR (and SSIM), and the number of images n."""
+    per_image_mse = (recon - x).pow(2).flatten(1).mean(1)
+    out = {"mse": per_image_mse.sum(), "psnr": psnr_from_mse(per_image_mse).sum()}
+    if ssim:
+        out["ssim"] = ssim_per_image(recon, x).sum()
+    out["n"] = torch.tensor(float(x.shape[0]), device=x.device)
+    return out
+
+
+def means(sums: torch.Tensor | None, names: list[str], device) -> dict:
+    """{name: sum / n} from `sums` (one value per name, then n), all-reduced under torchrun."""
+    if sums is None:  # this process's shard is empty (the others may not be)
+        sums = torch.zeros(len(names) + 1, device=device)
+    sums = runtime.all_reduce_sum(sums)
+    n = sums[-1]
+    if n.item() == 0:
+        raise UserError("No images to evaluate on: the data split is empty.")
+    return {name: (sums[i] / n).item() for i, name in enumerate(names)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, loss_fn, perceptual_fn=None, ssim: bool = False) -> dict:
+    """loss, mse, psnr (mean of per-image PSNR), optionally perceptual and, with `ssim`, ssim (mean of per-image
+    SSIM) over `loader`, in eval mode and fp32.
+
+    SSIM more than doubles the cost of an evaluation on a CPU, so training's per-epoch evaluations leave it
+    out (eval-curve measures it).
     Under torchrun each process measures its shard and the sums are all-reduced.
     """
     model.eval()
-    width = 5 if perceptual_fn is not None else 4
+    names = ["loss", "mse", "psnr"]
+    if perceptual_fn is not None:
+        names.append("perceptual")
+    if ssim:
+        names.append("ssim")
     sums = None
     for x in loader:
         recon = model(x)
-        per_image_mse = (recon - x).pow(2).flatten(1).mean(1)
         loss = loss_fn(recon, x) * x.shape[0]
-        values = [loss, per_image_mse.sum(), psnr_from_mse(per_image_mse).sum(),
-                  torch.tensor(float(x.shape[0]), device=x.device)]
+        values = {"loss": loss, **image_sums(recon, x, ssim)}
         if perceptual_fn is not None:
-            values.append(loss if perceptual_fn is loss_fn else perceptual_fn(recon, x) * x.shape[0])
-        batch = torch.stack([v.float() for v in values])
+            values["perceptual"] = loss if perceptual_fn is loss_fn else perceptual_fn(recon, x) * x.shape[0]
+        batch = torch.stack([values[k].float() for k in (*names, "n")])
         sums = batch if sums is None else sums + batch
-    if sums is None:  # this process's shard is empty (the others may not be)
-        sums = torch.zeros(width, device=getattr(loader, "device", "cpu"))
-    sums = runtime.all_reduce_sum(sums)
-    if sums[3].item() == 0:
-        raise UserError("No images to evaluate on: the data split is empty.")
-    n = sums[3]
-    out = {"loss": (sums[0] / n).item(), "mse": (sums[1] / n).item(), "psnr": (sums[2] / n).item()}
-    if perceptual_fn is not None:
-        out["perceptual"] = (sums[4] / n).item()
-    return out
+    return means(sums, names, getattr(loader, "device", "cpu"))
 
 
 def fixed_subset(images: torch.Tensor, n: int | None, seed: int = SUBSET_SEED) -> torch.Tensor:
@@ -116,7 +156,7 @@ def check_finite(value: float, where: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # statistics of a path (plain numpy: easy to check by hand)
 
-METRICS = ("loss", "mse", "psnr", "perceptual")
+METRICS = ("loss", "mse", "psnr", "perceptual", "ssim")
 STATS = ("start", "end", "min", "max", "avg", "int")
 SPLITS = {"tr": "train", "te": "test"}
 
@@ -163,8 +203,9 @@ def summarize(series: dict) -> dict:
 
 
 def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptual_fn=None, bn_loader=None,
-                  progress: bool = False, desc: str = "path", on_point=None) -> dict:
-    """Metrics at each t of `ts`: {"ts", "dl", "tr_loss", "te_loss", "tr_mse", ...} as float64 arrays.
+                  progress: bool = False, desc: str = "path", on_point=None, ssim: bool = False) -> dict:
+    """Metrics at each t of `ts`: {"ts", "dl", "tr_loss", "te_loss", "tr_mse", ...} as float64 arrays (with
+    `ssim`, tr_ssim and te_ssim too).
 
     With `bn_loader`, BN statistics are recomputed at every t from its batches; without, the curve's
     current buffers are used as they are (e.g. after curve.use_endpoint_buffers(0)).
@@ -177,8 +218,8 @@ def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptu
         if bn_loader is not None:
             curve.update_bn(bn_loader, t)
         point = CurvePoint(curve, t)
-        rows.append({"tr": evaluate(point, train_loader, loss_fn, perceptual_fn),
-                     "te": evaluate(point, test_loader, loss_fn, perceptual_fn)})
+        rows.append({"tr": evaluate(point, train_loader, loss_fn, perceptual_fn, ssim),
+                     "te": evaluate(point, test_loader, loss_fn, perceptual_fn, ssim)})
         if on_point is not None:
             on_point(t, point)
     series = {"ts": ts, "dl": step_lengths(curve, ts)}
@@ -227,3 +268,95 @@ def protocol_subsets(path: Curve, train: torch.Tensor, n_bn: int, n_metric: int,
     metric_images = stratified_subset(train, n_metric, scores, SUBSET_SEED)
     return bn_images, metric_images, how + (f"{len(metric_images)} training images, one from each of as many "
                                             "strata of the start endpoint's per-image MSE")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ensembles of a path's points
+
+ENSEMBLES = {  # name -> what it is, for eval.json
+    "path_average": "(a) the output average of the networks at K evenly spaced points t of the path",
+    "endpoint_average": "(b) the output average of the two endpoints (t = 0 and t = 1)",
+    "weight_average": "(c) one network at the mean of the K points' weights, its BN statistics recomputed",
+    "start": "the start endpoint alone (t = 0)",
+    "end": "the end endpoint alone (t = 1)",
+    "best_endpoint": "per metric, the better of start and end (lower MSE, higher PSNR and SSIM)",
+}
+LOWER_IS_BETTER = {"mse"}
+
+
+@torch.no_grad()
+def evaluate_ensembles(curve: Curve, k: int, loader, bn_loader=None, ssim: bool = False, images=None,
+                       progress: bool = False) -> dict:
+    """MSE, PSNR (and SSIM) over `loader` of each of ENSEMBLES, built from the K = `k` points t in
+    linspace(0, 1, K), each with BN statistics recomputed from `bn_loader` as evaluate_path does at every t.
+
+    Returns {"ts", "metrics": {name: {metric: value}}, "which": {metric: "start" or "end"} (the best endpoint's),
+    "reconstructions": {name: outputs on `images`} (empty without images)}. Each network runs once per batch.
+    """
+    if k < 2:
+        raise ValueError("an ensemble needs K >= 2 points")
+    ts = np.linspace(0.0, 1.0, k)
+    weights = [lambda t=float(t): curve.weights(t) for t in ts]  # recomputed per batch: no copy of each point held
+    mean = sum(curve.flat_at(float(t)) for t in ts) / k
+    weights.append(lambda: curve.unflatten(mean))
+    networks = [network_with_bn(curve.base, w, bn_loader)
+                for w in console.progress(weights, "ensemble: BN statistics", progress, unit="network")]
+    curve.eval()
+    averages = {"path_average": range(k), "endpoint_average": [0, k - 1], "weight_average": [k], "start": [0],
+                "end": [k - 1]}
+    results = evaluate_averages(networks, averages, loader, ssim)
+    which = {m: best_of(m, results["start"][m], results["end"][m]) for m in results["start"]}
+    results["best_endpoint"] = {m: results[which[m]][m] for m in results["start"]}
+    recons = {}
+    if images is not None and len(images):
+        recons = {name: out.cpu() for name, out in average_outputs(networks, averages, images).items()}
+    return {"ts": ts, "metrics": {name: results[name] for name in ENSEMBLES}, "which": which,
+            "reconstructions": recons}
+
+
+def network_with_bn(base: torch.nn.Module, weights, bn_loader=None):
+    """`base` at `weights()` as a function of a batch, with BN statistics recomputed for those weights from
+    `bn_loader` (when given) and kept apart from `base`, so several such networks can run in turn."""
+    if bn_loader is not None:
+        recompute_bn(base, weights(), bn_loader)
+    buffers = {n: b.detach().clone() for n, b in base.named_buffers()}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return functional_call(base, {**weights(), **buffers}, (x,))
+
+    return forward
+
+
+@torch.no_grad()
+def evaluate_averages(networks, averages: dict, loader, ssim: bool = False) -> dict:
+    """{name: {"mse", "psnr"(, "ssim")}} of the output average of the networks each entry of `averages` (name ->
+    indices into `networks`) lists, per image and averaged over images as `evaluate` does."""
+    names = ["mse", "psnr"] + (["ssim"] if ssim else [])
+    sums = {}
+    for x in loader:
+        for name, recon in average_outputs(networks, averages, x).items():
+            batch = torch.stack([v.float() for v in image_sums(recon, x, ssim).values()])
+            sums[name] = batch if name not in sums else sums[name] + batch
+    device = getattr(loader, "device", "cpu")
+    return {name: means(sums.get(name), names, device) for name in averages}
+
+
+def average_outputs(networks, averages: dict, x: torch.Tensor) -> dict:
+    """{name: the mean output on `x` of the networks averages[name] lists}: each network runs once, and one
+    running sum per average is held, so memory does not grow with the number of networks."""
+    totals = {}
+    for i, network in enumerate(networks):
+        wanted = [name for name, members in averages.items() if i in members]
+        if not wanted:
+            continue
+        out = network(x).float()
+        for name in wanted:
+            totals[name] = out if name not in totals else totals[name] + out
+    return {name: totals[name] / len(members) for name, members in averages.items()}
+
+
+def best_of(metric: str, start: float, end: float) -> str:
+    """"start" or "end": the endpoint with the better value of `metric` (start on a tie)."""
+    if metric in LOWER_IS_BETTER:
+        return "start" if start <= end else "end"
+    return "start" if start >= end else "end"
