@@ -160,6 +160,9 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
         (summary["segment_te_barrier"] - a["segment_te_barrier"]) / summary["segment_te_barrier"])
     assert paths["curve"]["best_vs_endpoint"] == pytest.approx((summary["te_loss_min"] - better) / better)
     assert paths["aligned_curve"]["best_vs_extra"] == pytest.approx((a["te_loss_min"] - extra_best) / extra_best)
+    ens = json.loads((root / EVAL / "eval.json").read_text())["ensemble"]  # the study's --ensemble 5
+    assert ens["k"] == 5 and pair["ensemble"] == ens
+    assert pair["extra_endpoint"]["mse"] == min(base["summary"]["te_mse_start"], base["summary"]["te_mse_end"])
     plane = json.loads((root / "curves/mse_seed1-seed2/plane/plane.json").read_text())
     assert plane["config"]["grid"] == 4 and g["plane"]["summary"] == plane["summary"]
     one = s["paths"]["aligned_curve"]["barrier"]  # one pair: the mean, no interval
@@ -178,6 +181,10 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
     assert barriers[1:] == [fnum(summary["segment_te_barrier"]), fnum(a["segment_te_barrier"]),
                             fnum(summary["te_barrier"]), fnum(a["te_barrier"])]
     assert _md_row(md, "aligned segment", "Seeds 1 and 2")[2] == fnum(a["segment_te_barrier"])
+    row = _md_row(md, "seeds 1-2", "Averaging along the curve")
+    assert row[1] == "(a) output average of 5 points of the curve"
+    e = ens["entries"]["path_average"]
+    assert row[2:] == [fnum(e["mse"]), fdb(e["psnr"]), fnum(e["ssim"])]
     ep = _md_row(md, "mse seed 1")
     assert ep[2] == fnum(summary["te_mse_start"]) and ep[4] == fdb(summary["te_psnr_start"])
     assert fnum(summary["segment_te_barrier"]) in rep["summary_lines"][0]
@@ -337,7 +344,8 @@ def test_stage_configs_equal_the_commands_run_by_hand(tmp_path):
                         "--out", str(tmp_path / "c"), "--resume"])
     assert as_record(c) == as_record(by_hand)
     e = study.eval_config(cfg, tmp_path / "c.pt", tmp_path / "ev")
-    _, by_hand = parse(["eval-curve", "--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "ev")])
+    _, by_hand = parse(["eval-curve", "--ckpt", str(tmp_path / "c.pt"), "--ensemble", "5",
+                        "--out", str(tmp_path / "ev")])
     assert as_record(e) == as_record(by_hand)
     assert e.num_points == 61 and e.segment_too is True and c.seed == 1 and t.width == 16
     x = study.extra_config(cfg, tmp_path / "a.pt", 2, tmp_path / "x", False)

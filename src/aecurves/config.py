@@ -430,6 +430,10 @@ class StudyConfig:
                          group="alignment (aecurves align)")
     align_method: str = same_as(AlignConfig, "method", group="alignment (aecurves align)")
     align_latent: str = same_as(AlignConfig, "latent", group="alignment (aecurves align)")
+    ensemble: int = option(5, "K: every curve's evaluation also measures the output average of K of its points, "
+                              "of its two endpoints, and the network at the mean of the K points' weights "
+                              "(eval-curve --ensemble); 0: off", minimum=0, metavar="K",
+                           group="evaluation (aecurves eval-curve: every curve and its segment)")
     plane_grid: int | None = _preset("plane_grid", "grid points per side of one loss plane per group, through the "
                                      "curve of its first pair (aecurves plane); 0: no plane", minimum=0,
                                      group="loss plane (aecurves plane)")

@@ -43,7 +43,7 @@ PSNR_TOLERANCE = 0.5
 SMALL_TRAIN_SET = 1000
 LOW_PSNR_DB = 22.0
 ENDPOINT_KEYS = ("tr_loss", "te_loss", "tr_mse", "te_mse", "tr_psnr", "te_psnr")
-PATH_KEYS = ("te_loss_max", "te_barrier", "tr_barrier", "length", "te_psnr_min", "te_mse_max")
+PATH_KEYS = ("te_loss_max", "te_barrier", "tr_barrier", "length", "te_psnr_min", "te_mse_max", "te_ssim_min")
 LOSS_NAMES = {"mse": "MSE loss", "vgg": "VGG perceptual loss"}
 
 CSS = """
@@ -185,6 +185,8 @@ def collect(study_dir) -> dict:
                 evals[(a, "start")] = evals.get((a, "start")) or (s, "start", pair["eval"])
                 evals[(b, "end")] = evals.get((b, "end")) or (s, "end", pair["eval"])
                 p.update(aligned_and_extra(study_dir, pair, s))
+                if isinstance(record.get("ensemble"), dict):
+                    p["ensemble"] = record["ensemble"]
             pairs.append(p)
         endpoints = []
         for seed, folder in group["endpoints"].items():
@@ -240,6 +242,12 @@ def aligned_and_extra(study_dir: Path, pair: dict, naive: dict) -> dict:
     extra_best = min(extra["summary"]["te_loss_start"], extra["summary"]["te_loss_end"]) \
         if isinstance(extra, dict) and "summary" in extra else None
     out.update(better_endpoint_te_loss=better, extra_endpoint_te_loss=extra_best)
+    if extra_best is not None:  # the better extra-trained endpoint under every metric, as for the ensembles
+        es = extra["summary"]
+        out["extra_endpoint"] = {"mse": min(es.get("te_mse_start"), es.get("te_mse_end")),
+                                 "psnr": max(es.get("te_psnr_start"), es.get("te_psnr_end")),
+                                 "ssim": max(es.get("te_ssim_start"), es.get("te_ssim_end"))
+                                 if es.get("te_ssim_start") is not None else None}
     naive_barrier = paths["segment"]["barrier"]
     for path in paths.values():
         b, best = path["barrier"], path["best"]
@@ -885,6 +893,34 @@ def path_tables(g: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables
 
 
+ENSEMBLE_ROWS = (("path_average", "(a) output average of {k} points of the curve"),
+                 ("endpoint_average", "(b) output average of the two endpoints"),
+                 ("weight_average", "(c) one network at the mean of the {k} points' weights"),
+                 ("best_endpoint", "the better endpoint"))
+
+
+def ensemble_table(g: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Per pair: the averages of eval-curve --ensemble against the better endpoint and the better endpoint trained
+    on as long as a curve (the fair one), on the held-out images."""
+    rows = []
+    for p in g["pairs"]:
+        ens = p.get("ensemble")
+        if not p["available"] or not ens:
+            continue
+        a, b = p["seeds"]
+        for key, label in ENSEMBLE_ROWS:
+            e = ens["entries"].get(key, {})
+            rows.append([f"seeds {a}-{b}", label.format(k=ens.get("k"))] + [fnum(e.get("mse")), fdb(e.get("psnr")),
+                                                                           fnum(e.get("ssim"))])
+        extra = p.get("extra_endpoint")
+        if extra:
+            rows.append([f"seeds {a}-{b}", "the better endpoint trained on as long as a curve (fair)",
+                         fnum(extra["mse"]), fdb(extra["psnr"]), fnum(extra["ssim"])])
+    if not rows:
+        return None
+    return ["pair", "network or average", "test MSE", "test PSNR (dB)", "test SSIM"], rows
+
+
 def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
     doc = Doc()
     cfg = data["config"]
@@ -968,6 +1004,15 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
                 doc.p(caption[0].upper() + caption[1:] + ":", None)
                 doc.table(headers, rows)
 
+        ensembles = ensemble_table(g)
+        if ensembles:
+            doc.h(3, "Averaging along the curve (curve ensembles)")
+            doc.p("The reconstruction analogue of the paper's fast ensembling, on the held-out images, BatchNorm "
+                  "statistics recomputed for every network. The better endpoint is taken per metric. A curve's "
+                  "middle bend gets extra training, so the endpoint trained on for as long is the fair comparison.",
+                  "muted")
+            doc.table(*ensembles, numeric_from=2)
+
         for p in g["pairs"]:
             a, b = p["seeds"]
             doc.h(3, f"Seeds {a} and {b}")
@@ -979,29 +1024,35 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
             label = f"{kind.get('curve', 'curve')} curve ({kind.get('num_bends', '?')} bends)"
             what = "MSE" if loss == "mse" else "loss"
             doc.table(["path", f"max test {what}", "test barrier", "barrier removed", "train barrier",
-                       "train barrier removed", "path length", "min test PSNR (dB)"],
+                       "train barrier removed", "path length", "min test PSNR (dB)", "min test SSIM"],
                       [[label, fnum(cur["te_loss_max"]), fnum(cur["te_barrier"]), fpct(p["barrier_removed"]),
                         fnum(cur["tr_barrier"]), fpct(p["train_barrier_removed"]), fnum(cur["length"]),
-                        fdb(cur["te_psnr_min"])],
+                        fdb(cur["te_psnr_min"]), fnum(cur.get("te_ssim_min"))],
                        ["segment", fnum(seg["te_loss_max"]), fnum(seg["te_barrier"]), "—", fnum(seg["tr_barrier"]),
-                        "—", fnum(seg["length"]), fdb(seg["te_psnr_min"])]]
+                        "—", fnum(seg["length"]), fdb(seg["te_psnr_min"]), fnum(seg.get("te_ssim_min"))]]
                       + [[f"aligned {what}", fnum(x["te_loss_max"]), fnum(x["te_barrier"]),
                           fpct(p["paths"][f"aligned_{what}"]["removed"]), fnum(x["tr_barrier"]),
                           fpct(_removed(seg["tr_barrier"], x["tr_barrier"])), fnum(x["length"]),
-                          fdb(x["te_psnr_min"])]
+                          fdb(x["te_psnr_min"]), fnum(x.get("te_ssim_min"))]
                          for what, x in (("curve", p.get("aligned_curve")), ("segment", p.get("aligned_segment")))
                          if x is not None])
             tag = f"{loss}_seed{a}-seed{b}"
-            strips = [(p["eval"], "reconstructions.png", "curve", f"the {label}"),
-                      (p["eval"], "reconstructions_segment.png", "segment", "the straight segment")]
+            along = f"{loss} group, seeds {a}-{b}: held-out images reconstructed along"
+            strips = [(p["eval"], "reconstructions.png", "curve", f"{along} the {label} at t = 0, 1/8, …, 1"),
+                      (p["eval"], "reconstructions_segment.png", "segment",
+                       f"{along} the straight segment at t = 0, 1/8, …, 1")]
             if p.get("aligned_segment") is not None:
                 strips.append((p["aligned_eval"], "reconstructions_segment.png", "aligned_segment",
-                               f"the straight segment to seed {b} aligned to seed {a}"))
-            for folder, src, suffix, what in strips:
+                               f"{along} the straight segment to seed {b} aligned to seed {a} at t = 0, 1/8, …, 1"))
+            if p.get("ensemble"):
+                strips.append((p["eval"], "ensemble.png", "ensemble",
+                               f"{loss} group, seeds {a}-{b}: held-out images, then the two endpoints' "
+                               "reconstructions, (a) the output average along the curve, (b) that of the endpoints "
+                               "and (c) the weight average: what averaging costs in sharpness"))
+            for folder, src, suffix, caption in strips:
                 rel = _copy(study_dir, f"{folder}/{src}", f"{tag}_{suffix}_reconstructions.png")
                 if rel:
-                    doc.img(rel, f"{loss} group, seeds {a}-{b}: held-out images reconstructed along {what} at "
-                                 "t = 0, 1/8, …, 1", pixels=True)
+                    doc.img(rel, caption, pixels=True)
         notes = sorted({n for p in g["pairs"] if p["available"] for n in p.get("notes", [])})
         if notes:
             doc.p("Notes from eval-curve:", "muted")

@@ -72,7 +72,7 @@ ENDPOINT_SETTINGS = ("dataset", "data_dir", "image_size", "limit", "val_fraction
 CURVE_SETTINGS = ("curve", "num_bends", "fix_start", "fix_end", "init_linear_off", "epochs", "lr", "lr_schedule",
                   "t_sampling", "wd", "batch_size", "seed")
 EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images", "batch_size", "segment_too",
-                 "use_test")
+                 "use_test", "ensemble")
 # an endpoint given extra training: its data and model are its endpoint's (the input, checked by its hash)
 EXTRA_SETTINGS = ("epochs", "lr", "lr_schedule", "batch_size", "wd", "seed")
 ALIGN_SETTINGS = ("method", "latent", "match_at", "images")
@@ -190,7 +190,8 @@ def curve_config(cfg: dict, start: Path, end: Path, out: Path, resume: bool) -> 
 def eval_config(cfg: dict, ckpt: Path, out: Path) -> EvalCurveConfig:
     """The config of `aecurves eval-curve --ckpt CKPT`: the curve and its segment, in one evaluation."""
     given = {"ckpt": str(ckpt), "segment_too": True, "out": str(out), "num_points": cfg["num_points"],
-             "bn_images": cfg["bn_images"], "train_images": cfg["train_images"], "device": cfg["device"],
+             "ensemble": cfg["ensemble"], "bn_images": cfg["bn_images"], "train_images": cfg["train_images"],
+             "device": cfg["device"],
              "vgg_weights": cfg["vgg_weights"], "cache_dir": cfg["cache_dir"], "no_progress": cfg["no_progress"],
              "use_test": cfg["use_test"], **_custom_model(cfg)}
     return make(EvalCurveConfig, given)
@@ -324,7 +325,8 @@ def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list
                 stages.append(Stage(f"{'aligned-' * aligned}eval:{loss}:{a}-{b}", "eval",
                                     f"eval-curve {loss} seeds {a}-{b}{' aligned' * aligned} (curve and segment)",
                                     folder + "/eval", loss, (a, b), [folder + "/checkpoint.pt"],
-                                    units=2 * cfg["num_points"] * per_point + n_train))
+                                    units=2 * cfg["num_points"] * per_point + n_train
+                                    + (cfg["ensemble"] + 1) * (bn + n_test)))
             if cfg["extra_training"]:
                 stages.append(Stage(f"baseline:{loss}:{a}-{b}", "eval",
                                     f"eval-curve {loss} seeds {a}-{b} trained as long as a curve",
@@ -453,7 +455,7 @@ class Study:
             complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values()) \
                 and record.get("segment_evaluated") is (st.step != "baseline")
             made_from = record.get("endpoints") if st.step == "baseline" else [record.get("checkpoint")]
-            return {k: conf.get(k) for k in EVAL_SETTINGS + ("vgg_weights",)}, \
+            return {k: conf.get(k, 0 if k == "ensemble" else None) for k in EVAL_SETTINGS + ("vgg_weights",)}, \
                 {"complete": complete, "init": made_from or []}
         if st.kind == "plane":
             record = read_json(folder / "plane.json")
