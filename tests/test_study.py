@@ -102,7 +102,8 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
     assert prov["aecurves"] == aecurves.__version__ and prov["torch"] == torch.__version__
     assert prov["device"].startswith("cpu (") and prov["precision"] == "fp32" and prov["host"]
     assert list(prov["stage_seconds"]) == STAGES
-    assert prov["wall_seconds"] >= sum(prov["stage_seconds"].values()) > 0 and prov["finished"] >= prov["started"]
+    stages = prov["stage_seconds"].values()  # each rounded to 0.1 s, like the wall time
+    assert prov["wall_seconds"] >= sum(stages) - 0.05 * len(stages) > 0 and prov["finished"] >= prov["started"]
     _, again = parse(["study", "--config", str(root / "study.json")])  # a study's record reproduces it
     assert study.resolved_config(again) == cfg
     assert cfg["epochs"] == 3 and cfg["curve_epochs"] == 2 and cfg["seeds"] == [1, 2] and cfg["losses"] == ["mse"]
