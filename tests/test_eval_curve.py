@@ -220,6 +220,15 @@ def test_curve_run_with_its_segment(setup, curve_run):
     assert record["kind"] == "curve" and record["segment_evaluated"]
     assert record["endpoints"] == [str(setup["a"]), str(setup["b"])]
     assert record["bn"]["images"] == 64 and record["train_metric_images"] == 64
+    # each held-out image's MSE at every t (the loss is the MSE): their mean is the path's test loss, and the
+    # bootstrap interval of the barrier over those images holds the barrier (kept out of eval.json: large)
+    for prefix in ("", "segment_"):
+        per_image = npz[prefix + "te_per_image_mse"]
+        assert per_image.shape == (5, record["test_metric_images"])
+        assert per_image.mean(1) == pytest.approx(npz[prefix + "te_loss"], rel=1e-5)
+        lo, hi = summary[prefix + "te_barrier_lo"], summary[prefix + "te_barrier_hi"]
+        assert lo <= summary[prefix + "te_barrier"] <= hi and record["summary"][prefix + "te_barrier_hi"] == hi
+    assert not any("per_image" in k for k in record["series"])
     for name in ("loss_along_path.png", "reconstructions.png", "reconstructions_segment.png"):
         with Image.open(out / name) as im:
             im.verify()

@@ -176,6 +176,7 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
     row = _md_row(md, "Bezier curve (3 bends)")
     assert row[1:4] == [fnum(summary["te_loss_max"]), fnum(summary["te_barrier"]), fpct(removed)]
     assert row[6] == fnum(summary["length"]) and row[7] == fdb(summary["te_psnr_min"])
+    assert row[9] == f"[{fnum(summary['te_barrier_lo'])}, {fnum(summary['te_barrier_hi'])}]"  # over images
     seg = _md_row(md, "segment", "Seeds 1 and 2")
     assert seg[1:3] == [fnum(summary["segment_te_loss_max"]), fnum(summary["segment_te_barrier"])]
     barriers = _md_row(md, "seeds 1-2", "Test barrier:")

@@ -51,6 +51,7 @@ from aecurves.losses import make_loss
 from aecurves.metrics import ENSEMBLES, METRICS, SPLITS, SSIM_WINDOW, STATS, evaluate_ensembles, evaluate_path, \
     protocol_subsets, reconstruct, reconstructions_along, summarize
 from aecurves.models import build_model
+from aecurves.stats import bootstrap_barrier
 
 RECON_POINTS = 9  # reconstructions at t = 0, 1/8, ..., 1
 
@@ -118,7 +119,7 @@ def run(cfg: EvalCurveConfig) -> dict:
 
     check_writable(out)  # now, not after every point was computed
     results = evaluate_paths(subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                             ssim, progress=not cfg.no_progress)
+                             ssim, progress=not cfg.no_progress, bootstrap=subject.loss == "mse")
     ensemble = None
     if cfg.ensemble:
         t0 = time.perf_counter()
@@ -153,7 +154,7 @@ def run(cfg: EvalCurveConfig) -> dict:
         "seconds": results.seconds,
         "config": as_record(cfg),
         "summary": results.summary,
-        "series": {k: np.asarray(v).tolist() for k, v in results.series.items()},
+        "series": {k: np.asarray(v).tolist() for k, v in results.series.items() if "per_image" not in k},
     }
     if ensemble is not None:
         record["ensemble"] = ensemble_record(ensemble, len(data.test))
@@ -259,9 +260,11 @@ def ssim_fits(image_size: int, notes: list) -> bool:
 
 
 def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                   ssim: bool, progress: bool) -> PathResults:
+                   ssim: bool, progress: bool, bootstrap: bool = False) -> PathResults:
     """Every point of the curve (and its segment), and reconstructions of `fixed` at RECON_POINTS values of t:
-    taken during the evaluation at the t the two grids share, then at the others (BN recomputed the same way)."""
+    taken during the evaluation at the t the two grids share, then at the others (BN recomputed the same way).
+    With `bootstrap` (the loss is the MSE, so the path's test loss is the mean of the images'), the summary also
+    holds a 95% bootstrap interval over the held-out images of each test barrier (te_barrier_lo, _hi)."""
     t0 = time.perf_counter()
     paths = {"": (subject.path, subject.label)}
     if subject.segment is not None:
@@ -277,9 +280,12 @@ def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, per
                 taken[int(hit[0])] = reconstruct(point, fixed)
 
         one = evaluate_path(path, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, progress,
-                            desc=label, on_point=on_point, ssim=ssim)
+                            desc=label, on_point=on_point, ssim=ssim, per_image=True)
         series.update({prefix + k: v for k, v in one.items()})
         summary.update({prefix + k: v for k, v in summarize(one).items()})
+        if bootstrap:
+            lo, hi = bootstrap_barrier(one["ts"], one["te_per_image_mse"])
+            summary.update({prefix + "te_barrier_lo": lo, prefix + "te_barrier_hi": hi})
         if len(fixed):
             missing = [i for i in range(RECON_POINTS) if i not in taken]
             taken.update(zip(missing, reconstructions_along(path, recon_ts[missing], fixed, bn_loader)))

@@ -69,7 +69,7 @@ def means(sums: torch.Tensor | None, names: list[str], device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, perceptual_fn=None, ssim: bool = False) -> dict:
+def evaluate(model, loader, loss_fn, perceptual_fn=None, ssim: bool = False, per_image: bool = False) -> dict:
     """loss, mse, psnr (mean of per-image PSNR), optionally perceptual and, with `ssim`, ssim (mean of per-image
     SSIM) over `loader`, in eval mode and fp32.
 
@@ -83,16 +83,21 @@ def evaluate(model, loader, loss_fn, perceptual_fn=None, ssim: bool = False) -> 
         names.append("perceptual")
     if ssim:
         names.append("ssim")
-    sums = None
+    sums, images_mse = None, []
     for x in loader:
         recon = model(x)
+        if per_image:  # this process's images only: for a bootstrap over them (single-process eval-curve)
+            images_mse.append((recon - x).pow(2).flatten(1).mean(1).double().cpu())
         loss = loss_fn(recon, x) * x.shape[0]
         values = {"loss": loss, **image_sums(recon, x, ssim)}
         if perceptual_fn is not None:
             values["perceptual"] = loss if perceptual_fn is loss_fn else perceptual_fn(recon, x) * x.shape[0]
         batch = torch.stack([values[k].float() for k in (*names, "n")])
         sums = batch if sums is None else sums + batch
-    return means(sums, names, getattr(loader, "device", "cpu"))
+    out = means(sums, names, getattr(loader, "device", "cpu"))
+    if per_image:
+        out["per_image_mse"] = torch.cat(images_mse).numpy() if images_mse else np.zeros(0)
+    return out
 
 
 def fixed_subset(images: torch.Tensor, n: int | None, seed: int = SUBSET_SEED) -> torch.Tensor:
@@ -203,7 +208,8 @@ def summarize(series: dict) -> dict:
 
 
 def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptual_fn=None, bn_loader=None,
-                  progress: bool = False, desc: str = "path", on_point=None, ssim: bool = False) -> dict:
+                  progress: bool = False, desc: str = "path", on_point=None, ssim: bool = False,
+                  per_image: bool = False) -> dict:
     """Metrics at each t of `ts`: {"ts", "dl", "tr_loss", "te_loss", "tr_mse", ...} as float64 arrays (with
     `ssim`, tr_ssim and te_ssim too).
 
@@ -219,7 +225,7 @@ def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptu
             curve.update_bn(bn_loader, t)
         point = CurvePoint(curve, t)
         rows.append({"tr": evaluate(point, train_loader, loss_fn, perceptual_fn, ssim),
-                     "te": evaluate(point, test_loader, loss_fn, perceptual_fn, ssim)})
+                     "te": evaluate(point, test_loader, loss_fn, perceptual_fn, ssim, per_image)})
         if on_point is not None:
             on_point(t, point)
     series = {"ts": ts, "dl": step_lengths(curve, ts)}

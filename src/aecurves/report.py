@@ -43,7 +43,8 @@ PSNR_TOLERANCE = 0.5
 SMALL_TRAIN_SET = 1000
 LOW_PSNR_DB = 22.0
 ENDPOINT_KEYS = ("tr_loss", "te_loss", "tr_mse", "te_mse", "tr_psnr", "te_psnr")
-PATH_KEYS = ("te_loss_max", "te_barrier", "tr_barrier", "length", "te_psnr_min", "te_mse_max", "te_ssim_min")
+PATH_KEYS = ("te_loss_max", "te_barrier", "tr_barrier", "length", "te_psnr_min", "te_mse_max", "te_ssim_min",
+             "te_barrier_lo", "te_barrier_hi")
 LOSS_NAMES = {"mse": "MSE loss", "vgg": "VGG perceptual loss"}
 
 CSS = """
@@ -864,6 +865,12 @@ def _removed(naive, barrier) -> float | None:
     return (naive - barrier) / naive if naive and naive > 0 and barrier is not None else None
 
 
+def fbootstrap(path: dict) -> str:
+    """A path's test-barrier interval over held-out images (eval-curve's bootstrap; MSE loss only)."""
+    lo, hi = path.get("te_barrier_lo"), path.get("te_barrier_hi")
+    return "n/a" if lo is None or hi is None else f"[{fnum(lo)}, {fnum(hi)}]"
+
+
 def fsigned(x) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
@@ -1024,16 +1031,18 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
             label = f"{kind.get('curve', 'curve')} curve ({kind.get('num_bends', '?')} bends)"
             what = "MSE" if loss == "mse" else "loss"
             doc.table(["path", f"max test {what}", "test barrier", "barrier removed", "train barrier",
-                       "train barrier removed", "path length", "min test PSNR (dB)", "min test SSIM"],
+                       "train barrier removed", "path length", "min test PSNR (dB)", "min test SSIM",
+                       "test barrier: 95% bootstrap over images"],
                       [[label, fnum(cur["te_loss_max"]), fnum(cur["te_barrier"]), fpct(p["barrier_removed"]),
                         fnum(cur["tr_barrier"]), fpct(p["train_barrier_removed"]), fnum(cur["length"]),
-                        fdb(cur["te_psnr_min"]), fnum(cur.get("te_ssim_min"))],
+                        fdb(cur["te_psnr_min"]), fnum(cur.get("te_ssim_min")), fbootstrap(cur)],
                        ["segment", fnum(seg["te_loss_max"]), fnum(seg["te_barrier"]), "—", fnum(seg["tr_barrier"]),
-                        "—", fnum(seg["length"]), fdb(seg["te_psnr_min"]), fnum(seg.get("te_ssim_min"))]]
+                        "—", fnum(seg["length"]), fdb(seg["te_psnr_min"]), fnum(seg.get("te_ssim_min")),
+                        fbootstrap(seg)]]
                       + [[f"aligned {what}", fnum(x["te_loss_max"]), fnum(x["te_barrier"]),
                           fpct(p["paths"][f"aligned_{what}"]["removed"]), fnum(x["tr_barrier"]),
                           fpct(_removed(seg["tr_barrier"], x["tr_barrier"])), fnum(x["length"]),
-                          fdb(x["te_psnr_min"]), fnum(x.get("te_ssim_min"))]
+                          fdb(x["te_psnr_min"]), fnum(x.get("te_ssim_min")), fbootstrap(x)]
                          for what, x in (("curve", p.get("aligned_curve")), ("segment", p.get("aligned_segment")))
                          if x is not None])
             tag = f"{loss}_seed{a}-seed{b}"
