@@ -555,3 +555,14 @@ def test_figures_name_the_pair():
     assert eval_curve.between_names(subject) == " between mse_seed1 and mse_seed2"
     assert eval_curve.between_names(eval_curve.Subject("curve", None, None, {}, {}, "c", None, [None, None], "mse",
                                                        [])) == ""
+
+
+def test_bf16_evaluation_is_close_to_fp32_and_really_bf16(setup, segment_run, tmp_path):
+    """--precision bf16 runs the forward passes under autocast: the values move a little, and only a little."""
+    _, fp32 = segment_run
+    bf16 = run_eval({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 3, "bn_images": 1024,
+                     "train_images": 1024, "num_images": 0, "precision": "bf16", "out": str(tmp_path / "bf16")})
+    record = json.loads((tmp_path / "bf16/eval.json").read_text())
+    assert record["precision"] == "bf16"
+    for key in ("te_loss_start", "te_loss_max", "tr_loss_end", "te_psnr_min"):
+        assert bf16[key] != fp32[key] and bf16[key] == pytest.approx(fp32[key], rel=0.02), key

@@ -223,6 +223,9 @@ class EvalCurveConfig:
     num_images: int = option(4, "held-out images in the reconstruction pictures", minimum=0, group="evaluation")
     segment_too: bool = option(True, "for a curve, also evaluate the segment between its endpoints",
                                negative_flag="--no-segment-too", group="evaluation")
+    precision: str = option("fp32", "fp32; or bf16: the forward passes under bf16 autocast (BatchNorm, the losses, "
+                                    "SSIM and every sum stay fp32), faster where the hardware runs bf16 fast",
+                            choices=("fp32", "bf16"), group="evaluation")
     ensemble: int = option(0, "K >= 2: also measure on the held-out images (a) the output average of the path's "
                               "networks at K evenly spaced t in [0, 1], (b) that of its two endpoints and (c) the "
                               "network at the mean of the K points' weights, each with BN statistics recomputed "

@@ -111,21 +111,22 @@ def run(cfg: EvalCurveConfig) -> dict:
 
     ts = np.linspace(0.0, 1.0, cfg.num_points)
     print(f"data: {data.source}")
-    print(f"evaluating the {subject.label} at {len(ts)} points on {device}: "
+    print(f"evaluating the {subject.label} at {len(ts)} points on {device} ({cfg.precision}): "
           + ("BN statistics recomputed at each t; " if has_bn else "no BN statistics; ")
           + f"{subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
     for note in subject.notes:
         print(f"note: {note}")
 
     check_writable(out)  # now, not after every point was computed
-    results = evaluate_paths(subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                             ssim, progress=not cfg.no_progress, bootstrap=subject.loss == "mse")
-    ensemble = None
-    if cfg.ensemble:
-        t0 = time.perf_counter()
-        ensemble = evaluate_ensembles(subject.path, cfg.ensemble, test_loader, bn_loader, ssim, fixed,
-                                      progress=not cfg.no_progress)
-        ensemble["seconds"] = time.perf_counter() - t0
+    with runtime.autocast(device, cfg.precision):  # bf16: the forward passes only (see EvalCurveConfig)
+        results = evaluate_paths(subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
+                                 ssim, progress=not cfg.no_progress, bootstrap=subject.loss == "mse")
+        ensemble = None
+        if cfg.ensemble:
+            t0 = time.perf_counter()
+            ensemble = evaluate_ensembles(subject.path, cfg.ensemble, test_loader, bn_loader, ssim, fixed,
+                                          progress=not cfg.no_progress)
+            ensemble["seconds"] = time.perf_counter() - t0
     for prefix, label in results.labels.items():
         print_summary(label, results.summary, prefix)
     if ensemble is not None:
@@ -151,6 +152,7 @@ def run(cfg: EvalCurveConfig) -> dict:
         "reconstruction_ts": np.linspace(0.0, 1.0, RECON_POINTS).tolist() if results.recons else [],
         "notes": subject.notes,
         "device": str(device),
+        "precision": cfg.precision,
         "seconds": results.seconds,
         "config": as_record(cfg),
         "summary": results.summary,

@@ -42,13 +42,15 @@ def ssim_per_image(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # imported here: torchmetrics takes seconds to import, and only SSIM needs it
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return structural_similarity_index_measure(recon.float(), x.float(), gaussian_kernel=True, sigma=1.5,
-                                               kernel_size=SSIM_WINDOW, data_range=1.0, k1=0.01, k2=0.03,
-                                               reduction="none")
+    with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 evaluation
+        return structural_similarity_index_measure(recon.float(), x.float(), gaussian_kernel=True, sigma=1.5,
+                                                   kernel_size=SSIM_WINDOW, data_range=1.0, k1=0.01, k2=0.03,
+                                                   reduction="none")
 
 
 def image_sums(recon: torch.Tensor, x: torch.Tensor, ssim: bool = False) -> dict:
-    """Sums over the batch of per-image MSE, PSNR (and SSIM), and the number of images n."""
+    """Sums over the batch of per-image MSE, PSNR (and SSIM), and the number of images n, in fp32."""
+    recon, x = recon.float(), x.float()
     per_image_mse = (recon - x).pow(2).flatten(1).mean(1)
     out = {"mse": per_image_mse.sum(), "psnr": psnr_from_mse(per_image_mse).sum()}
     if ssim:
