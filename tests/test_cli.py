@@ -34,7 +34,7 @@ def test_help_shows_the_dataclass_defaults(capsys):
         get_args_parser().parse_args(["eval-curve", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert f"(default: {config.BN_IMAGES})" in out and "(default: 61)" in out
-    assert "--precision" not in out  # eval-curve always measures in fp32; the flag that did nothing is gone
+    assert "--precision {fp32,bf16}" in out and "(default: fp32)" in out  # it measures in fp32 unless asked
 
 
 def test_abbreviations_are_refused_and_version(capsys):
