@@ -43,13 +43,13 @@ from aecurves import plots, runtime
 from aecurves.checkpoint import load_curve, load_endpoint_pair
 from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, VAL_FRACTION, EvalCurveConfig, as_record, \
     validate
-from aecurves.curves import Curve, batchnorms, make_segment, segment_of
-from aecurves.data import BatchLoader, check_outside_data, load_data
+from aecurves.curves import Curve, make_segment, segment_of
+from aecurves.data import check_outside_data, load_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, check_writable, folder_lock, write_json
 from aecurves.losses import make_loss
 from aecurves.metrics import ENSEMBLES, METRICS, SPLITS, SSIM_WINDOW, STATS, evaluate_ensembles, evaluate_path, \
-    protocol_subsets, reconstruct, reconstructions_along, summarize
+    protocol_loaders, reconstruct, reconstructions_along, summarize
 from aecurves.models import build_model
 from aecurves.stats import bootstrap_barrier
 
@@ -99,21 +99,16 @@ def run(cfg: EvalCurveConfig) -> dict:
     subject.path.to(device)  # the stratified subset is scored on the device
     if subject.segment is not None:
         subject.segment.to(device)
-    bn_images, train_images, subset = protocol_subsets(subject.path, data.train, cfg.bn_images, cfg.train_images,
-                                                       cfg.full, cfg.batch_size, device)
-    has_bn = bool(batchnorms(subject.path.base))
-    bn_loader = BatchLoader(bn_images, cfg.batch_size, device)
-    train_loader = bn_loader if train_images is bn_images else BatchLoader(train_images, cfg.batch_size, device)
-    if not has_bn:
-        bn_loader = None
-    test_loader = BatchLoader(data.test, cfg.batch_size, device)
+    protocol = protocol_loaders(subject.path, data.train, data.test, cfg.bn_images, cfg.train_images, cfg.full,
+                                cfg.batch_size, device)
+    bn_loader, train_loader, test_loader = protocol.bn_loader, protocol.train_loader, protocol.test_loader
     fixed = data.test[: cfg.num_images].to(device).float().div(255)
 
     ts = np.linspace(0.0, 1.0, cfg.num_points)
     print(f"data: {data.source}")
     print(f"evaluating the {subject.label} at {len(ts)} points on {device} ({cfg.precision}): "
-          + ("BN statistics recomputed at each t; " if has_bn else "no BN statistics; ")
-          + f"{subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
+          + ("BN statistics recomputed at each t; " if bn_loader else "no BN statistics; ")
+          + f"{protocol.subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
     for note in subject.notes:
         print(f"note: {note}")
 
@@ -144,9 +139,9 @@ def run(cfg: EvalCurveConfig) -> dict:
         "perceptual": perceptual_fn is not None,
         "ssim": ssim,
         "data": {**data_record, "source": data.source, "train_images": len(data.train), "test_images": len(data.test)},
-        "bn": {"recomputed": has_bn, "images": len(bn_images) if has_bn else 0, "subset": subset,
+        "bn": {"recomputed": bn_loader is not None, "images": protocol.bn_images, "subset": protocol.subset,
                "subset_seed": None if cfg.full else SUBSET_SEED},
-        "train_metric_images": len(train_images),
+        "train_metric_images": protocol.train_images,
         "test_metric_images": len(data.test),
         "num_points": len(ts),
         "reconstruction_ts": np.linspace(0.0, 1.0, RECON_POINTS).tolist() if results.recons else [],

@@ -10,13 +10,14 @@ the train and test loss; `evaluate_ensembles` measures ensembles of its points.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
 from aecurves import console, runtime
-from aecurves.curves import Curve, CurvePoint, recompute_bn, step_lengths
+from aecurves.curves import Curve, CurvePoint, batchnorms, recompute_bn, step_lengths
 from aecurves.config import SUBSET_SEED
 from aecurves.data import BatchLoader
 from aecurves.errors import UserError
@@ -276,6 +277,29 @@ def protocol_subsets(path: Curve, train: torch.Tensor, n_bn: int, n_metric: int,
     metric_images = stratified_subset(train, n_metric, scores, SUBSET_SEED)
     return bn_images, metric_images, how + (f"{len(metric_images)} training images, one from each of as many "
                                             "strata of the start endpoint's per-image MSE")
+
+
+@dataclass
+class Protocol:
+    """The loaders of the evaluation protocol at every point: BN statistics (None for a model without BatchNorm),
+    train metrics, held-out metrics; and what they hold, for the records."""
+    bn_loader: BatchLoader | None
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    bn_images: int      # 0 without BatchNorm
+    train_images: int
+    subset: str         # how the training subsets were chosen
+
+
+def protocol_loaders(path: Curve, train: torch.Tensor, test: torch.Tensor, n_bn: int, n_metric: int, full: bool,
+                     batch_size: int, device) -> Protocol:
+    """protocol_subsets as loaders (the train-metric loader is the BN loader when the two subsets are one)."""
+    bn_images, train_images, subset = protocol_subsets(path, train, n_bn, n_metric, full, batch_size, device)
+    has_bn = bool(batchnorms(path.base))
+    bn_loader = BatchLoader(bn_images, batch_size, device)
+    train_loader = bn_loader if train_images is bn_images else BatchLoader(train_images, batch_size, device)
+    return Protocol(bn_loader if has_bn else None, train_loader, BatchLoader(test, batch_size, device),
+                    len(bn_images) if has_bn else 0, len(train_images), subset)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -45,12 +45,12 @@ from torch import nn
 from aecurves import plots, runtime
 from aecurves.checkpoint import arch_mismatch, load_checkpoint, load_curve, trusted_arch
 from aecurves.config import SUBSET_SEED, VAL_FRACTION, PlaneConfig, as_record, validate
-from aecurves.curves import Curve, batchnorms, make_segment
-from aecurves.data import BatchLoader, check_outside_data, load_run_data
+from aecurves.curves import Curve, make_segment
+from aecurves.data import check_outside_data, load_run_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, check_writable, folder_lock, write_json
 from aecurves.losses import make_loss
-from aecurves.metrics import protocol_subsets
+from aecurves.metrics import protocol_loaders
 from aecurves.models import build_model
 from aecurves.planes import evaluate_grid, evaluate_network, grid_axes, plane_through
 
@@ -90,20 +90,15 @@ def run(cfg: PlaneConfig) -> dict:
     check_outside_data(out, data_record["data_dir"], "--out")
     loss_fn = losses_for(subject.loss, cfg.vgg_weights).to(device)
     path = subject.path.to(device)
-    bn_images, train_images, subset = protocol_subsets(path, data.train, cfg.bn_images, cfg.train_images, cfg.full,
-                                                       cfg.batch_size, device)
-    has_bn = bool(batchnorms(path.base))
-    bn_loader = BatchLoader(bn_images, cfg.batch_size, device)
-    train_loader = bn_loader if train_images is bn_images else BatchLoader(train_images, cfg.batch_size, device)
-    test_loader = BatchLoader(data.test, cfg.batch_size, device)
-    if not has_bn:
-        bn_loader = None
+    protocol = protocol_loaders(path, data.train, data.test, cfg.bn_images, cfg.train_images, cfg.full,
+                                cfg.batch_size, device)
+    bn_loader, train_loader, test_loader = protocol.bn_loader, protocol.train_loader, protocol.test_loader
 
     print(f"data: {data.source}")
     print(f"the plane through {', '.join(subject.labels)}: dx = {plane.dx:.4f}, dy = {plane.dy:.4f}; a {cfg.grid}x"
-          f"{cfg.grid} grid on {device}: " + ("BN statistics recomputed at each point; " if has_bn else
+          f"{cfg.grid} grid on {device}: " + ("BN statistics recomputed at each point; " if bn_loader else
                                               "no BN statistics; ")
-          + f"{subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
+          + f"{protocol.subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
     check_writable(out)  # now, not after every point was computed
 
     t0 = time.perf_counter()
@@ -139,9 +134,9 @@ def run(cfg: PlaneConfig) -> dict:
         "loss": subject.loss,
         "loss_description": loss_fn.description,
         "data": {**data_record, "source": data.source, "train_images": len(data.train), "test_images": len(data.test)},
-        "bn": {"recomputed": has_bn, "images": len(bn_images) if has_bn else 0, "subset": subset,
+        "bn": {"recomputed": bn_loader is not None, "images": protocol.bn_images, "subset": protocol.subset,
                "subset_seed": None if cfg.full else SUBSET_SEED},
-        "train_metric_images": len(train_images),
+        "train_metric_images": protocol.train_images,
         "test_metric_images": len(data.test),
         "bends": [{"label": label, "coordinates": xy.tolist(), **b}
                   for label, xy, b in zip(subject.labels, bend_coordinates, bends)],
