@@ -94,6 +94,21 @@ def test_ssim_of_a_different_pair_is_torchmetrics_value():
     assert per_image.shape == (7,) and got["ssim"] == pytest.approx(per_image.mean().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(5, 3, 64, 64), (3, 1, 11, 11), (4, 3, 20, 13)])
+def test_ssim_per_image_equals_torchmetrics_on_every_image(shape):
+    # our matrix form of the window must be torchmetrics' padded depthwise convolution, image by image, on any
+    # size, including the window's own and non-square ones (a wrong reflection would show at the borders)
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(shape, generator=gen)
+    recon = (x + 0.2 * torch.randn(shape, generator=gen)).clamp(0, 1)
+    expected = structural_similarity_index_measure(recon, x, data_range=1.0, reduction="none")
+    got = ssim_per_image(recon, x)
+    assert got.shape == (shape[0],) and expected.min() < 0.9
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6)
+
+
 def test_ssim_needs_images_as_large_as_its_window():
     x = torch.rand(2, 3, 8, 8)
     with pytest.raises(UserError, match="at least 11x11"):
