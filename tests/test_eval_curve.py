@@ -334,6 +334,22 @@ def test_ssim_along_the_curve_and_its_segment(curve_run):
     assert npz["te_ssim"][0] == pytest.approx(npz["segment_te_ssim"][0], rel=1e-6)
 
 
+def test_points_per_call_and_memory_format_change_the_speed_not_the_numbers(setup, curve_run, tmp_path):
+    out, _ = curve_run  # defaults on a CPU: channels_last batches, one point per call
+    default = json.loads((out / "eval.json").read_text())
+    assert default["memory_format"] == "channels_last" and default["points_per_call"] == 1
+    run_eval({**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 3, "points_per_call": 3,
+              "memory_format": "contiguous", "out": str(tmp_path)})
+    other = json.loads((tmp_path / "eval.json").read_text())
+    assert other["memory_format"] == "contiguous" and other["points_per_call"] == 3
+    npz, other_npz = np.load(out / "curve.npz"), np.load(tmp_path / "curve.npz")
+    for k in default["series"]:
+        np.testing.assert_allclose(other_npz[k], npz[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    for name in ("reconstructions.png", "reconstructions_segment.png"):  # each point's network, BN statistics too
+        pixels = [np.asarray(Image.open(folder / name), dtype=np.int16) for folder in (out, tmp_path)]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 1, name  # 8-bit rounding of equal values
+
+
 def test_ssim_is_left_out_with_a_note_for_images_smaller_than_its_window():
     notes = []
     assert not eval_curve.ssim_fits(8, notes) and "SSIM omitted" in notes[0] and "11x11" in notes[0]

@@ -1,5 +1,6 @@
 """The evaluation protocol's building blocks: subsets, per-image MSE, the shared evaluate()."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,95 @@ def test_ssim_needs_images_as_large_as_its_window():
     with pytest.raises(UserError, match="at least 11x11"):
         ssim_per_image(x, x)
     assert ssim_per_image(torch.rand(2, 1, 11, 11), torch.rand(2, 1, 11, 11)).shape == (2,)  # exactly the window
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine: several networks per call give one network at a time's numbers
+
+
+def _segment_and_loaders():
+    from aecurves.curves import make_segment
+    from aecurves.models import ConvAutoencoder
+
+    torch.manual_seed(0)
+    a, b = ConvAutoencoder(image_size=16, width=4, latent_dim=8), ConvAutoencoder(image_size=16, width=4, latent_dim=8)
+    segment = make_segment(ConvAutoencoder(image_size=16, width=4, latent_dim=8), a.state_dict(), b.state_dict())
+    images = _images(40, 16, seed=3)
+    return segment, BatchLoader(images[:24], 10, "cpu"), BatchLoader(images[24:], 7, "cpu")  # short last batches
+
+
+@pytest.mark.parametrize("per_call", [2, 3, 5])
+def test_several_points_per_call_equal_one_at_a_time(per_call):
+    from aecurves.metrics import evaluate_points
+
+    segment, train_loader, test_loader = _segment_and_loaders()
+    ts = [0.0, 0.3, 0.5, 0.8, 1.0]  # 5 points: chunks of 2 and 3 leave a short last chunk
+    seen = {}
+
+    def run(n):
+        seen[n] = {}
+        return evaluate_points(segment.base, segment.unflatten, segment.flat_at, ts, train_loader, test_loader,
+                               MSELoss(), bn_loader=train_loader, ssim=True, per_image=True, points_per_call=n,
+                               on_point=lambda t, net: seen[n].setdefault(t, net(test_loader.images[:3]
+                                                                                 .float().div(255))))
+
+    one, many = run(1), run(per_call)
+    for t, r1, rn in zip(ts, one, many):
+        assert set(r1) == set(rn) == {"tr", "te"}
+        for split in ("tr", "te"):
+            for m in ("loss", "mse", "psnr", "ssim"):
+                assert rn[split][m] == pytest.approx(r1[split][m], rel=1e-5, abs=0), (t, split, m)
+        np.testing.assert_allclose(rn["te"]["per_image_mse"], r1["te"]["per_image_mse"], rtol=1e-5)
+        # each point's network, handed to on_point, carries that point's BN statistics
+        torch.testing.assert_close(seen[per_call][t], seen[1][t], rtol=1e-5, atol=1e-6)
+    # and the points differ from each other (the test would pass trivially on equal networks)
+    assert (seen[1][0.3] - seen[1][0.8]).abs().max() > 1e-3 and one[1]["te"]["loss"] != one[3]["te"]["loss"]
+
+
+def test_the_engine_equals_evaluate_after_recompute_bn():
+    from aecurves.curves import NetworkAt, recompute_bn
+    from aecurves.metrics import evaluate_points
+
+    segment, train_loader, test_loader = _segment_and_loaders()
+    weights = segment.weights(0.4)
+    recompute_bn(segment.base, weights, train_loader)
+    expected = evaluate(NetworkAt(segment.base, weights), test_loader, MSELoss())
+    got = evaluate_points(segment.base, segment.unflatten, segment.flat_at, [0.2, 0.4], train_loader, test_loader,
+                          MSELoss(), bn_loader=train_loader, points_per_call=2)[1]["te"]
+    for m in ("loss", "mse", "psnr"):
+        assert got[m] == pytest.approx(expected[m], rel=1e-5, abs=0)
+
+
+class ViewsItsFeatures(torch.nn.Module):
+    """A model whose forward needs contiguous activations: .view of a convolution's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.out = torch.nn.Linear(4 * 16 * 16, 3 * 16 * 16)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        return torch.sigmoid(self.out(h.view(x.shape[0], -1))).view(x.shape)
+
+
+def test_protocol_batches_are_channels_last_and_fall_back_for_a_model_that_cannot_take_them():
+    from aecurves.curves import make_segment
+    from aecurves.metrics import protocol_loaders
+
+    images = _images(12, 16)
+    segment, train_loader, _ = _segment_and_loaders()
+    before = {n: b.clone() for n, b in segment.base.named_buffers()}
+    protocol = protocol_loaders(segment, images, images[:5], 8, 8, True, 4, "cpu", "channels_last")
+    batch = next(iter(protocol.test_loader))
+    assert protocol.memory_format == "channels_last" and not protocol.notes
+    assert batch.is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous()
+    assert torch.equal(batch, images[:4].float() / 255)  # the same values
+    # the probe ran the model in training mode without touching its BatchNorm statistics
+    assert all(torch.equal(b, before[n]) for n, b in segment.base.named_buffers())
+
+    torch.manual_seed(0)
+    viewer = make_segment(ViewsItsFeatures(), ViewsItsFeatures().state_dict(), ViewsItsFeatures().state_dict())
+    protocol = protocol_loaders(viewer, images, images[:5], 8, 8, True, 4, "cpu", "channels_last")
+    assert protocol.memory_format == "contiguous" and "channels_last" in protocol.notes[0]
+    assert next(iter(protocol.test_loader)).is_contiguous()

@@ -228,6 +228,18 @@ def test_outputs_agree(setup, curve_plane):
         im.verify()
 
 
+def test_points_per_call_gives_the_same_plane(setup, curve_plane, tmp_path):
+    _, _, npz, record = curve_plane
+    assert record["points_per_call"] == 1 and record["memory_format"] == "channels_last"
+    run_plane({**FAST, "ckpt": str(setup["curve"]), "grid": 3, "margin": 0.0, "points_per_call": 4,
+               "memory_format": "contiguous", "out": str(tmp_path)})  # 9 nodes: chunks of 4, 4 and 1
+    other = json.loads((tmp_path / "plane.json").read_text())
+    assert other["points_per_call"] == 4 and other["memory_format"] == "contiguous"
+    other_npz = np.load(tmp_path / "plane.npz")
+    for k in npz:
+        np.testing.assert_allclose(other_npz[k], npz[k], rtol=1e-5, atol=0, err_msg=k)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the plane through three networks
 

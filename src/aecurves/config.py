@@ -226,6 +226,14 @@ class EvalCurveConfig:
     precision: str = option("fp32", "fp32; or bf16: the forward passes under bf16 autocast (BatchNorm, the losses, "
                                     "SSIM and every sum stay fp32), faster where the hardware runs bf16 fast",
                             choices=("fp32", "bf16"), group="evaluation")
+    points_per_call: int = option(0, "networks evaluated together, their weights stacked (torch.func.vmap): the "
+                                     "same numbers to float rounding, faster where one network leaves the device "
+                                     "idle (a GPU); 0: chosen from the free GPU memory, 1 on a CPU (where it "
+                                     "measured no faster)", minimum=0, metavar="N", group="evaluation")
+    memory_format: str = option("channels_last", "of the image batches: channels_last measured faster on a CPU at "
+                                "the same numbers to float rounding; a model whose forward cannot take it falls "
+                                "back to contiguous, with a note", choices=("channels_last", "contiguous"),
+                                group="evaluation")
     ensemble: int = option(0, "K >= 2: also measure on the held-out images (a) the output average of the path's "
                               "networks at K evenly spaced t in [0, 1], (b) that of its two endpoints and (c) the "
                               "network at the mean of the K points' weights, each with BN statistics recomputed "
@@ -333,6 +341,9 @@ class PlaneConfig:
     train_images: int = same_as(EvalCurveConfig, "train_images")
     full: bool = same_as(EvalCurveConfig, "full")
     batch_size: int = same_as(EvalCurveConfig, "batch_size")
+    precision: str = same_as(EvalCurveConfig, "precision")
+    points_per_call: int = same_as(EvalCurveConfig, "points_per_call")
+    memory_format: str = same_as(EvalCurveConfig, "memory_format")
     use_test: bool = same_as(EvalCurveConfig, "use_test")
     loss: str | None = same_as(EvalCurveConfig, "loss", help="the reconstruction loss to evaluate; needed for "
                                "--points whose networks were trained with different losses")

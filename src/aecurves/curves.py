@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from aecurves.errors import UserError
 
@@ -72,9 +72,37 @@ def recompute_bn(module: nn.Module, weights: dict, batches, num_batches: int | N
     b / (seen + b) per batch, as the paper does), so a short last batch does not count extra.
     Returns the number of images used (0 when the module has no BatchNorm).
     """
-    bns = batchnorms(module)
-    if not bns:
+    if not batchnorms(module):
         return 0
+    return bn_passes(module, batches, lambda x: functional_call(module, weights, (x,)), num_batches)
+
+
+@torch.no_grad()
+def recompute_bn_stacked(module: nn.Module, weights: dict, count: int, batches) -> dict:
+    """recompute_bn for `count` networks at once: `weights` holds each parameter stacked [count, ...], and the
+    result is every buffer of `module` stacked the same way, each network's BatchNorm statistics recomputed
+    for its weights (the module's own buffers are left reset). The networks run in one vmapped call per batch."""
+    for m in batchnorms(module):
+        m.reset_running_stats()
+    buffers = {n: torch.stack([b] * count) for n, b in module.named_buffers()}
+    if batchnorms(module):
+        forward = stacked_forward(module)
+        bn_passes(module, batches, lambda x: forward(weights, buffers, x))
+    return buffers
+
+
+def stacked_forward(module: nn.Module):
+    """f(weights, buffers, x) -> [count, batch, ...]: `module` run at each of `count` stacked sets of parameters
+    and buffers on the same batch x (torch.func.vmap over functional_call; dropout in training mode draws
+    a different mask for each network, as separate calls would)."""
+    return vmap(lambda w, b, x: functional_call(module, (w, b), (x,)), in_dims=(0, 0, None),
+                randomness="different")
+
+
+def bn_passes(module: nn.Module, batches, forward, num_batches: int | None = None) -> int:
+    """Resets `module`'s BatchNorm statistics and runs forward(x) on each batch in training mode with the
+    momentum that makes the running statistics the size-weighted mean over the batches. Returns the images seen."""
+    bns = batchnorms(module)
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -86,12 +114,26 @@ def recompute_bn(module: nn.Module, weights: dict, batches, num_batches: int | N
             break
         for m in bns:
             m.momentum = x.shape[0] / (seen + x.shape[0])
-        functional_call(module, weights, (x,))
+        forward(x)
         seen += x.shape[0]
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     module.train(was_training)
     return seen
+
+
+class NetworkAt(nn.Module):
+    """`base` run with fixed `weights` in place of its parameters, and with `buffers` (e.g. BatchNorm
+    statistics recomputed for those weights) in place of its own when given."""
+
+    def __init__(self, base: nn.Module, weights: dict, buffers: dict | None = None):
+        super().__init__()
+        self.base, self.weights, self.buffers = base, weights, buffers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.buffers is None:
+            return functional_call(self.base, self.weights, (x,))
+        return functional_call(self.base, (self.weights, self.buffers), (x,))
 
 
 class Curve(nn.Module):

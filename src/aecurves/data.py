@@ -674,7 +674,8 @@ class BatchLoader:
 
     The uint8 tensor is moved to `device` ONCE in __init__ (on CUDA this puts the whole cache on the GPU);
     each batch is an index-gather + .float().div_(255) on that device, so there is no per-batch host
-    decoding or host->device copy. The last partial batch is kept.
+    decoding or host->device copy. The last partial batch is kept. With channels_last, the batches come in that
+    memory format (the same values).
 
     shuffle=True (training): epoch e uses a permutation from a torch.Generator seeded with
     seed * 1_000_003 + e, so any epoch's order is reproducible without replaying earlier ones (exact resume).
@@ -695,6 +696,7 @@ class BatchLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        channels_last: bool = False,
     ):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected a uint8 [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
@@ -710,6 +712,8 @@ class BatchLoader:
             )
         self.device = torch.device(device)
         self.images = images.to(self.device)  # the one host->device copy
+        if channels_last:  # then every batch is too (slices and .float() keep the format)
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed

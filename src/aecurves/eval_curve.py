@@ -48,8 +48,8 @@ from aecurves.data import check_outside_data, load_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, check_writable, folder_lock, write_json
 from aecurves.losses import make_loss
-from aecurves.metrics import ENSEMBLES, METRICS, SPLITS, SSIM_WINDOW, STATS, evaluate_ensembles, evaluate_path, \
-    protocol_loaders, reconstruct, reconstructions_along, summarize
+from aecurves.metrics import ENSEMBLES, METRICS, SPLITS, SSIM_WINDOW, STATS, choose_points_per_call, \
+    evaluate_ensembles, evaluate_path, protocol_loaders, reconstruct, reconstructions_along, summarize
 from aecurves.models import build_model
 from aecurves.stats import bootstrap_barrier
 
@@ -100,13 +100,17 @@ def run(cfg: EvalCurveConfig) -> dict:
     if subject.segment is not None:
         subject.segment.to(device)
     protocol = protocol_loaders(subject.path, data.train, data.test, cfg.bn_images, cfg.train_images, cfg.full,
-                                cfg.batch_size, device)
+                                cfg.batch_size, device, cfg.memory_format)
+    subject.notes.extend(protocol.notes)
     bn_loader, train_loader, test_loader = protocol.bn_loader, protocol.train_loader, protocol.test_loader
+    per_call = choose_points_per_call(cfg.points_per_call, device, subject.path.base, subject.path.weights(0.0),
+                                      next(iter(test_loader)))
     fixed = data.test[: cfg.num_images].to(device).float().div(255)
 
     ts = np.linspace(0.0, 1.0, cfg.num_points)
     print(f"data: {data.source}")
-    print(f"evaluating the {subject.label} at {len(ts)} points on {device} ({cfg.precision}): "
+    print(f"evaluating the {subject.label} at {len(ts)} points on {device} ({cfg.precision}, {protocol.memory_format}, "
+          f"{per_call} per call): "
           + ("BN statistics recomputed at each t; " if bn_loader else "no BN statistics; ")
           + f"{protocol.subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
     for note in subject.notes:
@@ -115,7 +119,8 @@ def run(cfg: EvalCurveConfig) -> dict:
     check_writable(out)  # now, not after every point was computed
     with runtime.autocast(device, cfg.precision):  # bf16: the forward passes only (see EvalCurveConfig)
         results = evaluate_paths(subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                                 ssim, progress=not cfg.no_progress, bootstrap=subject.loss == "mse")
+                                 ssim, progress=not cfg.no_progress, bootstrap=subject.loss == "mse",
+                                 points_per_call=per_call)
         ensemble = None
         if cfg.ensemble:
             t0 = time.perf_counter()
@@ -148,6 +153,8 @@ def run(cfg: EvalCurveConfig) -> dict:
         "notes": subject.notes,
         "device": str(device),
         "precision": cfg.precision,
+        "points_per_call": per_call,
+        "memory_format": protocol.memory_format,
         "seconds": results.seconds,
         "config": as_record(cfg),
         "summary": results.summary,
@@ -257,7 +264,7 @@ def ssim_fits(image_size: int, notes: list) -> bool:
 
 
 def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                   ssim: bool, progress: bool, bootstrap: bool = False) -> PathResults:
+                   ssim: bool, progress: bool, bootstrap: bool = False, points_per_call: int = 1) -> PathResults:
     """Every point of the curve (and its segment), and reconstructions of `fixed` at RECON_POINTS values of t:
     taken during the evaluation at the t the two grids share, then at the others (BN recomputed the same way).
     With `bootstrap` (the loss is the MSE, so the path's test loss is the mean of the images'), the summary also
@@ -277,7 +284,8 @@ def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, per
                 taken[int(hit[0])] = reconstruct(point, fixed)
 
         one = evaluate_path(path, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, progress,
-                            desc=label, on_point=on_point, ssim=ssim, per_image=True)
+                            desc=label, on_point=on_point, ssim=ssim, per_image=True,
+                            points_per_call=points_per_call)
         series.update({prefix + k: v for k, v in one.items()})
         summary.update({prefix + k: v for k, v in summarize(one).items()})
         if bootstrap:

@@ -17,7 +17,8 @@ import torch
 from torch.func import functional_call
 
 from aecurves import console, runtime
-from aecurves.curves import Curve, CurvePoint, batchnorms, recompute_bn, step_lengths
+from aecurves.curves import Curve, CurvePoint, NetworkAt, batchnorms, recompute_bn, recompute_bn_stacked, \
+    stacked_forward, step_lengths
 from aecurves.config import SUBSET_SEED
 from aecurves.data import BatchLoader
 from aecurves.errors import UserError
@@ -110,31 +111,43 @@ def evaluate(model, loader, loss_fn, perceptual_fn=None, ssim: bool = False, per
     """loss, mse, psnr (mean of per-image PSNR), optionally perceptual and, with `ssim`, ssim (mean of per-image
     SSIM) over `loader`, in eval mode and fp32.
 
-    SSIM more than doubles the cost of an evaluation on a CPU, so training's per-epoch evaluations leave it
-    out (eval-curve measures it).
-    Under torchrun each process measures its shard and the sums are all-reduced.
+    SSIM adds to the cost of an evaluation, so training's per-epoch evaluations leave it out (eval-curve
+    measures it). Under torchrun each process measures its shard and the sums are all-reduced.
     """
     model.eval()
+    return evaluate_stacked(lambda x: model(x).unsqueeze(0), 1, loader, loss_fn, perceptual_fn, ssim, per_image)[0]
+
+
+@torch.no_grad()
+def evaluate_stacked(forward, count: int, loader, loss_fn, perceptual_fn=None, ssim: bool = False,
+                     per_image: bool = False) -> list[dict]:
+    """`evaluate` for `count` networks at once: forward(x) returns their outputs stacked [count, batch, ...],
+    and each gets its own dict (with `per_image`, per_image_mse: this process's images, in loader order)."""
     names = ["loss", "mse", "psnr"]
     if perceptual_fn is not None:
         names.append("perceptual")
     if ssim:
         names.append("ssim")
-    sums, images_mse = None, []
+    sums, images_mse = [None] * count, [[] for _ in range(count)]
     for x in loader:
-        recon = model(x)
-        if per_image:  # this process's images only: for a bootstrap over them (single-process eval-curve)
-            images_mse.append((recon - x).pow(2).flatten(1).mean(1).double().cpu())
-        loss = loss_fn(recon, x) * x.shape[0]
-        values = {"loss": loss, **image_sums(recon, x, ssim)}
-        if perceptual_fn is not None:
-            values["perceptual"] = loss if perceptual_fn is loss_fn else perceptual_fn(recon, x) * x.shape[0]
-        batch = torch.stack([values[k].float() for k in (*names, "n")])
-        sums = batch if sums is None else sums + batch
-    out = means(sums, names, getattr(loader, "device", "cpu"))
-    if per_image:
-        out["per_image_mse"] = torch.cat(images_mse).numpy() if images_mse else np.zeros(0)
-    return out
+        outputs = forward(x)
+        for k in range(count):
+            recon = outputs[k]
+            if per_image:  # for a bootstrap over the images (single-process eval-curve)
+                images_mse[k].append((recon.float() - x).pow(2).flatten(1).mean(1).double().cpu())
+            loss = loss_fn(recon, x) * x.shape[0]
+            values = {"loss": loss, **image_sums(recon, x, ssim)}
+            if perceptual_fn is not None:
+                values["perceptual"] = loss if perceptual_fn is loss_fn else perceptual_fn(recon, x) * x.shape[0]
+            batch = torch.stack([values[name].float() for name in (*names, "n")])
+            sums[k] = batch if sums[k] is None else sums[k] + batch
+    results = []
+    for k in range(count):
+        out = means(sums[k], names, getattr(loader, "device", "cpu"))
+        if per_image:
+            out["per_image_mse"] = torch.cat(images_mse[k]).numpy() if images_mse[k] else np.zeros(0)
+        results.append(out)
+    return results
 
 
 def fixed_subset(images: torch.Tensor, n: int | None, seed: int = SUBSET_SEED) -> torch.Tensor:
@@ -246,30 +259,106 @@ def summarize(series: dict) -> dict:
 
 def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptual_fn=None, bn_loader=None,
                   progress: bool = False, desc: str = "path", on_point=None, ssim: bool = False,
-                  per_image: bool = False) -> dict:
+                  per_image: bool = False, points_per_call: int = 1) -> dict:
     """Metrics at each t of `ts`: {"ts", "dl", "tr_loss", "te_loss", "tr_mse", ...} as float64 arrays (with
-    `ssim`, tr_ssim and te_ssim too).
+    `ssim`, tr_ssim and te_ssim too), by `evaluate_points`.
 
     With `bn_loader`, BN statistics are recomputed at every t from its batches; without, the curve's
     current buffers are used as they are (e.g. after curve.use_endpoint_buffers(0)).
-    `on_point(t, point)`, when given, is called at each t with the CurvePoint (BN statistics in place).
+    `on_point(t, network)`, when given, is called at each t with the network there (BN statistics in place).
     """
     ts = np.asarray(ts, dtype=np.float64)
-    rows = []
-    for t in console.progress(ts, desc, progress, unit="point"):
-        t = float(t)
-        if bn_loader is not None:
-            curve.update_bn(bn_loader, t)
-        point = CurvePoint(curve, t)
-        rows.append({"tr": evaluate(point, train_loader, loss_fn, perceptual_fn, ssim),
-                     "te": evaluate(point, test_loader, loss_fn, perceptual_fn, ssim, per_image)})
-        if on_point is not None:
-            on_point(t, point)
+    rows = evaluate_points(curve.base, curve.unflatten, curve.flat_at, [float(t) for t in ts], train_loader,
+                           test_loader, loss_fn, perceptual_fn, bn_loader, ssim, per_image, points_per_call,
+                           progress, desc, on_point)
     series = {"ts": ts, "dl": step_lengths(curve, ts)}
     for split in SPLITS:
         for m in rows[0][split]:
             series[f"{split}_{m}"] = np.array([r[split][m] for r in rows], dtype=np.float64)
     return series
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine: many networks of one weight space, each under the evaluation protocol
+
+MAX_POINTS_PER_CALL = 16
+
+
+@torch.no_grad()
+def evaluate_points(base: torch.nn.Module, unflatten, flat_of, specs, train_loader, test_loader, loss_fn,
+                    perceptual_fn=None, bn_loader=None, ssim: bool = False, per_image: bool = False,
+                    points_per_call: int = 1, progress: bool = False,
+                    desc: str = "points", on_point=None) -> list[dict]:
+    """[{"tr": metrics on train_loader, "te": metrics on test_loader}] for the network flat_of(spec) of each spec
+    (a t of a curve, a node of a plane), BatchNorm statistics recomputed there from `bn_loader` first when
+    given (else `base`'s buffers are used as they are). The metrics are `evaluate`'s.
+
+    `points_per_call` networks run together: their weights stacked, `base` vmapped over them (torch.func), one
+    call per batch for the BN statistics and for each split. That is the same arithmetic as one network at a
+    time, in another order (equal to float rounding: tests/test_metrics.py), and is where a GPU's gain is; on a
+    CPU, whose cores one network's convolutions already fill, it measured no faster
+    (benchmarks/eval_throughput.py).
+    `unflatten(flat)` gives the weights dict of a flat vector; `on_point(spec, network)` is called at each spec.
+    """
+    specs = list(specs)
+    rows, chunk = [None] * len(specs), []
+    for i in console.progress(range(len(specs)), desc, progress, unit="point"):
+        chunk.append(i)
+        if len(chunk) < points_per_call and i < len(specs) - 1:
+            continue
+        weights = [unflatten(flat_of(specs[j])) for j in chunk]
+        networks, forward = networks_with_bn(base, weights, bn_loader)
+        base.eval()
+        splits = {split: evaluate_stacked(forward, len(chunk), loader, loss_fn, perceptual_fn, ssim,
+                                          per_image and split == "te")
+                  for split, loader in (("tr", train_loader), ("te", test_loader))}
+        for k, j in enumerate(chunk):
+            rows[j] = {split: results[k] for split, results in splits.items()}
+            if on_point is not None:
+                on_point(specs[j], networks[k])
+        chunk = []
+    return rows
+
+
+def networks_with_bn(base: torch.nn.Module, weights: list[dict], bn_loader=None) -> tuple[list, object]:
+    """(one module per weights dict, forward(x) -> their outputs stacked [len(weights), batch, ...]), BatchNorm
+    statistics recomputed for each from `bn_loader` when given. A single network runs as itself, with its
+    statistics in `base`'s buffers; several run vmapped, with their statistics stacked beside `base`."""
+    if len(weights) == 1:
+        if bn_loader is not None:
+            recompute_bn(base, weights[0], bn_loader)
+        network = NetworkAt(base, weights[0])
+        return [network], lambda x: network(x).unsqueeze(0)
+    count = len(weights)
+    stacked = {n: torch.stack([w[n] for w in weights]) for n in weights[0]}
+    if bn_loader is not None:
+        buffers = recompute_bn_stacked(base, stacked, count, bn_loader)
+    else:
+        buffers = {n: torch.stack([b] * count) for n, b in base.named_buffers()}
+    forward = stacked_forward(base)
+    networks = [NetworkAt(base, w, {n: b[k] for n, b in buffers.items()}) for k, w in enumerate(weights)]
+    return networks, lambda x: forward(stacked, buffers, x)
+
+
+def choose_points_per_call(requested: int, device: torch.device, base: torch.nn.Module, weights: dict,
+                           batch: torch.Tensor) -> int:
+    """`requested` when set (> 0). Otherwise, on a GPU, the largest power of two up to MAX_POINTS_PER_CALL whose
+    networks' batches take at most a quarter of the free memory, one network's cost measured on `batch`
+    (the margin covers the losses, SSIM and the allocator); on a CPU, 1: stacking measured no faster there."""
+    if requested > 0:
+        return requested
+    if device.type != "cuda":
+        return 1
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        NetworkAt(base, weights)(batch)
+    per_point = torch.cuda.max_memory_allocated(device) - before + sum(w.numel() * w.element_size()
+                                                                       for w in weights.values())
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = max(1, int(free / 4 / max(per_point, 1)))
+    return min(MAX_POINTS_PER_CALL, 2 ** int(math.log2(fits)))
 
 
 @torch.no_grad()
@@ -323,17 +412,47 @@ class Protocol:
     bn_images: int      # 0 without BatchNorm
     train_images: int
     subset: str         # how the training subsets were chosen
+    memory_format: str  # of the batches: channels_last or contiguous
+    notes: list         # e.g. why channels_last was not used
 
 
 def protocol_loaders(path: Curve, train: torch.Tensor, test: torch.Tensor, n_bn: int, n_metric: int, full: bool,
-                     batch_size: int, device) -> Protocol:
-    """protocol_subsets as loaders (the train-metric loader is the BN loader when the two subsets are one)."""
+                     batch_size: int, device, memory_format: str = "contiguous") -> Protocol:
+    """protocol_subsets as loaders (the train-metric loader is the BN loader when the two subsets are one), their
+    batches in `memory_format` when the path's network runs on it (else contiguous, with a note)."""
     bn_images, train_images, subset = protocol_subsets(path, train, n_bn, n_metric, full, batch_size, device)
+    notes = []
+    if memory_format == "channels_last":
+        failure = channels_last_failure(path.base, path.weights(0.0), test[:2].to(device).float().div(255))
+        if failure is not None:
+            notes.append(f"the batches are contiguous, not channels_last: this model's forward fails on "
+                         f"channels_last input ({failure})")
+            memory_format = "contiguous"
+    cl = memory_format == "channels_last"
     has_bn = bool(batchnorms(path.base))
-    bn_loader = BatchLoader(bn_images, batch_size, device)
-    train_loader = bn_loader if train_images is bn_images else BatchLoader(train_images, batch_size, device)
-    return Protocol(bn_loader if has_bn else None, train_loader, BatchLoader(test, batch_size, device),
-                    len(bn_images) if has_bn else 0, len(train_images), subset)
+    bn_loader = BatchLoader(bn_images, batch_size, device, channels_last=cl)
+    train_loader = bn_loader if train_images is bn_images else BatchLoader(train_images, batch_size, device,
+                                                                         channels_last=cl)
+    test_loader = BatchLoader(test, batch_size, device, channels_last=cl)
+    return Protocol(bn_loader if has_bn else None, train_loader, test_loader, len(bn_images) if has_bn else 0,
+                    len(train_images), subset, memory_format, notes)
+
+
+@torch.no_grad()
+def channels_last_failure(base: torch.nn.Module, weights: dict, x: torch.Tensor) -> str | None:
+    """None when `base` runs on `x` in the channels_last memory format (in both modes: BN statistics are taken in
+    training mode), else the first line of the error (e.g. a .view of a permuted tensor)."""
+    was_training = base.training
+    buffers = {n: b.clone() for n, b in base.named_buffers()}  # training mode updates these: not base's own
+    try:
+        for mode in (False, True):
+            base.train(mode)
+            NetworkAt(base, weights, buffers)(x.contiguous(memory_format=torch.channels_last))
+        return None
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    finally:
+        base.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,10 +20,8 @@ training and held-out images (see planes.py for the math). Deviations, and why:
   fall between grid nodes. The basis, coordinates and grid points are computed in float64 (the paper: in
   the weights' float32). Three points that span no plane are refused (planes.py). Margins are not negative:
   the plane always shows the three points.
-- Grid points are evaluated one at a time. Stacking several networks per call (torch.func.vmap over their
-  weights) does the same arithmetic; on a CPU, where every point's convolutions already fill the cores, it
-  measured no faster (the 64x64 model, a batch of 256: two stacked networks 1.89 s, one after the other
-  1.78 s).
+- Grid points go through eval-curve's engine (metrics.evaluate_points): several per call with
+  --points-per-call, bf16 autocast with --precision, channels_last batches by default.
 
 Outputs in `out` (default CKPT_FOLDER/plane, or runs/plane for --points): plane.npz, plane.png (train and test
 loss, filled contours on one log scale, with the three points, the curve and the segment) and plane.json,
@@ -50,9 +48,9 @@ from aecurves.data import check_outside_data, load_run_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, check_writable, folder_lock, write_json
 from aecurves.losses import make_loss
-from aecurves.metrics import protocol_loaders
+from aecurves.metrics import choose_points_per_call, evaluate_points, protocol_loaders
 from aecurves.models import build_model
-from aecurves.planes import evaluate_grid, evaluate_network, grid_axes, plane_through
+from aecurves.planes import evaluate_grid, grid_axes, plane_through, prefixed
 
 DEFAULT_POINTS_OUT = "runs/plane"
 
@@ -91,22 +89,28 @@ def run(cfg: PlaneConfig) -> dict:
     loss_fn = losses_for(subject.loss, cfg.vgg_weights).to(device)
     path = subject.path.to(device)
     protocol = protocol_loaders(path, data.train, data.test, cfg.bn_images, cfg.train_images, cfg.full,
-                                cfg.batch_size, device)
+                                cfg.batch_size, device, cfg.memory_format)
     bn_loader, train_loader, test_loader = protocol.bn_loader, protocol.train_loader, protocol.test_loader
+    per_call = choose_points_per_call(cfg.points_per_call, device, path.base,
+                                      path.unflatten(subject.flats[0].to(device)), next(iter(test_loader)))
 
     print(f"data: {data.source}")
     print(f"the plane through {', '.join(subject.labels)}: dx = {plane.dx:.4f}, dy = {plane.dy:.4f}; a {cfg.grid}x"
-          f"{cfg.grid} grid on {device}: " + ("BN statistics recomputed at each point; " if bn_loader else
-                                              "no BN statistics; ")
+          f"{cfg.grid} grid on {device} ({cfg.precision}, {protocol.memory_format}, {per_call} per call): "
+          + ("BN statistics recomputed at each point; " if bn_loader else "no BN statistics; ")
           + f"{protocol.subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
     check_writable(out)  # now, not after every point was computed
 
+    for note in protocol.notes:
+        print(f"note: {note}")
     t0 = time.perf_counter()
-    bends = [evaluate_network(path.base, path.unflatten(f.detach().to(device)), train_loader, test_loader, loss_fn,
-                              bn_loader) for f in subject.flats]
-    t1 = time.perf_counter()
-    values = evaluate_grid(path.base, path.unflatten, plane, grid, train_loader, test_loader, loss_fn, bn_loader,
-                           progress=not cfg.no_progress)
+    with runtime.autocast(device, cfg.precision):  # bf16: the forward passes only, as in eval-curve
+        bends = [prefixed(row) for row in evaluate_points(path.base, path.unflatten, lambda f: f.detach().to(device),
+                                                          subject.flats, train_loader, test_loader, loss_fn,
+                                                          bn_loader=bn_loader, points_per_call=per_call)]
+        t1 = time.perf_counter()
+        values = evaluate_grid(path.base, path.unflatten, plane, grid, train_loader, test_loader, loss_fn, bn_loader,
+                               progress=not cfg.no_progress, points_per_call=per_call)
     seconds = time.perf_counter() - t0
     per_point = (seconds - (t1 - t0)) / cfg.grid**2
 
@@ -142,6 +146,10 @@ def run(cfg: PlaneConfig) -> dict:
                   for label, xy, b in zip(subject.labels, bend_coordinates, bends)],
         "summary": summary,
         "device": str(device),
+        "precision": cfg.precision,
+        "points_per_call": per_call,
+        "memory_format": protocol.memory_format,
+        "notes": protocol.notes,
         "seconds": seconds,
         "seconds_per_point": per_point,
         "config": as_record(cfg),

@@ -17,12 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
-
-from aecurves import console
-from aecurves.curves import recompute_bn
 from aecurves.errors import UserError
-from aecurves.metrics import evaluate
+from aecurves.metrics import evaluate_points
 
 # Below this fraction of the largest network's norm, a distance is float32 rounding (whose relative size is
 # about 6e-8), not a direction.
@@ -88,42 +84,27 @@ def grid_axes(plane: Plane, points: int, margin_left: float, margin_right: float
     return alphas, betas, grid
 
 
-class NetworkAt(nn.Module):
-    """`base` run with fixed `weights` in place of its parameters (its own buffers: BatchNorm statistics)."""
-
-    def __init__(self, base: nn.Module, weights: dict):
-        super().__init__()
-        self.base, self.weights = base, weights
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.base, self.weights, (x,))
-
-
-@torch.no_grad()
-def evaluate_network(base: nn.Module, weights: dict, train_loader, test_loader, loss_fn, bn_loader=None) -> dict:
-    """{"tr_loss", "tr_mse", "tr_psnr", "te_...": float} at `weights`, BN statistics recomputed from
-    `bn_loader` first when given (eval-curve's protocol at one point)."""
-    if bn_loader is not None:
-        recompute_bn(base, weights, bn_loader)
-    network = NetworkAt(base, weights)
-    out = {}
-    for split, loader in (("tr", train_loader), ("te", test_loader)):
-        out.update({f"{split}_{k}": v for k, v in evaluate(network, loader, loss_fn).items()})
-    return out
-
-
 def evaluate_grid(base: nn.Module, unflatten, plane: Plane, grid: np.ndarray, train_loader, test_loader, loss_fn,
-                  bn_loader=None, progress: bool = False) -> dict:
-    """Every metric of `evaluate_network` at every node of `grid` [G, G, 2], as float64 arrays [G, G].
+                  bn_loader=None, progress: bool = False, points_per_call: int = 1) -> dict:
+    """{"tr_loss", "tr_mse", "tr_psnr", "te_...": float64 array [G, G]}: eval-curve's metrics at every node of
+    `grid` [G, G, 2], BN statistics recomputed at each from `bn_loader` (when given), by metrics.evaluate_points.
 
     `unflatten` turns a flat vector of the base's dtype and device into its weights dict.
     """
     param = next(base.parameters())
     nodes = [(i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])]
+    rows = evaluate_points(base, unflatten,
+                           lambda node: plane.point(*grid[node]).to(device=param.device, dtype=param.dtype),
+                           nodes, train_loader, test_loader, loss_fn, bn_loader=bn_loader,
+                           points_per_call=points_per_call, progress=progress,
+                           desc="plane")
     values = {}
-    for i, j in console.progress(nodes, "plane", progress, unit="point"):
-        flat = plane.point(*grid[i, j]).to(device=param.device, dtype=param.dtype)
-        for k, v in evaluate_network(base, unflatten(flat), train_loader, test_loader, loss_fn, bn_loader).items():
+    for (i, j), row in zip(nodes, rows):
+        for k, v in prefixed(row).items():
             values.setdefault(k, np.zeros(grid.shape[:2]))[i, j] = v
     return values
 
+
+def prefixed(row: dict) -> dict:
+    """{"tr": {"loss": ...}, "te": {...}} -> {"tr_loss": ..., "te_...": ...}"""
+    return {f"{split}_{k}": v for split, metrics in row.items() for k, v in metrics.items()}
