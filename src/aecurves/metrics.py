@@ -51,7 +51,7 @@ def ssim_per_image(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     check_ssim_size(x.shape[-2], x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 evaluation
-        recon, x = recon.float(), x.float()
+        recon, x = recon.float().contiguous(), x.float().contiguous()  # rows of pixels for the matrix products
         rows, cols = window_matrix(x.shape[-2], x.device), window_matrix(x.shape[-1], x.device)
         local = rows.T @ torch.stack((recon, x, recon * recon, x * x, recon * x)) @ cols
         mu_r, mu_x, rr, xx, rx = local
