@@ -220,12 +220,13 @@ def test_curve_run_with_its_segment(setup, curve_run):
     assert record["kind"] == "curve" and record["segment_evaluated"]
     assert record["endpoints"] == [str(setup["a"]), str(setup["b"])]
     assert record["bn"]["images"] == 64 and record["train_metric_images"] == 64
-    # each held-out image's MSE at every t (the loss is the MSE): their mean is the path's test loss, and the
+    # each held-out image's loss and MSE at every t: the mean of the losses is the path's test loss, and the
     # bootstrap interval of the barrier over those images holds the barrier (kept out of eval.json: large)
     for prefix in ("", "segment_"):
-        per_image = npz[prefix + "te_per_image_mse"]
-        assert per_image.shape == (5, record["test_metric_images"])
-        assert per_image.mean(1) == pytest.approx(npz[prefix + "te_loss"], rel=1e-5)
+        for metric in ("loss", "mse"):
+            per_image = npz[prefix + "te_per_image_" + metric]
+            assert per_image.shape == (5, record["test_metric_images"])
+            assert per_image.mean(1) == pytest.approx(npz[prefix + "te_" + metric], rel=1e-5)
         lo, hi = summary[prefix + "te_barrier_lo"], summary[prefix + "te_barrier_hi"]
         assert lo <= summary[prefix + "te_barrier"] <= hi and record["summary"][prefix + "te_barrier_hi"] == hi
     assert not any("per_image" in k for k in record["series"])
@@ -302,6 +303,18 @@ def test_perceptual_metrics_with_real_vgg_weights(setup, tmp_path):
     assert float(npz["tr_perceptual_int"]) == summary["tr_perceptual_int"]
     assert not summary["notes"]
     assert not (tmp_path / "out" / "reconstructions.png").exists()  # num_images 0
+
+
+def test_a_vgg_loss_path_gets_its_bootstrap_interval_too(setup, tmp_path):
+    summary = run_eval({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "loss": "vgg", "num_points": 3,
+                        "bn_images": 16, "train_images": 16, "num_images": 0, "out": str(tmp_path)})
+    npz = np.load(tmp_path / "curve.npz")
+    per_image = npz["te_per_image_loss"]
+    assert per_image.shape == (3, len(setup["data"].test))
+    assert per_image.mean(1) == pytest.approx(npz["te_loss"], rel=1e-5)
+    assert not np.allclose(npz["te_loss"], npz["te_mse"], rtol=0.1)  # the VGG loss, not the MSE
+    assert summary["te_barrier_lo"] <= summary["te_barrier"] <= summary["te_barrier_hi"]
+    assert summary["te_barrier_lo"] < summary["te_barrier_hi"]
 
 
 def test_losses_choice(tmp_path):

@@ -10,6 +10,19 @@ def test_mse_matches_definition():
     assert make_loss("mse")(a, b).item() == pytest.approx(((a - b) ** 2).mean().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("name", ["mse", "vgg"])
+def test_per_image_losses_average_to_the_loss(name):
+    # the bootstrap over held-out images rests on this: the loss is the mean of the images' own losses
+    loss = make_loss(name, vgg_weights="random")
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(5, 3, 32, 32, generator=gen), torch.rand(5, 3, 32, 32, generator=gen)
+    b[2] = a[2]  # one perfect reconstruction
+    per = loss.per_image(a, b)
+    assert per.shape == (5,) and per[2] == 0 and (per[[0, 1, 3, 4]] > 0).all()
+    assert per.mean().item() == pytest.approx(loss(a, b).item(), rel=1e-5)
+    assert per[1].item() == pytest.approx(loss(a[1:2], b[1:2]).item(), rel=1e-5)  # each is that image's loss
+
+
 def test_vgg_random_is_zero_on_equal_inputs_and_positive_otherwise(capsys):
     loss = make_loss("vgg", vgg_weights="random")
     assert "NOT perceptual" in capsys.readouterr().err

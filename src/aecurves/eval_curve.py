@@ -119,8 +119,7 @@ def run(cfg: EvalCurveConfig) -> dict:
     check_writable(out)  # now, not after every point was computed
     with runtime.autocast(device, cfg.precision):  # bf16: the forward passes only (see EvalCurveConfig)
         results = evaluate_paths(subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                                 ssim, progress=not cfg.no_progress, bootstrap=subject.loss == "mse",
-                                 points_per_call=per_call)
+                                 ssim, progress=not cfg.no_progress, points_per_call=per_call)
         ensemble = None
         if cfg.ensemble:
             t0 = time.perf_counter()
@@ -264,10 +263,10 @@ def ssim_fits(image_size: int, notes: list) -> bool:
 
 
 def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                   ssim: bool, progress: bool, bootstrap: bool = False, points_per_call: int = 1) -> PathResults:
+                   ssim: bool, progress: bool, points_per_call: int = 1) -> PathResults:
     """Every point of the curve (and its segment), and reconstructions of `fixed` at RECON_POINTS values of t:
     taken during the evaluation at the t the two grids share, then at the others (BN recomputed the same way).
-    With `bootstrap` (the loss is the MSE, so the path's test loss is the mean of the images'), the summary also
+    When the loss is a mean over images (MSE and the VGG loss both are: they have per_image), the summary also
     holds a 95% bootstrap interval over the held-out images of each test barrier (te_barrier_lo, _hi)."""
     t0 = time.perf_counter()
     paths = {"": (subject.path, subject.label)}
@@ -288,8 +287,8 @@ def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, per
                             points_per_call=points_per_call)
         series.update({prefix + k: v for k, v in one.items()})
         summary.update({prefix + k: v for k, v in summarize(one).items()})
-        if bootstrap:
-            lo, hi = bootstrap_barrier(one["ts"], one["te_per_image_mse"])
+        if "te_per_image_loss" in one:
+            lo, hi = bootstrap_barrier(one["ts"], one["te_per_image_loss"])
             summary.update({prefix + "te_barrier_lo": lo, prefix + "te_barrier_hi": hi})
         if len(fixed):
             missing = [i for i in range(RECON_POINTS) if i not in taken]

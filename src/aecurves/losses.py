@@ -23,6 +23,10 @@ class MSELoss(nn.Module):
     def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(recon.float(), target.float())
 
+    def per_image(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Each image's loss: their mean is forward's value."""
+        return (recon.float() - target.float()).pow(2).flatten(1).mean(1)
+
 
 def _vgg_weights_file() -> Path:
     from torchvision.models import VGG16_Weights
@@ -159,6 +163,13 @@ class VGGPerceptualLoss(nn.Module):
             target_feats = self._feats(target)
         recon_feats = self._feats(recon)
         return sum(F.l1_loss(r.float(), t.float()) for r, t in zip(recon_feats, target_feats))
+
+    @torch.no_grad()
+    def per_image(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Each image's loss (for evaluation): their mean is forward's value, every feature map having the same
+        size for every image."""
+        pairs = zip(self._feats(recon), self._feats(target))
+        return sum((r.float() - t.float()).abs().flatten(1).mean(1) for r, t in pairs)
 
 
 def make_loss(name: str, vgg_weights: str = "imagenet") -> nn.Module:

@@ -122,20 +122,28 @@ def evaluate(model, loader, loss_fn, perceptual_fn=None, ssim: bool = False, per
 def evaluate_stacked(forward, count: int, loader, loss_fn, perceptual_fn=None, ssim: bool = False,
                      per_image: bool = False) -> list[dict]:
     """`evaluate` for `count` networks at once: forward(x) returns their outputs stacked [count, batch, ...],
-    and each gets its own dict (with `per_image`, per_image_mse: this process's images, in loader order)."""
+    and each gets its own dict. With `per_image`, also each image's MSE (per_image_mse) and, when `loss_fn` has a
+    per_image method, each image's loss (per_image_loss; the loss is then their mean): this process's images,
+    in loader order."""
     names = ["loss", "mse", "psnr"]
     if perceptual_fn is not None:
         names.append("perceptual")
     if ssim:
         names.append("ssim")
-    sums, images_mse = [None] * count, [[] for _ in range(count)]
+    by_image = per_image and hasattr(loss_fn, "per_image")
+    sums, images_mse, images_loss = [None] * count, [[] for _ in range(count)], [[] for _ in range(count)]
     for x in loader:
         outputs = forward(x)
         for k in range(count):
             recon = outputs[k]
             if per_image:  # for a bootstrap over the images (single-process eval-curve)
                 images_mse[k].append((recon.float() - x).pow(2).flatten(1).mean(1).double().cpu())
-            loss = loss_fn(recon, x) * x.shape[0]
+            if by_image:
+                losses = loss_fn.per_image(recon, x)
+                images_loss[k].append(losses.double().cpu())
+                loss = losses.sum()
+            else:
+                loss = loss_fn(recon, x) * x.shape[0]
             values = {"loss": loss, **image_sums(recon, x, ssim)}
             if perceptual_fn is not None:
                 values["perceptual"] = loss if perceptual_fn is loss_fn else perceptual_fn(recon, x) * x.shape[0]
@@ -146,6 +154,8 @@ def evaluate_stacked(forward, count: int, loader, loss_fn, perceptual_fn=None, s
         out = means(sums[k], names, getattr(loader, "device", "cpu"))
         if per_image:
             out["per_image_mse"] = torch.cat(images_mse[k]).numpy() if images_mse[k] else np.zeros(0)
+        if by_image:
+            out["per_image_loss"] = torch.cat(images_loss[k]).numpy() if images_loss[k] else np.zeros(0)
         results.append(out)
     return results
 
