@@ -209,6 +209,32 @@ def test_psnr_conclusion_follows_the_numbers():
     assert "about as well as the endpoints" in good and "15.00 dB" in bad and "by up to 2.20 dB" in bad
 
 
+def test_sentences_say_which_path_kinds_have_intervals_too_wide_to_conclude():
+    from aecurves.stats import mean_interval
+
+    seg, cur = [0.02, 0.021, 0.019], [0.001, -0.002, 0.0015]
+    g = _group(seg, cur)
+    removed = [(s - c) / s for s, c in zip(seg, cur)]
+    none = mean_interval([])  # no extra-trained endpoints in this study
+    g["summary"]["paths"] = {
+        "segment": {"barrier": mean_interval(seg), "removed": mean_interval([0, 0, 0]), "best_vs_extra": none},
+        "curve": {"barrier": mean_interval(cur), "removed": mean_interval(removed), "best_vs_extra": none}}
+    g["summary"]["bootstrap"] = {"segment": {"pairs": 3, "above_zero": 3}, "curve": {"pairs": 3, "above_zero": 1}}
+    text = " ".join(report.summary_sentences("mse", g))
+    r = mean_interval(cur)
+    assert r["lo"] < 0 < r["hi"]  # the curves' barrier interval includes 0, the segments' does not
+    assert f"curve {report.fnum(r['mean'])} [{report.fnum(r['lo'])}, {report.fnum(r['hi'])}]" in text
+    assert "For the curves the interval includes 0: too wide to tell from 3 pairs" in text
+    assert "straight segments the interval" not in text
+    assert "above 0 for 3 of 3 straight segments, 1 of 3 curves; for the others it includes 0" in text
+    share = mean_interval(removed)
+    assert (f"the share removed by the curves is {report.fpct(share['mean'])} (95% interval "
+            f"{report.fpct(share['lo'])} to {report.fpct(share['hi'])})") in text
+    # every pair's bootstrap above 0: nothing to caution about
+    g["summary"]["bootstrap"]["curve"]["above_zero"] = 3
+    assert "for the others" not in " ".join(report.summary_sentences("mse", g))
+
+
 def test_report_states_the_schedules_the_protocol_and_convergence(tmp_path):
     root = make_study(tmp_path / "study")
     study = json.loads((root / "study.json").read_text())

@@ -299,6 +299,12 @@ def _group_summary(endpoints: list, pairs: list) -> dict:
     s["paths"] = {name: {key: mean_interval([p["paths"][name][key] for p in done if name in p.get("paths", {})])
                          for key in ("barrier", "removed", "best_vs_endpoint", "best_vs_extra")}
                   for name, _ in PATHS if any(name in p.get("paths", {}) for p in done)}
+    # per pair, whether the bootstrap interval over held-out images puts each path's barrier above 0
+    s["bootstrap"] = {}
+    for name, _ in PATHS:
+        los = [p[name]["te_barrier_lo"] for p in done if (p.get(name) or {}).get("te_barrier_lo") is not None]
+        if los:
+            s["bootstrap"][name] = {"pairs": len(los), "above_zero": sum(lo > 0 for lo in los)}
     return s
 
 
@@ -367,6 +373,11 @@ def summary_sentences(loss: str, g: dict) -> list[str]:
                    "remove most of it.")
     else:
         out.append(f"The curves do not remove the barrier: {fpct(mean)} of it on average (worst pair {fpct(worst)}).")
+    curve_removed = s.get("paths", {}).get("curve", {}).get("removed")
+    if mean is not None and curve_removed and curve_removed["n"] == n:
+        out[-1] += f" Over pairs, the share removed by the curves is {fpct(curve_removed['mean'])}" \
+                   f"{_sure(curve_removed)}."
+    out += barrier_interval_sentences(s, n)
     a, b, c = s["worst_psnr_curves"], s["worst_psnr_endpoints"], s["worst_psnr_segments"]
     psnr = (f"The worst held-out PSNR along the curves is {fdb(a)} dB, against {fdb(b)} dB for the worst endpoint "
             f"and {fdb(c)} dB along the segments")
@@ -389,6 +400,34 @@ def _sure(r: dict) -> str:
         return (f"; its 95% interval [{fpct(r['lo'])}, {fpct(r['hi'])}] includes 0, too wide to conclude from "
                 f"{r['n']} pairs")
     return f" (95% interval {fpct(r['lo'])} to {fpct(r['hi'])})"
+
+
+def barrier_interval_sentences(s: dict, n: int) -> list[str]:
+    """Each path kind's test barrier over pairs (mean, 95% t-interval), the kinds whose interval is too wide to tell a
+    barrier from none, and per pair how often the bootstrap interval over held-out images lies above 0."""
+    out, parts, wide = [], [], []
+    for name, label in PATHS:
+        r = s.get("paths", {}).get(name, {}).get("barrier")
+        if not r or r["lo"] is None:
+            continue
+        parts.append(f"{label} {fnum(r['mean'])} [{fnum(r['lo'])}, {fnum(r['hi'])}]")
+        if r["lo"] <= 0 <= r["hi"]:
+            wide.append(label)
+    if parts:
+        text = "Test barrier over pairs, mean [95% t-interval]: " + "; ".join(parts) + "."
+        if wide:
+            kinds = " and ".join(f"{w}s" for w in wide)
+            text += (f" For the {kinds} the interval includes 0: too wide to tell from {n} pairs whether there is a "
+                     "barrier at all.")
+        out.append(text)
+    boot = [(label, b) for name, label in PATHS if (b := s.get("bootstrap", {}).get(name))]
+    if boot:
+        text = ("Per pair, the 95% bootstrap interval over held-out images puts the barrier above 0 for "
+                + ", ".join(f"{b['above_zero']} of {b['pairs']} {label}s" for label, b in boot))
+        if any(b["above_zero"] < b["pairs"] for _, b in boot):
+            text += "; for the others it includes 0, so this test set cannot tell their barrier from none"
+        out.append(text + ".")
+    return out
 
 
 def alignment_sentences(paths: dict) -> list[str]:
@@ -866,7 +905,7 @@ def _removed(naive, barrier) -> float | None:
 
 
 def fbootstrap(path: dict) -> str:
-    """A path's test-barrier interval over held-out images (eval-curve's bootstrap; MSE loss only)."""
+    """A path's test-barrier interval over held-out images (eval-curve's bootstrap)."""
     lo, hi = path.get("te_barrier_lo"), path.get("te_barrier_hi")
     return "n/a" if lo is None or hi is None else f"[{fnum(lo)}, {fnum(hi)}]"
 
