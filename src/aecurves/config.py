@@ -229,7 +229,7 @@ class EvalCurveConfig:
     points_per_call: int = option(0, "networks evaluated together, their weights stacked (torch.func.vmap): the "
                                      "same numbers to float rounding, faster where one network leaves the device "
                                      "idle (a GPU); 0: chosen from the free GPU memory, 1 on a CPU (where it "
-                                     "measured no faster)", minimum=0, metavar="N", group="evaluation")
+                                     "measured slower)", minimum=0, metavar="N", group="evaluation")
     memory_format: str = option("channels_last", "of the image batches: channels_last measured faster on a CPU at "
                                 "the same numbers to float rounding; a model whose forward cannot take it falls "
                                 "back to contiguous, with a note", choices=("channels_last", "contiguous"),

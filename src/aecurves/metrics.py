@@ -46,8 +46,9 @@ def ssim_per_image(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     defines it (reflection padding, local statistics by the Gaussian window, negative variances clamped to 0).
 
     The window is separable and the padding linear, so both are applied as one [H, H] and one [W, W] matrix
-    product per map instead of torchmetrics' depthwise 11x11 convolution: the same sums in another order, about
-    3x faster on a CPU (benchmarks/eval_throughput.py). tests/test_metrics.py checks it against torchmetrics.
+    product per map instead of torchmetrics' depthwise 11x11 convolution: the same sums in another order,
+    several times faster on a CPU (benchmarks/eval_throughput.py). tests/test_metrics.py checks it against
+    torchmetrics.
     """
     check_ssim_size(x.shape[-2], x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 evaluation
@@ -306,8 +307,7 @@ def evaluate_points(base: torch.nn.Module, unflatten, flat_of, specs, train_load
     `points_per_call` networks run together: their weights stacked, `base` vmapped over them (torch.func), one
     call per batch for the BN statistics and for each split. That is the same arithmetic as one network at a
     time, in another order (equal to float rounding: tests/test_metrics.py), and is where a GPU's gain is; on a
-    CPU, whose cores one network's convolutions already fill, it measured no faster
-    (benchmarks/eval_throughput.py).
+    CPU, whose cores one network's convolutions already fill, it measured slower (benchmarks/eval_throughput.py).
     `unflatten(flat)` gives the weights dict of a flat vector; `on_point(spec, network)` is called at each spec.
     """
     specs = list(specs)
@@ -354,7 +354,7 @@ def choose_points_per_call(requested: int, device: torch.device, base: torch.nn.
                            batch: torch.Tensor) -> int:
     """`requested` when set (> 0). Otherwise, on a GPU, the largest power of two up to MAX_POINTS_PER_CALL whose
     networks' batches take at most a quarter of the free memory, one network's cost measured on `batch`
-    (the margin covers the losses, SSIM and the allocator); on a CPU, 1: stacking measured no faster there."""
+    (the margin covers the losses, SSIM and the allocator); on a CPU, 1: stacking measured slower there."""
     if requested > 0:
         return requested
     if device.type != "cuda":
@@ -363,7 +363,7 @@ def choose_points_per_call(requested: int, device: torch.device, base: torch.nn.
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     with torch.no_grad():
-        NetworkAt(base, weights)(batch)
+        NetworkAt(base, weights).eval()(batch)
     per_point = torch.cuda.max_memory_allocated(device) - before + sum(w.numel() * w.element_size()
                                                                        for w in weights.values())
     free, _ = torch.cuda.mem_get_info(device)
