@@ -9,7 +9,11 @@ What it measures
      Every configuration evaluates the same --points points, 1, 2, 4, 8 and 16 per call, in fp32 and bf16
      autocast, in the default memory format and channels_last. Each row gives the ratio to one point per
      call in fp32, and the largest relative deviation of its test losses from that baseline's.
-  2. SSIM of 256 images of 64x64: aecurves.metrics.ssim_per_image against torchmetrics'
+  2. The model's forward FLOPs per image (torch.utils.flop_counter, as benchmarks/train_throughput.py counts
+     them) and what the fastest fp32 row's images/s make of them: the engine's GFLOP/s, as a fraction of a
+     2048x2048 fp32 matmul's on the same device, to say how close to the hardware's limit one point per call
+     already runs.
+  3. SSIM of 256 images of 64x64: aecurves.metrics.ssim_per_image against torchmetrics'
      structural_similarity_index_measure (when installed: pip install -e ".[test]"), median of 7 runs.
 
 Images are random pixels (throughput does not depend on them). Run from the repository root, on an idle
@@ -33,6 +37,7 @@ from aecurves.data import BatchLoader
 from aecurves.losses import make_loss
 from aecurves.metrics import evaluate_points, ssim_per_image
 from aecurves.models import ConvAutoencoder
+from train_throughput import count_flops, matmul_gflops  # the same counting as the training benchmark
 
 ARCH = dict(channels=3, image_size=64, latent_dim=128, width=32)
 
@@ -75,7 +80,7 @@ def run_engine(args, device, per_call: int, precision: str, channels_last: bool)
 
 def bench_engine(args, device) -> None:
     images_per_run = 3 * args.images * args.points  # BN pass, train metrics, test metrics, at every point
-    rows, base_seconds, base_losses = [], None, None
+    rows, base_seconds, base_losses, fp32_rates = [], None, None, []
     for fmt in args.formats:
         for precision in args.precision:
             for per_call in args.per_call:
@@ -83,6 +88,8 @@ def bench_engine(args, device) -> None:
                 if base_seconds is None:  # the first configuration is the baseline: keep it fp32, 1, default
                     base_seconds, base_losses = seconds, losses
                 deviation = max(abs(a - b) / abs(b) for a, b in zip(losses, base_losses))
+                if precision == "fp32":
+                    fp32_rates.append(images_per_run / seconds)
                 rows.append([fmt, precision, per_call, f"{seconds:.1f}", f"{images_per_run / seconds:.0f}",
                              f"{base_seconds / seconds:.2f}", f"{deviation:.1e}"])
                 print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
@@ -91,6 +98,14 @@ def bench_engine(args, device) -> None:
           f"first row")
     print(tabulate(rows, ["format", "precision", "points/call", "seconds", "images/s", "ratio",
                           "max rel. dev. of test loss"], tablefmt="github"))
+    if fp32_rates:
+        flops = count_flops(device, 16)[0] / 16
+        peak = matmul_gflops(2048, torch.float32, device, 5)
+        rate = max(fp32_rates) * flops / 1e9
+        print(f"\nforward pass: {flops / 1e6:.0f} MFLOP per image (matmuls and convolutions); at the fastest fp32 "
+              f"row's {max(fp32_rates):.0f} images/s the forward passes alone run at {rate:.0f} GFLOP/s, "
+              f"{rate / peak:.2f} of a 2048x2048 fp32 matmul's {peak:.0f} GFLOP/s on {device} (BatchNorm's "
+              f"statistics, the losses and SSIM take the rest of the time)")
 
 
 def bench_ssim(device) -> None:
