@@ -1,5 +1,9 @@
 """Tests for aecurves.cli: flags built from the config dataclasses."""
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 
 from aecurves import __version__, config
@@ -112,3 +116,136 @@ def test_exit_codes_user_error_2_bug_propagates_interrupt_130(monkeypatch, tmp_p
     monkeypatch.setattr(train, "run", interrupted)
     assert main(["train", "--out", str(tmp_path)]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --print-config reads back with --config: every command, every setting
+
+MODELS_FILE = Path(__file__).with_name("ae_models.py")
+# model_kwargs that no TOML table holds (a null), nested, with floats that must stay exact, unicode and escapes
+ODD_KWARGS = {"hidden": None, "nested": {"a": [1, 2.5, None, "é ☃ 😀"], "b": {}, "c": [[True, -0.0]]},
+              "small": 1e-05, "big": 2 ** 40, "quote \"and\" \\ \x7f": "line\nbreak"}
+# Settings whose values must mean something (a custom model, a curve, the study's lists) even to be printed; every
+# other setting gets any value its field accepts.
+MEANINGFUL = {"model": f"{MODELS_FILE}:mlp_autoencoder", "model_kwargs": json.dumps(ODD_KWARGS),
+              "curve": "PolyChain", "losses": "vgg,mse", "seeds": "2,5,9", "vgg_weights": "random"}
+# width is a setting of the built-in model, refused with a custom one: it stays unset
+LEFT_AT_DEFAULT = {"width"}
+# a study.json records the study's settings, not this run's --force or its progress bars
+NOT_RECORDED = {"study": {"force", "no_progress"}}
+
+
+def non_default_value(f, tmp_path: Path):
+    """A value for field `f` that differs from its default and passes its bounds and choices."""
+    meta, kind = f.metadata, config.value_type(f)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if f.name in MEANINGFUL:
+        return MEANINGFUL[f.name]
+    if meta.get("choices"):
+        return next(c for c in reversed(meta["choices"]) if c != default)
+    if kind in (int, float):
+        step = 1 if kind is int else 0.25
+        value = (default if default is not None else meta.get("minimum") or 0) + step
+        return min(value, meta["maximum"]) if meta.get("maximum") is not None else value
+    path = str(tmp_path / f"{f.name} é ☃")  # unicode, and a space the TOML string keeps
+    if kind is list:
+        return [f"{path} {i}" for i in range(meta["nargs"] if isinstance(meta.get("nargs"), int) else 2)]
+    return path
+
+
+def non_default_argv(cls, tmp_path: Path) -> list[str]:
+    argv = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True) or f.name in LEFT_AT_DEFAULT:
+            continue
+        if config.value_type(f) is bool:
+            argv.append(meta.get("negative_flag") or config.flag_name(f.name))
+            continue
+        value = non_default_value(f, tmp_path)
+        if meta.get("positional"):
+            argv.append(str(value))
+        elif meta.get("repeat"):
+            for v in value:
+                argv += [config.flag_name(f.name), v]
+        else:
+            argv += [config.flag_name(f.name), *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return argv
+
+
+@pytest.mark.parametrize("command", list(config.COMMANDS))
+def test_every_command_prints_a_config_that_reads_back(command, tmp_path, capsys):
+    cls = config.COMMANDS[command]
+    argv = non_default_argv(cls, tmp_path)
+    _, original = parse([command, *argv])
+    unchanged = {k for k, v in config.as_record(original).items() if v == config.as_record(cls())[k]}
+    assert unchanged <= LEFT_AT_DEFAULT, f"{command}: no non-default value for {sorted(unchanged)}"
+
+    assert main([command, *argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "None" not in printed
+    file = tmp_path / "printed.toml"
+    file.write_text(printed, encoding="utf-8")
+    _, back = parse([command, "--config", str(file)])
+    skipped = NOT_RECORDED.get(command, set())
+    expected = {k: v for k, v in config.as_record(original).items() if k not in skipped}
+    assert {k: v for k, v in config.as_record(back).items() if k not in skipped} == expected
+    assert main([command, "--config", str(file), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_a_custom_model_prints_without_width(command, tmp_path, capsys):
+    model = f"{MODELS_FILE}:mlp_autoencoder"
+    assert main([command, "--model", model, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "# width is not set\n" in printed
+    (tmp_path / "c.toml").write_text(printed)
+    _, cfg = parse([command, "--config", str(tmp_path / "c.toml")])
+    assert "width" not in cfg.given and cfg.model == model
+    assert main([command, "--model", model, "--width", "8", "--print-config"]) == 2  # refused, as the run does
+    assert "--width is a setting of the built-in model" in capsys.readouterr().err
+
+
+def test_required_settings_may_come_from_a_config_file(tmp_path, capsys):
+    flags = ["--init-start", "a.pt", "--init-end", "b.pt", "--out", "c.pt"]
+    assert main(["align", *flags, "--print-config"]) == 0
+    (tmp_path / "align.toml").write_text(capsys.readouterr().out)
+    _, cfg = parse(["align", "--config", str(tmp_path / "align.toml")])
+    assert (cfg.init_start, cfg.init_end, cfg.out) == ("a.pt", "b.pt", "c.pt")
+
+    assert main(["align", "--init-end", "b.pt", "--print-config"]) == 0  # prints what is set
+    printed = capsys.readouterr().out
+    assert "# init_start is not set\n" in printed and "# out is not set\n" in printed
+    (tmp_path / "partial.toml").write_text(printed)
+    assert main(["align", "--config", str(tmp_path / "partial.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--init-start and --out" in err and "--init-end" not in err
+    assert err.count("\n") == 1  # one paragraph
+    assert main(["export-point", "--t", "0.5"]) == 2
+    assert "--ckpt and --out" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["export-point", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "curve checkpoint (from train-curve) (required)" in help_text
+
+
+def test_config_help_says_what_each_command_reads(tmp_path, capsys):
+    for command in config.COMMANDS:
+        with pytest.raises(SystemExit):
+            get_args_parser().parse_args([command, "--help"])
+        help_text = " ".join(capsys.readouterr().out.split())
+        config_help = help_text.rsplit("--config FILE", 1)[1].split("--print-config print the")[0]
+        assert "TOML file whose keys are the flag names" in config_help
+        assert ("study.json" in config_help) is (command == "study"), command
+
+    record = {"format_version": 1, "config": {"losses": ["mse"], "seeds": [1, 2], "epochs": 7}}
+    (tmp_path / "study.json").write_text(json.dumps(record))
+    assert main(["train", "--config", str(tmp_path / "study.json")]) == 2
+    assert "only `aecurves study` reads" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "no such file" not in err
+    assert main(["study", "--config", str(tmp_path)]) == 2
+    assert f"--config {tmp_path / 'study.json'}" in capsys.readouterr().err  # the study record in that folder

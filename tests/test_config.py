@@ -75,3 +75,28 @@ def test_non_finite_numbers_and_empty_out_are_refused():
             make(TrainConfig, change)
     with pytest.raises(UserError, match="--t must be a finite number"):
         make(ExportPointConfig, {"ckpt": "c.pt", "t": float("nan"), "out": "p.pt"})
+
+
+def test_to_toml_reads_back_exactly(tmp_path):
+    """TOML has no null: a table holding one is written as JSON text, which read_config_file parses back."""
+    tables = {"plain": {"hidden": 5, "f": 1e-05, "inf": float("inf"), "deep": {"l": [1, [2.5, "é"], {}]}},
+              "null": {"hidden": None, "deep": [{"a": None}, "😀"], "f": -0.0},
+              "keys": {"😀 \"q\" \\ \x7f\n": 1, "": "\x7f\t"}}
+    for name, kwargs in tables.items():
+        record = {"model_kwargs": kwargs, "out": "dir é \"q\" \x7f", "limit": None, "lr": 0.1 + 0.2}
+        file = tmp_path / f"{name}.toml"
+        file.write_text(config.to_toml(record), encoding="utf-8")
+        assert "# limit is not set\n" in config.to_toml(record)
+        assert config.read_config_file(str(file), TrainConfig) == {k: v for k, v in record.items() if v is not None}
+    assert config.to_toml({"model_kwargs": tables["null"]}).startswith('model_kwargs = "{')
+    assert config.to_toml({"model_kwargs": tables["plain"]}).startswith('model_kwargs = {"hidden" = 5, ')
+
+
+def test_required_settings_and_list_lengths():
+    cfg = make(ExportPointConfig, {"t": 0.5})  # a config may be incomplete until its --config file is merged
+    with pytest.raises(UserError, match=r"^Missing required setting\(s\) --ckpt and --out: "):
+        config.check_required(cfg)
+    config.check_required(make(ExportPointConfig, {"ckpt": "c.pt", "t": 0.5, "out": "p.pt"}))
+    for value in (["a.pt"], ["a.pt", 2]):  # a config file bypasses argparse's nargs=2 and its str type
+        with pytest.raises(UserError, match="--segment takes a list of 2 strings"):
+            make(EvalCurveConfig, {"segment": value})

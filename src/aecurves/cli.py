@@ -67,7 +67,7 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
             groups[group] = parser.add_argument_group(group)
         target = groups.get(group, parser)
         help_text = meta["help"]
-        if meta.get("required"):
+        if meta.get("required"):  # checked once a --config file is merged (config.check_required), not by argparse
             help_text += " (required)"
         elif config.value_type(f) is not bool:
             help_text += f" (default: {config.shown_default(f)})"
@@ -90,8 +90,6 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
                     kwargs[key] = meta[key]
             if meta.get("repeat"):
                 kwargs["action"] = "append"
-            if meta.get("required"):
-                kwargs["required"] = True
         twin = "--" + f.name
         if twin not in names and not meta.get("negative_flag"):
             names.append(twin)
@@ -112,8 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         add_flags(command, cls)
         files = command.add_argument_group("configuration files")
         files.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                           help="read settings from a TOML file whose keys are the flag names (or from a study's "
-                                "study.json); flags given as well override it")
+                           help=f"read settings from {config.config_file_kinds(cls)}; flags given as well "
+                                "override it")
         files.add_argument("--print-config", action="store_true", default=argparse.SUPPRESS,
                            help="print the resolved settings as TOML (which --config reads back) and exit")
     return parser
@@ -133,7 +131,10 @@ def parse_with_options(argv=None):
     cls = config.COMMANDS[command]
     values = config.read_config_file(args.pop("config"), cls) if "config" in args else {}
     values.update(args)
-    return command, config.make(cls, values), options
+    cfg = config.make(cls, values)
+    if not options["print_config"]:  # an incomplete config still prints: it is how a config file is begun
+        config.check_required(cfg)
+    return command, cfg, options
 
 
 def main(argv=None) -> int:

@@ -519,6 +519,9 @@ def validate(cfg) -> None:
                               (list, "a list")):
             if kind is wanted and not isinstance(value, wanted):
                 raise UserError(f"{name} must be {words}, got {value!r}.")
+        count = meta.get("nargs") if isinstance(meta.get("nargs"), int) else None
+        if kind is list and (not all(isinstance(v, str) for v in value) or count not in (None, len(value))):
+            raise UserError(f"{name} takes a list of {f'{count} ' if count else ''}strings, got {value!r}.")
         if meta.get("choices") and value not in meta["choices"]:
             raise UserError(f"Unknown {name} {value!r}; choose one of: {', '.join(meta['choices'])}.")
         if kind is float and not math.isfinite(value):
@@ -542,6 +545,16 @@ def make(cls, given: dict):
     cfg = cls(**given, given=tuple(given))
     validate(cfg)
     return cfg
+
+
+def check_required(cfg) -> None:
+    """Refuses a config without one of its required settings. The CLI checks this after merging the flags with a
+    --config file (argparse would demand the flags even when the file holds the values)."""
+    missing = [flag_name(f.name) for f in dataclasses.fields(cfg)
+               if f.metadata.get("required") and getattr(cfg, f.name) is None]
+    if missing:
+        names = " and ".join(filter(None, (", ".join(missing[:-1]), missing[-1])))
+        raise UserError(f"Missing required setting(s) {names}: give them as flags or as keys of the --config file.")
 
 
 def as_record(cfg) -> dict:
@@ -582,56 +595,94 @@ def settle_with_checkpoint(cfg, saved: dict, keys, where, legacy: dict | None = 
 # config files: TOML with the flags' names as keys (or a study.json), and the resolved config printed as TOML
 
 
+def config_file_kinds(cls) -> str:
+    """What --config reads for the command of `cls`: its help and its errors say the same."""
+    kinds = "a TOML file whose keys are the flag names, with - or _ (as --print-config prints them)"
+    return kinds + (", or a study's study.json" if cls is StudyConfig else "")
+
+
 def read_config_file(path: str, cls) -> dict:
-    """Field values from a TOML file (keys: the flag names, with - or _) or a JSON file such as a study's
-    study.json (its "config" entry), checked against the fields of `cls`. Unset (null) values are left out."""
+    """Field values from a TOML file (keys: the flag names, with - or _) or, for the study, from its study.json
+    (the "config" entry), checked against the fields of `cls`. Unset (null) values are left out. A table setting
+    (model_kwargs) may also be the text of a JSON object: to_toml writes one that holds a null so."""
     from pathlib import Path
 
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"--config {path}: no such file. Pass a TOML file whose keys are the flag names "
-                        "(e.g. epochs = 30), or a study's study.json.")
+        hint = ""
+        if cls is StudyConfig and (file / "study.json").is_file():
+            hint = f" (for the study in it: --config {file / 'study.json'})"
+        problem = "is a folder, not a file" if file.is_dir() else "is not there (no such file)"
+        raise UserError(f"--config {path} {problem}. Pass {config_file_kinds(cls)}{hint}.")
+    if file.suffix == ".json" and cls is not StudyConfig:
+        raise UserError(f"--config {path}: only `aecurves study` reads a JSON file (a study's study.json). Pass "
+                        f"{config_file_kinds(cls)}.")
     try:
         if file.suffix == ".json":
-            values = json.loads(file.read_text())
+            values = json.loads(file.read_text(encoding="utf-8"))
             values = values.get("config", values) if isinstance(values, dict) else values
         else:
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
-            values = tomllib.loads(file.read_text())
+            values = tomllib.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"--config {path} could not be read ({type(exc).__name__}: {exc}).") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must hold a table of settings (key = value).")
-    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
     values = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
-    unknown = sorted(set(values) - names - set(IGNORED_IN_CONFIG_FILES))
+    unknown = sorted(set(values) - set(fields) - set(IGNORED_IN_CONFIG_FILES))
     if unknown:
         raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; the settings of this command "
-                        f"are: {', '.join(sorted(names))}.")
+                        f"are: {', '.join(sorted(fields))}.")
+    values = {k: v for k, v in values.items() if k in fields}
     for k in ("losses", "seeds"):  # a study.json holds them as lists
         if isinstance(values.get(k), list):
             values[k] = ",".join(str(v) for v in values[k])
-    return {k: v for k, v in values.items() if k in names}
+    for k, v in values.items():
+        if value_type(fields[k]) is dict and isinstance(v, str):
+            try:
+                values[k] = parse_json_object(v)
+            except UserError as exc:
+                raise UserError(f"--config {path}: {exc}") from None
+    return values
 
 
 IGNORED_IN_CONFIG_FILES = ("format_version",)
+
+
+def _toml_string(text: str) -> str:
+    # JSON's escapes are all TOML escapes; TOML also wants DEL escaped, which JSON leaves as it is
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _holds_null(value) -> bool:
+    if isinstance(value, dict):
+        return any(map(_holds_null, value.values()))
+    if isinstance(value, (list, tuple)):
+        return any(map(_holds_null, value))
+    return value is None
 
 
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value)
+        return repr(value)  # exact; TOML spells inf and nan as Python does
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value), ensure_ascii=False)
+        if _holds_null(value):  # TOML has no null
+            return _toml_string(json.dumps(value, ensure_ascii=False))
+        return "{" + ", ".join(f"{_toml_string(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return _toml_string(str(value))
 
 
 def to_toml(record: dict) -> str:
-    """A flat config as TOML that --config reads back; unset values become comments."""
+    """A flat config as TOML that --config reads back to the same values. TOML has no null, so an unset value is a
+    comment (`# name is not set`: read back, it stays unset), and a table (a dict) that holds a null anywhere is
+    written as its JSON text, a string that read_config_file parses back into the table; every other table is a
+    TOML inline table. Numbers are written exactly (repr), strings in UTF-8."""
     return "".join(f"{k} = {_toml_value(v)}\n" if v is not None else f"# {k} is not set\n" for k, v in record.items())

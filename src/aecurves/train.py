@@ -266,3 +266,13 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
         f"test PSNR {summary.get('test_psnr', float('nan')):.2f} dB, {len(data.skipped)} files or folders skipped; "
         f"checkpoint, metrics.jsonl and reconstructions.png in {out}")
     return summary
+
+
+def resolved_config(cfg: TrainConfig) -> dict:
+    """What `aecurves train --print-config` prints: the settings as given, with --width unset for a custom --model
+    (and refused when given with one) as the run resolves it, so that the printed file reads back. The rest stays
+    as given: a default resolved here (the image size, say) would be written as if chosen, and then not follow an
+    edited --dataset or the checkpoint of a --resume."""
+    resolved = dataclasses.replace(cfg)
+    resolve_train_config(resolved, None, None)
+    return {**as_record(cfg), "width": resolved.width}
