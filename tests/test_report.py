@@ -1,6 +1,9 @@
 """Tests for aecurves.report: a report made from a study folder's files alone, numbers and conclusions."""
 
+import errno
+import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +12,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
-from aecurves import plots, report
+from aecurves import files, plots, report
+from aecurves.cli import main
 from aecurves.errors import UserError
 from aecurves.metrics import summarize
 
@@ -99,8 +103,13 @@ def make_study(root: Path, bumps=((0.02, 0.001), (0.03, 0.002), (0.025, 0.0005))
     return root
 
 
+def _md_plain(text: str) -> str:
+    """Markdown text as a reader sees it: backslash escapes and entities undone."""
+    return html.unescape(re.sub(r"\\(.)", r"\1", text))
+
+
 def _md_table(md: str, after: str) -> list[list[str]]:
-    """The cells of the first markdown table after the text `after` (header row first)."""
+    """The cells of the first markdown table after the text `after` (header row first), as a reader sees them."""
     lines = md[md.index(after):].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     rows = []
@@ -108,7 +117,8 @@ def _md_table(md: str, after: str) -> list[list[str]]:
         if not line.startswith("|"):
             break
         if not line.startswith("|---"):
-            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+            cells = re.split(r"(?<!\\)\|", line.strip()[1:-1])  # an escaped pipe is part of its cell
+            rows.append([_md_plain(c.strip()) for c in cells])
     return rows
 
 
@@ -151,7 +161,7 @@ def test_report_from_files_alone(tmp_path):
     assert html.count("data:image/png;base64,") == 1 + 3 + 6  # group figure, endpoints, strips
     assert 'src="report_files' not in html
     for line in saved["summary_lines"]:
-        assert line in md
+        assert report.md_text(line) in md
 
 
 def test_fingerprint_follows_the_input_files(tmp_path):
@@ -327,6 +337,11 @@ def test_provenance_not_recorded(tmp_path):
     rows = dict(_md_table((root / "report.md").read_text(), "### Provenance")[1:])
     assert rows["git commit"] == rows["finished"] == rows["wall time, whole study"] == "not recorded"
 
+    nan = make_study(tmp_path / "nan", provenance={**PROVENANCE, "wall_seconds": float("nan")})
+    report.write_report(nan)
+    assert dict(_md_table((nan / "report.md").read_text(), "### Provenance")[1:])["wall time, whole study"] == \
+        "not recorded"
+
     old = make_study(tmp_path / "old")  # study.json without provenance
     record = report.write_report(old)
     md = (old / "report.md").read_text()
@@ -444,3 +459,216 @@ def test_figures_name_their_pairs(tmp_path, monkeypatch):
     assert "*mse group, seeds 1-2, 1-3, 2-3: MSE loss along t for every curve" in md
     assert "*mse group, seeds 1-3: held-out images reconstructed along the Bezier curve (3 bends) at" in md
     assert "*mse group, seeds 2-3: held-out images reconstructed along the straight segment at" in md
+
+
+# ----------------------------------------------------------------------------------------------------------
+# strings from the study's files are text in report.md, never markup
+
+HOSTILE = "x<script>alert(1)</script> *b* _i_ `c` [l](javascript:x) a|b &amp; ~s~ $m$ end\\\n# not a heading"
+RAW_MARKUP = ("<script>", "*b*", "_i_", "`c`", "[l]", "a|b", " &amp; ", "~s~", "$m$", "end\\ ")
+
+
+def _outside_code_spans(line: str) -> str:
+    """A markdown line without its code spans (whose content Markdown shows verbatim)."""
+    return re.sub(r"(?<![`\\])(`+)(?!`).*?(?<!`)\1(?!`)", "", line)  # a backslash-escaped backtick opens none
+
+
+def _edit_json(path: Path, edit) -> None:
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+
+
+def test_markdown_shows_the_study_strings_as_text(tmp_path):
+    root = make_study(tmp_path / "st`dy <x>", provenance={**PROVENANCE, "host": HOSTILE, "git_commit": HOSTILE})
+
+    def study(s):
+        s["config"].update(data_dir=HOSTILE, model=HOSTILE)
+        s["groups"]["mse"]["warning"] = "1) " + HOSTILE
+
+    def evaluation(r):
+        r.update(notes=[HOSTILE, "1. not a list", "- not an item", "+ not an item"], path={"curve": HOSTILE})
+
+    _edit_json(root / "study.json", study)
+    _edit_json(root / "curves/mse_seed1-seed2/eval/eval.json", evaluation)
+    report.write_report(root)
+    md = (root / "report.md").read_text()
+    text = "\n".join(_outside_code_spans(line.removeprefix("> ")) for line in md.splitlines())
+    for raw in RAW_MARKUP:
+        assert raw not in md, raw
+    assert "<" not in text and ">" not in text and not re.search(r"&(?!lt;|gt;|amp;)", text)
+    assert not re.search(r"^(> )?(- )?#+ not a heading", md, re.MULTILINE)
+    assert md.count(report.md_text(HOSTILE)) >= 6  # folder, factory, host, commit, warning, note, strip captions
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md and "\\[l\\](javascript:x)" in md
+    assert "- 1\\. not a list" in md and "- \\- not an item" in md and "- \\+ not an item" in md
+    assert "> 1\\) " + report.md_text(HOSTILE) in md
+    # the report's own formatting still renders: headings, tables, figures, captions, and commands as code
+    assert md.startswith("# Mode connectivity") and "\n## Summary\n" in md and "\n| setting | value |\n" in md
+    assert "![" in md and "(report_files/mse_loss_along_paths.png)" in md
+    assert _setting(md, "data folder") == " ".join(HOSTILE.split()) and _setting(md, "model factory") == " ".join(
+        HOSTILE.split())
+    assert f"``aecurves report '{root}'``" in md  # the command as code, the folder quoted for the shell
+    html_text = (root / "report.html").read_text()
+    assert "<script>" not in html_text and f"<code>aecurves report &#x27;{html.escape(str(root))[:-4]}" in html_text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model factory in the configuration
+
+
+def test_configuration_names_the_model_factory_and_its_kwargs(tmp_path):
+    builtin = make_study(tmp_path / "builtin")
+    _edit_json(builtin / "study.json", lambda s: s["config"].update(width=32))
+    report.write_report(builtin)
+    md = (builtin / "report.md").read_text()
+    assert _setting(md, "model factory") == "aecurves.models:ConvAutoencoder (built-in)"
+    assert _setting(md, "model kwargs") == "none" and _setting(md, "width") == "32"
+
+    custom = make_study(tmp_path / "custom")
+    _edit_json(custom / "study.json", lambda s: s["config"].update(
+        model="my_models.py:make_ae", model_kwargs={"hidden": 512, "depth": 3}, width=None, latent_dim=64))
+    report.write_report(custom)
+    md = (custom / "report.md").read_text()
+    rows = dict(_md_table(md, "## Configuration")[1:])
+    assert rows["model factory"] == "my_models.py:make_ae" and rows["model kwargs"] == '{"depth": 3, "hidden": 512}'
+    assert rows["width"] == "does not apply (a setting of the built-in model)" and rows["bottleneck"] == "64"
+    assert "None" not in rows.values()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# damaged input files: named, left out, never a traceback
+
+EVAL = "curves/mse_seed1-seed2/eval/eval.json"
+
+
+def _set(key, value):
+    return lambda r: r.update({key: value})
+
+
+def _set_summary(key, value):
+    return lambda r: r["summary"].update({key: value})
+
+
+def _drop_summary(key):
+    return lambda r: r["summary"].pop(key)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_set_summary("te_barrier", "0.02"), 'summary.te_barrier is "0.02", not a number'),
+    (_set_summary("te_psnr_min", True), "summary.te_psnr_min is true, not a number"),
+    (_drop_summary("te_psnr_start"), "summary has no te_psnr_start"),
+    (_set("summary", [1, 2]), "summary is [1, 2], not an object"),
+    (_set("summary", None), "summary is null, not an object"),
+    (_set("notes", "a note"), 'notes is "a note", not a list'),
+    (_set("bn", [500]), "bn is [500], not an object"),
+    (_set("path", {"curve": "Bezier", "num_bends": "3"}), 'path.num_bends is "3", not an integer'),
+    (_set("ensemble", {"k": 3, "entries": [1]}), "ensemble.entries is [1], not an object"),
+    ("{not json", "not JSON"),
+    ("null", "the file is null, not an object"),
+])
+def test_a_damaged_eval_json_is_named_and_left_out(tmp_path, capsys, damage, reason):
+    root = make_study(tmp_path / "study")
+    if callable(damage):
+        _edit_json(root / EVAL, damage)
+    else:
+        (root / EVAL).write_text(damage)
+    assert main(["report", str(root)]) == 0  # the report is written, the damage stated
+    err = capsys.readouterr().err
+    assert f"{root / EVAL} is damaged" in err and reason in err and "Traceback" not in err
+    record = json.loads((root / "report.json").read_text())
+    assert reason in record["damaged"][EVAL]
+    g = record["groups"]["mse"]
+    assert [p["eval_status"] for p in g["pairs"]] == ["damaged", "found", "found"]
+    assert g["summary"]["pairs_evaluated"] == 2
+    md = (root / "report.md").read_text()
+    pair = md[md.index("### Seeds 1 and 2"):md.index("### Seeds 1 and 3")]
+    assert f"{report.md_text(EVAL)} is damaged" in pair and "missing" not in pair
+    assert report.md_text(f"{EVAL}: {record['damaged'][EVAL]}") in md  # the list of damaged files
+    assert "The curves remove most of the barrier for every pair" in md  # the other two pairs are reported
+
+
+@pytest.mark.parametrize("path, content, reason", [
+    ("endpoints/mse_seed2/metrics.jsonl", '{"epoch": 30, "test_loss": "low"}\n', 'line 1: test_loss is "low"'),
+    ("endpoints/mse_seed2/metrics.jsonl", '[30, 0.01]\n', "line 1: the row is [30, 0.01], not an object"),
+    ("endpoints/mse_seed2/metrics.jsonl", '{"epoch": 29}\n{"epo', "not JSON"),
+    ("curves/mse_seed1-seed3/eval/curve.npz", "not a zip", "not readable"),
+    ("endpoints/mse_seed3/reconstructions.png", "not a png", "not readable"),
+    ("study.json", None, "config is [], not an object"),
+])
+def test_other_damaged_inputs_are_named_and_left_out(tmp_path, capsys, path, content, reason):
+    root = make_study(tmp_path / "study")
+    if content is None:
+        _edit_json(root / path, lambda s: s.update(config=[]))
+    else:
+        (root / path).write_text(content)
+    assert main(["report", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert f"{root / path} is damaged" in err and reason in err and "Traceback" not in err
+    record = json.loads((root / "report.json").read_text())
+    assert reason in record["damaged"][path]
+    assert report.md_text(path) in (root / "report.md").read_text()
+
+
+def _rename_group(s):
+    s["groups"]["../../x"] = s["groups"].pop("mse")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda s: s["groups"]["mse"]["pairs"][0].update(seeds="1-2"), 'groups.mse.pairs[0].seeds is "1-2", not a list'),
+    (lambda s: s["groups"]["mse"].update(endpoints={"one": "endpoints/mse_seed1"}), '"one" is not a seed'),
+    (_rename_group, 'groups.../../x: "../../x" is not a loss'),  # it would name files outside report_files/
+])
+def test_a_study_json_without_its_groups_shape_is_a_user_error(tmp_path, capsys, damage, reason):
+    root = make_study(tmp_path / "study")
+    _edit_json(root / "study.json", damage)
+    assert main(["report", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'study.json'} is damaged" in err and reason in err
+    assert "Traceback" not in err and not (root / "report.md").exists()
+
+
+def test_missing_and_damaged_are_told_apart(tmp_path):
+    root = make_study(tmp_path / "study")
+    (root / "curves/mse_seed2-seed3/eval/eval.json").unlink()
+    (root / EVAL).write_text("{")
+    record = report.write_report(root)
+    assert [p["eval_status"] for p in record["groups"]["mse"]["pairs"]] == ["damaged", "found", "missing"]
+    assert list(record["damaged"]) == [EVAL]
+    md = (root / "report.md").read_text()
+    assert "Not evaluated yet (curves/mse\\_seed2-seed3/eval/eval.json is missing)." in md
+    assert "curves/mse\\_seed2-seed3/eval/eval.json is damaged" not in md
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every write through aecurves.files
+
+
+def test_every_report_file_is_written_through_aecurves_files(tmp_path, monkeypatch):
+    root = make_study(tmp_path / "study")
+    before = set(root.rglob("*"))
+    targets = []
+    original = files.new_temp_file  # atomic_path (and so write_json) takes every temporary from it
+
+    def spy(folder, prefix, suffix=".tmp"):
+        targets.append(Path(folder) / prefix)
+        return original(folder, prefix, suffix)
+
+    monkeypatch.setattr(files, "new_temp_file", spy)
+    report.write_report(root)
+    written = {p for p in set(root.rglob("*")) - before if p.is_file()}
+    assert written == set(targets) and root / "report.md" in written and len(written) > 10
+    assert {p for p in set(root.rglob("*")) - before if p.is_dir()} == {root / report.FILES_DIR}
+
+
+def test_a_full_disk_stops_the_report_with_a_message_naming_the_file(tmp_path, monkeypatch, capsys):
+    root = make_study(tmp_path / "study")
+
+    def full(self, *args, **kwargs):  # the disk fills up as report.md is written: an OSError naming no file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert main(["report", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"could not write {root / 'report.md'}: No space left on device. The disk is full" in err
+    assert "Traceback" not in err and "damaged" not in err
+    assert not [p for p in root.rglob("*") if p.name.startswith(("report.", "."))]  # no partial file, no temporary

@@ -12,22 +12,30 @@ evaluation's eval.json, curve.npz and reconstruction strips, and writes
 
 Every number in the summary is computed here from those files, and every conclusion is chosen by comparing
 the numbers with the thresholds below, so the text cannot contradict the tables.
+
+Each input file is checked against the shape its stage writes: one that is unreadable or holds something else is
+named as damaged (in the report and on stderr) and left out, and the rest of the report is written. Strings from
+the files (folder names, notes, provenance, the model factory) are text in both renderings, never markup.
 """
 
 import base64
 import hashlib
 import html
 import json
+import re
+import shlex
 import shutil
+import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from aecurves.config import BN_IMAGES, TRAIN_IMAGES, ReportConfig
+from aecurves.config import BN_IMAGES, BUILTIN_MODEL, LOSSES, TRAIN_IMAGES, ReportConfig
 from aecurves.errors import UserError
-from aecurves.files import atomic_path, read_json, read_jsonl, write_json
+from aecurves.files import atomic_path, read_json, write_json
 from aecurves.stats import mean_interval
 
 REPORT_VERSION = 3  # 3: aligned paths, extra-trained endpoints, intervals over pairs (older reports are redone)
@@ -67,7 +75,7 @@ code{background:#f4f4f6;padding:0 .25em;border-radius:3px}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# reading
+# reading: each input file checked against the shape its writer gives it
 
 
 def read_report_json(study_dir) -> dict:
@@ -81,6 +89,201 @@ PROTOCOL_DEVIATION = ("The train-metric subset is stratified by the start endpoi
                       "measured point within 1% of --full at three standard deviations; the README's "
                       "evaluation-protocol section gives the table.")
 
+NUMBER = "a number"  # a spec: an int or a float (NaN and infinities too), not a bool
+
+
+@dataclass(frozen=True)
+class Maybe:
+    """A spec: `spec` or null; an object's entry of this spec may also be absent."""
+    spec: object
+
+
+@dataclass(frozen=True)
+class Each:
+    """A spec: an object of any keys, every value fitting `spec`, holding (not null) each key of `needs`."""
+    spec: object
+    needs: tuple = ()
+
+
+KINDS = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list"}
+
+
+class Damaged(Exception):
+    """An input file that cannot be read or does not hold what its writer writes; the message says what is wrong."""
+
+
+def mismatch(value, spec, where: str = "", whole: str = "the file") -> str | None:
+    """Why `value` does not fit `spec` ('summary.te_barrier is "0.02", not a number'), or None when it does.
+
+    A spec is NUMBER, a type of KINDS, Maybe(spec), Each(spec), {key: spec} (an object with those entries, others
+    free), [spec] (a list of such items) or a tuple of specs (a list of exactly those). `where` names `value` in the
+    message, `whole` when it is the whole file (or row)."""
+    name = where or whole
+    if isinstance(spec, Maybe):
+        return None if value is None else mismatch(value, spec.spec, where, whole)
+    if isinstance(spec, (dict, Each)):
+        if not isinstance(value, dict):
+            return _not(value, "an object", name)
+        if isinstance(spec, Each):
+            needed = spec.spec.spec if isinstance(spec.spec, Maybe) else spec.spec
+            entries = [(k, needed) for k in spec.needs] + [(k, spec.spec) for k in value if k not in spec.needs]
+        else:
+            entries = list(spec.items())
+        for key, sub in entries:
+            at = f"{where}.{key}" if where else str(key)
+            if key not in value:
+                if not isinstance(sub, Maybe):
+                    return f"{name} has no {key}"
+            elif problem := mismatch(value[key], sub, at, whole):
+                return problem
+        return None
+    if isinstance(spec, (list, tuple)):
+        exact = isinstance(spec, tuple)
+        if not isinstance(value, list) or (exact and len(value) != len(spec)):
+            return _not(value, f"a list of {len(spec)}" if exact else "a list", name)
+        for i, (item, sub) in enumerate(zip(value, spec if exact else spec * len(value))):
+            if problem := mismatch(item, sub, f"{where}[{i}]", whole):
+                return problem
+        return None
+    if spec is NUMBER:
+        return None if _is_number(value) else _not(value, NUMBER, name)
+    fits = isinstance(value, spec) and not (spec is int and isinstance(value, bool))
+    return None if fits else _not(value, KINDS[spec], name)
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)  # an int beyond float's range would break the formatting
+    except OverflowError:
+        return False
+    return True
+
+
+def _not(value, kind: str, name: str) -> str:
+    text = json.dumps(value)
+    return f"{name} is {text if len(text) <= 40 else text[:39] + '…'}, not {kind}"
+
+
+def _checked(text: str, spec, whole: str = "the file"):
+    """The value of the JSON `text` when it fits `spec`; else Damaged, saying why."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise Damaged(f"not JSON ({exc})") from None
+    if problem := mismatch(value, spec, whole=whole):
+        raise Damaged(problem)
+    return value
+
+
+def _checked_rows(text: str, spec) -> list:
+    """The rows of a JSON-lines `text`, each fitting `spec`; else Damaged, naming the line."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(_checked(line, spec, "the row"))
+            except Damaged as exc:
+                raise Damaged(f"line {n}: {exc}") from None
+    return rows
+
+
+class Inputs:
+    """The study's input files, each read once and checked against the shape its writer gives it.
+
+    A file that is not there reads as None: its stage has not run ("missing"). One that cannot be read or decoded,
+    or holds something else (a string where a number belongs, a list where an object does), reads as None too and
+    goes into `damaged` with what is wrong: the report and the console name it, and the report is made without it.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.damaged: dict[str, str] = {}  # path relative to the study folder: what is wrong
+        self._read: dict[str, object] = {}
+
+    def status(self, rel: str) -> str:
+        """"damaged", "missing" or "found"."""
+        return "damaged" if rel in self.damaged else "found" if (self.root / rel).is_file() else "missing"
+
+    def json(self, rel: str, spec):
+        return self.load(rel, lambda path: _checked(path.read_text(), spec))
+
+    def jsonl(self, rel: str, row_spec) -> list | None:
+        return self.load(rel, lambda path: _checked_rows(path.read_text(), row_spec))
+
+    def load(self, rel: str, decode):
+        """decode(path) of the file `rel` (decoded once: a later call gives the same), or None when it is missing
+        or damaged."""
+        if rel not in self._read:
+            self._read[rel] = self._decode(rel, decode)
+        return self._read[rel]
+
+    def _decode(self, rel: str, decode):
+        path = self.root / rel
+        if not path.is_file():
+            return None
+        try:
+            return decode(path)
+        except Damaged as exc:
+            self.damage(rel, str(exc))
+        except Exception as exc:  # decoders only read, and a damaged file fails each in its own way: an OSError,
+            # a bad zip, PIL's SyntaxError for a truncated PNG, a UnicodeDecodeError...
+            self.damage(rel, f"not readable ({type(exc).__name__}: {exc})")
+        return None
+
+    def entry(self, rel: str, name: str, value, spec):
+        """`value`, the entry `name` of the file `rel` (read already), when it fits `spec`; else None, and `rel` is
+        damaged (for a part the report can be made without)."""
+        if problem := mismatch(value, spec, name):
+            self.damage(rel, problem)
+            return None
+        return value
+
+    def damage(self, rel: str, reason: str) -> None:
+        self.damaged[rel] = f"{self.damaged[rel]}; {reason}" if rel in self.damaged else reason
+
+
+# What the report reads of each input file, as its writer writes it.
+NUM = Maybe(NUMBER)
+PAIR = {"seeds": (int, int), "curve": str, "eval": str, "aligned_eval": Maybe(str), "aligned_endpoint": Maybe(str),
+        "baseline_eval": Maybe(str)}
+RUN_GROUP = {"status": str, "endpoints": Each(str), "pairs": [PAIR], "warning": Maybe(str),
+             "plane": Maybe({"seeds": (int, int), "folder": str})}
+SKIPPED_GROUP = {"status": str, "reason": Maybe(str), "remedy": Maybe(str)}
+# every evaluation of a path holds these summary numbers (the others the report reads may be null: "n/a")
+PATH_NEEDS = ("te_loss_start", "te_loss_end", "te_psnr_start", "te_psnr_end", "te_psnr_min", "te_barrier")
+EVAL = {"notes": Maybe([str]), "num_points": Maybe(int), "loss_description": Maybe(str), "perceptual": Maybe(bool),
+        "path": Maybe({"curve": Maybe(str), "num_bends": Maybe(int)}),
+        "bn": Maybe({"images": Maybe(int), "recomputed": Maybe(bool)}),
+        "data": Maybe({"train_images": Maybe(int), "test_images": Maybe(int)}),
+        "train_metric_images": Maybe(int), "test_metric_images": Maybe(int), "device": Maybe(str),
+        "ensemble": Maybe({"k": Maybe(int), "entries": Each({m: NUM for m in ("mse", "psnr", "ssim")})})}
+SEGMENT_EVAL = {**EVAL, "summary": Each(NUM, PATH_NEEDS)}  # eval-curve --segment (the baselines)
+CURVE_EVAL = {**EVAL, "summary": Each(NUM, PATH_NEEDS + tuple("segment_" + k for k in PATH_NEEDS))}  # and its segment
+ENDPOINT_LOG_ROW = {"epoch": Maybe(int), "train_loss": NUM, "test_loss": NUM, "test_mse": NUM, "test_psnr": NUM,
+                    "lr": NUM, "precision": Maybe(str)}
+CURVE_LOG_ROW = {"precision": Maybe(str)}
+STAGE = {"result": Maybe({"seconds": NUM})}
+PLANE = {"summary": dict, "grid": Maybe(dict), "seconds": NUM}
+CURVE_ARRAYS = ("ts", "tr_loss", "te_loss")  # what the figure draws of a curve.npz, for the curve and its segment
+
+
+def _curve_arrays(path: Path) -> dict:
+    """A curve.npz's CURVE_ARRAYS of the curve and of its segment, checked to be numbers, one per t."""
+    keys = [prefix + k for prefix in ("", "segment_") for k in CURVE_ARRAYS]
+    with np.load(path, allow_pickle=False) as npz:
+        if missing := [k for k in keys if k not in npz.files]:
+            raise Damaged(f"it has no {', '.join(missing)}")
+        arrays = {k: npz[k] for k in keys}
+    for prefix in ("", "segment_"):
+        ts = arrays[prefix + "ts"]
+        for k in CURVE_ARRAYS:
+            a = arrays[prefix + k]
+            if a.dtype.kind not in "iuf" or a.ndim != 1 or a.shape != ts.shape:
+                raise Damaged(f"{prefix + k} is not numbers, one per t")
+    return arrays
+
 
 def _gain(rows: list[dict]) -> float | None:
     """Relative fall of the held-out loss over the last epoch: near 0 when the endpoint has converged."""
@@ -93,11 +296,28 @@ def _gain(rows: list[dict]) -> float | None:
 
 
 def _study(study_dir: Path) -> dict:
-    study = read_json(study_dir / "study.json")
-    if not isinstance(study, dict) or "groups" not in study:
-        raise UserError(f"{study_dir} is not a study folder: it has no readable study.json (written by "
-                        "`aecurves study`).")
+    """study.json, checked: the report is laid out from its groups, so without them there is no report."""
+    inputs = Inputs(study_dir)
+    study = inputs.json("study.json", {"groups": Each({"status": str})})
+    problem = inputs.damaged.get("study.json") or (_groups_problem(study["groups"]) if study else None)
+    if problem:
+        raise UserError(f"{study_dir / 'study.json'} is damaged ({problem}): the report is laid out from it, so "
+                        "none can be written.")
+    if study is None:
+        raise UserError(f"{study_dir} is not a study folder: it has no study.json (written by `aecurves study`).")
     return study
+
+
+def _groups_problem(groups: dict) -> str | None:
+    for loss, group in groups.items():
+        where = f"groups.{loss}"
+        if loss not in LOSSES:  # a group's name goes into file names and figure titles
+            return f"{where}: {json.dumps(loss)} is not a loss ({', '.join(LOSSES)})"
+        if problem := mismatch(group, RUN_GROUP if group["status"] == "run" else SKIPPED_GROUP, where):
+            return problem
+        if seed := next((s for s in group.get("endpoints", {}) if not re.fullmatch(r"-?\d+", s)), None):
+            return f"{where}.endpoints: {json.dumps(seed)} is not a seed"
+    return None
 
 
 def input_files(study_dir) -> list[str]:
@@ -134,44 +354,60 @@ def inputs_fingerprint(study_dir) -> str:
     study_dir = Path(study_dir)
     study = _study(study_dir)
     h = hashlib.sha256()
-    config = {k: v for k, v in (study.get("config") or {}).items() if k != "out"}  # a moved study is the same
+    config = study.get("config")
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k != "out"}  # a moved study is the same
     h.update(json.dumps({"version": REPORT_VERSION, "config": config, "groups": study["groups"]},
                         sort_keys=True).encode())
     for rel in input_files(study_dir):
         h.update(rel.encode())
-        path = study_dir / rel
-        h.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"missing")
+        h.update(_file_digest(study_dir / rel))
     return h.hexdigest()
 
 
-def collect(study_dir) -> dict:
-    """Every number of the report, read from the study's files: {config, provenance, groups: {loss: {...}}, ran}
-    (ran: what the stages recorded they used, see what_ran)."""
+def _file_digest(path: Path) -> bytes:
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except FileNotFoundError:
+        return b"missing"
+    except OSError:  # the report names it as damaged
+        return b"unreadable"
+
+
+def collect(study_dir, inputs: Inputs | None = None) -> dict:
+    """Every number of the report, read from the study's files: {config, provenance, groups: {loss: {...}}, ran,
+    damaged} (ran: what the stages recorded they used, see what_ran; damaged: Inputs.damaged).
+
+    Every input file is read here, the figures' too, so that the damaged ones are known before the report is laid
+    out."""
     study_dir = Path(study_dir)
+    inputs = inputs if inputs is not None else Inputs(study_dir)
     study = _study(study_dir)
-    provenance = study.get("provenance")
-    out = {"config": study.get("config", {}), "provenance": provenance if isinstance(provenance, dict) else None,
+    out = {"config": inputs.entry("study.json", "config", study.get("config"), Maybe(dict)) or {},
+           "provenance": inputs.entry("study.json", "provenance", study.get("provenance"), Maybe(dict)),
            "groups": {}}
     for loss, group in study["groups"].items():
-        g = {"status": group.get("status"), "loss": loss}
+        g = {"status": group["status"], "loss": loss}
         out["groups"][loss] = g
-        if group.get("status") != "run":
-            g.update(reason=group.get("reason", ""), remedy=group.get("remedy", ""))
+        if group["status"] != "run":
+            g.update(reason=group.get("reason") or "", remedy=group.get("remedy") or "")
             continue
         if group.get("warning"):
             g["warning"] = group["warning"]
         pairs, evals = [], {}
         for pair in group["pairs"]:
             a, b = pair["seeds"]
-            record = read_json(study_dir / pair["eval"] / "eval.json")
+            rel = f"{pair['eval']}/eval.json"
+            record = inputs.json(rel, CURVE_EVAL)
             p = {"seeds": [a, b], "eval": pair["eval"], "curve_folder": pair["curve"], "available": False,
-                 "curve_precision": _precisions(read_jsonl(study_dir / pair["curve"] / "metrics.jsonl"))}
-            if isinstance(record, dict) and "summary" in record:
+                 "eval_status": inputs.status(rel),
+                 "curve_precision": _precisions(inputs.jsonl(f"{pair['curve']}/metrics.jsonl", CURVE_LOG_ROW) or [])}
+            if record is not None:
                 s = record["summary"]
                 bn, data = record.get("bn") or {}, record.get("data") or {}
-                p.update(available=True, notes=record.get("notes", []), num_points=record.get("num_points"),
+                p.update(available=True, notes=record.get("notes") or [], num_points=record.get("num_points"),
                          loss_description=record.get("loss_description"), perceptual=record.get("perceptual"),
-                         path=record.get("path", {}),
+                         path=record.get("path") or {},
                          # what eval-curve really used (the request is in study.json's config)
                          protocol={"bn_images": bn.get("images"), "bn_recomputed": bn.get("recomputed"),
                                    "train_images": record.get("train_metric_images"),
@@ -179,21 +415,20 @@ def collect(study_dir) -> dict:
                                    "test_images": record.get("test_metric_images"), "n_test": data.get("test_images"),
                                    "device": record.get("device")},
                          curve={k: s.get(k) for k in PATH_KEYS}, segment={k: s.get("segment_" + k) for k in PATH_KEYS})
-                seg, cur = p["segment"]["te_barrier"], p["curve"]["te_barrier"]
-                p["barrier_removed"] = (seg - cur) / seg if seg is not None and cur is not None and seg > 0 else None
-                seg_tr, cur_tr = p["segment"]["tr_barrier"], p["curve"]["tr_barrier"]
-                p["train_barrier_removed"] = (seg_tr - cur_tr) / seg_tr if seg_tr and seg_tr > 0 else None
+                p["barrier_removed"] = _removed(p["segment"]["te_barrier"], p["curve"]["te_barrier"])
+                p["train_barrier_removed"] = _removed(p["segment"]["tr_barrier"], p["curve"]["tr_barrier"])
                 evals[(a, "start")] = evals.get((a, "start")) or (s, "start", pair["eval"])
                 evals[(b, "end")] = evals.get((b, "end")) or (s, "end", pair["eval"])
-                p.update(aligned_and_extra(study_dir, pair, s))
-                if isinstance(record.get("ensemble"), dict):
+                p.update(aligned_and_extra(inputs, pair, s))
+                if record.get("ensemble"):
                     p["ensemble"] = record["ensemble"]
+                inputs.load(f"{pair['eval']}/curve.npz", _curve_arrays)  # drawn by plot_group
             pairs.append(p)
         endpoints = []
         for seed, folder in group["endpoints"].items():
             seed = int(seed)
             e = {"seed": seed, "folder": folder}
-            rows = read_jsonl(study_dir / folder / "metrics.jsonl")
+            rows = inputs.jsonl(f"{folder}/metrics.jsonl", ENDPOINT_LOG_ROW)
             if rows:
                 last = rows[-1]
                 e["training"] = {"epoch": last.get("epoch"), "train_loss": last.get("train_loss"),
@@ -205,15 +440,18 @@ def collect(study_dir) -> dict:
                 s, which, where = found
                 e["eval"] = {k: s.get(f"{k}_{which}") for k in ENDPOINT_KEYS}
                 e["eval_source"] = f"{where}/eval.json ({which} of the path, t={0 if which == 'start' else 1})"
+            inputs.load(f"{folder}/reconstructions.png", _endpoint_rows)  # drawn by endpoint_grid
             endpoints.append(e)
         g.update(endpoints=endpoints, pairs=pairs, summary=_group_summary(endpoints, pairs))
         if "plane" in group:
-            record = read_json(study_dir / group["plane"]["folder"] / "plane.json")
-            g["plane"] = {**group["plane"], "available": isinstance(record, dict) and "summary" in record,
+            rel = f"{group['plane']['folder']}/plane.json"
+            record = inputs.json(rel, PLANE)
+            g["plane"] = {**group["plane"], "available": record is not None, "status": inputs.status(rel),
                           **({"summary": record["summary"], "grid": record.get("grid"),
-                              "seconds": record.get("seconds")} if isinstance(record, dict) else {})}
+                              "seconds": record.get("seconds")} if record is not None else {})}
         g["caveat"] = caveat(loss, g)
     out["ran"] = what_ran(out["groups"])
+    out["damaged"] = inputs.damaged
     return out
 
 
@@ -221,34 +459,33 @@ PATHS = (("segment", "straight segment"), ("aligned_segment", "aligned segment")
          ("aligned_curve", "aligned curve"))
 
 
-def aligned_and_extra(study_dir: Path, pair: dict, naive: dict) -> dict:
+def aligned_and_extra(inputs: Inputs, pair: dict, naive: dict) -> dict:
     """A pair's four paths side by side (when the study aligned B): each one's test barrier, the share of the
     naive segment's barrier it removes, its best point's test loss against the better endpoint and, when the
     endpoints were trained on as long as a curve, against the better of those."""
     paths = {"segment": {"barrier": naive.get("segment_te_barrier"), "best": naive.get("segment_te_loss_min")},
              "curve": {"barrier": naive.get("te_barrier"), "best": naive.get("te_loss_min")}}
     out = {"paths": paths, "aligned_eval": pair.get("aligned_eval")}
-    record = read_json(study_dir / pair["aligned_eval"] / "eval.json") if "aligned_eval" in pair else None
-    if isinstance(record, dict) and "summary" in record:
+    record = inputs.json(f"{pair['aligned_eval']}/eval.json", CURVE_EVAL) if "aligned_eval" in pair else None
+    if record is not None:
         a = record["summary"]
         paths["aligned_segment"] = {"barrier": a.get("segment_te_barrier"), "best": a.get("segment_te_loss_min")}
         paths["aligned_curve"] = {"barrier": a.get("te_barrier"), "best": a.get("te_loss_min")}
         out["aligned_curve"] = {k: a.get(k) for k in PATH_KEYS}
         out["aligned_segment"] = {k: a.get("segment_" + k) for k in PATH_KEYS}
-        stage = read_json(study_dir / pair["aligned_endpoint"] / "study_stage.json")
-        result = stage.get("result") if isinstance(stage, dict) else None
-        out["align_seconds"] = result.get("seconds") if isinstance(result, dict) else None
-    better = min(naive.get("te_loss_start"), naive.get("te_loss_end"))
-    extra = read_json(study_dir / pair["baseline_eval"] / "eval.json") if "baseline_eval" in pair else None
-    extra_best = min(extra["summary"]["te_loss_start"], extra["summary"]["te_loss_end"]) \
-        if isinstance(extra, dict) and "summary" in extra else None
+        inputs.load(f"{pair['aligned_eval']}/curve.npz", _curve_arrays)  # drawn by plot_group
+        stage = inputs.json(f"{pair['aligned_endpoint']}/study_stage.json", STAGE) \
+            if "aligned_endpoint" in pair else None
+        out["align_seconds"] = ((stage or {}).get("result") or {}).get("seconds")
+    better = min(naive["te_loss_start"], naive["te_loss_end"])
+    extra = inputs.json(f"{pair['baseline_eval']}/eval.json", SEGMENT_EVAL) if "baseline_eval" in pair else None
+    extra_best = min(extra["summary"]["te_loss_start"], extra["summary"]["te_loss_end"]) if extra is not None else None
     out.update(better_endpoint_te_loss=better, extra_endpoint_te_loss=extra_best)
-    if extra_best is not None:  # the better extra-trained endpoint under every metric, as for the ensembles
+    if extra is not None:  # the better extra-trained endpoint under every metric, as for the ensembles
         es = extra["summary"]
-        out["extra_endpoint"] = {"mse": min(es.get("te_mse_start"), es.get("te_mse_end")),
-                                 "psnr": max(es.get("te_psnr_start"), es.get("te_psnr_end")),
-                                 "ssim": max(es.get("te_ssim_start"), es.get("te_ssim_end"))
-                                 if es.get("te_ssim_start") is not None else None}
+        out["extra_endpoint"] = {"mse": _better(min, es.get("te_mse_start"), es.get("te_mse_end")),
+                                 "psnr": max(es["te_psnr_start"], es["te_psnr_end"]),
+                                 "ssim": _better(max, es.get("te_ssim_start"), es.get("te_ssim_end"))}
     naive_barrier = paths["segment"]["barrier"]
     for path in paths.values():
         b, best = path["barrier"], path["best"]
@@ -256,6 +493,11 @@ def aligned_and_extra(study_dir: Path, pair: dict, naive: dict) -> dict:
         path["best_vs_endpoint"] = (best - better) / better if best is not None and better else None
         path["best_vs_extra"] = (best - extra_best) / extra_best if best is not None and extra_best else None
     return out
+
+
+def _better(pick, a, b):
+    """pick(a, b), None when either was not measured."""
+    return None if a is None or b is None else pick(a, b)
 
 
 def _precisions(rows: list[dict]) -> list[str]:
@@ -266,7 +508,8 @@ def _precisions(rows: list[dict]) -> list[str]:
 def _group_summary(endpoints: list, pairs: list) -> dict:
     done = [p for p in pairs if p["available"]]
     ev = [e["eval"] for e in endpoints if "eval" in e]
-    s = {"pairs": len(pairs), "pairs_evaluated": len(done)}
+    s = {"pairs": len(pairs), "pairs_evaluated": len(done),
+         "pairs_damaged": sum(p["eval_status"] == "damaged" for p in pairs)}
     if not done or not ev:
         return s
     # the data the endpoints were trained and measured on, and how well they fit it (for the caveat)
@@ -327,7 +570,7 @@ def fpct(x) -> str:
 
 
 def fseconds(x) -> str:
-    if not isinstance(x, (int, float)):
+    if not _is_number(x) or not np.isfinite(x):
         return "not recorded"
     if x < 60:
         return f"{x:.1f} s"
@@ -344,7 +587,9 @@ def summary_sentences(loss: str, g: dict) -> list[str]:
                 "and the remedy (e.g. --vgg-weights PATH); the other groups are complete."]
     s = g["summary"]
     if "segment_te_barrier_mean" not in s:
-        return [f"The {loss} group has no finished evaluation yet ({s['pairs_evaluated']} of {s['pairs']} pairs)."]
+        damaged = f"; {s['pairs_damaged']} with a damaged eval.json" if s.get("pairs_damaged") else ""
+        return [f"The {loss} group has no finished evaluation yet ({s['pairs_evaluated']} of {s['pairs']} pairs"
+                f"{damaged})."]
     n = s["pairs_evaluated"]
     rel = s["segment_barrier_relative"]
     out = []
@@ -479,37 +724,48 @@ def caveat(loss: str, g: dict) -> str | None:
 
 # ----------------------------------------------------------------------------------------------------------
 # document: a list of blocks, rendered to markdown and to HTML (so both hold the same content)
+#
+# Blocks hold plain text, and each renderer escapes all of it: no string from the study's files (a folder name, a
+# note, a host, a factory) can become markup. The only markup is the renderers' own (headings, boxes, lists,
+# tables, figures) and Code pieces.
+
+
+class Code(str):
+    """A piece of text shown verbatim as code, e.g. a command: <code> in HTML, a code span in Markdown."""
+
+
+Text = str | tuple  # plain text, or a tuple of plain text and Code pieces
 
 
 @dataclass
 class Heading:
     level: int
-    text: str
+    text: Text
 
 
 @dataclass
 class Paragraph:
-    text: str
+    text: Text
     cls: str | None = None  # a box: "summary", "warn" or "muted"
 
 
 @dataclass
 class Items:
-    items: list
+    items: list[Text]
     cls: str | None = None
 
 
 @dataclass
 class Table:
-    headers: list
-    rows: list
+    headers: list[str]
+    rows: list[list[str]]  # plain text: a code span would not keep a pipe inside its cell
     numeric_from: int = 1  # columns from this one on are right-aligned numbers
 
 
 @dataclass
 class Figure:
     rel: str              # path relative to the study folder
-    caption: str
+    caption: Text
     pixels: bool = False  # small images: scale without smoothing
     scale: int = 1
 
@@ -518,43 +774,77 @@ class Doc:
     def __init__(self):
         self.blocks = []
 
-    def h(self, level: int, text: str):
+    def h(self, level: int, text: Text):
         self.blocks.append(Heading(level, text))
 
-    def p(self, text: str, cls: str | None = None):
+    def p(self, text: Text, cls: str | None = None):
         self.blocks.append(Paragraph(text, cls))
 
-    def ul(self, items: list[str], cls: str | None = None):
+    def ul(self, items: list[Text], cls: str | None = None):
         self.blocks.append(Items(items, cls))
 
     def table(self, headers: list[str], rows: list[list[str]], numeric_from: int = 1):
         self.blocks.append(Table(headers, rows, numeric_from))
 
-    def img(self, rel: str, caption: str, pixels: bool = False, scale: int = 1):
+    def img(self, rel: str, caption: Text, pixels: bool = False, scale: int = 1):
         self.blocks.append(Figure(rel, caption, pixels, scale))
 
 
-def _md_cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def _pieces(text: Text) -> tuple:
+    return text if isinstance(text, tuple) else (text,)
+
+
+# Every character Markdown may read as markup (CommonMark, and GitHub's tables, strikethrough and math), as text.
+MD_ESCAPES = str.maketrans({**{c: "\\" + c for c in "\\`*_[]|~$#"}, "&": "&amp;", "<": "&lt;", ">": "&gt;"})
+
+
+def md_text(text) -> str:
+    """Plain text made inert in Markdown: its markup characters escaped, and every run of white space (line breaks
+    too) made one space, as a browser shows it, so that the text stays in its line, table row or list item."""
+    return re.sub(r"\s+", " ", str(text)).translate(MD_ESCAPES)
+
+
+def md_code(text) -> str:
+    """A Markdown code span showing `text` verbatim: fenced by one backtick more than its longest run of them."""
+    text = re.sub(r"\s+", " ", str(text))
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""  # Markdown strips one space each side
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_inline(text: Text) -> str:
+    return "".join(md_code(p) if isinstance(p, Code) else md_text(p) for p in _pieces(text))
+
+
+def md_block(text: Text) -> str:
+    """The text of a paragraph or list item, with a start Markdown would read as a list marker escaped."""
+    line = re.sub(r"^(\s?)([-+])", r"\1\\\2", md_inline(text))  # "- x", "+ x": a bullet
+    return re.sub(r"^(\s?\d+)([.)])", r"\1\\\2", line)  # "1. x", "1) x": a numbered item
 
 
 def to_markdown(doc: Doc) -> str:
     lines = []
     for b in doc.blocks:
         if isinstance(b, Heading):
-            lines += ["#" * b.level + " " + b.text, ""]
+            lines += ["#" * b.level + " " + md_inline(b.text), ""]
         elif isinstance(b, Paragraph):
-            lines += [("> " if b.cls else "") + b.text, ""]
+            lines += [("> " if b.cls else "") + md_block(b.text), ""]
         elif isinstance(b, Items):
-            lines += [("> " if b.cls else "") + "- " + item for item in b.items] + [""]
+            lines += [("> " if b.cls else "") + "- " + md_block(item) for item in b.items] + [""]
         elif isinstance(b, Table):
-            lines.append("| " + " | ".join(_md_cell(h) for h in b.headers) + " |")
+            lines.append("| " + " | ".join(md_text(h) for h in b.headers) + " |")
             lines.append("|" + "|".join("---" if i < b.numeric_from else "---:" for i in range(len(b.headers))) + "|")
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+            lines += ["| " + " | ".join(md_text(c) for c in row) + " |" for row in b.rows]
             lines.append("")
         elif isinstance(b, Figure):
-            lines += [f"![{b.caption}]({b.rel})", "", f"*{b.caption}*", ""]
+            caption = md_inline(b.caption).strip()
+            lines += [f"![{caption}]({urllib.parse.quote(b.rel)})", "", f"*{caption}*", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def html_inline(text: Text) -> str:
+    esc = html.escape
+    return "".join(f"<code>{esc(p)}</code>" if isinstance(p, Code) else esc(p) for p in _pieces(text))
 
 
 def to_html(doc: Doc, study_dir: Path, title: str) -> str:
@@ -564,12 +854,12 @@ def to_html(doc: Doc, study_dir: Path, title: str) -> str:
              f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"]
     for b in doc.blocks:
         if isinstance(b, Heading):
-            parts.append(f"<h{b.level}>{esc(b.text)}</h{b.level}>")
+            parts.append(f"<h{b.level}>{html_inline(b.text)}</h{b.level}>")
         elif isinstance(b, Paragraph):
             cls = f" class=\"box {b.cls}\"" if b.cls else ""
-            parts.append(f"<p{cls}>{esc(b.text)}</p>")
+            parts.append(f"<p{cls}>{html_inline(b.text)}</p>")
         elif isinstance(b, Items):
-            items = "".join(f"<li>{esc(i)}</li>" for i in b.items)
+            items = "".join(f"<li>{html_inline(i)}</li>" for i in b.items)
             parts.append(f"<div class=\"box {b.cls}\"><ul>{items}</ul></div>" if b.cls else f"<ul>{items}</ul>")
         elif isinstance(b, Table):
             head = "".join(f"<th>{esc(h)}</th>" for h in b.headers)
@@ -593,8 +883,9 @@ def to_html(doc: Doc, study_dir: Path, title: str) -> str:
 
                 with Image.open(path) as im:
                     size = f" width=\"{im.width * b.scale}\""
-            parts.append(f"<figure{cls}><img src=\"{src}\"{size} alt=\"{esc(b.caption)}\"><figcaption>"
-                         f"{esc(b.caption)}</figcaption></figure>")
+            alt = esc("".join(_pieces(b.caption)))
+            parts.append(f"<figure{cls}><img src=\"{src}\"{size} alt=\"{alt}\"><figcaption>"
+                         f"{html_inline(b.caption)}</figcaption></figure>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -617,26 +908,24 @@ def _pairs_text(pairs: list) -> str:
     return ", ".join(f"{a}-{b}" for a, b in (p["seeds"] for p in pairs))
 
 
-def plot_group(study_dir: Path, loss: str, g: dict) -> str | None:
+def plot_group(study_dir: Path, loss: str, g: dict, inputs: Inputs) -> str | None:
     """Loss along t for every curve (solid) and segment (dashed, same colour): train and test panels."""
     from aecurves import plots
 
     series, plotted, aligned = [], [], False
     for i, p in enumerate(pr for pr in g["pairs"] if pr["available"]):
-        path = study_dir / p["eval"] / "curve.npz"
-        if not path.is_file():
+        results = inputs.load(f"{p['eval']}/curve.npz", _curve_arrays)
+        if results is None:
             continue
         a, b = p["seeds"]
         color = f"C{i % 10}"
-        kinds = [(path, "", "curve", "-"), (path, "segment_", "segment", "--")]
-        aligned_npz = study_dir / str(p.get("aligned_eval")) / "curve.npz"
-        if "aligned_curve" in p and aligned_npz.is_file():
-            kinds += [(aligned_npz, "", "aligned curve", "-."), (aligned_npz, "segment_", "aligned segment", ":")]
+        kinds = [(results, "", "curve", "-"), (results, "segment_", "segment", "--")]
+        to_aligned = inputs.load(f"{p['aligned_eval']}/curve.npz", _curve_arrays) if "aligned_curve" in p else None
+        if to_aligned is not None:
+            kinds += [(to_aligned, "", "aligned curve", "-."), (to_aligned, "segment_", "aligned segment", ":")]
             aligned = True
-        for npz_path, prefix, what, style in kinds:
-            with np.load(npz_path) as npz:
-                results = {k: npz[k] for k in npz.files}
-            series.append(plots.series_from_results(results, f"{what}, seeds {a}-{b}", prefix=prefix,
+        for arrays, prefix, what, style in kinds:
+            series.append(plots.series_from_results(arrays, f"{what}, seeds {a}-{b}", prefix=prefix,
                                                     linestyle=style, color=color))
         plotted.append(p)
     if not series:
@@ -673,18 +962,18 @@ def _endpoint_rows(path: Path) -> list | None:
     return rows
 
 
-def endpoint_grid(study_dir: Path, loss: str, e: dict) -> tuple[str, bool] | None:
+def endpoint_grid(study_dir: Path, loss: str, e: dict, inputs: Inputs) -> tuple[str, bool] | None:
     """(figure, labelled): the endpoint's reconstructions.png redrawn with row labels and cells enlarged like the
-    strips along the paths; a copy as it is when its layout is not train.py's; None when it is missing."""
+    strips along the paths; a copy as it is when its layout is not train.py's; None when it is missing or damaged."""
     from aecurves import plots
 
-    src = study_dir / e["folder"] / "reconstructions.png"
+    src = f"{e['folder']}/reconstructions.png"
     name = f"{loss}_seed{e['seed']}_reconstructions.png"
-    if not src.is_file():
+    rows = inputs.load(src, _endpoint_rows)
+    if inputs.status(src) != "found":
         return None
-    rows = _endpoint_rows(src)
     if rows is None:
-        return _copy(study_dir, f"{e['folder']}/reconstructions.png", name), False
+        return _copy(study_dir, src, name), False
     rel = f"{FILES_DIR}/{name}"
     plots.save_labelled_rows([("original", rows[0]), ("reconstruction", rows[1])], study_dir / rel,
                              title=f"{loss} seed {e['seed']}: held-out images and their reconstructions")
@@ -745,18 +1034,20 @@ def _config_rows(cfg: dict, ran: dict) -> list[list[str]]:
     """The configuration as it ran: study.json's settings, and for those the study resolves at run time (device,
     precision, subset sizes capped by the data) the values the stages recorded, beside the request."""
     keys = [("preset", "preset"), ("dataset", "dataset"), ("data_dir", "data folder"), ("image_size", "image size"),
-            ("limit", "image limit"), ("losses", "losses"), ("seeds", "seeds"), ("latent_dim", "bottleneck"),
-            ("width", "width"), ("epochs", "endpoint epochs"), ("lr", "endpoint lr (Adam)"),
-            ("lr_schedule", "endpoint lr schedule"), ("batch_size", "batch size"), ("curve", "curve"),
-            ("num_bends", "bends (ends fixed)"), ("curve_epochs", "curve epochs"), ("curve_lr", "curve lr (Adam)"),
-            ("curve_lr_schedule", "curve lr schedule"), ("wd", "curve wd"),
-            ("num_points", "points per path"), ("vgg_weights", "VGG weights")]
-    rows = []
-    for k, label in keys:
-        if k not in cfg or (cfg[k] is None and k in ("data_dir", "limit")):
-            continue
-        v = cfg[k]
-        rows.append([label, ", ".join(map(str, v)) if isinstance(v, list) else str(v)])
+            ("limit", "image limit"), ("losses", "losses"), ("seeds", "seeds"), ("model", "model factory"),
+            ("model_kwargs", "model kwargs"), ("latent_dim", "bottleneck"), ("width", "width"),
+            ("epochs", "endpoint epochs"), ("lr", "endpoint lr (Adam)"), ("lr_schedule", "endpoint lr schedule"),
+            ("batch_size", "batch size"), ("curve", "curve"), ("num_bends", "bends (ends fixed)"),
+            ("curve_epochs", "curve epochs"), ("curve_lr", "curve lr (Adam)"),
+            ("curve_lr_schedule", "curve lr schedule"), ("wd", "curve wd"), ("num_points", "points per path"),
+            ("vgg_weights", "VGG weights")]
+    model = cfg.get("model") or BUILTIN_MODEL  # a study.json from before --model: the built-in was the only one
+    shown = {**cfg, "model": f"{model} (built-in)" if model == BUILTIN_MODEL else model,
+             "model_kwargs": cfg.get("model_kwargs") or "none"}
+    if model != BUILTIN_MODEL:  # a custom factory takes its own settings, in its kwargs
+        shown["width"] = "does not apply (a setting of the built-in model)"
+    rows = [[label, _setting_text(shown[k])] for k, label in keys
+            if k in shown and not (shown[k] is None and k in ("data_dir", "limit"))]
     rows += [["images (training / held out)", _ran(ran["data"])],
              ["BN statistics per point, from", _ran(ran["bn_images"], cfg.get("bn_images"))],
              ["train metrics per point, from", _ran(ran["train_metric_images"], cfg.get("train_images"))],
@@ -764,6 +1055,15 @@ def _config_rows(cfg: dict, ran: dict) -> list[list[str]]:
              ["device", _ran(ran["device"], cfg.get("device"))],
              ["training precision", _ran(ran["training_precision"], cfg.get("precision"))]]
     return rows
+
+
+def _setting_text(value) -> str:
+    """A setting of study.json as text: a list's items joined, an object as JSON."""
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return str(value)
 
 
 PROVENANCE_KEYS = (("aecurves", "aecurves version"), ("git_commit", "git commit"), ("torch", "torch"),
@@ -790,10 +1090,10 @@ def provenance_rows(prov: dict) -> list[list[str]]:
     return rows
 
 
-def provenance_line(prov: dict | None) -> str:
+def provenance_line(prov: dict | None) -> Text:
     if not prov:
         return ("Provenance (versions, host, dates, wall times): not recorded (study.json predates it or was not "
-                "written by `aecurves study`).")
+                "written by ", Code("aecurves study"), ").")
     commit = prov.get("git_commit")
     return (f"Made with aecurves {prov.get('aecurves', '?')}"
             f"{f' (commit {str(commit)[:12]})' if commit else ''}, torch {prov.get('torch', '?')}, Python "
@@ -967,11 +1267,11 @@ def ensemble_table(g: dict) -> tuple[list[str], list[list[str]]] | None:
     return ["pair", "network or average", "test MSE", "test PSNR (dB)", "test SSIM"], rows
 
 
-def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
+def build(study_dir: Path, data: dict, inputs: Inputs) -> tuple[Doc, list[str]]:
     doc = Doc()
     cfg = data["config"]
     doc.h(1, "Mode connectivity of autoencoders: study report")
-    seeds = ", ".join(map(str, cfg.get("seeds", [])))
+    seeds = _setting_text(cfg.get("seeds", []))
     doc.p(f"Autoencoders trained from seeds {seeds} for each loss, every pair within a loss group connected by a "
           f"{cfg.get('curve', '')} curve with {cfg.get('num_bends', '?')} bends (ends fixed), and every curve and the "
           f"straight segment between the same endpoints evaluated at {cfg.get('num_points', '?')} points t in [0, 1] "
@@ -986,6 +1286,11 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
     doc.ul(lines, "summary")
     for text in caveats:
         doc.p(text, "warn")
+    if data["damaged"]:
+        doc.p(("Damaged input files, left out of this report (unreadable, or not holding what their stage writes; "
+               "forcing that stage, e.g. ", Code("aecurves study --force eval:mse:1-2"), ", writes one again):"),
+              "warn")
+        doc.ul([f"{rel}: {reason}" for rel, reason in data["damaged"].items()], "warn")
     doc.p("Barrier: max over t of L(t) − ((1 − t)·L(0) + t·L(1)), the rise of the held-out loss above the chord "
           "between the two ends of a path; barrier removed: 1 − curve barrier / segment barrier. Losses, MSE and "
           "PSNR are measured by eval-curve in fp32 after recomputing the BatchNorm statistics at each t.", "muted")
@@ -1005,7 +1310,7 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
         doc.table(*_endpoint_table(loss, g))
         doc.p(endpoint_footnote(loss, g), "muted")
         for e in g["endpoints"]:
-            grid = endpoint_grid(study_dir, loss, e)
+            grid = endpoint_grid(study_dir, loss, e, inputs)
             if grid is None:
                 continue
             rel, labelled = grid
@@ -1014,7 +1319,7 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
                          "after the last epoch", pixels=not labelled, scale=1 if labelled else 2)
 
         doc.h(3, "Loss along the paths")
-        rel = plot_group(study_dir, loss, g)
+        rel = plot_group(study_dir, loss, g, inputs)
         if rel:
             aligned = any("aligned_curve" in p for p in g["pairs"])
             doc.img(rel, f"{loss} group, seeds {_pairs_text([p for p in g['pairs'] if p['available']])}: {name} "
@@ -1035,7 +1340,8 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
                              "and last bend (aecurves plane), BatchNorm statistics recomputed at every grid point; "
                              "the curve solid, the straight segment dashed")
             else:
-                doc.p(f"The loss plane of seeds {a}-{b} is not there yet ({plane['folder']}/plane.json).", "warn")
+                why = _absent(f"{plane['folder']}/plane.json", data)
+                doc.p(f"The loss plane of seeds {a}-{b} is not there: {why}.", "warn")
 
         tables = path_tables(g)
         if tables:
@@ -1063,11 +1369,12 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
             a, b = p["seeds"]
             doc.h(3, f"Seeds {a} and {b}")
             if not p["available"]:
-                doc.p(f"Not evaluated yet ({p['eval']}/eval.json is missing).", "warn")
+                lead = "Left out" if p["eval_status"] == "damaged" else "Not evaluated yet"
+                doc.p(f"{lead} ({_absent(p['eval'] + '/eval.json', data)}).", "warn")
                 continue
             cur, seg = p["curve"], p["segment"]
             kind = p.get("path", {})
-            label = f"{kind.get('curve', 'curve')} curve ({kind.get('num_bends', '?')} bends)"
+            label = f"{kind.get('curve') or 'curve'} curve ({kind.get('num_bends') or '?'} bends)"
             what = "MSE" if loss == "mse" else "loss"
             doc.table(["path", f"max test {what}", "test barrier", "barrier removed", "train barrier",
                        "train barrier removed", "path length", "min test PSNR (dB)", "min test SSIM",
@@ -1123,28 +1430,36 @@ def build(study_dir: Path, data: dict) -> tuple[Doc, list[str]]:
         else:
             doc.p("Wall time per stage: not recorded.", "muted")
     doc.h(2, "Files")
-    doc.p("endpoints/{loss}_seed{s}/: aecurves train runs (…_extra: trained on as long as a curve); "
-          "aligned/{loss}_seed{b}-to-seed{a}/: aecurves align; curves/{loss}_seed{a}-seed{b}/ (…_aligned: to the "
-          "aligned B): aecurves train-curve runs; …/eval/: aecurves eval-curve of each curve and of its segment "
-          "(eval.json, curve.npz with segment_* arrays); baselines/: the extra-trained endpoints measured like the "
-          "paths; study.json: the resolved configuration; report.json: every number "
-          f"above. Written {time.strftime('%Y-%m-%d %H:%M')} from the files of {study_dir.resolve()}; regenerate with "
-          f"`aecurves report {study_dir}`.", "muted")
+    doc.p(("endpoints/{loss}_seed{s}/: aecurves train runs (…_extra: trained on as long as a curve); "
+           "aligned/{loss}_seed{b}-to-seed{a}/: aecurves align; curves/{loss}_seed{a}-seed{b}/ (…_aligned: to the "
+           "aligned B): aecurves train-curve runs; …/eval/: aecurves eval-curve of each curve and of its segment "
+           "(eval.json, curve.npz with segment_* arrays); baselines/: the extra-trained endpoints measured like the "
+           "paths; study.json: the resolved configuration; report.json: every number above. Written "
+           f"{time.strftime('%Y-%m-%d %H:%M')} from the files of {study_dir.resolve()}; regenerate with ",
+           Code(f"aecurves report {shlex.quote(str(study_dir))}"), "."), "muted")
     return doc, lines + caveats
 
 
+def _absent(rel: str, data: dict) -> str:
+    """Why the input file `rel` is not in the report: not written yet, or damaged (and how)."""
+    reason = data["damaged"].get(rel)
+    return f"{rel} is damaged: {reason}" if reason else f"{rel} is missing"
+
+
 def write_report(study_dir) -> dict:
-    """Writes report.html, report.md, report.json and report_files/ in `study_dir`, reading only its files."""
+    """Writes report.html, report.md, report.json and report_files/ in `study_dir`, reading only its files, and
+    names on stderr the input files it found damaged (and made the report without)."""
     study_dir = Path(study_dir)
     fingerprint = inputs_fingerprint(study_dir)
-    data = collect(study_dir)
-    (study_dir / FILES_DIR).mkdir(parents=True, exist_ok=True)
-    doc, lines = build(study_dir, data)
+    inputs = Inputs(study_dir)
+    data = collect(study_dir, inputs)
+    for rel, reason in data["damaged"].items():
+        print(f"warning: {study_dir / rel} is damaged ({reason}); the report is made without it", file=sys.stderr)
+    doc, lines = build(study_dir, data, inputs)
     title = "aecurves study report"
-    with atomic_path(study_dir / "report.md") as tmp:
-        tmp.write_text(to_markdown(doc))
-    with atomic_path(study_dir / "report.html") as tmp:
-        tmp.write_text(to_html(doc, study_dir, title))
+    # every write through aecurves.files: atomic, and a failure (a full disk) names its file
+    _write_text(study_dir / "report.md", to_markdown(doc))
+    _write_text(study_dir / "report.html", to_html(doc, study_dir, title))
     record = {"format_version": REPORT_VERSION, "inputs_fingerprint": fingerprint,
               "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary_lines": lines,
               "thresholds": {"no_barrier": NO_BARRIER, "most": MOST, "some": SOME, "psnr_tolerance_db": PSNR_TOLERANCE},
@@ -1152,6 +1467,11 @@ def write_report(study_dir) -> dict:
     write_json(study_dir / "report.json", record)  # last: its fingerprint marks the report complete
     print(f"wrote report.html, report.md, report.json and {FILES_DIR}/ in {study_dir}")
     return record
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def run(cfg: ReportConfig) -> dict:
