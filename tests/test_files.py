@@ -63,3 +63,58 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
         holder.wait(timeout=30)
     with folder_lock(tmp_path):  # the OS released the dead holder's lock
         assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hard link", "folder", "fifo"])
+def test_a_lock_that_is_not_our_own_plain_file_is_refused_and_nothing_is_written(kind, tmp_path, capsys):
+    """A lock opened through a link would truncate, then overwrite, the file it points to."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("results of a week")
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "hard link":
+        os.link(victim, lock)
+    elif kind == "folder":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    words = {"symlink": "a symbolic link", "hard link": "a hard link", "folder": "a folder",
+             "fifo": "not a regular file"}[kind]
+    with pytest.raises(UserError, match=words):
+        with folder_lock(out, "run"):
+            pass
+    assert victim.read_text() == "results of a week"
+    assert run_cli("train", *TINY, "--epochs", 1, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert victim.read_text() == "results of a week" and not (out / "checkpoint.pt").exists()
+
+
+def test_atomic_path_names_the_file_when_a_writer_does_not(tmp_path):
+    """np.savez or a plotting library writing to a file object raise OSError without a file name (a full disk);
+    the CLI's message must still say where."""
+    import errno
+
+    with pytest.raises(OSError) as caught:
+        with atomic_path(tmp_path / "curve.npz"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "curve.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_json_writes_standard_json_for_non_finite_numbers(tmp_path):
+    import json
+    import math
+
+    from aecurves.files import write_json
+
+    write_json(tmp_path / "a.json", {"loss": math.nan, "series": [1.0, math.inf, -math.inf], "n": (2, 3), "ok": 0.5})
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    back = json.loads((tmp_path / "a.json").read_text(), parse_constant=refuse)
+    assert back == {"loss": None, "series": [1.0, None, None], "n": [2, 3], "ok": 0.5}

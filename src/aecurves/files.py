@@ -2,9 +2,12 @@
 back tolerantly. No torch import: the data cache and the report use these too."""
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
+import stat
 import uuid
 from pathlib import Path
 
@@ -26,14 +29,32 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # e.g. a full disk met by a writer given a file object: the message must say where
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
+    """Standard JSON: a non-finite float (NaN, inf), which json.dumps would write as a bare token no other reader
+    accepts, is written as null."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n")
+
+
+def finite_or_none(obj):
+    """`obj` with every non-finite float replaced by None, through dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def read_json(path: str | os.PathLike):
@@ -86,7 +107,9 @@ def folder_lock(folder: str | os.PathLike, what: str = "run"):
     """One writer per output folder: an exclusive flock on FOLDER/.aecurves.lock for the duration of the block.
 
     A second process is refused with the holder's PID. The OS releases the lock when its holder dies, so a lock
-    file left by a killed process is simply taken over. (Where fcntl is missing, e.g. Windows, there is no lock.)
+    file left by a killed process is simply taken over. The lock is opened without following a symbolic link and
+    must be a plain file of its own (one link): writing the PID into it can then never change another file.
+    (Where fcntl is missing, e.g. Windows, there is no lock.)
     """
     from aecurves.errors import UserError
 
@@ -97,8 +120,22 @@ def folder_lock(folder: str | os.PathLike, what: str = "run"):
         return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    lock = folder / LOCK_NAME
+    refusal = (f"The lock file {lock} is {{}}, not the plain file aecurves makes; it was not written to. Remove "
+               "it (it holds only a process ID) and run again; nothing was changed.")
     try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(refusal.format("a symbolic link")) from None
+        if exc.errno == errno.EISDIR:
+            raise UserError(refusal.format("a folder")) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise UserError(refusal.format("a hard link to another file" if stat.S_ISREG(info.st_mode)
+                                           else "not a regular file"))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
