@@ -186,7 +186,8 @@ def test_every_command_prints_a_config_that_reads_back(command, tmp_path, capsys
     assert "None" not in printed
     file = tmp_path / "printed.toml"
     file.write_text(printed, encoding="utf-8")
-    _, back = parse([command, "--config", str(file)])
+    model = getattr(original, "model", None)  # a custom factory is imported only when the command line names it
+    _, back = parse([command, "--config", str(file), *(["--model", model] if model else [])])
     skipped = NOT_RECORDED.get(command, set())
     expected = {k: v for k, v in config.as_record(original).items() if k not in skipped}
     assert {k: v for k, v in config.as_record(back).items() if k not in skipped} == expected
@@ -201,7 +202,7 @@ def test_a_custom_model_prints_without_width(command, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "# width is not set\n" in printed
     (tmp_path / "c.toml").write_text(printed)
-    _, cfg = parse([command, "--config", str(tmp_path / "c.toml")])
+    _, cfg = parse([command, "--config", str(tmp_path / "c.toml"), "--model", model])
     assert "width" not in cfg.given and cfg.model == model
     assert main([command, "--model", model, "--width", "8", "--print-config"]) == 2  # refused, as the run does
     assert "--width is a setting of the built-in model" in capsys.readouterr().err
@@ -249,3 +250,20 @@ def test_config_help_says_what_each_command_reads(tmp_path, capsys):
     assert "is a folder" in err and "no such file" not in err
     assert main(["study", "--config", str(tmp_path)]) == 2
     assert f"--config {tmp_path / 'study.json'}" in capsys.readouterr().err  # the study record in that folder
+
+
+def test_a_config_file_never_decides_what_code_runs(tmp_path, capsys):
+    """A file may name a custom factory, but it is imported only when --model on the command line names it too."""
+    marker = tmp_path / "MARKER"
+    (tmp_path / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+                                      "def factory(**kw):\n    raise SystemExit(0)\n")
+    spec = f"{tmp_path}/evil.py:factory"
+    for command in ("train", "study"):
+        file = tmp_path / f"{command}.toml"
+        file.write_text(f"model = {json.dumps(spec)}\nepochs = 1\nout = {json.dumps(str(tmp_path / command))}\n")
+        assert main([command, "--config", str(file), "--dataset", "synthetic", "--limit", "64", "--image-size",
+                     "16", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"add --model {spec}" in err and not marker.exists() and not (tmp_path / command).exists()
+        _, cfg = parse([command, "--config", str(file), "--model", spec])  # named on the command line: allowed
+        assert cfg.model == spec

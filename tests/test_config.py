@@ -98,5 +98,5 @@ def test_required_settings_and_list_lengths():
         config.check_required(cfg)
     config.check_required(make(ExportPointConfig, {"ckpt": "c.pt", "t": 0.5, "out": "p.pt"}))
     for value in (["a.pt"], ["a.pt", 2]):  # a config file bypasses argparse's nargs=2 and its str type
-        with pytest.raises(UserError, match="--segment takes a list of 2 strings"):
+        with pytest.raises(UserError, match=r"--segment takes exactly 2 values \(START END\)"):
             make(EvalCurveConfig, {"segment": value})

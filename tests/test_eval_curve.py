@@ -324,6 +324,8 @@ def test_losses_choice(tmp_path):
     assert "perceptual metrics omitted" in notes[0] and "missing.pt" in notes[0]
     with pytest.raises(UserError, match="trained with the vgg loss"):
         eval_curve.losses_for("vgg", str(tmp_path / "missing.pt"), [])
+    with pytest.raises(UserError, match="--loss vgg was asked for, and evaluating"):  # not the checkpoint's loss
+        eval_curve.losses_for("vgg", str(tmp_path / "missing.pt"), [], asked=True)
     notes = []
     loss_fn, perceptual = eval_curve.losses_for("vgg", "random", notes)
     assert perceptual is None and not loss_fn.perceptual and len(notes) == 2
@@ -541,7 +543,7 @@ def test_bad_files(setup, tmp_path):
         run_eval({**FAST, "segment": [str(setup["curve"]), str(setup["b"])], "out": out})
     with pytest.raises(UserError, match="do not match"):
         run_eval({**FAST, "segment": [str(setup["a"]), str(setup["odd"])], "out": out})
-    with pytest.raises(UserError, match="exactly two"):
+    with pytest.raises(UserError, match=r"exactly 2 values \(START END\)"):
         run_eval({**FAST, "segment": [str(setup["a"])], "out": out})
     with pytest.raises(UserError, match="does not fit"):  # lfw is grayscale, the networks take RGB
         run_eval({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "dataset": "lfw", "out": out})
@@ -551,7 +553,7 @@ def test_bad_files(setup, tmp_path):
 def test_failed_run_leaves_previous_results_intact(setup, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg = {**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 2, "bn_images": 16,
-           "train_images": 16, "out": str(out)}
+           "train_images": 16, "out": str(out), "overwrite": True}
     run_eval(cfg)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {"eval.json", "curve.npz", "loss_along_path.png", "reconstructions.png"} <= set(before)
@@ -595,3 +597,35 @@ def test_bf16_evaluation_is_close_to_fp32_and_really_bf16(setup, segment_run, tm
     assert record["precision"] == "bf16"
     for key in ("te_loss_start", "te_loss_max", "tr_loss_end", "te_psnr_min"):
         assert bf16[key] != fp32[key] and bf16[key] == pytest.approx(fp32[key], rel=0.02), key
+
+
+def test_a_folder_holding_an_evaluation_is_refused_without_overwrite(setup, segment_run, tmp_path, capsys):
+    out, _ = segment_run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = ["eval-curve", "--segment", setup["a"], setup["b"], "--num-points", 2, "--bn-images", 16,
+            "--train-images", 16, "--num-images", 0, "--vgg-weights", "random", "--no-progress", "--out", out]
+    assert run_cli(*argv) == 2
+    assert "already holds an evaluation (eval.json). Pass --overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "eval.json").write_bytes(before["eval.json"])
+    argv[-1] = copy
+    assert run_cli(*argv, "--overwrite") == 0
+    assert json.loads((copy / "eval.json").read_text())["num_points"] == 2
+
+
+def test_the_folder_is_locked_for_the_whole_evaluation(setup, tmp_path, monkeypatch, capsys):
+    """A second evaluation into a folder is refused before it evaluates anything, not after (when it would
+    have interleaved its files with the first one's, or silently replaced them)."""
+    from aecurves.files import folder_lock
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated while another process held the folder")
+
+    monkeypatch.setattr(eval_curve, "evaluate_paths", must_not_run)
+    out = tmp_path / "ev"
+    with folder_lock(out, "evaluation"):
+        assert run_cli("eval-curve", "--segment", setup["a"], setup["b"], "--num-points", 2, "--no-progress",
+                       "--vgg-weights", "random", "--out", out) == 2
+    assert "Another aecurves process" in capsys.readouterr().err and not (out / "eval.json").exists()

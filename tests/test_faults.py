@@ -174,6 +174,29 @@ BAD_INPUT = [  # (command line after the command, phrase of the message); each w
     (["eval-curve", "--segment", "{a}", "{b}", "--out", "{file}"], "existing file"),
     (["eval-curve", "--segment", "{a}", "{b}", "--bn-images", -1], "--bn-images must be at least 1"),
     (["study", "--out", "{file}", "--losses", "mse", "--dataset", "synthetic", "--limit", 64], "is a file"),
+    # every number has a range, checked before any work (each of these gave a traceback, or hung, before)
+    (["train", *TINY, "--seed", 10**23], "--seed must be at most 4,294,967,295"),
+    (["train", *TINY, "--seed", -1], "--seed must be at least 0"),
+    (["train", *TINY, "--width", 100000], "--width must be at most 1,024"),
+    (["train", *TINY, "--image-size", 100000], "--image-size must be at most 1,024"),
+    (["train", *TINY, "--latent-dim", 10**11], "--latent-dim must be at most 65,536"),
+    (["train", *TINY, "--limit", 10**23], "--limit must be at most 1,000,000,000"),
+    (["train", "--dataset", "synthetic", "--limit", 10**8, "--no-progress"], "at most 65,536 images"),
+    (["train-curve", "--init-start", "{a}", "--init-end", "{b}", "--num-bends", 10**5], "--num-bends must be at most 64"),
+    (["eval-curve", "--segment", "{a}", "{b}", "--num-points", 10**8], "--num-points must be at most 10,001"),
+    (["plane", "--points", "{a}", "{b}", "{a}", "--grid", 100000], "--grid must be at most 201"),
+    (["plane", "--points", "{a}", "{b}", "{a}", "--margin", 1e30], "--margin must be at most 10"),
+    (["study", "--num-bends", 10**6, "--losses", "mse"], "--num-bends must be at most 64"),
+    (["study", "--seeds", f"1,2,{10**23}", "--losses", "mse"], "each from 0 to 4294967295"),
+    (["study", "--seeds", "1,2,1e23", "--losses", "mse"], "comma-separated list of integers"),
+    # a --model-kwargs entry may not contradict a flag
+    (["train", *TINY, "--model-kwargs", '{"width": 4}'], "--model-kwargs sets width=4, which --width sets (to 8)"),
+    (["train", *TINY, "--model-kwargs", '{"latent_dim": 4}'], "latent_dim=4, which --latent-dim sets"),
+    (["study", "--losses", "mse", "--model-kwargs", '{"channels": 3}'], "channels=3, which the data sets"),
+    # the study checks every stage's settings before its first stage
+    (["study", "--losses", "mse", "--dataset", "synthetic", "--limit", 64, "--ensemble", 1], "--ensemble 1 is not"),
+    (["study", "--losses", "mse", "--dataset", "synthetic", "--limit", 64, "--plane-grid", 1],
+     "--grid must be at least 2"),
 ]
 
 
@@ -181,7 +204,8 @@ BAD_INPUT = [  # (command line after the command, phrase of the message); each w
 def test_bad_input_is_a_message_and_exit_2(argv, phrase, tiny_endpoints, tmp_path, capsys):
     (tmp_path / "file").write_text("mine")
     values = {"file": tmp_path / "file", "a": tiny_endpoints[0], "b": tiny_endpoints[1]}
-    argv = [str(a).format(**values) if isinstance(a, str) else a for a in argv]
+    for key, value in values.items():
+        argv = [a.replace("{" + key + "}", str(value)) if isinstance(a, str) else a for a in argv]
     if "--out" not in argv:
         argv += ["--out", tmp_path / "out"]
     assert run_cli(*argv) == 2

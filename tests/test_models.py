@@ -33,3 +33,77 @@ def test_has_batchnorm_and_transposed_convs():
 def test_rejects_sizes_that_do_not_halve_to_4():
     with pytest.raises(ValueError):
         ConvAutoencoder(image_size=48)
+
+
+FACTORIES = '''
+import sys
+import torch
+from torch import nn
+
+
+def raises_runtime(**kw):
+    raise RuntimeError("CUDA out of memory (pretend)")
+
+
+def raises_key(**kw):
+    return {}["hidden"]
+
+
+def raises_memory(**kw):
+    raise MemoryError
+
+
+def exits(**kw):
+    sys.exit(0)
+
+
+def no_parameters(**kw):
+    return nn.Sequential(nn.Identity())
+
+
+def float64(**kw):
+    torch.set_default_dtype(torch.float64)
+    return nn.Sequential(nn.Flatten(), nn.Unflatten(1, (kw["channels"], kw["image_size"], kw["image_size"])),
+                         nn.Conv2d(kw["channels"], kw["channels"], 1))
+'''
+
+
+@pytest.mark.parametrize("name, words", [
+    ("raises_runtime", "could not be built .*RuntimeError: CUDA out of memory"),
+    ("raises_key", "could not be built .*KeyError: 'hidden'"),
+    ("raises_memory", "could not be built .*\\(MemoryError\\)"),
+    ("exits", "could not be built .*SystemExit: 0"),
+    ("no_parameters", "a network without parameters"),
+    ("float64", "changed torch's default dtype"),
+])
+def test_a_factory_that_fails_is_a_message_naming_it(name, words, tmp_path, capsys):
+    from aecurves.errors import UserError
+
+    from conftest import run_cli
+
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    spec = f"{tmp_path}/factories.py:{name}"
+    arch = {"model": spec, "model_kwargs": {}, "channels": 3, "image_size": 8, "latent_dim": 4}
+    with pytest.raises(UserError, match=f"--model {spec} {words}" if "built" in words else words):
+        build_model(arch)
+    assert torch.get_default_dtype() == torch.float32  # restored for whatever runs next
+    assert run_cli("train", "--model", spec, "--dataset", "synthetic", "--image-size", 8, "--limit", 32,
+                   "--epochs", 1, "--no-progress", "--device", "cpu", "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert spec in err and "Traceback" not in err
+    assert torch.get_default_dtype() == torch.float32 and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_model_kwargs_may_not_restate_a_flag():
+    from aecurves.config import BUILTIN_MODEL
+    from aecurves.errors import UserError
+
+    arch = {"model": BUILTIN_MODEL, "model_kwargs": {"width": 4}, "channels": 3, "image_size": 16, "latent_dim": 8,
+            "width": 8}
+    with pytest.raises(UserError, match=r"--model-kwargs sets width=4, which --width sets \(to 8\)"):
+        build_model(arch)
+    # a custom factory has no --width: its own width argument is its kwargs' business
+    custom = {**arch, "model": "ae_models:upsample_autoencoder", "width": None}
+    assert build_model(custom).encoder[0].out_channels == 4
+    with pytest.raises(UserError, match="image_size=32, which --image-size sets"):
+        build_model({**custom, "model_kwargs": {"image_size": 32}})

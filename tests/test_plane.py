@@ -314,6 +314,12 @@ def test_bad_input_exits_2_with_a_message(setup, tmp_path, capsys):
     assert run_cli("plane", "--ckpt", curve, "--no-progress", "--out", tmp_path / "file") == 2
     assert "is an existing file" in capsys.readouterr().err
     assert not out.exists()
+    # a folder holding another plane is kept unless --overwrite says otherwise
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held/plane.json").write_text("{}")
+    assert run_cli("plane", "--ckpt", curve, "--no-progress", "--out", tmp_path / "held") == 2
+    assert "already holds a plane (plane.json). Pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "held").iterdir()] == ["plane.json"]
 
 
 def test_a_two_bend_curve_is_a_line(setup, tmp_path):

@@ -82,6 +82,16 @@ def test_export_point_as_plain_weights_loads_into_a_bare_model(fmt, trained_curv
     x = torch.rand(4, arch["channels"], arch["image_size"], arch["image_size"])
     bare.eval(), reference.eval()
     assert torch.equal(bare(x), reference(x))
+    # written by aecurves, so with the permissions of every other output (the umask's), not the library's 0600
+    assert plain.stat().st_mode & 0o777 == ckpt.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.mark.parametrize("case", ["mismatch", "curve_as_endpoint", "missing", "one_bend", "nothing_to_train",
@@ -225,7 +235,41 @@ def test_export_point_never_replaces_a_file(trained_curve, tiny_endpoints, tmp_p
     (tmp_path / "mine.pt").write_text("mine")
     assert run_cli("export-point", "--ckpt", trained_curve, "--t", 0.5, "--out", tmp_path / "mine.pt") == 2
     assert "already exists" in capsys.readouterr().err and (tmp_path / "mine.pt").read_text() == "mine"
+    # only the architecture file beside plain weights is there: the message names that one
+    (tmp_path / "w.safetensors.json").write_text("{}")
+    assert run_cli("export-point", "--ckpt", trained_curve, "--t", 0.5, "--format", "safetensors",
+                   "--out", tmp_path / "w.safetensors") == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'w.safetensors.json'} already exists" in err and not (tmp_path / "w.safetensors").exists()
+    # a name ending in / is a folder, never a file of that name
+    assert run_cli("export-point", "--ckpt", trained_curve, "--t", 0.5, "--out", f"{tmp_path}/newdir/") == 2
+    assert "is a folder" in capsys.readouterr().err and not (tmp_path / "newdir").exists()
     assert {p: p.read_bytes() for p in kept} == kept
+
+
+def test_export_point_and_align_never_write_into_the_data_folder(tmp_path, capsys):
+    """The next run would read what they wrote there as a training image (even a .png)."""
+    from test_checkpoint import _curve_state, _endpoint_state
+
+    from aecurves.checkpoint import save_checkpoint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    ends = []
+    for seed in (1, 2):
+        ends.append(tmp_path / f"e{seed}.pt")
+        save_checkpoint(ends[-1], _endpoint_state(seed=seed, dataset="folder", data_dir=str(data)))
+    curve = _curve_state("aecurves.models:ConvAutoencoder", {}, *ends)
+    curve["args"].update(dataset="folder", data_dir=str(data))
+    save_checkpoint(tmp_path / "curve.pt", curve)
+    assert run_cli("export-point", "--ckpt", tmp_path / "curve.pt", "--t", 0.5, "--bn-images", 0,
+                   "--out", data / "x.png") == 2
+    assert "inside the data folder" in capsys.readouterr().err
+    assert run_cli("align", "--init-start", ends[0], "--init-end", ends[1], "--out", data / "sub/aligned.pt") == 2
+    assert "inside the data folder" in capsys.readouterr().err
+    assert list(data.iterdir()) == []
+    assert run_cli("export-point", "--ckpt", tmp_path / "curve.pt", "--t", 0.5, "--bn-images", 0,
+                   "--out", tmp_path / "x.pt", "--no-progress") == 0  # outside it: written
 
 
 def test_a_diverged_curve_stops_before_it_is_saved(tiny_endpoints, tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ networks' hidden activations on the same training images (--method activations);
 """
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import fx
 from aecurves import runtime
 from aecurves.checkpoint import load_endpoint_pair, save_checkpoint
 from aecurves.config import ALIGN_TOLERANCE, AlignConfig, validate
-from aecurves.data import BatchLoader, load_run_data
+from aecurves.data import BatchLoader, check_outside_data, load_run_data
 from aecurves.errors import UserError
 from aecurves.metrics import fixed_subset
 from aecurves.models import build_model
@@ -31,6 +32,7 @@ def run(cfg: AlignConfig) -> dict:
     out = check_out(cfg)
     device = runtime.resolve_device(cfg.device)
     a, b, arch = load_endpoint_pair(cfg.init_start, cfg.init_end, cfg.model, "--init_start/--init_end")
+    check_outside_data(out, b["args"].get("data_dir"), "--out")
     model_a, model_b = build_model(arch).to(device), build_model(arch).to(device)
     model_a.load_state_dict(a["model"])
     model_b.load_state_dict(b["model"])
@@ -78,8 +80,8 @@ def check_out(cfg: AlignConfig) -> Path:
     if cfg.init_start is None or cfg.init_end is None or cfg.out is None:
         raise UserError("align needs --init_start A --init_end B --out FILE.")
     out = Path(cfg.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; pass a file name such as {out / 'end_aligned.pt'}.")
+    if out.is_dir() or cfg.out.endswith(("/", os.sep)):
+        raise UserError(f"--out {cfg.out} is a folder; pass a file name such as {out / 'end_aligned.pt'}.")
     if any(Path(p).resolve() == out.resolve() for p in (cfg.init_start, cfg.init_end)):
         raise UserError(f"--out {out} is one of the endpoints; align never replaces a file. Choose another name.")
     if out.exists():

@@ -5,9 +5,10 @@ dict, with the data's `channels`), metrics (one dict per epoch). A curve checkpo
 model_config (the architecture record), optimizer, epoch, args, metrics. Everything in them is tensors and
 plain Python values, so `torch.load(weights_only=True)` reads them.
 
-A checkpoint names its model factory (`args["model"]`, a MODULE:FACTORY string). A factory inside aecurves is
-rebuilt freely; one outside is imported only when the same --model is passed (`trusted_arch`): code named in a
-file is never imported unasked.
+A checkpoint names its model factory (`args["model"]`, a MODULE:FACTORY string). A factory of the built-in table
+(models.BUILTIN_FACTORIES, matched exactly) is rebuilt freely; any other name is imported only when the same
+--model is passed (`trusted_arch`): code named in a file is never imported unasked. Everything else a file holds
+is checked before use too: its structure and types, finite weights, and weights that fit the network exactly.
 """
 
 import errno
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from aecurves.config import VAL_FRACTION
 from aecurves.curves import Curve
 from aecurves.errors import UserError
 from aecurves.files import atomic_path
@@ -27,6 +29,11 @@ FORMAT_VERSION = 1
 REQUIRED = {"endpoint": {"model": dict, "args": dict, "epoch": int, "metrics": list, "optimizer": dict},
             "curve": {"curve": dict, "model_config": dict, "args": dict, "epoch": int, "metrics": list,
                       "optimizer": dict}}
+# The entries of a curve checkpoint's "curve" (Curve.curve_state), with their types.
+CURVE_STATE = {"bends": torch.Tensor, "buffers": dict, "endpoint_buffers": list, "curve": str, "num_bends": int,
+               "fix_start": bool, "fix_end": bool}
+# What defines an endpoint's data: two endpoints of one curve (or plane) must agree on these.
+DATA_KEYS = ("dataset", "data_dir", "limit", "val_fraction", "use_test")
 KINDS = {"endpoint": "an autoencoder checkpoint (from `aecurves train` or `aecurves export-point`)",
          "curve": "a curve checkpoint (from `aecurves train-curve`)"}
 
@@ -55,7 +62,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None, what: str 
         raise UserError(f"Could not read the {what} {path}: it is not a readable aecurves checkpoint "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Only files written "
                         "by aecurves are accepted; they are loaded with torch.load(weights_only=True).") from None
-    if not isinstance(state, dict) or state.get("kind") not in KINDS:
+    if not isinstance(state, dict) or not isinstance(state.get("kind"), str) or state["kind"] not in KINDS:
         raise UserError(f"The {what} {path} is not an aecurves checkpoint (no 'kind' field); "
                         "pass a file written by `aecurves train`, `train-curve` or `export-point`.")
     missing = [k for k, t in REQUIRED[state["kind"]].items() if not isinstance(state.get(k), t)]
@@ -67,7 +74,53 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None, what: str 
         extra = (" To use a point of a curve as an endpoint, write one with "
                  "`aecurves export-point --ckpt CURVE --t 0.5 --out FILE`." if kind == "endpoint" else "")
         raise UserError(f"The {what} {path} is {KINDS[state['kind']]}, but {KINDS[kind]} is needed here.{extra}")
+    check_content(state, path, what)
     return state
+
+
+def check_content(state: dict, path, what: str) -> None:
+    """The parts of a checkpoint every command relies on: an architecture record of the right types, tensors
+    where weights belong, and only finite values in them (a NaN network evaluates to NaN everywhere, and would
+    be blamed on the settings of the run that reads it)."""
+    try:
+        arch_of(state["args"] if state["kind"] == "endpoint" else state["model_config"])
+    except UserError as exc:
+        raise UserError(f"The {what} {path} is damaged or was not written by aecurves: {exc}") from None
+    if state["kind"] == "endpoint":
+        tensors = state["model"]
+    else:
+        curve = state["curve"]
+        wrong = [k for k, t in CURVE_STATE.items() if not isinstance(curve.get(k), t)]
+        if wrong:
+            raise UserError(f"The {what} {path} is damaged or was not written by aecurves: its curve lacks "
+                            f"{', '.join(wrong)}.")
+        tensors = {"bends": curve["bends"], **{f"buffers.{k}": v for k, v in curve["buffers"].items()}}
+        for i, buffers in enumerate(curve["endpoint_buffers"]):
+            tensors.update({f"endpoint_buffers[{i}].{k}": v for k, v in (buffers or {}).items()})
+    not_tensors = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"The {what} {path} is damaged or was not written by aecurves: {', '.join(not_tensors[:4])} "
+                        "should be tensors.")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"The {what} {path} holds non-finite values (NaN or inf) in {', '.join(bad[:4])}"
+                        f"{' ...' if len(bad) > 4 else ''}: it is not a usable network (aecurves stops a run that "
+                        "diverges before it saves). Pass a checkpoint whose weights are finite.")
+
+
+def check_fits(want: dict, state: dict, path, what: str = "checkpoint") -> None:
+    """The state dict must be exactly `want` (a model's state_dict): no missing, no unexpected entry, every shape
+    the same (an extra entry would be silently ignored, a reshaped one silently scrambled)."""
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in want
+              if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    problems = [f"{label} {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                for label, names in (("missing", missing), ("unexpected", extra), ("shapes (file vs model)", shapes))
+                if names]
+    if problems:
+        raise UserError(f"The weights in the {what} {path} do not fit its network: {'; '.join(problems)}. The file "
+                        "is damaged or does not belong to the model it names.")
 
 
 def arch_mismatch(a: dict, b: dict) -> list[str]:
@@ -98,32 +151,68 @@ def trusted_arch(args: dict, requested_model: str | None, path) -> dict:
     return arch
 
 
+def data_of(args: dict) -> dict:
+    """The data an endpoint was trained on, in comparable form (paths resolved; a checkpoint from before a setting
+    existed has its default)."""
+    data = {k: args.get(k) for k in DATA_KEYS}
+    data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve()) if data["data_dir"] else None
+    data["val_fraction"] = data["val_fraction"] or VAL_FRACTION
+    data["use_test"] = bool(data["use_test"])
+    return data
+
+
+def load_endpoints(paths: list, names: list, requested_model: str | None, flags: str, what: str = "endpoints",
+                   data_chosen: bool | None = None) -> tuple[list, dict]:
+    """(the endpoint checkpoints, their architecture), checked to describe one network: the same architecture,
+    weights that fit it, and the same training data unless the command was told which data to use
+    (`data_chosen` True, e.g. by --dataset; None: the command has no such flag). Otherwise the first one's data
+    would be a silent choice."""
+    states = [load_checkpoint(p, "endpoint", f"{name} ({flags})") for p, name in zip(paths, names)]
+    arch = trusted_arch(states[0]["args"], requested_model, paths[0])
+    for p, s, name in zip(paths[1:], states[1:], names[1:]):
+        trusted_arch(s["args"], requested_model, p)
+        diff = arch_mismatch(states[0]["args"], s["args"])
+        if diff:
+            raise UserError(f"The {what} do not match each other: {'; '.join(diff)} ({names[0]} {paths[0]} vs "
+                            f"{name} {p}). They must be networks of the same architecture: train them with the same "
+                            "--model, --latent-dim, --width, --image-size and dataset channels.")
+        data = [data_of(states[0]["args"]), data_of(s["args"])]
+        diff = [f"{k}={data[0][k]!r} vs {k}={data[1][k]!r}" for k in DATA_KEYS if data[0][k] != data[1][k]]
+        if diff and not data_chosen:
+            remedy = ("Pass --dataset (and --data-dir) to say which data to use, or" if data_chosen is False
+                      else "Pass")
+            raise UserError(f"The {what} were trained on different data: {'; '.join(diff)} ({names[0]} {paths[0]} vs "
+                            f"{name} {p}). {remedy} networks trained on the same data.")
+    model = build_model(arch)
+    for p, s, name in zip(paths, states, names):
+        check_fits(model.state_dict(), s["model"], p, f"{name} ({flags})")
+    return states, arch
+
+
 def load_endpoint_pair(start_path, end_path, requested_model: str | None = None,
-                       flags: str = "--init_start/--init_end") -> tuple[dict, dict, dict]:
-    """(start, end, their architecture): both endpoint checkpoints, checked to describe the same network."""
-    a = load_checkpoint(start_path, "endpoint", f"start endpoint ({flags})")
-    b = load_checkpoint(end_path, "endpoint", f"end endpoint ({flags})")
-    arch = trusted_arch(a["args"], requested_model, start_path)
-    trusted_arch(b["args"], requested_model, end_path)
-    diff = arch_mismatch(a["args"], b["args"])
-    if diff:
-        raise UserError(f"The endpoints do not match each other: {'; '.join(diff)} ({start_path} vs {end_path}). "
-                        "A curve connects two networks of the same architecture; train them with the same "
-                        "--model, --latent-dim, --width, --image-size and dataset channels.")
+                       flags: str = "--init_start/--init_end", data_chosen: bool | None = None) -> tuple[dict, dict, dict]:
+    """(start, end, their architecture): both endpoint checkpoints, checked by load_endpoints."""
+    (a, b), arch = load_endpoints([start_path, end_path], ["start endpoint", "end endpoint"], requested_model, flags,
+                                  data_chosen=data_chosen)
     return a, b, arch
 
 
-def build_curve(arch: dict, curve_state: dict) -> Curve:
-    """A Curve rebuilt from a curve checkpoint's `model_config` and `curve` entries."""
-    curve = Curve(build_model(arch), curve_state["curve"], curve_state["num_bends"],
+def build_curve(arch: dict, curve_state: dict, base=None) -> Curve:
+    """A Curve rebuilt from a curve checkpoint's `model_config` and `curve` entries (on `base`, when built)."""
+    curve = Curve(base if base is not None else build_model(arch), curve_state["curve"], curve_state["num_bends"],
                   curve_state["fix_start"], curve_state["fix_end"])
     curve.load_curve_state(curve_state)
     return curve
 
 
 def load_curve(path, requested_model: str | None = None) -> tuple[Curve, dict]:
-    """(the curve, its checkpoint) from a train-curve checkpoint."""
+    """(the curve, its checkpoint) from a train-curve checkpoint, its buffers checked to fit the network."""
     state = load_checkpoint(path, "curve", "curve checkpoint")
     arch = trusted_arch(state["model_config"], requested_model, path)
-    return build_curve(arch, state["curve"]), state
+    base = build_model(arch)
+    buffers = dict(base.named_buffers())
+    for i, given in enumerate([state["curve"]["buffers"], *state["curve"]["endpoint_buffers"]]):
+        if given is not None:
+            check_fits(buffers, given, path, "curve checkpoint" + (f" (endpoint {i})" if i else ""))
+    return build_curve(arch, state["curve"], base), state
 

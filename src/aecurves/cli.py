@@ -129,12 +129,24 @@ def parse_with_options(argv=None):
     command = args.pop("command")
     options = {"print_config": args.pop("print_config", False)}
     cls = config.COMMANDS[command]
-    values = config.read_config_file(args.pop("config"), cls) if "config" in args else {}
+    path = args.pop("config", None)
+    values = config.read_config_file(path, cls) if path is not None else {}
+    if not options["print_config"]:  # printing imports nothing
+        refuse_code_named_by_file(values, args, path)
     values.update(args)
     cfg = config.make(cls, values)
     if not options["print_config"]:  # an incomplete config still prints: it is how a config file is begun
         config.check_required(cfg)
     return command, cfg, options
+
+
+def refuse_code_named_by_file(from_file: dict, from_flags: dict, path) -> None:
+    """Code runs only when the command line names it: a config file may name a model factory outside the built-in
+    one, but it is imported only when --model gives the same name."""
+    model = from_file.get("model")
+    if model is not None and model != config.BUILTIN_MODEL and from_flags.get("model") != model:
+        raise UserError(f"--config {path} names the model factory {model!r}, code outside aecurves. aecurves imports "
+                        f"code only when the command line names it: add --model {model} to allow it.")
 
 
 def main(argv=None) -> int:

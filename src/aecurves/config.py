@@ -41,6 +41,25 @@ ALIGN_METHODS = ("weights", "activations", "both")
 LATENT_MAPS = ("none", "permutation", "orthogonal", "linear")
 ALIGN_TOLERANCE = 1e-5  # an aligned network's outputs may differ from the original's by at most this (fp32)
 MAX_LR = 100.0  # far above any useful Adam lr; larger values overflow float32 arithmetic in the optimizer
+# Every count and size has a range, checked before any work. The upper bounds lie far above any useful value; they
+# keep a typo (--num-bends 1000000, --width 100000) from hanging a run or exhausting memory after minutes of setup.
+MAX_SEED = 2**32 - 1          # numpy's seed range
+MAX_IMAGE_SIZE = 1024
+MAX_WIDTH = 1024
+MAX_LATENT_DIM = 65536
+MAX_IMAGES = 10**9            # --limit and the protocol's subset sizes (CelebA has 202,599 images)
+MAX_BATCH_SIZE = 65536
+MAX_EPOCHS = 100_000
+MAX_WD = 100.0
+MAX_PICTURE_IMAGES = 64       # images in a reconstruction picture
+MAX_BENDS = 64                # a curve holds this many copies of the network
+MAX_POINTS = 10_001           # points t along a path
+MAX_POINTS_PER_CALL = 1024
+MAX_ENSEMBLE = 101
+MAX_GRID = 201                # plane points per side: 40,401 networks
+MAX_MARGIN = 10.0             # plane margins, in units of the points' own distances
+MAX_SEEDS = 64                # study seeds per loss: one curve per pair, 2,016 pairs
+MAX_SYNTHETIC = 65536         # synthetic images are generated in memory
 MODEL_SIGNATURE = "FACTORY(channels=C, image_size=S, latent_dim=D, **MODEL_KWARGS)"
 
 
@@ -83,8 +102,9 @@ class TrainConfig:
     data_dir: str | None = option(None, "dataset folder: for celeba the folder holding img_align_celeba/ (or "
                                         "img_align_celeba.zip)", aliases=("--data_path", "--data-path"), group="data")
     image_size: int | None = option(None, "side of the square images", shown="64; 32 for lfw", minimum=1,
-                                    group="data")
-    limit: int | None = option(None, "use only the first N images", shown="all", minimum=1, group="data")
+                                    group="data", maximum=MAX_IMAGE_SIZE)
+    limit: int | None = option(None, "use only the first N images", shown="all", minimum=1, group="data",
+                               maximum=MAX_IMAGES)
     val_fraction: float = option(VAL_FRACTION, "held-out fraction when the dataset has no official partition",
                                  group="data")
     use_test: bool = option(False, "hold out the official test partition instead of valid (celeba with "
@@ -96,21 +116,21 @@ class TrainConfig:
                         group="model")
     model_kwargs: dict = option(factory=dict, help="JSON object of extra keyword arguments for the factory",
                                 shown="{}", metavar="JSON", group="model")
-    latent_dim: int = option(128, "bottleneck size", minimum=1, group="model")
+    latent_dim: int = option(128, "bottleneck size", minimum=1, group="model", maximum=MAX_LATENT_DIM)
     width: int = option(32, "channels of the first conv stage (the built-in model only)", minimum=1,
-                        group="model")
+                        group="model", maximum=MAX_WIDTH)
     loss: str = option("mse", "reconstruction loss", choices=LOSSES, group="training")
-    batch_size: int = option(64, "batch size per process", minimum=1, group="training")
-    epochs: int = option(30, "", minimum=1, group="training")
+    batch_size: int = option(64, "batch size per process", minimum=1, group="training", maximum=MAX_BATCH_SIZE)
+    epochs: int = option(30, "", minimum=1, group="training", maximum=MAX_EPOCHS)
     lr: float = option(1e-4, "Adam learning rate", positive=True, maximum=MAX_LR, group="training")
     lr_schedule: str = option("constant", "constant; paper: constant for the first half, then linearly down to 1% "
                                           "of --lr at 90% of training, 1% after (Garipov et al.); cosine: down to "
                                           "0. Set before every step", choices=LR_SCHEDULES, group="training")
-    wd: float = option(0.0, "Adam weight decay", minimum=0, group="training")
-    seed: int = option(42, "random seed", group="training")
+    wd: float = option(0.0, "Adam weight decay", minimum=0, group="training", maximum=MAX_WD)
+    seed: int = option(42, "random seed", group="training", minimum=0, maximum=MAX_SEED)
     out: str = option("runs/train", "run folder", aliases=("--dir",), group="outputs")
     save_every_epoch: int = option(5, "write a checkpoint and a reconstruction grid every N epochs, and at the end",
-                                   minimum=1, group="outputs")
+                                   minimum=1, group="outputs", maximum=MAX_EPOCHS)
     checkpoint: str | None = option(None, "resume from this checkpoint", shown="OUT/checkpoint.pt with --resume",
                                     group="outputs")
     resume: bool = option(False, "continue the run in --out from its last checkpoint (settings not given "
@@ -119,7 +139,8 @@ class TrainConfig:
                                     "--epochs, --lr and --lr-schedule (e.g. an endpoint given as much extra training "
                                     "as a curve); its data and model settings are kept", metavar="CKPT",
                               group="outputs")
-    num_images: int = option(8, "test images in the reconstruction grid", minimum=0, group="outputs")
+    num_images: int = option(8, "test images in the reconstruction grid", minimum=0, group="outputs",
+                             maximum=MAX_PICTURE_IMAGES)
     tensorboard: bool = option(False, "also write the epoch figures and reconstruction grids for TensorBoard to "
                                       "OUT/tensorboard (needs the optional tensorboard package)", group="outputs")
     device: str = option("auto", "", choices=DEVICES, group="runtime")
@@ -152,9 +173,9 @@ class TrainCurveConfig:
     data_dir: str | None = option(None, "dataset folder", shown="the endpoints'",
                                   aliases=("--data_path", "--data-path"), group="data")
     image_size: int | None = option(None, "side of the square images", shown="the endpoints'", minimum=1,
-                                    group="data")
+                                    group="data", maximum=MAX_IMAGE_SIZE)
     limit: int | None = option(None, "use only the first N images", shown="the endpoints'", minimum=1,
-                               group="data")
+                               group="data", maximum=MAX_IMAGES)
     val_fraction: float | None = option(None, "held-out fraction when the dataset has no official partition",
                                         shown="the endpoints'", group="data")
     use_test: bool = same_as(TrainConfig, "use_test")
@@ -162,7 +183,7 @@ class TrainCurveConfig:
     init_start: str | None = option(None, "checkpoint of the start endpoint θ(0)", shown="required", group="curve")
     init_end: str | None = option(None, "checkpoint of the end endpoint θ(1)", shown="required", group="curve")
     curve: str = option("Bezier", "Bezier or PolyChain, any case", group="curve")
-    num_bends: int = option(3, "control points including both ends", minimum=2, group="curve")
+    num_bends: int = option(3, "control points including both ends", minimum=2, group="curve", maximum=MAX_BENDS)
     fix_start: bool = option(False, "keep θ(0) at the start endpoint", group="curve")
     fix_end: bool = option(False, "keep θ(1) at the end endpoint", group="curve")
     init_linear_off: bool = option(False, "leave inner bends at a fresh initialisation instead of on the segment",
@@ -172,7 +193,7 @@ class TrainCurveConfig:
                                shown="the endpoints', if built into aecurves", group="curve")
     loss: str | None = option(None, "", shown="the endpoints'", choices=LOSSES, group="training")
     batch_size: int = same_as(TrainConfig, "batch_size", group="training")
-    epochs: int = option(10, "", minimum=1, group="training")
+    epochs: int = option(10, "", minimum=1, group="training", maximum=MAX_EPOCHS)
     lr: float = option(1e-3, "Adam base learning rate for the bends", positive=True, maximum=MAX_LR, group="training")
     lr_schedule: str = option("paper", "paper: the base lr for the first half of training, then linearly down to 1% "
                                        "of it at 90%, 1% after (Garipov et al.'s train.py, set before every step); "
@@ -183,12 +204,14 @@ class TrainCurveConfig:
                              choices=T_SAMPLING, group="training")
     bn_images: int = option(BN_IMAGES, "training images for the BatchNorm statistics of the per-epoch midpoint "
                                        "monitor: the same fixed subset as eval-curve --bn-images, so the last "
-                                       "figure equals eval-curve's at t = 0.5", minimum=1, group="training")
+                                       "figure equals eval-curve's at t = 0.5", minimum=1, group="training",
+                                       maximum=MAX_IMAGES)
     wd: float = option(0.0, "weight of the regulariser wd/2·‖θ(t)‖² added to the loss", minimum=0,
-                       group="training")
-    seed: int = option(1, "seed for t sampling and shuffling", group="training")
+                       group="training", maximum=MAX_WD)
+    seed: int = option(1, "seed for t sampling and shuffling", group="training", minimum=0, maximum=MAX_SEED)
     out: str = option("runs/curve", "run folder", aliases=("--dir",), group="outputs")
-    save_every_epoch: int = option(1, "checkpoint every N epochs and at the end", minimum=1, group="outputs")
+    save_every_epoch: int = option(1, "checkpoint every N epochs and at the end", minimum=1, group="outputs",
+                                   maximum=MAX_EPOCHS)
     resume: bool = option(False, "continue the curve run in --out from its checkpoint (settings not given "
                                  "explicitly come from it)", group="outputs")
     device: str = same_as(TrainConfig, "device")
@@ -214,13 +237,15 @@ class EvalCurveConfig:
     segment: list | None = option(None, "two endpoint checkpoints: evaluate the straight segment between them "
                                         "(nothing to train)", nargs=2, metavar=("START", "END"),
                                   group="what to evaluate (one of)")
-    num_points: int = option(61, "points t evenly spaced in [0, 1]", minimum=2, group="evaluation")
+    num_points: int = option(61, "points t evenly spaced in [0, 1]", minimum=2, group="evaluation", maximum=MAX_POINTS)
     bn_images: int = option(BN_IMAGES, "training images (a fixed subset drawn once) for the BatchNorm statistics "
-                                       "at each t", minimum=1, group="evaluation")
+                                       "at each t", minimum=1, group="evaluation", maximum=MAX_IMAGES)
     train_images: int = option(TRAIN_IMAGES, "training images for the train metrics: a fixed subset stratified by "
-                                             "the start endpoint's per-image MSE", minimum=1, group="evaluation")
+                                             "the start endpoint's per-image MSE", minimum=1, group="evaluation",
+                                             maximum=MAX_IMAGES)
     full: bool = option(False, "use all training images for both, as the paper does", group="evaluation")
-    num_images: int = option(4, "held-out images in the reconstruction pictures", minimum=0, group="evaluation")
+    num_images: int = option(4, "held-out images in the reconstruction pictures", minimum=0, group="evaluation",
+                             maximum=MAX_PICTURE_IMAGES)
     segment_too: bool = option(True, "for a curve, also evaluate the segment between its endpoints",
                                negative_flag="--no-segment-too", group="evaluation")
     precision: str = option("fp32", "fp32; or bf16: the forward passes under bf16 autocast (BatchNorm, the losses, "
@@ -229,7 +254,8 @@ class EvalCurveConfig:
     points_per_call: int = option(0, "networks evaluated together, their weights stacked (torch.func.vmap): the "
                                      "same numbers to float rounding, faster where one network leaves the device "
                                      "idle (a GPU); 0: chosen from the free GPU memory, 1 on a CPU (where it "
-                                     "measured slower)", minimum=0, metavar="N", group="evaluation")
+                                     "measured slower)", minimum=0, metavar="N", group="evaluation",
+                                     maximum=MAX_POINTS_PER_CALL)
     memory_format: str = option("channels_last", "of the image batches: channels_last measured faster on a CPU at "
                                 "the same numbers to float rounding; a model whose forward cannot take it falls "
                                 "back to contiguous, with a note", choices=("channels_last", "contiguous"),
@@ -238,9 +264,9 @@ class EvalCurveConfig:
                               "networks at K evenly spaced t in [0, 1], (b) that of its two endpoints and (c) the "
                               "network at the mean of the K points' weights, each with BN statistics recomputed "
                               "like every point's (and ensemble.png); 0: off", minimum=0, metavar="K",
-                           group="evaluation")
+                           group="evaluation", maximum=MAX_ENSEMBLE)
     batch_size: int = option(EVAL_BATCH_SIZE, "BN statistics are averaged per batch, so it is part of the "
-                                              "protocol", minimum=1, group="evaluation")
+                                              "protocol", minimum=1, group="evaluation", maximum=MAX_BATCH_SIZE)
     use_test: bool = option(False, "hold out the official test partition (celeba)", group="evaluation")
     loss: str | None = option(None, "the reconstruction loss to evaluate; needed for a segment between endpoints "
                                     "trained with different losses", shown="the checkpoint's", choices=LOSSES,
@@ -255,6 +281,8 @@ class EvalCurveConfig:
     out: str | None = option(None, "output folder",
                              shown=f"CKPT_FOLDER/eval for a curve, {DEFAULT_SEGMENT_OUT} for a segment",
                              aliases=("--dir",), group="evaluation")
+    overwrite: bool = option(False, "replace the evaluation already in --out (without it, a folder holding an "
+                                    "eval.json is refused)", group="evaluation")
     device: str = same_as(TrainConfig, "device")
     vgg_weights: str = same_as(TrainConfig, "vgg_weights", help="VGG16 weights for the perceptual metric and "
                                "vgg-loss checkpoints: imagenet, PATH or random (when unavailable the perceptual "
@@ -271,7 +299,7 @@ class ExportPointConfig:
     t: float | None = option(None, "position on the curve, in [0, 1]", required=True)
     out: str | None = option(None, "file to write (an ordinary autoencoder checkpoint)", required=True)
     bn_images: int = option(BN_IMAGES, "training images used to recompute BatchNorm statistics at t; 0 keeps the "
-                                       "curve's", minimum=0)
+                                       "curve's", minimum=0, maximum=MAX_IMAGES)
     format: str = option("checkpoint", "checkpoint: an aecurves endpoint checkpoint, which every command accepts; "
                                        "safetensors or state_dict: the plain weights, which load into a bare model "
                                        "with load_state_dict (its architecture is written beside them, in OUT.json)",
@@ -301,9 +329,10 @@ class AlignConfig:
     latent: str = option("permutation", "the bottleneck: none (left as it is), permutation (matched like the "
                                        "hidden units), orthogonal (Procrustes on the two networks' codes of the "
                                        "same images) or linear (least squares on them)", choices=LATENT_MAPS)
-    images: int = option(1024, "training images for activation matching and the latent map", minimum=1)
+    images: int = option(1024, "training images for activation matching and the latent map", minimum=1,
+                         maximum=MAX_IMAGES)
     batch_size: int = same_as(EvalCurveConfig, "batch_size", help="", group=None)
-    seed: int = option(0, "seed of weight matching's visiting order")
+    seed: int = option(0, "seed of weight matching's visiting order", minimum=0, maximum=MAX_SEED)
     cache_dir: str | None = same_as(TrainConfig, "cache_dir", group=None)
     model: str | None = same_as(EvalCurveConfig, "model", group=None)
     device: str = same_as(TrainConfig, "device", group=None)
@@ -322,20 +351,20 @@ class PlaneConfig:
                                        "the first axis, B above it)", nargs=3, metavar=("A", "B", "C"),
                                  group="the plane (one of)")
     grid: int = option(21, "grid points per side (G x G networks are evaluated)", minimum=2,
-                       aliases=("--grid-points", "--grid_points"), group="grid")
+                       aliases=("--grid-points", "--grid_points"), group="grid", maximum=MAX_GRID)
     margin: float = option(0.2, "margin on every side of the three points, as a fraction of the distance between "
                                 "the first and last (along x) and of the middle one's distance from the line "
-                                "through them (along y)", minimum=0, group="grid")
+                                "through them (along y)", minimum=0, group="grid", maximum=MAX_MARGIN)
     margin_left: float | None = option(None, "margin left of the first point", shown="--margin", minimum=0,
-                                       group="grid")
+                                       group="grid", maximum=MAX_MARGIN)
     margin_right: float | None = option(None, "margin right of the last point", shown="--margin", minimum=0,
-                                        group="grid")
+                                        group="grid", maximum=MAX_MARGIN)
     margin_bottom: float | None = option(None, "margin below the line through the first and last point",
-                                         shown="--margin", minimum=0, group="grid")
+                                         shown="--margin", minimum=0, group="grid", maximum=MAX_MARGIN)
     margin_top: float | None = option(None, "margin above the middle point", shown="--margin", minimum=0,
-                                      group="grid")
+                                      group="grid", maximum=MAX_MARGIN)
     curve_points: int = option(61, "points t along the curve (and the segment) for their projection on the "
-                                   "plane", minimum=2, group="grid")
+                                   "plane", minimum=2, group="grid", maximum=MAX_POINTS)
     bn_images: int = same_as(EvalCurveConfig, "bn_images", help="training images (a fixed subset drawn once: "
                              "eval-curve's) for the BatchNorm statistics at each grid point")
     train_images: int = same_as(EvalCurveConfig, "train_images")
@@ -351,6 +380,8 @@ class PlaneConfig:
     model: str | None = same_as(EvalCurveConfig, "model")
     out: str | None = option(None, "output folder", shown="CKPT_FOLDER/plane for a curve, runs/plane for --points",
                              aliases=("--dir",), group="evaluation")
+    overwrite: bool = same_as(EvalCurveConfig, "overwrite", help="replace the plane already in --out (without it, a "
+                              "folder holding a plane.json is refused)")
     device: str = same_as(TrainConfig, "device")
     vgg_weights: str = same_as(TrainConfig, "vgg_weights", help="VGG16 weights for vgg-loss checkpoints: imagenet, "
                                "PATH or random")
@@ -403,30 +434,32 @@ class StudyConfig:
                          group="study")
     dataset: str | None = _preset("dataset", "celeba, folder, lfw or synthetic", choices=DATASETS, group="data")
     data_dir: str | None = same_as(TrainConfig, "data_dir")
-    image_size: int | None = _preset("image_size", "side of the square images", minimum=1, group="data")
+    image_size: int | None = _preset("image_size", "side of the square images", minimum=1, group="data",
+                                     maximum=MAX_IMAGE_SIZE)
     limit: int | None = same_as(TrainConfig, "limit")
     val_fraction: float = same_as(TrainConfig, "val_fraction")
     use_test: bool = same_as(TrainConfig, "use_test")
     cache_dir: str | None = same_as(TrainConfig, "cache_dir")
     model: str = same_as(TrainConfig, "model", group="endpoints (aecurves train)")
     model_kwargs: dict = same_as(TrainConfig, "model_kwargs", group="endpoints (aecurves train)")
-    epochs: int | None = _preset("epochs", "endpoint epochs", minimum=1, group="endpoints (aecurves train)")
+    epochs: int | None = _preset("epochs", "endpoint epochs", minimum=1, group="endpoints (aecurves train)",
+                                 maximum=MAX_EPOCHS)
     lr: float | None = _preset("lr", "endpoint Adam learning rate", positive=True, maximum=MAX_LR,
                                group="endpoints (aecurves train)")
     lr_schedule: str = option("paper", "endpoint lr schedule (paper, so the endpoints converge before a barrier is "
                                        "measured)", choices=LR_SCHEDULES, group="endpoints (aecurves train)")
     batch_size: int | None = _preset("batch_size", "batch size for endpoints and curves", minimum=1,
-                                     group="endpoints (aecurves train)")
+                                     group="endpoints (aecurves train)", maximum=MAX_BATCH_SIZE)
     latent_dim: int = same_as(TrainConfig, "latent_dim", group="endpoints (aecurves train)")
     width: int | None = _preset("width", "channels of the first conv stage (the built-in model only)", minimum=1,
-                                group="endpoints (aecurves train)")
+                                group="endpoints (aecurves train)", maximum=MAX_WIDTH)
     save_every_epoch: int | None = _preset("save_every_epoch", "endpoint checkpoint copies every N epochs",
-                                           minimum=1, group="endpoints (aecurves train)")
+                                           minimum=1, group="endpoints (aecurves train)", maximum=MAX_EPOCHS)
     curve: str = same_as(TrainCurveConfig, "curve", group="curves (aecurves train-curve; both ends fixed)")
     num_bends: int = same_as(TrainCurveConfig, "num_bends", minimum=3,
                              group="curves (aecurves train-curve; both ends fixed)")
     curve_epochs: int | None = _preset("curve_epochs", "curve epochs", minimum=1,
-                                       group="curves (aecurves train-curve; both ends fixed)")
+                                       group="curves (aecurves train-curve; both ends fixed)", maximum=MAX_EPOCHS)
     curve_lr: float | None = _preset("curve_lr", "Adam learning rate for the bends", positive=True, maximum=MAX_LR,
                                      group="curves (aecurves train-curve; both ends fixed)")
     curve_lr_schedule: str = same_as(TrainCurveConfig, "lr_schedule", help="lr schedule of the curves",
@@ -447,10 +480,10 @@ class StudyConfig:
     ensemble: int = option(5, "K: every curve's evaluation also measures the output average of K of its points, "
                               "of its two endpoints, and the network at the mean of the K points' weights "
                               "(eval-curve --ensemble); 0: off", minimum=0, metavar="K",
-                           group="evaluation (aecurves eval-curve: every curve and its segment)")
+                           group="evaluation (aecurves eval-curve: every curve and its segment)", maximum=MAX_ENSEMBLE)
     plane_grid: int | None = _preset("plane_grid", "grid points per side of one loss plane per group, through the "
                                      "curve of its first pair (aecurves plane); 0: no plane", minimum=0,
-                                     group="loss plane (aecurves plane)")
+                                     group="loss plane (aecurves plane)", maximum=MAX_GRID)
     num_points: int = same_as(EvalCurveConfig, "num_points", help="points t per path",
                               group="evaluation (aecurves eval-curve: every curve and its segment)")
     bn_images: int = same_as(EvalCurveConfig, "bn_images", help="training images for BN statistics at each t and "
@@ -521,7 +554,9 @@ def validate(cfg) -> None:
                 raise UserError(f"{name} must be {words}, got {value!r}.")
         count = meta.get("nargs") if isinstance(meta.get("nargs"), int) else None
         if kind is list and (not all(isinstance(v, str) for v in value) or count not in (None, len(value))):
-            raise UserError(f"{name} takes a list of {f'{count} ' if count else ''}strings, got {value!r}.")
+            names = f" ({' '.join(meta['metavar'])})" if isinstance(meta.get("metavar"), tuple) else ""
+            raise UserError(f"{name} takes {f'exactly {count} values' if count else 'a list of strings'}{names}, got "
+                            f"{value!r}.")
         if meta.get("choices") and value not in meta["choices"]:
             raise UserError(f"Unknown {name} {value!r}; choose one of: {', '.join(meta['choices'])}.")
         if kind is float and not math.isfinite(value):
@@ -530,11 +565,15 @@ def validate(cfg) -> None:
             raise UserError(f"{name} must name a folder or file; an empty name would write into the current "
                             "folder.")
         if meta.get("minimum") is not None and not value >= meta["minimum"]:
-            raise UserError(f"{name} must be at least {meta['minimum']}, got {value}.")
+            raise UserError(f"{name} must be at least {_number(meta['minimum'])}, got {value}.")
         if meta.get("maximum") is not None and not value <= meta["maximum"]:
-            raise UserError(f"{name} must be at most {meta['maximum']:g}, got {value}.")
+            raise UserError(f"{name} must be at most {_number(meta['maximum'])}, got {value}.")
         if meta.get("positive") and not value > 0:
             raise UserError(f"{name} must be positive, got {value}.")
+
+
+def _number(x) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
 
 
 def make(cls, given: dict):
@@ -686,3 +725,22 @@ def to_toml(record: dict) -> str:
     written as its JSON text, a string that read_config_file parses back into the table; every other table is a
     TOML inline table. Numbers are written exactly (repr), strings in UTF-8."""
     return "".join(f"{k} = {_toml_value(v)}\n" if v is not None else f"# {k} is not set\n" for k, v in record.items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model factory's arguments
+
+SIGNATURE_KEYS = ("channels", "image_size", "latent_dim")  # what every factory receives (MODEL_SIGNATURE)
+
+
+def check_model_kwargs(model: str, kwargs: dict, flags: dict) -> None:
+    """--model-kwargs may not restate what a flag sets (the factory signature's sizes, and --width of the built-in
+    model): its value would silently win over the flag, while every record said the flag's. `flags` holds the
+    flags' values by field name."""
+    reserved = SIGNATURE_KEYS + (("width",) if model == BUILTIN_MODEL else ())
+    clash = [k for k in reserved if k in kwargs]
+    if clash:
+        said = "; ".join(f"{k}={kwargs[k]!r}, which {'the data sets' if k == 'channels' else flag_name(k) + ' sets'}"
+                         + (f" (to {flags[k]!r})" if flags.get(k) is not None else "") for k in clash)
+        raise UserError(f"--model-kwargs sets {said}. Give the value with the flag only and leave it out of "
+                        "--model-kwargs.")

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from aecurves import console, runtime
-from aecurves.config import DATASETS, DEFAULT_IMAGE_SIZE, VAL_FRACTION
+from aecurves.config import DATASETS, DEFAULT_IMAGE_SIZE, MAX_SYNTHETIC, VAL_FRACTION
 from aecurves.errors import UserError
 from aecurves.files import LOCK_NAME, new_temp_file, write_json
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -541,8 +541,9 @@ def _load_cached(
 
 def load_run_data(args: dict, cache_dir=None, progress: bool = True) -> ImageData:
     """The data a checkpoint's run was trained on, from its recorded settings (`args`)."""
-    return load_data(args["dataset"], args.get("data_dir"), args["image_size"], args.get("limit"),
-                     args["val_fraction"], args.get("use_test", False), cache_dir, progress=progress)
+    return load_data(args.get("dataset"), args.get("data_dir"), args["image_size"], args.get("limit"),
+                     args.get("val_fraction") or VAL_FRACTION, bool(args.get("use_test")), cache_dir,
+                     progress=progress)
 
 
 def load_data_once(info: runtime.Dist, progress: bool, **kwargs) -> ImageData:
@@ -630,6 +631,9 @@ def load_data(
 
     if dataset == "synthetic":
         count = SYNTHETIC_COUNT if limit is None else limit
+        if count > MAX_SYNTHETIC:
+            raise UserError(f"The synthetic dataset is generated in memory: at most {MAX_SYNTHETIC:,} images, got "
+                            f"--limit {count:,}. Pass a smaller --limit.")
         names = [f"synthetic_{i:06d}" for i in range(count)]
         images = np.stack([_synthetic_image(i, image_size) for i in range(count)])
         return _in_memory(dataset, names, images, val_fraction, use_test, "(generated)")

@@ -31,7 +31,6 @@ earlier ones.
 
 import contextlib
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +84,18 @@ def run(cfg: EvalCurveConfig) -> dict:
     cfg = dataclasses.replace(cfg)
     check_config(cfg)
     out = output_folder(cfg)
-    device = runtime.resolve_device(cfg.device)
-
     subject = load_subject(cfg)
     data, data_record = load_subject_data(cfg, subject)
     check_outside_data(out, data_record["data_dir"], "--out")
-    loss_fn, perceptual_fn = losses_for(subject.loss, cfg.vgg_weights, subject.notes)
+    # One evaluation per folder for the whole run: a second one is refused, not interleaved or silently replaced.
+    with folder_lock(out, "evaluation"):
+        refuse_other_evaluation(out, cfg)  # again under the lock: another run may have finished since
+        return evaluate_subject(cfg, out, subject, data, data_record)
+
+
+def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, data_record: dict) -> dict:
+    device = runtime.resolve_device(cfg.device)
+    loss_fn, perceptual_fn = losses_for(subject.loss, cfg.vgg_weights, subject.notes, asked=cfg.loss is not None)
     loss_fn = loss_fn.to(device)
     perceptual_fn = perceptual_fn.to(device) if perceptual_fn is not None else None
     ssim = ssim_fits(data.image_size, subject.notes)
@@ -161,8 +166,7 @@ def run(cfg: EvalCurveConfig) -> dict:
     }
     if ensemble is not None:
         record["ensemble"] = ensemble_record(ensemble, len(data.test))
-    with folder_lock(out, "evaluation"):
-        files = write_outputs(out, subject, results, fixed, record, ensemble)
+    files = write_outputs(out, subject, results, fixed, record, ensemble)
     print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
     return {"out": str(out), "kind": subject.kind, "notes": subject.notes, "files": files, **results.summary,
             **({"ensemble": record["ensemble"]} if ensemble is not None else {})}
@@ -176,8 +180,6 @@ def check_config(cfg: EvalCurveConfig) -> None:
                         "curve (and, by default, the straight segment between its endpoints), or --segment START "
                         "END (two checkpoints from `aecurves train`) to evaluate only the straight line between "
                         "two endpoints.")
-    if cfg.segment is not None and (isinstance(cfg.segment, (str, os.PathLike)) or len(cfg.segment) != 2):
-        raise UserError(f"--segment takes exactly two endpoint checkpoints, START and END; got {cfg.segment!r}.")
     validate(cfg)
     if cfg.ensemble == 1:
         raise UserError("--ensemble 1 is not an ensemble: pass K >= 2 (the output average of K evenly spaced "
@@ -188,7 +190,14 @@ def output_folder(cfg: EvalCurveConfig) -> Path:
     out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).parent / "eval" if cfg.ckpt else Path(DEFAULT_SEGMENT_OUT))
     if out.exists() and not out.is_dir():
         raise UserError(f"The output folder {out} is an existing file; pass another --out folder.")
+    refuse_other_evaluation(out, cfg)
     return out
+
+
+def refuse_other_evaluation(out: Path, cfg: EvalCurveConfig) -> None:
+    if (out / "eval.json").exists() and not cfg.overwrite:
+        raise UserError(f"{out} already holds an evaluation (eval.json). Pass --overwrite to replace it, or choose "
+                        "another --out folder; nothing was changed.")
 
 
 def load_subject(cfg: EvalCurveConfig) -> Subject:
@@ -201,7 +210,8 @@ def load_subject(cfg: EvalCurveConfig) -> Subject:
                        str(Path(cfg.ckpt).resolve()), [args.get("init_start"), args.get("init_end")],
                        cfg.loss or args.get("loss") or "mse", [])
     start, end = (str(Path(p).resolve()) for p in cfg.segment)
-    a, b, arch = load_endpoint_pair(start, end, cfg.model, "--segment START END")
+    a, b, arch = load_endpoint_pair(start, end, cfg.model, "--segment START END",
+                                    data_chosen=bool(cfg.dataset or cfg.data_dir))
     losses = (a["args"].get("loss") or "mse", b["args"].get("loss") or "mse")
     if cfg.loss is None and losses[0] != losses[1]:
         raise UserError(f"The endpoints were trained with different losses ({losses[0]} and {losses[1]}); pass "
@@ -230,8 +240,9 @@ def load_subject_data(cfg: EvalCurveConfig, subject: Subject):
     return data, record
 
 
-def losses_for(loss_name: str, vgg_weights: str, notes: list):
-    """(loss_fn, perceptual_fn or None); records in `notes` why perceptual metrics are omitted."""
+def losses_for(loss_name: str, vgg_weights: str, notes: list, asked: bool = False):
+    """(loss_fn, perceptual_fn or None); records in `notes` why perceptual metrics are omitted. `asked`: the loss
+    came from --loss, not from the checkpoint (the error says which)."""
     perceptual_fn = None
     if vgg_weights == "random":
         notes.append("perceptual metrics omitted: --vgg-weights random gives untrained VGG features, which do not "
@@ -247,8 +258,8 @@ def losses_for(loss_name: str, vgg_weights: str, notes: list):
         try:
             loss_fn = make_loss("vgg", vgg_weights)
         except UserError as exc:
-            raise UserError(f"This network was trained with the vgg loss, and evaluating that loss needs the VGG "
-                            f"weights. {exc}") from None
+            why = "--loss vgg was asked for" if asked else "This network was trained with the vgg loss"
+            raise UserError(f"{why}, and evaluating that loss needs the VGG weights. {exc}") from None
         notes.append("the training loss 'vgg' was evaluated with RANDOM VGG weights: not a perceptual loss")
         return loss_fn, None
     return make_loss(loss_name), perceptual_fn

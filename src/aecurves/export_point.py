@@ -3,6 +3,7 @@ checkpoint that every command accepts, or as plain weights (safetensors or a tor
 with the architecture in a JSON file beside them."""
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from aecurves import runtime
 from aecurves.checkpoint import load_curve, save_checkpoint
 from aecurves.config import MODEL_SIGNATURE, ExportPointConfig, validate
 from aecurves.curves import batchnorms
-from aecurves.data import BatchLoader, load_run_data
+from aecurves.data import BatchLoader, check_outside_data, load_run_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, write_json
 from aecurves.metrics import fixed_subset
@@ -30,9 +31,10 @@ def save_weights(out: Path, point: dict, fmt: str) -> None:
     arch = arch_of(point["args"])
     with atomic_path(out) as tmp:
         if fmt == "safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file(state, str(tmp), metadata={"aecurves_architecture": json.dumps(arch)})
+            # bytes written by us, so the file gets the same permissions as every other output
+            tmp.write_bytes(save(state, metadata={"aecurves_architecture": json.dumps(arch)}))
         else:
             torch.save(state, tmp)
     write_json(sidecar(out), {"architecture": arch, "build": MODEL_SIGNATURE, "format": fmt,
@@ -46,24 +48,33 @@ def run(cfg: ExportPointConfig) -> dict:
     if not 0.0 <= cfg.t <= 1.0:
         raise UserError(f"--t must lie in [0, 1] (0 is the start endpoint, 1 the end), got {cfg.t}.")
     out = Path(cfg.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; pass a file name such as {out / 'point.pt'}.")
+    if out.is_dir() or cfg.out.endswith(("/", os.sep)):
+        raise UserError(f"--out {cfg.out} is a folder; pass a file name such as {out / 'point.pt'}.")
     curve, state = load_curve(cfg.ckpt, cfg.model)
     args = state["args"]
+    check_outside_data(out, args.get("data_dir"), "--out")
     inputs = [cfg.ckpt, args.get("init_start"), args.get("init_end")]
     if any(p and Path(p).resolve() == out.resolve() for p in inputs):
         raise UserError(f"--out {out} is one of this command's inputs (the curve checkpoint or one of its endpoints); "
                         "writing the point there would destroy it. Choose another file name; nothing was written.")
-    if out.exists() or (cfg.format != "checkpoint" and sidecar(out).exists()):
-        raise UserError(f"--out {out} already exists; export-point never replaces a file. Choose another name, or "
-                        "delete the old file first; nothing was written.")
+    taken = [p for p in (out, sidecar(out) if cfg.format != "checkpoint" else None) if p and p.exists()]
+    if taken:
+        raise UserError(f"{' and '.join(map(str, taken))} already exist{'s' if len(taken) == 1 else ''}; "
+                        "export-point never replaces a file. Choose another --out, or delete the old file first; "
+                        "nothing was written.")
     device = runtime.resolve_device(cfg.device)
     curve.to(device)
     used = 0
     if cfg.bn_images and batchnorms(curve.base):
         data = load_run_data(args, cfg.cache_dir, progress=not cfg.no_progress)
         used = curve.update_bn(BatchLoader(fixed_subset(data.train, cfg.bn_images), cfg.batch_size, device), cfg.t)
-    point = {"kind": "endpoint", "model": curve.state_dict_at(cfg.t), "optimizer": {}, "epoch": 0, "metrics": [],
+    weights = curve.state_dict_at(cfg.t)
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # the curve itself is finite (load_curve checks), so its BatchNorm statistics overflowed at t
+        raise UserError(f"θ({cfg.t:g}) of {cfg.ckpt} has non-finite values in {', '.join(bad[:4])} after its "
+                        "BatchNorm statistics were recomputed; nothing was written. Try --bn-images 0 to keep the "
+                        "curve's own statistics.")
+    point = {"kind": "endpoint", "model": weights, "optimizer": {}, "epoch": 0, "metrics": [],
              "args": {**{k: args.get(k) for k in DATA_KEYS + ("loss", "seed")}, **arch_of(state["model_config"])},
              "exported_from": {"curve": str(Path(cfg.ckpt).resolve()), "t": cfg.t, "bn_images": used}}
     if cfg.format == "checkpoint":

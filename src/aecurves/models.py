@@ -5,6 +5,7 @@ the settings every factory receives. Checkpoints store that record, so a network
 Models are plain nn.Modules, so curves run them through functional_call.
 """
 
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aecurves.config import BUILTIN_MODEL, MODEL_SIGNATURE
+from aecurves.config import BUILTIN_MODEL, MODEL_SIGNATURE, SIGNATURE_KEYS, check_model_kwargs
 from aecurves.errors import UserError
 
 # Settings that fix the architecture; a checkpoint records them and loading compares them.
@@ -72,68 +73,126 @@ class ConvAutoencoder(nn.Module):
         return self.decode(self.encode(x))
 
 
-def is_builtin(spec: str) -> bool:
-    return spec.split(":")[0].split(".")[0] == "aecurves"
+# The factories built into aecurves, by the exact name a checkpoint records. A checkpoint that names one of these
+# is rebuilt freely; any other name, however it is spelled, is code outside this table and is imported only when
+# the user passes the same --model on the command line (checkpoint.trusted_arch).
+BUILTIN_FACTORIES = {BUILTIN_MODEL: ConvAutoencoder}
+
+
+def is_builtin(spec) -> bool:
+    return isinstance(spec, str) and spec in BUILTIN_FACTORIES
 
 
 def arch_of(args: dict) -> dict:
-    """The architecture record of a config or checkpoint dict; one written before --model existed is the
-    built-in model's. `width` belongs to the built-in model only."""
+    """The architecture record of a config or checkpoint dict, its types checked (a file may hold anything); one
+    written before --model existed is the built-in model's. `width` belongs to the built-in model only."""
     model = args.get("model") or BUILTIN_MODEL
-    return {"model": model, "model_kwargs": dict(args.get("model_kwargs") or {}), "channels": args["channels"],
-            "image_size": args["image_size"], "latent_dim": args["latent_dim"],
-            "width": args.get("width") if model == BUILTIN_MODEL else None}
+    kwargs = args.get("model_kwargs") or {}
+    sizes = {k: args.get(k) for k in SIGNATURE_KEYS}
+    width = args.get("width") if model == BUILTIN_MODEL else None
+    wrong = [k for k, v in sizes.items() if not _is_count(v)]
+    if not isinstance(model, str):
+        wrong.append("model")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        wrong.append("model_kwargs")
+    if model == BUILTIN_MODEL and not _is_count(width):
+        wrong.append("width")
+    if wrong:
+        raise UserError(f"The architecture record is incomplete or damaged: {', '.join(wrong)} "
+                        f"({', '.join(f'{k}={args.get(k)!r}' for k in wrong)}).")
+    return {"model": model, "model_kwargs": dict(kwargs), **sizes, "width": width}
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def load_factory(spec: str):
-    """The callable named by MODULE:FACTORY (an importable module) or FILE.py:FACTORY."""
+    """The callable named by MODULE:NAME (an importable module) or FILE.py:NAME. NAME is a plain identifier, a
+    class or function defined in that module: no attribute walk (`module:a.b`) and no name the module merely
+    imported, so a spec can only reach code its module defines."""
+    if is_builtin(spec):
+        return BUILTIN_FACTORIES[spec]
     where, sep, name = spec.rpartition(":")
-    if not sep or not where or not name:
-        raise UserError(f"--model takes MODULE:FACTORY or FILE.py:FACTORY (e.g. mypackage.models:build), got "
-                        f"{spec!r}.")
-    try:
-        if where.endswith(".py"):
-            path = Path(where).expanduser().resolve()
-            if not path.is_file():
-                raise UserError(f"--model {spec}: the file {path} does not exist.")
-            module_name = f"aecurves_user_model_{abs(hash(str(path)))}"
-            module = sys.modules.get(module_name)
-            if module is None:
-                module_spec = importlib.util.spec_from_file_location(module_name, path)
-                module = importlib.util.module_from_spec(module_spec)
-                sys.modules[module_name] = module
-                module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"--model {spec}: could not import {where} ({type(exc).__name__}: {exc}). Pass an "
-                        "importable module (on PYTHONPATH) or a path to a .py file.") from None
-    factory = module
-    for part in name.split("."):
-        factory = getattr(factory, part, None)
+    if not sep or not where or not name.isidentifier():
+        raise UserError(f"--model takes MODULE:FACTORY or FILE.py:FACTORY, FACTORY a name defined in that module "
+                        f"(e.g. mypackage.models:build), got {spec!r}.")
+    module = _import(spec, where)
+    factory = vars(module).get(name)
     if not callable(factory):
         raise UserError(f"--model {spec}: {where} has no callable named {name}.")
+    if getattr(factory, "__module__", None) != module.__name__:
+        raise UserError(f"--model {spec}: {name} is not defined in {where} but imported into it (from "
+                        f"{getattr(factory, '__module__', None) or 'elsewhere'}); name the module that defines it.")
     return factory
 
 
-def build_model(arch: dict) -> nn.Module:
-    """The network an architecture record describes, checked to map images to images of the same shape."""
-    arch = arch_of(arch)
-    kwargs = {"channels": arch["channels"], "image_size": arch["image_size"], "latent_dim": arch["latent_dim"]}
+def _import(spec: str, where: str):
+    """The module of a --model spec: a .py file by path, or a module by its dotted name."""
+    if where.endswith(".py"):
+        path = Path(where).expanduser().resolve()
+        if path.is_dir():
+            raise UserError(f"--model {spec}: {path} is a folder; pass a .py file (FILE.py:FACTORY) or a module.")
+        if not path.is_file():
+            raise UserError(f"--model {spec}: the file {path} does not exist.")
+        module_name = f"aecurves_user_model_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
+    else:
+        if not all(part.isidentifier() for part in where.split(".")):
+            raise UserError(f"--model {spec}: {where!r} is neither a module name (a.b.c) nor a .py file.")
+        module_name, path = where, None
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    try:
+        if path is None:
+            return importlib.import_module(where)
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+        return module
+    except (Exception, SystemExit) as exc:  # a module that calls sys.exit() while imported is a failure too
+        sys.modules.pop(module_name, None)
+        raise UserError(f"--model {spec}: could not import {where} ({type(exc).__name__}: {exc}). Pass an "
+                        "importable module (on PYTHONPATH) or a path to a .py file.") from None
+
+
+def factory_kwargs(arch: dict) -> dict:
+    """The keyword arguments of the factory call: the flags' sizes, then --model-kwargs, which may not restate one
+    of them."""
+    kwargs = {k: arch[k] for k in SIGNATURE_KEYS}
     if arch["model"] == BUILTIN_MODEL:
         kwargs["width"] = arch["width"]
-    kwargs.update(arch["model_kwargs"])
+    check_model_kwargs(arch["model"], arch["model_kwargs"], kwargs)
+    return {**kwargs, **arch["model_kwargs"]}
+
+
+def build_model(arch: dict) -> nn.Module:
+    """The network an architecture record describes, checked to have parameters and to map images to images of the
+    same shape. Whatever the factory does wrong (raises, exits, returns something else, changes torch's default
+    dtype) is a UserError naming it."""
+    arch = arch_of(arch)
+    kwargs = factory_kwargs(arch)
     factory = load_factory(arch["model"])
+    dtype = torch.get_default_dtype()
     try:
         model = factory(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"--model {arch['model']} could not be built with {kwargs} ({type(exc).__name__}: {exc}). "
-                        f"A factory is called as {MODEL_SIGNATURE}; pass its own arguments with --model-kwargs.") \
-            from None
+    except (Exception, SystemExit) as exc:
+        hint = (f" A factory is called as {MODEL_SIGNATURE}; pass its own arguments with --model-kwargs."
+                if isinstance(exc, TypeError) else "")
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise UserError(f"--model {arch['model']} could not be built with {kwargs} ({detail}).{hint}") from None
+    finally:
+        changed = torch.get_default_dtype() != dtype
+        torch.set_default_dtype(dtype)
+    if changed:
+        raise UserError(f"--model {arch['model']} changed torch's default dtype while building the network; a "
+                        "factory must leave global settings as it found them (build in float32, or convert the "
+                        "model itself).")
     if not isinstance(model, nn.Module):
         raise UserError(f"--model {arch['model']} returned a {type(model).__name__}, not a torch.nn.Module.")
+    if num_parameters(model) == 0:
+        raise UserError(f"--model {arch['model']} returned a network without parameters: there is no weight space "
+                        "to connect two networks in.")
     check_shape(model, arch)
     return model
 
@@ -145,7 +204,7 @@ def check_shape(model: nn.Module, arch: dict) -> None:
     model.eval()
     try:
         out = model(torch.full(shape, 0.5))  # no random draw: seeded runs stay as they were
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise UserError(f"--model {arch['model']} fails on a batch of shape {shape} ({type(exc).__name__}: {exc}); "
                         "an autoencoder takes images [batch, channels, size, size] with values in [0, 1].") from None
     finally:

@@ -30,7 +30,6 @@ written only when every point was evaluated, each to a temporary renamed into pl
 
 import contextlib
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from tabulate import tabulate
 from torch import nn
 
 from aecurves import plots, runtime
-from aecurves.checkpoint import arch_mismatch, load_checkpoint, load_curve, trusted_arch
+from aecurves.checkpoint import load_curve, load_endpoints
 from aecurves.config import SUBSET_SEED, VAL_FRACTION, PlaneConfig, as_record, validate
 from aecurves.curves import Curve, make_segment
 from aecurves.data import check_outside_data, load_run_data
@@ -74,19 +73,24 @@ def run(cfg: PlaneConfig) -> dict:
     cfg = dataclasses.replace(cfg)
     check_config(cfg)
     out = output_folder(cfg)
-    device = runtime.resolve_device(cfg.device)
-
     subject = load_subject(cfg)
-    plane = plane_through(*subject.flats, names=subject.labels)
+    plane = plane_through(*subject.flats, names=subject.labels)  # refuses three points that span no plane
+    data, data_record = load_subject_data(cfg, subject)
+    check_outside_data(out, data_record["data_dir"], "--out")
+    # One plane per folder for the whole run: a second one is refused, not interleaved or silently replaced.
+    with folder_lock(out, "plane"):
+        refuse_other_plane(out, cfg)  # again under the lock: another run may have finished since
+        return evaluate_plane(cfg, out, subject, plane, data, data_record)
+
+
+def evaluate_plane(cfg: PlaneConfig, out: Path, subject: "Subject", plane, data, data_record: dict) -> dict:
+    device = runtime.resolve_device(cfg.device)
     margins = {side: getattr(cfg, f"margin_{side}") if getattr(cfg, f"margin_{side}") is not None else cfg.margin
                for side in ("left", "right", "bottom", "top")}
     alphas, betas, grid = grid_axes(plane, cfg.grid, *margins.values())
     ts = np.linspace(0.0, 1.0, cfg.curve_points)
     projections = project_paths(subject, plane, ts)
-
-    data, data_record = load_subject_data(cfg, subject)
-    check_outside_data(out, data_record["data_dir"], "--out")
-    loss_fn = losses_for(subject.loss, cfg.vgg_weights).to(device)
+    loss_fn = losses_for(subject.loss, cfg.vgg_weights, asked=cfg.loss is not None).to(device)
     path = subject.path.to(device)
     protocol = protocol_loaders(path, data.train, data.test, cfg.bn_images, cfg.train_images, cfg.full,
                                 cfg.batch_size, device, cfg.memory_format)
@@ -154,8 +158,7 @@ def run(cfg: PlaneConfig) -> dict:
         "seconds_per_point": per_point,
         "config": as_record(cfg),
     }
-    with folder_lock(out, "plane"):
-        files = write_outputs(out, subject, arrays, record)
+    files = write_outputs(out, subject, arrays, record)
     print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
     return {"out": str(out), "kind": subject.kind, "files": files, "seconds": seconds,
             "seconds_per_point": per_point, **summary}
@@ -168,8 +171,6 @@ def check_config(cfg: PlaneConfig) -> None:
                         "CURVE_CHECKPOINT (from `aecurves train-curve`) for the plane through the curve's first, "
                         "middle and last bend, or --points A B C (three checkpoints from `aecurves train`) for the "
                         "plane through three networks.")
-    if cfg.points is not None and (isinstance(cfg.points, (str, os.PathLike)) or len(cfg.points) != 3):
-        raise UserError(f"--points takes exactly three endpoint checkpoints, A B C; got {cfg.points!r}.")
     validate(cfg)
 
 
@@ -177,7 +178,14 @@ def output_folder(cfg: PlaneConfig) -> Path:
     out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).parent / "plane" if cfg.ckpt else Path(DEFAULT_POINTS_OUT))
     if out.exists() and not out.is_dir():
         raise UserError(f"The output folder {out} is an existing file; pass another --out folder.")
+    refuse_other_plane(out, cfg)
     return out
+
+
+def refuse_other_plane(out: Path, cfg: PlaneConfig) -> None:
+    if (out / "plane.json").exists() and not cfg.overwrite:
+        raise UserError(f"{out} already holds a plane (plane.json). Pass --overwrite to replace it, or choose another "
+                        "--out folder; nothing was changed.")
 
 
 def load_subject(cfg: PlaneConfig) -> Subject:
@@ -210,18 +218,9 @@ def subscript(k: int) -> str:
 
 
 def load_points(paths: list, requested_model: str | None) -> tuple[list, dict]:
-    """The three endpoint checkpoints of --points, checked to describe the same network."""
-    states = [load_checkpoint(p, "endpoint", f"network {name} (--points A B C)") for p, name in zip(paths, "ABC")]
-    arch = trusted_arch(states[0]["args"], requested_model, paths[0])
-    for p, s, name in zip(paths[1:], states[1:], "BC"):
-        trusted_arch(s["args"], requested_model, p)
-        diff = arch_mismatch(states[0]["args"], s["args"])
-        if diff:
-            raise UserError(f"The networks of --points do not match each other: {'; '.join(diff)} (A {paths[0]} vs "
-                            f"{name} {p}). A plane in weight space needs three networks of the same architecture; "
-                            "train them with the same --model, --latent-dim, --width, --image-size and dataset "
-                            "channels.")
-    return states, arch
+    """The three endpoint checkpoints of --points, checked to describe the same network on the same data."""
+    return load_endpoints(paths, ["network A", "network B", "network C"], requested_model, "--points A B C",
+                          "networks of --points")
 
 
 @torch.no_grad()
@@ -251,14 +250,15 @@ def load_subject_data(cfg: PlaneConfig, subject: Subject):
     return data, {**record, "cache_dir": cfg.cache_dir}
 
 
-def losses_for(loss_name: str, vgg_weights: str) -> nn.Module:
+def losses_for(loss_name: str, vgg_weights: str, asked: bool = False) -> nn.Module:
+    """The loss evaluated over the plane; `asked`: it came from --loss, not from the checkpoints."""
     if loss_name != "vgg":
         return make_loss(loss_name)
     try:
         return make_loss("vgg", vgg_weights)
     except UserError as exc:
-        raise UserError(f"The networks were trained with the vgg loss, and evaluating it needs the VGG weights. "
-                        f"{exc}") from None
+        why = "--loss vgg was asked for" if asked else "The networks were trained with the vgg loss"
+        raise UserError(f"{why}, and evaluating it needs the VGG weights. {exc}") from None
 
 
 def summarize(subject: Subject, values: dict, bends: list) -> dict:

@@ -56,8 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aecurves import runtime
-from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, LOSSES, PRESETS, AlignConfig, EvalCurveConfig, \
-    PlaneConfig, StudyConfig, TrainConfig, TrainCurveConfig, as_record, make, validate
+from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, LOSSES, MAX_SEED, MAX_SEEDS, PRESETS, AlignConfig, \
+    EvalCurveConfig, PlaneConfig, StudyConfig, TrainConfig, TrainCurveConfig, as_record, make, validate
 from aecurves.errors import UserError
 from aecurves.files import folder_lock, read_json, sha256, write_json
 
@@ -114,6 +114,8 @@ def resolve_study_config(config: StudyConfig) -> dict:
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds needs at least two distinct seeds (one curve per pair), e.g. 1,2,3; "
                         f"got {cfg['seeds']!r}.")
+    if len(seeds) > MAX_SEEDS or not all(0 <= s <= MAX_SEED for s in seeds):
+        raise UserError(f"--seeds takes 2 to {MAX_SEEDS} seeds, each from 0 to {MAX_SEED}; got {cfg['seeds']!r}.")
     cfg["seeds"] = sorted(seeds)
 
     from aecurves.curves import make_coefficients
@@ -189,7 +191,8 @@ def curve_config(cfg: dict, start: Path, end: Path, out: Path, resume: bool) -> 
 
 def eval_config(cfg: dict, ckpt: Path, out: Path) -> EvalCurveConfig:
     """The config of `aecurves eval-curve --ckpt CKPT`: the curve and its segment, in one evaluation."""
-    given = {"ckpt": str(ckpt), "segment_too": True, "out": str(out), "num_points": cfg["num_points"],
+    given = {"ckpt": str(ckpt), "segment_too": True, "out": str(out), "overwrite": True,
+             "num_points": cfg["num_points"],
              "ensemble": cfg["ensemble"], "bn_images": cfg["bn_images"], "train_images": cfg["train_images"],
              "device": cfg["device"],
              "vgg_weights": cfg["vgg_weights"], "cache_dir": cfg["cache_dir"], "no_progress": cfg["no_progress"],
@@ -219,7 +222,8 @@ def align_config(cfg: dict, start: Path, end: Path, out: Path) -> AlignConfig:
 
 def plane_config(cfg: dict, ckpt: Path, out: Path) -> PlaneConfig:
     """`aecurves plane --ckpt CURVE`: the loss over the plane through the curve's bends, eval-curve's subsets."""
-    given = {"ckpt": str(ckpt), "out": str(out), "grid": cfg["plane_grid"], "bn_images": cfg["bn_images"],
+    given = {"ckpt": str(ckpt), "out": str(out), "overwrite": True, "grid": cfg["plane_grid"],
+             "bn_images": cfg["bn_images"],
              "train_images": cfg["train_images"], "use_test": cfg["use_test"], "device": cfg["device"],
              "vgg_weights": cfg["vgg_weights"], "cache_dir": cfg["cache_dir"], "no_progress": cfg["no_progress"],
              **_custom_model(cfg)}
@@ -229,7 +233,7 @@ def plane_config(cfg: dict, ckpt: Path, out: Path) -> PlaneConfig:
 def baseline_config(cfg: dict, start: Path, end: Path, out: Path) -> EvalCurveConfig:
     """`aecurves eval-curve --segment` at t = 0 and 1 only: the two extra-trained endpoints measured exactly like
     every point of the paths."""
-    given = {"segment": [str(start), str(end)], "out": str(out), "num_points": 2, "num_images": 0,
+    given = {"segment": [str(start), str(end)], "out": str(out), "overwrite": True, "num_points": 2, "num_images": 0,
              "bn_images": cfg["bn_images"], "train_images": cfg["train_images"], "device": cfg["device"],
              "vgg_weights": cfg["vgg_weights"], "cache_dir": cfg["cache_dir"], "no_progress": cfg["no_progress"],
              "use_test": cfg["use_test"], **_custom_model(cfg)}
@@ -652,6 +656,7 @@ def run_study(cfg: dict) -> dict:
     study.forced = select_forced(cfg["force"], all_stages)
     study.stages = [s for s in all_stages if s.loss is None or study.groups[s.loss]["status"] == "run"]
 
+    check_stages(study)
     refuse_stale_outputs(study)  # before anything changes
     with folder_lock(root, "study"):  # one study per folder: a second one would redo and interleave every stage
         return run_stages(study, cfg)
@@ -773,12 +778,30 @@ def refuse_stale_outputs(study: "Study") -> None:
               f"another --out folder. ({RUNTIME_NOTE}.)")
 
 
-def run_stage(study: Study, st: Stage, resume: bool) -> None:
-    """One stage through the same function as its subcommand; study_stage.json marks it started, then done."""
+def stage_command(st: Stage):
+    """The command module that makes a stage (imported on use: `aecurves --help` stays fast)."""
     from aecurves import align, eval_curve, plane, train, train_curve
 
-    command = {"endpoint": train, "extra": train, "align": align, "curve": train_curve, "eval": eval_curve,
-               "plane": plane}[st.kind]
+    return {"endpoint": train, "extra": train, "align": align, "curve": train_curve, "eval": eval_curve,
+            "plane": plane}[st.kind]
+
+
+def check_stages(study: Study) -> None:
+    """Every stage's config as its command checks it before reading a file, for all stages before the first runs:
+    a bad setting of the last stage must not wait for hours of training to be found."""
+    for st in study.stages:
+        if st.kind == "report":
+            continue
+        check = getattr(stage_command(st), "check_config", validate)
+        try:
+            check(study.config(st))
+        except UserError as exc:
+            raise UserError(f"{exc} (a setting of the study's stage {st.name}; nothing was run)") from None
+
+
+def run_stage(study: Study, st: Stage, resume: bool) -> None:
+    """One stage through the same function as its subcommand; study_stage.json marks it started, then done."""
+    command = stage_command(st)
     study.write_record(st, "started")
     result = command.run(study.config(st, resume))
     study.write_record(st, "done", **({"result": result} if st.kind == "align" else {}))  # the report shows its time

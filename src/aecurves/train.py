@@ -13,9 +13,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from aecurves import console, runtime
-from aecurves.checkpoint import check_same_arch, load_checkpoint, save_checkpoint, trusted_arch
+from aecurves.checkpoint import check_fits, check_same_arch, load_checkpoint, save_checkpoint, trusted_arch
 from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, TRAIN_INIT_KEYS, TRAIN_RESUME_KEYS, TrainConfig, \
-    as_record, is_given, settle_with_checkpoint, validate
+    as_record, check_model_kwargs, is_given, settle_with_checkpoint, validate
 from aecurves.console import table_row
 from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
@@ -151,9 +151,15 @@ def resolve_train_config(cfg: TrainConfig, saved: dict | None, ckpt_path, init: 
         cfg.width = None
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """What can be checked without reading a file."""
+    validate(cfg)
+    check_model_kwargs(cfg.model, cfg.model_kwargs, as_record(cfg))
+
+
 def run(cfg: TrainConfig) -> dict:
     cfg = dataclasses.replace(cfg)  # resolved below; the caller's config stays as given
-    validate(cfg)
+    check_config(cfg)
     with runtime.distributed(cfg.device) as (info, device):
         return _run(cfg, info, device)
 
@@ -185,6 +191,7 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     history, start_epoch = [], 0
     fine_tune = bool(resumed) and not resumed["optimizer"]  # e.g. a point exported from a curve
     if resumed or init:
+        check_fits(model.state_dict(), (resumed or init)["model"], ckpt_path if resumed else cfg.init)
         model.load_state_dict((resumed or init)["model"])
     if resumed and not fine_tune:
         optimizer.load_state_dict(resumed["optimizer"])

@@ -43,7 +43,10 @@ def _same_setting(key: str, a, b) -> bool:
     """Checkpoint and flag agree, comparing paths resolved and curve names in any case."""
     if a is None or b is None:
         return a == b
-    if key in ("init_start", "init_end", "data_dir"):
+    if key in ("init_start", "init_end"):  # an endpoint file that moved since: _run checks its weights
+        before, now = (Path(p).expanduser().resolve() for p in (a, b))
+        return before == now or (not before.exists() and now.is_file())
+    if key == "data_dir":
         return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
     if key == "curve":
         return str(a).lower() == str(b).lower()
@@ -78,6 +81,17 @@ def fill_from_endpoint(cfg: TrainCurveConfig, endpoint_args: dict, end_args: dic
             setattr(cfg, k, endpoint_args.get(k))
     if cfg.data_dir:
         cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
+
+
+def check_fixed_ends(curve: Curve, start_state: dict, end_state: dict, cfg: TrainCurveConfig) -> None:
+    """On resume, a fixed end of the curve must still be the endpoint file's network (the file may have been moved,
+    or replaced in place)."""
+    for k, fixed, state, path in ((0, curve.fix_start, start_state, cfg.init_start),
+                                  (-1, curve.fix_end, end_state, cfg.init_end)):
+        if fixed and not torch.equal(curve.bends[k].detach().cpu(), curve.flatten(state).cpu()):
+            raise UserError(f"The endpoint {path} is not the network this curve was trained from (its fixed "
+                            f"{'start' if k == 0 else 'end'}): resuming would join a different network. Pass the "
+                            "endpoint the curve was started with, or train a new curve in another --out folder.")
 
 
 def sample_ts(n: int, generator: torch.Generator, method: str) -> list[float]:
@@ -146,7 +160,8 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
         raise UserError(f"{out} already holds a curve run (checkpoint.pt). Pass --resume to continue it, "
                         "or choose another --dir/--out folder; nothing was overwritten.")
     resolve_curve_config(cfg, resumed["args"] if resumed else None, ckpt_path)
-    a, b, arch = load_endpoint_pair(cfg.init_start, cfg.init_end, cfg.model)
+    a, b, arch = load_endpoint_pair(cfg.init_start, cfg.init_end, cfg.model,
+                                    data_chosen=bool(cfg.dataset or cfg.data_dir))
     cfg.init_start, cfg.init_end = (str(Path(p).resolve()) for p in (cfg.init_start, cfg.init_end))
     cfg.model = arch["model"]
     fill_from_endpoint(cfg, a["args"], b["args"])
@@ -172,6 +187,7 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
     history, start_epoch = [], 0
     if resumed:
         curve.load_curve_state(resumed["curve"])
+        check_fixed_ends(curve, a["model"], b["model"], cfg)
         curve.to(device)
         optimizer.load_state_dict(resumed["optimizer"])
         history, start_epoch = list(resumed["metrics"]), resumed["epoch"]
