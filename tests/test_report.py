@@ -4,6 +4,7 @@ import errno
 import html
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -672,3 +673,32 @@ def test_a_full_disk_stops_the_report_with_a_message_naming_the_file(tmp_path, m
     assert f"could not write {root / 'report.md'}: No space left on device. The disk is full" in err
     assert "Traceback" not in err and "damaged" not in err
     assert not [p for p in root.rglob("*") if p.name.startswith(("report.", "."))]  # no partial file, no temporary
+
+
+def test_paths_out_of_the_study_folder_are_not_read(tmp_path, capsys):
+    """study.json names the stage folders; a folder someone sent must not make the report read, or embed, files
+    from elsewhere: neither through '..' in study.json nor through a link inside the folder."""
+    root = make_study(tmp_path / "study")
+    secret = tmp_path / "secret"
+    (secret / "eval").mkdir(parents=True)
+    shutil.copytree(root / "curves/mse_seed1-seed2/eval", secret / "eval", dirs_exist_ok=True)
+    _edit_json(secret / "eval/eval.json", lambda r: r.update(notes=["SECRET NOTE"]))
+
+    def point_out(s):
+        s["groups"]["mse"]["pairs"][0]["eval"] = "../secret/eval"
+
+    _edit_json(root / "study.json", point_out)
+    picture = root / "endpoints/mse_seed2/reconstructions.png"
+    picture.unlink()
+    picture.symlink_to(tmp_path / "private.png")
+    _png(tmp_path / "private.png")
+    assert main(["report", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert "outside the study folder" in err and "Traceback" not in err
+    record = json.loads((root / "report.json").read_text())
+    assert "../secret/eval/eval.json" in record["damaged"]
+    assert "endpoints/mse_seed2/reconstructions.png" in record["damaged"]
+    for name in ("report.md", "report.html"):
+        assert "SECRET NOTE" not in (root / name).read_text()
+    private = (tmp_path / "private.png").read_bytes()
+    assert all(p.read_bytes() != private for p in (root / "report_files").iterdir())

@@ -108,6 +108,19 @@ class Each:
 KINDS = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list"}
 
 
+OUTSIDE = "it lies outside the study folder (a '..' or a link out of it), so it is not read"
+
+
+def inside(root: Path, rel: str) -> Path | None:
+    """root/rel when it stays inside the study folder, else None. The relative paths come from study.json: a folder
+    someone sent must not make the report read, and embed, files from elsewhere ('../..', or a link out)."""
+    path = root / rel
+    try:
+        return path if path.resolve().is_relative_to(root.resolve()) else None
+    except (OSError, RuntimeError):  # a link loop
+        return None
+
+
 class Damaged(Exception):
     """An input file that cannot be read or does not hold what its writer writes; the message says what is wrong."""
 
@@ -204,7 +217,10 @@ class Inputs:
 
     def status(self, rel: str) -> str:
         """"damaged", "missing" or "found"."""
-        return "damaged" if rel in self.damaged else "found" if (self.root / rel).is_file() else "missing"
+        if rel in self.damaged:
+            return "damaged"
+        path = inside(self.root, rel)
+        return "damaged" if path is None else "found" if path.is_file() else "missing"
 
     def json(self, rel: str, spec):
         return self.load(rel, lambda path: _checked(path.read_text(), spec))
@@ -220,7 +236,10 @@ class Inputs:
         return self._read[rel]
 
     def _decode(self, rel: str, decode):
-        path = self.root / rel
+        path = inside(self.root, rel)
+        if path is None:
+            self.damage(rel, OUTSIDE)
+            return None
         if not path.is_file():
             return None
         try:
@@ -361,7 +380,8 @@ def inputs_fingerprint(study_dir) -> str:
                         sort_keys=True).encode())
     for rel in input_files(study_dir):
         h.update(rel.encode())
-        h.update(_file_digest(study_dir / rel))
+        path = inside(study_dir, rel)
+        h.update(_file_digest(path) if path is not None else b"outside")
     return h.hexdigest()
 
 
@@ -895,8 +915,8 @@ def to_html(doc: Doc, study_dir: Path, title: str) -> str:
 
 
 def _copy(study_dir: Path, rel_src: str, name: str) -> str | None:
-    src = study_dir / rel_src
-    if not src.is_file():
+    src = inside(study_dir, rel_src)
+    if src is None or not src.is_file():
         return None
     rel = f"{FILES_DIR}/{name}"
     with atomic_path(study_dir / rel) as tmp:
