@@ -128,11 +128,13 @@ ODD_KWARGS = {"hidden": None, "nested": {"a": [1, 2.5, None, "é ☃ 😀"], "b"
 # Settings whose values must mean something (a custom model, a curve, the study's lists) even to be printed; every
 # other setting gets any value its field accepts.
 MEANINGFUL = {"model": f"{MODELS_FILE}:mlp_autoencoder", "model_kwargs": json.dumps(ODD_KWARGS),
-              "curve": "PolyChain", "losses": "vgg,mse", "seeds": "2,5,9", "vgg_weights": "random"}
-# width is a setting of the built-in model, refused with a custom one: it stays unset
-LEFT_AT_DEFAULT = {"width"}
+              "curve": "PolyChain", "losses": "vgg,mse", "seeds": "2,5,9", "vgg_weights": "random",
+              "slurm_extra": ["constraint=a100 é", "gres=gpu:2"]}
+# width is a setting of the built-in model, refused with a custom one: it stays unset; the study's settings of its
+# local executor are refused with the slurm one its executor gets here
+LEFT_AT_DEFAULT = {"width", "jobs", "devices", "gpus_per_train"}
 # a study.json records the study's settings, not this run's --force or its progress bars
-NOT_RECORDED = {"study": {"force", "no_progress"}}
+NOT_RECORDED = {"study": {"force", "no_progress", "plan"}}
 
 
 def non_default_value(f, tmp_path: Path):

@@ -7,8 +7,8 @@ from pathlib import Path
 import aecurves
 
 PACKAGE = Path(aecurves.__file__).parent
-LIBRARY = {"checkpoint", "config", "console", "curves", "data", "errors", "files", "losses", "metrics", "models",
-           "planes", "plots", "runtime", "schedules", "stats", "symmetry"}
+LIBRARY = {"checkpoint", "config", "console", "curves", "data", "errors", "executors", "files", "losses", "metrics",
+           "models", "planes", "plots", "runtime", "schedules", "stats", "symmetry"}
 COMMANDS = {"train", "train_curve", "eval_curve", "export_point", "align", "plane", "report", "study"}
 ENTRY = {"cli", "__main__", "__init__"}
 

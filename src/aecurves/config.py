@@ -60,6 +60,8 @@ MAX_GRID = 201                # plane points per side: 40,401 networks
 MAX_MARGIN = 10.0             # plane margins, in units of the points' own distances
 MAX_SEEDS = 64                # study seeds per loss: one curve per pair, 2,016 pairs
 MAX_SYNTHETIC = 65536         # synthetic images are generated in memory
+MAX_JOBS = 256                # stages at once on one machine, GPUs per stage
+EXECUTORS = ("serial", "local", "slurm")
 MODEL_SIGNATURE = "FACTORY(channels=C, image_size=S, latent_dim=D, **MODEL_KWARGS)"
 
 
@@ -495,6 +497,41 @@ class StudyConfig:
     precision: str = same_as(TrainConfig, "precision")
     vgg_weights: str = same_as(TrainConfig, "vgg_weights")
     no_progress: bool = same_as(TrainConfig, "no_progress")
+    plan: bool = option(False, "print the stages, what each depends on and its state (done, to run, to redo and "
+                               "why), then exit", group="study")
+    executor: str = option("serial", "serial: one stage after another in this process; local: up to --jobs stages "
+                                     "at once in worker processes on this machine; slurm: each stage a Slurm job "
+                                     "(submitit)", choices=EXECUTORS, group="executor")
+    jobs: int | None = option(None, "local: stages at once", shown="the number of --devices", minimum=1,
+                              maximum=MAX_JOBS, group="executor")
+    devices: str | None = option(None, "local: comma-separated devices handed out to the running stages, one "
+                                       "each (cuda:0,cuda:1 or cpu)", shown="every visible GPU, else cpu",
+                                 group="executor")
+    gpus_per_train: int = option(1, "local: GPUs (DistributedDataParallel processes) per endpoint and extra "
+                                    "training stage, as torchrun --nproc_per_node", minimum=1, maximum=MAX_JOBS,
+                                 group="executor")
+    slurm_partition: str | None = option(None, "partition of every stage job", shown="the cluster's default",
+                                         group="slurm (--executor slurm)")
+    slurm_time: int = option(240, "time limit per stage job, in minutes (a job that reaches it is requeued and "
+                                  "resumes from its last checkpoint)", minimum=1, maximum=60 * 24 * 30,
+                             group="slurm (--executor slurm)")
+    slurm_gpus: int = option(0, "GPUs per stage job; above 1, endpoint and extra training run as that many "
+                                "DistributedDataParallel tasks", minimum=0, maximum=MAX_JOBS,
+                             group="slurm (--executor slurm)")
+    slurm_cpus: int | None = option(None, "CPUs per task", shown="Slurm's default", minimum=1, maximum=1024,
+                                    group="slurm (--executor slurm)")
+    slurm_mem: str | None = option(None, "memory per job, as sbatch --mem takes it (e.g. 32G)", shown="none asked",
+                                   group="slurm (--executor slurm)")
+    slurm_account: str | None = option(None, "sbatch --account", group="slurm (--executor slurm)")
+    slurm_qos: str | None = option(None, "sbatch --qos", group="slurm (--executor slurm)")
+    slurm_setup: list = option(factory=list, help="a shell line run in the job before aecurves (repeatable), e.g. "
+                               "'module load cuda' or 'source .venv/bin/activate'", shown="none", repeat=True,
+                               metavar="LINE", group="slurm (--executor slurm)")
+    slurm_extra: list = option(factory=list, help="KEY=VALUE passed to sbatch as --KEY=VALUE (repeatable), e.g. "
+                               "constraint=a100", shown="none", repeat=True, metavar="KEY=VALUE",
+                               group="slurm (--executor slurm)")
+    slurm_max_jobs: int = option(64, "stage jobs queued or running at once", minimum=1, maximum=10_000,
+                                 group="slurm (--executor slurm)")
     given: tuple = _given()
 
 

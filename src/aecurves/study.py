@@ -47,11 +47,15 @@ Outputs from the same commands run by hand (e.g. endpoints trained under torchru
 endpoints/mse_seed1) are adopted when they match.
 """
 
+import contextlib
+import dataclasses
 import itertools
 import math
 import os
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +86,8 @@ PLANE_SETTINGS = ("grid", "margin", "bn_images", "train_images", "full", "batch_
 # project's 2-core CPU: a vgg training stage took 15x its mse twin; an evaluation with VGG metrics ~48 units/image.
 VGG_TRAIN_COST = 15.0
 VGG_EVAL_COST = 48.0
+# What study.json's config leaves out: how this run was asked to go, not what the study is.
+NOT_RECORDED = ("force", "no_progress", "plan")
 RUNTIME_NOTE = "device, precision, progress bars and the cache folder never invalidate finished stages"
 VGG_REMEDY = ("Re-run the same command with --vgg-weights PATH (a saved vgg16 state dict), or once torchvision's "
               "VGG16 ImageNet file is in its cache (see the reason); the finished stages are kept and only the vgg "
@@ -135,6 +141,7 @@ def resolve_study_config(config: StudyConfig) -> dict:
         check_outside_data(cfg["out"], cfg["data_dir"], "--out")
     if cfg["image_size"] is None:
         cfg["image_size"] = DEFAULT_IMAGE_SIZE.get(cfg["dataset"], 64)
+    check_executor_flags(cfg)
     if cfg["model"] != BUILTIN_MODEL:
         if "width" in config.given:
             raise UserError(f"--width is a setting of the built-in model; pass the settings of --model "
@@ -146,7 +153,7 @@ def resolve_study_config(config: StudyConfig) -> dict:
 def resolved_config(config: StudyConfig) -> dict:
     """The settings the study runs with (`aecurves study --print-config`), as its study.json records them."""
     cfg = resolve_study_config(config)
-    return {k: v for k, v in cfg.items() if k not in ("force", "no_progress")}
+    return {k: v for k, v in cfg.items() if k not in NOT_RECORDED}
 
 
 def _runtime(cfg: dict) -> dict:
@@ -254,6 +261,7 @@ class Stage:
     seeds: tuple = ()
     inputs: list = field(default_factory=list)  # files (relative) this stage is made from
     units: float = 0.0  # relative cost, for the time estimate
+    deps: tuple = ()    # the stages that make its inputs (the report: every other stage)
 
     @property
     def step(self) -> str:
@@ -345,6 +353,19 @@ def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list
                                 loss, (a, b), [folder + "/checkpoint.pt"],
                                 units=(cfg["plane_grid"] ** 2 + 3) * plane_point + n_train))
     stages.append(Stage("report", "report", "report", "."))
+    return with_dependencies(stages)
+
+
+def with_dependencies(stages: list[Stage]) -> list[Stage]:
+    """Each stage's deps: the stages whose outputs are its input files (so they are not written twice); the report
+    depends on every other stage. The list's order stays a valid order to run them in."""
+    made_by = {}
+    for st in stages:
+        if st.kind == "report":
+            st.deps = tuple(s.name for s in stages if s.kind != "report")
+        else:
+            st.deps = tuple(made_by[p] for p in st.inputs)
+        made_by[f"{st.folder}/checkpoint.pt"] = st.name
     return stages
 
 
@@ -379,6 +400,107 @@ def _load_ckpt(path: Path, kind: str):
         return None
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the stage table: per kind of stage, the command that makes it, how its config is built, the settings that define
+# its result, how its outputs are read back, and when they are finished
+
+
+def _read_training(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+    """An endpoint's, extra endpoint's or curve's checkpoint: its recorded settings, epoch and promised files."""
+    checkpoint = folder / "checkpoint.pt"
+    state = _load_ckpt(checkpoint, "curve" if st.kind == "curve" else "endpoint")
+    if state is None:
+        return None, {"exists": checkpoint.exists()}
+    args = state.get("args", {})
+    promised = ["metrics.jsonl"] + (["reconstructions.png"] if st.kind != "curve" else [])
+    return {k: args.get(k) for k in keys + ("vgg_weights",)}, {
+        "epoch": state.get("epoch"), "outputs": all((folder / name).is_file() for name in promised),
+        "init": [args.get("init")] if st.kind == "extra" else [args.get("init_start"), args.get("init_end")]}
+
+
+def _read_align(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+    state = _load_ckpt(folder / "checkpoint.pt", "endpoint")
+    if state is None:
+        return None, {"exists": (folder / "checkpoint.pt").exists()}
+    aligned = state.get("aligned_to") or {}
+    return {k: aligned.get(k) for k in keys}, {"init": [aligned.get("start"), aligned.get("end")]}
+
+
+def _read_eval(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+    record = read_json(folder / "eval.json")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        return None, {"exists": (folder / "eval.json").exists()}
+    files = record.get("files", {})
+    complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values()) \
+        and record.get("segment_evaluated") is (st.step != "baseline")
+    made_from = record.get("endpoints") if st.step == "baseline" else [record.get("checkpoint")]
+    return {k: record["config"].get(k, 0 if k == "ensemble" else None) for k in keys + ("vgg_weights",)}, \
+        {"complete": complete, "init": made_from or []}
+
+
+def _read_plane(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+    record = read_json(folder / "plane.json")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        return None, {"exists": (folder / "plane.json").exists()}
+    files = record.get("files", {})
+    complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values())
+    return {k: record["config"].get(k) for k in keys}, \
+        {"complete": complete, "init": [str(Path(record["config"].get("ckpt") or "").resolve())]}
+
+
+def _judge_training(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
+    target = cfg["epochs"] if st.kind == "endpoint" else cfg["curve_epochs"]
+    if facts["epoch"] == target and not facts["outputs"]:
+        return "resume", "some of its outputs are missing"  # a resumed run writes them again
+    if facts["epoch"] == target:
+        return "done", ""
+    if facts["epoch"] < target:
+        return "resume", f"interrupted at epoch {facts['epoch']} of {target}"
+    return "redo", f"its checkpoint is at epoch {facts['epoch']}, beyond {target}"
+
+
+def _judge_written_last(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
+    """An evaluation or plane: eval.json / plane.json is renamed into place last, after every file it lists."""
+    return ("done", "") if facts["complete"] else ("redo", "its evaluation files are incomplete")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of stage. `build(cfg, st, folder, inputs, resume)` is the config of `command`'s run(config);
+    `settings` are the config fields that define its result (vgg_weights too for a vgg-loss stage when
+    `vgg_weights`), which `read(folder, st, settings)` reads back from its outputs with facts that
+    `judge(cfg, st, facts)` turns into done / resume / redo; `keep` are the folders inside its own that belong to
+    other stages."""
+
+    command: str
+    build: Callable
+    settings: tuple
+    read: Callable
+    judge: Callable
+    vgg_weights: bool = True
+    keep: tuple = ()
+    trains: bool = False  # a training stage: resumed from its last checkpoint when interrupted
+
+
+KINDS = {
+    "endpoint": Kind("train", lambda cfg, st, folder, inputs, resume: train_config(cfg, st.loss, st.seeds[0], folder,
+                                                                                   resume),
+                     ENDPOINT_SETTINGS, _read_training, _judge_training, trains=True),
+    "extra": Kind("train", lambda cfg, st, folder, inputs, resume: extra_config(cfg, inputs[0], st.seeds[0], folder,
+                                                                                resume),
+                  EXTRA_SETTINGS, _read_training, _judge_training, vgg_weights=False, trains=True),
+    "align": Kind("align", lambda cfg, st, folder, inputs, resume: align_config(cfg, *inputs, folder),
+                  ALIGN_SETTINGS, _read_align, lambda cfg, st, facts: ("done", ""), vgg_weights=False),
+    "curve": Kind("train_curve", lambda cfg, st, folder, inputs, resume: curve_config(cfg, *inputs, folder, resume),
+                  CURVE_SETTINGS, _read_training, _judge_training, keep=("eval", "plane"), trains=True),
+    "eval": Kind("eval_curve", lambda cfg, st, folder, inputs, resume: baseline_config(cfg, *inputs, folder)
+                 if st.step == "baseline" else eval_config(cfg, inputs[0], folder),
+                 EVAL_SETTINGS, _read_eval, _judge_written_last),
+    "plane": Kind("plane", lambda cfg, st, folder, inputs, resume: plane_config(cfg, inputs[0], folder),
+                  PLANE_SETTINGS, _read_plane, _judge_written_last, vgg_weights=False),
+}
+
+
 def _same(a, b) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         try:
@@ -402,73 +524,24 @@ class Study:
         self.previous_provenance: dict | None = None
         self.rates: dict = {}  # kind -> (seconds, units) of stages run now, for the estimate
 
-    # --- settings each stage should have, and the settings its outputs record
+    # --- settings each stage should have, and the settings its outputs record (the stage table, KINDS)
 
     def config(self, st: Stage, resume: bool = False):
         """The config of the command that makes the stage."""
-        root, folder = self.root, self.root / st.folder
-        inputs = [root / p for p in st.inputs]
-        if st.kind == "endpoint":
-            return train_config(self.cfg, st.loss, st.seeds[0], folder, resume)
-        if st.kind == "extra":
-            return extra_config(self.cfg, inputs[0], st.seeds[0], folder, resume)
-        if st.kind == "align":
-            return align_config(self.cfg, *inputs, folder)
-        if st.kind == "curve":
-            return curve_config(self.cfg, *inputs, folder, resume)
-        if st.kind == "plane":
-            return plane_config(self.cfg, inputs[0], folder)
-        if st.step == "baseline":
-            return baseline_config(self.cfg, *inputs, folder)
-        return eval_config(self.cfg, inputs[0], folder)
+        return KINDS[st.kind].build(self.cfg, st, self.root / st.folder, [self.root / p for p in st.inputs], resume)
 
     def expected(self, st: Stage) -> dict:
-        keys = {"endpoint": ENDPOINT_SETTINGS, "extra": EXTRA_SETTINGS, "align": ALIGN_SETTINGS,
-                "curve": CURVE_SETTINGS, "eval": EVAL_SETTINGS, "plane": PLANE_SETTINGS}.get(st.kind)
-        if keys is None:
+        kind = KINDS.get(st.kind)
+        if kind is None:
             return {}
         record = as_record(self.config(st))
-        vgg = st.loss == "vgg" and st.kind not in ("align", "extra", "plane")
-        return {k: record[k] for k in keys + (("vgg_weights",) if vgg else ())}
+        vgg = st.loss == "vgg" and kind.vgg_weights
+        return {k: record[k] for k in kind.settings + (("vgg_weights",) if vgg else ())}
 
     def recorded(self, st: Stage) -> tuple[dict | None, dict]:
         """(settings recorded by the stage's outputs or None when there are none, facts about completeness)."""
-        folder = self.root / st.folder
-        if st.kind in ("endpoint", "extra", "curve", "align"):
-            state = _load_ckpt(folder / "checkpoint.pt", "curve" if st.kind == "curve" else "endpoint")
-            if state is None:
-                return None, {"exists": (folder / "checkpoint.pt").exists()}
-            args = state.get("args", {})
-            if st.kind == "align":
-                aligned = state.get("aligned_to") or {}
-                return {k: aligned.get(k) for k in ALIGN_SETTINGS}, {"init": [aligned.get("start"),
-                                                                             aligned.get("end")]}
-            keys = {"endpoint": ENDPOINT_SETTINGS, "extra": EXTRA_SETTINGS, "curve": CURVE_SETTINGS}[st.kind]
-            settings = {k: args.get(k) for k in keys + ("vgg_weights",)}
-            promised = ["metrics.jsonl"] + (["reconstructions.png"] if st.kind != "curve" else [])
-            return settings, {"epoch": state.get("epoch"), "target": args.get("epochs"),
-                              "outputs": all((folder / name).is_file() for name in promised),
-                              "init": [args.get("init")] if st.kind == "extra" else
-                              [args.get("init_start"), args.get("init_end")]}
-        if st.kind == "eval":
-            record = read_json(folder / "eval.json")
-            if not isinstance(record, dict) or "config" not in record:
-                return None, {"exists": (folder / "eval.json").exists()}
-            conf = record["config"]
-            files = record.get("files", {})
-            complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values()) \
-                and record.get("segment_evaluated") is (st.step != "baseline")
-            made_from = record.get("endpoints") if st.step == "baseline" else [record.get("checkpoint")]
-            return {k: conf.get(k, 0 if k == "ensemble" else None) for k in EVAL_SETTINGS + ("vgg_weights",)}, \
-                {"complete": complete, "init": made_from or []}
-        if st.kind == "plane":
-            record = read_json(folder / "plane.json")
-            if not isinstance(record, dict) or "config" not in record:
-                return None, {"exists": (folder / "plane.json").exists()}
-            files = record.get("files", {})
-            complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values())
-            return {k: record["config"].get(k) for k in PLANE_SETTINGS}, \
-                {"complete": complete, "init": [str(Path(record["config"].get("ckpt") or "").resolve())]}
+        kind = KINDS[st.kind]
+        return kind.read(self.root / st.folder, st, kind.settings)
 
     def settings_diff(self, st: Stage) -> list[str]:
         rec, _ = self.recorded(st)
@@ -500,47 +573,29 @@ class Study:
             own = {str((self.root / p).resolve()) for p in st.inputs}
             if st.kind != "endpoint" and set(facts.get("init", [])) != own:
                 return "redo", "its outputs were not made from this study's inputs"
-        if st.kind == "align":
-            return "done", "" if isinstance(record, dict) else "adopted"
-        if st.kind in ("endpoint", "extra", "curve"):
-            target = self.cfg["epochs"] if st.kind == "endpoint" else self.cfg["curve_epochs"]
-            if facts["epoch"] == target and not facts["outputs"]:
-                return "resume", "some of its outputs are missing"  # a resumed run writes them again
-            if facts["epoch"] == target:
-                return "done", "" if isinstance(record, dict) else "adopted"
-            if facts["epoch"] < target:
-                return "resume", f"interrupted at epoch {facts['epoch']} of {target}"
-            return "redo", f"its checkpoint is at epoch {facts['epoch']}, beyond {target}"
-        if st.kind in ("eval", "plane"):  # eval.json / plane.json is renamed into place last
-            if facts["complete"]:
-                return "done", "" if isinstance(record, dict) else "adopted"
-            return "redo", "its evaluation files are incomplete"
-        return "new", ""
+        state, why = KINDS[st.kind].judge(self.cfg, st, facts)
+        if state == "done" and not isinstance(record, dict):
+            return "done", "adopted"
+        return state, why
 
     def clear(self, st: Stage) -> None:
         """Removes one stage's own outputs (for a curve: not its eval/ and plane/ folders, other stages')."""
         folder = self.root / st.folder
-        if not folder.is_dir():
+        if st.kind == "report" or not folder.is_dir():
             return
-        if st.kind == "curve":
-            for p in folder.iterdir():
-                if p.name not in ("eval", "plane"):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-        elif st.kind != "report":
-            shutil.rmtree(folder)
+        keep = KINDS[st.kind].keep
+        for p in folder.iterdir():
+            if p.name not in keep:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     def will_run(self) -> set[str]:
-        """Names of the stages expected to run now (for the time estimate): not finished, forced, or built on one
-        of those."""
-        out, by_output = set(), {}
-        for st in self.stages:
-            if st.kind == "report":
+        """Names of the stages expected to run now (for the time estimate and --plan): not finished, forced, or built
+        on one of those."""
+        out = set()
+        for st in self.stages:  # in order: a stage's dependencies come before it
+            if st.kind == "report" or st.name in self.forced or any(d in out for d in st.deps) \
+                    or self.status(st)[0] != "done":
                 out.add(st.name)
-                continue
-            upstream = any(by_output.get(p) in out for p in st.inputs)
-            if upstream or st.name in self.forced or self.status(st)[0] != "done":
-                out.add(st.name)
-            by_output[f"{st.folder}/checkpoint.pt"] = st.name
         return out
 
     def write_record(self, st: Stage, status: str, **extra) -> None:
@@ -550,7 +605,7 @@ class Study:
     # --- the study record
 
     def write_study_json(self) -> None:
-        cfg = {k: v for k, v in self.cfg.items() if k not in ("force", "no_progress")}
+        cfg = {k: v for k, v in self.cfg.items() if k not in NOT_RECORDED}
         trained = [n for n in self.ran if n != "report"]
         write_json(self.root / "study.json", {
             "format_version": FORMAT_VERSION,
@@ -637,6 +692,7 @@ def run_study(cfg: dict) -> dict:
         raise UserError(f"--out {root} is a file; pass a folder for the study.")
     if not cfg["epochs"] or not cfg["curve_epochs"]:
         raise UserError("--epochs and --curve-epochs are needed.")
+    check_executor_machine(cfg)
 
     print(f"study in {root}: preset {cfg['preset']}, losses {','.join(cfg['losses'])}, seeds "
           f"{','.join(map(str, cfg['seeds']))}, {cfg['curve']} curves with {cfg['num_bends']} bends, "
@@ -657,61 +713,126 @@ def run_study(cfg: dict) -> dict:
     study.stages = [s for s in all_stages if s.loss is None or study.groups[s.loss]["status"] == "run"]
 
     check_stages(study)
+    if cfg["plan"]:
+        print_plan(study)
+        return {"out": str(root), "plan": [s.name for s in study.stages]}
     refuse_stale_outputs(study)  # before anything changes
+    executor = make_executor(cfg, root)
     with folder_lock(root, "study"):  # one study per folder: a second one would redo and interleave every stage
-        return run_stages(study, cfg)
+        return run_stages(study, cfg, executor)
 
 
-def run_stages(study: "Study", cfg: dict) -> dict:
-    """The stages in order: finished ones skipped, interrupted ones resumed, then the report; returns a summary."""
+def check_executor_flags(cfg: dict) -> None:
+    """--slurm-* settings only with --executor slurm, --jobs/--devices/--gpus-per-train only with local (a value
+    other than the default is a request the other executors would silently ignore)."""
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(StudyConfig)}
+    for executor, names in (("slurm", [k for k in defaults if k.startswith("slurm_")]),
+                            ("local", ["jobs", "devices", "gpus_per_train"])):
+        set_ = [k for k in names if cfg[k] != defaults[k]]
+        if set_ and cfg["executor"] != executor:
+            flags = ", ".join("--" + k.replace("_", "-") for k in set_)
+            raise UserError(f"{flags} {'is a setting' if len(set_) == 1 else 'are settings'} of --executor "
+                            f"{executor}; add --executor {executor}, or leave {'it' if len(set_) == 1 else 'them'} out.")
+    bad = [kv for kv in cfg["slurm_extra"] if "=" not in kv or not kv.split("=", 1)[0].strip()]
+    if bad:
+        raise UserError(f"--slurm-extra takes KEY=VALUE (e.g. constraint=a100), got {', '.join(map(repr, bad))}.")
+    if cfg["executor"] == "local" and cfg["gpus_per_train"] > 1:
+        raise UserError("--gpus-per-train above 1 is not available with --executor local yet; train the endpoints "
+                        "with torchrun --nproc_per_node N aecurves train into STUDY/endpoints/{loss}_seed{s} (the "
+                        "study adopts them), or use --executor slurm --slurm-gpus N.")
+
+
+def check_executor_machine(cfg: dict) -> None:
+    """What the executor needs of this machine: the devices it names, or sbatch and the partition."""
+    from aecurves import executors
+
+    if cfg["executor"] == "local":
+        executors.check_devices(local_devices(cfg))
+    if cfg["executor"] == "slurm":
+        executors.check_slurm(cfg["slurm_partition"])
+
+
+def local_devices(cfg: dict) -> list[str]:
+    from aecurves.executors import visible_devices
+
+    return [d.strip() for d in cfg["devices"].split(",")] if cfg["devices"] else visible_devices()
+
+
+def make_executor(cfg: dict, root: Path):
+    from aecurves import executors
+
+    if cfg["executor"] == "local":
+        devices = local_devices(cfg)
+        return executors.LocalExecutor(cfg["jobs"] or len(devices), devices, root / "logs")
+    if cfg["executor"] == "slurm":
+        return executors.SlurmExecutor(root / "slurm", cfg["slurm_max_jobs"], cfg["slurm_partition"],
+                                       cfg["slurm_time"], cfg["slurm_gpus"], cfg["slurm_cpus"], cfg["slurm_mem"],
+                                       cfg["slurm_account"], cfg["slurm_qos"], cfg["slurm_setup"],
+                                       cfg["slurm_extra"])
+    return executors.SerialExecutor()
+
+
+def print_plan(study: Study) -> None:
+    """Every stage with what it depends on and its state; nothing runs. Stages on the longest chain are marked."""
+    will = study.will_run()
+    depth = {}
+    for st in study.stages:
+        depth[st.name] = 1 + max((depth[d] for d in st.deps), default=0)
+    print(f"\n{len(study.stages)} stages, {len(will)} to run; the longest chain (endpoint -> curve -> evaluation -> "
+          f"report) has {max(depth.values())} stages\n")
+    width = max(len(st.name) for st in study.stages)
+    for st in study.stages:
+        if st.kind == "report":
+            state = "to run (last)"
+        elif st.name in study.forced:
+            state = "to redo (--force)"
+        else:
+            status, why = study.status(st)
+            stale = study.settings_diff(st)
+            upstream = [d for d in st.deps if d in will]
+            if stale:
+                state = f"stale: made with other settings ({'; '.join(stale)}); needs --force"
+            elif status == "done" and upstream:
+                state = f"to redo after {', '.join(upstream)}"
+            else:
+                state = {"done": "done" + (" (adopted)" if why == "adopted" else ""), "new": "to run",
+                         "resume": f"to resume ({why})", "redo": f"to redo ({why})"}[status]
+        deps = "all other stages" if st.kind == "report" else (", ".join(st.deps) or "-")
+        print(f"  {st.name:<{width}}  {state}\n  {'':<{width}}  after: {deps}")
+
+
+def run_stages(study: "Study", cfg: dict, executor=None) -> dict:
+    """Every stage once the stages it depends on are finished: finished ones skipped, interrupted ones resumed,
+    on `executor` (serial by default); then the report. Returns a summary."""
+    from aecurves.executors import SerialExecutor
+
+    executor = executor or SerialExecutor()
     root = study.root
     previous = read_json(root / "study.json")
     study.previous_provenance = previous.get("provenance") if isinstance(previous, dict) else None
     study.provenance = {**runtime.provenance(cfg["device"], cfg["precision"]),
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "wall_seconds": None,
+                        "executor": executor.name,
                         "stage_seconds": dict((study.previous_provenance or {}).get("stage_seconds") or {})}
     study.write_study_json()
-    will_run = study.will_run()
-    for i, st in enumerate(study.stages, 1):
-        todo = [s for s in study.stages[i - 1:] if s.name in will_run]
-        if st.kind == "report":
-            study.provenance.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                    wall_seconds=round(time.perf_counter() - study.t0, 1))
-            study.write_study_json()  # the report shows the provenance of the stages it reports on
-            study.progress(i, st, [])
-            run_report_stage(study, st)
-            continue
-        forced = st.name in study.forced
-        state, why = ("forced", "--force") if forced else study.status(st)
-        if state == "done":
-            study.skipped.append(st.name)
-            note = " (adopted existing outputs)" if why == "adopted" else ""
-            study.progress(i, st, [s for s in todo if s is not st], f": finished already, skipped{note}")
-            if why == "adopted":
-                study.write_record(st, "done", adopted=True)
-            continue
-        note = {"resume": f": resuming ({why})", "redo": f": redoing ({why})", "forced": ": redoing (--force)",
-                "new": ""}[state]
-        study.progress(i, st, todo, note)
-        if state in ("redo", "forced"):
-            study.clear(st)
-        t0 = time.perf_counter()
-        try:
-            run_stage(study, st, resume=state == "resume")
-        except UserError as exc:
-            raise UserError(f"stage {st.name} ({st.label}) failed: {exc}\nThe finished stages are kept; fix the "
-                            "cause and re-run the same command to continue.") from None
-        seconds = time.perf_counter() - t0
-        state_after, why_after = study.status(st)
-        if state_after != "done":
-            raise UserError(f"stage {st.name} ran but its outputs are not complete ({why_after or state_after}); "
-                            f"see {root / st.folder}.")
-        for key in (st.kind, (st.kind, st.loss)):
-            s, u = study.rates.get(key, (0.0, 0.0))
-            study.rates[key] = (s + seconds, u + st.units)
-        study.ran.append(st.name)
-        study.provenance["stage_seconds"][st.name] = round(seconds, 1)
-        study.write_study_json()
+    driver = Driver(study, executor, study.will_run())
+    try:
+        driver.run()
+    except KeyboardInterrupt:
+        if executor.name == "slurm" and executor.running():
+            print(f"\nthe driver stopped; {len(executor.running())} Slurm job(s) go on. Re-run the same command to "
+                  "follow them again: no stage is submitted twice.", flush=True)
+        raise
+    finally:
+        executor.close()
+
+    report_stage = study.stages[-1]
+    study.provenance.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            wall_seconds=round(time.perf_counter() - study.t0, 1))
+    study.write_study_json()  # the report shows the provenance of the stages it reports on
+    study.progress(len(study.stages), report_stage, [])
+    run_report_stage(study, report_stage)
 
     from aecurves import report
 
@@ -726,6 +847,182 @@ def run_stages(study: "Study", cfg: dict) -> dict:
     print(f"report: {root / 'report.html'} (and report.md)")
     return {"out": str(root), "ran": study.ran, "skipped": study.skipped, "groups": study.groups,
             "report": summary}
+
+
+class Driver:
+    """Submits each stage as soon as the stages it depends on are finished, at most the executor's slots at once,
+    and records how each ran. A failure stops new submissions; the running stages are waited for, then the
+    study stops with every failure named (serially: at once, as it always did)."""
+
+    def __init__(self, study: Study, executor, will_run: set):
+        self.study, self.executor, self.will_run = study, executor, will_run
+        self.waiting = [st for st in study.stages if st.kind != "report"]
+        self.finished: set[str] = set()
+        self.failures: list[str] = []
+        self.started: dict[str, tuple[float, object]] = {}  # name -> (perf_counter, handle)
+
+    def run(self) -> None:
+        while self.waiting or self.executor.running():
+            if not self.failures:
+                self.submit_ready()
+            if not self.executor.running():
+                if self.waiting and not self.failures:  # nothing runs and nothing can start: cannot happen
+                    raise RuntimeError(f"stages left that can never start: {[s.name for s in self.waiting]}")
+                break
+            for outcome in self.executor.wait(timeout=5.0):
+                self.finish(outcome)
+        if self.failures:
+            running_note = "" if self.executor.name == "serial" else " (the stages that were running have finished)"
+            raise UserError("\n".join(self.failures) + f"\nThe finished stages are kept{running_note}; fix the "
+                            "cause and re-run the same command to continue: only what is unfinished runs.")
+
+    def submit_ready(self) -> None:
+        for st in list(self.waiting):
+            if self.failures or len(self.executor.running()) >= self.executor.slots:
+                return
+            if all(d in self.finished for d in st.deps):
+                self.waiting.remove(st)
+                self.start(st)
+                if self.executor.name == "serial":  # it ran already: record it before judging the next stage
+                    for outcome in self.executor.wait():
+                        self.finish(outcome)
+
+    def start(self, st: Stage) -> None:
+        study, i = self.study, self.study.stages.index(st) + 1
+        todo = [s for s in study.stages[i - 1:] if s.name in self.will_run and s.name not in self.finished]
+        record = read_json(study.root / st.folder / STAGE_RECORD)
+        handle = self.executor.attach(st.name, record) if isinstance(record, dict) else None
+        if handle is not None:  # submitted by an earlier driver and still queued or running: follow it
+            study.progress(i, st, todo, f": following Slurm job {handle.job_id}, submitted by an earlier run")
+            self.started[st.name] = (time.perf_counter(), handle)
+            return
+        forced = st.name in study.forced
+        state, why = ("forced", "--force") if forced else study.status(st)
+        if state == "done":
+            study.skipped.append(st.name)
+            self.finished.add(st.name)
+            note = " (adopted existing outputs)" if why == "adopted" else ""
+            study.progress(i, st, [s for s in todo if s is not st], f": finished already, skipped{note}")
+            if why == "adopted":
+                study.write_record(st, "done", adopted=True)
+            return
+        note = {"resume": f": resuming ({why})", "redo": f": redoing ({why})", "forced": ": redoing (--force)",
+                "new": ""}[state]
+        if state in ("redo", "forced"):
+            study.clear(st)
+        job = StageJob(study.cfg, st.name, resume=state == "resume",
+                       distributed=st.kind in ("endpoint", "extra") and self.gpus_per_train() > 1)
+        study.write_record(st, "started", executor=self.executor.name)
+        where = ""
+        if self.executor.name != "serial":
+            note += f" [{len(self.executor.running()) + 1} running]"
+        study.progress(i, st, todo, note)
+        t0 = time.perf_counter()  # before submit: the serial executor runs the stage inside it
+        handle = self.executor.submit(st.name, job)
+        if handle.job_id is not None:
+            study.write_record(st, "submitted", executor=self.executor.name, job_id=handle.job_id, logs=handle.logs)
+            where = f"Slurm job {handle.job_id}, log {handle.logs.get('stderr')}"
+        elif self.executor.name == "local":
+            where = f"on {handle.device}, log {handle.logs.get('log')}"
+        if where:
+            print(f"    {st.name}: {where}", flush=True)
+        self.started[st.name] = (t0, handle)
+
+    def gpus_per_train(self) -> int:
+        cfg = self.study.cfg
+        return cfg["slurm_gpus"] if cfg["executor"] == "slurm" else cfg["gpus_per_train"]
+
+    def finish(self, outcome) -> None:
+        study = self.study
+        st = next(s for s in study.stages if s.name == outcome.handle.stage)
+        t0, handle = self.started.pop(st.name)
+        ran = {"executor": self.executor.name, **({"job_id": handle.job_id} if handle.job_id else {}),
+               **({"logs": handle.logs} if handle.logs else {}), **(outcome.result or {}).get("ran", {})}
+        if outcome.error is not None:
+            study.write_record(st, "failed", error=outcome.error, **ran)
+            self.failures.append(f"stage {st.name} ({st.label}) failed: {outcome.error}")
+            if self.executor.running():
+                print(f"\nstage {st.name} failed; no new stage starts, waiting for the "
+                      f"{len(self.executor.running())} running", flush=True)
+            return
+        seconds = time.perf_counter() - t0
+        state_after, why_after = study.status(st)
+        if state_after != "done":
+            study.write_record(st, "failed", error=why_after or state_after, **ran)
+            self.failures.append(f"stage {st.name} ran but its outputs are not complete ({why_after or state_after});"
+                                 f" see {study.root / st.folder}.")
+            return
+        for key in (st.kind, (st.kind, st.loss)):
+            s, u = study.rates.get(key, (0.0, 0.0))
+            study.rates[key] = (s + seconds, u + st.units)
+        study.ran.append(st.name)
+        self.finished.add(st.name)
+        study.provenance["stage_seconds"][st.name] = round(seconds, 1)
+        result = (outcome.result or {}).get("result")
+        study.write_record(st, "done", ran=ran, **({"result": result} if st.kind == "align" else {}))
+        study.write_study_json()
+        if self.executor.name != "serial":
+            print(f"    {st.name}: done in {fmt_seconds(seconds)} [{len(self.finished)} finished, "
+                  f"{len(self.executor.running())} running, {len(self.waiting)} waiting]", flush=True)
+
+
+@dataclass
+class StageJob:
+    """One stage's work as a picklable callable: the study's resolved settings and the stage's name, nothing else,
+    so it runs in this process, in a worker process or as a Slurm job on another machine, given the study folder on
+    a shared file system. It returns how it ran and its command's result."""
+
+    cfg: dict
+    stage: str
+    resume: bool = False
+    device: str | None = None      # local: its worker's device, cuda:N (the worker sees only that GPU) or cpu
+    log: str | None = None         # local: the file its output goes to
+    distributed: bool = False      # one DistributedDataParallel process per task (Slurm) or per GPU (local)
+
+    def __call__(self) -> dict:
+        with _output_to(self.log):
+            if self.distributed and "SLURM_JOB_ID" in os.environ:
+                import submitit
+
+                submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR...
+            study = Study(self.cfg)
+            study.stages = plan(self.cfg, 0, 0)
+            st = next(s for s in study.stages if s.name == self.stage)
+            config = study.config(st, self.resume)
+            if self.device:
+                config = dataclasses.replace(config, device="cpu" if self.device == "cpu" else "cuda")
+            result = stage_command(st).run(config)
+            import socket
+
+            return {"ran": {"host": socket.gethostname(), "pid": os.getpid(),
+                            "device": self.device or self.cfg["device"]},
+                    "result": result if isinstance(result, dict) else None}
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit when the job is preempted or reaches its time limit: it is requeued, and a training
+        stage resumes from its last checkpoint."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(dataclasses.replace(self, resume=True))
+
+
+@contextlib.contextmanager
+def _output_to(log: str | None):
+    """Everything the stage prints (Python's and C's, progress bars too) into `log`, when given."""
+    if log is None:
+        yield
+        return
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def loss_group(cfg: dict, loss: str) -> dict:
@@ -780,10 +1077,9 @@ def refuse_stale_outputs(study: "Study") -> None:
 
 def stage_command(st: Stage):
     """The command module that makes a stage (imported on use: `aecurves --help` stays fast)."""
-    from aecurves import align, eval_curve, plane, train, train_curve
+    import importlib
 
-    return {"endpoint": train, "extra": train, "align": align, "curve": train_curve, "eval": eval_curve,
-            "plane": plane}[st.kind]
+    return importlib.import_module(f"aecurves.{KINDS[st.kind].command}")
 
 
 def check_stages(study: Study) -> None:
@@ -797,14 +1093,6 @@ def check_stages(study: Study) -> None:
             check(study.config(st))
         except UserError as exc:
             raise UserError(f"{exc} (a setting of the study's stage {st.name}; nothing was run)") from None
-
-
-def run_stage(study: Study, st: Stage, resume: bool) -> None:
-    """One stage through the same function as its subcommand; study_stage.json marks it started, then done."""
-    command = stage_command(st)
-    study.write_record(st, "started")
-    result = command.run(study.config(st, resume))
-    study.write_record(st, "done", **({"result": result} if st.kind == "align" else {}))  # the report shows its time
 
 
 def run_report_stage(study: Study, st: Stage) -> None:
