@@ -7,6 +7,7 @@ the parsed result, so each config knows which fields were set explicitly (`given
 import argparse
 import dataclasses
 import errno
+import os
 import sys
 
 from aecurves import __version__, config
@@ -178,6 +179,9 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `aecurves study --plan | head`: the reader has gone, and so may we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # the machine's, not a bug: a full disk, a read-only or forbidden folder
         advice = FILESYSTEM_ERRORS.get(exc.errno)
         if advice is None:

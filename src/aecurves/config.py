@@ -518,6 +518,9 @@ class StudyConfig:
     slurm_gpus: int = option(0, "GPUs per stage job; above 1, endpoint and extra training run as that many "
                                 "DistributedDataParallel tasks", minimum=0, maximum=MAX_JOBS,
                              group="slurm (--executor slurm)")
+    slurm_train_tasks: int | None = option(None, "DistributedDataParallel tasks per endpoint and extra training "
+                                                 "job, one per GPU (on CPUs, gloo)", shown="--slurm-gpus, at least 1",
+                                           minimum=1, maximum=MAX_JOBS, group="slurm (--executor slurm)")
     slurm_cpus: int | None = option(None, "CPUs per task", shown="Slurm's default", minimum=1, maximum=1024,
                                     group="slurm (--executor slurm)")
     slurm_mem: str | None = option(None, "memory per job, as sbatch --mem takes it (e.g. 32G)", shown="none asked",

@@ -26,6 +26,8 @@ ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING",
         "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
 POLL_SECONDS = 1.0
+RESULT_GRACE_SECONDS = 5.0
+JOB_PREFIX = "aecurves-"
 
 
 @dataclass
@@ -222,6 +224,23 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
+def live_jobs(folder: Path) -> dict[str, str]:
+    """{stage: job id} of the queued or running jobs whose submission script lies in `folder` (this study's)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i|%j|%T|%o"], capture_output=True, text=True)
+    found = {}
+    for line in out.stdout.splitlines():
+        parts = line.split("|", 3)
+        if len(parts) != 4 or not parts[1].startswith(JOB_PREFIX) or parts[2] not in LIVE:
+            continue
+        try:
+            ours = Path(parts[3]).resolve().is_relative_to(folder.resolve())
+        except (OSError, ValueError):
+            ours = False
+        if ours:
+            found[parts[1].removeprefix(JOB_PREFIX)] = parts[0]
+    return found
+
+
 class SlurmExecutor:
     """Each stage one Slurm job. A job's result comes from submitit's result file, its state from squeue: this
     works without an accounting database (sacct), as on many small clusters. Job folders and logs are in
@@ -230,7 +249,8 @@ class SlurmExecutor:
     name = "slurm"
 
     def __init__(self, folder: Path, max_jobs: int, partition: str | None, minutes: int, gpus: int,
-                 cpus: int | None, mem: str | None, account: str | None, qos: str | None, setup: list, extra: list):
+                 train_tasks: int | None, cpus: int | None, mem: str | None, account: str | None, qos: str | None,
+                 setup: list, extra: list):
         import logging
 
         import submitit
@@ -239,20 +259,26 @@ class SlurmExecutor:
         self.folder = folder
         self.slots = max_jobs
         self.gpus = gpus
+        self.train_tasks = train_tasks or max(1, gpus)
         self.executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
         extra_params = dict(kv.split("=", 1) for kv in extra)
         params = {"timeout_min": minutes, "slurm_setup": list(setup), "slurm_additional_parameters": extra_params}
-        for key, value in (("slurm_partition", partition), ("gpus_per_node", gpus or None),
-                           ("cpus_per_task", cpus), ("slurm_mem", mem), ("slurm_account", account),
+        for key, value in (("slurm_partition", partition), ("cpus_per_task", cpus), ("slurm_mem", mem), ("slurm_account", account),
                            ("slurm_qos", qos)):
             if value is not None:
                 params[key] = value
         self.executor.update_parameters(**params)
         self.handles: dict[str, Handle] = {}
+        self.live = live_jobs(folder)  # stage -> job id, for a driver started again while its jobs still run
+        self.ended_at: dict[str, float] = {}
 
     def submit(self, stage: str, job) -> Handle:
-        tasks = max(1, self.gpus) if job.distributed else 1
-        self.executor.update_parameters(slurm_job_name=f"aecurves-{stage}", tasks_per_node=tasks)
+        """A training job with `distributed` gets train_tasks tasks (DistributedDataParallel, one per GPU) and
+        every GPU; any other job one task and at most one GPU: evaluations run as one process."""
+        tasks = self.train_tasks if job.distributed else 1
+        gpus = self.gpus if job.distributed else min(self.gpus, 1)
+        self.executor.update_parameters(slurm_job_name=JOB_PREFIX + stage, tasks_per_node=tasks,
+                                        **({"gpus_per_node": gpus} if gpus else {}))
         submitted = self.executor.submit(job)
         return self._track(stage, submitted)
 
@@ -263,17 +289,15 @@ class SlurmExecutor:
         return handle
 
     def attach(self, stage: str, record: dict) -> Handle | None:
-        """The job an earlier driver submitted for this stage, when Slurm still has it queued or running."""
+        """The job an earlier driver submitted for this stage, when Slurm still has it queued or running. Found by
+        its name and its folder in squeue, not only by the stage's record: a driver killed just after sbatch had no
+        time to write the job id down."""
         import submitit
 
-        job_id = record.get("job_id")
-        if record.get("executor") != "slurm" or not job_id or record.get("status") not in ("submitted",):
+        job_id = self.live.get(stage)
+        if job_id is None:
             return None
-        state = job_states([str(job_id)]).get(str(job_id))
-        job = submitit.SlurmJob(folder=self.folder / "%j", job_id=str(job_id))
-        if state in LIVE or (state is not None and job.paths.result_pickle.exists()):
-            return self._track(stage, job)
-        return None
+        return self._track(stage, submitit.SlurmJob(folder=self.folder / "%j", job_id=job_id))
 
     def running(self) -> list[Handle]:
         return list(self.handles.values())
@@ -308,6 +332,8 @@ class SlurmExecutor:
                                                           f"its log: {handle.logs['stderr']})"))
             elif state in LIVE:
                 continue
+            elif time.monotonic() - self.ended_at.setdefault(job_id, time.monotonic()) < RESULT_GRACE_SECONDS:
+                continue  # ended: its result file may still be on its way over a network file system
             elif state in ENDED or state is None:
                 outcomes.append(Outcome(handle, error=f"Slurm job {job_id} ended as {state or 'gone from the queue'} "
                                                       f"without a result (cancelled, killed or out of time); its log: "

@@ -767,7 +767,8 @@ def make_executor(cfg: dict, root: Path):
         return executors.LocalExecutor(cfg["jobs"] or len(devices), devices, root / "logs")
     if cfg["executor"] == "slurm":
         return executors.SlurmExecutor(root / "slurm", cfg["slurm_max_jobs"], cfg["slurm_partition"],
-                                       cfg["slurm_time"], cfg["slurm_gpus"], cfg["slurm_cpus"], cfg["slurm_mem"],
+                                       cfg["slurm_time"], cfg["slurm_gpus"], cfg["slurm_train_tasks"],
+                                       cfg["slurm_cpus"], cfg["slurm_mem"],
                                        cfg["slurm_account"], cfg["slurm_qos"], cfg["slurm_setup"],
                                        cfg["slurm_extra"])
     return executors.SerialExecutor()
@@ -776,11 +777,12 @@ def make_executor(cfg: dict, root: Path):
 def print_plan(study: Study) -> None:
     """Every stage with what it depends on and its state; nothing runs. Stages on the longest chain are marked."""
     will = study.will_run()
-    depth = {}
+    chain = {}  # the longest chain of dependencies ending at each stage
     for st in study.stages:
-        depth[st.name] = 1 + max((depth[d] for d in st.deps), default=0)
-    print(f"\n{len(study.stages)} stages, {len(will)} to run; the longest chain (endpoint -> curve -> evaluation -> "
-          f"report) has {max(depth.values())} stages\n")
+        chain[st.name] = max((chain[d] for d in st.deps), key=len, default=[]) + [st.name]
+    longest = max(chain.values(), key=len)
+    print(f"\n{len(study.stages)} stages, {len(will)} to run; with enough workers the study takes the time of its "
+          f"longest chain, {len(longest)} stages: {' -> '.join(longest)}\n")
     width = max(len(st.name) for st in study.stages)
     for st in study.stages:
         if st.kind == "report":
@@ -929,8 +931,11 @@ class Driver:
         self.started[st.name] = (t0, handle)
 
     def gpus_per_train(self) -> int:
+        """DistributedDataParallel processes per endpoint and extra training stage."""
         cfg = self.study.cfg
-        return cfg["slurm_gpus"] if cfg["executor"] == "slurm" else cfg["gpus_per_train"]
+        if cfg["executor"] == "slurm":
+            return cfg["slurm_train_tasks"] or max(1, cfg["slurm_gpus"])
+        return cfg["gpus_per_train"]
 
     def finish(self, outcome) -> None:
         study = self.study
