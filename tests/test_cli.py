@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aecurves import __version__, config
+from aecurves import __version__, config, study
 from aecurves.cli import get_args_parser, main, parse
 
 
@@ -133,8 +133,8 @@ MEANINGFUL = {"model": f"{MODELS_FILE}:mlp_autoencoder", "model_kwargs": json.du
 # width is a setting of the built-in model, refused with a custom one: it stays unset; the study's settings of its
 # local executor are refused with the slurm one its executor gets here
 LEFT_AT_DEFAULT = {"width", "jobs", "devices", "gpus_per_train"}
-# a study.json records the study's settings, not this run's --force or its progress bars
-NOT_RECORDED = {"study": {"force", "no_progress", "plan"}}
+# a study.json records the study's settings, not this run's --force, its progress bars or where it ran
+NOT_RECORDED = {"study": set(study.NOT_RECORDED)}
 
 
 def non_default_value(f, tmp_path: Path):

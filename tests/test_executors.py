@@ -206,6 +206,13 @@ def _wait_for_running_job(root: Path, timeout: float = 120) -> tuple[str, str]:
     raise AssertionError("no stage job started running")
 
 
+def test_an_unknown_partition_is_refused_before_anything_is_submitted(cluster, tmp_path, capsys):
+    assert run_cli("study", *TINY, "--executor", "slurm", "--slurm-partition", "gpu-nope", "--out", tmp_path / "s") == 2
+    err = capsys.readouterr().err
+    assert "--slurm-partition gpu-nope is not a partition of this cluster; its partitions: debug" in err
+    assert not (tmp_path / "s").exists() and "aecurves-" not in cluster.squeue()
+
+
 @pytest.mark.slow
 def test_slurm_gives_the_serial_numbers(cluster, serial, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -260,23 +267,37 @@ def _folder(stage: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_two_task_ddp_endpoint_equals_torchrun(cluster, tmp_path, monkeypatch):
+def test_a_two_task_ddp_endpoint_on_slurm_equals_torchrun(cluster, tmp_path, monkeypatch):
     """One Slurm job of two tasks (gloo on CPUs) trains the endpoint exactly as torchrun --nproc_per_node 2 does."""
+    submission = _ddp_endpoint_equals_torchrun([*SLURM, "--slurm-train-tasks", 2], tmp_path, monkeypatch)
+    assert "--ntasks-per-node=2" in submission
+
+
+@pytest.mark.slow
+def test_a_two_process_ddp_endpoint_on_local_workers_equals_torchrun(tmp_path, monkeypatch):
+    """--executor local --gpus-per-train 2 holds two devices (here two CPU slots) for one training stage."""
+    _ddp_endpoint_equals_torchrun(["--executor", "local", "--devices", "cpu,cpu", "--gpus-per-train", 2], tmp_path,
+                                  monkeypatch)
+
+
+def _ddp_endpoint_equals_torchrun(flags: list, tmp_path: Path, monkeypatch) -> str:
+    """Runs endpoint:mse:1 of TINY as a 2-process job on the executor `flags` choose and the same TrainConfig under
+    torchrun; asserts equal weights; returns the job's submission script (Slurm) or ''."""
     from aecurves.checkpoint import load_checkpoint
     from aecurves.cli import parse
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    _, config = parse(["study", *map(str, TINY), *map(str, SLURM), "--slurm-train-tasks", "2", "--out",
-                       str(tmp_path / "study")])
+    _, config = parse(["study", *map(str, TINY), *map(str, flags), "--out", str(tmp_path / "study")])
     cfg = study.resolve_study_config(config)
     executor = study.make_executor(cfg, tmp_path / "study")
-    handle = executor.submit("endpoint:mse:1", study.StageJob(cfg, "endpoint:mse:1", distributed=True))
+    job = study.StageJob(cfg, "endpoint:mse:1", processes=2)
+    assert executor.can_start(job)
+    handle = executor.submit("endpoint:mse:1", job)
     outcomes = []
     while not outcomes:
         outcomes = executor.wait(timeout=120)
+    executor.close()
     assert outcomes[0].error is None, outcomes[0].error
-    assert "--ntasks-per-node=2" in next((tmp_path / "study/slurm" / handle.job_id).glob("*_submission.sh")) \
-        .read_text()
 
     train = study.train_config(cfg, "mse", 1, tmp_path / "torchrun", False)
     (tmp_path / "train.toml").write_text(to_toml({k: v for k, v in as_record(train).items() if v is not None}))
@@ -285,9 +306,12 @@ def test_a_two_task_ddp_endpoint_equals_torchrun(cluster, tmp_path, monkeypatch)
                    env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
     a = load_checkpoint(tmp_path / "study/endpoints/mse_seed1/checkpoint.pt", "endpoint")
     b = load_checkpoint(tmp_path / "torchrun/checkpoint.pt", "endpoint")
-    assert a["args"]["batch_size"] == b["args"]["batch_size"]
+    assert a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-6, atol=1e-7, msg=k)
+    if handle.job_id is None:
+        return ""
+    return next((tmp_path / "study/slurm" / handle.job_id).glob("*_submission.sh")).read_text()
 
 
 def _free_port() -> int:

@@ -59,6 +59,9 @@ class SerialExecutor:
         self.slots = 1
         self.done: list[Outcome] = []
 
+    def can_start(self, job) -> bool:
+        return True
+
     def submit(self, stage: str, job) -> Handle:
         handle = Handle(stage, device=job.device)
         try:
@@ -138,16 +141,21 @@ class LocalExecutor:
                 initargs=(device, threads if device == "cpu" else None))
             self.workers.append((device, pool))
         self.free = list(range(jobs))
-        self.handles: dict[concurrent.futures.Future, tuple[int, Handle]] = {}
+        self.handles: dict[concurrent.futures.Future, tuple[list, Handle]] = {}
+
+    def can_start(self, job) -> bool:
+        return len(self.free) >= job.processes
 
     def submit(self, stage: str, job) -> Handle:
-        slot = self.free.pop(0)
-        device, pool = self.workers[slot]
+        """The job on the first free slot's worker; a job of `processes` > 1 (DistributedDataParallel training)
+        holds that many slots, and their devices, until it ends."""
+        slots = [self.free.pop(0) for _ in range(job.processes)]
+        devices = [self.workers[i][0] for i in slots]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{stage.replace(':', '_')}.log"
-        future = pool.submit(dataclasses.replace(job, device=device, log=str(log)))
-        handle = Handle(stage, device=device, logs={"log": str(log)}, task=future)
-        self.handles[future] = (slot, handle)
+        future = self.workers[slots[0]][1].submit(dataclasses.replace(job, device=",".join(devices), log=str(log)))
+        handle = Handle(stage, device=",".join(devices), logs={"log": str(log)}, task=future)
+        self.handles[future] = (slots, handle)
         return handle
 
     def running(self) -> list[Handle]:
@@ -159,8 +167,9 @@ class LocalExecutor:
         done, _ = concurrent.futures.wait(list(self.handles), timeout, concurrent.futures.FIRST_COMPLETED)
         outcomes = []
         for future in done:
-            slot, handle = self.handles.pop(future)
-            self.free.append(slot)
+            slots, handle = self.handles.pop(future)
+            self.free.extend(slots)
+            slot = slots[0]
             log = handle.logs["log"]
             try:
                 outcomes.append(Outcome(handle, result=future.result()))
@@ -272,11 +281,14 @@ class SlurmExecutor:
         self.live = live_jobs(folder)  # stage -> job id, for a driver started again while its jobs still run
         self.ended_at: dict[str, float] = {}
 
+    def can_start(self, job) -> bool:
+        return len(self.handles) < self.slots
+
     def submit(self, stage: str, job) -> Handle:
-        """A training job with `distributed` gets train_tasks tasks (DistributedDataParallel, one per GPU) and
+        """A training job of several `processes` gets train_tasks tasks (DistributedDataParallel, one per GPU) and
         every GPU; any other job one task and at most one GPU: evaluations run as one process."""
-        tasks = self.train_tasks if job.distributed else 1
-        gpus = self.gpus if job.distributed else min(self.gpus, 1)
+        tasks = self.train_tasks if job.processes > 1 else 1
+        gpus = self.gpus if job.processes > 1 else min(self.gpus, 1)
         self.executor.update_parameters(slurm_job_name=JOB_PREFIX + stage, tasks_per_node=tasks,
                                         **({"gpus_per_node": gpus} if gpus else {}))
         submitted = self.executor.submit(job)

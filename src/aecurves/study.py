@@ -45,6 +45,11 @@ endpoint was redone) is redone. When the requested settings differ from those of
 Runtime settings (device, precision, progress bars, cache folder) never invalidate anything.
 Outputs from the same commands run by hand (e.g. endpoints trained under torchrun into
 endpoints/mse_seed1) are adopted when they match.
+
+The stages form a graph: each names the stages that make its input files (`deps`), and each kind of stage is one
+entry of KINDS (its command, how its config is built, the settings that define its result, how its outputs are read
+back and judged). The Driver hands every stage whose dependencies are finished to an executor (executors.py):
+serial, local worker processes or Slurm jobs, each running a StageJob, a picklable call of COMMAND.run(config).
 """
 
 import contextlib
@@ -61,7 +66,7 @@ from pathlib import Path
 
 from aecurves import runtime
 from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, LOSSES, MAX_SEED, MAX_SEEDS, PRESETS, AlignConfig, \
-    EvalCurveConfig, PlaneConfig, StudyConfig, TrainConfig, TrainCurveConfig, as_record, make, validate
+    EvalCurveConfig, PlaneConfig, StudyConfig, TrainConfig, TrainCurveConfig, as_record, make, to_toml, validate
 from aecurves.errors import UserError
 from aecurves.files import folder_lock, read_json, sha256, write_json
 
@@ -86,8 +91,12 @@ PLANE_SETTINGS = ("grid", "margin", "bn_images", "train_images", "full", "batch_
 # project's 2-core CPU: a vgg training stage took 15x its mse twin; an evaluation with VGG metrics ~48 units/image.
 VGG_TRAIN_COST = 15.0
 VGG_EVAL_COST = 48.0
-# What study.json's config leaves out: how this run was asked to go, not what the study is.
-NOT_RECORDED = ("force", "no_progress", "plan")
+# What study.json's config leaves out: how this run was asked to go, not what the study is (where it ran is in its
+# provenance), so a study folder reads the same whoever ran it where.
+EXECUTOR_SETTINGS = ("executor", "jobs", "devices", "gpus_per_train", "slurm_partition", "slurm_time", "slurm_gpus",
+                     "slurm_train_tasks", "slurm_cpus", "slurm_mem", "slurm_account", "slurm_qos", "slurm_setup",
+                     "slurm_extra", "slurm_max_jobs")
+NOT_RECORDED = ("force", "no_progress", "plan", *EXECUTOR_SETTINGS)
 RUNTIME_NOTE = "device, precision, progress bars and the cache folder never invalidate finished stages"
 VGG_REMEDY = ("Re-run the same command with --vgg-weights PATH (a saved vgg16 state dict), or once torchvision's "
               "VGG16 ImageNet file is in its cache (see the reason); the finished stages are kept and only the vgg "
@@ -479,20 +488,19 @@ class Kind:
     judge: Callable
     vgg_weights: bool = True
     keep: tuple = ()
-    trains: bool = False  # a training stage: resumed from its last checkpoint when interrupted
 
 
 KINDS = {
     "endpoint": Kind("train", lambda cfg, st, folder, inputs, resume: train_config(cfg, st.loss, st.seeds[0], folder,
                                                                                    resume),
-                     ENDPOINT_SETTINGS, _read_training, _judge_training, trains=True),
+                     ENDPOINT_SETTINGS, _read_training, _judge_training),
     "extra": Kind("train", lambda cfg, st, folder, inputs, resume: extra_config(cfg, inputs[0], st.seeds[0], folder,
                                                                                 resume),
-                  EXTRA_SETTINGS, _read_training, _judge_training, vgg_weights=False, trains=True),
+                  EXTRA_SETTINGS, _read_training, _judge_training, vgg_weights=False),
     "align": Kind("align", lambda cfg, st, folder, inputs, resume: align_config(cfg, *inputs, folder),
                   ALIGN_SETTINGS, _read_align, lambda cfg, st, facts: ("done", ""), vgg_weights=False),
     "curve": Kind("train_curve", lambda cfg, st, folder, inputs, resume: curve_config(cfg, *inputs, folder, resume),
-                  CURVE_SETTINGS, _read_training, _judge_training, keep=("eval", "plane"), trains=True),
+                  CURVE_SETTINGS, _read_training, _judge_training, keep=("eval", "plane")),
     "eval": Kind("eval_curve", lambda cfg, st, folder, inputs, resume: baseline_config(cfg, *inputs, folder)
                  if st.step == "baseline" else eval_config(cfg, inputs[0], folder),
                  EVAL_SETTINGS, _read_eval, _judge_written_last),
@@ -680,10 +688,9 @@ def run(config: StudyConfig) -> dict:
 def run_study(cfg: dict) -> dict:
     """Runs (or resumes) the study described by the resolved settings `cfg` (see resolve_study_config)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("`aecurves study` runs as one process (evaluations and the report are single-process), "
-                        "so do not start it with torchrun. It uses one GPU with --device cuda. To train the "
-                        "endpoints on several GPUs, run `torchrun ... aecurves train` with the same settings into "
-                        "STUDY/endpoints/{loss}_seed{s} first; the study then adopts those finished checkpoints.")
+        raise UserError("`aecurves study` is one driver process, so do not start it with torchrun. On a machine "
+                        "with several GPUs use --executor local (one stage per GPU at once; --gpus-per-train N "
+                        "trains each endpoint on N GPUs), on a Slurm cluster --executor slurm.")
     from aecurves.data import load_data
 
     study = Study(cfg)
@@ -710,7 +717,8 @@ def run_study(cfg: dict) -> dict:
         vgg["status"] == "run" if vgg else check_vgg(cfg["vgg_weights"]) is None)
     all_stages = plan(cfg, n_train, n_test, perceptual)
     study.forced = select_forced(cfg["force"], all_stages)
-    study.stages = [s for s in all_stages if s.loss is None or study.groups[s.loss]["status"] == "run"]
+    study.stages = with_dependencies([s for s in all_stages
+                                      if s.loss is None or study.groups[s.loss]["status"] == "run"])
 
     check_stages(study)
     if cfg["plan"]:
@@ -737,10 +745,6 @@ def check_executor_flags(cfg: dict) -> None:
     bad = [kv for kv in cfg["slurm_extra"] if "=" not in kv or not kv.split("=", 1)[0].strip()]
     if bad:
         raise UserError(f"--slurm-extra takes KEY=VALUE (e.g. constraint=a100), got {', '.join(map(repr, bad))}.")
-    if cfg["executor"] == "local" and cfg["gpus_per_train"] > 1:
-        raise UserError("--gpus-per-train above 1 is not available with --executor local yet; train the endpoints "
-                        "with torchrun --nproc_per_node N aecurves train into STUDY/endpoints/{loss}_seed{s} (the "
-                        "study adopts them), or use --executor slurm --slurm-gpus N.")
 
 
 def check_executor_machine(cfg: dict) -> None:
@@ -748,7 +752,13 @@ def check_executor_machine(cfg: dict) -> None:
     from aecurves import executors
 
     if cfg["executor"] == "local":
-        executors.check_devices(local_devices(cfg))
+        devices = local_devices(cfg)
+        executors.check_devices(devices)
+        slots = cfg["jobs"] or len(devices)
+        if cfg["gpus_per_train"] > slots:
+            raise UserError(f"--gpus-per-train {cfg['gpus_per_train']} needs as many devices at once, but the local "
+                            f"executor runs {slots} at a time ({', '.join(devices)}); pass more --devices (or --jobs), "
+                            "or a smaller --gpus-per-train.")
     if cfg["executor"] == "slurm":
         executors.check_slurm(cfg["slurm_partition"])
 
@@ -880,9 +890,9 @@ class Driver:
 
     def submit_ready(self) -> None:
         for st in list(self.waiting):
-            if self.failures or len(self.executor.running()) >= self.executor.slots:
+            if self.failures:
                 return
-            if all(d in self.finished for d in st.deps):
+            if all(d in self.finished for d in st.deps) and self.executor.can_start(self.job(st)):
                 self.waiting.remove(st)
                 self.start(st)
                 if self.executor.name == "serial":  # it ran already: record it before judging the next stage
@@ -912,8 +922,7 @@ class Driver:
                 "new": ""}[state]
         if state in ("redo", "forced"):
             study.clear(st)
-        job = StageJob(study.cfg, st.name, resume=state == "resume",
-                       distributed=st.kind in ("endpoint", "extra") and self.gpus_per_train() > 1)
+        job = self.job(st, resume=state == "resume")
         study.write_record(st, "started", executor=self.executor.name)
         where = ""
         if self.executor.name != "serial":
@@ -930,12 +939,10 @@ class Driver:
             print(f"    {st.name}: {where}", flush=True)
         self.started[st.name] = (t0, handle)
 
-    def gpus_per_train(self) -> int:
-        """DistributedDataParallel processes per endpoint and extra training stage."""
-        cfg = self.study.cfg
-        if cfg["executor"] == "slurm":
-            return cfg["slurm_train_tasks"] or max(1, cfg["slurm_gpus"])
-        return cfg["gpus_per_train"]
+    def job(self, st: Stage, resume: bool = False) -> "StageJob":
+        """The stage's job; endpoint and extra training run as gpus_per_train DistributedDataParallel processes."""
+        return StageJob(self.study.cfg, st.name, resume=resume,
+                        processes=gpus_per_train(self.study.cfg) if st.kind in ("endpoint", "extra") else 1)
 
     def finish(self, outcome) -> None:
         study = self.study
@@ -982,11 +989,12 @@ class StageJob:
     resume: bool = False
     device: str | None = None      # local: its worker's device, cuda:N (the worker sees only that GPU) or cpu
     log: str | None = None         # local: the file its output goes to
-    distributed: bool = False      # one DistributedDataParallel process per task (Slurm) or per GPU (local)
+    processes: int = 1             # DistributedDataParallel processes: Slurm tasks, or local devices (torchrun)
 
     def __call__(self) -> dict:
         with _output_to(self.log):
-            if self.distributed and "SLURM_JOB_ID" in os.environ:
+            in_slurm = "SLURM_JOB_ID" in os.environ
+            if self.processes > 1 and in_slurm:
                 import submitit
 
                 submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR...
@@ -995,8 +1003,11 @@ class StageJob:
             st = next(s for s in study.stages if s.name == self.stage)
             config = study.config(st, self.resume)
             if self.device:
-                config = dataclasses.replace(config, device="cpu" if self.device == "cpu" else "cuda")
-            result = stage_command(st).run(config)
+                config = dataclasses.replace(config, device="cpu" if self.device.startswith("cpu") else "cuda")
+            if self.processes > 1 and not in_slurm:
+                result = torchrun(config, self.device.split(","), Path(self.cfg["out"]) / "logs")
+            else:
+                result = stage_command(st).run(config)
             import socket
 
             return {"ran": {"host": socket.gethostname(), "pid": os.getpid(),
@@ -1009,6 +1020,41 @@ class StageJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self, resume=True))
+
+
+def torchrun(config, devices: list[str], folder: Path) -> None:
+    """`torchrun --nproc_per_node len(devices) -m aecurves train --config FILE`: the stage's config through the
+    file round trip every command has, on these devices (GPUs), or on CPUs with gloo."""
+    import socket
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / f"{Path(config.out).name}.toml"
+    record = {k: v for k, v in as_record(config).items() if v is not None}
+    file.write_text(to_toml(record))
+    env = dict(os.environ)
+    gpus = [d.removeprefix("cuda:") for d in devices if d.startswith("cuda:")]
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(len(devices)), "--master_port",
+            str(port), "-m", "aecurves", "train", "--config", str(file)]
+    if config.model != BUILTIN_MODEL:
+        argv += ["--model", config.model]  # named on the command line: the trust rule
+    done = subprocess.run(argv, env=env)
+    if done.returncode != 0:
+        raise UserError(f"the {len(devices)} training processes (torchrun) exited with code {done.returncode}; their "
+                        "output is above")
+    return None
+
+
+def gpus_per_train(cfg: dict) -> int:
+    """DistributedDataParallel processes per endpoint and extra training stage."""
+    if cfg["executor"] == "slurm":
+        return cfg["slurm_train_tasks"] or max(1, cfg["slurm_gpus"])
+    return cfg["gpus_per_train"] if cfg["executor"] == "local" else 1
 
 
 @contextlib.contextmanager
