@@ -95,6 +95,7 @@ def test_dependencies_come_from_the_input_files():
     assert all(order.index(d) < order.index(name) for name, s in stages.items() for d in s.deps)
 
 
+@pytest.mark.slow
 def test_plan_shows_the_graph_and_changes_nothing(serial, tmp_path, capsys):
     assert run_cli("study", *TINY, "--out", tmp_path / "new", "--plan") == 0
     out = capsys.readouterr().out
@@ -119,6 +120,7 @@ def test_plan_shows_the_graph_and_changes_nothing(serial, tmp_path, capsys):
 # local
 
 
+@pytest.mark.slow
 def test_local_workers_give_the_serial_numbers(serial, tmp_path, capsys):
     root = tmp_path / "study"
     assert run_cli("study", *TINY, "--out", root, "--executor", "local", "--jobs", 2) == 0
