@@ -108,14 +108,14 @@ def bench_engine(args, device) -> None:
               f"statistics, the losses and SSIM take the rest of the time)")
 
 
-def bench_ssim(device) -> None:
+def bench_ssim(device, n: int = 256) -> None:
     try:
         from torchmetrics.functional.image import structural_similarity_index_measure
     except ImportError:
         print("\nSSIM: torchmetrics is not installed (pip install -e \".[test]\"), so it is not compared")
         return
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(256, 3, 64, 64, generator=gen).to(device)
+    x = torch.rand(n, 3, 64, 64, generator=gen).to(device)
     recon = (x + 0.1 * torch.randn(x.shape, generator=gen).to(device)).clamp(0, 1)
     ways = {"torchmetrics": lambda: structural_similarity_index_measure(recon, x, data_range=1.0, reduction="none"),
             "aecurves": lambda: ssim_per_image(recon, x)}
@@ -129,7 +129,7 @@ def bench_ssim(device) -> None:
             times[name].append(time.perf_counter() - t0)
     tm, ours = (statistics.median(times[n]) for n in ("torchmetrics", "aecurves"))
     diff = (ways["torchmetrics"]() - ways["aecurves"]()).abs().max().item()
-    print(f"\nSSIM of 256 64x64 images on {device}: torchmetrics {tm:.3f} s, aecurves {ours:.3f} s "
+    print(f"\nSSIM of {n} 64x64 images on {device}: torchmetrics {tm:.3f} s, aecurves {ours:.3f} s "
           f"({tm / ours:.1f}x faster), largest difference {diff:.1e} (medians of 7)")
 
 
@@ -142,12 +142,13 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--formats", nargs="+", default=["default", "channels_last"],
                         choices=["default", "channels_last"])
+    parser.add_argument("--ssim-images", type=int, default=256, help="64x64 images in the SSIM comparison")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the untimed first call of each configuration")
     args = parser.parse_args()
     device = runtime.resolve_device(args.device)
     bench_engine(args, device)
-    bench_ssim(device)
+    bench_ssim(device, args.ssim_images)
 
 
 if __name__ == "__main__":
