@@ -322,3 +322,59 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_preempted_training_job_is_requeued_and_resumes_to_the_uninterrupted_weights(cluster, tmp_path, monkeypatch):
+    """USR2 is what Slurm sends before a time limit or a preemption: submitit calls StageJob.checkpoint, the job is
+    requeued under the same id, and the endpoint resumes from its last checkpoint to the weights of a run that
+    was never stopped."""
+    from aecurves.checkpoint import load_checkpoint
+    from aecurves.cli import parse
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    long = [*map(str, TINY), "--epochs", "30", "--save-every-epoch", "2"]
+    _, config = parse(["study", *long, *map(str, SLURM), "--out", str(tmp_path / "study")])
+    cfg = study.resolve_study_config(config)
+    executor = study.make_executor(cfg, tmp_path / "study")
+    handle = executor.submit("endpoint:mse:1", study.StageJob(cfg, "endpoint:mse:1"))
+    checkpoint = tmp_path / "study/endpoints/mse_seed1/checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert checkpoint.exists(), "the job wrote no checkpoint"
+    subprocess.run(["scancel", "--signal=USR2", handle.job_id], check=True)
+    _start_now_once_requeued(handle.job_id)
+    outcomes = []
+    while not outcomes:
+        outcomes = executor.wait(timeout=180)
+    assert outcomes[0].error is None, outcomes[0].error
+    log = Path(handle.logs["stdout"]).read_text()
+    assert "resuming from" in log, log[-2000:]  # the requeued job went on from the checkpoint
+
+    _, uninterrupted = parse(["study", *long, "--out", str(tmp_path / "serial")])
+    assert run_cli("train", "--config", _toml(study.train_config(study.resolve_study_config(uninterrupted), "mse", 1,
+                                                                   tmp_path / "plain", False), tmp_path)) == 0
+    a = load_checkpoint(checkpoint, "endpoint")
+    b = load_checkpoint(tmp_path / "plain/checkpoint.pt", "endpoint")
+    assert a["epoch"] == b["epoch"] == 30
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+
+
+def _toml(config, folder: Path) -> Path:
+    file = folder / "train.toml"
+    file.write_text(to_toml({k: v for k, v in as_record(config).items() if v is not None}))
+    return file
+
+
+def _start_now_once_requeued(job_id: str, timeout: float = 60) -> None:
+    """Slurm holds a requeued job for two minutes (EligibleTime); the test lets it start at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+        if "JobState=PENDING" in shown and "Reason=BeginTime" in shown:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} was not requeued")
