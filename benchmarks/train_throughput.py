@@ -97,6 +97,95 @@ def matmul_gflops(n, dtype, device, repeats):
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+# ---------------------------------------------------------------- the training step's levers, alone and together
+
+LEVERS = {  # name -> (memory format of the batches and weights, Adam implementation, torch.compile)
+    "baseline (contiguous, Adam for-each)": ("contiguous", "foreach", False),
+    "channels_last": ("channels_last", "foreach", False),
+    "fused Adam": ("contiguous", "fused", False),
+    "channels_last + fused Adam": ("channels_last", "fused", False),
+    "channels_last + fused Adam + compile": ("channels_last", "fused", True),
+}
+
+
+def lever_stepper(kind, lever, precision, device, batch):
+    """A function that runs one endpoint step (kind "endpoint") or one curve step (kind "curve": a 3-bend Bezier
+    over the same network at a fresh t, as train-curve does) with the lever's settings."""
+    from aecurves.curves import Curve
+
+    memory_format, adam, compiled = LEVERS[lever]
+    torch.manual_seed(0)
+    model = ConvAutoencoder(**ARCH).to(device).train()
+    if memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    if kind == "curve":
+        curve = Curve(model, "bezier", 3, True, True).to(device).train()
+        params, forward = [b for b in curve.bends if b.requires_grad], curve
+    else:
+        params, forward = list(model.parameters()), model
+    if compiled:
+        forward = torch.compile(forward)
+    opt = torch.optim.Adam(params, lr=1e-3, **({"fused": True} if adam == "fused" else {"foreach": True}))
+    x = torch.rand(batch, 3, 64, 64, device=device)
+    if memory_format == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        with runtime.autocast(device, precision):
+            out = forward(x, torch.rand((), generator=gen).item()) if kind == "curve" else forward(x)
+            loss = F.mse_loss(out, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def levers_table(device, batch, warmup, steps, rounds, compile_too, step_flops, mm):
+    """Each lever's step time in interleaved rounds (every configuration timed once per round, so a burst of
+    load hits all of them): per configuration the median over rounds of its median step, and the median and
+    the smallest of its per-round ratios to the baseline of the same round."""
+    rows = []
+    for kind in ("endpoint", "curve"):
+        for precision in ("fp32", "bf16"):
+            levers = [name for name, (_, _, compiled) in LEVERS.items() if compile_too or not compiled]
+            steppers, notes = {}, {}
+            for name in levers:
+                try:
+                    steppers[name] = lever_stepper(kind, name, precision, device, batch)
+                    for _ in range(warmup + 2 * LEVERS[name][2]):  # compiling happens in the first steps
+                        steppers[name]()
+                except Exception as exc:  # e.g. torch.compile without a working compiler
+                    notes[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+                    steppers.pop(name, None)
+            per_round = {name: [] for name in steppers}
+            for _ in range(rounds):
+                for name, step in steppers.items():
+                    times = []
+                    for _ in range(steps):
+                        sync(device)
+                        t0 = time.perf_counter()
+                        step()
+                        sync(device)
+                        times.append(time.perf_counter() - t0)
+                    per_round[name].append(statistics.median(times))
+            base = per_round.get(levers[0])
+            for name in levers:
+                if name not in per_round:
+                    rows.append([kind, precision, name, "-", "-", "-", "-", "-", notes[name]])
+                    continue
+                sec = statistics.median(per_round[name])
+                ratios = [b / t for b, t in zip(base, per_round[name])] if base else []
+                peak = mm[torch.bfloat16 if precision == "bf16" else torch.float32]
+                rows.append([kind, precision, name, f"{sec * 1e3:.1f}", f"{batch / sec:.0f}",
+                             f"{statistics.median(ratios):.2f}x" if ratios else "-",
+                             f"{min(ratios):.2f}x" if ratios else "-", f"{step_flops / sec / 1e9 / peak:.2f}", ""])
+    print(f"\nlevers: {rounds} interleaved rounds of {steps} timed steps per configuration, after {warmup} warm-up steps")
+    print(tabulate(rows, headers=["step", "precision", "lever", "ms/step", "images/s", "vs baseline (median)",
+                                  "slowest round", "of matmul rate", "note"]))
+
+
 # ---------------------------------------------------------------- bf16 accuracy check
 
 def smooth_images(n, seed):
@@ -159,6 +248,11 @@ def main():
     p.add_argument("--no-accuracy", dest="accuracy", action="store_false", help="same as --no-check-bf16-accuracy")
     p.add_argument("--acc-steps", type=int, default=150, help="training steps per accuracy run")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--levers", action="store_true", help="also time each lever of the endpoint and the curve step "
+                   "(channels_last, fused Adam, together; with --compile, torch.compile on top), fp32 and bf16")
+    p.add_argument("--compile", action="store_true", help="with --levers: include torch.compile")
+    p.add_argument("--rounds", type=int, default=7, help="with --levers: interleaved rounds")
+    p.add_argument("--lever-steps", type=int, default=3, help="with --levers: timed steps per configuration and round")
     args = p.parse_args()
 
     device = runtime.resolve_device(args.device)
@@ -200,6 +294,10 @@ def main():
     for loss_name in ("mse", "vgg"):
         print(f"bf16/fp32 speed-up, {loss_name}: {secs[loss_name, 'fp32'] / secs[loss_name, 'bf16']:.2f}x")
     print(f"(throughput part took {time.perf_counter() - start:.0f} s)")
+    if args.levers:
+        t0 = time.perf_counter()
+        levers_table(device, args.batch_size, args.warmup, args.lever_steps, args.rounds, args.compile, step_flops, mm)
+        print(f"(levers took {time.perf_counter() - t0:.0f} s)")
 
     if args.accuracy:
         t0 = time.perf_counter()
