@@ -190,7 +190,7 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, 
 def _our_jobs(root: Path) -> list[tuple[str, str]]:
     """(job id, stage) of every job the study's drivers submitted, from submitit's submission scripts."""
     jobs = []
-    for script in (root / "slurm").glob("*/*_submission.sh"):
+    for script in (root / "slurm").glob("*/*/*_submission.sh"):  # RUN/JOB_ID/JOB_ID_submission.sh
         name = next(line.split("--job-name=")[1] for line in script.read_text().splitlines() if "--job-name=" in line)
         jobs.append((script.parent.name, name.strip().removeprefix("aecurves-")))
     return sorted(jobs)
@@ -202,7 +202,7 @@ def _wait_for_running_job(root: Path, timeout: float = 120) -> tuple[str, str]:
         out = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i %j"], capture_output=True, text=True).stdout
         for line in out.splitlines():
             job_id, name = line.split()
-            if name.startswith("aecurves-") and (root / "slurm" / job_id).exists():
+            if name.startswith("aecurves-") and any((root / "slurm").glob(f"*/{job_id}")):
                 return job_id, name.removeprefix("aecurves-")
         time.sleep(0.2)
     raise AssertionError("no stage job started running")
@@ -213,6 +213,33 @@ def test_an_unknown_partition_is_refused_before_anything_is_submitted(cluster, t
     err = capsys.readouterr().err
     assert "--slurm-partition gpu-nope is not a partition of this cluster; its partitions: debug" in err
     assert not (tmp_path / "s").exists() and "aecurves-" not in cluster.squeue()
+
+
+class _Planted:
+    """What a crafted result file would hold: unpickling it runs code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("a planted pickle ran",))
+
+
+@pytest.mark.slow
+def test_result_files_in_a_study_folder_someone_sent_are_never_unpickled(cluster, tmp_path, monkeypatch):
+    """submitit's result files are pickles. A study folder may arrive holding some for the job ids the cluster will
+    hand out next; the driver reads results only from a folder it made itself, new and unguessable."""
+    import pickle
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root, marker = tmp_path / "study", tmp_path / "MARKER"
+    for job_id in range(1, 400):  # the flat layout STUDY/slurm/JOB_ID/ and a run folder's, for the next ids
+        for folder in (root / "slurm" / str(job_id), root / "slurm" / "run" / str(job_id)):
+            folder.mkdir(parents=True)
+            (folder / f"{job_id}_0_result.pkl").write_bytes(pickle.dumps(("success", _Planted(str(marker)))))
+    flags = [*TINY, "--no-align", "--no-extra-training"]
+    assert run_cli("study", *flags, *SLURM, "--out", root) == 0
+    assert not marker.exists()
 
 
 @pytest.mark.slow
@@ -256,7 +283,7 @@ def test_a_killed_driver_follows_its_jobs_again_and_submits_no_stage_twice(clust
     assert still_running
     code, out, err = _finish(_driver(root))
     assert code == 0, err
-    followed = [s for s in still_running if f"following Slurm job {still_running[s]}" in out]
+    followed = [s for s in still_running if f"following Slurm job {still_running[s][0]}" in out]
     assert followed, out  # at least the one that was running when the driver died (others may end meanwhile)
     stages = [stage for _, stage in _our_jobs(root)]
     assert sorted(stages) == sorted(set(stages)), "a stage was submitted twice"
@@ -313,7 +340,7 @@ def _ddp_endpoint_equals_torchrun(flags: list, tmp_path: Path, monkeypatch) -> s
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-6, atol=1e-7, msg=k)
     if handle.job_id is None:
         return ""
-    return next((tmp_path / "study/slurm" / handle.job_id).glob("*_submission.sh")).read_text()
+    return next(Path(handle.logs["stdout"]).parent.glob("*_submission.sh")).read_text()
 
 
 def _free_port() -> int:

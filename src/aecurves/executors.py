@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,27 +234,33 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
-def live_jobs(folder: Path) -> dict[str, str]:
-    """{stage: job id} of the queued or running jobs whose submission script lies in `folder` (this study's)."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i|%j|%T|%o"], capture_output=True, text=True)
+def live_jobs(folder: Path) -> dict[str, tuple[str, Path]]:
+    """{stage: (job id, its job folder)} of this user's queued or running jobs whose submission script lies in
+    `folder` (this study's)."""
+    import getpass
+
+    out = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%j|%T|%o"], capture_output=True,
+                         text=True)
     found = {}
     for line in out.stdout.splitlines():
         parts = line.split("|", 3)
         if len(parts) != 4 or not parts[1].startswith(JOB_PREFIX) or parts[2] not in LIVE:
             continue
+        script = Path(parts[3])
         try:
-            ours = Path(parts[3]).resolve().is_relative_to(folder.resolve())
+            ours = script.resolve().is_relative_to(folder.resolve())
         except (OSError, ValueError):
             ours = False
-        if ours:
-            found[parts[1].removeprefix(JOB_PREFIX)] = parts[0]
+        if ours:  # sbatch ran RUN/.submission_file_*.sh, which submitit then moves to RUN/JOB_ID/
+            run_folder = script.parent.parent if script.parent.name == parts[0] else script.parent
+            found[parts[1].removeprefix(JOB_PREFIX)] = (parts[0], run_folder)
     return found
 
 
 class SlurmExecutor:
     """Each stage one Slurm job. A job's result comes from submitit's result file, its state from squeue: this
     works without an accounting database (sacct), as on many small clusters. Job folders and logs are in
-    STUDY/slurm/JOB_ID/."""
+    STUDY/slurm/RUN/JOB_ID/, RUN a folder each driver makes anew."""
 
     name = "slurm"
 
@@ -265,11 +272,15 @@ class SlurmExecutor:
         import submitit
 
         logging.getLogger("submitit").setLevel(logging.ERROR)  # it warns at every poll when sacct is missing
+        # A folder of this driver's own, new and unguessable: submitit's result files are pickles, so the driver
+        # must never read one it did not ask a job of its own to write (a study folder someone sent may hold some)
+        folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
+        self.run_folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=folder))
         self.slots = max_jobs
         self.gpus = gpus
         self.train_tasks = train_tasks or max(1, gpus)
-        self.executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+        self.executor = submitit.AutoExecutor(folder=self.run_folder / "%j", cluster="slurm")
         extra_params = dict(kv.split("=", 1) for kv in extra)
         params = {"timeout_min": minutes, "slurm_setup": list(setup), "slurm_additional_parameters": extra_params}
         for key, value in (("slurm_partition", partition), ("cpus_per_task", cpus), ("slurm_mem", mem), ("slurm_account", account),
@@ -306,10 +317,10 @@ class SlurmExecutor:
         time to write the job id down."""
         import submitit
 
-        job_id = self.live.get(stage)
-        if job_id is None:
+        if stage not in self.live:
             return None
-        return self._track(stage, submitit.SlurmJob(folder=self.folder / "%j", job_id=job_id))
+        job_id, run_folder = self.live[stage]
+        return self._track(stage, submitit.SlurmJob(folder=run_folder / "%j", job_id=job_id))
 
     def running(self) -> list[Handle]:
         return list(self.handles.values())
