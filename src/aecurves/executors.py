@@ -132,17 +132,16 @@ class LocalExecutor:
     def __init__(self, jobs: int, devices: list[str], log_dir: Path):
         self.slots = jobs
         self.log_dir = log_dir
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        context = multiprocessing.get_context("spawn")
-        self.workers = []
-        for i in range(jobs):
-            device = devices[i % len(devices)]
-            pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=context, initializer=_start_worker,
-                initargs=(device, threads if device == "cpu" else None))
-            self.workers.append((device, pool))
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.workers = [self._worker(devices[i % len(devices)]) for i in range(jobs)]
         self.free = list(range(jobs))
         self.handles: dict[concurrent.futures.Future, tuple[list, Handle]] = {}
+
+    def _worker(self, device: str) -> tuple:
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+            initargs=(device, self.threads if device == "cpu" else None))
+        return device, pool
 
     def can_start(self, job) -> bool:
         return len(self.free) >= job.processes
@@ -177,10 +176,7 @@ class LocalExecutor:
             except UserError as exc:
                 outcomes.append(Outcome(handle, error=f"{exc} (its log: {log})"))
             except concurrent.futures.process.BrokenProcessPool:
-                device, _ = self.workers[slot]  # a fresh worker for the slot, for the stages still to come
-                self.workers[slot] = (device, concurrent.futures.ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                    initargs=(device, max(1, (os.cpu_count() or 1) // self.slots) if device == "cpu" else None)))
+                self.workers[slot] = self._worker(self.workers[slot][0])  # a fresh one for the stages to come
                 outcomes.append(Outcome(handle, error=f"its worker process died (killed, or out of memory); its "
                                                       f"log: {log}"))
             except Exception as exc:  # a bug in the stage: its traceback is in the log
