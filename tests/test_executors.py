@@ -137,6 +137,37 @@ def test_local_workers_give_the_serial_numbers(serial, tmp_path, capsys):
     assert capsys.readouterr().out.count("finished already, skipped") == len(STAGES) - 1
 
 
+def _spawned_workers(pid: int) -> list[int]:
+    """The multiprocessing workers among the children of process `pid` (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow
+def test_a_killed_local_worker_stops_the_study_and_a_rerun_finishes_it(serial, tmp_path):
+    """SIGKILL of a worker process in the middle of its stage: the driver names the stage and its log, exits 2,
+    and the same command afterwards finishes with the serial numbers."""
+    root = tmp_path / "study"
+    argv = [sys.executable, "-m", "aecurves", "study", *map(str, TINY), "--executor", "local", "--jobs", "2",
+            "--out", str(root)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "driver.err", "w+") as err:
+        driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("epoch" in p.read_text() for p in (root / "logs").glob("*.log")):
+            time.sleep(0.1)  # a stage is training
+        workers = _spawned_workers(driver.pid)
+        assert workers, "no worker process"
+        os.kill(workers[0], signal.SIGKILL)
+        assert driver.wait(timeout=300) == 2
+        err.seek(0)
+        message = err.read()
+    assert "its worker process died" in message and "failed" in message and "Traceback" not in message
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert_same_numbers(numbers(serial), numbers(root))
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--executor", "local", "--jobs", 0], "--jobs must be at least 1"),
     (["--jobs", 2], "--jobs is a setting of --executor local"),
