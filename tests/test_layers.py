@@ -8,8 +8,8 @@ import aecurves
 
 PACKAGE = Path(aecurves.__file__).parent
 LIBRARY = {"checkpoint", "config", "console", "curves", "data", "errors", "executors", "files", "losses", "metrics",
-           "models", "planes", "plots", "runtime", "schedules", "stats", "symmetry"}
-COMMANDS = {"train", "train_curve", "eval_curve", "export_point", "align", "plane", "report", "study"}
+           "models", "planes", "plots", "runtime", "schedules", "stats", "symmetry", "training"}
+COMMANDS = {"train", "train_curve", "eval_curve", "export_point", "align", "plane", "fge", "report", "study"}
 ENTRY = {"cli", "__main__", "__init__"}
 
 

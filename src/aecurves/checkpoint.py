@@ -2,8 +2,10 @@
 
 An endpoint checkpoint is a dict: kind="endpoint", model, optimizer, epoch, args (the run's config as a plain
 dict, with the data's `channels`), metrics (one dict per epoch). A curve checkpoint has kind="curve", curve,
-model_config (the architecture record), optimizer, epoch, args, metrics. Everything in them is tensors and
-plain Python values, so `torch.load(weights_only=True)` reads them.
+model_config (the architecture record), optimizer, epoch, args, metrics. The training state of an FGE run
+(`aecurves fge`) has kind="fge", model, model_config, optimizer, epoch, args (the FGE config), metrics and fge
+(its snapshots and what it started from). Everything in them is tensors and plain Python values, so
+`torch.load(weights_only=True)` reads them.
 
 A checkpoint names its model factory (`args["model"]`, a MODULE:FACTORY string). A factory of the built-in table
 (models.BUILTIN_FACTORIES, matched exactly) is rebuilt freely; any other name is imported only when the same
@@ -28,14 +30,18 @@ FORMAT_VERSION = 1
 # What each kind of checkpoint must hold to be used at all (type of each entry).
 REQUIRED = {"endpoint": {"model": dict, "args": dict, "epoch": int, "metrics": list, "optimizer": dict},
             "curve": {"curve": dict, "model_config": dict, "args": dict, "epoch": int, "metrics": list,
-                      "optimizer": dict}}
+                      "optimizer": dict},
+            "fge": {"model": dict, "model_config": dict, "args": dict, "epoch": int, "metrics": list,
+                    "optimizer": dict, "fge": dict}}
 # The entries of a curve checkpoint's "curve" (Curve.curve_state), with their types.
 CURVE_STATE = {"bends": torch.Tensor, "buffers": dict, "endpoint_buffers": list, "curve": str, "num_bends": int,
                "fix_start": bool, "fix_end": bool}
 # What defines an endpoint's data: two endpoints of one curve (or plane) must agree on these.
 DATA_KEYS = ("dataset", "data_dir", "limit", "val_fraction", "use_test")
 KINDS = {"endpoint": "an autoencoder checkpoint (from `aecurves train` or `aecurves export-point`)",
-         "curve": "a curve checkpoint (from `aecurves train-curve`)"}
+         "curve": "a curve checkpoint (from `aecurves train-curve`)",
+         "fge": "the training state of an FGE run (OUT/checkpoint.pt of `aecurves fge`; its snapshots, "
+                "OUT/snapshot_K.pt, are autoencoder checkpoints)"}
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -86,7 +92,7 @@ def check_content(state: dict, path, what: str) -> None:
         arch_of(state["args"] if state["kind"] == "endpoint" else state["model_config"])
     except UserError as exc:
         raise UserError(f"The {what} {path} is damaged or was not written by aecurves: {exc}") from None
-    if state["kind"] == "endpoint":
+    if state["kind"] in ("endpoint", "fge"):
         tensors = state["model"]
     else:
         curve = state["curve"]

@@ -37,6 +37,12 @@ DESCRIPTIONS = {
               "middle and last bend (--ckpt), or through three networks (--points A B C), with BatchNorm "
               "statistics recomputed at every grid point as eval-curve does. Writes plane.npz, plane.png (filled "
               "contours on a log scale, with the curve and the segment) and plane.json."),
+    "fge": ("fast geometric ensembling: cyclical-lr snapshots of one endpoint, and their output average",
+            "Fast geometric ensembling (Garipov et al. 2018, their fge.py): train an endpoint on with a cyclical lr "
+            "(from --lr-1 down to --lr-2 and back every --cycle epochs, set before every step), take a snapshot at "
+            "each cycle's lowest lr with BatchNorm statistics recomputed, and measure the snapshots' output average "
+            "(MSE, PSNR, SSIM) on the held-out images beside every snapshot and the endpoint. Writes snapshot_K.pt "
+            "(ordinary endpoint checkpoints), fge.json, metrics.jsonl and reconstructions.png; resumable."),
     "study": ("the whole experiment: endpoints, curves, evaluations and a report (resumable)",
               "Train endpoints for every loss and seed, connect every pair within a loss group by a curve, evaluate "
               "every curve and its segment, and write report.html / report.md. Re-running the same command skips "
@@ -166,6 +172,8 @@ def main(argv=None) -> int:
             from aecurves import align as module
         elif command == "plane":
             from aecurves import plane as module
+        elif command == "fge":
+            from aecurves import fge as module
         elif command == "study":
             from aecurves import study as module
         else:

@@ -391,6 +391,61 @@ class PlaneConfig:
     given: tuple = _given()
 
 
+# fge.py's defaults are lr_1 0.05 and lr_2 1e-4 for SGD; the endpoints here are trained with Adam at their own
+# --lr, so FGE's lr_1 is the endpoint's lr and lr_2 keeps fge.py's ratio of the two.
+FGE_LR_2_RATIO = 0.002  # 1e-4 / 0.05
+
+
+@dataclass
+class FgeConfig:
+    """`aecurves fge`: fast geometric ensembling (Garipov et al. 2018, fge.py): cyclical-lr snapshots of one
+    endpoint, and their output average."""
+
+    ckpt: str | None = option(None, "the endpoint to start from (a checkpoint from train or export-point)",
+                              shown="required; with --resume, the run's", metavar="ENDPOINT")
+    epochs: int = option(20, "epochs of FGE training, its budget (20 as in fge.py)", minimum=1, maximum=MAX_EPOCHS,
+                         group="ensembling")
+    cycle: int = option(4, "cycle length in epochs, even (4 as in fge.py); a snapshot is taken at the end of "
+                           "each cycle's first half, where the lr is lowest", minimum=2, maximum=MAX_EPOCHS,
+                        group="ensembling")
+    lr_1: float | None = option(None, "the highest lr of each cycle (Adam)", shown="the endpoint's --lr",
+                                positive=True, maximum=MAX_LR, group="ensembling")
+    lr_2: float | None = option(None, "the lowest lr of each cycle", shown=f"--lr-1 x {FGE_LR_2_RATIO:g}, "
+                                "fge.py's ratio 1e-4/0.05", positive=True, maximum=MAX_LR, group="ensembling")
+    wd: float | None = option(None, "Adam weight decay", shown="the endpoint's", minimum=0, maximum=MAX_WD,
+                              group="ensembling")
+    batch_size: int | None = option(None, "training batch size", shown="the endpoint's", minimum=1,
+                                    maximum=MAX_BATCH_SIZE, group="ensembling")
+    seed: int = option(1, "seed of the shuffling (1 as in fge.py)", minimum=0, maximum=MAX_SEED,
+                       group="ensembling")
+    bn_images: int = same_as(EvalCurveConfig, "bn_images", help="training images (a fixed subset drawn once: "
+                             "eval-curve's) for the BatchNorm statistics of every snapshot and of the starting "
+                             "endpoint", group="ensembling")
+    out: str = option("runs/fge", "run folder: snapshot_K.pt, fge.json, metrics.jsonl, checkpoint.pt",
+                      aliases=("--dir",), group="outputs")
+    resume: bool = option(False, "continue the FGE run in --out from its checkpoint.pt (settings not given "
+                                 "explicitly come from it; --epochs may grow)", group="outputs")
+    num_images: int = option(8, "held-out images in reconstructions.png (the endpoint, every snapshot and their "
+                                "average); 0: no picture", minimum=0, maximum=MAX_PICTURE_IMAGES, group="outputs")
+    cache_dir: str | None = same_as(TrainConfig, "cache_dir", group="runtime")
+    model: str | None = same_as(EvalCurveConfig, "model", help="the endpoint's model factory; needed (the same "
+                                "value) when it is outside aecurves", shown="the endpoint's, if built into "
+                                "aecurves", group="runtime")
+    device: str = same_as(TrainConfig, "device")
+    precision: str = same_as(TrainConfig, "precision")
+    vgg_weights: str = same_as(TrainConfig, "vgg_weights", help="VGG16 weights for the training loss of a vgg-loss "
+                               "endpoint: imagenet, PATH or random")
+    no_progress: bool = same_as(TrainConfig, "no_progress")
+    given: tuple = _given()
+
+
+# On --resume, an FGE run takes these from its checkpoint unless given explicitly, and refuses a contradicting
+# flag; --epochs comes from it too unless given, and may grow (the schedule does not depend on it). --model is a
+# permission, not a setting: it is checked against the checkpoint's factory.
+FGE_RESUME_KEYS = ("ckpt", "cycle", "lr_1", "lr_2", "wd", "batch_size", "seed", "bn_images")
+FGE_RESUME_CARRIED = ("epochs",)
+
+
 @dataclass
 class ReportConfig:
     """`aecurves report`: (re)writes a study's report from its files."""
@@ -539,8 +594,8 @@ class StudyConfig:
 
 
 COMMANDS = {"train": TrainConfig, "train-curve": TrainCurveConfig, "eval-curve": EvalCurveConfig,
-            "export-point": ExportPointConfig, "align": AlignConfig, "plane": PlaneConfig, "study": StudyConfig,
-            "report": ReportConfig}
+            "export-point": ExportPointConfig, "align": AlignConfig, "plane": PlaneConfig, "fge": FgeConfig,
+            "study": StudyConfig, "report": ReportConfig}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from aecurves import console, runtime
+from aecurves import runtime
 from aecurves.checkpoint import check_fits, check_same_arch, load_checkpoint, save_checkpoint, trusted_arch
 from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, TRAIN_INIT_KEYS, TRAIN_RESUME_KEYS, TrainConfig, \
     as_record, check_model_kwargs, is_given, settle_with_checkpoint, validate
@@ -21,43 +21,12 @@ from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
 from aecurves.files import append_jsonl, atomic_path, folder_lock, write_jsonl
 from aecurves.losses import make_loss
-from aecurves.metrics import check_finite, check_finite_state, evaluate
+from aecurves.metrics import check_finite_state, evaluate
 from aecurves.models import arch_of, build_model, num_parameters
-from aecurves.schedules import lr_at, set_lr
+from aecurves.schedules import lr_at
+from aecurves.training import train_one_epoch
 
 COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_mse", "test_psnr", "seconds", "images/s"]
-
-
-def train_one_epoch(model, loss_fn, optimizer, loader, device, precision, epoch, progress=True, lr_for_step=None):
-    """Returns (mean training loss, images seen by this process, lr of the last step).
-
-    `lr_for_step(step)`, when given, sets the optimizer's lr before every step (the lr schedule).
-    """
-    model.train()
-    loader.set_epoch(epoch)
-    total = torch.zeros((), device=device)
-    seen = 0
-    lr = optimizer.param_groups[0]["lr"]
-    bar = console.progress(loader, f"epoch {epoch}", progress, unit="batch")
-    for step, x in enumerate(bar):
-        if lr_for_step is not None:
-            lr = lr_for_step(step)
-            set_lr(optimizer, lr)
-        with runtime.autocast(device, precision):
-            loss = loss_fn(model(x), x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach() * x.shape[0]
-        seen += x.shape[0]
-        if step % 10 == 0:  # .item() syncs with the GPU, so only now and then
-            value = loss.item()
-            check_finite(value, f"epoch {epoch}, step {step}")
-            bar.set_postfix(loss=f"{value:.4f}")
-    stats = runtime.all_reduce_sum(torch.stack([total, torch.tensor(float(seen), device=device)]))
-    mean = (stats[0] / stats[1]).item()
-    check_finite(mean, f"epoch {epoch}")
-    return mean, seen, lr
 
 
 def reconstruction_grid(model, images: torch.Tensor) -> torch.Tensor:
