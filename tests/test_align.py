@@ -12,7 +12,7 @@ from aecurves.symmetry import find_groups, permute
 
 from conftest import run_cli
 
-FAST = ["--images", 128, "--no-progress"]
+FAST = ["--images", 128, "--no-progress", "--steps", 5]
 
 
 def permuted_copy(path, out, seed=0):
@@ -28,7 +28,7 @@ def permuted_copy(path, out, seed=0):
     return out
 
 
-@pytest.mark.parametrize("method", ["weights", "activations", "both"])
+@pytest.mark.parametrize("method", ["weights", "weights-raw", "activations", "both", "mixed", "learned"])
 def test_every_method_recovers_a_permuted_copy_exactly(method, tiny_endpoints, tmp_path):
     a = tiny_endpoints[0]
     b = permuted_copy(a, tmp_path / "b.pt")
@@ -112,3 +112,47 @@ def test_activation_matching_reads_units_before_or_after_the_activation(tiny_end
     for at, want in (("pre", conv), ("post", post)):
         got = _unit_activations(net, groups, [x], at)["encoder.0.0"]
         assert torch.allclose(got, want.transpose(0, 1).reshape(groups[0].size, -1).double(), atol=1e-6), at
+
+
+def test_the_learned_permutation_keeps_its_budget_and_is_never_worse_on_its_monitor(tiny_endpoints, tmp_path):
+    """Git Re-Basin's straight-through estimator: it starts from activation matching, which is scored first, and
+    keeps the best permutation by the midpoint's loss, so the kept one is never worse than where it began."""
+    a, b = tiny_endpoints
+    out = tmp_path / "learned.pt"
+    assert run_cli("align", "--init_start", a, "--init_end", b, "--method", "learned", "--images", 128, "--steps", 6,
+                   "--no-progress", "--out", out) == 0
+    record = load_checkpoint(out, "endpoint")["aligned_to"]
+    learned = record["learned"]
+    assert learned["steps"] == 6 and learned["history"][0]["step"] == 0
+    assert learned["history"][-1]["step"] in (0, 6)  # scored at the end only if the permutation changed
+    assert learned["best_midpoint_loss"] <= learned["start_midpoint_loss"]
+    assert learned["best_midpoint_loss"] == min(h["midpoint_loss"] for h in learned["history"])
+    assert record["max_output_difference"] <= 1e-5
+
+
+def test_the_midpoint_monitor_is_the_loss_of_the_averaged_network_with_bn_recomputed(tiny_endpoints):
+    from aecurves.align import _MidpointMonitor
+    from aecurves.curves import recompute_bn
+    from aecurves.losses import make_loss
+
+    states = [load_checkpoint(p, "endpoint") for p in tiny_endpoints]
+    nets = []
+    for s in states:
+        net = build_model(s["args"])
+        net.load_state_dict(s["model"])
+        nets.append(net)
+    size = states[0]["args"]["image_size"]
+    x = torch.rand(8, states[0]["args"]["channels"], size, size)
+    groups = find_groups(nets[1], x[:2])
+    perms = {g.name: torch.randperm(g.size, generator=torch.Generator().manual_seed(1)) for g in groups}
+    monitor = _MidpointMonitor(nets[0], nets[0].state_dict(), nets[1].state_dict(), groups, [x[:4], x[4:]],
+                               make_loss("mse"))
+    # by hand: B permuted, averaged with A, BN statistics recomputed on the same batches, MSE in eval mode
+    b = permute(nets[1].state_dict(), groups, perms)
+    mid = build_model(states[0]["args"])
+    mid.load_state_dict({k: (0.5 * (nets[0].state_dict()[k] + b[k]) if k in dict(mid.named_parameters()) else v)
+                         for k, v in mid.state_dict().items()})
+    recompute_bn(mid, dict(mid.named_parameters()), [x[:4], x[4:]])
+    with torch.no_grad():
+        want = float(((mid.eval()(x) - x) ** 2).mean())
+    assert monitor(perms) == pytest.approx(want, rel=1e-5)

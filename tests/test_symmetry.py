@@ -12,8 +12,8 @@ from torch import nn
 
 from aecurves.errors import UserError
 from aecurves.models import ConvAutoencoder
-from aecurves.symmetry import (Entry, apply_latent_map, find_groups, linear_assignment, permute,
-                               weight_matching)
+from aecurves.symmetry import (Entry, _matching_cost, apply_latent_map, batchnorm_after, find_groups, fold_batchnorm,
+                               linear_assignment, permute, weight_matching)
 
 from ae_models import UpsampleAutoencoder, mlp_autoencoder
 
@@ -338,11 +338,88 @@ def test_linear_assignment_is_optimal(n):
         assert cost[np.arange(n), best].sum() == pytest.approx(-brute_force(-cost), abs=1e-9)
 
 
-def test_linear_assignment_matches_scipy_on_larger_matrices():
-    optimize = pytest.importorskip("scipy.optimize")
-    rng = np.random.default_rng(0)
-    for n in (40, 200):
-        cost = rng.normal(size=(n, n))
-        rows, cols = optimize.linear_sum_assignment(cost, maximize=True)
-        ours = linear_assignment(cost, maximize=True)
-        assert cost[np.arange(n), ours].sum() == pytest.approx(cost[rows, cols].sum(), abs=1e-9)
+def along_of(groups) -> dict:
+    along = {}
+    for g in groups:
+        for e in g.entries:
+            along.setdefault(e.name, []).append((g.name, e.axis, e.block))
+    return along
+
+
+def identity_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm the identity in eval mode: gamma 1, beta 0, mean 0, var + eps = 1."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(1.0), m.bias.zero_(), m.running_mean.zero_(), m.running_var.fill_(1.0 - m.eps)
+    return model
+
+
+def test_batchnorm_after_pairs_each_normalised_layer_with_its_norm():
+    model, _ = conv_ae(32)
+    assert batchnorm_after(model) == {"encoder.0.0": "encoder.0.1", "encoder.1.0": "encoder.1.1",
+                                      "encoder.2.0": "encoder.2.1", "decoder.0.0": "decoder.0.1",
+                                      "decoder.1.0": "decoder.1.1"}
+    assert batchnorm_after(mlp_ae()[0]) == {}  # no BatchNorm at all
+
+
+def test_the_folded_cost_equals_the_raw_cost_when_batchnorm_is_the_identity():
+    a, x = conv_ae(32)
+    b = ConvAutoencoder(channels=3, image_size=32, latent_dim=16, width=8)
+    identity_batchnorm(a), identity_batchnorm(b)
+    groups = groups_of(a, x)
+    pairs = batchnorm_after(a)
+    along, perms = along_of(groups), random_perms(groups, seed=3)
+    folded_a, folded_b = fold_batchnorm(a.state_dict(), a, pairs), fold_batchnorm(b.state_dict(), b, pairs)
+    for g in groups:
+        raw = _matching_cost(g, a.state_dict(), b.state_dict(), perms, along, normalise=False)
+        folded = _matching_cost(g, folded_a, folded_b, perms, along, normalise=False)
+        # raw also counts gamma·gamma = 1 and var·var = (1 - eps)^2 for every pair of units of a normalised group
+        constant = (1 + (1 - 1e-5) ** 2) if g.name in pairs else 0.0
+        assert torch.allclose(raw - folded, torch.full_like(raw, constant), atol=1e-9), g.name
+
+
+def test_folding_removes_the_scale_that_batchnorm_makes_arbitrary():
+    """Scaling a conv's weights and its BN's running std together changes nothing the network computes; the
+    folded view is unchanged by it, the raw weights are not."""
+    model, x = conv_ae(32)
+    pairs = batchnorm_after(model)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.encoder[1][0].weight.mul_(7.0)
+        bn = scaled.encoder[1][1]
+        bn.running_mean.mul_(7.0)
+        bn.running_var.mul_(49.0).add_(48.0 * bn.eps)  # (7σ)² - eps
+        assert torch.allclose(scaled(x), model(x), atol=1e-5)
+    folded, folded_scaled = fold_batchnorm(model.state_dict(), model, pairs), \
+        fold_batchnorm(scaled.state_dict(), scaled, pairs)
+    assert all(torch.allclose(folded[k], folded_scaled[k], atol=1e-9) for k in folded)
+    assert "encoder.1.1.running_var" not in folded and "encoder.1.1.weight" not in folded
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_normalised_folded_and_mixed_matching_undo_a_permutation(name):
+    model, x = MODELS[name]()
+    groups = groups_of(model, x)
+    perms = random_perms(groups, seed=5)
+    permuted = copy.deepcopy(model)
+    permuted.load_state_dict(permute(model.state_dict(), groups, perms))
+    pairs = batchnorm_after(model)
+    fa, fb = fold_batchnorm(model.state_dict(), model, pairs), fold_batchnorm(permuted.state_dict(), permuted, pairs)
+    # a unary score that favours the wrong units a little; alpha = 0.3 leaves the weights' cosine in charge
+    g0 = torch.Generator().manual_seed(1)
+    unary = {g.name: 0.1 * torch.rand(g.size, g.size, generator=g0, dtype=torch.float64) for g in groups}
+    for kwargs in ({"normalise": True}, {"normalise": True, "unary": unary, "alpha": 0.3}):
+        found = weight_matching(fa, fb, groups, **kwargs)
+        for g in groups:
+            assert torch.equal(found[g.name], torch.argsort(perms[g.name])), (g.name, kwargs)
+
+
+def test_mixed_matching_with_alpha_one_is_the_unary_assignment():
+    model, x = conv_ae(32)
+    groups = groups_of(model, x)
+    g0 = torch.Generator().manual_seed(2)
+    unary = {g.name: torch.rand(g.size, g.size, generator=g0, dtype=torch.float64) for g in groups}
+    found = weight_matching(model.state_dict(), model.state_dict(), groups, unary=unary, alpha=1.0, normalise=True)
+    for g in groups:
+        assert found[g.name].tolist() == linear_assignment(unary[g.name].numpy(), maximize=True).tolist()

@@ -37,7 +37,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 BUILTIN_MODEL = "aecurves.models:ConvAutoencoder"
 EXPORT_FORMATS = ("checkpoint", "safetensors", "state_dict")
-ALIGN_METHODS = ("weights", "activations", "both")
+ALIGN_METHODS = ("activations", "weights", "weights-raw", "both", "mixed", "learned")
 LATENT_MAPS = ("none", "permutation", "orthogonal", "linear")
 ALIGN_TOLERANCE = 1e-5  # an aligned network's outputs may differ from the original's by at most this (fp32)
 MAX_LR = 100.0  # far above any useful Adam lr; larger values overflow float32 arithmetic in the optimizer
@@ -321,10 +321,22 @@ class AlignConfig:
     init_start: str | None = option(None, "endpoint A, the one aligned to", required=True)
     init_end: str | None = option(None, "endpoint B, the one reordered", required=True)
     out: str | None = option(None, "file to write: B aligned to A, an ordinary endpoint checkpoint", required=True)
-    method: str = option("activations", "weights: weight matching (data-free, Ainsworth et al.); activations: "
-                                        "match hidden units by the correlation of their activations on "
-                                        "--images training images; both: activation matching, then weight "
-                                        "matching starting from it", choices=ALIGN_METHODS)
+    method: str = option("activations", "activations: match hidden units by the correlation of their activations "
+                                        "on --images training images; weights: weight matching (data-free, "
+                                        "Ainsworth et al.) on the weights with BatchNorm folded in (W·γ/σ and the "
+                                        "effective bias), each unit's row normalised; weights-raw: weight matching "
+                                        "on the raw weights and BatchNorm tensors, as Git Re-Basin; both: "
+                                        "activation matching, then weight matching starting from it; mixed: "
+                                        "coordinate descent on --alpha · correlation + (1 − alpha) · weight cosine, "
+                                        "started from activation matching; learned: the permutation learned with a "
+                                        "straight-through estimator (Git Re-Basin's Algorithm 3) for --steps "
+                                        "steps, started from activation matching", choices=ALIGN_METHODS)
+    alpha: float = option(0.5, "mixed: the weight of the activations' correlation against the weights' cosine",
+                          minimum=0, maximum=1)
+    steps: int = option(200, "learned: straight-through steps (each one a batch of --images training images and a "
+                             "weight matching)", minimum=1, maximum=MAX_EPOCHS)
+    ste_lr: float = option(1e-3, "learned: Adam learning rate of the continuous weights", positive=True,
+                           maximum=MAX_LR)
     match_at: str = option("pre", "where activation matching reads a unit: pre (the output of the layer that "
                                    "writes it) or post (as the next layer reads it, after BatchNorm and the "
                                    "activation)", choices=("pre", "post"))
@@ -334,10 +346,13 @@ class AlignConfig:
     images: int = option(1024, "training images for activation matching and the latent map", minimum=1,
                          maximum=MAX_IMAGES)
     batch_size: int = same_as(EvalCurveConfig, "batch_size", help="", group=None)
-    seed: int = option(0, "seed of weight matching's visiting order", minimum=0, maximum=MAX_SEED)
+    seed: int = option(0, "seed of weight matching's visiting order and of the learned method's batches and λ",
+                       minimum=0, maximum=MAX_SEED)
     cache_dir: str | None = same_as(TrainConfig, "cache_dir", group=None)
     model: str | None = same_as(EvalCurveConfig, "model", group=None)
     device: str = same_as(TrainConfig, "device", group=None)
+    vgg_weights: str = same_as(TrainConfig, "vgg_weights", help="learned, for vgg-loss endpoints: VGG16 weights "
+                               "of the loss (imagenet, PATH or random)", group=None)
     no_progress: bool = same_as(TrainConfig, "no_progress", group=None)
     given: tuple = _given()
 

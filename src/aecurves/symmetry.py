@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
@@ -464,43 +465,15 @@ def apply_latent_map(state: dict, group: Group, matrix: torch.Tensor) -> dict:
 # --- weight matching -------------------------------------------------------------------------------------------
 
 def linear_assignment(cost, maximize: bool = False) -> np.ndarray:
-    """The column for each row of a square cost matrix that minimises (or maximises) the total: the Hungarian
-    method with potentials (shortest augmenting paths), O(n^3), vectorised over columns."""
+    """The column for each row of a square cost matrix that minimises (or maximises) the total (scipy's
+    linear_sum_assignment, a shortest-augmenting-path Hungarian method)."""
     c = np.asarray(cost, dtype=np.float64)
     if c.ndim != 2 or c.shape[0] != c.shape[1] or not np.isfinite(c).all():
         raise ValueError(f"linear_assignment takes a finite square matrix, got shape {c.shape}")
-    n = c.shape[0]
-    padded = np.full((n + 1, n + 1), np.inf)  # 1-based rows and columns; column 0 is the path's start
-    padded[1:, 1:] = -c if maximize else c
-    u, v = np.zeros(n + 1), np.zeros(n + 1)
-    row_of = np.zeros(n + 1, dtype=np.int64)  # row_of[j]: the row assigned to column j, 0 if none
-    way = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        row_of[0], j0 = i, 0
-        minv = np.full(n + 1, np.inf)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = row_of[j0]
-            reduced = padded[i0] - u[i0] - v
-            better = ~used & (reduced < minv)
-            minv[better] = reduced[better]
-            way[better] = j0
-            j1 = int(np.argmin(np.where(used, np.inf, minv)))
-            delta = minv[j1]
-            u[row_of[used]] += delta
-            v[used] -= delta
-            minv[~used] -= delta
-            j0 = j1
-            if row_of[j0] == 0:
-                break
-        while j0:  # flip the augmenting path
-            j1 = way[j0]
-            row_of[j0] = row_of[j1]
-            j0 = j1
-    cols = np.empty(n, dtype=np.int64)
-    cols[row_of[1:] - 1] = np.arange(n)
-    return cols
+    rows, cols = linear_sum_assignment(c, maximize=maximize)
+    out = np.empty(c.shape[0], dtype=np.int64)
+    out[rows] = cols
+    return out
 
 
 def _rows(w: torch.Tensor, axis: int, size: int) -> torch.Tensor:
@@ -508,10 +481,18 @@ def _rows(w: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     return w.movedim(axis, 0).reshape(size, -1)
 
 
-def weight_matching(state_a: dict, state_b: dict, groups: list[Group], iters: int = 100,
-                    seed: int = 0, init: dict | None = None) -> dict[str, torch.Tensor]:
-    """Permutations that make B's weights as close as possible to A's (the largest sum of inner products):
-    permute(state_b, groups, result) is B reordered to match A, computing the same function as B.
+def weight_matching(state_a: dict, state_b: dict, groups: list[Group], iters: int = 100, seed: int = 0,
+                    init: dict | None = None, normalise: bool = False, unary: dict | None = None,
+                    alpha: float = 0.0) -> dict[str, torch.Tensor]:
+    """Permutations that make B's weights as close as possible to A's: permute(state_b, groups, result) is B
+    reordered to match A, computing the same function as B.
+
+    The cost of matching B's unit j to A's unit i is the inner product of the two units' weights: every tensor of
+    the group, sliced along the group's axis (the "row" of a unit), with the other groups' axes as B is currently
+    permuted. Only tensors present in both states count, so a caller may leave some out or pass a rewritten view
+    (fold_batchnorm). normalise: each unit's row, all its tensors together, is divided by its norm first, so the
+    cost is a cosine similarity in [-1, 1] and no unit counts more for being larger. unary: a fixed [n, n] score
+    per group (e.g. the activations' correlation); the assignment then maximises alpha * unary + (1 - alpha) * cost.
 
     Coordinate ascent as in Ainsworth et al.: each sweep visits the groups in a random order and solves a linear
     assignment for one with the others held; it stops after a sweep in which no group's total improved. It starts
@@ -522,19 +503,17 @@ def weight_matching(state_a: dict, state_b: dict, groups: list[Group], iters: in
     for g in groups:
         for e in g.entries:
             along.setdefault(e.name, []).append((g.name, e.axis, e.block))
+    names = set(along) & set(state_a) & set(state_b)  # the tensors that count, in float64 once
+    state_a = {n: state_a[n].detach().double().cpu() for n in names}
+    state_b = {n: state_b[n].detach().double().cpu() for n in names}
     generator = torch.Generator().manual_seed(seed)
     for _ in range(iters):
         improved = False
         for k in torch.randperm(len(groups), generator=generator).tolist():
             g = groups[k]
-            cost = torch.zeros(g.size, g.size, dtype=torch.float64)
-            for e in g.entries:
-                wb = state_b[e.name].detach().double().cpu()
-                for name, axis, block in along[e.name]:
-                    if (name, axis) != (g.name, e.axis):  # the other axes as B is currently permuted
-                        wb = wb.index_select(axis, _index(perms[name], block))
-                wa = state_a[e.name].detach().double().cpu()
-                cost += _rows(wa, e.axis, g.size) @ _rows(wb, e.axis, g.size).T
+            cost = _matching_cost(g, state_a, state_b, perms, along, normalise)
+            if unary is not None and g.name in unary:
+                cost = alpha * torch.as_tensor(unary[g.name], dtype=torch.float64) + (1 - alpha) * cost
             new = torch.as_tensor(linear_assignment(cost.numpy(), maximize=True))
             old_total = cost[torch.arange(g.size), perms[g.name]].sum().item()
             new_total = cost[torch.arange(g.size), new].sum().item()
@@ -545,3 +524,73 @@ def weight_matching(state_a: dict, state_b: dict, groups: list[Group], iters: in
         if not improved:
             break
     return perms
+
+
+def _matching_cost(g: Group, state_a: dict, state_b: dict, perms: dict, along: dict,
+                   normalise: bool) -> torch.Tensor:
+    """[n, n]: A's unit i against B's unit j, as weight_matching defines it (a sum over the group's tensors of the
+    units' inner products; normalised, divided by the norms of the units' whole rows)."""
+    cost = torch.zeros(g.size, g.size, dtype=torch.float64)
+    norms_a, norms_b = torch.zeros(g.size, dtype=torch.float64), torch.zeros(g.size, dtype=torch.float64)
+    for e in g.entries:
+        if e.name not in state_a or e.name not in state_b:
+            continue
+        wb = state_b[e.name].double()
+        for name, axis, block in along[e.name]:
+            if (name, axis) != (g.name, e.axis):  # the other axes as B is currently permuted
+                wb = wb.index_select(axis, _index(perms[name], block))
+        ra, rb = _rows(state_a[e.name].double(), e.axis, g.size), _rows(wb, e.axis, g.size)
+        cost += ra @ rb.T
+        if normalise:  # a row's norm does not depend on how the other axes are ordered
+            norms_a += ra.square().sum(dim=1)
+            norms_b += rb.square().sum(dim=1)
+    if normalise:
+        cost /= torch.outer(norms_a.sqrt().clamp_min(1e-12), norms_b.sqrt().clamp_min(1e-12))
+    return cost
+
+
+# --- BatchNorm folded into the layer before it ----------------------------------------------------------------
+
+_WRITERS = _CONVS + _CONV_TRANSPOSES + (nn.Linear,)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def batchnorm_after(model: nn.Module) -> dict[str, str]:
+    """{layer: its BatchNorm} for every Conv/ConvTranspose/Linear whose output only a BatchNorm module reads."""
+    gm = fx.symbolic_trace(model)  # callers traced it already (find_groups), so this cannot fail
+    modules = dict(gm.named_modules())
+    pairs = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], _WRITERS):
+            continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], _BATCHNORMS) \
+                and users[0].args[0] is node:
+            pairs[node.target] = users[0].target
+    return pairs
+
+
+def fold_batchnorm(state: dict, model: nn.Module, pairs: dict[str, str]) -> dict:
+    """The weights as eval mode computes with them: a layer followed by BatchNorm computes, per output channel,
+    s * (W x + b - mean) + beta with s = gamma / sqrt(var + eps). Its weight becomes W * s (so the arbitrary
+    scale that BatchNorm removes is gone), and the effective bias s * (b - mean) + beta takes the place of the
+    BatchNorm's bias; the BatchNorm's scale and running statistics and the layer's own bias are left out (they are
+    folded in). A view for weight_matching only: the function is not represented by it."""
+    modules = dict(model.named_modules())
+    out = {k: v.detach().double().cpu() for k, v in state.items()}
+    for layer, bn in pairs.items():
+        norm = modules[bn]
+        var, mean = out[f"{bn}.running_var"], out[f"{bn}.running_mean"]
+        gamma = out.get(f"{bn}.weight", torch.ones_like(var))
+        beta = out.get(f"{bn}.bias", torch.zeros_like(var))
+        s = gamma / torch.sqrt(var + norm.eps)
+        w = out[f"{layer}.weight"]
+        out_axis = 1 if isinstance(modules[layer], _CONV_TRANSPOSES) else 0
+        shape = [1] * w.dim()
+        shape[out_axis] = -1
+        out[f"{layer}.weight"] = w * s.reshape(shape)
+        bias = out.pop(f"{layer}.bias", torch.zeros_like(var))
+        out[f"{bn}.bias"] = s * (bias - mean) + beta
+        for key in ("weight", "running_mean", "running_var"):
+            out.pop(f"{bn}.{key}", None)
+    return out
