@@ -250,6 +250,12 @@ class EvalCurveConfig:
                              maximum=MAX_PICTURE_IMAGES)
     segment_too: bool = option(True, "for a curve, also evaluate the segment between its endpoints",
                                negative_flag="--no-segment-too", group="evaluation")
+    renormalize: bool = option(False, "REPAIR's correction (Jordan et al. 2023) at every t: each Conv/Linear layer "
+                                      "not read by a BatchNorm, but the output layer (built-in model: the two "
+                                      "latent Linears), gets each output channel's mean and std on the BN images "
+                                      "interpolated between the endpoints', folded into its weight and bias; the "
+                                      "paths are then labelled 'renormalised'. Not with --ensemble",
+                               group="evaluation")
     precision: str = option("fp32", "fp32; or bf16: the forward passes under bf16 autocast (BatchNorm, the losses, "
                                     "SSIM and every sum stay fp32), faster where the hardware runs bf16 fast",
                             choices=("fp32", "bf16"), group="evaluation")

@@ -21,6 +21,12 @@ images as ensembles (metrics.evaluate_ensembles): (a) the output average of its 
 t, (b) that of its two endpoints, (c) one network at the mean of the K points' weights, beside the two
 endpoints alone; every network with BN statistics recomputed as at every point.
 
+With `renormalize`, every path is evaluated with REPAIR's correction at every t (aecurves.renormalize): the
+Conv/Linear layers that no BatchNorm reads (but the output layer) get each output channel's mean and std on the
+BN images interpolated between the endpoints', folded into their weights. Those are other networks than the
+plain path's, so their labels say "renormalised", and eval.json records "renormalize" and "renormalization"
+(the layers corrected, the images). Not with `ensemble`: the ensembles are defined on the plain path.
+
 Outputs in `out` (default: CKPT_FOLDER/eval for a curve, runs/segment for --segment):
 curve.npz, eval.json, loss_along_path.png, reconstructions.png, for a curve with its segment
 reconstructions_segment.png, and with `ensemble` ensemble.png. Nothing is written before every point was
@@ -38,17 +44,17 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from aecurves import plots, runtime
+from aecurves import plots, renormalize, runtime
 from aecurves.checkpoint import load_curve, load_endpoint_pair
 from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, VAL_FRACTION, EvalCurveConfig, as_record, \
     validate
 from aecurves.curves import Curve, make_segment, segment_of
-from aecurves.data import check_outside_data, load_data
+from aecurves.data import BatchLoader, check_outside_data, load_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, check_writable, folder_lock, write_json
 from aecurves.losses import make_loss
 from aecurves.metrics import ENSEMBLES, METRICS, SPLITS, SSIM_WINDOW, STATS, choose_points_per_call, \
-    evaluate_ensembles, evaluate_path, protocol_loaders, reconstruct, reconstructions_along, summarize
+    evaluate_ensembles, evaluate_path, fixed_subset, protocol_loaders, reconstruct, reconstructions_along, summarize
 from aecurves.models import build_model
 from aecurves.stats import bootstrap_barrier
 
@@ -69,6 +75,8 @@ class Subject:
     endpoints: list
     loss: str
     notes: list
+    segment_label: str = "segment"
+    plan: renormalize.Plan | None = None  # with --renormalize: the layers corrected at every t
 
 
 @dataclass
@@ -85,6 +93,8 @@ def run(cfg: EvalCurveConfig) -> dict:
     check_config(cfg)
     out = output_folder(cfg)
     subject = load_subject(cfg)
+    if cfg.renormalize:
+        plan_renormalization(subject)
     data, data_record = load_subject_data(cfg, subject)
     check_outside_data(out, data_record["data_dir"], "--out")
     # One evaluation per folder for the whole run: a second one is refused, not interleaved or silently replaced.
@@ -122,8 +132,16 @@ def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, 
         print(f"note: {note}")
 
     check_writable(out)  # now, not after every point was computed
+    measured, stats_loader = subject, None
+    if subject.plan is not None:  # the same paths, each network corrected (renormalize.RenormalizedPath)
+        stats_loader = bn_loader or BatchLoader(data.train if cfg.full else fixed_subset(data.train, cfg.bn_images,
+                                                                                        SUBSET_SEED),
+                                                cfg.batch_size, device,
+                                                channels_last=protocol.memory_format == "channels_last")
+        measured = dataclasses.replace(subject, path=renormalized(subject.path, subject.plan, stats_loader, bn_loader),
+                                       segment=renormalized(subject.segment, subject.plan, stats_loader, bn_loader))
     with runtime.autocast(device, cfg.precision):  # bf16: the forward passes only (see EvalCurveConfig)
-        results = evaluate_paths(subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
+        results = evaluate_paths(measured, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
                                  ssim, progress=not cfg.no_progress, points_per_call=per_call)
         ensemble = None
         if cfg.ensemble:
@@ -163,6 +181,8 @@ def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, 
         "config": as_record(cfg),
         "summary": results.summary,
         "series": {k: np.asarray(v).tolist() for k, v in results.series.items() if "per_image" not in k},
+        "renormalize": subject.plan is not None,
+        "renormalization": renormalization_record(subject, measured, stats_loader) if subject.plan else None,
     }
     if ensemble is not None:
         record["ensemble"] = ensemble_record(ensemble, len(data.test))
@@ -184,6 +204,11 @@ def check_config(cfg: EvalCurveConfig) -> None:
     if cfg.ensemble == 1:
         raise UserError("--ensemble 1 is not an ensemble: pass K >= 2 (the output average of K evenly spaced "
                         "points t in [0, 1], which include both endpoints), or 0 to leave ensembles out.")
+    if cfg.renormalize and cfg.ensemble:
+        raise UserError("--renormalize and --ensemble cannot be combined: --renormalize changes the path's networks "
+                        "(REPAIR's correction of the layers without BatchNorm), while the ensembles are defined on "
+                        "the plain path. Run eval-curve twice: with --ensemble K for the ensembles, and with "
+                        "--renormalize (and another --out) for the renormalised path.")
 
 
 def output_folder(cfg: EvalCurveConfig) -> Path:
@@ -218,6 +243,51 @@ def load_subject(cfg: EvalCurveConfig) -> Subject:
                         f"--loss {losses[0]} or --loss {losses[1]} to say which one to evaluate along the segment.")
     return Subject("segment", make_segment(build_model(arch), a["model"], b["model"]), None, a["args"], arch,
                    "segment", None, [start, end], cfg.loss or losses[0], [])
+
+
+RENORMALIZED = ", renormalised"
+RENORMALIZE_OUTPUT = False  # --renormalize leaves the output layer as it is (README: measured against correcting it)
+RENORMALIZE_METHOD = "layerwise"  # renormalize.Renormalizer's; "repair" (REPAIR's own pass) for comparison only
+
+
+def plan_renormalization(subject: Subject) -> None:
+    """--renormalize: finds the layers to correct (refused when there are none) and renames the paths, so no
+    label, summary or figure can be taken for the plain path's."""
+    plan = renormalize.find_layers(subject.path.base, include_output=RENORMALIZE_OUTPUT)
+    if not plan.layers:
+        raise UserError(renormalize.no_layers_message(plan))
+    subject.plan = plan
+    subject.label += RENORMALIZED
+    subject.segment_label += RENORMALIZED
+    end_names = "the curve's endpoints" if subject.kind == "curve" else "START and END"
+    note = (f"renormalised (--renormalize): at every t, after the BN statistics are recomputed, the "
+            f"{len(plan.layers)} layer(s) not read by BatchNorm ({', '.join(plan.names)}) are corrected so that "
+            f"each output channel's mean and std on the BN images are (1 - t)·A's + t·B's, A and B {end_names} "
+            "(REPAIR, Jordan et al. 2023); these are not the plain path's networks")
+    if plan.skipped:
+        note += "; left uncorrected: " + "; ".join(f"{n} ({why})" for n, why in plan.skipped.items())
+    subject.notes.append(note)
+
+
+def renormalized(path: Curve | None, plan, loader, bn_loader):
+    if path is None:
+        return None
+    return renormalize.RenormalizedPath(path, renormalize.Renormalizer(path, plan, loader, bn_loader,
+                                                                      RENORMALIZE_METHOD))
+
+
+def renormalization_record(subject: Subject, measured: Subject, loader) -> dict:
+    """eval.json's "renormalization": which layers were corrected, on which images, and how."""
+    passes = {label: p.renormalizer.passes for label, p in ((subject.label, measured.path),
+                                                            (subject.segment_label, measured.segment)) if p is not None}
+    how = ("each corrected layer's own statistics measured in eval mode on the same images, layer by layer"
+           if RENORMALIZE_METHOD == "layerwise" else "the corrected layers' statistics from REPAIR's own "
+           "training-mode pass (reset layers normalising each batch)")
+    return {**subject.plan.record(), "method": f"REPAIR (Jordan et al., ICLR 2023), see aecurves.renormalize: per "
+            f"output channel, mean and sqrt(var + eps) on the BN images interpolated as (1 - t)·A + t·B; {how}, "
+            "and folded into its weight and bias", "images": len(loader.images),
+            "paths": [subject.label] + ([subject.segment_label] if subject.segment is not None else []),
+            "passes": passes}
 
 
 def load_subject_data(cfg: EvalCurveConfig, subject: Subject):
@@ -282,7 +352,7 @@ def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, per
     t0 = time.perf_counter()
     paths = {"": (subject.path, subject.label)}
     if subject.segment is not None:
-        paths["segment_"] = (subject.segment, "segment")
+        paths["segment_"] = (subject.segment, subject.segment_label)
     recon_ts = np.linspace(0.0, 1.0, RECON_POINTS)
     series, summary, recons = {}, {}, {}
     for prefix, (path, label) in paths.items():
@@ -372,7 +442,7 @@ def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, reco
         loss_label = "VGG perceptual loss" if subject.loss == "vgg" else "MSE loss"
         plot_series = [plots.series_from_results(results.series, subject.label, color="C0")]
         if subject.segment is not None:
-            plot_series.append(plots.series_from_results(results.series, "segment", prefix="segment_",
+            plot_series.append(plots.series_from_results(results.series, subject.segment_label, prefix="segment_",
                                                          linestyle="--", color="C0"))
         between = between_names(subject)
         plots.plot_loss_along_paths(plot_series, tmp["loss_plot"], ylabel=loss_label,
