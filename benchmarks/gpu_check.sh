@@ -60,7 +60,7 @@ if [ $DRY = 1 ]; then
     if [ -d "$SAMPLE/img_align_celeba" ]; then DATA=(--data-dir "$SAMPLE"); else DATA=(--dataset synthetic); fi
     STUDY=(--preset celeba "${DATA[@]}" --limit 96 --image-size 16 --width 8 --epochs 1 --curve-epochs 1
            --num-points 3 --bn-images 32 --train-images 32 --losses mse --vgg-weights random --seeds 1,2
-           --no-align --no-extra-training --ensemble 0 --plane-grid 0 --device cpu)
+           --no-align --no-extra-training --no-fge --ensemble 0 --plane-grid 0 --device cpu)
     LIMITS=(60 120 120 120)
 else
     DEVICE=cuda

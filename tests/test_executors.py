@@ -20,14 +20,16 @@ from aecurves.config import StudyConfig, as_record, make, to_toml
 from conftest import run_cli
 from slurm_cluster import skip_reason, slurm_cluster
 
-# 2 endpoints, their extra training, an alignment, a curve to each B, 2 evaluations and a baseline: every kind of
-# stage but the plane, on data small enough that the stages cost less than starting them
+# 2 endpoints, their extra training and FGE, an alignment, a curve to each B, 2 evaluations, a baseline and the
+# pair's ensembles: every kind of stage but the plane, on data small enough that the stages cost less than starting
+# them
 TINY = ["--dataset", "synthetic", "--image-size", 16, "--limit", 128, "--width", 8, "--latent-dim", 8,
         "--batch-size", 32, "--lr", 3e-3, "--epochs", 2, "--curve-epochs", 2, "--curve-lr", 3e-3, "--num-points", 4,
         "--bn-images", 32, "--train-images", 32, "--ensemble", 2, "--losses", "mse", "--seeds", "1,2",
         "--precision", "fp32", "--device", "cpu", "--vgg-weights", "random", "--plane-grid", 0, "--no-progress"]
-STAGES = ["endpoint:mse:1", "endpoint:mse:2", "extra:mse:1", "extra:mse:2", "align:mse:1-2", "curve:mse:1-2",
-          "aligned-curve:mse:1-2", "eval:mse:1-2", "aligned-eval:mse:1-2", "baseline:mse:1-2", "report"]
+STAGES = ["endpoint:mse:1", "endpoint:mse:2", "extra:mse:1", "extra:mse:2", "fge:mse:1", "fge:mse:2", "align:mse:1-2",
+          "curve:mse:1-2", "aligned-curve:mse:1-2", "eval:mse:1-2", "aligned-eval:mse:1-2", "baseline:mse:1-2",
+          "ensembles:mse:1-2", "report"]
 SLURM = ["--executor", "slurm", "--slurm-partition", "debug", "--slurm-cpus", 1, "--slurm-time", 10]
 
 
@@ -89,6 +91,8 @@ def test_dependencies_come_from_the_input_files():
     assert stages["aligned-curve:mse:2-3"].deps == ("endpoint:mse:2", "align:mse:2-3")
     assert stages["eval:mse:1-2"].deps == ("curve:mse:1-2",)
     assert stages["baseline:mse:1-3"].deps == ("extra:mse:1", "extra:mse:3")
+    assert stages["fge:mse:3"].deps == ("endpoint:mse:3",)
+    assert stages["ensembles:mse:2-3"].deps == ("fge:mse:2", "fge:mse:3", "extra:mse:2", "extra:mse:3")
     assert stages["plane:mse:1-2"].deps == ("curve:mse:1-2",)
     assert set(stages["report"].deps) == set(stages) - {"report"}
     order = list(stages)
@@ -99,7 +103,7 @@ def test_dependencies_come_from_the_input_files():
 def test_plan_shows_the_graph_and_changes_nothing(serial, tmp_path, capsys):
     assert run_cli("study", *TINY, "--out", tmp_path / "new", "--plan") == 0
     out = capsys.readouterr().out
-    assert "11 stages, 11 to run; with enough workers the study takes the time of its longest chain, 5 stages: " \
+    assert "14 stages, 14 to run; with enough workers the study takes the time of its longest chain, 5 stages: " \
         "endpoint:mse:1 -> align:mse:1-2 -> aligned-curve:mse:1-2 -> aligned-eval:mse:1-2 -> report" in out
     assert "curve:mse:1-2" in out and "after: endpoint:mse:1, endpoint:mse:2" in out
     assert not (tmp_path / "new").exists()

@@ -8,8 +8,9 @@ import aecurves
 
 PACKAGE = Path(aecurves.__file__).parent
 LIBRARY = {"checkpoint", "config", "console", "curves", "data", "errors", "executors", "files", "losses", "metrics",
-           "models", "planes", "plots", "runtime", "schedules", "stats", "symmetry", "training"}
-COMMANDS = {"train", "train_curve", "eval_curve", "export_point", "align", "plane", "fge", "report", "study"}
+           "models", "planes", "plots", "renormalize", "runtime", "schedules", "stats", "symmetry", "training"}
+COMMANDS = {"train", "train_curve", "eval_curve", "export_point", "align", "plane", "fge", "ensembles", "report",
+            "study"}
 ENTRY = {"cli", "__main__", "__init__"}
 
 

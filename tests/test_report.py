@@ -215,8 +215,11 @@ def test_conclusions_follow_the_numbers(seg, cur, expected):
 
 
 def test_psnr_conclusion_follows_the_numbers():
-    good = report.summary_sentences("mse", _group([0.02], [0.001], psnr_curves=17.0, psnr_ends=17.2))[-1]
-    bad = report.summary_sentences("mse", _group([0.02], [0.001], psnr_curves=15.0, psnr_ends=17.2))[-1]
+    def psnr_line(**kw):
+        return next(line for line in report.summary_sentences("mse", _group([0.02], [0.001], **kw))
+                    if "worst held-out PSNR" in line)
+
+    good, bad = psnr_line(psnr_curves=17.0, psnr_ends=17.2), psnr_line(psnr_curves=15.0, psnr_ends=17.2)
     assert "about as well as the endpoints" in good and "15.00 dB" in bad and "by up to 2.20 dB" in bad
 
 
@@ -372,7 +375,7 @@ def test_endpoint_table_has_one_figure_per_quantity(tmp_path):
     md = (root / "report.md").read_text()
     mse = _md_table(md, "## mse group")
     assert mse[0] == ["autoencoder", "train MSE", "test MSE", "train PSNR (dB)", "test PSNR (dB)", "epochs",
-                      "last-epoch gain"]
+                      "last-epoch gain", "gain from extra training"]
     ev = record["groups"]["mse"]["endpoints"][0]["eval"]
     assert mse[1][:5] == ["mse seed 1", report.fnum(ev["tr_loss"]), report.fnum(ev["te_loss"]),
                           report.fdb(ev["tr_psnr"]), report.fdb(ev["te_psnr"])]
@@ -702,3 +705,168 @@ def test_paths_out_of_the_study_folder_are_not_read(tmp_path, capsys):
         assert "SECRET NOTE" not in (root / name).read_text()
     private = (tmp_path / "private.png").read_bytes()
     assert all(p.read_bytes() != private for p in (root / "report_files").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convergence from the extra training, and the equal-budget ensembles (issue 20)
+
+ENDS = {1: 0.010, 2: 0.012, 3: 0.011}  # make_study's endpoints' held-out loss
+
+
+def add_extra_training(root: Path, gains: dict, curve_epochs: int = 5) -> None:
+    """The baselines of a study made by make_study: each endpoint trained on as long as a curve, its held-out loss
+    `gains[seed]` lower (relative), evaluated at t = 0, 1 as the study's baseline stage writes it."""
+    study = json.loads((root / "study.json").read_text())
+    study["config"].update(curve_epochs=curve_epochs, extra_training=True)
+    for pair in study["groups"]["mse"]["pairs"]:
+        a, b = pair["seeds"]
+        pair["baseline_eval"] = f"baselines/mse_seed{a}-seed{b}"
+        loss = {s: ENDS[s] * (1 - gains[s]) for s in (a, b)}
+        summary = {"te_loss_start": loss[a], "te_loss_end": loss[b], "te_mse_start": loss[a], "te_mse_end": loss[b],
+                   "te_psnr_start": 20.0 + a, "te_psnr_end": 20.0 + b, "te_psnr_min": 20.0, "te_barrier": 0.001,
+                   "te_ssim_start": 0.5 + a / 100, "te_ssim_end": 0.5 + b / 100}
+        folder = root / pair["baseline_eval"]
+        folder.mkdir(parents=True)
+        (folder / "eval.json").write_text(json.dumps({"kind": "segment", "summary": summary, "config": {},
+                                                      "files": {}}))
+    (root / "study.json").write_text(json.dumps(study))
+
+
+@pytest.mark.parametrize("gains, converged", [({1: 0.15, 2: 0.01, 3: 0.005}, False),
+                                              ({1: 0.019, 2: 0.01, 3: -0.003}, True)])
+def test_convergence_is_judged_from_the_extra_training(tmp_path, gains, converged):
+    root = make_study(tmp_path / "study")
+    add_extra_training(root, gains)
+    record = report.write_report(root)
+    c = record["groups"]["mse"]["convergence"]
+    assert c["gains"] == {str(s): pytest.approx(g) for s, g in gains.items()}  # (endpoint - extra) / endpoint
+    assert c["threshold"] == report.CONVERGED_GAIN == record["thresholds"]["converged_gain"] == 0.02
+    assert c["converged"] is converged
+    md = (root / "report.md").read_text()
+    line = next(x for x in record["summary_lines"] if "converged" in x)
+    assert "trained on for 5 more epochs" in line and report.fpct(max(gains.values())) in line
+    if converged:
+        assert line.startswith("The mse endpoints had converged by the study's measure")
+        assert "within the 2.0% threshold" in line and "endpoints had not converged" not in md
+    else:
+        assert line.startswith("The mse endpoints had not converged") and "1 of 3" in line and "(seed 1)" in line
+        assert "comparisons with unconverged networks" in line
+        assert md.count(report.md_text(line)) == 2  # in the summary and, as a warning, beside the endpoints
+    rows = _md_table(md, "## mse group")
+    assert rows[0][-1] == "gain from extra training" and rows[1][-1] == report.fpct(gains[1])
+    # the last-epoch gain is shown, but never taken for convergence
+    assert "near 0 by construction" in md
+
+
+def test_convergence_without_extra_training_is_not_measured(tmp_path):
+    root = make_study(tmp_path / "study")  # no baselines: --no-extra-training
+    record = report.write_report(root)
+    c = record["groups"]["mse"]["convergence"]
+    assert (c["measured"], c["converged"], c["extra_training"]) == (False, None, False)
+    line = next(x for x in record["summary_lines"] if "onvergence" in x)
+    assert line.startswith("Convergence of the mse endpoints was not measured") and "--no-extra-training" in line
+    md = (root / "report.md").read_text()
+    assert "had converged" not in md and "had not converged" not in md
+    assert "convergence was not measured" in md  # the endpoints' footnote
+    # extra training asked for, but its evaluations not there yet
+    c = report.convergence([{"seed": 1, "eval": {"te_loss": 0.01}}], True, 5)
+    assert report.convergence_sentence("mse", c).startswith("Convergence of the mse endpoints is not measured yet")
+
+
+def _eb_rows(mse: dict, psnr_offset: float = 0.0) -> dict:
+    return {k: {"mse": v, "psnr": 20 - 10 * np.log10(v / 0.01) + psnr_offset, "ssim": 0.5, "members": 2,
+                "budget_epochs": {0: 0, 1: 5, 2: 10}[dict((r[0], r[2]) for r in report.EQUAL_BUDGET_ROWS)[k]]}
+            for k, v in mse.items()}
+
+
+def test_equal_budget_winner_with_its_interval_over_pairs():
+    from aecurves.stats import mean_interval
+
+    keys = [k for k, _, _ in report.EQUAL_BUDGET_ROWS]
+    per_pair = [dict(zip(keys, v)) for v in ([0.0100, 0.0105, 0.0090, 0.0097, 0.0096, 0.0085, 0.0092],
+                                             [0.0110, 0.0116, 0.0101, 0.0106, 0.0108, 0.0094, 0.0103],
+                                             [0.0104, 0.0110, 0.0093, 0.0100, 0.0099, 0.0090, 0.0095])]
+    pairs = [{"available": True, "equal_budget": {"rows": _eb_rows(m)}} for m in per_pair]
+    eb = report.equal_budget_summary(pairs, 5)
+    assert eb["ranked"][:3] == ["extra_average", "fge_pooled", "extra_best"]
+    assert (eb["winner"], eb["runner_up"]) == ("extra_average", "fge_pooled")
+    expected = mean_interval([(m["extra_average"] - m["fge_pooled"]) / m["fge_pooled"] for m in per_pair])
+    assert eb["winner_vs_runner_up"] == expected and expected["hi"] < 0
+    assert eb["rows"]["fge_pooled"]["mse"] == mean_interval([m["fge_pooled"] for m in per_pair])
+    assert eb["rows"]["fge_pooled"]["budget_epochs"] == 10 and eb["rows"]["curve_ensemble"]["budget_epochs"] == 5
+    # at one curve's budget (5 epochs): the better extra-trained endpoint against the curve ensemble
+    assert (eb["best_at_one_curve"], eb["one_curve_other"]) == ("extra_best", "curve_ensemble")
+    one = mean_interval([(m["extra_best"] - m["curve_ensemble"]) / m["curve_ensemble"] for m in per_pair])
+    assert eb["one_curve_vs_other"] == one
+    first, second = report.equal_budget_sentences(eb)
+    assert first.startswith("Ensembles at equal training budget (held-out MSE over 3 pairs")
+    assert ("(d) the two extra-trained endpoints averaged (10 epochs) reconstructs best, MSE "
+            f"{report.fnum(np.mean([m['extra_average'] for m in per_pair]))} on average; per pair its MSE is "
+            f"{report.fsigned(expected['mean'])} relative to the runner-up, (c) FGE pooled from both endpoints' runs "
+            f"(10 epochs) (95% interval {report.fpct(expected['lo'])} to {report.fpct(expected['hi'])})") in first
+    assert "By held-out PSNR" not in first  # the same winner
+    assert second.startswith("At one curve's budget (5 epochs) the best is (e) the better extra-trained endpoint: "
+                             f"per pair its MSE is {report.fsigned(one['mean'])} relative to (a) the curve ensemble's")
+    # an interval that includes 0 is said to be too wide
+    per_pair[1]["extra_average"], per_pair[1]["fge_pooled"] = 0.0102, 0.0100
+    eb = report.equal_budget_summary([{"available": True, "equal_budget": {"rows": _eb_rows(m)}}
+                                      for m in per_pair], 5)
+    assert "includes 0, too wide to conclude from 3 pairs" in report.equal_budget_sentences(eb)[0]
+
+
+def test_equal_budget_table_from_the_files(tmp_path):
+    """The table's numbers are the files': (a), (b) from the curves' eval.json, (c), (d) from ensembles.json, (e) from
+    the baselines; the budget from --curve-epochs; the over-pairs row the mean and interval of the pairs'."""
+    from aecurves.stats import mean_interval
+
+    root = make_study(tmp_path / "study")
+    add_extra_training(root, {1: 0.1, 2: 0.1, 3: 0.1}, curve_epochs=4)
+    study = json.loads((root / "study.json").read_text())
+    study["groups"]["mse"]["fge"] = {str(s): f"fge/mse_seed{s}" for s in (1, 2, 3)}
+    for s in (1, 2, 3):
+        (root / f"fge/mse_seed{s}").mkdir(parents=True)
+        (root / f"fge/mse_seed{s}/fge.json").write_text(json.dumps({"budget_epochs": 4, "schedule": {"cycle": 2},
+                                                                    "snapshots": [{}, {}]}))
+    pooled = {}
+    for i, pair in enumerate(study["groups"]["mse"]["pairs"]):
+        ev = root / pair["eval"] / "eval.json"
+        record = json.loads(ev.read_text())
+        record["ensemble"] = {"k": 5, "entries": {"path_average": {"mse": 0.0095 + i / 1e4, "psnr": 20.2, "ssim": 0.6},
+                                                  "endpoint_average": {"mse": 0.0098, "psnr": 20.1, "ssim": 0.58}}}
+        ev.write_text(json.dumps(record))
+        pair["ensembles"] = f"ensembles/mse_seed{pair['seeds'][0]}-seed{pair['seeds'][1]}"
+        pooled[i] = 0.0090 + i / 2e4
+        averages = {"fge_start": {"members": [0, 1], "mse": 0.0093, "psnr": 20.3, "ssim": 0.61},
+                    "fge_end": {"members": [2, 3], "mse": 0.0094, "psnr": 20.3, "ssim": 0.6},
+                    "fge_pooled": {"members": [0, 1, 2, 3], "mse": pooled[i], "psnr": 20.5, "ssim": 0.62},
+                    "extra_average": {"members": [4, 5], "mse": 0.0088, "psnr": 20.6, "ssim": 0.63}}
+        (root / pair["ensembles"]).mkdir(parents=True)
+        (root / pair["ensembles"] / "ensembles.json").write_text(json.dumps({"averages": averages}))
+    (root / "study.json").write_text(json.dumps(study))
+    record = report.write_report(root)
+    g = record["groups"]["mse"]
+    rows = g["pairs"][1]["equal_budget"]["rows"]
+    assert rows["curve_ensemble"]["mse"] == 0.0096 and rows["endpoint_average"]["psnr"] == 20.1
+    assert rows["fge_pooled"] == {"mse": pooled[1], "psnr": 20.5, "ssim": 0.62, "members": 4, "budget_epochs": 8,
+                                  "source": "ensembles/mse_seed1-seed3/ensembles.json: averages.fge_pooled"}
+    assert rows["extra_best"]["mse"] == pytest.approx(min(ENDS[1], ENDS[3]) * 0.9)
+    assert rows["extra_best"]["budget_epochs"] == 4 and rows["extra_average"]["budget_epochs"] == 8
+    assert g["pairs"][0]["equal_budget"]["fge"] == {"1": {"budget_epochs": 4, "snapshots": 2, "cycle": 2},
+                                                    "2": {"budget_epochs": 4, "snapshots": 2, "cycle": 2}}
+    means = {k: np.mean([p["equal_budget"]["rows"][k]["mse"] for p in g["pairs"]]) for k in rows}
+    assert g["equal_budget"]["winner"] == min(means, key=means.get) == "extra_average"
+    md = (root / "report.md").read_text()
+    table = _md_table(md, "### Ensembles at equal training budget")
+    assert table[0] == ["pair", "ensemble", "training beyond the endpoints (epochs)", "networks", "test MSE",
+                        "test PSNR (dB)", "test SSIM"]
+    assert table[3] == ["seeds 1-2", "(c) FGE: 2 snapshots from each endpoint's run, pooled", "8 (2 × 4)", "4",
+                        report.fnum(pooled[0]), "20.50", "0.62"]
+    assert table[4][1:3] == ["(c) FGE from seed 1 alone (2 snapshots)", "4"]
+    over = _md_table(md, "Over pairs:")
+    row = next(r for r in over if r[0] == "(c) FGE pooled from both endpoints' runs")
+    assert row[1:4] == ["8 (2 × 4)", "3", report.finterval(mean_interval(list(pooled.values())), report.fnum)]
+    assert next(r for r in over if r[0].startswith("(b)"))[1] == "0"
+    assert any(line.startswith("Ensembles at equal training budget") for line in record["summary_lines"])
+    # the files it read are the report's inputs
+    assert "ensembles/mse_seed1-seed3/ensembles.json" in report.input_files(root)
+    assert "fge/mse_seed2/fge.json" in report.input_files(root)

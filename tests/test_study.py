@@ -17,8 +17,9 @@ from aecurves.errors import UserError
 
 from conftest import run_cli
 
-# Tiny settings on synthetic data, fp32 for exactness: 2 endpoints, each also trained on as long as a curve; B
-# aligned to A; a curve to B and one to the aligned B; 2 evaluations (curve + segment) and the extra-trained pair.
+# Tiny settings on synthetic data, fp32 for exactness: 2 endpoints, each also trained on as long as a curve and
+# FGE'd as long (cycle 2 in 2 curve epochs: 1 snapshot each); B aligned to A; a curve to B and one to the aligned B;
+# 2 evaluations (curve + segment), the extra-trained pair, and the pair's equal-budget ensembles.
 SMALL = ["--dataset", "synthetic", "--image-size", 32, "--limit", 256, "--width", 8, "--latent-dim", 16,
          "--batch-size", 32, "--lr", 3e-3, "--epochs", 3, "--curve-epochs", 2, "--curve-lr", 3e-3, "--num-points", 5,
          "--bn-images", 64, "--train-images", 64, "--losses", "mse", "--seeds", "1,2", "--precision", "fp32",
@@ -31,8 +32,11 @@ ALIGNED_CURVE = "curves/mse_seed1-seed2_aligned/checkpoint.pt"
 ALIGNED_EVAL = "curves/mse_seed1-seed2_aligned/eval"
 EXTRAS = ("endpoints/mse_seed1_extra/checkpoint.pt", "endpoints/mse_seed2_extra/checkpoint.pt")
 BASELINE = "baselines/mse_seed1-seed2"
-STAGES = ["endpoint:mse:1", "endpoint:mse:2", "extra:mse:1", "extra:mse:2", "align:mse:1-2", "curve:mse:1-2",
-          "aligned-curve:mse:1-2", "eval:mse:1-2", "aligned-eval:mse:1-2", "baseline:mse:1-2", "plane:mse:1-2"]
+FGES = ("fge/mse_seed1", "fge/mse_seed2")
+ENSEMBLES = "ensembles/mse_seed1-seed2"
+STAGES = ["endpoint:mse:1", "endpoint:mse:2", "extra:mse:1", "extra:mse:2", "fge:mse:1", "fge:mse:2", "align:mse:1-2",
+          "curve:mse:1-2", "aligned-curve:mse:1-2", "eval:mse:1-2", "aligned-eval:mse:1-2", "baseline:mse:1-2",
+          "ensembles:mse:1-2", "plane:mse:1-2"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -214,13 +218,15 @@ def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
     def boom(cfg):
         raise AssertionError("a finished stage was run again")
 
-    for mod in ("train", "train_curve", "eval_curve", "align"):
+    for mod in ("train", "train_curve", "eval_curve", "align", "plane", "fge", "ensembles"):
         monkeypatch.setattr(f"aecurves.{mod}.run", boom)
     assert run_cli("study", *SMALL, "--out", root) == 0
     assert {rel: _stamp(root, rel) for rel in before} == before
     out = capsys.readouterr().out
     assert out.count("finished already, skipped") == len(STAGES) and "report: up to date" in out
-    assert re.search(r"stage 6/12: train-curve mse seeds 1-2", out)
+    assert re.search(r"stage 8/15: train-curve mse seeds 1-2", out)
+    assert "fge mse seed 2 as long as a curve: finished already, skipped" in out
+    assert "ensembles mse seeds 1-2 at equal budget: finished already, skipped" in out
     assert json.loads((root / "study.json").read_text())["provenance"] == provenance  # that of the run that made it
 
 
@@ -368,6 +374,11 @@ def test_stage_configs_equal_the_commands_run_by_hand(tmp_path):
     _, by_hand = parse(["eval-curve", "--segment", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--num-points",
                         "2", "--num-images", "0", "--out", str(tmp_path / "bl"), "--overwrite"])
     assert as_record(b) == as_record(by_hand)
+    f = study.fge_config(cfg, tmp_path / "a.pt", 2, tmp_path / "f", False)
+    _, by_hand = parse(["fge", "--ckpt", str(tmp_path / "a.pt"), "--epochs", "60", "--cycle", "4", "--lr-1", "3e-3",
+                        "--lr-2", "6e-6", "--wd", "0", "--batch-size", "32", "--seed", "2",
+                        "--out", str(tmp_path / "f")])
+    assert as_record(f) == as_record(by_hand)
     pl = study.plane_config(cfg, tmp_path / "c.pt", tmp_path / "pl")
     _, by_hand = parse(["plane", "--ckpt", str(tmp_path / "c.pt"), "--grid", "21", "--out", str(tmp_path / "pl"),
                         "--overwrite"])
@@ -387,19 +398,21 @@ def test_presets_flags_and_bad_input(tmp_path):
         study.resolve_study_config(make(StudyConfig, {"seeds": "1"}))
     with pytest.raises(UserError, match="--losses"):
         study.resolve_study_config(make(StudyConfig, {"losses": "mse,l1"}))
-    plain = {"losses": "mse", "seeds": "1,2,3", "align": False, "extra_training": False, "plane_grid": 0}
+    plain = {"losses": "mse", "seeds": "1,2,3", "align": False, "extra_training": False, "fge": False,
+             "plane_grid": 0}
     stages = study.plan(study.resolve_study_config(make(StudyConfig, plain)), 10, 2)
     assert [s.name for s in stages][:4] == ["endpoint:mse:1", "endpoint:mse:2", "endpoint:mse:3", "curve:mse:1-2"]
     assert len(stages) == 3 + 3 + 3 + 1
     assert study.select_forced(["curves"], stages) == {"curve:mse:1-2", "curve:mse:1-3", "curve:mse:2-3"}
     assert study.select_forced(["eval:mse:1-3", "report"], stages) == {"eval:mse:1-3", "report"}
     assert len(study.select_forced(["mse"], stages)) == 9
-    # by default: extra training per endpoint, alignment, an aligned curve and its evaluation, a baseline per pair
+    # by default: extra training and FGE per endpoint, alignment, an aligned curve and its evaluation, a baseline
+    # and the equal-budget ensembles per pair
     stages = study.plan(study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3"})), 10, 2)
     names = [s.name for s in stages]
-    assert names[3:9] == ["extra:mse:1", "extra:mse:2", "extra:mse:3", "align:mse:1-2", "align:mse:1-3",
-                          "align:mse:2-3"]
-    assert len(stages) == 3 * 8 + 2 and names.index("aligned-curve:mse:1-2") < names.index("eval:mse:1-2")
+    assert names[3:12] == ["extra:mse:1", "extra:mse:2", "extra:mse:3", "fge:mse:1", "fge:mse:2", "fge:mse:3",
+                           "align:mse:1-2", "align:mse:1-3", "align:mse:2-3"]
+    assert len(stages) == 3 * 10 + 2 and names.index("aligned-curve:mse:1-2") < names.index("eval:mse:1-2")
     assert names[-2:] == ["plane:mse:1-2", "report"]  # the demo preset draws one plane per group
     assert study.select_forced(["curves"], stages) == {f"{k}:mse:{p}" for k in ("curve", "aligned-curve")
                                                        for p in ("1-2", "1-3", "2-3")}
@@ -429,3 +442,206 @@ def test_outputs_of_the_same_command_run_by_hand_are_adopted(tmp_path, capsys):
     assert "train mse seed 1: finished already, skipped (adopted existing outputs)" in out
     assert _stamp(root, ENDPOINTS[0]) == before
     assert json.loads((root / "endpoints/mse_seed1/study_stage.json").read_text())["adopted"] is True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fast geometric ensembling and the equal-budget ensembles (issue 20)
+
+
+def test_fge_and_ensemble_stages_in_the_plan(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert run_cli("study", *SMALL, "--out", out, "--plan") == 0
+    text = capsys.readouterr().out
+    for name in STAGES:
+        assert f"  {name} " in text
+    lines = text.splitlines()
+
+    def after(name):
+        i = next(i for i, line in enumerate(lines) if line.strip().startswith(name + " "))
+        return lines[i + 1].split("after:")[1].strip()
+
+    assert after("fge:mse:1") == "endpoint:mse:1" and after("fge:mse:2") == "endpoint:mse:2"
+    assert after("ensembles:mse:1-2") == "fge:mse:1, fge:mse:2, extra:mse:1, extra:mse:2"
+    assert not out.exists() or not any(out.iterdir())  # --plan writes nothing
+
+    cfg = study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3", "curve_epochs": 10}))
+    assert cfg["fge"] is True and cfg["fge_cycle"] == 4  # fge's default: snapshots after epochs 1, 5, 9
+    stages = {s.name: s for s in study.plan(cfg, 10, 2)}
+    pair = stages["ensembles:mse:1-3"]
+    assert pair.inputs == [f"fge/mse_seed{s}/snapshot_{k}.pt" for s in (1, 3) for k in (1, 2, 3)] + [
+        "endpoints/mse_seed1_extra/checkpoint.pt", "endpoints/mse_seed3_extra/checkpoint.pt"]
+    assert pair.deps == ("fge:mse:1", "fge:mse:3", "extra:mse:1", "extra:mse:3")
+    config = study.Study(cfg).config(pair)
+    assert config.averages == {"fge_start": [0, 1, 2], "fge_end": [3, 4, 5], "fge_pooled": [0, 1, 2, 3, 4, 5],
+                               "extra_start": [6], "extra_end": [7], "extra_average": [6, 7]}
+    fge = study.Study(cfg).config(stages["fge:mse:3"])
+    assert (fge.epochs, fge.cycle, fge.lr_1, fge.seed) == (10, 4, cfg["curve_lr"], 3)  # the equal budget
+    all_stages = list(stages.values())
+    assert study.select_forced(["fges"], all_stages) == {"fge:mse:1", "fge:mse:2", "fge:mse:3"}
+    assert study.select_forced(["fge:mse:1"], all_stages) == {"fge:mse:1"}
+    assert study.select_forced(["ensembles"], all_stages) == {f"ensembles:mse:{p}" for p in ("1-2", "1-3", "2-3")}
+
+    # --no-fge: no FGE stage; the pair's ensembles stage measures the extra-trained endpoints alone
+    no_fge = study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2", "fge": False}))
+    stages = {s.name: s for s in study.plan(no_fge, 10, 2)}
+    assert not any(n.startswith("fge:") for n in stages)
+    assert stages["ensembles:mse:1-2"].deps == ("extra:mse:1", "extra:mse:2")
+    assert study.Study(no_fge).config(stages["ensembles:mse:1-2"]).averages == {
+        "extra_start": [0], "extra_end": [1], "extra_average": [0, 1]}
+    neither = study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2", "fge": False,
+                                                             "extra_training": False}))
+    assert not any(s.kind in ("fge", "ensembles") for s in study.plan(neither, 10, 2))
+    group = study.loss_group(no_fge, "mse")
+    assert "fge" not in group and group["pairs"][0]["ensembles"] == "ensembles/mse_seed1-seed2"
+
+
+def test_the_fge_cycle_default_and_refusals(tmp_path, capsys):
+    def resolved(**kw):
+        return study.resolve_study_config(make(StudyConfig, {"losses": "mse", **kw}))
+
+    # fge's cycle of 4 when it takes at least 2 snapshots within --curve-epochs, else 2
+    assert resolved(curve_epochs=6)["fge_cycle"] == 4 and study.fge_snapshots(6, 4) == 2
+    assert resolved(curve_epochs=5)["fge_cycle"] == 2 and study.fge_snapshots(5, 2) == 3
+    assert resolved(curve_epochs=5, fge_cycle=4)["fge_cycle"] == 4  # given: kept (1 snapshot)
+    with pytest.raises(UserError, match=r"--fge-cycle 6 takes no FGE snapshot .* --curve-epochs 2 "):
+        resolved(curve_epochs=2, fge_cycle=6)
+    with pytest.raises(UserError, match="even number"):
+        resolved(fge_cycle=3)
+    assert resolved(curve_epochs=2, fge_cycle=6, fge=False)["fge_cycle"] == 6  # no FGE: nothing to refuse
+    argv = [a for a in SMALL]
+    assert run_cli("study", *argv, "--fge-cycle", 8, "--out", tmp_path / "s") == 2
+    assert "takes no FGE snapshot" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def _hand_average(paths: list, bn_images: int, recompute: bool) -> dict:
+    """The output average of the checkpoints `paths` on their held-out images, computed here from the files: each
+    network's BatchNorm statistics recomputed on eval-curve's subset (or as saved), its outputs averaged per image;
+    MSE (mean of per-image MSE) and PSNR (mean of per-image PSNR)."""
+    import torch
+
+    from aecurves.curves import recompute_bn
+    from aecurves.data import load_run_data
+    from aecurves.metrics import fixed_subset
+    from aecurves.models import build_model
+
+    ckpts = [load_checkpoint(p, "endpoint") for p in paths]
+    data = load_run_data(ckpts[0]["args"])
+    x = data.test.float().div(255)
+    total = 0
+    for ckpt in ckpts:
+        model = build_model(ckpt["args"])
+        model.load_state_dict(ckpt["model"])
+        if recompute:
+            recompute_bn(model, dict(model.named_parameters()), fixed_subset(data.train, bn_images).float().div(255)
+                         .split(256))
+        model.eval()
+        with torch.no_grad():
+            total = total + model(x)
+    err = (total / len(ckpts) - x).pow(2).flatten(1).mean(1).double()
+    return {"mse": float(err.mean()), "psnr": float((10 * torch.log10(1 / err)).mean())}
+
+
+@pytest.mark.slow
+def test_equal_budget_table_matches_a_hand_computation_from_the_files(finished):
+    root = finished
+    rep = json.loads((root / "report.json").read_text())
+    g = rep["groups"]["mse"]
+    rows = g["pairs"][0]["equal_budget"]["rows"]
+    assert list(rows) == ["curve_ensemble", "endpoint_average", "fge_pooled", "fge_start", "fge_end",
+                          "extra_average", "extra_best"]
+    # each row's training beyond the endpoints, in epochs (--curve-epochs 2)
+    assert {k: r["budget_epochs"] for k, r in rows.items()} == {
+        "curve_ensemble": 2, "endpoint_average": 0, "fge_pooled": 4, "fge_start": 2, "fge_end": 2,
+        "extra_average": 4, "extra_best": 2}
+    # (a), (b): the curve's eval.json; (e): the baseline's better extra-trained endpoint
+    entries = json.loads((root / EVAL / "eval.json").read_text())["ensemble"]["entries"]
+    for key, entry in (("curve_ensemble", "path_average"), ("endpoint_average", "endpoint_average")):
+        assert {m: rows[key][m] for m in ("mse", "psnr", "ssim")} == {m: entries[entry][m] for m in ("mse", "psnr",
+                                                                                                      "ssim")}
+    base = json.loads((root / BASELINE / "eval.json").read_text())["summary"]
+    assert rows["extra_best"]["mse"] == min(base["te_mse_start"], base["te_mse_end"])
+    assert rows["extra_best"]["psnr"] == max(base["te_psnr_start"], base["te_psnr_end"])
+    # (c): the FGE snapshots of both endpoints' runs, from their files; each run alone equals its own fge.json
+    runs = [json.loads((root / f / "fge.json").read_text()) for f in FGES]
+    assert [r["budget_epochs"] for r in runs] == [2, 2] and [len(r["snapshots"]) for r in runs] == [1, 1]
+    assert rows["fge_start"]["mse"] == pytest.approx(runs[0]["ensemble"]["mse"], rel=1e-5)
+    assert rows["fge_end"]["psnr"] == pytest.approx(runs[1]["ensemble"]["psnr"], rel=1e-5)
+    snapshots = [root / f / "snapshot_1.pt" for f in FGES]
+    hand = _hand_average(snapshots, 64, recompute=False)  # as saved: fge recomputed them on the same subset
+    assert rows["fge_pooled"]["members"] == 2
+    assert rows["fge_pooled"]["mse"] == pytest.approx(hand["mse"], rel=1e-5)
+    assert rows["fge_pooled"]["psnr"] == pytest.approx(hand["psnr"], rel=1e-5)
+    # (d): the two extra-trained endpoints, their BatchNorm statistics recomputed like every point of the paths
+    hand = _hand_average([root / e for e in EXTRAS], 64, recompute=True)
+    assert rows["extra_average"]["mse"] == pytest.approx(hand["mse"], rel=1e-5)
+    assert rows["extra_average"]["psnr"] == pytest.approx(hand["psnr"], rel=1e-5)
+    alone = json.loads((root / ENSEMBLES / "ensembles.json").read_text())["averages"]
+    assert alone["extra_start"]["mse"] == pytest.approx(base["te_mse_start"], rel=1e-5)  # the baseline's own
+    # over pairs (one here): the means, the winner by MSE and the sentence that names it
+    eb = g["equal_budget"]
+    means = {k: r["mse"]["mean"] for k, r in eb["rows"].items()}
+    assert means == {k: r["mse"] for k, r in rows.items()}
+    ranked = sorted(means, key=means.get)
+    assert (eb["winner"], eb["runner_up"]) == tuple(ranked[:2])
+    assert eb["winner_vs_runner_up"]["mean"] == pytest.approx((means[ranked[0]] - means[ranked[1]])
+                                                              / means[ranked[1]])
+    sentence = next(line for line in rep["summary_lines"] if line.startswith("Ensembles at equal training budget"))
+    assert report.EQUAL_BUDGET_SHORT[ranked[0]] + f" ({rows[ranked[0]]['budget_epochs']} epochs) reconstructs " \
+        "best" in sentence
+    # the markdown shows the same numbers
+    from aecurves.report import fdb, fnum
+
+    md = (root / "report.md").read_text()
+    row = _md_row(md, "seeds 1-2", "Ensembles at equal training budget\n")
+    assert row[1:] == ["(a) curve ensemble: output average of 5 points of the curve", "2", "5",
+                       fnum(rows["curve_ensemble"]["mse"]), fdb(rows["curve_ensemble"]["psnr"]),
+                       fnum(rows["curve_ensemble"]["ssim"])]
+    table = md[md.index("Ensembles at equal training budget\n"):]
+    pooled = _md_row(table[table.index("(b) the two endpoints averaged"):], "seeds 1-2")
+    assert pooled[1:5] == ["(c) FGE: 1 snapshot from each endpoint's run, pooled", "4 (2 × 2)", "2",
+                           fnum(rows["fge_pooled"]["mse"])]
+    # convergence, from the extra-trained endpoints' held-out gain
+    c = g["convergence"]
+    ends = json.loads((root / EVAL / "eval.json").read_text())["summary"]
+    gain1 = (ends["te_loss_start"] - base["te_loss_start"]) / ends["te_loss_start"]
+    assert c["measured"] and c["gains"]["1"] == pytest.approx(gain1)
+    assert c["converged"] == (max(c["gains"].values()) <= report.CONVERGED_GAIN)
+
+
+@pytest.mark.slow
+def test_an_old_study_folder_reruns_only_the_new_stages(copy_of, monkeypatch, capsys):
+    """A folder of the release before FGE (no fge/, no ensembles/, study.json and report.json without them): the
+    re-run runs the FGE stages, the ensembles and the report; nothing else is redone."""
+    root = copy_of
+    for folder in (*FGES, ENSEMBLES):
+        shutil.rmtree(root / folder)
+    record = json.loads((root / "study.json").read_text())
+    for key in ("fge", "fge_cycle"):
+        record["config"].pop(key)
+    record["groups"]["mse"].pop("fge")
+    for pair in record["groups"]["mse"]["pairs"]:
+        pair.pop("ensembles")
+    record["stages"] = [s for s in record["stages"] if s["kind"] not in ("fge", "ensembles")]
+    (root / "study.json").write_text(json.dumps(record))
+    old = json.loads((root / "report.json").read_text())
+    old["format_version"] = 3
+    (root / "report.json").write_text(json.dumps(old))
+    kept = {rel: _stamp(root, rel) for rel in (*ENDPOINTS, *EXTRAS, CURVE, ALIGNED, ALIGNED_CURVE,
+                                               f"{EVAL}/eval.json", f"{ALIGNED_EVAL}/eval.json",
+                                               f"{BASELINE}/eval.json", "curves/mse_seed1-seed2/plane/plane.json")}
+
+    def boom(cfg):
+        raise AssertionError("a finished stage was run again")
+
+    for mod in ("train", "train_curve", "eval_curve", "align", "plane"):
+        monkeypatch.setattr(f"aecurves.{mod}.run", boom)
+    assert run_cli("study", *SMALL, "--out", root) == 0
+    out = capsys.readouterr().out
+    assert {rel: _stamp(root, rel) for rel in kept} == kept
+    assert out.count("finished already, skipped") == len(STAGES) - 3
+    assert "3 stages run" not in out and "4 stages run, 11 already finished" in out  # 2 FGE, 1 ensembles, report
+    for folder in FGES:
+        assert (root / folder / "fge.json").is_file()
+    rep = json.loads((root / "report.json").read_text())
+    assert rep["format_version"] == report.REPORT_VERSION and "fge_pooled" in rep["groups"]["mse"]["pairs"][0][
+        "equal_budget"]["rows"]

@@ -550,6 +550,16 @@ class StudyConfig:
                                         "much training, so a path's best point is compared with these too",
                                   negative_flag="--no-extra-training",
                                   group="curves (aecurves train-curve; both ends fixed)")
+    fge: bool = option(True, "(on by default) also run fast geometric ensembling from every endpoint (aecurves fge "
+                             "--ckpt ENDPOINT) for --curve-epochs epochs at the curves' lr, and measure every pair's "
+                             "ensembles at that equal budget: the curve's, the endpoints', the FGE snapshots' of both "
+                             "endpoints, the extra-trained endpoints'", negative_flag="--no-fge",
+                       group="fast geometric ensembling (aecurves fge)")
+    fge_cycle: int | None = option(None, "FGE cycle length in epochs, even: a snapshot at the end of each cycle's "
+                                         "first half, where the lr is lowest",
+                                   shown=f"{FgeConfig.__dataclass_fields__['cycle'].default} (fge's) when it takes at "
+                                         "least 2 snapshots within --curve-epochs, else 2",
+                                   minimum=2, maximum=MAX_EPOCHS, group="fast geometric ensembling (aecurves fge)")
     align: bool = option(True, "(on by default) for every pair also align B to A (aecurves align), evaluate the "
                                "segment to the aligned B and train a curve to it", negative_flag="--no-align",
                          group="alignment (aecurves align)")
@@ -611,6 +621,23 @@ class StudyConfig:
                                group="slurm (--executor slurm)")
     slurm_max_jobs: int = option(64, "stage jobs queued or running at once", minimum=1, maximum=10_000,
                                  group="slurm (--executor slurm)")
+    given: tuple = _given()
+
+
+@dataclass
+class EnsemblesConfig:
+    """A study stage (no command of its own): the output averages of saved networks on their held-out images
+    (ensembles.py), e.g. a pair's FGE snapshots pooled from both endpoints' runs."""
+
+    networks: list = option(factory=list, help="checkpoint files (endpoints, FGE snapshots), one network each")
+    averages: dict = option(factory=dict, help="name -> indices into --networks: the networks averaged")
+    bn_images: int = same_as(EvalCurveConfig, "bn_images", help="training images (eval-curve's fixed subset) for "
+                             "every network's BatchNorm statistics")
+    out: str = option("runs/ensembles", "folder: ensembles.json")
+    cache_dir: str | None = same_as(TrainConfig, "cache_dir")
+    model: str | None = same_as(EvalCurveConfig, "model")
+    device: str = same_as(TrainConfig, "device")
+    no_progress: bool = same_as(TrainConfig, "no_progress")
     given: tuple = _given()
 
 

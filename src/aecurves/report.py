@@ -1,12 +1,15 @@
 """The study report: report.html (self-contained), report.md and report.json, from a study folder's files alone.
 
-`write_report(study_dir)` reads study.json, each endpoint's metrics.jsonl and reconstructions.png, and each
-evaluation's eval.json, curve.npz and reconstruction strips, and writes
+`write_report(study_dir)` reads study.json, each endpoint's metrics.jsonl and reconstructions.png, each
+evaluation's eval.json, curve.npz and reconstruction strips, each FGE run's fge.json and each pair's
+ensembles.json, and writes
 
     report.html   one file, figures embedded as data URIs: opens from disk, no server
     report.md     the same content, figures linked from report_files/
     report.json   every number the report shows, the summary sentences, study.json's provenance, and a
-                  fingerprint of the inputs
+                  fingerprint of the inputs; per loss group the equal-budget ensembles (groups.LOSS.equal_budget
+                  over pairs, groups.LOSS.pairs[i].equal_budget per pair) and the convergence judgement
+                  (groups.LOSS.convergence)
     report_files/ the figures (loss along the paths per loss group; the endpoints' reconstructions labelled and
                   enlarged; copies of the reconstruction strips along the paths)
 
@@ -38,7 +41,8 @@ from aecurves.errors import UserError
 from aecurves.files import atomic_path, read_json, write_json
 from aecurves.stats import mean_interval
 
-REPORT_VERSION = 3  # 3: aligned paths, extra-trained endpoints, intervals over pairs (older reports are redone)
+REPORT_VERSION = 4  # 3: aligned paths, extra-trained endpoints, intervals over pairs; 4: equal-budget ensembles
+# (FGE), convergence judged from the extra training (older reports are redone)
 FILES_DIR = "report_files"
 # Conclusions: a segment barrier below NO_BARRIER × the endpoints' mean test loss counts as "no clear barrier";
 # a curve removing at least MOST of it removes "most of the barrier"; PSNR within PSNR_TOLERANCE dB is "as good".
@@ -50,6 +54,14 @@ PSNR_TOLERANCE = 0.5
 # is below LOW_PSNR_DB, show the method but say nothing about well-trained autoencoders on a dataset like CelebA.
 SMALL_TRAIN_SET = 1000
 LOW_PSNR_DB = 22.0
+# Convergence: an endpoint whose held-out loss still falls by more than CONVERGED_GAIN when it is trained on for as
+# long as a curve (the extra-trained endpoint, measured like every point of the paths) had not converged. 2%: the
+# differences the report draws conclusions from are of that size (a curve ensemble beats the better endpoint by
+# 2-3% in MSE on the CelebA sample; a barrier of 5% of the loss is "no clear barrier"), so an endpoint still 2% away
+# from where more of the same training takes it is not a minimum at the resolution of those comparisons. The
+# last-epoch gain cannot tell: under the paper's schedule the lr ends at 1% of its start, so it is near 0 by
+# construction (measured on CelebA: 0.0-0.4% in the last epoch, yet 17-18% from 10 more epochs).
+CONVERGED_GAIN = 0.02
 ENDPOINT_KEYS = ("tr_loss", "te_loss", "tr_mse", "te_mse", "tr_psnr", "te_psnr")
 PATH_KEYS = ("te_loss_max", "te_barrier", "tr_barrier", "length", "te_psnr_min", "te_mse_max", "te_ssim_min",
              "te_barrier_lo", "te_barrier_hi")
@@ -266,9 +278,9 @@ class Inputs:
 # What the report reads of each input file, as its writer writes it.
 NUM = Maybe(NUMBER)
 PAIR = {"seeds": (int, int), "curve": str, "eval": str, "aligned_eval": Maybe(str), "aligned_endpoint": Maybe(str),
-        "baseline_eval": Maybe(str)}
+        "baseline_eval": Maybe(str), "ensembles": Maybe(str)}
 RUN_GROUP = {"status": str, "endpoints": Each(str), "pairs": [PAIR], "warning": Maybe(str),
-             "plane": Maybe({"seeds": (int, int), "folder": str})}
+             "plane": Maybe({"seeds": (int, int), "folder": str}), "fge": Maybe(Each(str))}
 SKIPPED_GROUP = {"status": str, "reason": Maybe(str), "remedy": Maybe(str)}
 # every evaluation of a path holds these summary numbers (the others the report reads may be null: "n/a")
 PATH_NEEDS = ("te_loss_start", "te_loss_end", "te_psnr_start", "te_psnr_end", "te_psnr_min", "te_barrier")
@@ -285,6 +297,8 @@ ENDPOINT_LOG_ROW = {"epoch": Maybe(int), "train_loss": NUM, "test_loss": NUM, "t
 CURVE_LOG_ROW = {"precision": Maybe(str)}
 STAGE = {"result": Maybe({"seconds": NUM})}
 PLANE = {"summary": dict, "grid": Maybe(dict), "seconds": NUM}
+ENSEMBLES = {"averages": Each({"members": [int], "mse": NUMBER, "psnr": NUMBER, "ssim": NUM})}  # ensembles.json
+FGE = {"budget_epochs": int, "snapshots": [dict], "schedule": Maybe({"cycle": Maybe(int)})}  # fge.json
 CURVE_ARRAYS = ("ts", "tr_loss", "te_loss")  # what the figure draws of a curve.npz, for the curve and its segment
 
 
@@ -305,7 +319,8 @@ def _curve_arrays(path: Path) -> dict:
 
 
 def _gain(rows: list[dict]) -> float | None:
-    """Relative fall of the held-out loss over the last epoch: near 0 when the endpoint has converged."""
+    """Relative fall of the held-out loss over the last epoch. Shown, but no measure of convergence: under the
+    paper's schedule the lr ends at 1% of its start, so it is near 0 by construction (convergence() judges it)."""
     if len(rows) < 2:
         return None
     before, after = rows[-2].get("test_loss"), rows[-1].get("test_loss")
@@ -359,6 +374,9 @@ def input_files(study_dir) -> list[str]:
                 files.append(f"{pair['aligned_endpoint']}/study_stage.json")  # how long the alignment took
             if "baseline_eval" in pair:
                 files.append(f"{pair['baseline_eval']}/eval.json")
+            if "ensembles" in pair:
+                files.append(f"{pair['ensembles']}/ensembles.json")
+        files += [f"{folder}/fge.json" for folder in group.get("fge", {}).values()]
         if "plane" in group:
             files += [f"{group['plane']['folder']}/{n}" for n in ("plane.json", "plane.png")]
     return files
@@ -414,7 +432,7 @@ def collect(study_dir, inputs: Inputs | None = None) -> dict:
             continue
         if group.get("warning"):
             g["warning"] = group["warning"]
-        pairs, evals = [], {}
+        pairs, evals, extras = [], {}, {}
         for pair in group["pairs"]:
             a, b = pair["seeds"]
             rel = f"{pair['eval']}/eval.json"
@@ -442,7 +460,15 @@ def collect(study_dir, inputs: Inputs | None = None) -> dict:
                 p.update(aligned_and_extra(inputs, pair, s))
                 if record.get("ensemble"):
                     p["ensemble"] = record["ensemble"]
+                p["equal_budget"] = equal_budget(inputs, group, pair, p, study.get("config") or {})
                 inputs.load(f"{pair['eval']}/curve.npz", _curve_arrays)  # drawn by plot_group
+            base = inputs.json(f"{pair['baseline_eval']}/eval.json", SEGMENT_EVAL) if "baseline_eval" in pair else None
+            if base is not None:  # the extra-trained endpoints, measured like the paths' points
+                for seed, which in ((a, "start"), (b, "end")):
+                    extras.setdefault(seed, {"te_loss": base["summary"][f"te_loss_{which}"],
+                                             "te_mse": base["summary"].get(f"te_mse_{which}"),
+                                             "source": f"{pair['baseline_eval']}/eval.json ({which}, t="
+                                                       f"{0 if which == 'start' else 1})"})
             pairs.append(p)
         endpoints = []
         for seed, folder in group["endpoints"].items():
@@ -460,9 +486,17 @@ def collect(study_dir, inputs: Inputs | None = None) -> dict:
                 s, which, where = found
                 e["eval"] = {k: s.get(f"{k}_{which}") for k in ENDPOINT_KEYS}
                 e["eval_source"] = f"{where}/eval.json ({which} of the path, t={0 if which == 'start' else 1})"
+            extra = extras.get(seed)
+            if extra and e.get("eval"):
+                before, after = e["eval"].get("te_loss"), extra["te_loss"]
+                e["extra"] = {"te_loss": after, "te_mse": extra.get("te_mse"), "source": extra["source"],
+                              "gain": (before - after) / before if _is_number(before) and before > 0 else None}
             inputs.load(f"{folder}/reconstructions.png", _endpoint_rows)  # drawn by endpoint_grid
             endpoints.append(e)
         g.update(endpoints=endpoints, pairs=pairs, summary=_group_summary(endpoints, pairs))
+        g["equal_budget"] = equal_budget_summary(pairs, (out["config"] or {}).get("curve_epochs"))
+        g["convergence"] = convergence(endpoints, any("baseline_eval" in pair for pair in group["pairs"]),
+                                       (out["config"] or {}).get("curve_epochs"))
         if "plane" in group:
             rel = f"{group['plane']['folder']}/plane.json"
             record = inputs.json(rel, PLANE)
@@ -512,6 +546,113 @@ def aligned_and_extra(inputs: Inputs, pair: dict, naive: dict) -> dict:
         path["removed"] = _removed(naive_barrier, b)
         path["best_vs_endpoint"] = (best - better) / better if best is not None and better else None
         path["best_vs_extra"] = (best - extra_best) / extra_best if best is not None and extra_best else None
+    return out
+
+
+# The equal-budget ensembles of a pair, in the table's order: (key, label, training beyond the endpoints in units of
+# --curve-epochs E). (a) one curve is E epochs of training of its bend; (c) pooled is both endpoints' FGE runs, E
+# epochs each; (d) is both extra-trained endpoints; (e) is one of them (the better, chosen after training both).
+EQUAL_BUDGET_ROWS = (
+    ("curve_ensemble", "(a) curve ensemble: output average of {k} points of the curve", 1),
+    ("endpoint_average", "(b) the two endpoints averaged", 0),
+    ("fge_pooled", "(c) FGE: {n} from each endpoint's run, pooled", 2),
+    ("fge_start", "(c) FGE from seed {a} alone ({n})", 1),
+    ("fge_end", "(c) FGE from seed {b} alone ({n})", 1),
+    ("extra_average", "(d) the two extra-trained endpoints averaged", 2),
+    ("extra_best", "(e) the better extra-trained endpoint (per metric)", 1),
+)
+EQUAL_BUDGET_METRICS = ("mse", "psnr", "ssim")
+
+
+def equal_budget(inputs: Inputs, group: dict, pair: dict, p: dict, config: dict) -> dict:
+    """A pair's equal-budget ensembles on the held-out images, {"rows": {key: {mse, psnr, ssim, budget_epochs,
+    members, source}}, "fge": {seed: what its FGE run recorded}}: (a) and (b) from the curve's eval.json
+    ("ensemble"), (c) and (d) from the pair's ensembles.json, (e) from the baseline's eval.json (the better
+    extra-trained endpoint, per metric). Each only when measured."""
+    epochs = config.get("curve_epochs")
+    budget = dict((k, f) for k, _, f in EQUAL_BUDGET_ROWS)
+    rows, runs = {}, {}
+
+    def add(key, values, members, source):
+        metrics = {m: values.get(m) for m in EQUAL_BUDGET_METRICS}
+        if _is_number(metrics["mse"]) and _is_number(metrics["psnr"]):
+            rows[key] = {**metrics, "members": members, "source": source,
+                         "budget_epochs": budget[key] * epochs if _is_number(epochs) else None}
+
+    ens = p.get("ensemble")
+    if ens:
+        for key, entry in (("curve_ensemble", "path_average"), ("endpoint_average", "endpoint_average")):
+            add(key, ens["entries"].get(entry) or {}, ens.get("k") if entry == "path_average" else 2,
+                f"{pair['eval']}/eval.json: ensemble.entries.{entry}")
+    rel = f"{pair['ensembles']}/ensembles.json" if "ensembles" in pair else None
+    record = inputs.json(rel, ENSEMBLES) if rel else None
+    if record is not None:
+        for key in ("fge_pooled", "fge_start", "fge_end", "extra_average"):
+            if key in record["averages"]:
+                values = record["averages"][key]
+                add(key, values, len(values["members"]), f"{rel}: averages.{key}")
+    if p.get("extra_endpoint"):
+        add("extra_best", p["extra_endpoint"], 1, f"{pair['baseline_eval']}/eval.json: the better of t=0 and t=1")
+    for seed in pair["seeds"]:  # the FGE runs' own record: how long they trained, how many snapshots, the cycle
+        folder = group.get("fge", {}).get(str(seed))
+        fge = inputs.json(f"{folder}/fge.json", FGE) if folder else None
+        if fge is not None:
+            runs[str(seed)] = {"budget_epochs": fge["budget_epochs"], "snapshots": len(fge["snapshots"]),
+                               "cycle": (fge.get("schedule") or {}).get("cycle")}
+    return {"rows": rows, "fge": runs}
+
+
+def equal_budget_summary(pairs: list, epochs) -> dict:
+    """Over the pairs that measured them: per row, each metric's mean with its 95% t-interval; the winner by held-out
+    MSE among the rows every such pair has, the runner-up, and per pair the winner's MSE relative to the runner-up's
+    ((winner − runner-up) / runner-up, so negative means the winner is better) as a mean with its interval; the same
+    for the best row at one curve's budget against the curve ensemble (or, when that is the best, the next)."""
+    done = [p["equal_budget"]["rows"] for p in pairs if p.get("available") and p.get("equal_budget", {}).get("rows")]
+    keys = [k for k, _, _ in EQUAL_BUDGET_ROWS if done and all(k in d for d in done)]
+    out = {"pairs": len(done), "curve_epochs": epochs, "rows": {}}
+    for key, _, _ in EQUAL_BUDGET_ROWS:
+        have = [d[key] for d in done if key in d]
+        if have:
+            out["rows"][key] = {"pairs": len(have), "budget_epochs": have[0]["budget_epochs"], **{
+                m: mean_interval([h[m] for h in have]) for m in EQUAL_BUDGET_METRICS}}
+    if len(keys) < 2:
+        return out
+
+    def mean_mse(k):
+        return float(np.mean([d[k]["mse"] for d in done]))
+
+    def versus(k, other):
+        return mean_interval([(d[k]["mse"] - d[other]["mse"]) / d[other]["mse"] for d in done if d[other]["mse"] > 0])
+
+    ranked = sorted(keys, key=mean_mse)
+    out.update(ranked=ranked, winner=ranked[0], runner_up=ranked[1], winner_vs_runner_up=versus(*ranked[:2]))
+    psnr = sorted(keys, key=lambda k: -float(np.mean([d[k]["psnr"] for d in done])))
+    out["winner_by_psnr"] = psnr[0]
+    one = [k for k in ranked if dict((r[0], r[2]) for r in EQUAL_BUDGET_ROWS)[k] == 1]
+    if one and "curve_ensemble" in keys:
+        best = one[0]
+        other = "curve_ensemble" if best != "curve_ensemble" else (one[1] if len(one) > 1 else None)
+        if other is not None:
+            out.update(best_at_one_curve=best, one_curve_other=other, one_curve_vs_other=versus(best, other))
+    return out
+
+
+def convergence(endpoints: list, extra_training: bool, epochs) -> dict:
+    """Whether the endpoints had converged, judged from what the study measures: each endpoint's held-out loss gain
+    when trained on for as long as a curve ((loss_endpoint − loss_extra) / loss_endpoint, both measured by
+    eval-curve with BatchNorm recomputed); not converged when any gain exceeds CONVERGED_GAIN. Without extra training
+    it is not measured (the last-epoch gain is no measure of it: see CONVERGED_GAIN)."""
+    gains = {str(e["seed"]): e["extra"]["gain"] for e in endpoints
+             if (e.get("extra") or {}).get("gain") is not None}
+    out = {"threshold": CONVERGED_GAIN, "extra_epochs": epochs, "endpoints": len(endpoints), "gains": gains,
+           "extra_training": extra_training, "measured": bool(gains),
+           "metric": "held-out loss (the MSE in the mse group), extra-trained endpoint vs its starting endpoint"}
+    if gains:
+        values = list(gains.values())
+        above = [seed for seed, g in gains.items() if g > CONVERGED_GAIN]
+        out.update(min=min(values), max=max(values), above=above, converged=not above)
+    else:
+        out["converged"] = None
     return out
 
 
@@ -652,9 +793,71 @@ def summary_sentences(loss: str, g: dict) -> list[str]:
         psnr += f": some points of the curves reconstruct worse than the endpoints, by up to {fdb(b - a)} dB."
     out.append(psnr)
     out += alignment_sentences(s.get("paths", {}))
+    out += equal_budget_sentences(g.get("equal_budget") or {})
+    out.append(convergence_sentence(loss, g.get("convergence") or {}))
     if g.get("warning"):
         out.append(g["warning"])
     return out
+
+
+EQUAL_BUDGET_SHORT = {"curve_ensemble": "(a) the curve ensemble", "endpoint_average": "(b) the two endpoints averaged",
+                      "fge_pooled": "(c) FGE pooled from both endpoints' runs",
+                      "fge_start": "(c) FGE from the pair's first endpoint alone",
+                      "fge_end": "(c) FGE from the pair's second endpoint alone",
+                      "extra_average": "(d) the two extra-trained endpoints averaged",
+                      "extra_best": "(e) the better extra-trained endpoint"}
+
+
+def _budget(rows: dict, key: str) -> str:
+    epochs = rows.get(key, {}).get("budget_epochs")
+    return "n/a" if epochs is None else f"{epochs:g}"
+
+
+def equal_budget_sentences(eb: dict) -> list[str]:
+    """Which ensemble of the equal-budget table reconstructs the held-out images best (by MSE), against the
+    runner-up, with the 95% interval over pairs; and the best at one curve's budget against the curve ensemble."""
+    if not eb.get("winner"):
+        return []
+    rows, n = eb["rows"], eb["pairs"]
+    w, r = eb["winner"], eb["runner_up"]
+    rel = eb["winner_vs_runner_up"]
+    text = (f"Ensembles at equal training budget (held-out MSE over {n} pair{'s' if n != 1 else ''}; training beyond "
+            f"the endpoints in epochs): {EQUAL_BUDGET_SHORT[w]} ({_budget(rows, w)} epochs) reconstructs best, MSE "
+            f"{fnum(rows[w]['mse']['mean'])} on average; per pair its MSE is {fsigned(rel['mean'])} relative to the "
+            f"runner-up, {EQUAL_BUDGET_SHORT[r]} ({_budget(rows, r)} epochs){_sure(rel)}.")
+    if eb.get("winner_by_psnr") and eb["winner_by_psnr"] != w:
+        text += f" By held-out PSNR the best is {EQUAL_BUDGET_SHORT[eb['winner_by_psnr']]}."
+    out = [text]
+    best, other = eb.get("best_at_one_curve"), eb.get("one_curve_other")
+    if best and (best, other) != (w, r):
+        one = eb["one_curve_vs_other"]
+        out.append(f"At one curve's budget ({_budget(rows, best)} epochs) the best is {EQUAL_BUDGET_SHORT[best]}: per "
+                   f"pair its MSE is {fsigned(one['mean'])} relative to {EQUAL_BUDGET_SHORT[other]}'s{_sure(one)}.")
+    return out
+
+
+def convergence_sentence(loss: str, c: dict) -> str:
+    """Whether the endpoints had converged, from the extra-trained endpoints' held-out gain (CONVERGED_GAIN)."""
+    what = "MSE" if loss == "mse" else "loss"
+    if not c.get("extra_training"):
+        return (f"Convergence of the {loss} endpoints was not measured: the study ran without extra training "
+                "(--no-extra-training). The last-epoch gain in the endpoint table is no measure of it: under the "
+                "paper's schedule the lr ends at 1% of its start, so that gain is near 0 by construction.")
+    if not c.get("measured"):
+        return (f"Convergence of the {loss} endpoints is not measured yet: their extra-trained copies have no "
+                "finished evaluation (baselines/).")
+    gains = c["gains"]
+    span = fpct(c["min"]) if fpct(c["min"]) == fpct(c["max"]) else f"{fpct(c['min'])} to {fpct(c['max'])}"
+    of = "" if len(gains) == c["endpoints"] else f" ({len(gains)} of {c['endpoints']} endpoints measured)"
+    trained = (f"trained on for {c.get('extra_epochs')} more epochs (as long as a curve, aecurves train --init), "
+               f"they gained {span} in held-out {what} (its relative fall){of}")
+    if c["converged"]:
+        return (f"The {loss} endpoints had converged by the study's measure: {trained}, within the "
+                f"{fpct(c['threshold'])} threshold for every endpoint.")
+    return (f"The {loss} endpoints had not converged: {trained}; {len(c['above'])} of {len(gains)} gained more than "
+            f"the {fpct(c['threshold'])} threshold (seed{'s' if len(c['above']) != 1 else ''} "
+            f"{', '.join(c['above'])}). The barrier and ensemble comparisons in this report are comparisons with "
+            "unconverged networks.")
 
 
 def _sure(r: dict) -> str:
@@ -1059,7 +1262,8 @@ def _config_rows(cfg: dict, ran: dict) -> list[list[str]]:
             ("epochs", "endpoint epochs"), ("lr", "endpoint lr (Adam)"), ("lr_schedule", "endpoint lr schedule"),
             ("batch_size", "batch size"), ("curve", "curve"), ("num_bends", "bends (ends fixed)"),
             ("curve_epochs", "curve epochs"), ("curve_lr", "curve lr (Adam)"),
-            ("curve_lr_schedule", "curve lr schedule"), ("wd", "curve wd"), ("num_points", "points per path"),
+            ("curve_lr_schedule", "curve lr schedule"), ("wd", "curve wd"), ("fge_cycle", "FGE cycle (epochs)"),
+            ("num_points", "points per path"),
             ("vgg_weights", "VGG weights")]
     model = cfg.get("model") or BUILTIN_MODEL  # a study.json from before --model: the built-in was the only one
     shown = {**cfg, "model": f"{model} (built-in)" if model == BUILTIN_MODEL else model,
@@ -1067,7 +1271,8 @@ def _config_rows(cfg: dict, ran: dict) -> list[list[str]]:
     if model != BUILTIN_MODEL:  # a custom factory takes its own settings, in its kwargs
         shown["width"] = "does not apply (a setting of the built-in model)"
     rows = [[label, _setting_text(shown[k])] for k, label in keys
-            if k in shown and not (shown[k] is None and k in ("data_dir", "limit"))]
+            if k in shown and not (shown[k] is None and k in ("data_dir", "limit"))
+            and not (k == "fge_cycle" and not cfg.get("fge"))]
     rows += [["images (training / held out)", _ran(ran["data"])],
              ["BN statistics per point, from", _ran(ran["bn_images"], cfg.get("bn_images"))],
              ["train metrics per point, from", _ran(ran["train_metric_images"], cfg.get("train_images"))],
@@ -1184,13 +1389,13 @@ def _endpoint_table(loss: str, g: dict) -> tuple[list[str], list[list[str]]]:
         metrics = [(f"train loss ({kind})", "tr_loss"), (f"test loss ({kind})", "te_loss"), ("train MSE", "tr_mse"),
                    ("test MSE", "te_mse")]
     headers = ["autoencoder"] + [h for h, _ in metrics] + ["train PSNR (dB)", "test PSNR (dB)", "epochs",
-                                                           "last-epoch gain"]
+                                                           "last-epoch gain", "gain from extra training"]
     rows = []
     for e in g["endpoints"]:
         ev, tr = e.get("eval", {}), e.get("training", {})
         rows.append([f"{loss} seed {e['seed']}"] + [fnum(ev.get(k)) for _, k in metrics]
                     + [fdb(ev.get("tr_psnr")), fdb(ev.get("te_psnr")), str(tr.get("epoch", "n/a")),
-                       fpct(tr.get("last_epoch_gain"))])
+                       fpct(tr.get("last_epoch_gain")), fpct((e.get("extra") or {}).get("gain"))])
     return headers, rows
 
 
@@ -1206,9 +1411,18 @@ def endpoint_footnote(loss: str, g: dict) -> str:
     if logged:
         text += (f"The training log (metrics.jsonl) gives another held-out {what}, {', '.join(logged)}, measured "
                  "with the BatchNorm running statistics kept from training. ")
-    return text + ("Epochs and last-epoch gain come from the training log: the gain is how much the held-out loss "
-                   "fell in the final epoch; a barrier is only meaningful between endpoints that have converged "
-                   "(a gain near 0).")
+    c = g.get("convergence") or {}
+    text += ("Epochs and last-epoch gain come from the training log: how much the held-out loss fell in the final "
+             "epoch. Under the paper's schedule the lr ends at 1% of its start, so that gain is near 0 by "
+             "construction and says nothing about convergence. ")
+    if not c.get("extra_training"):
+        return text + ("The study ran without extra training (--no-extra-training), so convergence was not "
+                       "measured.")
+    return text + (f"The gain from extra training is how much the held-out {what} falls when the endpoint is trained "
+                   f"on for {c.get('extra_epochs')} more epochs, as long as a curve (aecurves train --init; measured "
+                   "by eval-curve like every point of the paths, baselines/): an endpoint that still gains more than "
+                   f"{fpct(CONVERGED_GAIN)} had not converged, and a barrier measured against it is one between "
+                   "unconverged networks.")
 
 
 def finterval(r: dict, fmt) -> str:
@@ -1287,6 +1501,49 @@ def ensemble_table(g: dict) -> tuple[list[str], list[list[str]]] | None:
     return ["pair", "network or average", "test MSE", "test PSNR (dB)", "test SSIM"], rows
 
 
+def _row_text(key: str, label: str, row: dict, seeds) -> str:
+    members = row.get("members") or 0
+    n = members // 2 if key == "fge_pooled" else members
+    return label.format(k=members, n=f"{n} snapshot{'s' if n != 1 else ''}", a=seeds[0], b=seeds[1])
+
+
+def _budget_text(row: dict, factor: int) -> str:
+    epochs = row.get("budget_epochs")
+    if epochs is None:
+        return "n/a"
+    return f"{epochs:g} (2 × {epochs / 2:g})" if factor == 2 else f"{epochs:g}"
+
+
+def equal_budget_tables(g: dict):
+    """(per pair, over pairs) tables of the equal-budget ensembles: each row's training budget beyond the endpoints
+    in epochs, its networks, and held-out MSE, PSNR, SSIM; None when no pair measured them."""
+    eb = g.get("equal_budget") or {}
+    per_pair = []
+    for p in g["pairs"]:
+        rows = (p.get("equal_budget") or {}).get("rows") or {}
+        if not p.get("available") or not rows:
+            continue
+        for key, label, factor in EQUAL_BUDGET_ROWS:
+            if key in rows:
+                r = rows[key]
+                per_pair.append([f"seeds {p['seeds'][0]}-{p['seeds'][1]}", _row_text(key, label, r, p["seeds"]),
+                                 _budget_text(r, factor), str(r.get("members", "n/a")), fnum(r["mse"]),
+                                 fdb(r["psnr"]), fnum(r.get("ssim"))])
+    if not per_pair:
+        return None
+    over = []
+    for key, label, factor in EQUAL_BUDGET_ROWS:
+        r = eb.get("rows", {}).get(key)
+        if r:
+            name = EQUAL_BUDGET_SHORT[key] + (" (the winner)" if key == eb.get("winner") else "")
+            over.append([name, _budget_text(r, factor), str(r["pairs"]), finterval(r["mse"], fnum),
+                         finterval(r["psnr"], fdb), finterval(r["ssim"], fnum)])
+    headers = ["pair", "ensemble", "training beyond the endpoints (epochs)", "networks", "test MSE",
+               "test PSNR (dB)", "test SSIM"]
+    return (headers, per_pair), (["ensemble", "training beyond the endpoints (epochs)", "pairs",
+                                  "test MSE, mean [95% interval]", "test PSNR (dB)", "test SSIM"], over)
+
+
 def build(study_dir: Path, data: dict, inputs: Inputs) -> tuple[Doc, list[str]]:
     doc = Doc()
     cfg = data["config"]
@@ -1329,6 +1586,8 @@ def build(study_dir: Path, data: dict, inputs: Inputs) -> tuple[Doc, list[str]]:
         doc.h(3, "Endpoints")
         doc.table(*_endpoint_table(loss, g))
         doc.p(endpoint_footnote(loss, g), "muted")
+        if (g.get("convergence") or {}).get("converged") is False:
+            doc.p(convergence_sentence(loss, g["convergence"]), "warn")
         for e in g["endpoints"]:
             grid = endpoint_grid(study_dir, loss, e, inputs)
             if grid is None:
@@ -1384,6 +1643,23 @@ def build(study_dir: Path, data: dict, inputs: Inputs) -> tuple[Doc, list[str]]:
                   "middle bend gets extra training, so the endpoint trained on for as long is the fair comparison.",
                   "muted")
             doc.table(*ensembles, numeric_from=2)
+
+        budget = equal_budget_tables(g)
+        if budget:
+            e = data["config"].get("curve_epochs", "?")
+            doc.h(3, "Ensembles at equal training budget")
+            doc.p(f"Every ensemble of a pair at the same training beyond the endpoints: one curve's {e} epochs (its "
+                  f"--curve-epochs) per run. (a) and (b): the curve's evaluation (eval-curve --ensemble); (c): fast "
+                  f"geometric ensembling (aecurves fge) from each endpoint for {e} epochs, its snapshots' outputs "
+                  "averaged, each run alone and both runs pooled; (d) and (e): the endpoints trained on for "
+                  f"{e} epochs each (aecurves train --init). A row made of two runs is 2 × {e} epochs; (e) is one "
+                  "run, chosen as the better of two. Output averages of reconstructions on the held-out images, "
+                  "BatchNorm statistics recomputed for every network on the same training images; (e) per metric.",
+                  "muted")
+            per_pair, over = budget
+            doc.table(*per_pair, numeric_from=2)
+            doc.p("Over pairs:", None)
+            doc.table(*over, numeric_from=1)
 
         for p in g["pairs"]:
             a, b = p["seeds"]
@@ -1454,7 +1730,9 @@ def build(study_dir: Path, data: dict, inputs: Inputs) -> tuple[Doc, list[str]]:
            "aligned/{loss}_seed{b}-to-seed{a}/: aecurves align; curves/{loss}_seed{a}-seed{b}/ (…_aligned: to the "
            "aligned B): aecurves train-curve runs; …/eval/: aecurves eval-curve of each curve and of its segment "
            "(eval.json, curve.npz with segment_* arrays); baselines/: the extra-trained endpoints measured like the "
-           "paths; study.json: the resolved configuration; report.json: every number above. Written "
+           "paths; fge/{loss}_seed{s}/: aecurves fge from each endpoint (snapshot_K.pt, fge.json); "
+           "ensembles/{loss}_seed{a}-seed{b}/: the pair's FGE and extra-trained ensembles (ensembles.json); "
+           "study.json: the resolved configuration; report.json: every number above. Written "
            f"{time.strftime('%Y-%m-%d %H:%M')} from the files of {study_dir.resolve()}; regenerate with ",
            Code(f"aecurves report {shlex.quote(str(study_dir))}"), "."), "muted")
     return doc, lines + caveats
@@ -1482,7 +1760,8 @@ def write_report(study_dir) -> dict:
     _write_text(study_dir / "report.html", to_html(doc, study_dir, title))
     record = {"format_version": REPORT_VERSION, "inputs_fingerprint": fingerprint,
               "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary_lines": lines,
-              "thresholds": {"no_barrier": NO_BARRIER, "most": MOST, "some": SOME, "psnr_tolerance_db": PSNR_TOLERANCE},
+              "thresholds": {"no_barrier": NO_BARRIER, "most": MOST, "some": SOME, "psnr_tolerance_db": PSNR_TOLERANCE,
+                             "converged_gain": CONVERGED_GAIN},
               **data}
     write_json(study_dir / "report.json", record)  # last: its fingerprint marks the report complete
     print(f"wrote report.html, report.md, report.json and {FILES_DIR}/ in {study_dir}")

@@ -7,10 +7,14 @@ ends. With --align (the default) B is also aligned to A (`aecurves align`: its h
 code mapped, the same function), and a curve to the aligned B is trained and evaluated with its segment, the
 aligned segment. With --extra-training (the default) every endpoint is also trained on for as long as a curve
 (`aecurves train --init`), and those endpoints are measured like the paths' points: the fair comparison for a
-path's best point. Finally report.html / report.md are written. Each stage calls the same function as its own
-subcommand (train.run, align.run, train_curve.run, eval_curve.run), with that command's config dataclass built
-directly from the study's settings (config.py), so defaults cannot drift and each stage folder holds exactly that
-command's files.
+path's best point. With --fge (the default) every endpoint is also the start of fast geometric ensembling for as
+long as a curve (`aecurves fge`), and every pair's ensembles at that equal budget are measured on the held-out
+images (ensembles.run: the FGE snapshots of both endpoints' runs pooled, and the two extra-trained endpoints
+averaged), for the report's table beside the curve ensemble. Finally report.html / report.md are written. Each
+stage calls the same function as its own subcommand (train.run, align.run, train_curve.run, eval_curve.run,
+fge.run; the ensembles stage, which has no command of its own, ensembles.run), with that command's config
+dataclass built directly from the study's settings (config.py), so defaults cannot drift and each stage folder
+holds exactly that command's files.
 
 Layout of the study folder (`--out`, default runs/study):
 
@@ -24,14 +28,18 @@ Layout of the study folder (`--out`, default runs/study):
                                         reconstructions.png, reconstructions_segment.png
     curves/{loss}_seed{a}-seed{b}_aligned/[eval/]  the same, from A to the aligned B
     baselines/{loss}_seed{a}-seed{b}/   `aecurves eval-curve --segment` of the two extra-trained endpoints, t = 0, 1
+    fge/{loss}_seed{s}/                 `aecurves fge --ckpt` that endpoint, as long as a curve: snapshot_K.pt, fge.json
+    ensembles/{loss}_seed{a}-seed{b}/   ensembles.json: output averages of the pair's FGE snapshots (each run's and
+                                        pooled) and of its extra-trained endpoints, on the held-out images
     curves/{loss}_seed{a}-seed{b}/plane/  `aecurves plane` through that curve's bends (first pair; --plane-grid)
     report.html, report.md, report.json the report (report.json: every number it shows)
     report_files/                       the report's figures
 Every stage folder also holds study_stage.json (the stage's status and a SHA-256 of each input file).
 
-Stage names (for --force): endpoint:{loss}:{s}, extra:{loss}:{s}, align:{loss}:{a}-{b}, curve:{loss}:{a}-{b},
-aligned-curve:{loss}:{a}-{b}, eval:{loss}:{a}-{b}, aligned-eval:{loss}:{a}-{b}, baseline:{loss}:{a}-{b},
-plane:{loss}:{a}-{b}, report. --force also takes `endpoints`, `extras`, `aligns`, `curves`, `evals`, `planes`, a loss (`mse`, `vgg`: its whole group), a
+Stage names (for --force): endpoint:{loss}:{s}, extra:{loss}:{s}, fge:{loss}:{s}, align:{loss}:{a}-{b},
+curve:{loss}:{a}-{b}, aligned-curve:{loss}:{a}-{b}, eval:{loss}:{a}-{b}, aligned-eval:{loss}:{a}-{b},
+baseline:{loss}:{a}-{b}, ensembles:{loss}:{a}-{b}, plane:{loss}:{a}-{b}, report. --force also takes `endpoints`,
+`extras`, `fges`, `aligns`, `curves`, `evals`, `ensembles`, `planes`, a loss (`mse`, `vgg`: its whole group), a
 prefix such as `curve:mse`, or `all`.
 
 Resuming. A stage is finished when its outputs are complete (an endpoint's checkpoint.pt at the requested
@@ -65,8 +73,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aecurves import runtime
-from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, LOSSES, MAX_SEED, MAX_SEEDS, PRESETS, AlignConfig, \
-    EvalCurveConfig, PlaneConfig, StudyConfig, TrainConfig, TrainCurveConfig, as_record, make, to_toml, validate
+from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, FGE_LR_2_RATIO, LOSSES, MAX_SEED, MAX_SEEDS, PRESETS, \
+    AlignConfig, EnsemblesConfig, EvalCurveConfig, FgeConfig, PlaneConfig, StudyConfig, TrainConfig, TrainCurveConfig, \
+    as_record, make, to_toml, validate
 from aecurves.errors import UserError
 from aecurves.files import folder_lock, read_json, sha256, write_json
 
@@ -85,6 +94,11 @@ EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images"
 # an endpoint given extra training: its data and model are its endpoint's (the input, checked by its hash)
 EXTRA_SETTINGS = ("epochs", "lr", "lr_schedule", "batch_size", "wd", "seed")
 ALIGN_SETTINGS = ("method", "latent", "match_at", "images")
+# FGE from an endpoint: its data and model are the endpoint's (the input); lr_2, wd and batch size are passed
+# resolved, so the config recorded in fge.json holds the same values
+FGE_SETTINGS = ("epochs", "cycle", "lr_1", "lr_2", "wd", "batch_size", "seed", "bn_images")
+# a pair's ensembles: the networks are its inputs (checked by their hashes), the BN subset its one setting
+ENSEMBLES_SETTINGS = ("bn_images",)
 PLANE_SETTINGS = ("grid", "margin", "bn_images", "train_images", "full", "batch_size", "use_test")
 # First guesses of what the VGG16 features cost per image, relative to the autoencoder's forward pass, for the time
 # estimate before a stage of that kind has run (then the measured rate is used). Measured on the demo on this
@@ -136,6 +150,7 @@ def resolve_study_config(config: StudyConfig) -> dict:
     from aecurves.curves import make_coefficients
 
     cfg["curve"] = make_coefficients(cfg["curve"], cfg["num_bends"]).name
+    resolve_fge_cycle(cfg)
     if cfg["dataset"] in ("celeba", "folder") and not cfg["data_dir"]:
         where = ("the folder holding img_align_celeba/ (or img_align_celeba.zip) and, optionally, "
                  "list_eval_partition.txt" if cfg["dataset"] == "celeba" else "a folder of images")
@@ -157,6 +172,34 @@ def resolve_study_config(config: StudyConfig) -> dict:
                             f"{cfg['model']} with --model-kwargs JSON.")
         cfg["width"] = None
     return cfg
+
+
+def fge_snapshots(epochs: int, cycle: int) -> int:
+    """How many snapshots an FGE run of `epochs` epochs in cycles of `cycle` takes (fge.py's rule)."""
+    from aecurves.schedules import snapshot_epochs
+
+    return len(snapshot_epochs(epochs, cycle))
+
+
+def resolve_fge_cycle(cfg: dict) -> None:
+    """--fge-cycle: when not given, FGE's own default cycle (4, as in fge.py) if it takes at least 2 snapshots within
+    the equal budget (--curve-epochs), else 2, the shortest cycle (a snapshot every other epoch). A cycle that takes
+    no snapshot within the budget is refused, before anything runs."""
+    default = FgeConfig.__dataclass_fields__["cycle"].default
+    epochs = cfg["curve_epochs"]
+    if cfg["fge_cycle"] is None:
+        cfg["fge_cycle"] = default if not epochs or fge_snapshots(epochs, default) >= 2 else 2
+    cycle = cfg["fge_cycle"]
+    if not cfg["fge"] or not epochs:
+        return
+    if cycle % 2:
+        raise UserError(f"--fge-cycle must be an even number of epochs, got {cycle}: FGE takes a snapshot at the end "
+                        "of each cycle's first half, where the lr is lowest. Pass --fge-cycle 2, 4 ..., or --no-fge.")
+    if fge_snapshots(epochs, cycle) == 0:
+        raise UserError(f"--fge-cycle {cycle} takes no FGE snapshot within the study's equal budget of --curve-epochs "
+                        f"{epochs} epochs: the first is taken at the end of epoch {cycle // 2} (counting from 1). "
+                        f"Pass an even --fge-cycle of at most {2 * epochs} (2 takes one every other epoch), more "
+                        "--curve-epochs, or --no-fge; nothing was run.")
 
 
 def resolved_config(config: StudyConfig) -> dict:
@@ -228,11 +271,57 @@ def extra_config(cfg: dict, endpoint: Path, seed: int, out: Path, resume: bool) 
     return make(TrainConfig, given)
 
 
+def fge_config(cfg: dict, endpoint: Path, seed: int, out: Path, resume: bool) -> FgeConfig:
+    """`aecurves fge --ckpt ENDPOINT`: fast geometric ensembling from the endpoint for --curve-epochs epochs (the equal
+    budget), with the curves' lr as the highest lr of each cycle (the lr the curves and the extra training get too)
+    and fge's ratio for the lowest; the snapshots' BatchNorm statistics on eval-curve's subset (--bn-images)."""
+    given = {"ckpt": str(endpoint), "epochs": cfg["curve_epochs"], "cycle": cfg["fge_cycle"], "lr_1": cfg["curve_lr"],
+             "lr_2": cfg["curve_lr"] * FGE_LR_2_RATIO, "wd": cfg["wd"], "batch_size": cfg["batch_size"], "seed": seed,
+             "bn_images": cfg["bn_images"], "out": str(out), **_runtime(cfg), **_set(cfg, "cache_dir"),
+             **_custom_model(cfg)}
+    if resume:
+        given["resume"] = True
+    return make(FgeConfig, given)
+
+
+def ensemble_members(cfg: dict, loss: str, a: int, b: int) -> tuple[list[str], dict]:
+    """(the input files of a pair's ensembles stage, relative to the study folder; {average: indices into them}):
+    the FGE snapshots of A's and B's runs, each run's alone and pooled, and the two extra-trained endpoints, each
+    alone and averaged (each kind when the study runs it)."""
+    files, averages = [], {}
+    if cfg["fge"]:
+        n = fge_snapshots(cfg["curve_epochs"], cfg["fge_cycle"])
+        for seed, which in ((a, "start"), (b, "end")):
+            averages[f"fge_{which}"] = list(range(len(files), len(files) + n))
+            files += [f"{fge_folder(loss, seed)}/{snapshot_file(k)}" for k in range(1, n + 1)]
+        averages["fge_pooled"] = averages["fge_start"] + averages["fge_end"]
+    if cfg["extra_training"]:
+        averages.update(extra_start=[len(files)], extra_end=[len(files) + 1],
+                        extra_average=[len(files), len(files) + 1])
+        files += [f"{extra_folder(loss, s)}/checkpoint.pt" for s in (a, b)]
+    return files, averages
+
+
+def snapshot_file(k: int) -> str:
+    return f"snapshot_{k}.pt"  # fge.snapshot_name (fge is not imported here: it imports torch)
+
+
+def ensembles_config(cfg: dict, st: "Stage", inputs: list[Path], out: Path) -> EnsemblesConfig:
+    """ensembles.run: the output averages of the pair's FGE snapshots and extra-trained endpoints (`inputs`)."""
+    _, averages = ensemble_members(cfg, st.loss, *st.seeds)
+    given = {"networks": [str(p) for p in inputs], "averages": averages, "bn_images": cfg["bn_images"],
+             "out": str(out), "device": cfg["device"], "no_progress": cfg["no_progress"], **_set(cfg, "cache_dir"),
+             **_custom_model(cfg)}
+    return make(EnsemblesConfig, given)
+
+
 def align_config(cfg: dict, start: Path, end: Path, out: Path) -> AlignConfig:
     """`aecurves align`: B reordered to match A, written as OUT/checkpoint.pt."""
     given = {"init_start": str(start), "init_end": str(end), "out": str(out / "checkpoint.pt"),
              "method": cfg["align_method"], "latent": cfg["align_latent"], "device": cfg["device"],
-             "no_progress": cfg["no_progress"], **_set(cfg, "cache_dir"), **_custom_model(cfg)}
+             "no_progress": cfg["no_progress"], **_set(cfg, "cache_dir"), **_custom_model(cfg),
+             # only the learned method runs the loss (a vgg group's needs the study's VGG weights)
+             **({"vgg_weights": cfg["vgg_weights"]} if cfg["align_method"] == "learned" else {})}
     return make(AlignConfig, given)
 
 
@@ -271,6 +360,7 @@ class Stage:
     inputs: list = field(default_factory=list)  # files (relative) this stage is made from
     units: float = 0.0  # relative cost, for the time estimate
     deps: tuple = ()    # the stages that make its inputs (the report: every other stage)
+    makes: tuple = ("checkpoint.pt",)  # its files other stages take as inputs (relative to its folder)
 
     @property
     def step(self) -> str:
@@ -298,6 +388,14 @@ def baseline_folder(loss: str, a: int, b: int) -> str:
     return f"baselines/{loss}_seed{a}-seed{b}"
 
 
+def fge_folder(loss: str, seed: int) -> str:
+    return f"fge/{loss}_seed{seed}"
+
+
+def ensembles_folder(loss: str, a: int, b: int) -> str:
+    return f"ensembles/{loss}_seed{a}-seed{b}"
+
+
 def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list[Stage]:
     """Every stage of the study in order (all loss groups, then the report).
 
@@ -322,6 +420,14 @@ def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list
                 stages.append(Stage(f"extra:{loss}:{s}", "extra", f"train {loss} seed {s} as long as a curve",
                                     extra_folder(loss, s), loss, (s,), [ckpt[s]],
                                     units=cfg["curve_epochs"] * (3 * n_train + n_test) * heavy))
+        if cfg["fge"]:
+            n = fge_snapshots(cfg["curve_epochs"], cfg["fge_cycle"])
+            for s in cfg["seeds"]:  # training, then BN statistics and the held-out images for every snapshot
+                stages.append(Stage(f"fge:{loss}:{s}", "fge", f"fge {loss} seed {s} as long as a curve",
+                                    fge_folder(loss, s), loss, (s,), [ckpt[s]],
+                                    units=cfg["curve_epochs"] * (3 * n_train + n_test) * heavy
+                                    + (n + 1) * (bn + 2 * n_test),
+                                    makes=("checkpoint.pt", *(snapshot_file(k) for k in range(1, n + 1)))))
         if cfg["align"]:
             for a, b in pairs:
                 stages.append(Stage(f"align:{loss}:{a}-{b}", "align", f"align {loss} seed {b} to seed {a}",
@@ -354,6 +460,11 @@ def plan(cfg: dict, n_train: int, n_test: int, perceptual: bool = False) -> list
                                     baseline_folder(loss, a, b), loss, (a, b),
                                     [f"{extra_folder(loss, s)}/checkpoint.pt" for s in (a, b)],
                                     units=2 * per_point + n_train))
+            if cfg["fge"] or cfg["extra_training"]:
+                files, _ = ensemble_members(cfg, loss, a, b)
+                stages.append(Stage(f"ensembles:{loss}:{a}-{b}", "ensembles",
+                                    f"ensembles {loss} seeds {a}-{b} at equal budget", ensembles_folder(loss, a, b),
+                                    loss, (a, b), files, units=len(files) * (bn + n_test)))
         if cfg["plane_grid"]:
             a, b = pairs[0]
             folder = curve_folder(loss, a, b)
@@ -373,16 +484,17 @@ def with_dependencies(stages: list[Stage]) -> list[Stage]:
         if st.kind == "report":
             st.deps = tuple(s.name for s in stages if s.kind != "report")
         else:
-            st.deps = tuple(made_by[p] for p in st.inputs)
-        made_by[f"{st.folder}/checkpoint.pt"] = st.name
+            st.deps = tuple(dict.fromkeys(made_by[p] for p in st.inputs))
+        for name in st.makes:
+            made_by[f"{st.folder}/{name}"] = st.name
     return stages
 
 
 def select_forced(selectors: list[str], stages: list[Stage]) -> set[str]:
     """Stage names matched by the --force selectors; an unknown selector is an error."""
     chosen = set()
-    kinds = {"endpoints": "endpoint", "extras": "extra", "aligns": "align", "curves": "curve", "evals": "eval",
-             "planes": "plane"}
+    kinds = {"endpoints": "endpoint", "extras": "extra", "fges": "fge", "aligns": "align", "curves": "curve",
+             "evals": "eval", "ensembles": "ensembles", "planes": "plane"}
     for sel in selectors:
         sel = sel.strip().lower()
         hit = {s.name for s in stages
@@ -391,8 +503,8 @@ def select_forced(selectors: list[str], stages: list[Stage]) -> set[str]:
         if not hit:
             names = ", ".join(s.name for s in stages)
             raise UserError(f"--force {sel!r} matches no stage of this study. Stage names: {names}; or one of "
-                            "endpoints, extras, aligns, curves, evals, report, a loss (e.g. mse), a prefix such as "
-                            "curve:mse, or all.")
+                            "endpoints, extras, fges, aligns, curves, evals, ensembles, planes, report, a loss (e.g. "
+                            "mse), a prefix such as curve:mse, or all.")
         chosen |= hit
     return chosen
 
@@ -457,6 +569,58 @@ def _read_plane(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict
         {"complete": complete, "init": [str(Path(record["config"].get("ckpt") or "").resolve())]}
 
 
+def _read_fge(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+    """An FGE run: fge.json (written last, when it finished) and the files it lists; else its checkpoint.pt (the
+    training state after its last finished epoch)."""
+    record = read_json(folder / "fge.json")
+    if isinstance(record, dict) and isinstance(record.get("config"), dict):
+        files = record.get("files") if isinstance(record.get("files"), dict) else {}
+        listed = [v for k, v in files.items() if k != "snapshots"] + list(files.get("snapshots") or [])
+        complete = bool(listed) and all(isinstance(f, str) and (folder / Path(f).name).is_file() for f in listed)
+        return {k: record["config"].get(k) for k in keys + ("vgg_weights",)}, {
+            "finished": True, "complete": complete, "epoch": record.get("budget_epochs"),
+            "init": [record["config"].get("ckpt")]}
+    state = _load_ckpt(folder / "checkpoint.pt", "fge")
+    if state is None:
+        return None, {"exists": (folder / "checkpoint.pt").exists() or (folder / "fge.json").exists()
+                      or any(folder.glob("snapshot_*.pt"))}
+    args = state.get("args", {})
+    return {k: args.get(k) for k in keys + ("vgg_weights",)}, {
+        "finished": False, "complete": False, "epoch": state.get("epoch"), "init": [args.get("ckpt")]}
+
+
+def _judge_fge(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
+    target, epoch = cfg["curve_epochs"], facts["epoch"]
+    if facts["finished"]:
+        if epoch == target:
+            return ("done", "") if facts["complete"] else ("redo", "some of its outputs are missing")
+        return "redo", f"it ran {epoch} epochs, not {target}"
+    if not isinstance(epoch, int):
+        return "redo", "its checkpoint records no epoch"
+    if epoch > target:
+        return "redo", f"its checkpoint is at epoch {epoch}, beyond {target}"
+    if epoch == target:
+        return "resume", "interrupted while measuring its snapshots"
+    return "resume", f"interrupted at epoch {epoch} of {target}"
+
+
+def _read_ensembles(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+    record = read_json(folder / "ensembles.json")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict) \
+            or not isinstance(record.get("averages"), dict):
+        return None, {"exists": (folder / "ensembles.json").exists()}
+    config = record["config"]
+    networks = config.get("networks") if isinstance(config.get("networks"), list) else []
+    return {k: config.get(k) for k in keys}, {"averages": config.get("averages"),
+                                              "init": [str(Path(p).resolve()) for p in networks]}
+
+
+def _judge_ensembles(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
+    if facts["averages"] != ensemble_members(cfg, st.loss, *st.seeds)[1]:
+        return "redo", "it measured other averages"
+    return "done", ""
+
+
 def _judge_training(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
     target = cfg["epochs"] if st.kind == "endpoint" else cfg["curve_epochs"]
     if facts["epoch"] == target and not facts["outputs"]:
@@ -506,6 +670,10 @@ KINDS = {
                  EVAL_SETTINGS, _read_eval, _judge_written_last),
     "plane": Kind("plane", lambda cfg, st, folder, inputs, resume: plane_config(cfg, inputs[0], folder),
                   PLANE_SETTINGS, _read_plane, _judge_written_last, vgg_weights=False),
+    "fge": Kind("fge", lambda cfg, st, folder, inputs, resume: fge_config(cfg, inputs[0], st.seeds[0], folder, resume),
+                FGE_SETTINGS, _read_fge, _judge_fge),
+    "ensembles": Kind("ensembles", lambda cfg, st, folder, inputs, resume: ensembles_config(cfg, st, inputs, folder),
+                      ENSEMBLES_SETTINGS, _read_ensembles, _judge_ensembles, vgg_weights=False),
 }
 
 
@@ -632,6 +800,10 @@ class Study:
                                 "segment)",
                        "baselines": "baselines/{loss}_seed{a}-seed{b}/ (aecurves eval-curve of the extra-trained "
                                     "endpoints at t = 0 and 1)",
+                       "fge": "fge/{loss}_seed{s}/ (aecurves fge: fast geometric ensembling from the endpoint for as "
+                              "long as a curve; snapshot_K.pt, fge.json)",
+                       "ensembles": "ensembles/{loss}_seed{a}-seed{b}/ (ensembles.json: the output averages of the "
+                                    "pair's FGE snapshots, pooled, and of its extra-trained endpoints)",
                        "plane": "curves/{loss}_seed{a}-seed{b}/plane/ (aecurves plane, the first pair of each group)",
                        "report": "report.html, report.md, report.json, report_files/"},
         })
@@ -1084,6 +1256,8 @@ def loss_group(cfg: dict, loss: str) -> dict:
                        for a, b in itertools.combinations(cfg["seeds"], 2)]}
     if cfg["extra_training"]:
         group["extra_endpoints"] = {str(s): extra_folder(loss, s) for s in cfg["seeds"]}
+    if cfg["fge"]:
+        group["fge"] = {str(s): fge_folder(loss, s) for s in cfg["seeds"]}
     for pair in group["pairs"]:
         a, b = pair["seeds"]
         if cfg["align"]:
@@ -1092,6 +1266,8 @@ def loss_group(cfg: dict, loss: str) -> dict:
                         aligned_eval=aligned + "/eval")
         if cfg["extra_training"]:
             pair["baseline_eval"] = baseline_folder(loss, a, b)
+        if cfg["fge"] or cfg["extra_training"]:
+            pair["ensembles"] = ensembles_folder(loss, a, b)
     if cfg["plane_grid"]:
         first = group["pairs"][0]
         group["plane"] = {"seeds": first["seeds"], "folder": first["curve"] + "/plane"}
