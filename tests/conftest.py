@@ -32,6 +32,36 @@ def celeba_sample() -> Path:
     return CELEBA_SAMPLE
 
 
+def train_briefly(data, seed: int, arch: dict, steps: int = 40):
+    """A ConvAutoencoder(**arch) trained for `steps` Adam steps from its own seed (independent of any other), its
+    BatchNorm running statistics then settled at the final weights, as after a long run at a low lr."""
+    import torch
+
+    from aecurves.data import BatchLoader
+    from aecurves.models import ConvAutoencoder
+
+    torch.manual_seed(seed)
+    model = ConvAutoencoder(**arch)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loader = BatchLoader(data.train, 32, "cpu", shuffle=True, seed=seed)
+    step, epoch = 0, 0
+    while step < steps:
+        epoch += 1
+        loader.set_epoch(epoch)
+        for x in loader:
+            loss = torch.nn.functional.mse_loss(model(x), x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+    with torch.no_grad():
+        for x in loader:
+            model(x)
+    return model.train()
+
+
 def run_cli(*argv) -> int:
     from aecurves.cli import main
 

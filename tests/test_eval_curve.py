@@ -20,7 +20,7 @@ from aecurves.losses import MSELoss
 from aecurves.metrics import evaluate as measure
 from aecurves.models import ConvAutoencoder, build_model
 
-from conftest import run_cli
+from conftest import run_cli, train_briefly
 
 ARCH = {"channels": 3, "image_size": 32, "latent_dim": 16, "width": 8}
 DATA_ARGS = {"dataset": "synthetic", "data_dir": None, "image_size": 32, "limit": 256, "val_fraction": 0.1,
@@ -38,26 +38,7 @@ def _endpoint_args(seed, **arch):
 
 
 def _train_endpoint(data, seed, path, steps=40):
-    torch.manual_seed(seed)
-    model = ConvAutoencoder(**ARCH)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = BatchLoader(data.train, 32, "cpu", shuffle=True, seed=seed)
-    step, epoch = 0, 0
-    while step < steps:
-        epoch += 1
-        loader.set_epoch(epoch)
-        for x in loader:
-            loss = torch.nn.functional.mse_loss(model(x), x)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= steps:
-                break
-    with torch.no_grad():  # BN running statistics settle at the final weights, as after a long run at a low lr
-        for x in loader:
-            model(x)
-        model.train()
+    model = train_briefly(data, seed, ARCH, steps)
     save_checkpoint(path, {"kind": "endpoint", "model": model.state_dict(), "optimizer": {}, "epoch": 1,
                            "args": _endpoint_args(seed), "metrics": []})
     return model

@@ -16,7 +16,7 @@ from aecurves.data import BatchLoader, load_data
 from aecurves.metrics import fixed_subset
 from aecurves.models import ConvAutoencoder, build_model
 
-from conftest import run_cli
+from conftest import run_cli, train_briefly
 
 ARCH = {"channels": 3, "image_size": 32, "latent_dim": 16, "width": 8}
 DATA_ARGS = {"dataset": "synthetic", "data_dir": None, "image_size": 32, "limit": 256, "val_fraction": 0.1,
@@ -31,37 +31,13 @@ def _args(seed, **extra):
     return {**DATA_ARGS, "loss": "mse", "seed": seed, **ARCH, "lr": 3e-3, "epochs": 1, **extra}
 
 
-def _train(data, seed, steps=40):
-    """A ConvAutoencoder trained from its own seed (independent of the other endpoint), BN statistics settled."""
-    torch.manual_seed(seed)
-    model = ConvAutoencoder(**ARCH)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = BatchLoader(data.train, 32, "cpu", shuffle=True, seed=seed)
-    step, epoch = 0, 0
-    while step < steps:
-        epoch += 1
-        loader.set_epoch(epoch)
-        for x in loader:
-            loss = nn.functional.mse_loss(model(x), x)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= steps:
-                break
-    with torch.no_grad():
-        for x in loader:
-            model(x)
-    return model
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("renormalize")
     data = load_data("synthetic", image_size=32, limit=256, progress=False)
     paths = []
     for seed in (1, 2):
-        model = _train(data, seed)
+        model = train_briefly(data, seed, ARCH)
         path = root / f"e{seed}" / "checkpoint.pt"
         save_checkpoint(path, {"kind": "endpoint", "model": model.state_dict(), "optimizer": {}, "epoch": 1,
                                "args": _args(seed), "metrics": []})
