@@ -19,7 +19,7 @@ holds several images), with the BN subset drawn at random as above.
 
 The cost ratio counts the images each point costs, BN pass plus train-metric pass (the held-out pass is the
 same in both): 2N for --full, n_bn + n_train for the subsets (plus, for the stratified subset, one pass over
-the N training images per evaluation, which the README adds for 61 points).
+the N training images per evaluation, which docs/performance.md adds for 61 points).
 
     python benchmarks/eval_protocol.py --ckpt CURVE.pt [--ckpt ...] [--limit 4000] [--points 0,0.25,0.5]
 

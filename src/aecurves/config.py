@@ -19,7 +19,7 @@ from aecurves.errors import UserError
 # The evaluation protocol: BatchNorm statistics and training-set metrics at a point of a path come from fixed
 # subsets of the training images, drawn once with a generator seeded SUBSET_SEED. The sizes were chosen with
 # benchmarks/eval_protocol.py: 8192 is the smallest power of 2 whose projected deviation from --full at
-# CelebA scale stays under 1% at three standard deviations on every measured point (the README gives the
+# CelebA scale stays under 1% at three standard deviations on every measured point (docs/performance.md gives the
 # table). BN statistics are averaged per batch, so the batch size is part of the protocol.
 SUBSET_SEED = 0
 BN_IMAGES = 8192
@@ -480,13 +480,13 @@ class ReportConfig:
 
 PRESETS = {
     # The embedded LFW faces (100 grayscale 32x32 images, 86 train / 14 held out) and a narrower network: the
-    # whole study takes minutes on a 2-core CPU (the README gives the measured time) and shows a clear barrier
+    # whole study takes minutes on a 2-core CPU (docs/performance.md gives the measured time) and shows a clear barrier
     # on every segment that the curves remove almost entirely.
     "demo": {"dataset": "lfw", "image_size": 32, "epochs": 60, "lr": 3e-3, "batch_size": 32, "width": 16,
              "save_every_epoch": 20, "curve_epochs": 60, "curve_lr": 3e-3, "plane_grid": 21},
     # The founding document's setting: CelebA 64x64, bottleneck 128, batch 64, 30 epochs at Adam lr 1e-4.
     # Curves: 10 epochs (~25,000 Adam steps on CelebA's 162,770 training images) at the endpoints' lr 1e-4.
-    # No plane by default: 441 networks evaluated on CelebA take long on anything but a GPU (see the README).
+    # No plane by default: 441 networks evaluated on CelebA take long on anything but a GPU (see docs/performance.md).
     "celeba": {"dataset": "celeba", "image_size": 64, "epochs": 30, "lr": 1e-4, "batch_size": 64, "width": 32,
                "save_every_epoch": 5, "curve_epochs": 10, "curve_lr": 1e-4, "plane_grid": 0},
 }

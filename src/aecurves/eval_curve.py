@@ -246,7 +246,7 @@ def load_subject(cfg: EvalCurveConfig) -> Subject:
 
 
 RENORMALIZED = ", renormalised"
-RENORMALIZE_OUTPUT = False  # --renormalize leaves the output layer as it is (README: measured against correcting it)
+RENORMALIZE_OUTPUT = False  # --renormalize leaves the output layer as it is (docs/alignment.md: measured against correcting it)
 RENORMALIZE_METHOD = "layerwise"  # renormalize.Renormalizer's; "repair" (REPAIR's own pass) for comparison only
 
 

@@ -13,7 +13,7 @@ timgaripov/dnn-mode-connectivity:
 - training starts from the endpoint's weights and optimizer state;
 - the ensemble (the snapshots' average output) is measured on the held-out images (fge.py: the test split).
 
-Where it differs from fge.py, and why (the README says the same):
+Where it differs from fge.py, and why (docs/paper.md says the same):
 - Adam, not SGD with momentum 0.9: the endpoints are trained with Adam (train.py). Its state is loaded from the
   endpoint checkpoint when that holds one that fits the network, else the optimizer starts fresh (a point
   written by export-point holds none); fge.json ("optimizer") and the log say which.

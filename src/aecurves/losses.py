@@ -54,7 +54,7 @@ class VGGUnavailable(UserError):
         super().__init__(vgg_missing_message(reason))
         self.reason = reason
         self.short = (f"the VGG16 ImageNet weights are not available ({reason}); pass --vgg-weights PATH, or see "
-                      "the README's 'VGG weights offline'")
+                      "'VGG weights offline' in docs/study.md")
 
 
 # One download attempt per process: a study that lacks the weights tries once, not once per stage.

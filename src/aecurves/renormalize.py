@@ -62,7 +62,7 @@ Deviations from REPAIR, and why:
    the logits included; its VGG notebook leaves the classifier out); BatchNorm networks it only resets.
    Here layers read by BatchNorm are left to the BN recomputation (a reset layer right before a BatchNorm in
    eval mode would be undone by it up to the BatchNorm's eps), and the output layer (no Conv, Linear or
-   BatchNorm after it) is left as it is unless `include_output`: measured on the CelebA sample (README),
+   BatchNorm after it) is left as it is unless `include_output`: measured on the CelebA sample (docs/alignment.md),
    correcting it made two of three naive segments worse than the plain ones (−50% and −2% of the barrier
    removed, against +3% and +14% without), and on the aligned segments the two choices are within 2 points.
    A layer without a bias (its mean cannot be moved within its weights), one called more than once in the
@@ -189,7 +189,7 @@ def find_layers(model: nn.Module, include_output: bool = False) -> Plan:
             why = "its parameters are shared with another module"
         elif output and not include_output:
             why = ("the output layer (no Conv, Linear or BatchNorm after it), left as it is: correcting it measured "
-                   "worse (README)")
+                   "worse (docs/alignment.md)")
         if why:
             plan.skipped[name] = why
             continue

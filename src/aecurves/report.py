@@ -95,11 +95,11 @@ def read_report_json(study_dir) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-# Measured by benchmarks/eval_protocol.py (the README gives the command and the table).
+# Measured by benchmarks/eval_protocol.py (docs/performance.md gives the command and the table).
 PROTOCOL_DEVIATION = ("The train-metric subset is stratified by the start endpoint's per-image MSE. Measured on "
                       "real CelebA images (benchmarks/eval_protocol.py), subsets of the default size keep every "
-                      "measured point within 1% of --full at three standard deviations; the README's "
-                      "evaluation-protocol section gives the table.")
+                      "measured point within 1% of --full at three standard deviations; docs/performance.md "
+                      "('Evaluation subsets against --full') gives the table.")
 
 NUMBER = "a number"  # a spec: an int or a float (NaN and infinities too), not a bool
 
