@@ -66,6 +66,78 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """torch.optim.Adam in its fastest form for the parameters' device: fused (one kernel for every parameter)
+    where torch has that kernel, else for-each (one kernel per operation over all parameters). Both compute
+    Adam's update; they differ from each other and from the single-tensor loop only in float rounding."""
+    params = list(params)
+    if all(_has_fused_adam(p) for p in params):
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def _has_fused_adam(p: torch.Tensor) -> bool:
+    """torch's own test (it runs only at the first step, too late to choose): a real floating-point tensor on a
+    device with fused kernels."""
+    try:
+        from torch.optim.optimizer import _device_dtype_check_for_fused
+    except ImportError:  # a torch without it: the for-each form is always there
+        return False
+    try:
+        _device_dtype_check_for_fused(p)
+    except RuntimeError:
+        return False
+    return True
+
+
+def adam_implementation(optimizer: torch.optim.Optimizer) -> str:
+    group = optimizer.param_groups[0]
+    return "fused" if group.get("fused") else "foreach" if group.get("foreach") else "single-tensor"
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Loads a saved optimizer state into `optimizer` but keeps its own implementation (fused, foreach): a
+    checkpoint written with another one, or on a device without the fused kernel, resumes on this one. The flags
+    are set before loading because loading places the step counters by them (on the device for fused)."""
+    keep = ("fused", "foreach", "capturable", "differentiable")
+    own = optimizer.param_groups
+    groups = [{**saved, **{k: mine[k] for k in keep if k in mine}} for saved, mine in zip(state["param_groups"], own)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
+class CompiledOrEager:
+    """`fn` through torch.compile when `enabled`, falling back to `fn` itself if compiling fails on the first call
+    (no C++ compiler, an operation dynamo cannot trace...), with a note through `log`. After one compiled call
+    succeeds, errors propagate: a fault in the model is not hidden by a silent retry."""
+
+    def __init__(self, fn, enabled: bool, what: str, log=print):
+        self.fn, self.what, self.log = fn, what, log
+        self.compiled = torch.compile(fn) if enabled else None
+        self.proven = False
+        self.failure: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.compiled is not None
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.fn(*args, **kwargs)
+        if self.proven:
+            return self.compiled(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as exc:  # dynamo and inductor raise many types; the eager call below re-raises real faults
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            self.failure = f"{type(exc).__name__}: {first}"
+            self.log(f"note: --compile: torch.compile could not compile the {self.what} ({self.failure}); it runs "
+                     "uncompiled, with the same numbers")
+            self.compiled = None
+            return self.fn(*args, **kwargs)
+        self.proven = True
+        return out
+
+
 def setup_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     """Reads torchrun's environment; starts a process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
     info = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
