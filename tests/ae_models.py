@@ -1,6 +1,7 @@
-"""Two autoencoders that are not aecurves' own, for the --model tests: each factory is called as
+"""Autoencoders that are not aecurves' own, for the --model tests: each factory is called as
 FACTORY(channels=C, image_size=S, latent_dim=D, **MODEL_KWARGS) and returns images of the input's shape."""
 
+import torch
 from torch import nn
 
 
@@ -40,3 +41,22 @@ def upsample_autoencoder(channels: int, image_size: int, latent_dim: int, **kwar
 def not_an_autoencoder(channels: int, image_size: int, latent_dim: int) -> nn.Module:
     """Maps images to codes: refused, since a curve's loss compares outputs with inputs."""
     return nn.Sequential(nn.Flatten(), nn.Linear(channels * image_size * image_size, latent_dim))
+
+
+class ViewingAutoencoder(nn.Module):
+    """A convolution, then `.view` of its features: fails on channels_last input (a view of permuted memory), so
+    training falls back to contiguous batches."""
+
+    def __init__(self, channels: int, image_size: int, latent_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4, 3, 1, 1)
+        self.code = nn.Linear(4 * image_size * image_size, latent_dim)
+        self.out = nn.Linear(latent_dim, channels * image_size * image_size)
+
+    def forward(self, x):
+        h = self.conv(x).view(x.shape[0], -1)
+        return torch.sigmoid(self.out(self.code(h))).view(x.shape)
+
+
+def viewing_autoencoder(channels: int, image_size: int, latent_dim: int) -> nn.Module:
+    return ViewingAutoencoder(channels, image_size, latent_dim)

@@ -610,3 +610,38 @@ def test_the_folder_is_locked_for_the_whole_evaluation(setup, tmp_path, monkeypa
         assert run_cli("eval-curve", "--segment", setup["a"], setup["b"], "--num-points", 2, "--no-progress",
                        "--vgg-weights", "random", "--out", out) == 2
     assert "Another aecurves process" in capsys.readouterr().err and not (out / "eval.json").exists()
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_gives_the_same_numbers(setup, curve_run, tmp_path, capsys):
+    """eval-curve --compile for real: one compiled function serves every point (its weights and buffers are inputs),
+    for one network per call and for several, and the series are the eager evaluation's to float rounding."""
+    out, _ = curve_run
+    npz = np.load(out / "curve.npz")
+    for per_call in (1, 3):
+        folder = tmp_path / f"ppc{per_call}"
+        run_eval({**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 3, "compile": True,
+                  "points_per_call": per_call, "out": str(folder)})
+        assert "could not compile" not in capsys.readouterr().out
+        record = json.loads((folder / "eval.json").read_text())
+        assert record["compiled"] is True
+        compiled = np.load(folder / "curve.npz")
+        for k in record["series"]:
+            np.testing.assert_allclose(compiled[k], npz[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_compile_that_fails_falls_back_to_the_same_numbers(setup, curve_run, tmp_path, capsys, monkeypatch):
+    out, _ = curve_run
+
+    def no_compiler(fn, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    run_eval({**FAST, "ckpt": str(setup["curve"]), "num_points": 5, "num_images": 3, "ensemble": 3, "compile": True,
+              "out": str(tmp_path)})
+    assert "could not compile the per-point network (RuntimeError: no C++ compiler)" in capsys.readouterr().out
+    npz, fallback = np.load(out / "curve.npz"), np.load(tmp_path / "curve.npz")
+    for k in npz.files:
+        assert np.array_equal(npz[k], fallback[k]), k

@@ -271,3 +271,78 @@ def test_init_starts_from_an_endpoint_with_a_fresh_optimizer_and_its_own_schedul
     assert run_cli("train", "--init", tmp_path / "a/checkpoint.pt", "--checkpoint", tmp_path / "a/checkpoint.pt",
                    "--epochs", 1, "--out", tmp_path / "both") == 2
     assert "pass one of them" in capsys.readouterr().err
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_channels_last_training_matches_contiguous_to_rounding(tmp_path, capsys):
+    """The default trains in channels_last (batches and weights) with fused Adam; the numbers are contiguous
+    training's to float rounding, and the checkpoint reads back into an ordinary model."""
+    args = [*TINY, "--epochs", 2, "--precision", "fp32"]
+    assert run_cli("train", *args, "--out", tmp_path / "cl") == 0
+    assert "fp32, channels_last, Adam fused" in capsys.readouterr().out
+    assert run_cli("train", *args, "--memory-format", "contiguous", "--out", tmp_path / "nchw") == 0
+    assert "fp32, contiguous, Adam fused" in capsys.readouterr().out
+    cl, nchw = _rows(tmp_path / "cl"), _rows(tmp_path / "nchw")
+    assert [r["memory_format"] for r in cl + nchw] == ["channels_last"] * 2 + ["contiguous"] * 2
+    for a, b in zip(cl, nchw):
+        for key in ("train_loss", "test_loss", "test_mse"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3), key
+    state = weights(tmp_path / "cl" / "checkpoint.pt")
+    conv = next(v for v in state.values() if v.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # saved as trained
+    model = build_model(arch_of(load_checkpoint(tmp_path / "cl" / "checkpoint.pt")["args"]))
+    model.load_state_dict(state)
+    other = build_model(arch_of(load_checkpoint(tmp_path / "nchw" / "checkpoint.pt")["args"]))
+    other.load_state_dict(weights(tmp_path / "nchw" / "checkpoint.pt"))
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), other.eval()(x), rtol=0, atol=2e-3)
+
+
+def test_a_model_that_cannot_take_channels_last_trains_contiguous_with_a_note(tmp_path, capsys):
+    model = f"{os.path.join(os.path.dirname(__file__), 'ae_models.py')}:viewing_autoencoder"
+    assert run_cli("train", *[a for a in TINY if a not in ("--width", "8")], "--epochs", 1, "--model", model,
+                   "--out", tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert "note: the batches are contiguous, not channels_last" in printed and "view" in printed
+    assert _rows(tmp_path)[0]["memory_format"] == "contiguous"
+
+
+def test_compile_that_fails_falls_back_with_a_note_and_the_same_numbers(tmp_path, capsys, monkeypatch):
+    args = [*TINY, "--epochs", 1, "--precision", "fp32"]
+    assert run_cli("train", *args, "--out", tmp_path / "plain") == 0
+
+    def no_compiler(fn, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("InductorError: no C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert run_cli("train", *args, "--compile", "--out", tmp_path / "compiled") == 0
+    printed = capsys.readouterr().out
+    assert "torch.compile could not compile the model (RuntimeError: InductorError: no C++ compiler found)" in printed
+    plain, fallback = _rows(tmp_path / "plain"), _rows(tmp_path / "compiled")
+    assert fallback[0]["compiled"] is False and plain[0]["compiled"] is False
+    assert fallback[0]["train_loss"] == plain[0]["train_loss"] and fallback[0]["test_loss"] == plain[0]["test_loss"]
+    assert_same_weights(weights(tmp_path / "plain" / "checkpoint.pt"), weights(tmp_path / "compiled" / "checkpoint.pt"))
+
+
+def test_held_out_tensors_hold_the_pictures_pixels(tmp_path):
+    """reconstructions.pt beside reconstructions.png: the held-out images over their reconstructions, as the PNG
+    grid holds them (the report reads the tensors instead of decoding the picture)."""
+    import numpy as np
+    from PIL import Image
+
+    assert run_cli("train", *TINY, "--epochs", 1, "--num-images", 3, "--out", tmp_path) == 0
+    held = torch.load(tmp_path / "reconstructions.pt", weights_only=True)
+    assert held["format"] == 1 and held["images"].dtype == held["reconstructions"].dtype == torch.uint8
+    assert held["images"].shape == held["reconstructions"].shape == (3, 3, 32, 32)
+    grid = np.asarray(Image.open(tmp_path / "reconstructions.png").convert("RGB"))
+    for row, key in enumerate(("images", "reconstructions")):
+        for i in range(3):
+            top, left = 2 + row * 34, 2 + i * 34
+            cell = grid[top:top + 32, left:left + 32].transpose(2, 0, 1)
+            assert np.array_equal(cell, held[key][i].numpy()), (key, i)
+    assert (tmp_path / "reconstructions_epoch001.pt").is_file()

@@ -288,3 +288,57 @@ def test_a_diverged_curve_stops_before_it_is_saved(tiny_endpoints, tmp_path, mon
     assert run_cli("train-curve", "--init_start", a, "--init_end", b, *CURVE, "--epochs", 1, "--dir", tmp_path) == 2
     assert "non-finite values in bend 1" in capsys.readouterr().err
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def _rows(out):
+    return [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_channels_last_curve_training_matches_contiguous_to_rounding(tiny_endpoints, tmp_path, capsys):
+    a, b = tiny_endpoints
+    args = ["train-curve", "--init_start", a, "--init_end", b, *CURVE, "--epochs", 2, "--precision", "fp32"]
+    assert run_cli(*args, "--dir", tmp_path / "cl") == 0
+    assert "fp32, channels_last, Adam fused" in capsys.readouterr().out
+    assert run_cli(*args, "--memory-format", "contiguous", "--dir", tmp_path / "nchw") == 0
+    cl, nchw = _rows(tmp_path / "cl"), _rows(tmp_path / "nchw")
+    assert [r["memory_format"] for r in cl + nchw] == ["channels_last"] * 2 + ["contiguous"] * 2
+    for x, y in zip(cl, nchw):
+        for key in ("train_loss", "mid_test_loss"):
+            assert x[key] == pytest.approx(y[key], rel=1e-3), key
+    bends = [load_curve(tmp_path / d / "checkpoint.pt")[0].bends[1] for d in ("cl", "nchw")]
+    torch.testing.assert_close(bends[0], bends[1], rtol=0, atol=1e-3)
+
+
+def test_curve_compile_that_fails_falls_back_with_the_same_numbers(tiny_endpoints, tmp_path, capsys, monkeypatch):
+    a, b = tiny_endpoints
+    args = ["train-curve", "--init_start", a, "--init_end", b, *CURVE, "--epochs", 1, "--precision", "fp32"]
+    assert run_cli(*args, "--dir", tmp_path / "plain") == 0
+
+    def no_compiler(fn, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert run_cli(*args, "--compile", "--dir", tmp_path / "compiled") == 0
+    assert "could not compile the base network (RuntimeError: no C++ compiler)" in capsys.readouterr().out
+    plain, fallback = _rows(tmp_path / "plain")[0], _rows(tmp_path / "compiled")[0]
+    assert fallback["compiled"] is False
+    assert (fallback["train_loss"], fallback["mid_test_loss"]) == (plain["train_loss"], plain["mid_test_loss"])
+
+
+@pytest.mark.slow
+def test_compiled_curve_training_runs_compiled_and_matches_eager(tiny_endpoints, tmp_path, capsys):
+    """torch.compile for real (inductor, this machine's C++ compiler): one graph of the base network serves every t
+    (θ(t) stays uncompiled), and the numbers are eager training's to float rounding."""
+    a, b = tiny_endpoints
+    args = ["train-curve", "--init_start", a, "--init_end", b, *CURVE, "--epochs", 2, "--precision", "fp32"]
+    assert run_cli(*args, "--dir", tmp_path / "eager") == 0
+    assert run_cli(*args, "--compile", "--dir", tmp_path / "compiled") == 0
+    printed = capsys.readouterr().out
+    assert "could not compile" not in printed and "Adam fused, compiled" in printed
+    eager, compiled = _rows(tmp_path / "eager"), _rows(tmp_path / "compiled")
+    assert all(r["compiled"] for r in compiled)
+    for x, y in zip(eager, compiled):
+        for key in ("train_loss", "mid_test_loss"):
+            assert y[key] == pytest.approx(x[key], rel=1e-3), key

@@ -148,6 +148,13 @@ class TrainConfig:
     device: str = option("auto", "", choices=DEVICES, group="runtime")
     precision: str = option("auto", "bf16 autocast for training steps where the hardware runs it fast (auto), or "
                                     "force one; evaluation is always fp32", choices=PRECISIONS, group="runtime")
+    memory_format: str = option("channels_last", "of the image batches and the model's weights: channels_last "
+                                "measured faster on a CPU, with the same numbers to float rounding; a model whose "
+                                "forward cannot take it falls back to contiguous, with a note",
+                                choices=("channels_last", "contiguous"), group="runtime")
+    compile: bool = option(False, "run the model through torch.compile: a one-off compile when the run starts, then "
+                                  "possibly faster steps; where it cannot compile, the run goes on uncompiled with a "
+                                  "note (the numbers are the same to float rounding either way)", group="runtime")
     vgg_weights: str = option("imagenet", "VGG16 weights for the perceptual loss: imagenet (torchvision, cached or "
                                           "downloaded), a PATH to a vgg16 state dict, or random (smoke tests only; "
                                           "the loss is then not perceptual)", group="runtime")
@@ -218,6 +225,10 @@ class TrainCurveConfig:
                                  "explicitly come from it)", group="outputs")
     device: str = same_as(TrainConfig, "device")
     precision: str = same_as(TrainConfig, "precision")
+    memory_format: str = same_as(TrainConfig, "memory_format")
+    compile: bool = same_as(TrainConfig, "compile", help="run the base network's forward and backward at θ(t) "
+                            "through torch.compile (θ(t) itself is computed uncompiled); where it cannot compile, "
+                            "the run goes on uncompiled with a note")
     vgg_weights: str = same_as(TrainConfig, "vgg_weights")
     no_progress: bool = same_as(TrainConfig, "no_progress")
     given: tuple = _given()
@@ -264,10 +275,12 @@ class EvalCurveConfig:
                                      "idle (a GPU); 0: chosen from the free GPU memory, 1 on a CPU (where it "
                                      "measured slower)", minimum=0, metavar="N", group="evaluation",
                                      maximum=MAX_POINTS_PER_CALL)
-    memory_format: str = option("channels_last", "of the image batches: channels_last measured faster on a CPU at "
-                                "the same numbers to float rounding; a model whose forward cannot take it falls "
-                                "back to contiguous, with a note", choices=("channels_last", "contiguous"),
-                                group="evaluation")
+    memory_format: str = same_as(TrainConfig, "memory_format", help="of the image batches: channels_last measured "
+                                 "faster on a CPU at the same numbers to float rounding; a model whose forward "
+                                 "cannot take it falls back to contiguous, with a note", group="evaluation")
+    compile: bool = same_as(TrainConfig, "compile", help="run each point's network through torch.compile (one "
+                            "compile serves every point: the weights are its inputs); where it cannot compile, the "
+                            "evaluation goes on uncompiled with a note", group="evaluation")
     ensemble: int = option(0, "K >= 2: also measure on the held-out images (a) the output average of the path's "
                               "networks at K evenly spaced t in [0, 1], (b) that of its two endpoints and (c) the "
                               "network at the mean of the K points' weights, each with BN statistics recomputed "

@@ -164,6 +164,9 @@ class Curve(nn.Module):
             nn.Parameter(flat.clone(), requires_grad=not fixed.get(k, False)) for k in range(num_bends))
         # Each endpoint's own BatchNorm statistics, so θ(0) and θ(1) can run exactly as trained.
         self.endpoint_buffers: list[dict | None] = [None, None]
+        # run_base(weights, x) runs `base` at `weights`; None: functional_call itself. train-curve --compile sets
+        # functional_call through torch.compile here, so θ(t) stays uncompiled and one graph serves every t.
+        self.run_base = None
 
     @property
     def curve_name(self) -> str:
@@ -214,7 +217,10 @@ class Curve(nn.Module):
         return self.flat_at(t).pow(2).sum()
 
     def forward(self, x: torch.Tensor, t, weights: dict | None = None) -> torch.Tensor:
-        return functional_call(self.base, weights if weights is not None else self.weights(t), (x,))
+        weights = weights if weights is not None else self.weights(t)
+        if self.run_base is not None:
+            return self.run_base(weights, x)
+        return functional_call(self.base, weights, (x,))
 
     def use_endpoint_buffers(self, which: int) -> None:
         """Copies endpoint `which` (0 = start, 1 = end)'s own BatchNorm statistics into `base`."""

@@ -125,7 +125,7 @@ def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, 
     ts = np.linspace(0.0, 1.0, cfg.num_points)
     print(f"data: {data.source}")
     print(f"evaluating the {subject.label} at {len(ts)} points on {device} ({cfg.precision}, {protocol.memory_format}, "
-          f"{per_call} per call): "
+          f"{per_call} per call{', compiled' if cfg.compile else ''}): "
           + ("BN statistics recomputed at each t; " if bn_loader else "no BN statistics; ")
           + f"{protocol.subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
     for note in subject.notes:
@@ -142,7 +142,7 @@ def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, 
                                        segment=renormalized(subject.segment, subject.plan, stats_loader, bn_loader))
     with runtime.autocast(device, cfg.precision):  # bf16: the forward passes only (see EvalCurveConfig)
         results = evaluate_paths(measured, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                                 ssim, progress=not cfg.no_progress, points_per_call=per_call)
+                                 ssim, progress=not cfg.no_progress, points_per_call=per_call, compile=cfg.compile)
         ensemble = None
         if cfg.ensemble:
             t0 = time.perf_counter()
@@ -177,6 +177,7 @@ def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, 
         "precision": cfg.precision,
         "points_per_call": per_call,
         "memory_format": protocol.memory_format,
+        "compiled": cfg.compile,
         "seconds": results.seconds,
         "config": as_record(cfg),
         "summary": results.summary,
@@ -344,7 +345,7 @@ def ssim_fits(image_size: int, notes: list) -> bool:
 
 
 def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                   ssim: bool, progress: bool, points_per_call: int = 1) -> PathResults:
+                   ssim: bool, progress: bool, points_per_call: int = 1, compile: bool = False) -> PathResults:
     """Every point of the curve (and its segment), and reconstructions of `fixed` at RECON_POINTS values of t:
     taken during the evaluation at the t the two grids share, then at the others (BN recomputed the same way).
     When the loss is a mean over images (MSE and the VGG loss both are: they have per_image), the summary also
@@ -365,7 +366,7 @@ def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, per
 
         one = evaluate_path(path, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, progress,
                             desc=label, on_point=on_point, ssim=ssim, per_image=True,
-                            points_per_call=points_per_call)
+                            points_per_call=points_per_call, compile=compile)
         series.update({prefix + k: v for k, v in one.items()})
         summary.update({prefix + k: v for k, v in summarize(one).items()})
         if "te_per_image_loss" in one:

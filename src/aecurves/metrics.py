@@ -270,7 +270,7 @@ def summarize(series: dict) -> dict:
 
 def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptual_fn=None, bn_loader=None,
                   progress: bool = False, desc: str = "path", on_point=None, ssim: bool = False,
-                  per_image: bool = False, points_per_call: int = 1) -> dict:
+                  per_image: bool = False, points_per_call: int = 1, compile: bool = False) -> dict:
     """Metrics at each t of `ts`: {"ts", "dl", "tr_loss", "te_loss", "tr_mse", ...} as float64 arrays (with
     `ssim`, tr_ssim and te_ssim too), by `evaluate_points`.
 
@@ -281,7 +281,7 @@ def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptu
     ts = np.asarray(ts, dtype=np.float64)
     rows = evaluate_points(curve.base, curve.unflatten, curve.flat_at, [float(t) for t in ts], train_loader,
                            test_loader, loss_fn, perceptual_fn, bn_loader, ssim, per_image, points_per_call,
-                           progress, desc, on_point)
+                           progress, desc, on_point, compile)
     series = {"ts": ts, "dl": step_lengths(curve, ts)}
     for split in SPLITS:
         for m in rows[0][split]:
@@ -299,7 +299,7 @@ MAX_POINTS_PER_CALL = 16
 def evaluate_points(base: torch.nn.Module, unflatten, flat_of, specs, train_loader, test_loader, loss_fn,
                     perceptual_fn=None, bn_loader=None, ssim: bool = False, per_image: bool = False,
                     points_per_call: int = 1, progress: bool = False,
-                    desc: str = "points", on_point=None) -> list[dict]:
+                    desc: str = "points", on_point=None, compile: bool = False) -> list[dict]:
     """[{"tr": metrics on train_loader, "te": metrics on test_loader}] for the network flat_of(spec) of each spec
     (a t of a curve, a node of a plane), BatchNorm statistics recomputed there from `bn_loader` first when
     given (else `base`'s buffers are used as they are). The metrics are `evaluate`'s.
@@ -309,15 +309,20 @@ def evaluate_points(base: torch.nn.Module, unflatten, flat_of, specs, train_load
     time, in another order (equal to float rounding: tests/test_metrics.py), and is where a GPU's gain is; on a
     CPU, whose cores one network's convolutions already fill, it measured slower (benchmarks/eval_throughput.py).
     `unflatten(flat)` gives the weights dict of a flat vector; `on_point(spec, network)` is called at each spec.
+    With `compile`, the networks' forward goes through torch.compile (one compiled function for every point: the
+    weights and buffers are its inputs; BN statistics are still taken uncompiled), falling back when it cannot.
     """
     specs = list(specs)
+    calls = {n: runtime.CompiledOrEager(fn, compile, "per-point network")
+             for n, fn in (("one", lambda w, b, x: functional_call(base, (w, b), (x,))),
+                           ("stacked", stacked_forward(base)))}
     rows, chunk = [None] * len(specs), []
     for i in console.progress(range(len(specs)), desc, progress, unit="point"):
         chunk.append(i)
         if len(chunk) < points_per_call and i < len(specs) - 1:
             continue
         weights = [unflatten(flat_of(specs[j])) for j in chunk]
-        networks, forward = networks_with_bn(base, weights, bn_loader)
+        networks, forward = networks_with_bn(base, weights, bn_loader, calls if compile else None)
         base.eval()
         splits = {split: evaluate_stacked(forward, len(chunk), loader, loss_fn, perceptual_fn, ssim,
                                           per_image and split == "te")
@@ -330,22 +335,27 @@ def evaluate_points(base: torch.nn.Module, unflatten, flat_of, specs, train_load
     return rows
 
 
-def networks_with_bn(base: torch.nn.Module, weights: list[dict], bn_loader=None) -> tuple[list, object]:
+def networks_with_bn(base: torch.nn.Module, weights: list[dict], bn_loader=None, calls=None) -> tuple[list, object]:
     """(one module per weights dict, forward(x) -> their outputs stacked [len(weights), batch, ...]), BatchNorm
     statistics recomputed for each from `bn_loader` when given. A single network runs as itself, with its
-    statistics in `base`'s buffers; several run vmapped, with their statistics stacked beside `base`."""
+    statistics in `base`'s buffers; several run vmapped, with their statistics stacked beside `base`.
+    `calls`, when given, runs them: {"one": f(weights, buffers, x), "stacked": f(stacked weights, stacked
+    buffers, x)} (e.g. compiled)."""
     if len(weights) == 1:
         if bn_loader is not None:
             recompute_bn(base, weights[0], bn_loader)
         network = NetworkAt(base, weights[0])
-        return [network], lambda x: network(x).unsqueeze(0)
+        if calls is None:
+            return [network], lambda x: network(x).unsqueeze(0)
+        own = dict(base.named_buffers())
+        return [network], lambda x: calls["one"](weights[0], own, x).unsqueeze(0)
     count = len(weights)
     stacked = {n: torch.stack([w[n] for w in weights]) for n in weights[0]}
     if bn_loader is not None:
         buffers = recompute_bn_stacked(base, stacked, count, bn_loader)
     else:
         buffers = {n: torch.stack([b] * count) for n, b in base.named_buffers()}
-    forward = stacked_forward(base)
+    forward = stacked_forward(base) if calls is None else calls["stacked"]
     networks = [NetworkAt(base, w, {n: b[k] for n, b in buffers.items()}) for k, w in enumerate(weights)]
     return networks, lambda x: forward(stacked, buffers, x)
 
@@ -431,13 +441,9 @@ def protocol_loaders(path: Curve, train: torch.Tensor, test: torch.Tensor, n_bn:
     """protocol_subsets as loaders (the train-metric loader is the BN loader when the two subsets are one), their
     batches in `memory_format` when the path's network runs on it (else contiguous, with a note)."""
     bn_images, train_images, subset = protocol_subsets(path, train, n_bn, n_metric, full, batch_size, device)
-    notes = []
-    if memory_format == "channels_last":
-        failure = channels_last_failure(path.base, path.weights(0.0), test[:2].to(device).float().div(255))
-        if failure is not None:
-            notes.append(f"the batches are contiguous, not channels_last: this model's forward fails on "
-                         f"channels_last input ({failure})")
-            memory_format = "contiguous"
+    memory_format, note = usable_memory_format(memory_format, path.base, path.weights(0.0),
+                                               test[:2].to(device).float().div(255))
+    notes = [note] if note else []
     cl = memory_format == "channels_last"
     has_bn = bool(batchnorms(path.base))
     bn_loader = BatchLoader(bn_images, batch_size, device, channels_last=cl)
@@ -448,16 +454,30 @@ def protocol_loaders(path: Curve, train: torch.Tensor, test: torch.Tensor, n_bn:
                     len(train_images), subset, memory_format, notes)
 
 
+def usable_memory_format(requested: str, base: torch.nn.Module, weights: dict, x: torch.Tensor) -> tuple[str, str]:
+    """(`requested`, "") when `base` at `weights` runs on `x` in that memory format; else ("contiguous", why)."""
+    if requested != "channels_last":
+        return requested, ""
+    failure = channels_last_failure(base, weights, x)
+    if failure is None:
+        return requested, ""
+    return "contiguous", ("the batches are contiguous, not channels_last: this model's forward fails on "
+                          f"channels_last input ({failure})")
+
+
 @torch.no_grad()
 def channels_last_failure(base: torch.nn.Module, weights: dict, x: torch.Tensor) -> str | None:
-    """None when `base` runs on `x` in the channels_last memory format (in both modes: BN statistics are taken in
-    training mode), else the first line of the error (e.g. a .view of a permuted tensor)."""
+    """None when `base` runs on `x` in the channels_last memory format, with `weights` as they are and with the
+    convolution kernels in channels_last too (train and train-curve hold them so), in both modes (BN statistics
+    are taken in training mode); else the first line of the error (e.g. a .view of a permuted tensor)."""
     was_training = base.training
     buffers = {n: b.clone() for n, b in base.named_buffers()}  # training mode updates these: not base's own
+    kernels_too = {n: w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w for n, w in weights.items()}
     try:
         for mode in (False, True):
             base.train(mode)
-            NetworkAt(base, weights, buffers)(x.contiguous(memory_format=torch.channels_last))
+            for w in (weights, kernels_too):
+                NetworkAt(base, w, buffers)(x.contiguous(memory_format=torch.channels_last))
         return None
     except RuntimeError as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

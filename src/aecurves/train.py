@@ -21,7 +21,7 @@ from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
 from aecurves.files import append_jsonl, atomic_path, folder_lock, write_jsonl
 from aecurves.losses import make_loss
-from aecurves.metrics import check_finite_state, evaluate
+from aecurves.metrics import check_finite_state, evaluate, usable_memory_format
 from aecurves.models import arch_of, build_model, num_parameters
 from aecurves.schedules import lr_at
 from aecurves.training import train_one_epoch
@@ -29,21 +29,41 @@ from aecurves.training import train_one_epoch
 COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_mse", "test_psnr", "seconds", "images/s"]
 
 
-def reconstruction_grid(model, images: torch.Tensor) -> torch.Tensor:
+HELD_OUT_FORMAT = 1  # of reconstructions.pt (CHANGELOG.md)
+
+
+def reconstruct(model, images: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(images)
+
+
+def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Fixed test images in the top row, their reconstructions below, as one [3, H, W] image in [0, 1]."""
     from torchvision.utils import make_grid
 
-    model.eval()
-    with torch.no_grad():
-        recon = model(images)
     return make_grid(torch.cat([images, recon]).float().cpu(), nrow=images.shape[0], padding=2, pad_value=1.0)
 
 
-def save_reconstructions(grid: torch.Tensor, path) -> None:
+def as_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, C, H, W] on the CPU, rounded as torchvision's save_image rounds the PNG, so both hold one value."""
+    return images.detach().float().cpu().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).contiguous()
+
+
+def save_reconstructions(images: torch.Tensor, recon: torch.Tensor, paths, board_epoch=None, board=None) -> None:
+    """reconstructions.png (the grid) and beside each PNG its tensors (.pt: the held-out images and their
+    reconstructions as uint8, HELD_OUT_FORMAT), for the report to read without decoding the picture."""
     from torchvision.utils import save_image
 
-    with atomic_path(path) as tmp:
-        save_image(grid, tmp, format="png")
+    grid = reconstruction_grid(images, recon)
+    held_out = {"format": HELD_OUT_FORMAT, "images": as_pixels(images), "reconstructions": as_pixels(recon)}
+    for path in paths:
+        with atomic_path(path) as tmp:
+            save_image(grid, tmp, format="png")
+        with atomic_path(Path(path).with_suffix(".pt")) as tmp:
+            torch.save(held_out, tmp)
+    if board is not None:
+        board.add_image("reconstructions", grid, board_epoch)
 
 
 def tensorboard_writer(out: Path):
@@ -156,14 +176,18 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     runtime.seed_everything(cfg.seed)
     model = build_model(arch).to(device)
     loss_fn = make_loss(cfg.loss, cfg.vgg_weights).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
+    memory_format, format_note = usable_memory_format(cfg.memory_format, model, dict(model.named_parameters()),
+                                                      data.train[:2].to(device).float().div(255))
+    if memory_format == "channels_last":  # before the optimizer, so its state takes the weights' layout
+        model.to(memory_format=torch.channels_last)
+    optimizer = runtime.adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     history, start_epoch = [], 0
     fine_tune = bool(resumed) and not resumed["optimizer"]  # e.g. a point exported from a curve
     if resumed or init:
         check_fits(model.state_dict(), (resumed or init)["model"], ckpt_path if resumed else cfg.init)
         model.load_state_dict((resumed or init)["model"])
     if resumed and not fine_tune:
-        optimizer.load_state_dict(resumed["optimizer"])
+        runtime.load_optimizer_state(optimizer, resumed["optimizer"])
         history, start_epoch = list(resumed["metrics"]), resumed["epoch"]
 
     log(f"data: {data.source}" + (f" ({len(data.skipped)} files or folders skipped, named in the warning above)"
@@ -172,7 +196,10 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     kwargs = f" {arch['model_kwargs']}" if arch["model_kwargs"] else ""
     log(f"model: {arch['model']}{kwargs} {settings}: {num_parameters(model):,} parameters")
     log(f"loss: {loss_fn.description}; lr {cfg.lr:g} ({cfg.lr_schedule} schedule); device {device}, precision "
-        f"{precision}, world size {info.world_size}, batch {cfg.batch_size} per process")
+        f"{precision}, {memory_format}, Adam {runtime.adam_implementation(optimizer)}"
+        f"{', compiled' if cfg.compile else ''}; world size {info.world_size}, batch {cfg.batch_size} per process")
+    if format_note:
+        log(f"note: {format_note}")
     if init:
         log(f"starting from the weights of {cfg.init} with a fresh Adam optimizer, epochs counted from 0")
     if fine_tune:
@@ -183,12 +210,15 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     if start_epoch >= cfg.epochs:
         log(f"nothing to do: the checkpoint is already at epoch {start_epoch} of {cfg.epochs}")
 
+    cl = memory_format == "channels_last"
     train_loader = BatchLoader(data.train, cfg.batch_size, device, shuffle=True, seed=cfg.seed,
-                               rank=info.rank, world_size=info.world_size)
-    test_loader = BatchLoader(data.test, cfg.batch_size, device, rank=info.rank, world_size=info.world_size)
+                               rank=info.rank, world_size=info.world_size, channels_last=cl)
+    test_loader = BatchLoader(data.test, cfg.batch_size, device, rank=info.rank, world_size=info.world_size,
+                              channels_last=cl)
     fixed = data.test[: cfg.num_images].to(device).float().div(255)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
+    forward = runtime.CompiledOrEager(net, cfg.compile, "model", log)
 
     board = tensorboard_writer(out) if cfg.tensorboard and info.is_main else None
     # one writer per run folder (rank 0 writes; the lock is released when the block ends or the process dies)
@@ -198,21 +228,23 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
             write_jsonl(out / "metrics.jsonl", history)  # mirrors the checkpoint (drops rows a crashed run logged)
             picture = out / "reconstructions.png"
             if resumed and not fine_tune and len(fixed) and (
-                    not picture.exists() or picture.stat().st_mtime_ns < ckpt_path.stat().st_mtime_ns):
-                save_reconstructions(reconstruction_grid(model, fixed), picture)  # e.g. killed before it was written
+                    not picture.exists() or not picture.with_suffix(".pt").exists()
+                    or picture.stat().st_mtime_ns < ckpt_path.stat().st_mtime_ns):
+                save_reconstructions(fixed, reconstruct(model, fixed), [picture])  # e.g. killed before it was written
 
         perceptual = getattr(loss_fn, "perceptual", None)
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
             train_loss, seen, lr = train_one_epoch(
                 net, loss_fn, optimizer, train_loader, device, precision, epoch, progress,
-                lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs))
+                lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs), forward)
             train_seconds = time.perf_counter() - t0
             check_finite_state(model.state_dict().items(), f"epoch {epoch}")
             test = evaluate(model, test_loader, loss_fn)
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "test_loss": test["loss"],
                    "test_mse": test["mse"], "test_psnr": test["psnr"], "epoch_seconds": time.perf_counter() - t0,
-                   "images_per_s": seen * info.world_size / train_seconds, "precision": precision}
+                   "images_per_s": seen * info.world_size / train_seconds, "precision": precision,
+                   "memory_format": memory_format, "compiled": forward.active}
             if cfg.loss == "vgg":
                 row["loss_is_perceptual"] = perceptual
             history.append(row)
@@ -228,11 +260,8 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
                     save_checkpoint(out / f"checkpoint_epoch{epoch:03d}.pt", state)
                     save_checkpoint(out / "checkpoint.pt", state)
                     if len(fixed):  # --num-images 0: no pictures
-                        grid = reconstruction_grid(model, fixed)
-                        save_reconstructions(grid, out / f"reconstructions_epoch{epoch:03d}.png")
-                        save_reconstructions(grid, out / "reconstructions.png")
-                        if board is not None:
-                            board.add_image("reconstructions", grid, epoch)
+                        save_reconstructions(fixed, reconstruct(model, fixed), [
+                            out / f"reconstructions_epoch{epoch:03d}.png", out / "reconstructions.png"], epoch, board)
         if board is not None:
             board.close()
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
 from aecurves import console, runtime
@@ -31,7 +32,7 @@ from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
 from aecurves.files import append_jsonl, folder_lock, write_jsonl
 from aecurves.losses import make_loss
-from aecurves.metrics import check_finite, check_finite_state, evaluate, fixed_subset
+from aecurves.metrics import check_finite, check_finite_state, evaluate, fixed_subset, usable_memory_format
 from aecurves.models import build_model
 from aecurves.schedules import lr_at, set_lr
 
@@ -133,6 +134,19 @@ def train_curve_one_epoch(net, curve, loss_fn, optimizer, loader, device, precis
     return train_loss, l2_mean, sums[2].item(), lr
 
 
+def base_runner(base: torch.nn.Module, memory_format: str):
+    """f(weights, x): `base` at the weights θ(t). With channels_last batches the convolution kernels are given to it
+    in channels_last too, as train's model holds them: a copy of each kernel per step, cheaper than the layout
+    change every convolution's forward and backward would otherwise make (measured: docs/performance.md)."""
+    def run(weights: dict, x: torch.Tensor) -> torch.Tensor:
+        if memory_format == "channels_last":
+            weights = {n: w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w
+                       for n, w in weights.items()}
+        return functional_call(base, weights, (x,))
+
+    return run
+
+
 def midpoint_monitor(curve, bn_loader, test_loader, loss_fn) -> dict:
     """θ(0.5) measured as eval-curve measures it: BN statistics from its fixed subset, held-out metrics."""
     curve.update_bn(bn_loader, 0.5)
@@ -183,32 +197,41 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
         curve.init_linear()
     curve.to(device)
     loss_fn = make_loss(cfg.loss, cfg.vgg_weights).to(device)
-    optimizer = torch.optim.Adam([p for p in curve.bends if p.requires_grad], lr=cfg.lr)
+    optimizer = runtime.adam([p for p in curve.bends if p.requires_grad], lr=cfg.lr)
     history, start_epoch = [], 0
     if resumed:
         curve.load_curve_state(resumed["curve"])
         check_fixed_ends(curve, a["model"], b["model"], cfg)
         curve.to(device)
-        optimizer.load_state_dict(resumed["optimizer"])
+        runtime.load_optimizer_state(optimizer, resumed["optimizer"])
         history, start_epoch = list(resumed["metrics"]), resumed["epoch"]
+    memory_format, format_note = usable_memory_format(cfg.memory_format, curve.base, curve.weights(0.5),
+                                                      data.train[:2].to(device).float().div(255))
+    curve.run_base = runtime.CompiledOrEager(base_runner(curve.base, memory_format), cfg.compile, "base network",
+                                             log)
 
     log(f"data: {data.source}")
     log(f"curve: {cfg.curve} with {cfg.num_bends} bends between {cfg.init_start} and {cfg.init_end}; "
         f"start {'fixed' if cfg.fix_start else 'free'}, end {'fixed' if cfg.fix_end else 'free'}, "
         f"{curve.num_trainable():,} trainable parameters")
     log(f"loss: {loss_fn.description} + wd/2·‖θ(t)‖² with wd={cfg.wd}; Adam lr {cfg.lr:g} "
-        f"({cfg.lr_schedule} schedule), t {cfg.t_sampling}; device {device}, precision {precision}")
+        f"({cfg.lr_schedule} schedule), t {cfg.t_sampling}; device {device}, precision {precision}, "
+        f"{memory_format}, Adam {runtime.adam_implementation(optimizer)}{', compiled' if cfg.compile else ''}")
+    if format_note:
+        log(f"note: {format_note}")
     log(f"monitor: θ(0.5) on the held-out images after BN statistics from {min(cfg.bn_images, len(data.train))} "
         "training images (eval-curve's protocol)")
     if resumed:
         log(f"resuming from {ckpt_path} at epoch {start_epoch}")
 
+    cl = memory_format == "channels_last"
     train_loader = BatchLoader(data.train, cfg.batch_size, device, shuffle=True, seed=cfg.seed,
-                               rank=info.rank, world_size=info.world_size)
+                               rank=info.rank, world_size=info.world_size, channels_last=cl)
     # The monitor uses eval-curve's protocol: the same fixed BN subset and batch size (BN statistics are
     # averaged per batch), so its last figure is eval-curve's at t = 0.5.
-    bn_loader = BatchLoader(fixed_subset(data.train, cfg.bn_images), EVAL_BATCH_SIZE, device)
-    test_loader = BatchLoader(data.test, EVAL_BATCH_SIZE, device, rank=info.rank, world_size=info.world_size)
+    bn_loader = BatchLoader(fixed_subset(data.train, cfg.bn_images), EVAL_BATCH_SIZE, device, channels_last=cl)
+    test_loader = BatchLoader(data.test, EVAL_BATCH_SIZE, device, rank=info.rank, world_size=info.world_size,
+                              channels_last=cl)
     net = DistributedDataParallel(curve, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else curve
 
@@ -235,7 +258,8 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_l2_term": l2_mean,
                    "mid_test_loss": mid["loss"], "mid_test_mse": mid["mse"], "mid_test_psnr": mid["psnr"],
                    "epoch_seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds,
-                   "precision": precision}
+                   "precision": precision, "memory_format": memory_format,
+                   "compiled": curve.run_base.active}
             history.append(row)
             values = [epoch, lr, train_loss, l2_mean, mid["loss"], mid["mse"], row["epoch_seconds"],
                       row["images_per_s"]]

@@ -7,11 +7,14 @@ from aecurves.metrics import check_finite
 from aecurves.schedules import set_lr
 
 
-def train_one_epoch(model, loss_fn, optimizer, loader, device, precision, epoch, progress=True, lr_for_step=None):
+def train_one_epoch(model, loss_fn, optimizer, loader, device, precision, epoch, progress=True, lr_for_step=None,
+                    forward=None):
     """Returns (mean training loss, images seen by this process, lr of the last step).
 
-    `lr_for_step(step)`, when given, sets the optimizer's lr before every step (the lr schedule).
+    `lr_for_step(step)`, when given, sets the optimizer's lr before every step (the lr schedule). `forward`, when
+    given, runs the batches instead of `model` itself (e.g. `model` through torch.compile).
     """
+    forward = forward or model
     model.train()
     loader.set_epoch(epoch)
     total = torch.zeros((), device=device)
@@ -23,7 +26,7 @@ def train_one_epoch(model, loss_fn, optimizer, loader, device, precision, epoch,
             lr = lr_for_step(step)
             set_lr(optimizer, lr)
         with runtime.autocast(device, precision):
-            loss = loss_fn(model(x), x)
+            loss = loss_fn(forward(x), x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
