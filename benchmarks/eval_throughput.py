@@ -13,7 +13,7 @@ What it measures
      them) and what the fastest fp32 row's images/s make of them: the engine's GFLOP/s, as a fraction of a
      2048x2048 fp32 matmul's on the same device, to say how close to the hardware's limit one point per call
      already runs.
-  3. SSIM of 256 images of 64x64: aecurves.metrics.ssim_per_image against torchmetrics'
+  3. SSIM of 256 images of 64x64: aecurves.ssim.ssim_per_image against torchmetrics'
      structural_similarity_index_measure (when installed: pip install -e ".[test]"), median of 7 runs.
 
 Images are random pixels (throughput does not depend on them). Run from the repository root, on an idle
@@ -30,14 +30,15 @@ import time
 import numpy as np
 import torch
 from tabulate import tabulate
+from train_throughput import count_flops, matmul_gflops  # the same counting as the training benchmark
 
 from aecurves import runtime
 from aecurves.curves import make_segment
 from aecurves.data import BatchLoader
 from aecurves.losses import make_loss
-from aecurves.metrics import evaluate_points, ssim_per_image
+from aecurves.metrics import evaluate_points
 from aecurves.models import ConvAutoencoder
-from train_throughput import count_flops, matmul_gflops  # the same counting as the training benchmark
+from aecurves.ssim import ssim_per_image
 
 ARCH = dict(channels=3, image_size=64, latent_dim=128, width=32)
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aecurves import eval_curve
+from aecurves.commands import eval_curve
 from aecurves.config import EvalCurveConfig, make
 
 VARIANTS = [("plain", False, False, None), ("renormalised", True, False, "layerwise"),

@@ -46,9 +46,9 @@ class Noop:
 
 
 def slurm_overhead(jobs: int, root: Path) -> dict:
-    from slurm_cluster import skip_reason, slurm_cluster
-
     from aecurves.executors import SlurmExecutor
+
+    from slurm_cluster import skip_reason, slurm_cluster
 
     reason = skip_reason()
     if reason:

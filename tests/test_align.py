@@ -97,7 +97,7 @@ def test_bad_input(tiny_endpoints, tmp_path, capsys):
 
 
 def test_activation_matching_reads_units_before_or_after_the_activation(tiny_endpoints):
-    from aecurves.align import _unit_activations
+    from aecurves.commands.align import _unit_activations
 
     state = load_checkpoint(tiny_endpoints[0], "endpoint")
     net = build_model(state["args"])
@@ -131,7 +131,7 @@ def test_the_learned_permutation_keeps_its_budget_and_is_never_worse_on_its_moni
 
 
 def test_the_midpoint_monitor_is_the_loss_of_the_averaged_network_with_bn_recomputed(tiny_endpoints):
-    from aecurves.align import _MidpointMonitor
+    from aecurves.commands.align import _MidpointMonitor
     from aecurves.curves import recompute_bn
     from aecurves.losses import make_loss
 

@@ -1,5 +1,7 @@
 """Tests for aecurves.checkpoint: checkpoints of the release before --model still load; model trust."""
 
+from pathlib import Path
+
 import pytest
 
 from aecurves.checkpoint import load_checkpoint, save_checkpoint, trusted_arch

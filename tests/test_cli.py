@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from aecurves import __version__, config, study
+from aecurves import __version__, config
 from aecurves.cli import get_args_parser, main, parse
+from aecurves.commands import study
 
 
 def test_flags_spellings_and_given():
@@ -101,7 +102,7 @@ def test_bad_config_files(tmp_path, capsys):
 
 
 def test_exit_codes_user_error_2_bug_propagates_interrupt_130(monkeypatch, tmp_path, capsys):
-    from aecurves import train
+    from aecurves.commands import train
 
     def bug(cfg):
         raise RuntimeError("a bug")
@@ -269,3 +270,19 @@ def test_a_config_file_never_decides_what_code_runs(tmp_path, capsys):
         assert f"add --model {spec}" in err and not marker.exists() and not (tmp_path / command).exists()
         _, cfg = parse([command, "--config", str(file), "--model", spec])  # named on the command line: allowed
         assert cfg.model == spec
+
+
+def test_every_command_dispatches_to_a_module_with_run():
+    import importlib
+
+    from aecurves import cli
+
+    assert set(cli.MODULES) == set(config.COMMANDS)
+    for command, name in cli.MODULES.items():
+        assert callable(importlib.import_module(name).run), command
+
+
+def test_the_version_is_the_installed_packages():
+    from importlib.metadata import version
+
+    assert __version__ == version("aecurves") and __version__[0].isdigit()

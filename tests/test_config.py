@@ -5,8 +5,16 @@ import dataclasses
 import pytest
 
 from aecurves import config
-from aecurves.config import (EvalCurveConfig, ExportPointConfig, StudyConfig, TrainConfig, TrainCurveConfig, as_record,
-                             make, settle_with_checkpoint)
+from aecurves.config import (
+    EvalCurveConfig,
+    ExportPointConfig,
+    StudyConfig,
+    TrainConfig,
+    TrainCurveConfig,
+    as_record,
+    make,
+    settle_with_checkpoint,
+)
 from aecurves.errors import UserError
 
 

@@ -169,7 +169,8 @@ def test_curve_state_round_trip_through_a_safe_file(tmp_path):
     curve = curve_between(a, b, "polychain", 4, cls=tiny_ae)
     torch.save(curve.curve_state(), tmp_path / "c.pt")
     state = torch.load(tmp_path / "c.pt", weights_only=True)
-    other = Curve(ConvAutoencoder(3, 32, 16, 8), state["curve"], state["num_bends"], state["fix_start"], state["fix_end"])
+    other = Curve(ConvAutoencoder(3, 32, 16, 8), state["curve"], state["num_bends"], state["fix_start"],
+                  state["fix_end"])
     other.load_curve_state(state)
     for t in (0.0, 0.37, 1.0):
         assert torch.equal(other.flat_at(t), curve.flat_at(t))

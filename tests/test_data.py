@@ -483,5 +483,6 @@ def test_folder_items_that_cannot_be_used_as_given_are_named_not_dropped(tmp_pat
     for phrase in ("linked/ (a link to a folder", "run/ (an aecurves output folder)", "not valid UTF-8"):
         assert phrase in err, phrase
     assert len(data.skipped) == 3 and len(data.train) + len(data.test) == 7  # 6 images and the 16-bit one
-    grey = [img for img in torch.cat([data.train, data.test]) if int(img[0].float().std()) == 0 and img[0, 0, 0] == img[1, 0, 0]]
+    grey = [img for img in torch.cat([data.train, data.test])
+            if int(img[0].float().std()) == 0 and img[0, 0, 0] == img[1, 0, 0]]
     assert [int(g[0, 0, 0]) for g in grey] == [128]  # scaled by its bit depth, not clipped to white

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from aecurves import eval_curve, metrics, plots
+from aecurves import metrics, plots, stats
 from aecurves.checkpoint import load_checkpoint, load_curve, save_checkpoint
+from aecurves.commands import eval_curve
 from aecurves.config import SUBSET_SEED, EvalCurveConfig, make
 from aecurves.curves import Curve, make_segment, segment_of, step_lengths
 from aecurves.data import BatchLoader, load_data
@@ -55,7 +56,7 @@ def _save_curve(data, a_state, b_state, path, init_start, init_end, steps=15):
     opt = torch.optim.Adam([p for p in curve.bends if p.requires_grad], lr=1e-3)
     loader = BatchLoader(data.train, 32, "cpu", shuffle=True, seed=3)
     curve.train()
-    for step, x in zip(range(steps), loader):
+    for _, x in zip(range(steps), loader):
         t = torch.rand(()).item()
         loss = torch.nn.functional.mse_loss(curve(x, t), x)
         opt.zero_grad()
@@ -165,8 +166,8 @@ def test_segment_outputs_agree(segment_run):
     # the summary really is computed from the series
     assert summary["te_loss_min"] == npz["te_loss"].min() and summary["tr_mse_max"] == npz["tr_mse"].max()
     assert summary["te_loss_avg"] == pytest.approx(npz["te_loss"].mean(), rel=1e-12)
-    assert summary["te_loss_int"] == pytest.approx(metrics.dl_weighted_mean(npz["te_loss"], npz["dl"]), rel=1e-12)
-    assert summary["te_barrier"] == pytest.approx(metrics.loss_barrier(npz["ts"], npz["te_loss"]), rel=1e-12)
+    assert summary["te_loss_int"] == pytest.approx(stats.dl_weighted_mean(npz["te_loss"], npz["dl"]), rel=1e-12)
+    assert summary["te_barrier"] == pytest.approx(stats.loss_barrier(npz["ts"], npz["te_loss"]), rel=1e-12)
     assert not any(k.startswith("segment_") for k in npz)  # a segment run has no separate comparison segment
     assert "tr_perceptual" not in npz and any("perceptual metrics omitted" in n for n in record["notes"])
     assert record["kind"] == "segment" and record["bn"]["recomputed"] and record["bn"]["images"] == 235
@@ -461,20 +462,20 @@ def test_ensemble_1_is_refused(setup, tmp_path, capsys):
 
 
 def test_barrier_by_hand():
-    assert metrics.loss_barrier([0, 0.5, 1], [1.0, 3.0, 2.0]) == pytest.approx(1.5)  # 3 - (1 + 2) / 2
-    assert metrics.loss_barrier([0, 0.25, 1], [2.0, 2.5, 0.0]) == pytest.approx(2.5 - 1.5)
-    assert metrics.loss_barrier([0, 0.5, 1], [1.0, 0.0, 1.0]) == 0.0  # below the chord: the ends give 0
+    assert stats.loss_barrier([0, 0.5, 1], [1.0, 3.0, 2.0]) == pytest.approx(1.5)  # 3 - (1 + 2) / 2
+    assert stats.loss_barrier([0, 0.25, 1], [2.0, 2.5, 0.0]) == pytest.approx(2.5 - 1.5)
+    assert stats.loss_barrier([0, 0.5, 1], [1.0, 0.0, 1.0]) == 0.0  # below the chord: the ends give 0
 
 
 def test_dl_weighted_mean_by_hand():
     # (½(1+3)·1 + ½(3+2)·3) / (1+3) = (2 + 7.5) / 4
-    assert metrics.dl_weighted_mean([1.0, 3.0, 2.0], [0.0, 1.0, 3.0]) == pytest.approx(2.375)
-    assert metrics.dl_weighted_mean([1.0, 3.0, 2.0], [0.0, 1.0, 1.0]) == pytest.approx(2.25)
-    assert metrics.dl_weighted_mean([1.0, 5.0], [0.0, 0.0]) == 3.0  # no length: the plain mean
+    assert stats.dl_weighted_mean([1.0, 3.0, 2.0], [0.0, 1.0, 3.0]) == pytest.approx(2.375)
+    assert stats.dl_weighted_mean([1.0, 3.0, 2.0], [0.0, 1.0, 1.0]) == pytest.approx(2.25)
+    assert stats.dl_weighted_mean([1.0, 5.0], [0.0, 0.0]) == 3.0  # no length: the plain mean
 
 
 def test_summarize_by_hand():
-    s = metrics.summarize({"ts": np.array([0, 0.5, 1]), "dl": np.array([0.0, 1.0, 3.0]),
+    s = stats.summarize({"ts": np.array([0, 0.5, 1]), "dl": np.array([0.0, 1.0, 3.0]),
                             "tr_loss": np.array([1.0, 3.0, 2.0]), "te_loss": np.array([2.0, 2.0, 2.0]),
                             "te_psnr": np.array([20.0, 10.0, 30.0])})
     assert s["length"] == 4.0

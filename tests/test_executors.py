@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from aecurves import study
+from aecurves.commands import study
 from aecurves.config import StudyConfig, as_record, make, to_toml
 
 from conftest import run_cli

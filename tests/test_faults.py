@@ -112,7 +112,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(seed
                          "--batch-size", 32, "--bn-images", 64, "--precision", "fp32", "--no-progress",
                          "--seed", seed], "curve", "curve"),
     }
-    for name, (argv, kind, weights) in runs.items():
+    for name, (argv, kind, _weights) in runs.items():
         straight, stopped = tmp_path / f"{name}-straight", tmp_path / f"{name}-stopped"
         assert run_cli(*argv, "--out", straight) == 0
         assert _kill_during([*argv, "--out", stopped], stopped, epochs_done, extra), f"{name} finished before the kill"
@@ -128,7 +128,8 @@ def test_sigkill_at_a_random_moment_then_resume_equals_an_uninterrupted_run(seed
 
 
 def test_eval_curve_checks_its_folder_before_the_long_part(tiny_endpoints, tmp_path, monkeypatch, capsys):
-    from aecurves import eval_curve, files
+    from aecurves import files
+    from aecurves.commands import eval_curve
 
     real = files.new_temp_file
 
@@ -182,7 +183,8 @@ BAD_INPUT = [  # (command line after the command, phrase of the message); each w
     (["train", *TINY, "--latent-dim", 10**11], "--latent-dim must be at most 65,536"),
     (["train", *TINY, "--limit", 10**23], "--limit must be at most 1,000,000,000"),
     (["train", "--dataset", "synthetic", "--limit", 10**8, "--no-progress"], "at most 65,536 images"),
-    (["train-curve", "--init-start", "{a}", "--init-end", "{b}", "--num-bends", 10**5], "--num-bends must be at most 64"),
+    (["train-curve", "--init-start", "{a}", "--init-end", "{b}", "--num-bends", 10**5],
+     "--num-bends must be at most 64"),
     (["eval-curve", "--segment", "{a}", "{b}", "--num-points", 10**8], "--num-points must be at most 10,001"),
     (["plane", "--points", "{a}", "{b}", "{a}", "--grid", 100000], "--grid must be at most 201"),
     (["plane", "--points", "{a}", "{b}", "{a}", "--margin", 1e30], "--margin must be at most 10"),

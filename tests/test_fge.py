@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aecurves import fge
 from aecurves.checkpoint import load_checkpoint, load_endpoints
+from aecurves.commands import fge
 from aecurves.curves import batchnorms, recompute_bn
 from aecurves.data import BatchLoader, load_run_data
 from aecurves.metrics import fixed_subset

@@ -8,9 +8,9 @@ import aecurves
 
 PACKAGE = Path(aecurves.__file__).parent
 LIBRARY = {"checkpoint", "config", "console", "curves", "data", "errors", "executors", "files", "losses", "metrics",
-           "models", "planes", "plots", "renormalize", "runtime", "schedules", "stats", "symmetry", "training"}
-COMMANDS = {"train", "train_curve", "eval_curve", "export_point", "align", "plane", "fge", "ensembles", "report",
-            "study"}
+           "models", "plane_geometry", "plots", "renormalize", "report", "runtime", "schedules", "ssim", "stats",
+           "symmetry", "training"}
+COMMANDS = {"train", "train_curve", "eval_curve", "export_point", "align", "plane", "fge", "ensembles", "study"}
 ENTRY = {"cli", "__main__", "__init__"}
 
 
@@ -19,22 +19,37 @@ def aecurves_imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("aecurves.")}
+            found |= {_module(a.name) for a in node.names if a.name.startswith("aecurves.")}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "aecurves":
+            if node.module in ("aecurves", "aecurves.commands"):
                 found |= {a.name for a in node.names}
             elif node.module.startswith("aecurves."):
-                found.add(node.module.split(".")[1])
+                found.add(_module(node.module))
     return found - {"__version__"}
 
 
-def test_every_module_is_classified():
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    assert modules == LIBRARY | COMMANDS | ENTRY
+def _module(dotted: str) -> str:
+    """aecurves.metrics -> metrics; aecurves.commands.train -> train (a command's name is its module's)."""
+    parts = dotted.split(".")
+    return parts[2] if parts[1] == "commands" and len(parts) > 2 else parts[1]
+
+
+def _modules() -> dict:
+    """{module name: path} of the library (the package's top level) and the commands (aecurves/commands/)."""
+    found = {p.stem: p for p in PACKAGE.glob("*.py")}
+    found.update({p.stem: p for p in (PACKAGE / "commands").glob("*.py") if p.stem != "__init__"})
+    found.update({p.name: p / "__init__.py" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()
+                  and p.name != "commands"})
+    return found
+
+
+def test_every_module_is_classified_and_the_commands_live_in_their_package():
+    assert set(_modules()) == LIBRARY | COMMANDS | ENTRY
+    assert {p.stem for p in (PACKAGE / "commands").glob("*.py")} == COMMANDS | {"__init__"}
 
 
 def test_library_never_imports_a_command_and_nothing_imports_cli():
-    imports = {p.stem: aecurves_imports(p) for p in PACKAGE.glob("*.py")}
+    imports = {name: aecurves_imports(path) for name, path in _modules().items()}
     for module in LIBRARY:
         assert imports[module] <= LIBRARY, (module, imports[module] - LIBRARY)
     for module in COMMANDS - {"study"}:
@@ -45,6 +60,6 @@ def test_library_never_imports_a_command_and_nothing_imports_cli():
 
 def test_the_rule_checker_sees_imports_inside_functions(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("def f():\n    from aecurves import train\n    import aecurves.eval_curve\n"
-                      "from aecurves.metrics import evaluate\n")
-    assert aecurves_imports(source) == {"train", "eval_curve", "metrics"}
+    source.write_text("def f():\n    from aecurves.commands import train\n    import aecurves.commands.eval_curve\n"
+                      "from aecurves.metrics import evaluate\nfrom aecurves.commands.plane import run\n")
+    assert aecurves_imports(source) == {"train", "eval_curve", "metrics", "plane"}

@@ -35,7 +35,8 @@ def test_vgg_random_is_zero_on_equal_inputs_and_positive_otherwise(capsys):
 def test_vgg_grayscale_is_repeated_to_rgb():
     loss = make_loss("vgg", vgg_weights="random")
     gray, other = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
-    assert loss(gray, other).item() == pytest.approx(loss(gray.expand(-1, 3, -1, -1), other.expand(-1, 3, -1, -1)).item())
+    as_rgb = loss(gray.expand(-1, 3, -1, -1), other.expand(-1, 3, -1, -1)).item()
+    assert loss(gray, other).item() == pytest.approx(as_rgb)
 
 
 def test_vgg_is_frozen_and_stays_in_eval_mode():

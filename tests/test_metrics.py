@@ -7,8 +7,8 @@ import torch
 from aecurves.data import BatchLoader
 from aecurves.errors import UserError
 from aecurves.losses import MSELoss
-from aecurves.metrics import evaluate, fixed_subset, per_image_mse, psnr_from_mse, ssim_per_image, \
-    stratified_subset
+from aecurves.metrics import evaluate, fixed_subset, per_image_mse, psnr_from_mse, stratified_subset
+from aecurves.ssim import ssim_per_image
 
 
 def test_fixed_subsets_are_nested_sorted_and_seeded():

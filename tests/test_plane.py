@@ -1,4 +1,4 @@
-"""Tests for aecurves.planes and the plane command: the basis, the coordinates, the values at the bends against
+"""Tests for aecurves.plane_geometry and the plane command: the basis, the coordinates, the values at the bends against
 independent evaluations and eval-curve, a plane that must be flat, the outputs, bad input."""
 
 import json
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from aecurves import eval_curve, plane
 from aecurves.checkpoint import load_curve, save_checkpoint
+from aecurves.commands import eval_curve, plane
 from aecurves.config import EvalCurveConfig, PlaneConfig, make
 from aecurves.curves import Curve
 from aecurves.data import BatchLoader, load_data
@@ -18,7 +18,8 @@ from aecurves.files import LOCK_NAME
 from aecurves.losses import MSELoss
 from aecurves.metrics import evaluate, fixed_subset
 from aecurves.models import ConvAutoencoder, build_model
-from aecurves.planes import grid_axes, plane_through
+from aecurves.plane_geometry import grid_axes, plane_through
+
 from conftest import run_cli
 
 ARCH = {"channels": 3, "image_size": 32, "latent_dim": 16, "width": 8}

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from aecurves import eval_curve, plots, renormalize
+from aecurves import plots, renormalize
 from aecurves.checkpoint import save_checkpoint
+from aecurves.commands import eval_curve
 from aecurves.config import SUBSET_SEED, EvalCurveConfig, make
 from aecurves.curves import Curve, NetworkAt, make_segment, recompute_bn
 from aecurves.data import BatchLoader, load_data

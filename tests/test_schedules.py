@@ -38,7 +38,8 @@ def paper_train_py(base_lr, epoch, total_epochs):
 def test_per_step_lr_equals_the_papers_at_the_last_step_of_every_epoch():
     steps, epochs, base = 7, 10, 0.05
     for epoch in range(1, epochs + 1):
-        assert lr_at("paper", base, epoch, steps - 1, steps, epochs) == pytest.approx(paper_train_py(base, epoch, epochs))
+        expected = paper_train_py(base, epoch, epochs)
+        assert lr_at("paper", base, epoch, steps - 1, steps, epochs) == pytest.approx(expected)
 
 
 def test_per_step_lr_moves_within_an_epoch():

@@ -27,8 +27,7 @@ def test_one_value_has_no_interval_and_missing_values_are_left_out():
 def test_bootstrap_barrier_resamples_images():
     import numpy as np
 
-    from aecurves.metrics import loss_barrier
-    from aecurves.stats import bootstrap_barrier
+    from aecurves.stats import bootstrap_barrier, loss_barrier
 
     ts = np.linspace(0, 1, 5)
     bump = np.array([0.0, 0.5, 1.0, 0.5, 0.0])

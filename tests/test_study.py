@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aecurves import report, study
+from aecurves import report
 from aecurves.checkpoint import load_checkpoint
 from aecurves.cli import parse
+from aecurves.commands import study
 from aecurves.config import StudyConfig, as_record, make
 from aecurves.errors import UserError
 
@@ -282,7 +283,7 @@ def test_force_redoes_one_endpoint_and_what_is_built_on_it(copy_of, capsys):
 @pytest.mark.slow
 def test_resume_after_interrupt(tmp_path, monkeypatch, capsys):
     """Interrupted in the second stage (epoch 2 of endpoint seed 2): the re-run skips stage 1, resumes stage 2."""
-    from aecurves import train
+    from aecurves.commands import train
 
     root = tmp_path / "s"
     argv = [*SMALL, "--save-every-epoch", 1, "--out", root]

@@ -12,8 +12,17 @@ from torch import nn
 
 from aecurves.errors import UserError
 from aecurves.models import ConvAutoencoder
-from aecurves.symmetry import (Entry, _matching_cost, apply_latent_map, batchnorm_after, find_groups, fold_batchnorm,
-                               linear_assignment, permute, weight_matching)
+from aecurves.symmetry import (
+    Entry,
+    _matching_cost,
+    apply_latent_map,
+    batchnorm_after,
+    find_groups,
+    fold_batchnorm,
+    linear_assignment,
+    permute,
+    weight_matching,
+)
 
 from ae_models import UpsampleAutoencoder, mlp_autoencoder
 

@@ -118,7 +118,7 @@ def test_resume_with_another_architecture_names_the_setting(tmp_path, capsys):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path) == 0
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    from aecurves import train
+    from aecurves.commands import train
     from aecurves.losses import MSELoss
 
     class NaNLoss(MSELoss):
@@ -218,7 +218,7 @@ def test_fine_tuning_from_an_exported_point_and_runs_that_would_be_overwritten(t
 
 def test_diverged_state_stops_even_with_a_finite_loss(tmp_path, monkeypatch, capsys):
     """BatchNorm statistics that became inf (as --lr 1e6 does) stop the run; the last good checkpoint stays."""
-    from aecurves import train
+    from aecurves.commands import train
 
     assert run_cli("train", *TINY, "--epochs", 1, "--out", tmp_path) == 0
     before = (tmp_path / "checkpoint.pt").read_bytes()

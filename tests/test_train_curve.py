@@ -106,15 +106,18 @@ def test_bad_input_is_one_clear_error_and_overwrites_nothing(case, trained_curve
         other = load_checkpoint(b, "endpoint")
         other["args"] = {**other["args"], "latent_dim": 99}
         save_checkpoint(tmp_path / "other.pt", other)
-        argv, expect = ["train-curve", "--init_start", a, "--init_end", tmp_path / "other.pt", *curve_args], "latent_dim"
+        argv = ["train-curve", "--init_start", a, "--init_end", tmp_path / "other.pt", *curve_args]
+        expect = "latent_dim"
     elif case == "curve_as_endpoint":
         argv, expect = ["train-curve", "--init_start", a, "--init_end", trained_curve, *curve_args], "export-point"
     elif case == "missing":
-        argv, expect = ["train-curve", "--init_start", a, "--init_end", tmp_path / "nope.pt", *curve_args], "does not exist"
+        argv = ["train-curve", "--init_start", a, "--init_end", tmp_path / "nope.pt", *curve_args]
+        expect = "does not exist"
     elif case == "one_bend":
         argv, expect = ["train-curve", "--init_start", a, "--init_end", b, *curve_args, "--num_bends", 1], "at least 2"
     elif case == "nothing_to_train":
-        argv, expect = ["train-curve", "--init_start", a, "--init_end", b, *curve_args, "--num_bends", 2], "Nothing to train"
+        argv = ["train-curve", "--init_start", a, "--init_end", b, *curve_args, "--num_bends", 2]
+        expect = "Nothing to train"
     elif case == "t_outside":
         argv, expect = ["export-point", "--ckpt", trained_curve, "--t", 1.5, "--out", out / "keep.txt"], "[0, 1]"
     else:
@@ -160,7 +163,7 @@ def test_monitor_predicts_eval_curve_at_the_midpoint(trained_curve, tmp_path):
 def test_resume_after_an_interruption_follows_the_uninterrupted_schedule(tiny_endpoints, tmp_path, monkeypatch):
     """Killed after epoch 1 of 3 and resumed: the same bends as a run that was never stopped (paper schedule,
     stratified t), and the same lr in every epoch."""
-    from aecurves import train_curve
+    from aecurves.commands import train_curve
 
     a, b = tiny_endpoints
     common = ["--init_start", a, "--init_end", b, *CURVE, "--epochs", 3, "--t-sampling", "stratified"]
@@ -207,7 +210,7 @@ def test_resume_keeps_the_checkpoints_schedule_and_refuses_a_contradicting_one(t
 
 
 def test_stratified_t_takes_one_value_from_each_slice():
-    from aecurves.train_curve import sample_ts
+    from aecurves.commands.train_curve import sample_ts
 
     ts = sample_ts(50, torch.Generator().manual_seed(0), "stratified")
     assert sorted(int(t * 50) for t in ts) == list(range(50))
@@ -273,7 +276,7 @@ def test_export_point_and_align_never_write_into_the_data_folder(tmp_path, capsy
 
 
 def test_a_diverged_curve_stops_before_it_is_saved(tiny_endpoints, tmp_path, monkeypatch, capsys):
-    from aecurves import train_curve
+    from aecurves.commands import train_curve
 
     real = train_curve.train_curve_one_epoch
 

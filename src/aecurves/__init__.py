@@ -6,18 +6,23 @@ The public Python API (imported on first use, so the command line starts without
     make_segment                           the straight segment between two state dicts, as a Curve
     ConvAutoencoder, build_model           the built-in autoencoder; any model from an architecture record
     evaluate, evaluate_path, summarize     metrics of a network, along a path, and a path's statistics
-    loss_barrier, dl_weighted_mean         path statistics (metrics.py)
+    loss_barrier, dl_weighted_mean         path statistics (stats.py)
     make_loss                              mse, or the VGG perceptual loss
     load_checkpoint, load_curve            read checkpoints written by the commands (weights_only)
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("aecurves")  # pyproject.toml holds the one copy
+except PackageNotFoundError:  # run from src/ without installing (benchmarks/gpu_check.sh on a lent GPU)
+    __version__ = "0+unknown"
 
 _API = {
     "Curve": "curves", "CurvePoint": "curves", "Bezier": "curves", "PolyChain": "curves", "make_segment": "curves",
     "ConvAutoencoder": "models", "build_model": "models",
-    "evaluate": "metrics", "evaluate_path": "metrics", "summarize": "metrics", "loss_barrier": "metrics",
-    "dl_weighted_mean": "metrics",
+    "evaluate": "metrics", "evaluate_path": "metrics", "summarize": "stats", "loss_barrier": "stats",
+    "dl_weighted_mean": "stats",
     "make_loss": "losses",
     "load_checkpoint": "checkpoint", "load_curve": "checkpoint",
 }

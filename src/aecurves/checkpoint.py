@@ -49,7 +49,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     with atomic_path(path) as tmp:
         try:
             torch.save(state, tmp)
-        except RuntimeError as exc:  # torch's writer reports a full disk as "basic_ios::clear: iostream error"
+        except RuntimeError:  # torch's writer reports a full disk as "basic_ios::clear: iostream error"
             if shutil.disk_usage(Path(tmp).parent).free < 64 << 20:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
             raise
@@ -196,7 +196,8 @@ def load_endpoints(paths: list, names: list, requested_model: str | None, flags:
 
 
 def load_endpoint_pair(start_path, end_path, requested_model: str | None = None,
-                       flags: str = "--init_start/--init_end", data_chosen: bool | None = None) -> tuple[dict, dict, dict]:
+                       flags: str = "--init_start/--init_end",
+                       data_chosen: bool | None = None) -> tuple[dict, dict, dict]:
     """(start, end, their architecture): both endpoint checkpoints, checked by load_endpoints."""
     (a, b), arch = load_endpoints([start_path, end_path], ["start endpoint", "end endpoint"], requested_model, flags,
                                   data_chosen=data_chosen)

@@ -7,6 +7,7 @@ the parsed result, so each config knows which fields were set explicitly (`given
 import argparse
 import dataclasses
 import errno
+import importlib
 import os
 import sys
 
@@ -50,6 +51,14 @@ DESCRIPTIONS = {
     "report": ("(re)write a study's report from its files",
                "Write report.html, report.md and report.json of a study folder from the files its stages wrote."),
 }
+
+
+# The module whose run(cfg) carries out each command: a table in code, so nothing read from a file or the command
+# line names a module to import.
+MODULES = {"train": "aecurves.commands.train", "train-curve": "aecurves.commands.train_curve",
+           "eval-curve": "aecurves.commands.eval_curve", "export-point": "aecurves.commands.export_point",
+           "align": "aecurves.commands.align", "plane": "aecurves.commands.plane", "fge": "aecurves.commands.fge",
+           "study": "aecurves.commands.study", "report": "aecurves.report"}
 
 
 FILESYSTEM_ERRORS = {
@@ -160,24 +169,7 @@ def main(argv=None) -> int:
     command, cfg, module = None, None, None
     try:
         command, cfg, options = parse_with_options(argv)
-        if command == "train":
-            from aecurves import train as module
-        elif command == "train-curve":
-            from aecurves import train_curve as module
-        elif command == "eval-curve":
-            from aecurves import eval_curve as module
-        elif command == "export-point":
-            from aecurves import export_point as module
-        elif command == "align":
-            from aecurves import align as module
-        elif command == "plane":
-            from aecurves import plane as module
-        elif command == "fge":
-            from aecurves import fge as module
-        elif command == "study":
-            from aecurves import study as module
-        else:
-            from aecurves import report as module
+        module = importlib.import_module(MODULES[command])  # on use: `aecurves --help` stays fast
         if options["print_config"]:
             resolved = module.resolved_config(cfg) if hasattr(module, "resolved_config") else config.as_record(cfg)
             print(config.to_toml(resolved), end="")

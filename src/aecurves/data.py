@@ -36,6 +36,7 @@ from aecurves import console, runtime
 from aecurves.config import DATASETS, DEFAULT_IMAGE_SIZE, MAX_SYNTHETIC, VAL_FRACTION
 from aecurves.errors import UserError
 from aecurves.files import LOCK_NAME, new_temp_file, write_json
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # The usual 64x64 CelebA crop is a centered 140x140 square of the 178x218 originals. It is expressed as a
 # fraction of the width so that downscaled copies give the same faces.

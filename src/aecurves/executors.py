@@ -279,7 +279,8 @@ class SlurmExecutor:
         self.executor = submitit.AutoExecutor(folder=self.run_folder / "%j", cluster="slurm")
         extra_params = dict(kv.split("=", 1) for kv in extra)
         params = {"timeout_min": minutes, "slurm_setup": list(setup), "slurm_additional_parameters": extra_params}
-        for key, value in (("slurm_partition", partition), ("cpus_per_task", cpus), ("slurm_mem", mem), ("slurm_account", account),
+        for key, value in (("slurm_partition", partition), ("cpus_per_task", cpus), ("slurm_mem", mem),
+                           ("slurm_account", account),
                            ("slurm_qos", qos)):
             if value is not None:
                 params[key] = value

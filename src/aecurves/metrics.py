@@ -17,72 +17,25 @@ import torch
 from torch.func import functional_call
 
 from aecurves import console, runtime
-from aecurves.curves import Curve, CurvePoint, NetworkAt, batchnorms, recompute_bn, recompute_bn_stacked, \
-    stacked_forward, step_lengths
 from aecurves.config import SUBSET_SEED
+from aecurves.curves import (
+    Curve,
+    CurvePoint,
+    NetworkAt,
+    batchnorms,
+    recompute_bn,
+    recompute_bn_stacked,
+    stacked_forward,
+    step_lengths,
+)
 from aecurves.data import BatchLoader
 from aecurves.errors import UserError
+from aecurves.ssim import ssim_per_image
+from aecurves.stats import SPLITS
 
 
 def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-SSIM_WINDOW = 11  # the side of SSIM's Gaussian window (Wang et al., 2004): images must be at least this large
-
-
-def check_ssim_size(height: int, width: int) -> None:
-    if min(height, width) < SSIM_WINDOW:
-        raise UserError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels (its Gaussian window), "
-                        f"but these are {height}x{width}; leave SSIM out for images this small.")
-
-
-SSIM_SIGMA, SSIM_K1, SSIM_K2 = 1.5, 0.01, 0.03
-
-
-def ssim_per_image(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Each image's SSIM (Wang et al., 2004: 11x11 Gaussian window, σ 1.5, K1 0.01, K2 0.03, data range 1 for
-    images in [0, 1]), the mean over its pixels and channels, as torchmetrics' structural_similarity_index_measure
-    defines it (reflection padding, local statistics by the Gaussian window, negative variances clamped to 0).
-
-    The window is separable and the padding linear, so both are applied as one [H, H] and one [W, W] matrix
-    product per map instead of torchmetrics' depthwise 11x11 convolution: the same sums in another order,
-    several times faster on a CPU (benchmarks/eval_throughput.py). tests/test_metrics.py checks it against
-    torchmetrics.
-    """
-    check_ssim_size(x.shape[-2], x.shape[-1])
-    with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 evaluation
-        recon, x = recon.float().contiguous(), x.float().contiguous()  # rows of pixels for the matrix products
-        rows, cols = window_matrix(x.shape[-2], x.device), window_matrix(x.shape[-1], x.device)
-        local = rows.T @ torch.stack((recon, x, recon * recon, x * x, recon * x)) @ cols
-        mu_r, mu_x, rr, xx, rx = local
-        c1, c2 = SSIM_K1**2, SSIM_K2**2
-        mu_rr, mu_xx, mu_rx = mu_r.pow(2), mu_x.pow(2), mu_r * mu_x
-        var_r, var_x, cov = (rr - mu_rr).clamp_min(0), (xx - mu_xx).clamp_min(0), rx - mu_rx
-        ssim = ((2 * mu_rx + c1) * (2 * cov + c2)) / ((mu_rr + mu_xx + c1) * (var_r + var_x + c2))
-        return ssim.flatten(1).mean(1)
-
-
-_WINDOWS: dict = {}
-
-
-def window_matrix(n: int, device) -> torch.Tensor:
-    """[n, n]: reflection padding by 5 on both sides, then the 11-tap Gaussian (σ 1.5, normalized to sum 1), as one
-    linear map along an axis of n pixels (a row vector times it is the filtered row)."""
-    key = (n, str(device))
-    if key not in _WINDOWS:
-        half = (SSIM_WINDOW - 1) // 2
-        taps = torch.arange(-half, half + 1, dtype=torch.float64)
-        gauss = torch.exp(-0.5 * (taps / SSIM_SIGMA) ** 2)
-        gauss /= gauss.sum()
-        source = torch.arange(-half, n + half).abs()       # padded position -> pixel: reflection at 0 ...
-        source = torch.where(source > n - 1, 2 * (n - 1) - source, source)  # ... and at n - 1
-        matrix = torch.zeros(n, n, dtype=torch.float64)
-        for out in range(n):  # output pixel `out` reads padded positions out .. out + 10
-            matrix.index_put_((source[out:out + SSIM_WINDOW], torch.full((SSIM_WINDOW,), out)), gauss,
-                              accumulate=True)
-        _WINDOWS[key] = matrix.float().to(device)
-    return _WINDOWS[key]
 
 
 def image_sums(recon: torch.Tensor, x: torch.Tensor, ssim: bool = False) -> dict:
@@ -217,51 +170,6 @@ def check_finite(value: float, where: str) -> None:
         raise NonFiniteLoss(f"The training loss became {value} at {where}; training stopped and the last good "
                             "checkpoint was left as it was. Lower --lr, or use --precision fp32, then resume with "
                             "--resume (it restarts from the last good checkpoint).")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# statistics of a path (plain numpy: easy to check by hand)
-
-METRICS = ("loss", "mse", "psnr", "perceptual", "ssim")
-STATS = ("start", "end", "min", "max", "avg", "int")
-SPLITS = {"tr": "train", "te": "test"}
-
-
-def path_length(dl) -> float:
-    return float(np.sum(dl))
-
-
-def dl_weighted_mean(values, dl) -> float:
-    """Σ_i ½(m_{i-1} + m_i)·dl_i / Σ_i dl_i (i ≥ 1): the paper's *_int. The plain mean when the path has length 0."""
-    values, dl = np.asarray(values, dtype=np.float64), np.asarray(dl, dtype=np.float64)
-    total = dl[1:].sum()
-    if not total > 0:
-        return float(values.mean())
-    return float((0.5 * (values[:-1] + values[1:]) * dl[1:]).sum() / total)
-
-
-def loss_barrier(ts, losses) -> float:
-    """max_t [L(t) − ((1 − t)·L(0) + t·L(1))]: how far the loss rises above the chord between the ends."""
-    ts, losses = np.asarray(ts, dtype=np.float64), np.asarray(losses, dtype=np.float64)
-    return float(np.max(losses - ((1 - ts) * losses[0] + ts * losses[-1])))
-
-
-def summarize(series: dict) -> dict:
-    """Scalars of one path: {split}_{metric}_{start,end,min,max,avg,int}, length, tr_barrier, te_barrier."""
-    out = {}
-    for split in SPLITS:
-        for m in METRICS:
-            v = series.get(f"{split}_{m}")
-            if v is None:
-                continue
-            v = np.asarray(v, dtype=np.float64)
-            stats = {"start": v[0], "end": v[-1], "min": v.min(), "max": v.max(), "avg": v.mean(),
-                     "int": dl_weighted_mean(v, series["dl"])}
-            out.update({f"{split}_{m}_{s}": float(x) for s, x in stats.items()})
-    out["length"] = path_length(series["dl"])
-    for split in SPLITS:
-        out[f"{split}_barrier"] = loss_barrier(series["ts"], series[f"{split}_loss"])
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -472,7 +380,8 @@ def channels_last_failure(base: torch.nn.Module, weights: dict, x: torch.Tensor)
     are taken in training mode); else the first line of the error (e.g. a .view of a permuted tensor)."""
     was_training = base.training
     buffers = {n: b.clone() for n, b in base.named_buffers()}  # training mode updates these: not base's own
-    kernels_too = {n: w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w for n, w in weights.items()}
+    kernels_too = {n: w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w
+                   for n, w in weights.items()}
     try:
         for mode in (False, True):
             base.train(mode)

@@ -1,8 +1,54 @@
-"""Statistics across pairs of endpoints: the mean with a Student-t interval (no torch, so the report stays light)."""
+"""Statistics in plain numpy (no torch, so the report stays light; easy to check by hand): those of one path
+(loss_barrier, dl_weighted_mean, summarize) and those across pairs of endpoints (the mean with a Student-t
+interval, bootstrap intervals)."""
 
 import math
 
 import numpy as np
+
+# ----------------------------------------------------------------------------------------------------------
+# statistics of a path (plain numpy: easy to check by hand)
+
+METRICS = ("loss", "mse", "psnr", "perceptual", "ssim")
+STATS = ("start", "end", "min", "max", "avg", "int")
+SPLITS = {"tr": "train", "te": "test"}
+
+
+def path_length(dl) -> float:
+    return float(np.sum(dl))
+
+
+def dl_weighted_mean(values, dl) -> float:
+    """Σ_i ½(m_{i-1} + m_i)·dl_i / Σ_i dl_i (i ≥ 1): the paper's *_int. The plain mean when the path has length 0."""
+    values, dl = np.asarray(values, dtype=np.float64), np.asarray(dl, dtype=np.float64)
+    total = dl[1:].sum()
+    if not total > 0:
+        return float(values.mean())
+    return float((0.5 * (values[:-1] + values[1:]) * dl[1:]).sum() / total)
+
+
+def loss_barrier(ts, losses) -> float:
+    """max_t [L(t) − ((1 − t)·L(0) + t·L(1))]: how far the loss rises above the chord between the ends."""
+    ts, losses = np.asarray(ts, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    return float(np.max(losses - ((1 - ts) * losses[0] + ts * losses[-1])))
+
+
+def summarize(series: dict) -> dict:
+    """Scalars of one path: {split}_{metric}_{start,end,min,max,avg,int}, length, tr_barrier, te_barrier."""
+    out = {}
+    for split in SPLITS:
+        for m in METRICS:
+            v = series.get(f"{split}_{m}")
+            if v is None:
+                continue
+            v = np.asarray(v, dtype=np.float64)
+            stats = {"start": v[0], "end": v[-1], "min": v.min(), "max": v.max(), "avg": v.mean(),
+                     "int": dl_weighted_mean(v, series["dl"])}
+            out.update({f"{split}_{m}_{s}": float(x) for s, x in stats.items()})
+    out["length"] = path_length(series["dl"])
+    for split in SPLITS:
+        out[f"{split}_barrier"] = loss_barrier(series["ts"], series[f"{split}_loss"])
+    return out
 
 
 def mean_interval(values, level: float = 0.95) -> dict:

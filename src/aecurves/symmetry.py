@@ -34,8 +34,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 

@@ -32,8 +32,15 @@ from aecurves.errors import UserError
 from aecurves.losses import make_loss
 from aecurves.metrics import fixed_subset
 from aecurves.models import build_model
-from aecurves.symmetry import apply_latent_map, batchnorm_after, find_groups, fold_batchnorm, linear_assignment, \
-    permute, weight_matching
+from aecurves.symmetry import (
+    apply_latent_map,
+    batchnorm_after,
+    find_groups,
+    fold_batchnorm,
+    linear_assignment,
+    permute,
+    weight_matching,
+)
 
 
 def run(cfg: AlignConfig) -> dict:

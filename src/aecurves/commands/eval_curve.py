@@ -46,17 +46,25 @@ from tabulate import tabulate
 
 from aecurves import plots, renormalize, runtime
 from aecurves.checkpoint import load_curve, load_endpoint_pair
-from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, VAL_FRACTION, EvalCurveConfig, as_record, \
-    validate
+from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, VAL_FRACTION, EvalCurveConfig, as_record, validate
 from aecurves.curves import Curve, make_segment, segment_of
 from aecurves.data import BatchLoader, check_outside_data, load_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, check_writable, folder_lock, write_json
 from aecurves.losses import make_loss
-from aecurves.metrics import ENSEMBLES, METRICS, SPLITS, SSIM_WINDOW, STATS, choose_points_per_call, \
-    evaluate_ensembles, evaluate_path, fixed_subset, protocol_loaders, reconstruct, reconstructions_along, summarize
+from aecurves.metrics import (
+    ENSEMBLES,
+    choose_points_per_call,
+    evaluate_ensembles,
+    evaluate_path,
+    fixed_subset,
+    protocol_loaders,
+    reconstruct,
+    reconstructions_along,
+)
 from aecurves.models import build_model
-from aecurves.stats import bootstrap_barrier
+from aecurves.ssim import SSIM_WINDOW
+from aecurves.stats import METRICS, SPLITS, STATS, bootstrap_barrier, summarize
 
 RECON_POINTS = 9  # reconstructions at t = 0, 1/8, ..., 1
 
@@ -247,7 +255,8 @@ def load_subject(cfg: EvalCurveConfig) -> Subject:
 
 
 RENORMALIZED = ", renormalised"
-RENORMALIZE_OUTPUT = False  # --renormalize leaves the output layer as it is (docs/alignment.md: measured against correcting it)
+# --renormalize leaves the output layer as it is (docs/alignment.md: measured against correcting it)
+RENORMALIZE_OUTPUT = False
 RENORMALIZE_METHOD = "layerwise"  # renormalize.Renormalizer's; "repair" (REPAIR's own pass) for comparison only
 
 

@@ -51,17 +51,28 @@ from torch.func import functional_call
 
 from aecurves import console, runtime
 from aecurves.checkpoint import arch_mismatch, check_fits, load_checkpoint, save_checkpoint, trusted_arch
-from aecurves.config import EVAL_BATCH_SIZE, FGE_LR_2_RATIO, FGE_RESUME_CARRIED, FGE_RESUME_KEYS, MAX_LR, \
-    SUBSET_SEED, FgeConfig, TrainConfig, as_record, settle_with_checkpoint, validate
+from aecurves.config import (
+    EVAL_BATCH_SIZE,
+    FGE_LR_2_RATIO,
+    FGE_RESUME_CARRIED,
+    FGE_RESUME_KEYS,
+    MAX_LR,
+    SUBSET_SEED,
+    FgeConfig,
+    TrainConfig,
+    as_record,
+    settle_with_checkpoint,
+    validate,
+)
 from aecurves.curves import batchnorms, recompute_bn
 from aecurves.data import BatchLoader, check_outside_data, load_run_data
 from aecurves.errors import UserError
 from aecurves.files import append_jsonl, folder_lock, read_json, sha256, write_json, write_jsonl
 from aecurves.losses import make_loss
-from aecurves.metrics import SSIM_WINDOW, average_outputs, check_finite_state, evaluate, evaluate_averages, \
-    fixed_subset
+from aecurves.metrics import average_outputs, check_finite_state, evaluate, evaluate_averages, fixed_subset
 from aecurves.models import build_model, num_parameters
 from aecurves.schedules import cyclic_lr, is_snapshot_epoch, snapshot_epochs
+from aecurves.ssim import SSIM_WINDOW
 from aecurves.training import train_one_epoch
 
 FORMAT = 1  # of fge.json

@@ -73,9 +73,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aecurves import runtime
-from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, FGE_LR_2_RATIO, LOSSES, MAX_SEED, MAX_SEEDS, PRESETS, \
-    AlignConfig, EnsemblesConfig, EvalCurveConfig, FgeConfig, PlaneConfig, StudyConfig, TrainConfig, TrainCurveConfig, \
-    as_record, make, to_toml, validate
+from aecurves.config import (
+    BUILTIN_MODEL,
+    DEFAULT_IMAGE_SIZE,
+    FGE_LR_2_RATIO,
+    LOSSES,
+    MAX_SEED,
+    MAX_SEEDS,
+    PRESETS,
+    AlignConfig,
+    EnsemblesConfig,
+    EvalCurveConfig,
+    FgeConfig,
+    PlaneConfig,
+    StudyConfig,
+    TrainConfig,
+    TrainCurveConfig,
+    as_record,
+    make,
+    to_toml,
+    validate,
+)
 from aecurves.errors import UserError
 from aecurves.files import folder_lock, read_json, sha256, write_json
 
@@ -913,7 +931,8 @@ def check_executor_flags(cfg: dict) -> None:
         if set_ and cfg["executor"] != executor:
             flags = ", ".join("--" + k.replace("_", "-") for k in set_)
             raise UserError(f"{flags} {'is a setting' if len(set_) == 1 else 'are settings'} of --executor "
-                            f"{executor}; add --executor {executor}, or leave {'it' if len(set_) == 1 else 'them'} out.")
+                            f"{executor}; add --executor {executor}, or leave "
+                            f"{'it' if len(set_) == 1 else 'them'} out.")
     bad = [kv for kv in cfg["slurm_extra"] if "=" not in kv or not kv.split("=", 1)[0].strip()]
     if bad:
         raise UserError(f"--slurm-extra takes KEY=VALUE (e.g. constraint=a100), got {', '.join(map(repr, bad))}.")
@@ -1306,7 +1325,7 @@ def stage_command(st: Stage):
     """The command module that makes a stage (imported on use: `aecurves --help` stays fast)."""
     import importlib
 
-    return importlib.import_module(f"aecurves.{KINDS[st.kind].command}")
+    return importlib.import_module(f"aecurves.commands.{KINDS[st.kind].command}")
 
 
 def check_stages(study: Study) -> None:

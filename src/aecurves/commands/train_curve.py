@@ -24,8 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aecurves import console, runtime
 from aecurves.checkpoint import load_checkpoint, load_endpoint_pair, save_checkpoint
-from aecurves.config import CURVE_LEGACY, CURVE_RESUME_KEYS, EVAL_BATCH_SIZE, TrainCurveConfig, as_record, \
-    settle_with_checkpoint, validate
+from aecurves.config import (
+    CURVE_LEGACY,
+    CURVE_RESUME_KEYS,
+    EVAL_BATCH_SIZE,
+    TrainCurveConfig,
+    as_record,
+    settle_with_checkpoint,
+    validate,
+)
 from aecurves.console import table_row
 from aecurves.curves import Curve, CurvePoint, make_coefficients
 from aecurves.data import BatchLoader, check_outside_data, load_data_once
@@ -249,7 +256,7 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
             ts = sample_ts(len(train_loader), gen, cfg.t_sampling)
             train_loss, l2_mean, seen, lr = train_curve_one_epoch(
                 net, curve, loss_fn, optimizer, train_loader, device, precision, epoch, ts,
-                lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs),
+                lambda step, epoch=epoch: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs),
                 cfg.wd, progress)
             train_seconds = time.perf_counter() - t0
             check_finite_state([*((f"bend {k}", b) for k, b in enumerate(curve.bends)), *curve.base.named_buffers()],

@@ -14,8 +14,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aecurves import runtime
 from aecurves.checkpoint import check_fits, check_same_arch, load_checkpoint, save_checkpoint, trusted_arch
-from aecurves.config import BUILTIN_MODEL, DEFAULT_IMAGE_SIZE, TRAIN_INIT_KEYS, TRAIN_RESUME_KEYS, TrainConfig, \
-    as_record, check_model_kwargs, is_given, settle_with_checkpoint, validate
+from aecurves.config import (
+    BUILTIN_MODEL,
+    DEFAULT_IMAGE_SIZE,
+    TRAIN_INIT_KEYS,
+    TRAIN_RESUME_KEYS,
+    TrainConfig,
+    as_record,
+    check_model_kwargs,
+    is_given,
+    settle_with_checkpoint,
+    validate,
+)
 from aecurves.console import table_row
 from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
@@ -237,7 +247,8 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
             t0 = time.perf_counter()
             train_loss, seen, lr = train_one_epoch(
                 net, loss_fn, optimizer, train_loader, device, precision, epoch, progress,
-                lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs), forward)
+                lambda step, epoch=epoch: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs),
+                forward)
             train_seconds = time.perf_counter() - t0
             check_finite_state(model.state_dict().items(), f"epoch {epoch}")
             test = evaluate(model, test_loader, loss_fn)

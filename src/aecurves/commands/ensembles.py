@@ -27,8 +27,9 @@ from aecurves.curves import batchnorms
 from aecurves.data import BatchLoader, load_run_data
 from aecurves.errors import UserError
 from aecurves.files import folder_lock, sha256, write_json
-from aecurves.metrics import SSIM_WINDOW, evaluate_averages, fixed_subset, network_with_bn
+from aecurves.metrics import evaluate_averages, fixed_subset, network_with_bn
 from aecurves.models import build_model
+from aecurves.ssim import SSIM_WINDOW
 
 FORMAT = 1  # of ensembles.json
 DATA_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test")

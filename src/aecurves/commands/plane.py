@@ -6,7 +6,7 @@ its basis (u along θ₂ − θ₀, v the part of θ₁ − θ₀ orthogonal to 
 [−margin_left, 1 + margin_right]·dx by [−margin_bottom, 1 + margin_top]·dy, default 21 and 0.2), its
 coordinates (grid[i, j] = (α_i·dx, β_j·dy)), the projection of the curve at `curve_points` values of t, and its
 evaluation of each grid point: BatchNorm statistics recomputed there from training images, then the metrics on
-training and held-out images (see planes.py for the math). Deviations, and why:
+training and held-out images (see plane_geometry.py for the math). Deviations, and why:
 - The evaluation protocol is eval-curve's, not the paper's whole training set: BN statistics from the same
   fixed subset of training images, train metrics on the same stratified subset (`protocol_subsets`; --full:
   all of them), the same batch size. So the values at θ₀ and θ₂ are eval-curve's at t = 0 and 1.
@@ -18,7 +18,7 @@ training and held-out images (see planes.py for the math). Deviations, and why:
   does is recorded (curve_distance). The straight segment θ₀–θ₂ is projected too.
 - The three bends are also evaluated directly (bend_* values), so their metrics are exact even where they
   fall between grid nodes. The basis, coordinates and grid points are computed in float64 (the paper: in
-  the weights' float32). Three points that span no plane are refused (planes.py). Margins are not negative:
+  the weights' float32). Three points that span no plane are refused (plane_geometry.py). Margins are not negative:
   the plane always shows the three points.
 - Grid points go through eval-curve's engine (metrics.evaluate_points): several per call with
   --points-per-call, bf16 autocast with --precision, channels_last batches by default.
@@ -49,7 +49,7 @@ from aecurves.files import atomic_path, check_writable, folder_lock, write_json
 from aecurves.losses import make_loss
 from aecurves.metrics import choose_points_per_call, evaluate_points, protocol_loaders
 from aecurves.models import build_model
-from aecurves.planes import evaluate_grid, grid_axes, plane_through, prefixed
+from aecurves.plane_geometry import evaluate_grid, grid_axes, plane_through, prefixed
 
 DEFAULT_POINTS_OUT = "runs/plane"
 

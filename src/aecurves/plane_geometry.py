@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
 from aecurves.errors import UserError
 from aecurves.metrics import evaluate_points
 
