@@ -16,7 +16,9 @@ from torchvision.utils import make_grid, save_image
 from aecurves import files, plots, report
 from aecurves.cli import main
 from aecurves.errors import UserError
-from aecurves.metrics import summarize
+from aecurves.report import conclusions, model
+from aecurves.report.model import Interval
+from aecurves.stats import summarize
 
 
 def _png(path: Path, size=(40, 20)) -> None:
@@ -46,12 +48,45 @@ def _endpoint_png(path: Path, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images[0], images[1]
 
 
+def _endpoint_pt(path: Path, originals: torch.Tensor, recons: torch.Tensor, **changes) -> None:
+    """reconstructions.pt as train.py writes it beside reconstructions.png (`changes`: entries replaced)."""
+    torch.save({"format": 1, "images": originals, "reconstructions": recons, **changes}, path)
+
+
+ENDS = {1: 0.010, 2: 0.012, 3: 0.011}  # make_study's endpoints' held-out loss
+
+
+def _write_eval(folder: Path, loss: str, ends, seg_bump, cur_bump, psnr=20.0, n_train=86, n_test=14, device="cpu"):
+    """eval-curve's files for a curve and its segment between endpoints of held-out loss `ends`."""
+    scale = 10.0 if loss == "vgg" else 1.0  # a perceptual loss is not the MSE
+    ts = np.linspace(0, 1, 7)
+    curve = _series(ts, ends, cur_bump, psnr, scale)
+    segment = _series(ts, ends, seg_bump, psnr, scale)
+    summary = {**summarize(curve), **{"segment_" + k: v for k, v in summarize(segment).items()}}
+    results = {**curve, **{"segment_" + k: v for k, v in segment.items()}}
+    folder.mkdir(parents=True)
+    with open(folder / "curve.npz", "wb") as f:
+        np.savez(f, **results, **summary)
+    used = min(8192, n_train)
+    (folder / "eval.json").write_text(json.dumps({
+        "kind": "curve", "path": {"curve": "Bezier", "num_bends": 3}, "segment_evaluated": True,
+        "num_points": 7, "notes": ["a note"], "loss": loss, "perceptual": loss == "vgg",
+        "loss_description": "VGG perceptual loss" if loss == "vgg" else "mean squared error",
+        "summary": summary, "series": {k: np.asarray(v).tolist() for k, v in results.items()},
+        "device": device, "bn": {"recomputed": True, "images": used, "subset": "a subset"},
+        "train_metric_images": used, "test_metric_images": n_test,
+        "data": {"train_images": n_train, "test_images": n_test}, "config": {}, "files": {}}))
+    _png(folder / "reconstructions.png", (120, 40))
+    _png(folder / "reconstructions_segment.png", (120, 40))
+
+
 def make_study(root: Path, bumps=((0.02, 0.001), (0.03, 0.002), (0.025, 0.0005)), vgg_skipped=True,
                losses=("mse",), n_train=86, n_test=14, psnr=20.0, device="cpu", precision="bf16",
-               provenance=None) -> Path:
+               provenance=None, tensors=False) -> Path:
     """A study folder as `aecurves study` leaves it (a group per loss in `losses`, seeds 1-3; the vgg group skipped
     unless it is in `losses`), made by hand. The stages' files record what ran: eval-curve on `device` with
-    n_train training / n_test held-out images, training in `precision`; the request was auto / 8192 images."""
+    n_train training / n_test held-out images, training in `precision`; the request was auto / 8192 images.
+    `tensors`: the endpoints also hold reconstructions.pt (train.py since it writes one), else only the PNG."""
     seeds = [1, 2, 3]
     pairs = [(1, 2), (1, 3), (2, 3)]
     groups = {loss: {"status": "run", "seeds": seeds,
@@ -69,39 +104,38 @@ def make_study(root: Path, bumps=((0.02, 0.001), (0.03, 0.002), (0.025, 0.0005))
     if provenance is not None:
         study["provenance"] = provenance
     (root / "study.json").write_text(json.dumps(study))
-    ends = {1: 0.010, 2: 0.012, 3: 0.011}
     for loss in losses:
-        scale = 10.0 if loss == "vgg" else 1.0  # a perceptual loss is not the MSE
         for s in seeds:
             folder = root / f"endpoints/{loss}_seed{s}"
             folder.mkdir(parents=True)
-            rows = [{"epoch": e, "train_loss": 0.02, "test_loss": ends[s] + 0.001 * (30 - e), "test_mse": ends[s],
+            rows = [{"epoch": e, "train_loss": 0.02, "test_loss": ENDS[s] + 0.001 * (30 - e), "test_mse": ENDS[s],
                      "test_psnr": 19.0, "precision": precision} for e in (29, 30)]
             (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            _endpoint_png(folder / "reconstructions.png", s)
-        ts = np.linspace(0, 1, 7)
+            images, recons = _endpoint_png(folder / "reconstructions.png", s)
+            if tensors:
+                _endpoint_pt(folder / "reconstructions.pt", images, recons)
         for (a, b), (seg_bump, cur_bump) in zip(pairs, bumps):
             folder = root / f"curves/{loss}_seed{a}-seed{b}/eval"
-            curve = _series(ts, (ends[a], ends[b]), cur_bump, psnr, scale)
-            segment = _series(ts, (ends[a], ends[b]), seg_bump, psnr, scale)
-            summary = {**summarize(curve), **{"segment_" + k: v for k, v in summarize(segment).items()}}
-            results = {**curve, **{"segment_" + k: v for k, v in segment.items()}}
-            folder.mkdir(parents=True)
+            _write_eval(folder, loss, (ENDS[a], ENDS[b]), seg_bump, cur_bump, psnr, n_train, n_test, device)
             (folder.parent / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "precision": precision}) + "\n")
-            with open(folder / "curve.npz", "wb") as f:
-                np.savez(f, **results, **summary)
-            used = min(8192, n_train)
-            (folder / "eval.json").write_text(json.dumps({
-                "kind": "curve", "path": {"curve": "Bezier", "num_bends": 3}, "segment_evaluated": True,
-                "num_points": 7, "notes": ["a note"], "loss": loss, "perceptual": loss == "vgg",
-                "loss_description": "VGG perceptual loss" if loss == "vgg" else "mean squared error",
-                "summary": summary, "series": {k: np.asarray(v).tolist() for k, v in results.items()},
-                "device": device, "bn": {"recomputed": True, "images": used, "subset": "a subset"},
-                "train_metric_images": used, "test_metric_images": n_test,
-                "data": {"train_images": n_train, "test_images": n_test}, "config": {}, "files": {}}))
-            _png(folder / "reconstructions.png", (120, 40))
-            _png(folder / "reconstructions_segment.png", (120, 40))
     return root
+
+
+ALIGNED_BUMPS = ((0.004, 0.0002), (0.006, 0.0004), (0.005, 0.0001))  # the aligned segments' and curves' barriers
+
+
+def add_alignment(root: Path) -> None:
+    """B aligned to A for each pair of make_study's mse group, and the curve to it, evaluated as the study does."""
+    study = json.loads((root / "study.json").read_text())
+    study["config"]["align"] = True
+    for pair, (seg_bump, cur_bump) in zip(study["groups"]["mse"]["pairs"], ALIGNED_BUMPS):
+        a, b = pair["seeds"]
+        pair.update(aligned_eval=f"curves/mse_seed{a}-seed{b}_aligned/eval",
+                    aligned_endpoint=f"aligned/mse_seed{b}-to-seed{a}")
+        _write_eval(root / pair["aligned_eval"], "mse", (ENDS[a], ENDS[b]), seg_bump, cur_bump)
+        (root / pair["aligned_endpoint"]).mkdir(parents=True)
+        (root / pair["aligned_endpoint"] / "study_stage.json").write_text(json.dumps({"result": {"seconds": 2.5}}))
+    (root / "study.json").write_text(json.dumps(study))
 
 
 def _md_plain(text: str) -> str:
@@ -124,18 +158,35 @@ def _md_table(md: str, after: str) -> list[list[str]]:
 
 
 def _setting(md: str, name: str) -> str:
-    return dict(_md_table(md, "## Configuration")[1:])[name]
+    return dict(_md_table(md, "### Configuration")[1:])[name]
+
+
+def _codes(record: dict, loss: str = "mse") -> list[str]:
+    return [c["code"] for c in record["groups"][loss]["conclusions"]]
+
+
+def _conclusion(record: dict, *codes: str, loss: str = "mse") -> dict:
+    return next(c for c in record["groups"][loss]["conclusions"] if c["code"] in codes)
+
+
+def _section(md: str, heading: str) -> str:
+    """The markdown under `heading` (a line of its own), up to the next heading of the same or a higher level."""
+    level = len(heading) - len(heading.lstrip("#"))
+    text = md[md.index(heading + "\n") + len(heading):]
+    end = re.search(rf"^#{{1,{level}}} ", text, re.MULTILINE)
+    return text[:end.start()] if end else text
 
 
 def test_report_from_files_alone(tmp_path):
     root = make_study(tmp_path / "study")
     record = report.write_report(root)
     for name in ("report.html", "report.md", "report.json", "report_files/mse_loss_along_paths.png",
-                 "report_files/mse_seed1_reconstructions.png",
+                 "report_files/mse_mean_loss_along_paths.png", "report_files/mse_seed1_reconstructions.png",
                  "report_files/mse_seed2-seed3_segment_reconstructions.png"):
         assert (root / name).is_file(), name
     saved = json.loads((root / "report.json").read_text())
     assert saved["inputs_fingerprint"] == record["inputs_fingerprint"] == report.inputs_fingerprint(root)
+    assert saved["format_version"] == report.REPORT_VERSION == 5
     g = saved["groups"]["mse"]
     ev = json.loads((root / "curves/mse_seed1-seed3/eval/eval.json").read_text())["summary"]
     p13 = g["pairs"][1]
@@ -151,18 +202,28 @@ def test_report_from_files_alone(tmp_path):
     assert g["endpoints"][0]["training"]["test_loss"] == pytest.approx(0.010)
     assert g["endpoints"][0]["training"]["last_epoch_gain"] == pytest.approx(0.001 / 0.011)
     assert s["worst_psnr_endpoints"] == min(e["eval"]["te_psnr"] for e in g["endpoints"])
+    # the conclusions: codes and the numbers they state, the answer first
+    answer = g["conclusions"][0]
+    assert answer["code"] == "barrier-removed"
+    removed = [1 - c / sb for sb, c in ((0.02, 0.001), (0.03, 0.002), (0.025, 0.0005))]
+    assert answer["numbers"]["segment_barrier"] == pytest.approx(0.025)
+    assert answer["numbers"]["removed"] == pytest.approx(np.mean(removed))
+    assert answer["numbers"]["removed_worst"] == pytest.approx(min(removed))
+    assert _codes(saved, "vgg") == ["group-skipped"] and saved["groups"]["vgg"]["caveat"] is None
 
     md = (root / "report.md").read_text()
     assert f"| segment | {report.fnum(ev['segment_te_loss_max'])} | {report.fnum(ev['segment_te_barrier'])} |" in md
-    assert "The curves remove most of the barrier for every pair" in md
-    assert "The vgg group was skipped" in md and "Re-run with --vgg-weights PATH." in md
+    skipped = _section(md, "## vgg group (VGG perceptual loss): SKIPPED")  # its reason and remedy, first
+    assert "Copy the file somewhere." in skipped and "Re-run with --vgg-weights PATH." in skipped
     assert "![" in md and "(report_files/mse_loss_along_paths.png)" in md
     html = (root / "report.html").read_text()
-    assert html.startswith("<!DOCTYPE html>") and "<style>" in html
-    assert html.count("data:image/png;base64,") == 1 + 3 + 6  # group figure, endpoints, strips
+    assert html.startswith("<!DOCTYPE html>") and "<style>" in html and "details>summary{" in html  # report.css
+    assert html.count("data:image/png;base64,") == 2 + 3 + 6  # group figures, endpoints, strips
     assert 'src="report_files' not in html
     for line in saved["summary_lines"]:
         assert report.md_text(line) in md
+    assert sorted(saved["summary_lines"]) == sorted(c["text"] for loss in ("mse", "vgg")
+                                                    for c in saved["groups"][loss]["conclusions"])
 
 
 def test_fingerprint_follows_the_input_files(tmp_path):
@@ -171,7 +232,11 @@ def test_fingerprint_follows_the_input_files(tmp_path):
     assert report.inputs_fingerprint(root) == before
     path = root / "curves/mse_seed1-seed2/eval/eval.json"
     path.write_text(path.read_text().replace('"a note"', '"another note"'))
-    assert report.inputs_fingerprint(root) != before
+    after = report.inputs_fingerprint(root)
+    assert after != before
+    images, recons = _endpoint_png(tmp_path / "again.png", 1)  # the endpoint's tensors are an input too
+    _endpoint_pt(root / "endpoints/mse_seed1/reconstructions.pt", images, recons)
+    assert report.inputs_fingerprint(root) != after
 
 
 def test_report_of_an_unfinished_study(tmp_path):
@@ -189,64 +254,155 @@ def test_not_a_study_folder(tmp_path):
         report.write_report(tmp_path)
 
 
+def test_first_screen_answers_the_question(tmp_path):
+    """Per loss group, before anything else: the answer in one sentence with its interval, one figure, and one
+    table of the four paths; the details below, folded in HTML."""
+    root = make_study(tmp_path / "study")
+    add_alignment(root)
+    record = report.write_report(root)
+    md = (root / "report.md").read_text()
+    first = _section(md, "## mse group (MSE loss)")
+    assert md.index("## mse group (MSE loss)") < md.index("## vgg group") < md.index("## Caveats") \
+        < md.index("## mse group in detail") < md.index("## The study")
+    answer = _conclusion(record, "barrier-removed")
+    assert first.lstrip().startswith("> " + report.md_text(answer["text"]))
+    seg = Interval.of([0.02, 0.03, 0.025])
+    assert (answer["numbers"]["segment_barrier_lo"], answer["numbers"]["segment_barrier_hi"]) == pytest.approx(
+        (seg.lo, seg.hi))
+    assert f"[{report.fnum(seg.lo)}, {report.fnum(seg.hi)}]" in answer["text"]  # the sentence gives its interval
+    assert first.count("![") == 1 and "(report_files/mse_mean_loss_along_paths.png)" in first
+    table = _md_table(first, "| path |")
+    assert [row[0] for row in table] == ["path", "straight segment", "aligned segment", "curve", "aligned curve"]
+    paths = record["groups"]["mse"]["summary"]["paths"]
+    for row, name in zip(table[1:], ("segment", "aligned_segment", "curve", "aligned_curve")):
+        r = {k: Interval(**paths[name][k]) for k in ("barrier", "removed", "best_vs_endpoint")}
+        assert row[1] == report.finterval(r["barrier"], report.fnum)
+        assert row[2] == ("—" if name == "segment" else report.finterval(r["removed"], report.fpct))
+        assert row[3] == report.finterval(r["best_vs_endpoint"], report.fsigned)
+    aligned = Interval.of([(sb - ab) / sb for sb, (ab, _) in zip((0.02, 0.03, 0.025), ALIGNED_BUMPS)])
+    assert paths["aligned_segment"]["removed"]["mean"] == pytest.approx(aligned.mean)
+    assert "Straight segment, aligned segment, curve" not in first and "mse seed 1" not in first
+    # HTML: the first screen is open, everything after the caveats folded
+    html = (root / "report.html").read_text()
+    top = html[:html.index("<h2>Caveats</h2>")]
+    assert "<details" not in top and top.count("<img") == 1 and top.count("<table>") == 1
+    rest = html[html.index("<h2>mse group in detail</h2>"):]
+    assert rest.count("<details>") == rest.count("</details>") >= 10
+    assert re.search(r"<details><summary><h3>Endpoints</h3></summary>", rest)
+    assert all(rest.rindex("<details>", 0, m.start()) > rest.rfind("</details>", 0, m.start())
+               for m in re.finditer("<img", rest))  # every other figure is inside a folded section
+    assert "<section><h2>Caveats</h2>" in html  # in plain sight, not folded
+
+
+def test_a_study_without_alignment_says_so_in_the_table(tmp_path):
+    root = make_study(tmp_path / "study")
+    _edit_json(root / "study.json", lambda s: s["config"].update(align=False))
+    report.write_report(root)
+    table = _md_table((root / "report.md").read_text(), "| path |")
+    assert table[2][:3] == ["aligned segment", "not run (--no-align)", "—"]
+    assert table[4][:2] == ["aligned curve", "not run (--no-align)"]
+
+
+def test_the_report_is_laid_out_before_anything_is_written(tmp_path, monkeypatch):
+    """collect, conclusions, the figure plan and the document have no side effect: the folder is as it was until
+    the document is complete; then the figures, report.md, report.html and report.json are written."""
+    root = make_study(tmp_path / "study")
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    drawn = []
+    for name in ("plot_loss_along_paths", "plot_bands_along_t", "save_labelled_rows"):
+        original = getattr(plots, name)
+        monkeypatch.setattr(plots, name, lambda *a, _f=original, **kw: drawn.append(a) or _f(*a, **kw))
+    built = report.build
+
+    def build(*args, **kwargs):
+        doc = built(*args, **kwargs)
+        assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before and not drawn
+        return doc
+
+    monkeypatch.setattr(report, "build", build)
+    report.write_report(root)
+    assert len(drawn) == 2 + 3 and (root / "report.md").is_file()
+
+
 def _group(seg, cur, psnr_curves=17.0, psnr_ends=17.2, ends_loss=0.02):
+    """A run group whose pairs' segments and curves have the test barriers `seg` and `cur`, summarized as collect()
+    summarizes one."""
     removed = [(s - c) / s for s, c in zip(seg, cur)]
-    return {"status": "run", "summary": {
-        "pairs": len(seg), "pairs_evaluated": len(seg), "endpoint_te_loss_mean": ends_loss,
-        "segment_te_barrier_mean": float(np.mean(seg)), "segment_te_barrier_min": min(seg),
-        "segment_te_barrier_max": max(seg), "curve_te_barrier_mean": float(np.mean(cur)),
-        "curve_te_barrier_min": min(cur), "curve_te_barrier_max": max(cur),
-        "barrier_removed_mean": float(np.mean(removed)), "barrier_removed_min": min(removed),
-        "worst_psnr_curves": psnr_curves, "worst_psnr_endpoints": psnr_ends, "worst_psnr_segments": 13.0,
-        "segment_barrier_relative": float(np.mean(seg)) / ends_loss}}
+    none = Interval.of([])  # no extra-trained endpoints
+    paths = {"segment": {"barrier": Interval.of(seg), "removed": Interval.of([0.0] * len(seg)),
+                         "best_vs_endpoint": none, "best_vs_extra": none},
+             "curve": {"barrier": Interval.of(cur), "removed": Interval.of(removed), "best_vs_endpoint": none,
+                       "best_vs_extra": none}}
+    summary = model.GroupSummary(
+        pairs=len(seg), pairs_evaluated=len(seg), pairs_damaged=0, endpoint_te_loss_mean=ends_loss,
+        segment_te_barrier_mean=float(np.mean(seg)), segment_te_barrier_min=min(seg),
+        segment_te_barrier_max=max(seg), curve_te_barrier_mean=float(np.mean(cur)), curve_te_barrier_min=min(cur),
+        curve_te_barrier_max=max(cur), barrier_removed_mean=float(np.mean(removed)),
+        barrier_removed_min=min(removed), worst_psnr_curves=psnr_curves, worst_psnr_endpoints=psnr_ends,
+        worst_psnr_segments=13.0, segment_barrier_relative=float(np.mean(seg)) / ends_loss, paths=paths)
+    return model.Group(status="run", loss="mse", summary=summary, equal_budget=model.EqualBudget(0, None),
+                       convergence=report.convergence([], False, None))
 
 
-@pytest.mark.parametrize("seg, cur, expected", [
-    ([0.02, 0.02], [0.001, 0.002], "remove most of the barrier for every pair"),
-    ([0.02, 0.02], [0.0, 0.008], "On average the curves remove most of the barrier"),
-    ([0.02, 0.02], [0.01, 0.01], "reduce the barrier by 50.0% on average"),
-    ([0.02, 0.02], [0.019, 0.018], "The curves do not remove the barrier"),
-    ([0.0005, 0.0005], [0.0, 0.0], "The segments show no clear barrier"),
+@pytest.mark.parametrize("seg, cur, code", [
+    ([0.02, 0.02], [0.001, 0.002], "barrier-removed"),
+    ([0.02, 0.02], [0.0, 0.008], "barrier-mostly-removed"),
+    ([0.02, 0.02], [0.01, 0.01], "barrier-reduced"),
+    ([0.02, 0.02], [0.019, 0.018], "barrier-not-removed"),
+    ([0.0005, 0.0005], [0.0, 0.0], "no-clear-barrier"),
 ])
-def test_conclusions_follow_the_numbers(seg, cur, expected):
-    lines = report.summary_sentences("mse", _group(seg, cur))
-    assert any(expected in line for line in lines), lines
-    assert report.fnum(float(np.mean(seg))) in lines[0] and report.fnum(float(np.mean(cur))) in lines[0]
+def test_conclusions_follow_the_numbers(seg, cur, code):
+    found = report.findings(_group(seg, cur))
+    answer = found.answer
+    assert answer.code == code
+    removed = [(s - c) / s for s, c in zip(seg, cur)]
+    assert answer.numbers["segment_barrier"] == pytest.approx(np.mean(seg))
+    assert answer.numbers["curve_barrier"] == pytest.approx(np.mean(cur))
+    assert answer.numbers["removed"] == pytest.approx(np.mean(removed))
+    assert answer.numbers["removed_worst"] == pytest.approx(min(removed))
+    assert answer.numbers["barrier_relative"] == pytest.approx(np.mean(seg) / 0.02)
+    assert report.fnum(float(np.mean(seg))) in answer.text  # the sentence states the numbers it was chosen by
+    ranges = found.find("barrier-ranges")
+    assert ranges.numbers["segment_te_barrier_mean"] == pytest.approx(np.mean(seg))
+    assert ranges.numbers["curve_te_barrier_max"] == max(cur)
+    assert found.codes()[:2] == [code, "barrier-ranges"] and found.caveat is None
 
 
 def test_psnr_conclusion_follows_the_numbers():
-    def psnr_line(**kw):
-        return next(line for line in report.summary_sentences("mse", _group([0.02], [0.001], **kw))
-                    if "worst held-out PSNR" in line)
+    def psnr(**kw):
+        return report.findings(_group([0.02], [0.001], **kw)).find("psnr-as-good", "psnr-worse")
 
-    good, bad = psnr_line(psnr_curves=17.0, psnr_ends=17.2), psnr_line(psnr_curves=15.0, psnr_ends=17.2)
-    assert "about as well as the endpoints" in good and "15.00 dB" in bad and "by up to 2.20 dB" in bad
+    good, bad = psnr(psnr_curves=17.0, psnr_ends=17.2), psnr(psnr_curves=15.0, psnr_ends=17.2)
+    assert good.code == "psnr-as-good" and bad.code == "psnr-worse"
+    assert bad.numbers == {"curves_db": 15.0, "endpoints_db": 17.2, "segments_db": 13.0, "tolerance_db": 0.5}
+    assert "by up to 2.20 dB" in bad.text  # the gap it states
+    # at the tolerance exactly, still as good
+    assert psnr(psnr_curves=16.7, psnr_ends=17.2).code == "psnr-as-good"
 
 
-def test_sentences_say_which_path_kinds_have_intervals_too_wide_to_conclude():
-    from aecurves.stats import mean_interval
-
+def test_conclusions_say_which_path_kinds_have_intervals_too_wide_to_conclude():
     seg, cur = [0.02, 0.021, 0.019], [0.001, -0.002, 0.0015]
     g = _group(seg, cur)
-    removed = [(s - c) / s for s, c in zip(seg, cur)]
-    none = mean_interval([])  # no extra-trained endpoints in this study
-    g["summary"]["paths"] = {
-        "segment": {"barrier": mean_interval(seg), "removed": mean_interval([0, 0, 0]), "best_vs_extra": none},
-        "curve": {"barrier": mean_interval(cur), "removed": mean_interval(removed), "best_vs_extra": none}}
-    g["summary"]["bootstrap"] = {"segment": {"pairs": 3, "above_zero": 3}, "curve": {"pairs": 3, "above_zero": 1}}
-    text = " ".join(report.summary_sentences("mse", g))
-    r = mean_interval(cur)
-    assert r["lo"] < 0 < r["hi"]  # the curves' barrier interval includes 0, the segments' does not
-    assert f"curve {report.fnum(r['mean'])} [{report.fnum(r['lo'])}, {report.fnum(r['hi'])}]" in text
-    assert "For the curves the interval includes 0: too wide to tell from 3 pairs" in text
-    assert "straight segments the interval" not in text
-    assert "above 0 for 3 of 3 straight segments, 1 of 3 curves; for the others it includes 0" in text
-    share = mean_interval(removed)
-    assert (f"the share removed by the curves is {report.fpct(share['mean'])} (95% interval "
-            f"{report.fpct(share['lo'])} to {report.fpct(share['hi'])})") in text
+    g.summary.bootstrap = {"segment": model.Bootstrap(pairs=3, above_zero=3),
+                           "curve": model.Bootstrap(pairs=3, above_zero=1)}
+    found = report.findings(g)
+    r = Interval.of(cur)
+    assert r.lo < 0 < r.hi  # the curves' barrier interval includes 0, the segments' does not
+    intervals = found.find("interval-includes-zero")
+    assert intervals.numbers["includes_zero"] == ["curve"]
+    assert intervals.numbers["curve"] == {"mean": r.mean, "lo": r.lo, "hi": r.hi}
+    assert f"curve {report.fnum(r.mean)} [{report.fnum(r.lo)}, {report.fnum(r.hi)}]" in intervals.text
+    boot = found.find("bootstrap-some-include-zero")
+    assert boot.numbers == {"segment": {"pairs": 3, "above_zero": 3}, "curve": {"pairs": 3, "above_zero": 1}}
+    share = Interval.of([(s - c) / s for s, c in zip(seg, cur)])
+    assert (found.answer.numbers["removed_lo"], found.answer.numbers["removed_hi"]) == (share.lo, share.hi)
+    assert f"{report.fpct(share.mean)} [{report.fpct(share.lo)}, {report.fpct(share.hi)}]" in found.answer.text
     # every pair's bootstrap above 0: nothing to caution about
-    g["summary"]["bootstrap"]["curve"]["above_zero"] = 3
-    assert "for the others" not in " ".join(report.summary_sentences("mse", g))
+    g.summary.bootstrap["curve"].above_zero = 3
+    assert "bootstrap-all-above-zero" in report.findings(g).codes()
+    # every interval clear of 0
+    g = _group(seg, [0.001, 0.0012, 0.0011])
+    assert report.findings(g).find("intervals-exclude-zero").numbers["includes_zero"] == []
 
 
 def test_report_states_the_schedules_the_protocol_and_convergence(tmp_path):
@@ -265,7 +421,8 @@ def test_report_states_the_schedules_the_protocol_and_convergence(tmp_path):
     assert "curves: Adam at lr 0.001 with the constant schedule and uniform t for 5 epochs" in md
     assert "lowers it linearly to 1% of it at 90%" in md
     # one pair measured train metrics on 400 of 500 images: the report does not claim --full
-    assert "BatchNorm statistics from 500 and train metrics from 400 of the 500 training images (fixed subsets) at every point. These subsets are smaller than the defaults" in md
+    assert ("BatchNorm statistics from 500 and train metrics from 400 of the 500 training images (fixed subsets) at "
+            "every point. These subsets are smaller than the defaults") in md
     assert "last-epoch gain" in md and report.fpct(0.001 / 0.011) in md
     for folder in (root / "curves").glob("*/eval"):
         record = json.loads((folder / "eval.json").read_text())
@@ -350,7 +507,7 @@ def test_provenance_not_recorded(tmp_path):
     record = report.write_report(old)
     md = (old / "report.md").read_text()
     assert record["provenance"] is None and json.loads((old / "report.json").read_text())["provenance"] is None
-    assert "Not recorded: this study.json has no provenance" in md and "Provenance (versions, host" in md
+    assert "Provenance (versions, host, dates, wall times): not recorded" in _section(md, "### Provenance")
 
 
 def test_fingerprint_ignores_provenance(tmp_path):
@@ -373,13 +530,13 @@ def test_endpoint_table_has_one_figure_per_quantity(tmp_path):
     root = make_study(tmp_path / "study", losses=("mse", "vgg"))
     record = report.write_report(root)
     md = (root / "report.md").read_text()
-    mse = _md_table(md, "## mse group")
+    mse = _md_table(md, "## mse group in detail")
     assert mse[0] == ["autoencoder", "train MSE", "test MSE", "train PSNR (dB)", "test PSNR (dB)", "epochs",
                       "last-epoch gain", "gain from extra training"]
     ev = record["groups"]["mse"]["endpoints"][0]["eval"]
     assert mse[1][:5] == ["mse seed 1", report.fnum(ev["tr_loss"]), report.fnum(ev["te_loss"]),
                           report.fdb(ev["tr_psnr"]), report.fdb(ev["te_psnr"])]
-    vgg = _md_table(md, "## vgg group")
+    vgg = _md_table(md, "## vgg group in detail")
     assert vgg[0][:7] == ["autoencoder", "train loss (perceptual)", "test loss (perceptual)", "train MSE", "test MSE",
                           "train PSNR (dB)", "test PSNR (dB)"]
     ev = record["groups"]["vgg"]["endpoints"][0]["eval"]
@@ -387,35 +544,37 @@ def test_endpoint_table_has_one_figure_per_quantity(tmp_path):
     assert vgg[1][2] == report.fnum(ev["te_loss"]) and vgg[1][4] == report.fnum(ev["te_mse"])
     # the training log's held-out figure only in the footnote, named as such
     assert not any("training log" in h for h in mse[0] + vgg[0])
-    footnote = md[md.index("## mse group"):md.index("## vgg group")]
+    footnote = _section(md, "## mse group in detail")
     assert "The training log (metrics.jsonl) gives another held-out MSE, 0.01 (seed 1), 0.012 (seed 2)" in footnote
     # the paths' table names the quantity once too
     assert _md_table(md, "### Seeds 1 and 2")[0][1] == "max test MSE"
 
 
-@pytest.mark.parametrize("n_train, psnr, expected", [
-    (86, 20.0, "weak autoencoders on a tiny dataset (under 1000 training images; held-out PSNR under 22 dB)"),
-    (86, 30.0, ": autoencoders on a tiny dataset (under 1000 training images), enough to show the method"),
-    (50000, 20.0, ": weak autoencoders (held-out PSNR under 22 dB), enough to show the method, not a result about "
-                  "well-trained models."),
-    (50000, 30.0, None),
-])
-def test_caveat_states_the_data_and_the_endpoints(tmp_path, n_train, psnr, expected):
+@pytest.mark.parametrize("n_train, psnr, code", [(86, 20.0, "tiny-dataset-weak-endpoints"), (86, 30.0, "tiny-dataset"),
+                                                 (50000, 20.0, "weak-endpoints"), (50000, 30.0, None)])
+def test_caveat_states_the_data_and_the_endpoints(tmp_path, n_train, psnr, code):
     root = make_study(tmp_path / "study", n_train=n_train, n_test=14, psnr=psnr)
     record = report.write_report(root)
     md = (root / "report.md").read_text()
     html = (root / "report.html").read_text()
     g = record["groups"]["mse"]
-    if expected is None:
+    if code is None:
         assert g["caveat"] is None and "These mse endpoints were trained on" not in md
+        assert not {"tiny-dataset-weak-endpoints", "tiny-dataset", "weak-endpoints"} & set(_codes(record))
         return
     psnrs = [e["eval"]["te_psnr"] for e in g["endpoints"]]
     ratio = np.mean([e["eval"]["te_mse"] / e["eval"]["tr_mse"] for e in g["endpoints"]])
-    assert g["caveat"] == (f"These mse endpoints were trained on {n_train} images (14 held out); their held-out PSNR "
-                           f"is {report.fdb(min(psnrs))} to {report.fdb(max(psnrs))} dB and their train MSE is "
-                           f"{ratio:.1f}× below the test MSE" + g["caveat"][g["caveat"].index(":"):])
-    assert expected in g["caveat"] and g["caveat"] in record["summary_lines"]
-    assert f"<p class=\"box warn\">{g['caveat']}</p>" in html
+    caveat = g["conclusions"][-1]
+    assert caveat["code"] == code and caveat["text"] == g["caveat"]
+    assert caveat["numbers"] == {"train_images": n_train, "test_images": 14, "worst_psnr_db": min(psnrs),
+                                 "best_psnr_db": max(psnrs), "test_over_train_mse": pytest.approx(ratio)}
+    assert g["caveat"] in record["summary_lines"]
+    assert f"<p class=\"box warn\">{g['caveat']}</p>" in _section_html(html, "Caveats")
+
+
+def _section_html(html_text: str, title: str) -> str:
+    start = html_text.index(f"<h2>{title}</h2>")
+    return html_text[start:html_text.index("</section>", start)]
 
 
 def test_html_tables_scroll_inside_their_box(tmp_path):
@@ -447,6 +606,131 @@ def test_endpoint_grid_is_labelled_and_enlarged(tmp_path):
         assert (label.min(-1) < 128).sum() > 30, r  # "original" / "reconstruction" written left of each row
     md = (root / "report.md").read_text()
     assert "*mse group, seed 2: held-out images and their reconstructions after the last epoch*" in md
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_endpoint_picture_from_reconstructions_pt_equals_the_pngs(tmp_path):
+    """train.py writes reconstructions.pt beside reconstructions.png, the same pixels: the report reads the tensors,
+    and for a folder written before (no .pt) cuts them out of the PNG. Both give the same picture."""
+    old, new = make_study(tmp_path / "old"), make_study(tmp_path / "new", tensors=True)
+    report.write_report(old)
+    record = report.write_report(new)
+    assert not record["damaged"]
+    for s in (1, 2, 3):
+        rel = f"report_files/mse_seed{s}_reconstructions.png"
+        assert np.array_equal(_pixels(old / rel), _pixels(new / rel)), s
+    assert "endpoints/mse_seed1/reconstructions.pt" in report.input_files(new)
+    # the tensors are what is drawn: other pixels in the .pt, and the picture shows them, PNG or not
+    images, recons = _endpoint_png(tmp_path / "again.png", 2)
+    _endpoint_pt(new / "endpoints/mse_seed2/reconstructions.pt", 255 - images, recons)
+    (new / "endpoints/mse_seed2/reconstructions.png").write_text("not a png")
+    record = report.write_report(new)
+    assert not record["damaged"]  # the PNG is not read when the tensors are there
+    inverted = make_study(tmp_path / "inverted")
+    _endpoint_png(tmp_path / "again.png", 2)
+    picture = inverted / "endpoints/mse_seed2/reconstructions.png"
+    save_image(make_grid(torch.cat([255 - images, recons]).float() / 255, nrow=ENDPOINT_IMAGES, padding=2,
+                         pad_value=1.0), picture)
+    report.write_report(inverted)
+    rel = "report_files/mse_seed2_reconstructions.png"
+    assert np.array_equal(_pixels(new / rel), _pixels(inverted / rel))
+    assert not np.array_equal(_pixels(new / rel), _pixels(old / rel))
+
+
+class NotATensor:  # a pickled object of this test module: torch.load(weights_only=True) must refuse to build it
+    pass
+
+
+@pytest.mark.parametrize("content, reason", [
+    ({"format": 2}, "not a record of format 1"),
+    ({"images": "pixels"}, "images is not uint8 pixels"),
+    ({"reconstructions": torch.zeros(4, 3, 16, 16)}, "reconstructions is not uint8 pixels"),  # floats
+    ({"reconstructions": torch.zeros(3, 3, 16, 16, dtype=torch.uint8)}, "differ in shape"),
+    ({"images": torch.zeros(3, 16, 16, dtype=torch.uint8)}, "images is not uint8 pixels"),  # 3-D
+    ("a list", "not a record of format 1"),
+    ("not torch", "not readable"),
+    (NotATensor, "not readable (UnpicklingError"),
+])
+def test_a_damaged_reconstructions_pt_is_named_and_the_png_shown(tmp_path, capsys, content, reason):
+    root = make_study(tmp_path / "study", tensors=True)
+    rel = "endpoints/mse_seed3/reconstructions.pt"
+    if content == "a list":
+        torch.save([1, 2], root / rel)
+    elif content == "not torch":
+        (root / rel).write_text("not torch")
+    elif content is NotATensor:
+        torch.save({"format": 1, "images": NotATensor(), "reconstructions": NotATensor()}, root / rel)
+    else:
+        images, recons = _endpoint_png(tmp_path / "again.png", 3)
+        _endpoint_pt(root / rel, images, recons, **content)
+    assert main(["report", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert f"{root / rel} is damaged" in err and reason in err and "Traceback" not in err
+    record = json.loads((root / "report.json").read_text())
+    assert list(record["damaged"]) == [rel] and reason in record["damaged"][rel]
+    assert report.md_text(rel) in _section((root / "report.md").read_text(), "## Caveats")
+    # the picture comes from the PNG, as for a folder written before the tensors
+    old = make_study(tmp_path / "old")
+    report.write_report(old)
+    picture = "report_files/mse_seed3_reconstructions.png"
+    assert np.array_equal(_pixels(root / picture), _pixels(old / picture))
+
+
+def test_first_figure_is_each_path_kinds_mean_over_pairs_with_its_range(tmp_path, monkeypatch):
+    drawn = []
+    original = plots.plot_bands_along_t
+    monkeypatch.setattr(plots, "plot_bands_along_t",
+                        lambda bands, path, **kw: drawn.append((bands, kw)) or original(bands, path, **kw))
+    root = make_study(tmp_path / "study")
+    add_alignment(root)
+    report.write_report(root)
+    (bands, kw), = drawn
+    assert [b["label"] for b in bands] == ["straight segment", "aligned segment", "curve", "aligned curve"]
+    study = json.loads((root / "study.json").read_text())
+    for band in bands:
+        aligned = band["name"].startswith("aligned")
+        key = "segment_te_loss" if band["name"].endswith("segment") else "te_loss"
+        runs = []
+        for pair in study["groups"]["mse"]["pairs"]:
+            with np.load(root / pair["aligned_eval" if aligned else "eval"] / "curve.npz") as npz:
+                runs.append(npz[key])
+        assert np.allclose(band["mean"], np.mean(runs, axis=0)), band["name"]
+        assert np.array_equal(band["lo"], np.min(runs, axis=0)) and np.array_equal(band["hi"], np.max(runs, axis=0))
+        assert band["n"] == 3 and np.array_equal(band["ts"], np.linspace(0, 1, 7))
+    assert kw["ylabel"] == "held-out MSE loss"
+    md = (root / "report.md").read_text()
+    assert "*mse group: held-out MSE loss along t for each kind of path, the mean over the pairs (1-2, 1-3, 2-3)" in md
+    # pairs measured at other points t are compared on the union of their points
+    pairs = [model.Pair(seeds=(1, 2), eval="e", curve_folder="c", available=True, eval_status="found",
+                        curve_precision=[], arrays={"ts": ts, "te_loss": ts ** 2, "segment_ts": ts,
+                                                    "segment_te_loss": 1 + ts})
+             for ts in (np.linspace(0, 1, 3), np.linspace(0, 1, 5))]
+    segment, curve = report.figures.mean_bands(pairs)
+    assert np.array_equal(segment["ts"], np.linspace(0, 1, 5)) and np.allclose(segment["mean"], 1 + segment["ts"])
+    assert np.allclose(curve["hi"], np.interp(curve["ts"], [0, 0.5, 1], [0, 0.25, 1]))
+
+
+def test_alignment_conclusion_with_its_intervals(tmp_path):
+    root = make_study(tmp_path / "study")
+    add_alignment(root)
+    record = report.write_report(root)
+    found = _conclusion(record, "alignment-removes")
+    seg = Interval.of([(sb - ab) / sb for sb, (ab, _) in zip((0.02, 0.03, 0.025), ALIGNED_BUMPS)])
+    cur = Interval.of([(sb - ac) / sb for sb, (_, ac) in zip((0.02, 0.03, 0.025), ALIGNED_BUMPS)])
+    assert found["numbers"]["aligned_segment_removed"] == pytest.approx(seg.mean)
+    assert (found["numbers"]["aligned_curve_lo"], found["numbers"]["aligned_curve_hi"]) == pytest.approx(
+        (cur.lo, cur.hi))
+    pair = record["groups"]["mse"]["pairs"][0]
+    assert pair["align_seconds"] == 2.5 and pair["aligned_eval"] == "curves/mse_seed1-seed2_aligned/eval"
+    md = (root / "report.md").read_text()
+    barriers = _md_table(md, "Test barrier:")
+    assert barriers[0] == ["pair", "straight segment", "aligned segment", "curve", "aligned curve"]
+    assert barriers[1][2] == report.fnum(pair["paths"]["aligned_segment"]["barrier"])
+    assert "report_files/mse_seed1-seed2_aligned_segment_reconstructions.png" in md
 
 
 def test_figures_name_their_pairs(tmp_path, monkeypatch):
@@ -507,7 +791,8 @@ def test_markdown_shows_the_study_strings_as_text(tmp_path):
     assert "- 1\\. not a list" in md and "- \\- not an item" in md and "- \\+ not an item" in md
     assert "> 1\\) " + report.md_text(HOSTILE) in md
     # the report's own formatting still renders: headings, tables, figures, captions, and commands as code
-    assert md.startswith("# Mode connectivity") and "\n## Summary\n" in md and "\n| setting | value |\n" in md
+    assert md.startswith("# Mode connectivity") and "\n## mse group (MSE loss)\n" in md
+    assert "\n| setting | value |\n" in md
     assert "![" in md and "(report_files/mse_loss_along_paths.png)" in md
     assert _setting(md, "data folder") == " ".join(HOSTILE.split()) and _setting(md, "model factory") == " ".join(
         HOSTILE.split())
@@ -588,7 +873,8 @@ def test_a_damaged_eval_json_is_named_and_left_out(tmp_path, capsys, damage, rea
     pair = md[md.index("### Seeds 1 and 2"):md.index("### Seeds 1 and 3")]
     assert f"{report.md_text(EVAL)} is damaged" in pair and "missing" not in pair
     assert report.md_text(f"{EVAL}: {record['damaged'][EVAL]}") in md  # the list of damaged files
-    assert "The curves remove most of the barrier for every pair" in md  # the other two pairs are reported
+    assert _conclusion(record, "barrier-removed")["numbers"]["pairs"] == 2  # the other two pairs are reported
+    assert "1 of 3 pairs are not in these numbers" in _section(md, "## mse group (MSE loss)")
 
 
 @pytest.mark.parametrize("path, content, reason", [
@@ -710,9 +996,6 @@ def test_paths_out_of_the_study_folder_are_not_read(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # convergence from the extra training, and the equal-budget ensembles (issue 20)
 
-ENDS = {1: 0.010, 2: 0.012, 3: 0.011}  # make_study's endpoints' held-out loss
-
-
 def add_extra_training(root: Path, gains: dict, curve_epochs: int = 5) -> None:
     """The baselines of a study made by make_study: each endpoint trained on as long as a curve, its held-out loss
     `gains[seed]` lower (relative), evaluated at t = 0, 1 as the study's baseline stage writes it."""
@@ -743,16 +1026,17 @@ def test_convergence_is_judged_from_the_extra_training(tmp_path, gains, converge
     assert c["threshold"] == report.CONVERGED_GAIN == record["thresholds"]["converged_gain"] == 0.02
     assert c["converged"] is converged
     md = (root / "report.md").read_text()
-    line = next(x for x in record["summary_lines"] if "converged" in x)
-    assert "trained on for 5 more epochs" in line and report.fpct(max(gains.values())) in line
+    found = _conclusion(record, "converged", "not-converged")
+    assert found["code"] == ("converged" if converged else "not-converged")
+    assert found["numbers"] == {"min": pytest.approx(min(gains.values())), "max": pytest.approx(max(gains.values())),
+                                "threshold": 0.02, "above": [] if converged else ["1"], "measured": 3}
+    assert report.fpct(max(gains.values())) in found["text"]  # the sentence states the gain it judged by
+    caveats = _section(md, "## Caveats")
     if converged:
-        assert line.startswith("The mse endpoints had converged by the study's measure")
-        assert "within the 2.0% threshold" in line and "endpoints had not converged" not in md
-    else:
-        assert line.startswith("The mse endpoints had not converged") and "1 of 3" in line and "(seed 1)" in line
-        assert "comparisons with unconverged networks" in line
-        assert md.count(report.md_text(line)) == 2  # in the summary and, as a warning, beside the endpoints
-    rows = _md_table(md, "## mse group")
+        assert report.md_text(found["text"]) not in caveats
+    else:  # among the conclusions and, as a caveat, in plain sight
+        assert md.count(report.md_text(found["text"])) == 2 and report.md_text(found["text"]) in caveats
+    rows = _md_table(md, "### Endpoints")
     assert rows[0][-1] == "gain from extra training" and rows[1][-1] == report.fpct(gains[1])
     # the last-epoch gain is shown, but never taken for convergence
     assert "near 0 by construction" in md
@@ -763,62 +1047,61 @@ def test_convergence_without_extra_training_is_not_measured(tmp_path):
     record = report.write_report(root)
     c = record["groups"]["mse"]["convergence"]
     assert (c["measured"], c["converged"], c["extra_training"]) == (False, None, False)
-    line = next(x for x in record["summary_lines"] if "onvergence" in x)
-    assert line.startswith("Convergence of the mse endpoints was not measured") and "--no-extra-training" in line
+    codes = _codes(record)
+    assert "convergence-not-measured" in codes and not {"converged", "not-converged"} & set(codes)
     md = (root / "report.md").read_text()
-    assert "had converged" not in md and "had not converged" not in md
     assert "convergence was not measured" in md  # the endpoints' footnote
     # extra training asked for, but its evaluations not there yet
-    c = report.convergence([{"seed": 1, "eval": {"te_loss": 0.01}}], True, 5)
-    assert report.convergence_sentence("mse", c).startswith("Convergence of the mse endpoints is not measured yet")
+    c = report.convergence([model.Endpoint(seed=1, folder="endpoints/mse_seed1")], True, 5)
+    assert (c.measured, c.converged) == (False, None)
+    assert conclusions.convergence_conclusion("mse", c).code == "convergence-pending"
 
 
-def _eb_rows(mse: dict, psnr_offset: float = 0.0) -> dict:
-    return {k: {"mse": v, "psnr": 20 - 10 * np.log10(v / 0.01) + psnr_offset, "ssim": 0.5, "members": 2,
-                "budget_epochs": {0: 0, 1: 5, 2: 10}[dict((r[0], r[2]) for r in report.EQUAL_BUDGET_ROWS)[k]]}
-            for k, v in mse.items()}
+def _eb_pairs(per_pair: list[dict]) -> list[model.Pair]:
+    """Evaluated pairs whose equal-budget rows have the held-out MSE `per_pair[i][row]` (budget: E = 5 epochs)."""
+    def rows(mse: dict) -> dict:
+        return {k: model.BudgetRow(mse=v, psnr=20 - 10 * np.log10(v / 0.01), ssim=0.5, members=2, source="test",
+                                   budget_epochs=5 * model.BUDGET_FACTOR[k]) for k, v in mse.items()}
+
+    return [model.Pair(seeds=(1, 2), eval="e", curve_folder="c", available=True, eval_status="found",
+                       curve_precision=[], equal_budget=model.PairBudget(rows=rows(m), fge={})) for m in per_pair]
 
 
 def test_equal_budget_winner_with_its_interval_over_pairs():
-    from aecurves.stats import mean_interval
-
     keys = [k for k, _, _ in report.EQUAL_BUDGET_ROWS]
     per_pair = [dict(zip(keys, v)) for v in ([0.0100, 0.0105, 0.0090, 0.0097, 0.0096, 0.0085, 0.0092],
                                              [0.0110, 0.0116, 0.0101, 0.0106, 0.0108, 0.0094, 0.0103],
                                              [0.0104, 0.0110, 0.0093, 0.0100, 0.0099, 0.0090, 0.0095])]
-    pairs = [{"available": True, "equal_budget": {"rows": _eb_rows(m)}} for m in per_pair]
-    eb = report.equal_budget_summary(pairs, 5)
-    assert eb["ranked"][:3] == ["extra_average", "fge_pooled", "extra_best"]
-    assert (eb["winner"], eb["runner_up"]) == ("extra_average", "fge_pooled")
-    expected = mean_interval([(m["extra_average"] - m["fge_pooled"]) / m["fge_pooled"] for m in per_pair])
-    assert eb["winner_vs_runner_up"] == expected and expected["hi"] < 0
-    assert eb["rows"]["fge_pooled"]["mse"] == mean_interval([m["fge_pooled"] for m in per_pair])
-    assert eb["rows"]["fge_pooled"]["budget_epochs"] == 10 and eb["rows"]["curve_ensemble"]["budget_epochs"] == 5
+    eb = report.equal_budget_summary(_eb_pairs(per_pair), 5)
+    assert eb.ranked[:3] == ["extra_average", "fge_pooled", "extra_best"]
+    assert (eb.winner, eb.runner_up, eb.winner_by_psnr) == ("extra_average", "fge_pooled", "extra_average")
+    expected = Interval.of([(m["extra_average"] - m["fge_pooled"]) / m["fge_pooled"] for m in per_pair])
+    assert eb.winner_vs_runner_up == expected and expected.hi < 0
+    assert eb.rows["fge_pooled"].mse == Interval.of([m["fge_pooled"] for m in per_pair])
+    assert eb.rows["fge_pooled"].budget_epochs == 10 and eb.rows["curve_ensemble"].budget_epochs == 5
     # at one curve's budget (5 epochs): the better extra-trained endpoint against the curve ensemble
-    assert (eb["best_at_one_curve"], eb["one_curve_other"]) == ("extra_best", "curve_ensemble")
-    one = mean_interval([(m["extra_best"] - m["curve_ensemble"]) / m["curve_ensemble"] for m in per_pair])
-    assert eb["one_curve_vs_other"] == one
-    first, second = report.equal_budget_sentences(eb)
-    assert first.startswith("Ensembles at equal training budget (held-out MSE over 3 pairs")
-    assert ("(d) the two extra-trained endpoints averaged (10 epochs) reconstructs best, MSE "
-            f"{report.fnum(np.mean([m['extra_average'] for m in per_pair]))} on average; per pair its MSE is "
-            f"{report.fsigned(expected['mean'])} relative to the runner-up, (c) FGE pooled from both endpoints' runs "
-            f"(10 epochs) (95% interval {report.fpct(expected['lo'])} to {report.fpct(expected['hi'])})") in first
-    assert "By held-out PSNR" not in first  # the same winner
-    assert second.startswith("At one curve's budget (5 epochs) the best is (e) the better extra-trained endpoint: "
-                             f"per pair its MSE is {report.fsigned(one['mean'])} relative to (a) the curve ensemble's")
+    assert (eb.best_at_one_curve, eb.one_curve_other) == ("extra_best", "curve_ensemble")
+    one = Interval.of([(m["extra_best"] - m["curve_ensemble"]) / m["curve_ensemble"] for m in per_pair])
+    assert eb.one_curve_vs_other == one
+    first, second = conclusions.equal_budget_conclusions(eb)
+    assert first.code == "equal-budget-winner" and first.numbers == {
+        "winner": "extra_average", "runner_up": "fge_pooled", "winner_by_psnr": "extra_average",
+        "winner_mse": pytest.approx(np.mean([m["extra_average"] for m in per_pair])), "vs_runner_up": expected.mean,
+        "lo": expected.lo, "hi": expected.hi}
+    assert second.code == "equal-budget-one-curve" and second.numbers == {
+        "best": "extra_best", "other": "curve_ensemble", "vs_other": one.mean, "lo": one.lo, "hi": one.hi}
+    # the sentences name the rows by their labels, with the budgets and the intervals they state
+    assert (f"{report.EQUAL_BUDGET_SHORT['extra_average']} (10 epochs) reconstructs best" in first.text
+            and f"(95% interval {report.fpct(expected.lo)} to {report.fpct(expected.hi)})" in first.text)
     # an interval that includes 0 is said to be too wide
     per_pair[1]["extra_average"], per_pair[1]["fge_pooled"] = 0.0102, 0.0100
-    eb = report.equal_budget_summary([{"available": True, "equal_budget": {"rows": _eb_rows(m)}}
-                                      for m in per_pair], 5)
-    assert "includes 0, too wide to conclude from 3 pairs" in report.equal_budget_sentences(eb)[0]
+    first = conclusions.equal_budget_conclusions(report.equal_budget_summary(_eb_pairs(per_pair), 5))[0]
+    assert first.numbers["lo"] < 0 < first.numbers["hi"] and "too wide to conclude from 3 pairs" in first.text
 
 
 def test_equal_budget_table_from_the_files(tmp_path):
     """The table's numbers are the files': (a), (b) from the curves' eval.json, (c), (d) from ensembles.json, (e) from
     the baselines; the budget from --curve-epochs; the over-pairs row the mean and interval of the pairs'."""
-    from aecurves.stats import mean_interval
-
     root = make_study(tmp_path / "study")
     add_extra_training(root, {1: 0.1, 2: 0.1, 3: 0.1}, curve_epochs=4)
     study = json.loads((root / "study.json").read_text())
@@ -864,9 +1147,9 @@ def test_equal_budget_table_from_the_files(tmp_path):
     assert table[4][1:3] == ["(c) FGE from seed 1 alone (2 snapshots)", "4"]
     over = _md_table(md, "Over pairs:")
     row = next(r for r in over if r[0] == "(c) FGE pooled from both endpoints' runs")
-    assert row[1:4] == ["8 (2 × 4)", "3", report.finterval(mean_interval(list(pooled.values())), report.fnum)]
+    assert row[1:4] == ["8 (2 × 4)", "3", report.finterval(Interval.of(pooled.values()), report.fnum)]
     assert next(r for r in over if r[0].startswith("(b)"))[1] == "0"
-    assert any(line.startswith("Ensembles at equal training budget") for line in record["summary_lines"])
+    assert _conclusion(record, "equal-budget-winner")["numbers"]["winner"] == "extra_average"
     # the files it read are the report's inputs
     assert "ensembles/mse_seed1-seed3/ensembles.json" in report.input_files(root)
     assert "fge/mse_seed2/fge.json" in report.input_files(root)

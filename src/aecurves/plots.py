@@ -101,7 +101,7 @@ def _as_rgb_float(images: torch.Tensor) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def label_font():
     """The grids' label font: a TrueType font at LABEL_FONT_SIZE px, or Pillow's default where none is found."""
     from PIL import ImageFont
@@ -283,4 +283,32 @@ def plot_plane(grid: np.ndarray, panels: Mapping[str, np.ndarray], path, points:
     bar.ax.yaxis.set_minor_formatter(NullFormatter())
     if title:
         fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_bands_along_t(bands: Sequence[Mapping], path, ylabel: str = "loss", title: str | None = None) -> None:
+    """One panel: each band's `mean` against t as a line and its range (`lo` to `hi`) shaded in the line's colour,
+    e.g. each path kind's held-out loss averaged over pairs, with the range over pairs.
+
+    Each band is a dict: label, ts, mean, lo, hi, and optionally linestyle and color.
+    """
+    from matplotlib.figure import Figure
+
+    if not bands:
+        raise ValueError("nothing to plot: no band")
+    fig = Figure(figsize=(7.0, 3.9), layout="constrained")
+    ax = fig.subplots()
+    for band in bands:
+        ts = np.asarray(band["ts"])
+        line, = ax.plot(ts, np.asarray(band["mean"]), linestyle=band.get("linestyle") or "-", color=band.get("color"),
+                        label=band["label"], linewidth=1.8)
+        ax.fill_between(ts, np.asarray(band["lo"]), np.asarray(band["hi"]), color=line.get_color(), alpha=0.18,
+                        linewidth=0)
+    ax.set_xlabel("t")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title, fontsize="medium")
     save_figure(fig, path)

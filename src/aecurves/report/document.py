@@ -1,0 +1,88 @@
+"""Step 4's output: the report as a list of blocks, which both renderers (render.py) turn into text, so report.md
+and report.html hold the same content.
+
+Blocks hold plain text, and each renderer escapes all of it: no string from the study's files (a folder name, a
+note, a host, a factory) can become markup. The only markup is the renderers' own (headings, boxes, lists, tables,
+figures, folded sections) and Code pieces. A Figure names a file of report_files/ that the figures step makes: the
+document references figures, it never draws one.
+"""
+
+from dataclasses import dataclass, field
+
+
+class Code(str):
+    """A piece of text shown verbatim as code, e.g. a command: <code> in HTML, a code span in Markdown."""
+
+
+Text = str | tuple  # plain text, or a tuple of plain text and Code pieces
+
+
+@dataclass
+class Heading:
+    level: int
+    text: Text
+
+
+@dataclass
+class Paragraph:
+    text: Text
+    cls: str | None = None  # a box: "summary", "warn" or "muted"
+
+
+@dataclass
+class Items:
+    items: list[Text]
+    cls: str | None = None
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]  # plain text: a code span would not keep a pipe inside its cell
+    numeric_from: int = 1  # columns from this one on are right-aligned numbers
+
+
+@dataclass
+class Figure:
+    rel: str                 # path relative to the study folder
+    caption: Text
+    pixels: bool = False     # small images: scale without smoothing
+    width: int | None = None  # the width to show it at, in CSS pixels (a small image enlarged); None: its own
+
+
+@dataclass
+class Section:
+    """A heading and what belongs under it. `fold`: folded in HTML (<details>, opened by a click; `open`: shown
+    open), a plain section in Markdown."""
+    level: int
+    title: Text
+    fold: bool = False
+    open: bool = False
+    blocks: list = field(default_factory=list)
+
+
+class Doc:
+    """Blocks in reading order; section() opens a Section and returns the Doc that fills it."""
+
+    def __init__(self, blocks: list | None = None):
+        self.blocks = blocks if blocks is not None else []
+
+    def h(self, level: int, text: Text):
+        self.blocks.append(Heading(level, text))
+
+    def p(self, text: Text, cls: str | None = None):
+        self.blocks.append(Paragraph(text, cls))
+
+    def ul(self, items: list[Text], cls: str | None = None):
+        self.blocks.append(Items(items, cls))
+
+    def table(self, headers: list[str], rows: list[list[str]], numeric_from: int = 1):
+        self.blocks.append(Table(headers, rows, numeric_from))
+
+    def img(self, rel: str, caption: Text, pixels: bool = False, width: int | None = None):
+        self.blocks.append(Figure(rel, caption, pixels, width))
+
+    def section(self, level: int, title: Text, fold: bool = False, open: bool = False) -> "Doc":
+        section = Section(level, title, fold, open)
+        self.blocks.append(section)
+        return Doc(section.blocks)
