@@ -82,6 +82,16 @@ def write_report(study_dir) -> dict:
     return record
 
 
+def summary_line(loss: str, group, conclusion) -> str:
+    """A conclusion as one line of the study's closing summary. A skipped group's gives the first sentence of its
+    reason only: the study prints the full reason and remedy just before these lines, and the report holds both."""
+    if conclusion.code != "group-skipped":
+        return conclusion.text
+    reason = group.reason.split(". ")[0].rstrip(".") or "no reason recorded"
+    return (f"The {loss} group was skipped: {reason}. The {loss} section of the report gives the full reason and the "
+            "remedy (e.g. --vgg-weights PATH); the other groups are complete.")
+
+
 def report_record(study, found: dict[str, Findings], fingerprint: str) -> dict:
     """report.json: the collected data as it is laid out in model.py, with each group's conclusions (codes, texts,
     numbers; the caveat last) and its caveat's text, and every conclusion's text in summary_lines."""
@@ -89,7 +99,8 @@ def report_record(study, found: dict[str, Findings], fingerprint: str) -> dict:
     for loss, f in found.items():
         groups[loss]["conclusions"] = to_json(f.all + ([f.caveat] if f.caveat else []))
         groups[loss]["caveat"] = f.caveat.text if f.caveat else None
-    lines = [c.text for f in found.values() for c in f.all] + [f.caveat.text for f in found.values() if f.caveat]
+    lines = [summary_line(loss, study.groups[loss], c) for loss, f in found.items() for c in f.all]
+    lines += [f.caveat.text for f in found.values() if f.caveat]
     return {"format_version": REPORT_VERSION, "inputs_fingerprint": fingerprint,
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary_lines": lines,
             "thresholds": {"no_barrier": NO_BARRIER, "most": MOST, "some": SOME, "psnr_tolerance_db": PSNR_TOLERANCE,
