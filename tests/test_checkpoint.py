@@ -182,8 +182,9 @@ def test_a_checkpoint_never_runs_code_it_names(spelling, tmp_path, monkeypatch, 
 
 
 def test_the_trust_rule_holds_for_a_study_folder_someone_sent(tmp_path, monkeypatch, capsys):
-    """A study re-run adopts finished endpoints it finds; one that names outside code is refused when a later
-    stage (here the extra training, train --init) would build it."""
+    """A study re-run adopts finished endpoints it finds, if made with its settings; endpoints that name outside
+    code were made with another model than the study's, so it refuses before any stage runs, importing nothing
+    (train --init refusing to build such an endpoint is tested above)."""
     marker = tmp_path / "MARKER"
     (tmp_path / "evil.py").write_text(EVIL.format(marker=str(marker)))
     work = tmp_path / "w1" / "w2"
@@ -204,8 +205,8 @@ def test_the_trust_rule_holds_for_a_study_folder_someone_sent(tmp_path, monkeypa
         (folder / "reconstructions.png").write_bytes(b"")
     assert run_cli("study", *settings) == 2
     err = capsys.readouterr().err
-    assert "pass --model" in err and "Traceback" not in err
-    assert not marker.exists()
+    assert "endpoint:mse:1" in err and "model='aecurves.x/../../../evil.py:factory' (existing)" in err
+    assert "Traceback" not in err and not marker.exists()
 
 
 def test_load_factory_takes_only_names_its_module_defines(tmp_path, monkeypatch):

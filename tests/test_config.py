@@ -24,7 +24,8 @@ def default(cls, name):
 
 
 def test_study_shares_the_commands_defaults_and_help():
-    """The study's stage settings are the commands' own fields (same_as), not second copies."""
+    """The study's stage settings are the commands' own fields (same_as), not second copies; so are the data and
+    runtime settings every command shares (DataConfig, RuntimeConfig)."""
     for study_name, cls, name in (("latent_dim", TrainConfig, "latent_dim"),
                                   ("num_points", EvalCurveConfig, "num_points"),
                                   ("bn_images", EvalCurveConfig, "bn_images"), ("curve", TrainCurveConfig, "curve"),
@@ -34,6 +35,16 @@ def test_study_shares_the_commands_defaults_and_help():
     assert default(ExportPointConfig, "bn_images") == default(EvalCurveConfig, "bn_images") == config.BN_IMAGES
     assert StudyConfig.__dataclass_fields__["num_bends"].metadata["minimum"] == 3  # both ends fixed in a study
     assert TrainCurveConfig.__dataclass_fields__["num_bends"].metadata["minimum"] == 2
+    for cls in config.COMMANDS.values():
+        for shared in (config.DataConfig, config.RuntimeConfig):
+            for f in dataclasses.fields(shared):
+                evaluation = f.name == "precision" and cls in (EvalCurveConfig, config.PlaneConfig)  # fp32 or bf16
+                if f.name in cls.__dataclass_fields__ and not evaluation:
+                    mine = cls.__dataclass_fields__[f.name]
+                    assert {k: mine.metadata[k] for k in ("choices", "minimum", "maximum", "aliases")} == \
+                        {k: f.metadata[k] for k in ("choices", "minimum", "maximum", "aliases")}, (cls, f.name)
+                    if default(cls, f.name) is not None:  # None: the checkpoint's (train-curve: the endpoints')
+                        assert default(cls, f.name) == default(shared, f.name), (cls, f.name)
 
 
 def test_preset_fields_default_to_none_and_every_preset_sets_them():
@@ -57,13 +68,44 @@ def test_make_records_what_was_given_and_validates():
 
 
 def test_settle_with_checkpoint():
-    saved = {"loss": "vgg", "seed": 7}
-    cfg = make(TrainConfig, {"seed": 7})
-    settle_with_checkpoint(cfg, saved, ("loss", "seed", "lr_schedule"), "ckpt.pt", legacy={"lr_schedule": "constant"})
-    assert (cfg.loss, cfg.seed, cfg.lr_schedule) == ("vgg", 7, "constant")  # not given: the checkpoint's
-    cfg = make(TrainConfig, {"loss": "mse", "seed": 8})
+    """Each field of a role not given takes the checkpoint's value (a checkpoint from before a setting: the field's
+    legacy value); one given must agree; a carried one takes the checkpoint's unless given, and may change."""
+    saved = {"loss": "vgg", "seed": 7, "epochs": 12}
+    cfg = make(TrainCurveConfig, {"seed": 7, "lr": 0.5})
+    settle_with_checkpoint(cfg, saved, "ckpt.pt")
+    assert (cfg.loss, cfg.seed, cfg.lr_schedule, cfg.t_sampling) == ("vgg", 7, "constant", "uniform")  # legacy
+    assert (cfg.epochs, cfg.lr) == (12, 0.5)  # carried: the checkpoint's unless given
+    cfg = make(TrainCurveConfig, {"loss": "mse", "seed": 8, "epochs": 20})
     with pytest.raises(UserError, match="loss='vgg' vs loss='mse'; seed=7 vs seed=8"):
-        settle_with_checkpoint(cfg, saved, ("loss", "seed"), "ckpt.pt")
+        settle_with_checkpoint(cfg, saved, "ckpt.pt")
+    cfg = make(TrainConfig, {"epochs": 3, "latent_dim": 8})  # train --init: the data and the model, nothing carried
+    settle_with_checkpoint(cfg, {"dataset": "synthetic", "latent_dim": 8, "seed": 5, "epochs": 9}, "init.pt",
+                           roles=("data", "model"), carry=False)
+    assert (cfg.dataset, cfg.latent_dim, cfg.seed, cfg.epochs) == ("synthetic", 8, 42, 3)
+
+
+def test_roles_say_what_resume_and_the_study_compare():
+    """The fields of each role, in the commands' order: what --resume compares, what train --init keeps, what
+    train-curve takes from its endpoints, and the data two endpoints must share."""
+    assert config.role_fields(config.DataConfig, "data") == ("dataset", "data_dir", "image_size", "limit",
+                                                             "val_fraction", "use_test")
+    assert config.role_fields(TrainConfig, "data", "model") == (
+        "dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "model", "model_kwargs",
+        "latent_dim", "width", "loss")
+    assert config.role_fields(TrainConfig, "input", "result") == ("batch_size", "epochs", "lr", "lr_schedule", "wd",
+                                                                  "seed", "init")
+    carried = {cls: [f.name for f in dataclasses.fields(cls) if f.metadata["carried"]]
+               for cls in (TrainConfig, TrainCurveConfig, config.FgeConfig)}
+    assert carried == {TrainConfig: ["epochs", "lr", "save_every_epoch"],
+                       TrainCurveConfig: ["epochs", "lr", "save_every_epoch"], config.FgeConfig: ["epochs"]}
+    # train-curve takes every data setting, use_test too, and the loss from its endpoints unless given
+    inherited = config.role_fields(TrainCurveConfig, "data", "model")
+    assert inherited == ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "loss")
+    assert all(default(TrainCurveConfig, k) is None for k in inherited)
+    # runtime settings never define a result
+    for cls in config.COMMANDS.values():
+        runtime = {f.name for f in dataclasses.fields(config.RuntimeConfig)} & {f.name for f in dataclasses.fields(cls)}
+        assert not set(config.role_fields(cls, *config.ROLES)) & runtime, cls
 
 
 def test_parse_json_object():

@@ -2,6 +2,7 @@
 processes and on a real single-node Slurm cluster, and a cluster's faults (a cancelled job, a killed driver), and a
 two-task DistributedDataParallel training job against torchrun."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -363,7 +364,7 @@ def _ddp_endpoint_equals_torchrun(flags: list, tmp_path: Path, monkeypatch) -> s
     executor.close()
     assert outcomes[0].error is None, outcomes[0].error
 
-    train = study.train_config(cfg, "mse", 1, tmp_path / "torchrun", False)
+    train = _endpoint_config(cfg, tmp_path / "torchrun")
     (tmp_path / "train.toml").write_text(to_toml({k: v for k, v in as_record(train).items() if v is not None}))
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                     str(_free_port()), "-m", "aecurves", "train", "--config", str(tmp_path / "train.toml")],
@@ -415,13 +416,19 @@ def test_a_preempted_training_job_is_requeued_and_resumes_to_the_uninterrupted_w
     assert "resuming from" in log, log[-2000:]  # the requeued job went on from the checkpoint
 
     _, uninterrupted = parse(["study", *long, "--out", str(tmp_path / "serial")])
-    assert run_cli("train", "--config", _toml(study.train_config(study.resolve_study_config(uninterrupted), "mse", 1,
-                                                                   tmp_path / "plain", False), tmp_path)) == 0
+    assert run_cli("train", "--config", _toml(_endpoint_config(study.resolve_study_config(uninterrupted),
+                                                               tmp_path / "plain"), tmp_path)) == 0
     a = load_checkpoint(checkpoint, "endpoint")
     b = load_checkpoint(tmp_path / "plain/checkpoint.pt", "endpoint")
     assert a["epoch"] == b["epoch"] == 30
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+
+
+def _endpoint_config(cfg: dict, out: Path):
+    """The config of the study's stage endpoint:mse:1, writing into `out` instead."""
+    st = next(s for s in study.plan(cfg, 0, 0) if s.name == "endpoint:mse:1")
+    return dataclasses.replace(study.Study(cfg).config(st), out=str(out))
 
 
 def _toml(config, folder: Path) -> Path:

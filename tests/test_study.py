@@ -1,5 +1,6 @@
 """Tests for `aecurves study`: end to end through the CLI, resume, --force, changed settings, offline VGG."""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aecurves import config as config_lib
 from aecurves import report
 from aecurves.checkpoint import load_checkpoint
 from aecurves.cli import parse
@@ -220,7 +222,7 @@ def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
         raise AssertionError("a finished stage was run again")
 
     for mod in ("train", "train_curve", "eval_curve", "align", "plane", "fge", "ensembles"):
-        monkeypatch.setattr(f"aecurves.{mod}.run", boom)
+        monkeypatch.setattr(f"aecurves.commands.{mod}.run", boom)
     assert run_cli("study", *SMALL, "--out", root) == 0
     assert {rel: _stamp(root, rel) for rel in before} == before
     out = capsys.readouterr().out
@@ -229,6 +231,36 @@ def test_rerun_skips_every_finished_stage(copy_of, monkeypatch, capsys):
     assert "fge mse seed 2 as long as a curve: finished already, skipped" in out
     assert "ensembles mse seeds 1-2 at equal budget: finished already, skipped" in out
     assert json.loads((root / "study.json").read_text())["provenance"] == provenance  # that of the run that made it
+
+
+@pytest.mark.slow
+def test_a_study_folder_of_the_last_release_reruns_with_every_stage_skipped(copy_of, monkeypatch, capsys):
+    """study.json format 1 (0.1.0: no "sections"; every other file as now): the re-run skips every stage and
+    retrains nothing, and rewrites study.json in the current format with the same config."""
+    root = copy_of
+    record = json.loads((root / "study.json").read_text())
+    assert record["format_version"] == study.FORMAT_VERSION == 2
+    assert list(record["sections"]) == ["endpoints", "extras", "fges", "aligns", "curves", "evals", "ensembles",
+                                        "planes"]
+    assert record["sections"]["extras"]["epochs"] == record["sections"]["extras"]["save_every_epoch"] == 2
+    old = {k: v for k, v in record.items() if k != "sections"}
+    (root / "study.json").write_text(json.dumps({**old, "format_version": 1}))
+    files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+             and p.name not in ("study.json", ".aecurves.lock")]
+    kept = {rel: _stamp(root, rel) for rel in files}
+
+    def boom(cfg):
+        raise AssertionError("a finished stage was run again")
+
+    for mod in ("train", "train_curve", "eval_curve", "align", "plane", "fge", "ensembles"):
+        monkeypatch.setattr(f"aecurves.commands.{mod}.run", boom)
+    assert run_cli("study", *SMALL, "--out", root) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished already, skipped") == len(STAGES) and "report: up to date" in out
+    assert {rel: _stamp(root, rel) for rel in files} == kept
+    again = json.loads((root / "study.json").read_text())
+    assert again["format_version"] == 2 and again["config"] == {**record["config"], "out": str(root)}
+    assert again["sections"] == record["sections"]
 
 
 @pytest.mark.slow
@@ -345,45 +377,110 @@ def test_offline_vgg_group_is_skipped_with_the_remedy(copy_of, monkeypatch, caps
 
 
 def test_stage_configs_equal_the_commands_run_by_hand(tmp_path):
-    """Each stage's config is exactly what its own command builds from the same flags."""
+    """Each stage's config is exactly what its own command builds from the same flags: its section, made from the
+    study's settings through their `sets`, with the stage's own files, seed and folder."""
     cfg = study.resolve_study_config(make(StudyConfig, {"preset": "demo", "out": str(tmp_path)}))
-    t = study.train_config(cfg, "mse", 1, tmp_path / "e", False)
+    one = study.Study(cfg)
+    stages = {st.name: st for st in study.plan(cfg, 10, 2)}
+
+    def config(name, resume=False):
+        return one.config(stages[name], resume)
+
+    a, b = str(tmp_path / "endpoints/mse_seed1/checkpoint.pt"), str(tmp_path / "endpoints/mse_seed2/checkpoint.pt")
+    t = config("endpoint:mse:1")
     _, by_hand = parse(["train", "--dataset", "lfw", "--image-size", "32", "--loss", "mse", "--seed", "1", "--width",
                         "16", "--batch-size", "32", "--epochs", "60", "--lr", "3e-3", "--lr-schedule", "paper",
-                        "--save-every-epoch", "20", "--out", str(tmp_path / "e")])
+                        "--save-every-epoch", "20", "--out", str(tmp_path / "endpoints/mse_seed1")])
     assert as_record(t) == as_record(by_hand)
-    c = study.curve_config(cfg, tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c", True)
-    _, by_hand = parse(["train-curve", "--init-start", str(tmp_path / "a.pt"), "--init-end", str(tmp_path / "b.pt"),
-                        "--fix-start", "--fix-end", "--epochs", "60", "--lr", "3e-3", "--batch-size", "32",
-                        "--out", str(tmp_path / "c"), "--resume"])
+    c = config("curve:mse:1-2", resume=True)
+    _, by_hand = parse(["train-curve", "--init-start", a, "--init-end", b, "--fix-start", "--fix-end", "--epochs",
+                        "60", "--lr", "3e-3", "--batch-size", "32", "--out", str(tmp_path / "curves/mse_seed1-seed2"),
+                        "--resume"])
     assert as_record(c) == as_record(by_hand)
-    e = study.eval_config(cfg, tmp_path / "c.pt", tmp_path / "ev")
-    _, by_hand = parse(["eval-curve", "--ckpt", str(tmp_path / "c.pt"), "--ensemble", "5",
-                        "--out", str(tmp_path / "ev"), "--overwrite"])  # the study redoes what it finds unfinished
-    assert as_record(e) == as_record(by_hand)
+    curve = str(tmp_path / "curves/mse_seed1-seed2/checkpoint.pt")
+    e = config("eval:mse:1-2")
+    _, by_hand = parse(["eval-curve", "--ckpt", curve, "--ensemble", "5", "--out",
+                        str(tmp_path / "curves/mse_seed1-seed2/eval"), "--overwrite"])  # the study redoes what it finds
+    assert as_record(e) == as_record(by_hand)                                       # unfinished
     assert e.num_points == 61 and e.segment_too is True and c.seed == 1 and t.width == 16
-    x = study.extra_config(cfg, tmp_path / "a.pt", 2, tmp_path / "x", False)
-    _, by_hand = parse(["train", "--init", str(tmp_path / "a.pt"), "--seed", "2", "--batch-size", "32", "--epochs",
-                        "60", "--lr", "3e-3", "--lr-schedule", "paper", "--save-every-epoch", "60",
-                        "--out", str(tmp_path / "x")])
+    x = config("extra:mse:2")
+    _, by_hand = parse(["train", "--init", b, "--seed", "2", "--batch-size", "32", "--epochs", "60", "--lr", "3e-3",
+                        "--lr-schedule", "paper", "--save-every-epoch", "60", "--out",
+                        str(tmp_path / "endpoints/mse_seed2_extra")])
     assert as_record(x) == as_record(by_hand)
-    al = study.align_config(cfg, tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "al")
-    _, by_hand = parse(["align", "--init_start", str(tmp_path / "a.pt"), "--init_end", str(tmp_path / "b.pt"),
-                        "--out", str(tmp_path / "al/checkpoint.pt")])
+    al = config("align:mse:1-2")
+    _, by_hand = parse(["align", "--init_start", a, "--init_end", b, "--out",
+                        str(tmp_path / "aligned/mse_seed2-to-seed1/checkpoint.pt")])
     assert as_record(al) == as_record(by_hand)
-    b = study.baseline_config(cfg, tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "bl")
-    _, by_hand = parse(["eval-curve", "--segment", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--num-points",
-                        "2", "--num-images", "0", "--out", str(tmp_path / "bl"), "--overwrite"])
-    assert as_record(b) == as_record(by_hand)
-    f = study.fge_config(cfg, tmp_path / "a.pt", 2, tmp_path / "f", False)
-    _, by_hand = parse(["fge", "--ckpt", str(tmp_path / "a.pt"), "--epochs", "60", "--cycle", "4", "--lr-1", "3e-3",
-                        "--lr-2", "6e-6", "--wd", "0", "--batch-size", "32", "--seed", "2",
-                        "--out", str(tmp_path / "f")])
+    extras = [str(tmp_path / f"endpoints/mse_seed{s}_extra/checkpoint.pt") for s in (1, 2)]
+    bl = config("baseline:mse:1-2")
+    _, by_hand = parse(["eval-curve", "--segment", *extras, "--num-points", "2", "--num-images", "0", "--out",
+                        str(tmp_path / "baselines/mse_seed1-seed2"), "--overwrite"])
+    assert as_record(bl) == as_record(by_hand)
+    f = config("fge:mse:2")
+    _, by_hand = parse(["fge", "--ckpt", b, "--epochs", "60", "--cycle", "4", "--lr-1", "3e-3", "--lr-2", "6e-6",
+                        "--wd", "0", "--batch-size", "32", "--seed", "2", "--out", str(tmp_path / "fge/mse_seed2")])
     assert as_record(f) == as_record(by_hand)
-    pl = study.plane_config(cfg, tmp_path / "c.pt", tmp_path / "pl")
-    _, by_hand = parse(["plane", "--ckpt", str(tmp_path / "c.pt"), "--grid", "21", "--out", str(tmp_path / "pl"),
-                        "--overwrite"])
+    pl = config("plane:mse:1-2")
+    _, by_hand = parse(["plane", "--ckpt", curve, "--grid", "21", "--out",
+                        str(tmp_path / "curves/mse_seed1-seed2/plane"), "--overwrite"])
     assert as_record(pl) == as_record(by_hand)
+    # what study.json records of each section: the settings its stages get from the study, the fixed ones too
+    curves = study.section_record(cfg, "curves")
+    assert curves["fix_start"] is curves["fix_end"] is True and (curves["epochs"], curves["lr"]) == (60, 3e-3)
+    assert "init_start" not in curves and "out" not in curves and "cache_dir" not in curves  # the stage's; unset
+    assert "no_progress" not in curves  # how this run was asked to go, as study.json's config leaves it out
+    assert study.section_record(cfg, "fges")["lr_2"] == pytest.approx(3e-3 * 0.002)
+
+
+def test_a_custom_model_study_neither_sets_nor_compares_the_width(tmp_path):
+    """width is a setting of the built-in model: with a factory outside aecurves the endpoints record none, and the
+    study expects none (0.1.0 expected the default 32, so such a study refused its own re-run as stale)."""
+    model = f"{Path(__file__).with_name('ae_models.py')}:mlp_autoencoder"
+    cfg = study.resolve_study_config(make(StudyConfig, {"model": model, "losses": "mse", "out": str(tmp_path)}))
+    endpoint = next(s for s in study.plan(cfg, 10, 2) if s.kind == "endpoint")
+    one = study.Study(cfg)
+    assert one.config(endpoint).width is None and "width" not in one.config(endpoint).given
+    assert "width" not in one.expected(endpoint) and one.expected(endpoint)["model"] == model
+    curve = next(s for s in study.plan(cfg, 10, 2) if s.kind == "curve")
+    assert one.config(curve).model == model  # named again for the commands that read checkpoints
+
+
+def test_every_study_setting_sets_fields_its_sections_have():
+    """The `sets` metadata: every target is a field of that section's config, set by one study setting only, and
+    every section field a study setting sets is one a user could give that command as a flag."""
+    targets = config_lib.study_setting_of()
+    assert len(targets) == sum(len(f.metadata["sets"]) for f in dataclasses.fields(StudyConfig))  # no field twice
+    for (name, field_name), setting in targets.items():
+        cls, fixed = config_lib.STUDY_SECTIONS[name]
+        assert field_name in cls.__dataclass_fields__ and field_name not in fixed, (name, field_name, setting)
+        assert cls.__dataclass_fields__[field_name].metadata["cli"], (name, field_name)
+    assert targets[("curves", "lr")] == targets[("extras", "lr")] == targets[("fges", "lr_1")] == "curve_lr"
+    assert {s for (s, f), setting in targets.items() if setting == "device"} == set(config_lib.STUDY_SECTIONS)
+
+
+def test_a_study_config_file_may_hold_a_table_per_section(tmp_path, capsys):
+    """[curves] lr = 0.01 is --curve-lr 0.01: the tables read the `sets` backwards; flat keys (0.1.0's files) stay."""
+    tables = tmp_path / "tables.toml"
+    tables.write_text('losses = "mse"\n[endpoints]\nepochs = 7\nbatch-size = 16\n[curves]\nepochs = 3\nlr = 0.01\n'
+                      '[fges]\ncycle = 2\n[planes]\ngrid = 5\n[evals]\nnum_points = 9\n[aligns]\nmethod = "weights"\n')
+    flat = tmp_path / "flat.toml"
+    flat.write_text('losses = "mse"\nepochs = 7\nbatch_size = 16\ncurve_epochs = 3\ncurve_lr = 0.01\nfge_cycle = 2\n'
+                    'plane_grid = 5\nnum_points = 9\nalign_method = "weights"\n')
+    _, from_tables = parse(["study", "--config", str(tables)])
+    _, from_flat = parse(["study", "--config", str(flat)])
+    assert as_record(from_tables) == as_record(from_flat) and from_flat.curve_lr == 0.01
+    cfg = study.resolve_study_config(from_tables)
+    assert study.section(cfg, "curves").lr == study.section(cfg, "extras").lr == study.section(cfg, "fges").lr_1
+    for text, phrase in (('[curves]\nfix_start = false\n', r"\[curves\] fix_start is not a study setting"),
+                         ('curve_lr = 0.1\n[curves]\nlr = 0.2\n',
+                          r"\[curves\] lr = 0.2 and curve_lr = 0.1 are the same study setting \(--curve-lr\)"),
+                         ('[curves]\nlr = 0.2\n[fges]\nlr_1 = 0.3\n', r"\[fges\] lr_1 = 0.3 and \[curves\] lr = 0.2"),
+                         ('curves = 3\n', "curves must be a table")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(UserError, match=phrase):
+            parse(["study", "--config", str(bad)])
 
 
 def test_presets_flags_and_bad_input(tmp_path):
@@ -635,7 +732,7 @@ def test_an_old_study_folder_reruns_only_the_new_stages(copy_of, monkeypatch, ca
         raise AssertionError("a finished stage was run again")
 
     for mod in ("train", "train_curve", "eval_curve", "align", "plane"):
-        monkeypatch.setattr(f"aecurves.{mod}.run", boom)
+        monkeypatch.setattr(f"aecurves.commands.{mod}.run", boom)
     assert run_cli("study", *SMALL, "--out", root) == 0
     out = capsys.readouterr().out
     assert {rel: _stamp(root, rel) for rel in kept} == kept

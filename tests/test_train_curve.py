@@ -31,7 +31,7 @@ def test_curve_checkpoint_keeps_the_fixed_endpoints_and_its_config(trained_curve
     assert not torch.allclose(curve.bends[1], mid)
     rows = [json.loads(r) for r in (trained_curve.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and all(r["train_l2_term"] == 0.0 for r in rows)
-    assert state["args"]["dataset"] == "synthetic"  # data came from the endpoints
+    assert state["args"]["dataset"] == "synthetic" and state["args"]["use_test"] is False  # the endpoints' data
 
 
 def test_weight_decay_term_is_reported_apart_from_the_reconstruction_loss(tiny_endpoints, tmp_path):
@@ -219,6 +219,27 @@ def test_stratified_t_takes_one_value_from_each_slice():
     assert all(0 <= t < 1 for t in uniform) and len({int(t * 50) for t in uniform}) < 50
 
 
+def test_every_data_setting_and_the_loss_come_from_the_endpoints_unless_given():
+    """DataConfig's settings (use_test too, as eval-curve takes it) and the loss: the start endpoint's, unless given."""
+    from pathlib import Path
+
+    from aecurves.commands.train_curve import fill_from_endpoint
+    from aecurves.config import TrainCurveConfig, make
+
+    args = {"dataset": "celeba", "data_dir": "/d", "image_size": 64, "limit": 100, "val_fraction": 0.2,
+            "use_test": True, "loss": "vgg"}
+    cfg = make(TrainCurveConfig, {})
+    fill_from_endpoint(cfg, args, args)
+    assert {k: getattr(cfg, k) for k in args} == {**args, "data_dir": str(Path("/d").resolve())}
+    cfg = make(TrainCurveConfig, {"limit": 10, "loss": "mse"})
+    fill_from_endpoint(cfg, args, args)
+    assert (cfg.limit, cfg.loss, cfg.use_test) == (10, "mse", True)
+    before = {k: v for k, v in args.items() if k != "use_test"}  # an endpoint from before --use-test
+    cfg = make(TrainCurveConfig, {})
+    fill_from_endpoint(cfg, before, before)
+    assert cfg.use_test is False
+
+
 def test_endpoints_with_different_losses_need_an_explicit_loss(tiny_endpoints, tmp_path, capsys):
     b = load_checkpoint(tiny_endpoints[1], "endpoint")
     b["args"]["loss"] = "vgg"
@@ -308,8 +329,11 @@ def test_channels_last_curve_training_matches_contiguous_to_rounding(tiny_endpoi
     for x, y in zip(cl, nchw):
         for key in ("train_loss", "mid_test_loss"):
             assert x[key] == pytest.approx(y[key], rel=1e-3), key
-    bends = [load_curve(tmp_path / d / "checkpoint.pt")[0].bends[1] for d in ("cl", "nchw")]
-    torch.testing.assert_close(bends[0], bends[1], rtol=0, atol=1e-3)
+    curves = [load_curve(tmp_path / d / "checkpoint.pt")[0] for d in ("cl", "nchw")]
+    start = (curves[1].bends[0] + curves[1].bends[2]) / 2  # where the middle bend started (init_linear)
+    moved = (curves[1].bends[1] - start).norm()
+    # Adam's normalised steps let a weight whose gradient is near 0 go either way: the bends agree as a whole
+    assert (curves[0].bends[1] - curves[1].bends[1]).norm() < 0.01 * moved
 
 
 def test_curve_compile_that_fails_falls_back_with_the_same_numbers(tiny_endpoints, tmp_path, capsys, monkeypatch):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from aecurves.config import VAL_FRACTION
+from aecurves.config import VAL_FRACTION, DataConfig, role_fields
 from aecurves.curves import Curve
 from aecurves.errors import UserError
 from aecurves.files import atomic_path
@@ -36,8 +36,6 @@ REQUIRED = {"endpoint": {"model": dict, "args": dict, "epoch": int, "metrics": l
 # The entries of a curve checkpoint's "curve" (Curve.curve_state), with their types.
 CURVE_STATE = {"bends": torch.Tensor, "buffers": dict, "endpoint_buffers": list, "curve": str, "num_bends": int,
                "fix_start": bool, "fix_end": bool}
-# What defines an endpoint's data: two endpoints of one curve (or plane) must agree on these.
-DATA_KEYS = ("dataset", "data_dir", "limit", "val_fraction", "use_test")
 KINDS = {"endpoint": "an autoencoder checkpoint (from `aecurves train` or `aecurves export-point`)",
          "curve": "a curve checkpoint (from `aecurves train-curve`)",
          "fge": "the training state of an FGE run (OUT/checkpoint.pt of `aecurves fge`; its snapshots, "
@@ -158,9 +156,9 @@ def trusted_arch(args: dict, requested_model: str | None, path) -> dict:
 
 
 def data_of(args: dict) -> dict:
-    """The data an endpoint was trained on, in comparable form (paths resolved; a checkpoint from before a setting
-    existed has its default)."""
-    data = {k: args.get(k) for k in DATA_KEYS}
+    """The data an endpoint was trained on (DataConfig's settings of role data), in comparable form (paths resolved;
+    a checkpoint from before a setting existed has its default). Two endpoints of one curve (or plane) must agree."""
+    data = {k: args.get(k) for k in role_fields(DataConfig, "data")}
     data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve()) if data["data_dir"] else None
     data["val_fraction"] = data["val_fraction"] or VAL_FRACTION
     data["use_test"] = bool(data["use_test"])
@@ -183,7 +181,7 @@ def load_endpoints(paths: list, names: list, requested_model: str | None, flags:
                             f"{name} {p}). They must be networks of the same architecture: train them with the same "
                             "--model, --latent-dim, --width, --image-size and dataset channels.")
         data = [data_of(states[0]["args"]), data_of(s["args"])]
-        diff = [f"{k}={data[0][k]!r} vs {k}={data[1][k]!r}" for k in DATA_KEYS if data[0][k] != data[1][k]]
+        diff = [f"{k}={data[0][k]!r} vs {k}={data[1][k]!r}" for k in data[0] if data[0][k] != data[1][k]]
         if diff and not data_chosen:
             remedy = ("Pass --dataset (and --data-dir) to say which data to use, or" if data_chosen is False
                       else "Pass")

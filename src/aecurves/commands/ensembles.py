@@ -22,7 +22,7 @@ import torch
 
 from aecurves import runtime
 from aecurves.checkpoint import arch_mismatch, check_fits, load_checkpoint, trusted_arch
-from aecurves.config import EVAL_BATCH_SIZE, SUBSET_SEED, EnsemblesConfig, as_record, validate
+from aecurves.config import EVAL_BATCH_SIZE, SUBSET_SEED, DataConfig, EnsemblesConfig, as_record, role_fields, validate
 from aecurves.curves import batchnorms
 from aecurves.data import BatchLoader, load_run_data
 from aecurves.errors import UserError
@@ -32,7 +32,6 @@ from aecurves.models import build_model
 from aecurves.ssim import SSIM_WINDOW
 
 FORMAT = 1  # of ensembles.json
-DATA_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test")
 
 
 def check_config(cfg: EnsemblesConfig) -> None:
@@ -65,7 +64,8 @@ def run(cfg: EnsemblesConfig) -> dict:
         else:
             args, arch0, path0 = first
             diff = arch_mismatch(arch0, arch) + [f"{k}={args.get(k)!r} vs {k}={ckpt['args'].get(k)!r}"
-                                                 for k in DATA_KEYS if args.get(k) != ckpt["args"].get(k)]
+                                                 for k in role_fields(DataConfig, "data")
+                                                 if args.get(k) != ckpt["args"].get(k)]
             if diff:
                 raise UserError(f"The networks of an ensemble must share their architecture and data; {path} "
                                 f"differs from {path0}: {'; '.join(diff)}. Nothing was written.")

@@ -10,15 +10,13 @@ import torch
 
 from aecurves import runtime
 from aecurves.checkpoint import load_curve, save_checkpoint
-from aecurves.config import MODEL_SIGNATURE, ExportPointConfig, validate
+from aecurves.config import MODEL_SIGNATURE, DataConfig, ExportPointConfig, role_fields, validate
 from aecurves.curves import batchnorms
 from aecurves.data import BatchLoader, check_outside_data, load_run_data
 from aecurves.errors import UserError
 from aecurves.files import atomic_path, write_json
 from aecurves.metrics import fixed_subset
 from aecurves.models import arch_of
-
-DATA_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test")
 
 
 def sidecar(out: Path) -> Path:
@@ -74,8 +72,9 @@ def run(cfg: ExportPointConfig) -> dict:
         raise UserError(f"θ({cfg.t:g}) of {cfg.ckpt} has non-finite values in {', '.join(bad[:4])} after its "
                         "BatchNorm statistics were recomputed; nothing was written. Try --bn-images 0 to keep the "
                         "curve's own statistics.")
+    recorded = (*role_fields(DataConfig, "data"), "loss", "seed")  # the curve's data, loss and seed
     point = {"kind": "endpoint", "model": weights, "optimizer": {}, "epoch": 0, "metrics": [],
-             "args": {**{k: args.get(k) for k in DATA_KEYS + ("loss", "seed")}, **arch_of(state["model_config"])},
+             "args": {**{k: args.get(k) for k in recorded}, **arch_of(state["model_config"])},
              "exported_from": {"curve": str(Path(cfg.ckpt).resolve()), "t": cfg.t, "bn_images": used}}
     if cfg.format == "checkpoint":
         save_checkpoint(out, point)

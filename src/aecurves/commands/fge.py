@@ -54,8 +54,6 @@ from aecurves.checkpoint import arch_mismatch, check_fits, load_checkpoint, save
 from aecurves.config import (
     EVAL_BATCH_SIZE,
     FGE_LR_2_RATIO,
-    FGE_RESUME_CARRIED,
-    FGE_RESUME_KEYS,
     MAX_LR,
     SUBSET_SEED,
     FgeConfig,
@@ -171,8 +169,7 @@ def resolve(cfg: FgeConfig) -> Plan:
         if own.is_file():  # else only snapshots of a run killed before its first checkpoint: they are retaken
             resumed = load_checkpoint(own, "fge", "FGE run checkpoint")
             trusted_arch(resumed["model_config"], cfg.model, own)
-            settle_with_checkpoint(cfg, resumed["args"], FGE_RESUME_KEYS, own, same=_same_setting,
-                                   carried=FGE_RESUME_CARRIED)
+            settle_with_checkpoint(cfg, resumed["args"], own, same=_same_setting)
             check_config(cfg)
     if not cfg.ckpt:
         raise UserError("fge needs --ckpt ENDPOINT: the endpoint checkpoint to start from (from `aecurves train` "

@@ -12,9 +12,10 @@ long as a curve (`aecurves fge`), and every pair's ensembles at that equal budge
 images (ensembles.run: the FGE snapshots of both endpoints' runs pooled, and the two extra-trained endpoints
 averaged), for the report's table beside the curve ensemble. Finally report.html / report.md are written. Each
 stage calls the same function as its own subcommand (train.run, align.run, train_curve.run, eval_curve.run,
-fge.run; the ensembles stage, which has no command of its own, ensembles.run), with that command's config
-dataclass built directly from the study's settings (config.py), so defaults cannot drift and each stage folder
-holds exactly that command's files.
+fge.run; the ensembles stage, which has no command of its own, ensembles.run) with that command's config: the
+section of its kind (config.STUDY_SECTIONS: endpoints, extras, fges, aligns, curves, evals, ensembles, planes),
+made from the study's settings as each one's `sets` metadata says, with the stage's own files, seed and folder. So
+defaults cannot drift and each stage folder holds exactly that command's files.
 
 Layout of the study folder (`--out`, default runs/study):
 
@@ -55,9 +56,11 @@ Outputs from the same commands run by hand (e.g. endpoints trained under torchru
 endpoints/mse_seed1) are adopted when they match.
 
 The stages form a graph: each names the stages that make its input files (`deps`), and each kind of stage is one
-entry of KINDS (its command, how its config is built, the settings that define its result, how its outputs are read
-back and judged). The Driver hands every stage whose dependencies are finished to an executor (executors.py):
-serial, local worker processes or Slurm jobs, each running a StageJob, a picklable call of COMMAND.run(config).
+entry of KINDS (its command and section, what the stage adds to the section, how its outputs are read back and
+judged). The settings that define a stage's result are its config's fields of a result role (config.ROLES), the
+same that its command compares on --resume. The Driver hands every stage whose dependencies are finished to an
+executor (executors.py): serial, local worker processes or Slurm jobs, each running a StageJob, a picklable call of
+COMMAND.run(config).
 """
 
 import contextlib
@@ -81,54 +84,34 @@ from aecurves.config import (
     MAX_SEED,
     MAX_SEEDS,
     PRESETS,
+    STUDY_SECTIONS,
     AlignConfig,
     EnsemblesConfig,
     EvalCurveConfig,
     FgeConfig,
-    PlaneConfig,
     StudyConfig,
-    TrainConfig,
-    TrainCurveConfig,
     as_record,
-    make,
+    recorded_value,
+    replace_given,
+    result_settings,
+    section_settings,
+    study_setting_of,
     to_toml,
     validate,
 )
 from aecurves.errors import UserError
 from aecurves.files import folder_lock, read_json, sha256, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of study.json (CHANGELOG.md)
 STAGE_RECORD = "study_stage.json"
 INTERRUPTED = ("\ninterrupted; every finished stage is kept in {out}. Re-run the same command to continue: finished "
                "stages are skipped and an interrupted training stage resumes from its last checkpoint.")
 
-# Settings that define each stage's result, read back from its outputs to judge whether they still fit.
-ENDPOINT_SETTINGS = ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "loss", "seed",
-                     "latent_dim", "width", "batch_size", "epochs", "lr", "lr_schedule", "wd")
-CURVE_SETTINGS = ("curve", "num_bends", "fix_start", "fix_end", "init_linear_off", "epochs", "lr", "lr_schedule",
-                  "t_sampling", "wd", "batch_size", "seed")
-EVAL_SETTINGS = ("num_points", "bn_images", "train_images", "full", "num_images", "batch_size", "segment_too",
-                 "use_test", "ensemble")
-# an endpoint given extra training: its data and model are its endpoint's (the input, checked by its hash)
-EXTRA_SETTINGS = ("epochs", "lr", "lr_schedule", "batch_size", "wd", "seed")
-ALIGN_SETTINGS = ("method", "latent", "match_at", "images")
-# FGE from an endpoint: its data and model are the endpoint's (the input); lr_2, wd and batch size are passed
-# resolved, so the config recorded in fge.json holds the same values
-FGE_SETTINGS = ("epochs", "cycle", "lr_1", "lr_2", "wd", "batch_size", "seed", "bn_images")
-# a pair's ensembles: the networks are its inputs (checked by their hashes), the BN subset its one setting
-ENSEMBLES_SETTINGS = ("bn_images",)
-PLANE_SETTINGS = ("grid", "margin", "bn_images", "train_images", "full", "batch_size", "use_test")
 # First guesses of what the VGG16 features cost per image, relative to the autoencoder's forward pass, for the time
 # estimate before a stage of that kind has run (then the measured rate is used). Measured on the demo on this
 # project's 2-core CPU: a vgg training stage took 15x its mse twin; an evaluation with VGG metrics ~48 units/image.
 VGG_TRAIN_COST = 15.0
 VGG_EVAL_COST = 48.0
-# What study.json's config leaves out: how this run was asked to go, not what the study is (where it ran is in its
-# provenance), so a study folder reads the same whoever ran it where.
-EXECUTOR_SETTINGS = ("executor", "jobs", "devices", "gpus_per_train", "slurm_partition", "slurm_time", "slurm_gpus",
-                     "slurm_train_tasks", "slurm_cpus", "slurm_mem", "slurm_account", "slurm_qos", "slurm_setup",
-                     "slurm_extra", "slurm_max_jobs")
-NOT_RECORDED = ("force", "no_progress", "plan", *EXECUTOR_SETTINGS)
 RUNTIME_NOTE = "device, precision, progress bars and the cache folder never invalidate finished stages"
 VGG_REMEDY = ("Re-run the same command with --vgg-weights PATH (a saved vgg16 state dict), or once torchvision's "
               "VGG16 ImageNet file is in its cache (see the reason); the finished stages are kept and only the vgg "
@@ -222,84 +205,40 @@ def resolve_fge_cycle(cfg: dict) -> None:
 
 def resolved_config(config: StudyConfig) -> dict:
     """The settings the study runs with (`aecurves study --print-config`), as its study.json records them."""
-    cfg = resolve_study_config(config)
-    return {k: v for k, v in cfg.items() if k not in NOT_RECORDED}
+    return study_record(resolve_study_config(config))
 
 
-def _runtime(cfg: dict) -> dict:
-    return {"device": cfg["device"], "precision": cfg["precision"], "vgg_weights": cfg["vgg_weights"],
-            "no_progress": cfg["no_progress"]}
+def study_record(cfg: dict) -> dict:
+    """study.json's "config": the resolved settings that say what the study is, not how this run was asked to go
+    (--force, --plan, progress bars, the executor: recorded=False), so a study folder reads the same whoever ran it
+    where (where it ran is in its provenance)."""
+    keep = {f.name for f in dataclasses.fields(StudyConfig) if f.metadata.get("recorded", True)}
+    return {k: v for k, v in cfg.items() if k in keep}
 
 
-def _custom_model(cfg: dict) -> dict:
-    """--model for the stages that read checkpoints: needed (only) for a factory outside aecurves."""
-    return {} if cfg["model"] == BUILTIN_MODEL else {"model": cfg["model"]}
+def section(cfg: dict, name: str):
+    """The config every stage of the section `name` starts from: its command's config with what the study fixes for
+    it (config.STUDY_SECTIONS) and every study setting copied into the fields its `sets` names. A setting left unset
+    (None) leaves its field unset; the others count as given, as if they were flags."""
+    cls, fixed = STUDY_SECTIONS[name]
+    values = {**fixed, **section_settings(cfg, name)}
+    if name != "endpoints" and values.get("model") == BUILTIN_MODEL:
+        del values["model"]  # a command that reads checkpoints takes --model only to allow a factory outside aecurves
+    if name == "aligns" and values["method"] != "learned":
+        del values["vgg_weights"]  # only the learned method runs the loss (a vgg group's needs the study's weights)
+    if name == "fges":  # fge's own lr_2, resolved, so that fge.json records the value the study compares
+        values["lr_2"] = values["lr_1"] * FGE_LR_2_RATIO
+    return cls(**values, given=tuple(k for k, v in values.items() if v is not None))
 
 
-def _set(cfg: dict, *keys: str) -> dict:
-    """The study settings among `keys` that are set (not None, not False): passed to a stage as given."""
-    return {k: cfg[k] for k in keys if cfg[k] not in (None, False)}
-
-
-def train_config(cfg: dict, loss: str, seed: int, out: Path, resume: bool) -> TrainConfig:
-    """The config of `aecurves train` for one endpoint."""
-    given = {"dataset": cfg["dataset"], "image_size": cfg["image_size"], "val_fraction": cfg["val_fraction"],
-             "loss": loss, "seed": seed, "latent_dim": cfg["latent_dim"], "batch_size": cfg["batch_size"],
-             "epochs": cfg["epochs"], "lr": cfg["lr"], "lr_schedule": cfg["lr_schedule"],
-             "save_every_epoch": cfg["save_every_epoch"], "out": str(out), "model": cfg["model"],
-             "model_kwargs": cfg["model_kwargs"], **_runtime(cfg),
-             **_set(cfg, "width", "data_dir", "limit", "use_test", "cache_dir")}
-    if resume:
-        given["resume"] = True
-    return make(TrainConfig, given)
-
-
-def curve_config(cfg: dict, start: Path, end: Path, out: Path, resume: bool) -> TrainCurveConfig:
-    """The config of `aecurves train-curve` for one pair (data and loss: the endpoints')."""
-    given = {"init_start": str(start), "init_end": str(end), "curve": cfg["curve"], "num_bends": cfg["num_bends"],
-             "fix_start": True, "fix_end": True, "epochs": cfg["curve_epochs"], "lr": cfg["curve_lr"],
-             "lr_schedule": cfg["curve_lr_schedule"], "t_sampling": cfg["t_sampling"], "bn_images": cfg["bn_images"],
-             "wd": cfg["wd"], "batch_size": cfg["batch_size"], "out": str(out), **_runtime(cfg),
-             **_set(cfg, "cache_dir"), **_custom_model(cfg)}
-    if resume:
-        given["resume"] = True
-    return make(TrainCurveConfig, given)
-
-
-def eval_config(cfg: dict, ckpt: Path, out: Path) -> EvalCurveConfig:
-    """The config of `aecurves eval-curve --ckpt CKPT`: the curve and its segment, in one evaluation."""
-    given = {"ckpt": str(ckpt), "segment_too": True, "out": str(out), "overwrite": True,
-             "num_points": cfg["num_points"],
-             "ensemble": cfg["ensemble"], "bn_images": cfg["bn_images"], "train_images": cfg["train_images"],
-             "device": cfg["device"],
-             "vgg_weights": cfg["vgg_weights"], "cache_dir": cfg["cache_dir"], "no_progress": cfg["no_progress"],
-             "use_test": cfg["use_test"], **_custom_model(cfg)}
-    return make(EvalCurveConfig, given)
-
-
-def extra_config(cfg: dict, endpoint: Path, seed: int, out: Path, resume: bool) -> TrainConfig:
-    """`aecurves train --init ENDPOINT`: the endpoint trained further exactly as long as a curve, at the curves'
-    lr and schedule (a curve's bend gets that much training: the fair comparison for a path's best point)."""
-    given = {"init": str(endpoint), "seed": seed, "batch_size": cfg["batch_size"], "epochs": cfg["curve_epochs"],
-             "lr": cfg["curve_lr"], "lr_schedule": cfg["curve_lr_schedule"], "wd": cfg["wd"],
-             "save_every_epoch": cfg["curve_epochs"], "out": str(out), **_runtime(cfg), **_set(cfg, "cache_dir"),
-             **_custom_model(cfg)}
-    if resume:
-        given["resume"] = True
-    return make(TrainConfig, given)
-
-
-def fge_config(cfg: dict, endpoint: Path, seed: int, out: Path, resume: bool) -> FgeConfig:
-    """`aecurves fge --ckpt ENDPOINT`: fast geometric ensembling from the endpoint for --curve-epochs epochs (the equal
-    budget), with the curves' lr as the highest lr of each cycle (the lr the curves and the extra training get too)
-    and fge's ratio for the lowest; the snapshots' BatchNorm statistics on eval-curve's subset (--bn-images)."""
-    given = {"ckpt": str(endpoint), "epochs": cfg["curve_epochs"], "cycle": cfg["fge_cycle"], "lr_1": cfg["curve_lr"],
-             "lr_2": cfg["curve_lr"] * FGE_LR_2_RATIO, "wd": cfg["wd"], "batch_size": cfg["batch_size"], "seed": seed,
-             "bn_images": cfg["bn_images"], "out": str(out), **_runtime(cfg), **_set(cfg, "cache_dir"),
-             **_custom_model(cfg)}
-    if resume:
-        given["resume"] = True
-    return make(FgeConfig, given)
+def section_record(cfg: dict, name: str) -> dict:
+    """study.json's record of a section: what every stage of that kind gets from the study (the settings its
+    section gives), besides the stage's own files, seed and folder; like the study's record, without the settings
+    that only say how this run was asked to go (progress bars)."""
+    config = section(cfg, name)
+    setting_of = study_setting_of()
+    unrecorded = {f.name for f in dataclasses.fields(StudyConfig) if not f.metadata["recorded"]}
+    return {k: getattr(config, k) for k in config.given if setting_of.get((name, k)) not in unrecorded}
 
 
 def ensemble_members(cfg: dict, loss: str, a: int, b: int) -> tuple[list[str], dict]:
@@ -322,45 +261,6 @@ def ensemble_members(cfg: dict, loss: str, a: int, b: int) -> tuple[list[str], d
 
 def snapshot_file(k: int) -> str:
     return f"snapshot_{k}.pt"  # fge.snapshot_name (fge is not imported here: it imports torch)
-
-
-def ensembles_config(cfg: dict, st: "Stage", inputs: list[Path], out: Path) -> EnsemblesConfig:
-    """ensembles.run: the output averages of the pair's FGE snapshots and extra-trained endpoints (`inputs`)."""
-    _, averages = ensemble_members(cfg, st.loss, *st.seeds)
-    given = {"networks": [str(p) for p in inputs], "averages": averages, "bn_images": cfg["bn_images"],
-             "out": str(out), "device": cfg["device"], "no_progress": cfg["no_progress"], **_set(cfg, "cache_dir"),
-             **_custom_model(cfg)}
-    return make(EnsemblesConfig, given)
-
-
-def align_config(cfg: dict, start: Path, end: Path, out: Path) -> AlignConfig:
-    """`aecurves align`: B reordered to match A, written as OUT/checkpoint.pt."""
-    given = {"init_start": str(start), "init_end": str(end), "out": str(out / "checkpoint.pt"),
-             "method": cfg["align_method"], "latent": cfg["align_latent"], "device": cfg["device"],
-             "no_progress": cfg["no_progress"], **_set(cfg, "cache_dir"), **_custom_model(cfg),
-             # only the learned method runs the loss (a vgg group's needs the study's VGG weights)
-             **({"vgg_weights": cfg["vgg_weights"]} if cfg["align_method"] == "learned" else {})}
-    return make(AlignConfig, given)
-
-
-def plane_config(cfg: dict, ckpt: Path, out: Path) -> PlaneConfig:
-    """`aecurves plane --ckpt CURVE`: the loss over the plane through the curve's bends, eval-curve's subsets."""
-    given = {"ckpt": str(ckpt), "out": str(out), "overwrite": True, "grid": cfg["plane_grid"],
-             "bn_images": cfg["bn_images"],
-             "train_images": cfg["train_images"], "use_test": cfg["use_test"], "device": cfg["device"],
-             "vgg_weights": cfg["vgg_weights"], "cache_dir": cfg["cache_dir"], "no_progress": cfg["no_progress"],
-             **_custom_model(cfg)}
-    return make(PlaneConfig, given)
-
-
-def baseline_config(cfg: dict, start: Path, end: Path, out: Path) -> EvalCurveConfig:
-    """`aecurves eval-curve --segment` at t = 0 and 1 only: the two extra-trained endpoints measured exactly like
-    every point of the paths."""
-    given = {"segment": [str(start), str(end)], "out": str(out), "overwrite": True, "num_points": 2, "num_images": 0,
-             "bn_images": cfg["bn_images"], "train_images": cfg["train_images"], "device": cfg["device"],
-             "vgg_weights": cfg["vgg_weights"], "cache_dir": cfg["cache_dir"], "no_progress": cfg["no_progress"],
-             "use_test": cfg["use_test"], **_custom_model(cfg)}
-    return make(EvalCurveConfig, given)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -511,8 +411,7 @@ def with_dependencies(stages: list[Stage]) -> list[Stage]:
 def select_forced(selectors: list[str], stages: list[Stage]) -> set[str]:
     """Stage names matched by the --force selectors; an unknown selector is an error."""
     chosen = set()
-    kinds = {"endpoints": "endpoint", "extras": "extra", "fges": "fge", "aligns": "align", "curves": "curve",
-             "evals": "eval", "ensembles": "ensembles", "planes": "plane"}
+    kinds = {kind.section: name for name, kind in KINDS.items()}  # a section is named as --force names its kind
     for sel in selectors:
         sel = sel.strip().lower()
         hit = {s.name for s in stages
@@ -540,32 +439,33 @@ def _load_ckpt(path: Path, kind: str):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the stage table: per kind of stage, the command that makes it, how its config is built, the settings that define
-# its result, how its outputs are read back, and when they are finished
+# the stage table: per kind of stage, the command that makes it and its section, what the stage adds to it, how its
+# outputs are read back, and when they are finished
 
 
-def _read_training(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
-    """An endpoint's, extra endpoint's or curve's checkpoint: its recorded settings, epoch and promised files."""
+def _read_training(folder: Path, st: Stage) -> tuple[dict | None, dict]:
+    """An endpoint's, extra endpoint's or curve's checkpoint: its recorded config, epoch and promised files."""
     checkpoint = folder / "checkpoint.pt"
     state = _load_ckpt(checkpoint, "curve" if st.kind == "curve" else "endpoint")
     if state is None:
         return None, {"exists": checkpoint.exists()}
     args = state.get("args", {})
     promised = ["metrics.jsonl"] + (["reconstructions.png"] if st.kind != "curve" else [])
-    return {k: args.get(k) for k in keys + ("vgg_weights",)}, {
-        "epoch": state.get("epoch"), "outputs": all((folder / name).is_file() for name in promised),
-        "init": [args.get("init")] if st.kind == "extra" else [args.get("init_start"), args.get("init_end")]}
+    return args, {"epoch": state.get("epoch"), "outputs": all((folder / name).is_file() for name in promised),
+                  "init": [args.get("init")] if st.kind == "extra" else [args.get("init_start"), args.get("init_end")]}
 
 
-def _read_align(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+def _read_align(folder: Path, st: Stage) -> tuple[dict | None, dict]:
+    """The aligned endpoint's record of its alignment, which holds a setting only where its method uses it (alpha
+    with mixed; the learned method's under "learned"): Kind.records_all is False."""
     state = _load_ckpt(folder / "checkpoint.pt", "endpoint")
     if state is None:
         return None, {"exists": (folder / "checkpoint.pt").exists()}
     aligned = state.get("aligned_to") or {}
-    return {k: aligned.get(k) for k in keys}, {"init": [aligned.get("start"), aligned.get("end")]}
+    return aligned, {"init": [aligned.get("start"), aligned.get("end")]}
 
 
-def _read_eval(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+def _read_eval(folder: Path, st: Stage) -> tuple[dict | None, dict]:
     record = read_json(folder / "eval.json")
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         return None, {"exists": (folder / "eval.json").exists()}
@@ -573,21 +473,20 @@ def _read_eval(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]
     complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values()) \
         and record.get("segment_evaluated") is (st.step != "baseline")
     made_from = record.get("endpoints") if st.step == "baseline" else [record.get("checkpoint")]
-    return {k: record["config"].get(k, 0 if k == "ensemble" else None) for k in keys + ("vgg_weights",)}, \
-        {"complete": complete, "init": made_from or []}
+    return record["config"], {"complete": complete, "init": made_from or []}
 
 
-def _read_plane(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+def _read_plane(folder: Path, st: Stage) -> tuple[dict | None, dict]:
     record = read_json(folder / "plane.json")
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         return None, {"exists": (folder / "plane.json").exists()}
     files = record.get("files", {})
     complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values())
-    return {k: record["config"].get(k) for k in keys}, \
-        {"complete": complete, "init": [str(Path(record["config"].get("ckpt") or "").resolve())]}
+    return record["config"], {"complete": complete,
+                              "init": [str(Path(record["config"].get("ckpt") or "").resolve())]}
 
 
-def _read_fge(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+def _read_fge(folder: Path, st: Stage) -> tuple[dict | None, dict]:
     """An FGE run: fge.json (written last, when it finished) and the files it lists; else its checkpoint.pt (the
     training state after its last finished epoch)."""
     record = read_json(folder / "fge.json")
@@ -595,20 +494,18 @@ def _read_fge(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
         files = record.get("files") if isinstance(record.get("files"), dict) else {}
         listed = [v for k, v in files.items() if k != "snapshots"] + list(files.get("snapshots") or [])
         complete = bool(listed) and all(isinstance(f, str) and (folder / Path(f).name).is_file() for f in listed)
-        return {k: record["config"].get(k) for k in keys + ("vgg_weights",)}, {
-            "finished": True, "complete": complete, "epoch": record.get("budget_epochs"),
-            "init": [record["config"].get("ckpt")]}
+        return record["config"], {"finished": True, "complete": complete, "epoch": record.get("budget_epochs"),
+                                  "init": [record["config"].get("ckpt")]}
     state = _load_ckpt(folder / "checkpoint.pt", "fge")
     if state is None:
         return None, {"exists": (folder / "checkpoint.pt").exists() or (folder / "fge.json").exists()
                       or any(folder.glob("snapshot_*.pt"))}
     args = state.get("args", {})
-    return {k: args.get(k) for k in keys + ("vgg_weights",)}, {
-        "finished": False, "complete": False, "epoch": state.get("epoch"), "init": [args.get("ckpt")]}
+    return args, {"finished": False, "complete": False, "epoch": state.get("epoch"), "init": [args.get("ckpt")]}
 
 
-def _judge_fge(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
-    target, epoch = cfg["curve_epochs"], facts["epoch"]
+def _judge_fge(config: FgeConfig, st: Stage, facts: dict) -> tuple[str, str]:
+    target, epoch = config.epochs, facts["epoch"]
     if facts["finished"]:
         if epoch == target:
             return ("done", "") if facts["complete"] else ("redo", "some of its outputs are missing")
@@ -622,25 +519,24 @@ def _judge_fge(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
     return "resume", f"interrupted at epoch {epoch} of {target}"
 
 
-def _read_ensembles(folder: Path, st: Stage, keys: tuple) -> tuple[dict | None, dict]:
+def _read_ensembles(folder: Path, st: Stage) -> tuple[dict | None, dict]:
     record = read_json(folder / "ensembles.json")
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict) \
             or not isinstance(record.get("averages"), dict):
         return None, {"exists": (folder / "ensembles.json").exists()}
     config = record["config"]
     networks = config.get("networks") if isinstance(config.get("networks"), list) else []
-    return {k: config.get(k) for k in keys}, {"averages": config.get("averages"),
-                                              "init": [str(Path(p).resolve()) for p in networks]}
+    return config, {"averages": config.get("averages"), "init": [str(Path(p).resolve()) for p in networks]}
 
 
-def _judge_ensembles(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
-    if facts["averages"] != ensemble_members(cfg, st.loss, *st.seeds)[1]:
+def _judge_ensembles(config: EnsemblesConfig, st: Stage, facts: dict) -> tuple[str, str]:
+    if facts["averages"] != config.averages:
         return "redo", "it measured other averages"
     return "done", ""
 
 
-def _judge_training(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
-    target = cfg["epochs"] if st.kind == "endpoint" else cfg["curve_epochs"]
+def _judge_training(config, st: Stage, facts: dict) -> tuple[str, str]:
+    target = config.epochs
     if facts["epoch"] == target and not facts["outputs"]:
         return "resume", "some of its outputs are missing"  # a resumed run writes them again
     if facts["epoch"] == target:
@@ -650,48 +546,73 @@ def _judge_training(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
     return "redo", f"its checkpoint is at epoch {facts['epoch']}, beyond {target}"
 
 
-def _judge_written_last(cfg: dict, st: Stage, facts: dict) -> tuple[str, str]:
+def _judge_written_last(config, st: Stage, facts: dict) -> tuple[str, str]:
     """An evaluation or plane: eval.json / plane.json is renamed into place last, after every file it lists."""
     return ("done", "") if facts["complete"] else ("redo", "its evaluation files are incomplete")
 
 
+def _eval_stage(cfg: dict, evals: EvalCurveConfig, st: Stage, folder: Path, inputs: list, resume: bool):
+    """eval-curve --ckpt CURVE: the curve and its segment, in one evaluation; a baseline: eval-curve --segment of
+    the two extra-trained endpoints at t = 0 and 1 only, measured exactly like every point of the paths."""
+    if st.step == "baseline":
+        return replace_given(evals, segment=[str(p) for p in inputs], num_points=2, num_images=0, ensemble=0,
+                             out=str(folder))
+    return replace_given(evals, ckpt=str(inputs[0]), out=str(folder))
+
+
 @dataclass(frozen=True)
 class Kind:
-    """One kind of stage. `build(cfg, st, folder, inputs, resume)` is the config of `command`'s run(config);
-    `settings` are the config fields that define its result (vgg_weights too for a vgg-loss stage when
-    `vgg_weights`), which `read(folder, st, settings)` reads back from its outputs with facts that
-    `judge(cfg, st, facts)` turns into done / resume / redo; `keep` are the folders inside its own that belong to
-    other stages."""
+    """One kind of stage, made by `command` from the section `section` of the study's settings (section(), from
+    config.STUDY_SECTIONS): `stage(cfg, section, st, folder, inputs, resume)` adds the stage's own files, seed and
+    folder, which gives the config of the command's run(config). That config's settings of `roles` define the
+    result (config.result_settings; the VGG weights too for a vgg-loss stage when `vgg_weights`); `read(folder,
+    st)` finds the record of the settings its outputs were made with (`records_all`: a setting every record holds,
+    so one without it is compared as its legacy value or None; else only those it holds are compared), with facts
+    that `judge(config, st, facts)` turns into done / resume / redo; `keep` are the folders inside its own that
+    belong to other stages."""
 
     command: str
-    build: Callable
-    settings: tuple
+    section: str
+    stage: Callable
     read: Callable
     judge: Callable
+    roles: tuple = ("data", "model", "result")
     vgg_weights: bool = True
+    records_all: bool = True
     keep: tuple = ()
 
 
 KINDS = {
-    "endpoint": Kind("train", lambda cfg, st, folder, inputs, resume: train_config(cfg, st.loss, st.seeds[0], folder,
-                                                                                   resume),
-                     ENDPOINT_SETTINGS, _read_training, _judge_training),
-    "extra": Kind("train", lambda cfg, st, folder, inputs, resume: extra_config(cfg, inputs[0], st.seeds[0], folder,
-                                                                                resume),
-                  EXTRA_SETTINGS, _read_training, _judge_training, vgg_weights=False),
-    "align": Kind("align", lambda cfg, st, folder, inputs, resume: align_config(cfg, *inputs, folder),
-                  ALIGN_SETTINGS, _read_align, lambda cfg, st, facts: ("done", ""), vgg_weights=False),
-    "curve": Kind("train_curve", lambda cfg, st, folder, inputs, resume: curve_config(cfg, *inputs, folder, resume),
-                  CURVE_SETTINGS, _read_training, _judge_training, keep=("eval", "plane")),
-    "eval": Kind("eval_curve", lambda cfg, st, folder, inputs, resume: baseline_config(cfg, *inputs, folder)
-                 if st.step == "baseline" else eval_config(cfg, inputs[0], folder),
-                 EVAL_SETTINGS, _read_eval, _judge_written_last),
-    "plane": Kind("plane", lambda cfg, st, folder, inputs, resume: plane_config(cfg, inputs[0], folder),
-                  PLANE_SETTINGS, _read_plane, _judge_written_last, vgg_weights=False),
-    "fge": Kind("fge", lambda cfg, st, folder, inputs, resume: fge_config(cfg, inputs[0], st.seeds[0], folder, resume),
-                FGE_SETTINGS, _read_fge, _judge_fge),
-    "ensembles": Kind("ensembles", lambda cfg, st, folder, inputs, resume: ensembles_config(cfg, st, inputs, folder),
-                      ENSEMBLES_SETTINGS, _read_ensembles, _judge_ensembles, vgg_weights=False),
+    "endpoint": Kind("train", "endpoints",
+                     lambda cfg, s, st, folder, inputs, resume: replace_given(
+                         s, loss=st.loss, seed=st.seeds[0], out=str(folder), resume=resume),
+                     _read_training, _judge_training),
+    # trained on from its endpoint (train --init), whose data and model it keeps: the study checks that file's hash
+    "extra": Kind("train", "extras",
+                  lambda cfg, s, st, folder, inputs, resume: replace_given(
+                      s, init=str(inputs[0]), seed=st.seeds[0], out=str(folder), resume=resume),
+                  _read_training, _judge_training, roles=("result",), vgg_weights=False),
+    "align": Kind("align", "aligns",
+                  lambda cfg, s, st, folder, inputs, resume: replace_given(
+                      s, init_start=str(inputs[0]), init_end=str(inputs[1]), out=str(folder / "checkpoint.pt")),
+                  _read_align, lambda config, st, facts: ("done", ""), vgg_weights=False, records_all=False),
+    "curve": Kind("train_curve", "curves",
+                  lambda cfg, s, st, folder, inputs, resume: replace_given(
+                      s, init_start=str(inputs[0]), init_end=str(inputs[1]), out=str(folder), resume=resume),
+                  _read_training, _judge_training, keep=("eval", "plane")),
+    "eval": Kind("eval_curve", "evals", _eval_stage, _read_eval, _judge_written_last),
+    "plane": Kind("plane", "planes",
+                  lambda cfg, s, st, folder, inputs, resume: replace_given(s, ckpt=str(inputs[0]), out=str(folder)),
+                  _read_plane, _judge_written_last, vgg_weights=False),
+    "fge": Kind("fge", "fges",
+                lambda cfg, s, st, folder, inputs, resume: replace_given(
+                    s, ckpt=str(inputs[0]), seed=st.seeds[0], out=str(folder), resume=resume),
+                _read_fge, _judge_fge),
+    "ensembles": Kind("ensembles", "ensembles",
+                      lambda cfg, s, st, folder, inputs, resume: replace_given(
+                          s, networks=[str(p) for p in inputs], averages=ensemble_members(cfg, st.loss, *st.seeds)[1],
+                          out=str(folder)),
+                      _read_ensembles, _judge_ensembles, vgg_weights=False),
 }
 
 
@@ -721,29 +642,39 @@ class Study:
     # --- settings each stage should have, and the settings its outputs record (the stage table, KINDS)
 
     def config(self, st: Stage, resume: bool = False):
-        """The config of the command that makes the stage."""
-        return KINDS[st.kind].build(self.cfg, st, self.root / st.folder, [self.root / p for p in st.inputs], resume)
+        """The config of the command that makes the stage: its section's, with the stage's own files."""
+        kind = KINDS[st.kind]
+        return kind.stage(self.cfg, section(self.cfg, kind.section), st, self.root / st.folder,
+                          [self.root / p for p in st.inputs], resume)
 
     def expected(self, st: Stage) -> dict:
+        """The settings that define the stage's result, as its config has them."""
         kind = KINDS.get(st.kind)
         if kind is None:
             return {}
-        record = as_record(self.config(st))
-        vgg = st.loss == "vgg" and kind.vgg_weights
-        return {k: record[k] for k in kind.settings + (("vgg_weights",) if vgg else ())}
+        config = self.config(st)
+        want = result_settings(config, kind.roles)
+        if st.loss == "vgg" and kind.vgg_weights:
+            want["vgg_weights"] = config.vgg_weights
+        return want
 
     def recorded(self, st: Stage) -> tuple[dict | None, dict]:
-        """(settings recorded by the stage's outputs or None when there are none, facts about completeness)."""
+        """(those settings as the stage's outputs record them, or None when there are none; facts about
+        completeness)."""
         kind = KINDS[st.kind]
-        return kind.read(self.root / st.folder, st, kind.settings)
+        record, facts = kind.read(self.root / st.folder, st)
+        if record is None:
+            return None, facts
+        cls = STUDY_SECTIONS[kind.section][0]
+        return {k: recorded_value(cls, k, record) for k in self.expected(st) if kind.records_all or k in record}, facts
 
     def settings_diff(self, st: Stage) -> list[str]:
         rec, _ = self.recorded(st)
         if rec is None:
             return []
         want = self.expected(st)
-        return [f"{k}={rec.get(k)!r} (existing) vs {want[k]!r} (requested)" for k in want
-                if not _same(rec.get(k), want[k])]
+        return [f"{k}={rec[k]!r} (existing) vs {want[k]!r} (requested)" for k in want
+                if k in rec and not _same(rec[k], want[k])]
 
     # --- judging a stage
 
@@ -767,7 +698,7 @@ class Study:
             own = {str((self.root / p).resolve()) for p in st.inputs}
             if st.kind != "endpoint" and set(facts.get("init", [])) != own:
                 return "redo", "its outputs were not made from this study's inputs"
-        state, why = KINDS[st.kind].judge(self.cfg, st, facts)
+        state, why = KINDS[st.kind].judge(self.config(st), st, facts)
         if state == "done" and not isinstance(record, dict):
             return "done", "adopted"
         return state, why
@@ -799,11 +730,12 @@ class Study:
     # --- the study record
 
     def write_study_json(self) -> None:
-        cfg = {k: v for k, v in self.cfg.items() if k not in NOT_RECORDED}
         trained = [n for n in self.ran if n != "report"]
+        sections = dict.fromkeys(KINDS[st.kind].section for st in self.stages if st.kind in KINDS)
         write_json(self.root / "study.json", {
             "format_version": FORMAT_VERSION,
-            "config": cfg,
+            "config": study_record(self.cfg),
+            "sections": {name: section_record(self.cfg, name) for name in sections},
             "provenance": self.provenance if trained or not self.previous_provenance else self.previous_provenance,
             "groups": self.groups,
             "stages": [{"name": s.name, "kind": s.kind, "loss": s.loss, "seeds": list(s.seeds), "folder": s.folder}

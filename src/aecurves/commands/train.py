@@ -17,8 +17,6 @@ from aecurves.checkpoint import check_fits, check_same_arch, load_checkpoint, sa
 from aecurves.config import (
     BUILTIN_MODEL,
     DEFAULT_IMAGE_SIZE,
-    TRAIN_INIT_KEYS,
-    TRAIN_RESUME_KEYS,
     TrainConfig,
     as_record,
     check_model_kwargs,
@@ -137,10 +135,10 @@ def resolve_train_config(cfg: TrainConfig, saved: dict | None, ckpt_path, init: 
         cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
     if saved is not None:
         trusted_arch(saved, cfg.model if is_given(cfg, "model") else None, ckpt_path)
-        settle_with_checkpoint(cfg, saved, TRAIN_RESUME_KEYS, ckpt_path)
+        settle_with_checkpoint(cfg, saved, ckpt_path)
     if init is not None:
         trusted_arch(init["args"], cfg.model if is_given(cfg, "model") else None, cfg.init)
-        settle_with_checkpoint(cfg, init["args"], TRAIN_INIT_KEYS, f"{cfg.init} (--init)", carried=())
+        settle_with_checkpoint(cfg, init["args"], f"{cfg.init} (--init)", roles=("data", "model"), carry=False)
     if cfg.image_size is None:
         cfg.image_size = DEFAULT_IMAGE_SIZE.get(cfg.dataset, 64)
     if cfg.model != BUILTIN_MODEL:

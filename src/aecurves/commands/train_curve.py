@@ -25,11 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 from aecurves import console, runtime
 from aecurves.checkpoint import load_checkpoint, load_endpoint_pair, save_checkpoint
 from aecurves.config import (
-    CURVE_LEGACY,
-    CURVE_RESUME_KEYS,
     EVAL_BATCH_SIZE,
     TrainCurveConfig,
     as_record,
+    role_fields,
     settle_with_checkpoint,
     validate,
 )
@@ -43,7 +42,6 @@ from aecurves.metrics import check_finite, check_finite_state, evaluate, fixed_s
 from aecurves.models import build_model
 from aecurves.schedules import lr_at, set_lr
 
-DATA_KEYS = ("dataset", "data_dir", "image_size", "limit", "val_fraction")
 COLUMNS = ["epoch", "lr", "train_loss", "l2_term", "mid_test_loss", "mid_test_mse", "seconds", "images/s"]
 
 
@@ -63,10 +61,11 @@ def _same_setting(key: str, a, b) -> bool:
 
 def resolve_curve_config(cfg: TrainCurveConfig, saved: dict | None, ckpt_path) -> None:
     """On resume, what defines the curve and its data comes from the checkpoint unless given explicitly (and
-    then it must agree); epochs, lr, device... come from the flags. A checkpoint from before a setting existed
-    was trained with its legacy value (a constant lr, uniform t), so resuming it keeps that."""
+    then it must agree); epochs, lr and save_every_epoch too unless given, and they may change; device... come from
+    the flags. A checkpoint from before a setting existed was trained with its legacy value (a constant lr, uniform
+    t), so resuming it keeps that."""
     if saved is not None:
-        settle_with_checkpoint(cfg, saved, CURVE_RESUME_KEYS, ckpt_path, CURVE_LEGACY, _same_setting)
+        settle_with_checkpoint(cfg, saved, ckpt_path, _same_setting)
     if not cfg.init_start or not cfg.init_end:
         raise UserError("train-curve needs both endpoints: --init_start CKPT1 --init_end CKPT2 "
                         "(checkpoints written by `aecurves train`).")
@@ -78,15 +77,17 @@ def resolve_curve_config(cfg: TrainCurveConfig, saved: dict | None, ckpt_path) -
 
 
 def fill_from_endpoint(cfg: TrainCurveConfig, endpoint_args: dict, end_args: dict) -> None:
-    """Data and loss default to the start endpoint's; flags given explicitly win. Endpoints trained with different
-    losses need an explicit --loss: either one would be a silent choice."""
+    """Data and loss default to the start endpoint's (the fields of roles data and model: DataConfig's and the
+    loss); flags given explicitly win. Endpoints trained with different losses need an explicit --loss: either one
+    would be a silent choice."""
     losses = (endpoint_args.get("loss") or "mse", end_args.get("loss") or "mse")
     if cfg.loss is None and losses[0] != losses[1]:
         raise UserError(f"The endpoints were trained with different losses ({losses[0]} and {losses[1]}); pass "
                         f"--loss {losses[0]} or --loss {losses[1]} to say which one the curve minimises.")
-    for k in DATA_KEYS + ("loss",):
+    for k in role_fields(cfg, "data", "model"):
         if getattr(cfg, k) is None:
             setattr(cfg, k, endpoint_args.get(k))
+    cfg.use_test = bool(cfg.use_test)  # an endpoint from before --use-test held out the valid partition
     if cfg.data_dir:
         cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
 
