@@ -10,15 +10,26 @@ What it measures
      on a real forward + loss + backward (FlopCounterMode counts the backward's matmuls and
      convolutions too; the optimizer step and elementwise ops are not counted), the achieved
      GFLOP/s, and that as a fraction of a large fp32 (and bf16) matmul's GFLOP/s on the same device.
-  3. With --check-bf16-accuracy (the default; --no-accuracy skips it): trains the model with the
-     MSE loss in fp32 and in bf16 autocast from the same seed on the same data, and a second fp32
-     run with another seed as a noise reference, and prints the held-out test MSE of each
-     (evaluated in fp32).
+  3. With --levers: each lever of the training step alone and together (channels_last batches and kernels, fused
+     Adam, torch.compile with --compile), for the endpoint step (train's) and the curve step (train-curve's: a
+     3-bend Bezier with fixed ends at a fresh t), fp32 and bf16, timed in interleaved rounds (every configuration
+     once per round, so a burst of load hits them all): the median over rounds, and the median and slowest
+     per-round ratio to the baseline (contiguous, default Adam: how train and train-curve ran before) and, for the
+     curve step, to a DMC-style CurveNet over the same network (benchmarks/dmc_curvenet.py: layer twins mixing
+     their bends at every forward, as the paper's curves.py; default Adam). Then the issue's two goals as ratios.
+  4. With --breakdown: the profiler's self time per kind of operation (convolutions forward and backward,
+     BatchNorm, matmuls, casts, Adam, the rest) of the endpoint step in fp32 and bf16, the curve step and the
+     peer's in bf16: where a step's time goes.
+  5. The accuracy check (on by default; --no-accuracy skips it): equal loss after equal steps. From the same
+     seed and batches: the endpoint trained in fp32 and bf16, with the baseline and with every lever (and
+     compile with --compile), beside a second seed as the noise reference; then the curve between the two
+     baseline endpoints, ours with the baseline and with every lever, and the peer's, each measured by θ(0.5)'s
+     held-out MSE (BatchNorm recomputed there; all evaluations in fp32).
 
 Run from the repository root:
-    .venv/bin/python benchmarks/train_throughput.py                 # CPU, about 3-4 minutes on 2 cores
-    .venv/bin/python benchmarks/train_throughput.py --device cuda --steps 50 --vgg-steps 20
-    .venv/bin/python benchmarks/train_throughput.py --no-accuracy   # throughput only
+    python benchmarks/train_throughput.py                                   # CPU, about 4 minutes on 2 cores
+    python benchmarks/train_throughput.py --only-levers --levers --compile --breakdown --rounds 9 --lever-steps 4
+    python benchmarks/train_throughput.py --device cuda --steps 50 --vgg-steps 20 --levers --compile
 """
 
 import argparse
@@ -100,32 +111,48 @@ def matmul_gflops(n, dtype, device, repeats):
 # ---------------------------------------------------------------- the training step's levers, alone and together
 
 LEVERS = {  # name -> (memory format of the batches and weights, Adam implementation, torch.compile)
-    "baseline (contiguous, Adam for-each)": ("contiguous", "foreach", False),
-    "channels_last": ("channels_last", "foreach", False),
+    "baseline (contiguous, default Adam)": ("contiguous", "default", False),
+    "channels_last": ("channels_last", "default", False),
     "fused Adam": ("contiguous", "fused", False),
     "channels_last + fused Adam": ("channels_last", "fused", False),
     "channels_last + fused Adam + compile": ("channels_last", "fused", True),
 }
+PEER = "DMC-style CurveNet (peer)"
+
+
+def lever_optimizer(params, adam):
+    """"default": torch.optim.Adam as train and train-curve built it before (single-tensor on a CPU, for-each on
+    CUDA); "fused": aecurves.runtime.adam (fused where torch has the kernel, else for-each), as they build it now."""
+    return runtime.adam(params, lr=1e-3) if adam == "fused" else torch.optim.Adam(list(params), lr=1e-3)
 
 
 def lever_stepper(kind, lever, precision, device, batch):
-    """A function that runs one endpoint step (kind "endpoint") or one curve step (kind "curve": a 3-bend Bezier
-    over the same network at a fresh t, as train-curve does) with the lever's settings."""
+    """A function that runs one training step of kind "endpoint" (train's step), "curve" (train-curve's: a 3-bend
+    Bezier over the same network at a fresh t, fixed ends) or "peer" (the same curve as a DMC-style CurveNet, the
+    paper's design: benchmarks/dmc_curvenet.py, default Adam, the loss plus wd/2 * l2 with wd = 0 as the paper's
+    train.py adds it) with the lever's settings, set up as the commands set them up."""
+    from aecurves.commands.train_curve import base_runner
     from aecurves.curves import Curve
 
-    memory_format, adam, compiled = LEVERS[lever]
+    memory_format, adam, compiled = LEVERS[lever] if kind != "peer" else ("contiguous", "default", False)
     torch.manual_seed(0)
     model = ConvAutoencoder(**ARCH).to(device).train()
-    if memory_format == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-    if kind == "curve":
+    if kind == "peer":
+        from dmc_curvenet import CurveNet
+
+        peer = CurveNet(3, True, True, **ARCH)
+        peer.import_base(model, 0), peer.import_base(ConvAutoencoder(**ARCH), 2), peer.init_linear()
+        peer = peer.to(device).train()
+        params, forward = [p for p in peer.parameters() if p.requires_grad], peer
+    elif kind == "curve":  # as train-curve runs it: θ(t)'s kernels in the batches' layout, the base call compiled
         curve = Curve(model, "bezier", 3, True, True).to(device).train()
+        curve.run_base = runtime.CompiledOrEager(base_runner(curve.base, memory_format), compiled, "base")
         params, forward = [b for b in curve.bends if b.requires_grad], curve
     else:
-        params, forward = list(model.parameters()), model
-    if compiled:
-        forward = torch.compile(forward)
-    opt = torch.optim.Adam(params, lr=1e-3, **({"fused": True} if adam == "fused" else {"foreach": True}))
+        if memory_format == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        params, forward = list(model.parameters()), runtime.CompiledOrEager(model, compiled, "model")
+    opt = lever_optimizer(params, adam)
     x = torch.rand(batch, 3, 64, 64, device=device)
     if memory_format == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -133,8 +160,10 @@ def lever_stepper(kind, lever, precision, device, batch):
 
     def step():
         with runtime.autocast(device, precision):
-            out = forward(x, torch.rand((), generator=gen).item()) if kind == "curve" else forward(x)
+            out = forward(x, torch.rand((), generator=gen).item()) if kind != "endpoint" else forward(x)
             loss = F.mse_loss(out, x)
+            if kind == "peer":
+                loss = loss + 0.5 * 0.0 * forward.l2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -142,48 +171,132 @@ def lever_stepper(kind, lever, precision, device, batch):
     return step
 
 
+def time_rounds(steppers, device, steps, rounds):
+    """{name: [median step seconds of each round]}: every configuration timed once per round, in turn, so a
+    burst of load hits all of them."""
+    per_round = {name: [] for name in steppers}
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            times = []
+            for _ in range(steps):
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            per_round[name].append(statistics.median(times))
+    return per_round
+
+
 def levers_table(device, batch, warmup, steps, rounds, compile_too, step_flops, mm):
-    """Each lever's step time in interleaved rounds (every configuration timed once per round, so a burst of
-    load hits all of them): per configuration the median over rounds of its median step, and the median and
-    the smallest of its per-round ratios to the baseline of the same round."""
-    rows = []
+    """Each lever's step time in interleaved rounds: per configuration the median over rounds of its median step,
+    and the median and the smallest of its per-round ratios to the baseline of the same round (and, for the
+    curve step, to the DMC-style peer). Returns {(kind, precision, name): per-round seconds}."""
+    rows, measured = [], {}
     for kind in ("endpoint", "curve"):
         for precision in ("fp32", "bf16"):
             levers = [name for name, (_, _, compiled) in LEVERS.items() if compile_too or not compiled]
+            configs = [(kind, name) for name in levers] + ([("peer", PEER)] if kind == "curve" else [])
             steppers, notes = {}, {}
-            for name in levers:
+            for config_kind, name in configs:
                 try:
-                    steppers[name] = lever_stepper(kind, name, precision, device, batch)
-                    for _ in range(warmup + 2 * LEVERS[name][2]):  # compiling happens in the first steps
+                    steppers[name] = lever_stepper(config_kind, name, precision, device, batch)
+                    compiles = config_kind != "peer" and LEVERS[name][2]
+                    for _ in range(warmup + 2 * compiles):  # compiling happens in the first steps
                         steppers[name]()
                 except Exception as exc:  # e.g. torch.compile without a working compiler
                     notes[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
                     steppers.pop(name, None)
-            per_round = {name: [] for name in steppers}
-            for _ in range(rounds):
-                for name, step in steppers.items():
-                    times = []
-                    for _ in range(steps):
-                        sync(device)
-                        t0 = time.perf_counter()
-                        step()
-                        sync(device)
-                        times.append(time.perf_counter() - t0)
-                    per_round[name].append(statistics.median(times))
-            base = per_round.get(levers[0])
-            for name in levers:
+            per_round = time_rounds(steppers, device, steps, rounds)
+            base, peer = per_round.get(levers[0]), per_round.get(PEER)
+            for _, name in configs:
                 if name not in per_round:
-                    rows.append([kind, precision, name, "-", "-", "-", "-", "-", notes[name]])
+                    rows.append([kind, precision, name, "-", "-", "-", "-", "-", "-", "-", notes[name]])
                     continue
+                measured[kind, precision, name] = per_round[name]
                 sec = statistics.median(per_round[name])
-                ratios = [b / t for b, t in zip(base, per_round[name])] if base else []
                 peak = mm[torch.bfloat16 if precision == "bf16" else torch.float32]
-                rows.append([kind, precision, name, f"{sec * 1e3:.1f}", f"{batch / sec:.0f}",
-                             f"{statistics.median(ratios):.2f}x" if ratios else "-",
-                             f"{min(ratios):.2f}x" if ratios else "-", f"{step_flops / sec / 1e9 / peak:.2f}", ""])
-    print(f"\nlevers: {rounds} interleaved rounds of {steps} timed steps per configuration, after {warmup} warm-up steps")
-    print(tabulate(rows, headers=["step", "precision", "lever", "ms/step", "images/s", "vs baseline (median)",
-                                  "slowest round", "of matmul rate", "note"]))
+                row = [kind, precision, name, f"{sec * 1e3:.1f}", f"{batch / sec:.0f}"]
+                for ref in (base, peer):
+                    ratios = [r / t for r, t in zip(ref, per_round[name])] if ref else []
+                    row += [f"{statistics.median(ratios):.2f}x", f"{min(ratios):.2f}x"] if ratios else ["-", "-"]
+                rows.append(row + [f"{step_flops / sec / 1e9 / peak:.2f}", ""])
+    print(f"\nlevers: {rounds} interleaved rounds of {steps} timed steps per configuration, after {warmup} warm-up "
+          "steps; ratios are per round (reference time / this time): median and slowest round; the fraction of the "
+          "matmul rate counts the network's FLOPs (the same in the curve step: mixing the bends is elementwise)")
+    print(tabulate(rows, headers=["step", "precision", "lever", "ms/step", "images/s", "vs baseline", "slowest",
+                                  "vs peer", "slowest", "of matmul rate", "note"]))
+    return measured
+
+
+def print_goals(measured):
+    """The issue's two goals from the lever rounds: bf16 curve step (all levers) vs the peer's bf16 step, and
+    the bf16 endpoint step vs the fp32 one (same levers), each as the median and slowest per-round ratio."""
+    def ratio(slow, fast):
+        if slow not in measured or fast not in measured:
+            return None
+        r = [a / b for a, b in zip(measured[slow], measured[fast])]
+        return statistics.median(r), min(r)
+
+    best = [name for name in LEVERS if ("curve", "bf16", name) in measured][-1:]
+    print()
+    for name in best:
+        got = ratio(("curve", "bf16", PEER), ("curve", "bf16", name))
+        if got:
+            print(f"goal: bf16 curve step ({name}) vs the DMC-style peer's bf16 step: {got[0]:.2f}x median, "
+                  f"{got[1]:.2f}x slowest round (goal: >= 2.5x, slowest >= 2.0x)")
+    for name in LEVERS:
+        got = ratio(("endpoint", "fp32", name), ("endpoint", "bf16", name))
+        if got:
+            print(f"goal: bf16 endpoint step vs fp32, both {name}: {got[0]:.2f}x median, {got[1]:.2f}x slowest round "
+                  "(goal: >= 2.0x)")
+
+
+# ---------------------------------------------------------------- where a step's time goes
+
+CATEGORIES = (  # (category, substrings of the aten op names it holds), first match wins
+    ("convolution backward", ("convolution_backward",)),
+    ("convolution forward", ("convolution", "conv2d", "conv_transpose")),
+    ("BatchNorm", ("batch_norm",)),
+    ("matmul (the Linears)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+    ("casts and copies", ("copy_", "_to_copy", "aten::to", "contiguous", "clone")),
+    ("Adam", ("adam", "foreach", "Optimizer")),
+)
+
+
+def breakdown(device, batch, steps, configs):
+    """Self time per step by kind of operation (torch.profiler), for each (label, kind, lever, precision): why a
+    step is as fast as it is. The categories are CATEGORIES; what matches none is 'other (elementwise...)'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    columns = {}
+    for label, kind, lever, precision in configs:
+        step = lever_stepper(kind, lever, precision, device, batch)
+        for _ in range(3):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]):  # the profiler's own first-use cost, not counted
+            step()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) \
+                as prof:
+            for _ in range(steps):
+                step()
+            sync(device)
+        spent = {}
+        for event in prof.key_averages():
+            if not event.key.startswith("aten::") and "Optimizer" not in event.key:
+                continue
+            name = next((c for c, keys in CATEGORIES if any(k in event.key for k in keys)), "other (elementwise...)")
+            own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+            spent[name] = spent.get(name, 0.0) + own / 1e3 / steps
+        columns[label] = spent
+    names = [c for c, _ in CATEGORIES] + ["other (elementwise...)"]
+    rows = [[name] + [f"{columns[label].get(name, 0.0):.1f}" for label in columns] for name in names]
+    rows.append(["total"] + [f"{sum(columns[label].values()):.1f}" for label in columns])
+    clock = "GPU kernel" if device.type == "cuda" else "CPU"
+    print(f"\nwhere the time goes: profiler self {clock} time, ms per step (mean of {steps} steps; profiling adds a "
+          "little)")
+    print(tabulate(rows, headers=["operation"] + list(columns)))
+    return columns
 
 
 # ---------------------------------------------------------------- bf16 accuracy check
@@ -215,22 +328,123 @@ def accuracy_data(n=512):
                 f"smooth random images (aecurves.data unusable: {why}): {n - n_test} train, {n_test} test")
 
 
-def train_and_eval(train, test, precision, seed, steps, batch, lr, device):
-    torch.manual_seed(seed)
-    model = ConvAutoencoder(**ARCH).to(device).train()
-    loss_fn = make_loss("mse")
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def batches_of(train, steps, batch, seed):
+    """The same `steps` batch indices for every run of a seed: reshuffled each time the data runs out."""
     g = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     for _ in range(steps):
         if len(order) < batch:
             order = torch.randperm(len(train), generator=g)
         idx, order = order[:batch], order[batch:]
-        train_step(model, loss_fn, opt, train[idx].to(device), device, precision)
+        yield train[idx]
+
+
+def as_lever(x, memory_format):
+    return x.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else x
+
+
+def train_and_eval(train, test, precision, seed, steps, batch, lr, device, lever=None):
+    """(held-out MSE in fp32, the model) after `steps` endpoint steps with a lever's settings (default: baseline)."""
+    memory_format, adam, compiled = LEVERS[lever or next(iter(LEVERS))]
+    torch.manual_seed(seed)
+    model = ConvAutoencoder(**ARCH).to(device).train()
+    if memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    forward = runtime.CompiledOrEager(model, compiled, "model")
+    opt = runtime.adam(model.parameters(), lr) if adam == "fused" else torch.optim.Adam(model.parameters(), lr=lr)
+    for x in batches_of(train, steps, batch, seed):
+        x = as_lever(x.to(device), memory_format)
+        with runtime.autocast(device, precision):
+            loss = F.mse_loss(forward(x), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     model.eval()
     with torch.no_grad():  # evaluation in fp32, no autocast
         x = test.to(device)
-        return F.mse_loss(model(x), x).item()
+        return F.mse_loss(model(x), x).item(), model
+
+
+def curve_midpoint_mse(train, test, a, b, kind, lever, precision, steps, batch, lr, device):
+    """Held-out MSE (fp32) of θ(0.5) after `steps` curve steps between endpoints a and b (3-bend Bezier, fixed ends,
+    the same batches and t for every run), BN statistics recomputed there on 512 training images."""
+    from aecurves.commands.train_curve import base_runner
+    from aecurves.curves import Curve, recompute_bn
+
+    memory_format, adam, compiled = LEVERS[lever] if kind == "curve" else ("contiguous", "default", False)
+    torch.manual_seed(0)
+    if kind == "curve":
+        net = Curve(ConvAutoencoder(**ARCH), "bezier", 3, True, True)
+        net.set_endpoints(a.state_dict(), b.state_dict())
+        net.init_linear()
+        net = net.to(device).train()
+        net.run_base = runtime.CompiledOrEager(base_runner(net.base, memory_format), compiled, "base")
+        params = [p for p in net.bends if p.requires_grad]
+    else:
+        from dmc_curvenet import CurveNet
+
+        net = CurveNet(3, True, True, **ARCH)
+        net.import_base(a, 0), net.import_base(b, 2), net.init_linear()
+        net = net.to(device).train()
+        params = [p for p in net.parameters() if p.requires_grad]
+    opt = runtime.adam(params, lr) if adam == "fused" else torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    for x in batches_of(train, steps, batch, 0):
+        x = as_lever(x.to(device), memory_format)
+        with runtime.autocast(device, precision):
+            loss = F.mse_loss(net(x, torch.rand((), generator=gen).item()), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    mid = ConvAutoencoder(**ARCH).to(device)
+    with torch.no_grad():
+        if kind == "curve":
+            mid.load_state_dict({**mid.state_dict(), **net.weights(0.5)})
+        else:
+            coeffs = net.coeff_layer(torch.tensor(0.5, device=device))
+            values = [w for twin in net.net.twins() for w in twin.compute_weights_t(coeffs)]
+            for p, v in zip(mid.parameters(), values, strict=True):
+                p.copy_(v)
+    recompute_bn(mid, dict(mid.named_parameters()), train[:512].to(device).split(batch))
+    mid.eval()
+    with torch.no_grad():
+        x = test.to(device)
+        return F.mse_loss(mid(x), x).item()
+
+
+def accuracy_check(args, device):
+    """Equal loss after equal steps: each lever (and bf16) against the baseline from the same seed and batches,
+    beside the seed-to-seed spread as the noise reference; for the endpoint and for the curve step (whose
+    endpoints are the two baseline fp32 endpoints trained first)."""
+    t0 = time.perf_counter()
+    train, test, source = accuracy_data()
+    levers = [name for name, (_, _, compiled) in LEVERS.items() if args.compile or not compiled]
+    base, best = levers[0], levers[-1]
+    print(f"\naccuracy check: mse loss, {args.acc_steps} endpoint steps and {args.acc_curve_steps} curve steps at "
+          f"batch {args.batch_size}, lr {args.lr}, test MSE evaluated in fp32\ndata: {source}")
+    runs = [("fp32", base, 0), ("bf16", base, 0), ("fp32", best, 0), ("bf16", best, 0), ("fp32", base, 1)]
+    rows, mse, models = [], {}, {}
+    for precision, lever, seed in runs:
+        mse[precision, lever, seed], models[precision, lever, seed] = train_and_eval(
+            train, test, precision, seed, args.acc_steps, args.batch_size, args.lr, device, lever)
+    ref = mse["fp32", base, 0]
+    for (precision, lever, seed), value in mse.items():
+        rows.append(["endpoint", f"{precision}, {lever}, seed {seed}" + (" (noise reference)" if seed else ""),
+                     f"{value:.6f}", f"{(value - ref) / ref:+.1%}"])
+    a, b = models["fp32", base, 0], models["fp32", base, 1]
+    curve_runs = [("curve", "fp32", base), ("curve", "bf16", base), ("curve", "fp32", best), ("curve", "bf16", best),
+                  ("peer", "fp32", PEER), ("peer", "bf16", PEER)]
+    curve_ref = None
+    for kind, precision, lever in curve_runs:
+        value = curve_midpoint_mse(train, test, a, b, kind, lever, precision, args.acc_curve_steps, args.batch_size,
+                                   args.lr, device)
+        curve_ref = value if curve_ref is None else curve_ref
+        rows.append([f"{kind} θ(0.5)", f"{precision}, {lever}", f"{value:.6f}",
+                     f"{(value - curve_ref) / curve_ref:+.1%}"])
+    print(tabulate(rows, headers=["step", "run", "test MSE", "vs first row of its step"]))
+    print(f"seed-to-seed spread of the endpoint: {abs(mse['fp32', base, 1] - ref) / ref:.1%} (a lever's difference "
+          "below it is noise)")
+    print(f"(accuracy part took {time.perf_counter() - t0:.0f} s)")
 
 
 def main():
@@ -246,12 +460,17 @@ def main():
     p.add_argument("--check-bf16-accuracy", dest="accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="train fp32 vs bf16 and compare test MSE (default: on)")
     p.add_argument("--no-accuracy", dest="accuracy", action="store_false", help="same as --no-check-bf16-accuracy")
-    p.add_argument("--acc-steps", type=int, default=150, help="training steps per accuracy run")
+    p.add_argument("--acc-steps", type=int, default=150, help="endpoint training steps per accuracy run")
+    p.add_argument("--acc-curve-steps", type=int, default=60, help="curve training steps per accuracy run")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--levers", action="store_true", help="also time each lever of the endpoint and the curve step "
                    "(channels_last, fused Adam, together; with --compile, torch.compile on top), fp32 and bf16")
     p.add_argument("--compile", action="store_true", help="with --levers: include torch.compile")
     p.add_argument("--rounds", type=int, default=7, help="with --levers: interleaved rounds")
+    p.add_argument("--breakdown", action="store_true", help="also profile the endpoint step (fp32, bf16), the curve "
+                   "step and the DMC-style peer's (bf16) and print the time per kind of operation")
+    p.add_argument("--only-levers", action="store_true", help="skip the first throughput table (with --levers or "
+                   "--breakdown)")
     p.add_argument("--lever-steps", type=int, default=3, help="with --levers: timed steps per configuration and round")
     args = p.parse_args()
 
@@ -260,7 +479,8 @@ def main():
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"CPU has AVX512-BF16/AMX: {runtime.cpu_has_fast_bf16()}"
           + (f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
-          + f"\nload average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other processes skew CPU timings)")
+          + f"\nload average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+          "(other processes skew CPU timings)")
     print(f"model ConvAutoencoder({', '.join(f'{k}={v}' for k, v in ARCH.items())}), batch {args.batch_size}, "
           "Adam; one step = forward + loss + backward + optimizer step")
     print("vgg loss uses RANDOM VGG16 weights (no download possible here); throughput is the same as with real weights")
@@ -274,44 +494,42 @@ def main():
     print(f"matmul {n}x{n} @ {n}x{n} (2n^3 FLOPs, median of {args.matmul_repeats}): "
           f"fp32 {mm[torch.float32]:.1f} GFLOP/s, bf16 {mm[torch.bfloat16]:.1f} GFLOP/s")
 
-    rows, secs = [], {}
-    for loss_name in ("mse", "vgg"):
-        warmup, steps = (args.warmup, args.steps) if loss_name == "mse" else (args.vgg_warmup, args.vgg_steps)
-        for precision in ("fp32", "bf16"):
-            s = secs[loss_name, precision] = time_steps(loss_name, precision, device, args.batch_size, warmup, steps)
-            row = [loss_name, precision, f"{s * 1e3:.1f}", f"{args.batch_size / s:.1f}"]
-            if loss_name == "mse":
-                gflops = step_flops / s / 1e9
-                row += [f"{gflops:.1f}", f"{gflops / mm[torch.float32]:.3f} of fp32 mm"
-                        + (f", {gflops / mm[torch.bfloat16]:.3f} of bf16 mm" if precision == "bf16" else "")]
-            else:
-                row += ["-", "-"]
-            rows.append(row + [f"{warmup}+{steps}"])
-    print()
-    print(tabulate(rows, headers=["loss", "precision", "ms/step", "images/s", "GFLOP/s", "fraction of matmul",
-                                  "warmup+timed"]))
-    print()
-    for loss_name in ("mse", "vgg"):
-        print(f"bf16/fp32 speed-up, {loss_name}: {secs[loss_name, 'fp32'] / secs[loss_name, 'bf16']:.2f}x")
-    print(f"(throughput part took {time.perf_counter() - start:.0f} s)")
+    if not args.only_levers:
+        rows, secs = [], {}
+        for loss_name in ("mse", "vgg"):
+            warmup, steps = (args.warmup, args.steps) if loss_name == "mse" else (args.vgg_warmup, args.vgg_steps)
+            for precision in ("fp32", "bf16"):
+                s = time_steps(loss_name, precision, device, args.batch_size, warmup, steps)
+                secs[loss_name, precision] = s
+                row = [loss_name, precision, f"{s * 1e3:.1f}", f"{args.batch_size / s:.1f}"]
+                if loss_name == "mse":
+                    gflops = step_flops / s / 1e9
+                    row += [f"{gflops:.1f}", f"{gflops / mm[torch.float32]:.3f} of fp32 mm"
+                            + (f", {gflops / mm[torch.bfloat16]:.3f} of bf16 mm" if precision == "bf16" else "")]
+                else:
+                    row += ["-", "-"]
+                rows.append(row + [f"{warmup}+{steps}"])
+        print()
+        print(tabulate(rows, headers=["loss", "precision", "ms/step", "images/s", "GFLOP/s", "fraction of matmul",
+                                      "warmup+timed"]))
+        print()
+        for loss_name in ("mse", "vgg"):
+            print(f"bf16/fp32 speed-up, {loss_name}: {secs[loss_name, 'fp32'] / secs[loss_name, 'bf16']:.2f}x")
+        print(f"(throughput part took {time.perf_counter() - start:.0f} s)")
+    if args.breakdown:
+        best = "channels_last + fused Adam"
+        breakdown(device, args.batch_size, 5, [("endpoint fp32", "endpoint", best, "fp32"),
+                                               ("endpoint bf16", "endpoint", best, "bf16"),
+                                               ("curve bf16", "curve", best, "bf16"),
+                                               ("peer bf16", "peer", PEER, "bf16")])
     if args.levers:
         t0 = time.perf_counter()
-        levers_table(device, args.batch_size, args.warmup, args.lever_steps, args.rounds, args.compile, step_flops, mm)
+        print_goals(levers_table(device, args.batch_size, args.warmup, args.lever_steps, args.rounds, args.compile,
+                                 step_flops, mm))
         print(f"(levers took {time.perf_counter() - t0:.0f} s)")
 
     if args.accuracy:
-        t0 = time.perf_counter()
-        train, test, source = accuracy_data()
-        print(f"\nbf16 accuracy check: mse loss, {args.acc_steps} steps at batch {args.batch_size}, lr {args.lr}, "
-              f"test MSE evaluated in fp32\ndata: {source}")
-        fp32 = train_and_eval(train, test, "fp32", 0, args.acc_steps, args.batch_size, args.lr, device)
-        bf16 = train_and_eval(train, test, "bf16", 0, args.acc_steps, args.batch_size, args.lr, device)
-        fp32_b = train_and_eval(train, test, "fp32", 1, args.acc_steps, args.batch_size, args.lr, device)
-        print(tabulate([["fp32, seed 0", f"{fp32:.6f}"], ["bf16, seed 0", f"{bf16:.6f}"],
-                        ["fp32, seed 1 (noise reference)", f"{fp32_b:.6f}"]], headers=["run", "test MSE"]))
-        print(f"|bf16 - fp32| (same seed)   = {abs(bf16 - fp32):.6f} ({abs(bf16 - fp32) / fp32:.1%})")
-        print(f"|fp32 seed 1 - fp32 seed 0| = {abs(fp32_b - fp32):.6f} ({abs(fp32_b - fp32) / fp32:.1%})  <- seed noise")
-        print(f"(accuracy part took {time.perf_counter() - t0:.0f} s)")
+        accuracy_check(args, device)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 
