@@ -84,6 +84,7 @@ from aecurves.config import (
     MAX_SEED,
     MAX_SEEDS,
     PRESETS,
+    SLURM,
     STUDY_SECTIONS,
     AlignConfig,
     EnsemblesConfig,
@@ -855,10 +856,13 @@ def run_study(cfg: dict) -> dict:
 def check_executor_flags(cfg: dict) -> None:
     """--slurm-* settings only with --executor slurm, --jobs/--devices/--gpus-per-train only with local (a value
     other than the default is a request the other executors would silently ignore)."""
+    fields = dataclasses.fields(StudyConfig)
     defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                for f in dataclasses.fields(StudyConfig)}
-    for executor, names in (("slurm", [k for k in defaults if k.startswith("slurm_")]),
-                            ("local", ["jobs", "devices", "gpus_per_train"])):
+                for f in fields}
+    # each executor's settings are those of its --help group (RuntimeConfig): the local one's share the group
+    # of --executor itself
+    for executor, group in (("slurm", SLURM), ("local", "executor")):
+        names = [f.name for f in fields if f.metadata.get("group") == group and f.name != "executor"]
         set_ = [k for k in names if cfg[k] != defaults[k]]
         if set_ and cfg["executor"] != executor:
             flags = ", ".join("--" + k.replace("_", "-") for k in set_)
