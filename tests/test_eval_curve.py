@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aecurves import metrics, plots, stats
+from aecurves import evaluation, metrics, plots, stats
 from aecurves.checkpoint import load_checkpoint, load_curve, save_checkpoint
 from aecurves.commands import eval_curve
 from aecurves.config import SUBSET_SEED, EvalCurveConfig, make
@@ -301,15 +301,15 @@ def test_a_vgg_loss_path_gets_its_bootstrap_interval_too(setup, tmp_path):
 
 def test_losses_choice(tmp_path):
     notes = []
-    loss_fn, perceptual = eval_curve.losses_for("mse", str(tmp_path / "missing.pt"), notes)
+    loss_fn, perceptual = evaluation.losses_for("mse", str(tmp_path / "missing.pt"), notes)
     assert isinstance(loss_fn, MSELoss) and perceptual is None
     assert "perceptual metrics omitted" in notes[0] and "missing.pt" in notes[0]
     with pytest.raises(UserError, match="trained with the vgg loss"):
-        eval_curve.losses_for("vgg", str(tmp_path / "missing.pt"), [])
+        evaluation.losses_for("vgg", str(tmp_path / "missing.pt"), [])
     with pytest.raises(UserError, match="--loss vgg was asked for, and evaluating"):  # not the checkpoint's loss
-        eval_curve.losses_for("vgg", str(tmp_path / "missing.pt"), [], asked=True)
+        evaluation.losses_for("vgg", str(tmp_path / "missing.pt"), [], asked=True)
     notes = []
-    loss_fn, perceptual = eval_curve.losses_for("vgg", "random", notes)
+    loss_fn, perceptual = evaluation.losses_for("vgg", "random", notes)
     assert perceptual is None and not loss_fn.perceptual and len(notes) == 2
 
 
@@ -349,9 +349,9 @@ def test_points_per_call_and_memory_format_change_the_speed_not_the_numbers(setu
 
 def test_ssim_is_left_out_with_a_note_for_images_smaller_than_its_window():
     notes = []
-    assert not eval_curve.ssim_fits(8, notes) and "SSIM omitted" in notes[0] and "11x11" in notes[0]
+    assert not evaluation.ssim_fits(8, notes) and "SSIM omitted" in notes[0] and "11x11" in notes[0]
     notes = []
-    assert eval_curve.ssim_fits(16, notes) and not notes
+    assert evaluation.ssim_fits(16, notes) and not notes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -562,12 +562,13 @@ def test_failed_run_leaves_previous_results_intact(setup, tmp_path, monkeypatch)
 
 
 def test_figures_name_the_pair():
-    subject = eval_curve.Subject("curve", None, None, {}, {}, "Bezier curve (3 bends)", None,
-                                 ["/s/endpoints/mse_seed1/checkpoint.pt", "/s/endpoints/mse_seed2/checkpoint.pt"],
-                                 "mse", [])
-    assert eval_curve.between_names(subject) == " between mse_seed1 and mse_seed2"
-    assert eval_curve.between_names(eval_curve.Subject("curve", None, None, {}, {}, "c", None, [None, None], "mse",
-                                                       [])) == ""
+    def subject(endpoints):
+        return eval_curve.Subject("curve", None, {}, "mse", segment=None, arch={}, label="Bezier curve (3 bends)",
+                                  checkpoint=None, endpoints=endpoints, notes=[])
+
+    pair = ["/s/endpoints/mse_seed1/checkpoint.pt", "/s/endpoints/mse_seed2/checkpoint.pt"]
+    assert eval_curve.between_names(subject(pair)) == " between mse_seed1 and mse_seed2"
+    assert eval_curve.between_names(subject([None, None])) == ""
 
 
 def test_bf16_evaluation_is_close_to_fp32_and_really_bf16(setup, segment_run, tmp_path):

@@ -4,8 +4,9 @@ import os
 
 import pytest
 
+from aecurves import files
 from aecurves.errors import UserError
-from aecurves.files import LOCK_NAME, atomic_path, folder_lock
+from aecurves.files import LOCK_NAME, atomic_path, folder_lock, write_all
 
 from conftest import TINY, run_cli
 
@@ -25,6 +26,26 @@ def test_atomic_path_keeps_the_old_file_on_failure_and_respects_the_umask(tmp_pa
     finally:
         os.umask(old)
     assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_write_all_renames_every_file_in_order_or_none(tmp_path, monkeypatch):
+    for name in ("a.npz", "b.png", "c.json"):
+        (tmp_path / name).write_text("old")
+
+    def boom(path):
+        path.write_text("half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):  # the second of three fails: the first is not renamed either
+        write_all({tmp_path / "a.npz": lambda p: p.write_text("new"), tmp_path / "b.png": boom,
+                   tmp_path / "c.json": lambda p: p.write_text("new")})
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == dict.fromkeys(("a.npz", "b.png", "c.json"), "old")
+    renamed = []
+    real = os.replace
+    monkeypatch.setattr(files.os, "replace", lambda src, dst: (renamed.append(os.path.basename(dst)), real(src, dst)))
+    write_all({tmp_path / name: lambda p, name=name: p.write_text(name) for name in ("a.npz", "b.png", "c.json")})
+    assert renamed == ["a.npz", "b.png", "c.json"]  # the record readers look for, last
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: n for n in ("a.npz", "b.png", "c.json")}
 
 
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):

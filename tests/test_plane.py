@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from aecurves import plots
 from aecurves.checkpoint import load_curve, save_checkpoint
 from aecurves.commands import eval_curve, plane
 from aecurves.config import EvalCurveConfig, PlaneConfig, make
@@ -331,3 +332,38 @@ def test_a_two_bend_curve_is_a_line(setup, tmp_path):
                                         "metrics": []})
     with pytest.raises(UserError, match="has 2 bends"):
         run_plane({**FAST, "ckpt": str(tmp_path / "c.pt"), "out": str(tmp_path / "out")})
+
+
+def test_failed_run_leaves_previous_results_intact(setup, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = {**FAST, "ckpt": str(setup["curve"]), "grid": 2, "curve_points": 5, "out": str(out), "overwrite": True}
+    run_plane(cfg)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"plane.json", "plane.npz", "plane.png"} <= set(before)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as m:
+        m.setattr(plots, "plot_plane", broken)  # fails after plane.npz was written, before plane.json
+        with pytest.raises(RuntimeError, match="boom"):
+            run_plane({**cfg, "grid": 3})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new npz, no temporary files
+    run_plane({**cfg, "grid": 3})  # and a run that succeeds does replace them
+    assert json.loads((out / "plane.json").read_text())["grid"]["points"] == 3
+    assert np.load(out / "plane.npz")["tr_loss"].shape == (3, 3)
+
+
+def test_plane_json_holds_the_record_keys_eval_curve_writes(curve_plane, setup, tmp_path):
+    """Both records are built by evaluation.record_keys: the same keys, and at the shared protocol the same
+    values."""
+    _, _, _, record = curve_plane
+    eval_curve.run(make(EvalCurveConfig, {**FAST, "ckpt": str(setup["curve"]), "num_points": 2, "segment_too": False,
+                                          "num_images": 0, "out": str(tmp_path)}))
+    eval_record = json.loads((tmp_path / "eval.json").read_text())
+    shared = ("loss", "loss_description", "data", "bn", "train_metric_images", "test_metric_images", "device",
+              "precision", "points_per_call", "memory_format", "compiled", "seconds", "config", "notes")
+    assert set(shared) <= set(record) and set(shared) <= set(eval_record)
+    for key in ("loss", "loss_description", "data", "bn", "train_metric_images", "test_metric_images", "device",
+                "precision", "points_per_call", "memory_format", "compiled"):
+        assert record[key] == eval_record[key], key

@@ -1,5 +1,5 @@
-"""Files written atomically (a temporary beside the target, renamed over it only when complete) and JSON read
-back tolerantly. No torch import: the data cache and the report use these too."""
+"""Files written atomically (a temporary beside the target, renamed over it only when complete), alone or as a
+set (write_all), and JSON read back tolerantly. No torch import: the data cache and the report use these too."""
 
 import contextlib
 import errno
@@ -10,6 +10,8 @@ import os
 import stat
 import uuid
 from pathlib import Path
+
+import numpy as np
 
 
 def new_temp_file(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> Path:
@@ -37,6 +39,24 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_all(writers: dict) -> None:
+    """Writes a set of files that belong together, {path: write}: each write(temporary) fills a temporary beside
+    its path, and only when every one of them has succeeded are they renamed into place, in the order given (so
+    the last, e.g. the JSON record that readers look for, appears only with the rest). A failure while writing
+    removes every temporary and leaves every previous file whole."""
+    with contextlib.ExitStack() as stack:
+        # entered last to first: the stack leaves them in reverse, so the renames follow the order given
+        temporaries = {path: stack.enter_context(atomic_path(path)) for path in reversed(list(writers))}
+        for path, write in writers.items():
+            write(temporaries[path])
+
+
+def save_npz(path: str | os.PathLike, arrays: dict) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append .npz to the name
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

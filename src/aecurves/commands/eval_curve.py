@@ -35,53 +35,46 @@ into place (eval.json last), so a failed or interrupted run never leaves partial
 earlier ones.
 """
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tabulate import tabulate
 
-from aecurves import plots, renormalize, runtime
+from aecurves import evaluation, plots, renormalize, runtime
 from aecurves.checkpoint import load_curve, load_endpoint_pair
-from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, VAL_FRACTION, EvalCurveConfig, as_record, validate
+from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, EvalCurveConfig, validate
 from aecurves.curves import Curve, make_segment, segment_of
-from aecurves.data import BatchLoader, check_outside_data, load_data
+from aecurves.data import BatchLoader, check_outside_data
 from aecurves.errors import UserError
-from aecurves.files import atomic_path, check_writable, folder_lock, write_json
-from aecurves.losses import make_loss
+from aecurves.files import check_writable, folder_lock, save_npz, write_all, write_json
 from aecurves.metrics import (
     ENSEMBLES,
-    choose_points_per_call,
     evaluate_ensembles,
     evaluate_path,
     fixed_subset,
-    protocol_loaders,
     reconstruct,
     reconstructions_along,
 )
 from aecurves.models import build_model
-from aecurves.ssim import SSIM_WINDOW
 from aecurves.stats import METRICS, SPLITS, STATS, bootstrap_barrier, summarize
 
 RECON_POINTS = 9  # reconstructions at t = 0, 1/8, ..., 1
 
 
 @dataclass
-class Subject:
-    """What is evaluated: a curve (and, unless told otherwise, the segment between its ends), or a segment."""
+class Subject(evaluation.Subject):
+    """What is evaluated (kind "curve" or "segment"): a curve (and, unless told otherwise, the segment between
+    its ends), or a segment."""
 
-    kind: str                 # "curve" or "segment"
-    path: Curve
     segment: Curve | None     # the curve's own segment, evaluated beside it
-    args: dict                # the checkpoint's run config (data, loss)
     arch: dict
     label: str
     checkpoint: str | None
     endpoints: list
-    loss: str
     notes: list
     segment_label: str = "segment"
     plan: renormalize.Plan | None = None  # with --renormalize: the layers corrected at every t
@@ -112,93 +105,65 @@ def run(cfg: EvalCurveConfig) -> dict:
 
 
 def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, data_record: dict) -> dict:
-    device = runtime.resolve_device(cfg.device)
-    loss_fn, perceptual_fn = losses_for(subject.loss, cfg.vgg_weights, subject.notes, asked=cfg.loss is not None)
-    loss_fn = loss_fn.to(device)
-    perceptual_fn = perceptual_fn.to(device) if perceptual_fn is not None else None
-    ssim = ssim_fits(data.image_size, subject.notes)
-
-    # fixed image subsets, drawn once
-    subject.path.to(device)  # the stratified subset is scored on the device
+    setup = evaluation.prepare(cfg, subject, data, data_record, subject.notes, extra_metrics=True)
     if subject.segment is not None:
-        subject.segment.to(device)
-    protocol = protocol_loaders(subject.path, data.train, data.test, cfg.bn_images, cfg.train_images, cfg.full,
-                                cfg.batch_size, device, cfg.memory_format)
-    subject.notes.extend(protocol.notes)
-    bn_loader, train_loader, test_loader = protocol.bn_loader, protocol.train_loader, protocol.test_loader
-    per_call = choose_points_per_call(cfg.points_per_call, device, subject.path.base, subject.path.weights(0.0),
-                                      next(iter(test_loader)))
-    fixed = data.test[: cfg.num_images].to(device).float().div(255)
-
+        subject.segment.to(setup.device)
+    protocol = setup.protocol
+    fixed = data.test[: cfg.num_images].to(setup.device).float().div(255)
     ts = np.linspace(0.0, 1.0, cfg.num_points)
-    print(f"data: {data.source}")
-    print(f"evaluating the {subject.label} at {len(ts)} points on {device} ({cfg.precision}, {protocol.memory_format}, "
-          f"{per_call} per call{', compiled' if cfg.compile else ''}): "
-          + ("BN statistics recomputed at each t; " if bn_loader else "no BN statistics; ")
-          + f"{protocol.subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
-    for note in subject.notes:
-        print(f"note: {note}")
-
+    evaluation.announce(setup, cfg, f"evaluating the {subject.label} at {len(ts)} points", each="t")
     check_writable(out)  # now, not after every point was computed
-    measured, stats_loader = subject, None
-    if subject.plan is not None:  # the same paths, each network corrected (renormalize.RenormalizedPath)
-        stats_loader = bn_loader or BatchLoader(data.train if cfg.full else fixed_subset(data.train, cfg.bn_images,
-                                                                                        SUBSET_SEED),
-                                                cfg.batch_size, device,
-                                                channels_last=protocol.memory_format == "channels_last")
-        measured = dataclasses.replace(subject, path=renormalized(subject.path, subject.plan, stats_loader, bn_loader),
-                                       segment=renormalized(subject.segment, subject.plan, stats_loader, bn_loader))
-    with runtime.autocast(device, cfg.precision):  # bf16: the forward passes only (see EvalCurveConfig)
-        results = evaluate_paths(measured, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                                 ssim, progress=not cfg.no_progress, points_per_call=per_call, compile=cfg.compile)
-        ensemble = None
-        if cfg.ensemble:
-            t0 = time.perf_counter()
-            ensemble = evaluate_ensembles(subject.path, cfg.ensemble, test_loader, bn_loader, ssim, fixed,
-                                          progress=not cfg.no_progress)
-            ensemble["seconds"] = time.perf_counter() - t0
+
+    measured, stats_loader = renormalized_subject(cfg, subject, setup) if subject.plan else (subject, None)
+    with runtime.autocast(setup.device, cfg.precision):  # bf16: the forward passes only (see EvalCurveConfig)
+        results = evaluate_paths(measured, ts, protocol.train_loader, protocol.test_loader, setup.loss_fn,
+                                 setup.perceptual_fn, protocol.bn_loader, fixed, setup.ssim,
+                                 progress=not cfg.no_progress, points_per_call=setup.per_call, compile=cfg.compile)
+        ensemble = timed_ensembles(cfg, subject, setup, fixed) if cfg.ensemble else None
     for prefix, label in results.labels.items():
         print_summary(label, results.summary, prefix)
     if ensemble is not None:
         print_ensemble(subject, ensemble, len(data.test))
 
-    record = {
-        "kind": subject.kind,
-        "checkpoint": subject.checkpoint,
-        "endpoints": subject.endpoints,
-        "path": {"curve": subject.path.curve_name, "num_bends": subject.path.num_bends}
-        if subject.kind == "curve" else {"curve": "segment", "num_bends": 2},
-        "segment_evaluated": subject.segment is not None,
-        "loss": subject.loss,
-        "loss_description": loss_fn.description,
-        "perceptual": perceptual_fn is not None,
-        "ssim": ssim,
-        "data": {**data_record, "source": data.source, "train_images": len(data.train), "test_images": len(data.test)},
-        "bn": {"recomputed": bn_loader is not None, "images": protocol.bn_images, "subset": protocol.subset,
-               "subset_seed": None if cfg.full else SUBSET_SEED},
-        "train_metric_images": protocol.train_images,
-        "test_metric_images": len(data.test),
-        "num_points": len(ts),
-        "reconstruction_ts": np.linspace(0.0, 1.0, RECON_POINTS).tolist() if results.recons else [],
-        "notes": subject.notes,
-        "device": str(device),
-        "precision": cfg.precision,
-        "points_per_call": per_call,
-        "memory_format": protocol.memory_format,
-        "compiled": cfg.compile,
-        "seconds": results.seconds,
-        "config": as_record(cfg),
-        "summary": results.summary,
-        "series": {k: np.asarray(v).tolist() for k, v in results.series.items() if "per_image" not in k},
-        "renormalize": subject.plan is not None,
-        "renormalization": renormalization_record(subject, measured, stats_loader) if subject.plan else None,
-    }
+    record = eval_record(cfg, subject, setup, results, ts)
+    if subject.plan is not None:
+        record["renormalization"] = renormalization_record(subject, measured, stats_loader)
     if ensemble is not None:
         record["ensemble"] = ensemble_record(ensemble, len(data.test))
     files = write_outputs(out, subject, results, fixed, record, ensemble)
     print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
     return {"out": str(out), "kind": subject.kind, "notes": subject.notes, "files": files, **results.summary,
             **({"ensemble": record["ensemble"]} if ensemble is not None else {})}
+
+
+def eval_record(cfg: EvalCurveConfig, subject: Subject, setup: evaluation.Setup, results: "PathResults",
+                ts) -> dict:
+    """eval.json without its "renormalization" and "ensemble" details (evaluate_subject adds them)."""
+    return {
+        "kind": subject.kind,
+        "checkpoint": subject.checkpoint,
+        "endpoints": subject.endpoints,
+        "path": {"curve": subject.path.curve_name, "num_bends": subject.path.num_bends}
+        if subject.kind == "curve" else {"curve": "segment", "num_bends": 2},
+        "segment_evaluated": subject.segment is not None,
+        "perceptual": setup.perceptual_fn is not None,
+        "ssim": setup.ssim,
+        "num_points": len(ts),
+        "reconstruction_ts": np.linspace(0.0, 1.0, RECON_POINTS).tolist() if results.recons else [],
+        **evaluation.record_keys(setup, cfg, results.seconds),
+        "summary": results.summary,
+        "series": {k: np.asarray(v).tolist() for k, v in results.series.items() if "per_image" not in k},
+        "renormalize": subject.plan is not None,
+        "renormalization": None,
+    }
+
+
+def timed_ensembles(cfg: EvalCurveConfig, subject: Subject, setup: evaluation.Setup, fixed) -> dict:
+    t0 = time.perf_counter()
+    ensemble = evaluate_ensembles(subject.path, cfg.ensemble, setup.protocol.test_loader, setup.protocol.bn_loader,
+                                  setup.ssim, fixed, progress=not cfg.no_progress)
+    ensemble["seconds"] = time.perf_counter() - t0
+    return ensemble
 
 
 def check_config(cfg: EvalCurveConfig) -> None:
@@ -239,10 +204,11 @@ def load_subject(cfg: EvalCurveConfig) -> Subject:
     if cfg.ckpt:
         curve, state = load_curve(cfg.ckpt, cfg.model)
         args = state.get("args", {})
-        return Subject("curve", curve, segment_of(curve) if cfg.segment_too else None, args,
-                       dict(state["model_config"]), f"{curve.curve_name} curve ({curve.num_bends} bends)",
-                       str(Path(cfg.ckpt).resolve()), [args.get("init_start"), args.get("init_end")],
-                       cfg.loss or args.get("loss") or "mse", [])
+        return Subject("curve", curve, args, cfg.loss or args.get("loss") or "mse",
+                       segment=segment_of(curve) if cfg.segment_too else None, arch=dict(state["model_config"]),
+                       label=f"{curve.curve_name} curve ({curve.num_bends} bends)",
+                       checkpoint=str(Path(cfg.ckpt).resolve()),
+                       endpoints=[args.get("init_start"), args.get("init_end")], notes=[])
     start, end = (str(Path(p).resolve()) for p in cfg.segment)
     a, b, arch = load_endpoint_pair(start, end, cfg.model, "--segment START END",
                                     data_chosen=bool(cfg.dataset or cfg.data_dir))
@@ -250,8 +216,9 @@ def load_subject(cfg: EvalCurveConfig) -> Subject:
     if cfg.loss is None and losses[0] != losses[1]:
         raise UserError(f"The endpoints were trained with different losses ({losses[0]} and {losses[1]}); pass "
                         f"--loss {losses[0]} or --loss {losses[1]} to say which one to evaluate along the segment.")
-    return Subject("segment", make_segment(build_model(arch), a["model"], b["model"]), None, a["args"], arch,
-                   "segment", None, [start, end], cfg.loss or losses[0], [])
+    return Subject("segment", make_segment(build_model(arch), a["model"], b["model"]), a["args"],
+                   cfg.loss or losses[0], segment=None, arch=arch, label="segment", checkpoint=None,
+                   endpoints=[start, end], notes=[])
 
 
 RENORMALIZED = ", renormalised"
@@ -286,6 +253,20 @@ def renormalized(path: Curve | None, plan, loader, bn_loader):
                                                                       RENORMALIZE_METHOD))
 
 
+def renormalized_subject(cfg: EvalCurveConfig, subject: Subject, setup: evaluation.Setup) -> tuple:
+    """(the same paths with each network corrected (renormalize.RenormalizedPath), the loader of the images the
+    correction is measured on): the BN images, or the same fixed subset where no BatchNorm reads them."""
+    protocol = setup.protocol
+    loader = protocol.bn_loader or BatchLoader(setup.data.train if cfg.full else fixed_subset(setup.data.train,
+                                                                                              cfg.bn_images,
+                                                                                              SUBSET_SEED),
+                                               cfg.batch_size, setup.device,
+                                               channels_last=protocol.memory_format == "channels_last")
+    measured = dataclasses.replace(subject, path=renormalized(subject.path, subject.plan, loader, protocol.bn_loader),
+                                   segment=renormalized(subject.segment, subject.plan, loader, protocol.bn_loader))
+    return measured, loader
+
+
 def renormalization_record(subject: Subject, measured: Subject, loader) -> dict:
     """eval.json's "renormalization": which layers were corrected, on which images, and how."""
     passes = {label: p.renormalizer.passes for label, p in ((subject.label, measured.path),
@@ -302,55 +283,14 @@ def renormalization_record(subject: Subject, measured: Subject, loader) -> dict:
 
 def load_subject_data(cfg: EvalCurveConfig, subject: Subject):
     """(the data, how it was chosen): the checkpoint's, unless overridden."""
-    args = subject.args
-    record = {"dataset": cfg.dataset or args.get("dataset"), "data_dir": cfg.data_dir or args.get("data_dir"),
-              "image_size": subject.arch["image_size"], "limit": args.get("limit"),
-              "val_fraction": args.get("val_fraction") or VAL_FRACTION,
-              "use_test": bool(cfg.use_test or args.get("use_test")),
-              "cache_dir": cfg.cache_dir}
-    if not record["dataset"]:
-        raise UserError("The checkpoint does not record its dataset; pass --dataset (and --data-dir).")
-    if record["data_dir"]:
-        record["data_dir"] = str(Path(record["data_dir"]).expanduser().resolve())
-    data = load_data(**record, progress=not cfg.no_progress)
+    data, record = evaluation.run_data(subject.args, subject.arch["image_size"], cfg, "The checkpoint does not "
+                                       "record its dataset; pass --dataset (and --data-dir).", cfg.dataset,
+                                       cfg.data_dir)
     if data.channels != subject.arch["channels"] or data.image_size != subject.arch["image_size"]:
         raise UserError(f"The data ({data.channels} channels, {data.image_size}px) does not fit the network "
                         f"({subject.arch['channels']} channels, {subject.arch['image_size']}px); drop the "
                         "--dataset/--data-dir overrides or pass data like the network was trained on.")
     return data, record
-
-
-def losses_for(loss_name: str, vgg_weights: str, notes: list, asked: bool = False):
-    """(loss_fn, perceptual_fn or None); records in `notes` why perceptual metrics are omitted. `asked`: the loss
-    came from --loss, not from the checkpoint (the error says which)."""
-    perceptual_fn = None
-    if vgg_weights == "random":
-        notes.append("perceptual metrics omitted: --vgg-weights random gives untrained VGG features, which do not "
-                     "measure perceptual similarity")
-    else:
-        try:
-            perceptual_fn = make_loss("vgg", vgg_weights)
-        except UserError as exc:
-            notes.append(f"perceptual metrics omitted: {getattr(exc, 'short', exc)}")
-    if loss_name == "vgg":
-        if perceptual_fn is not None:
-            return perceptual_fn, perceptual_fn
-        try:
-            loss_fn = make_loss("vgg", vgg_weights)
-        except UserError as exc:
-            why = "--loss vgg was asked for" if asked else "This network was trained with the vgg loss"
-            raise UserError(f"{why}, and evaluating that loss needs the VGG weights. {exc}") from None
-        notes.append("the training loss 'vgg' was evaluated with RANDOM VGG weights: not a perceptual loss")
-        return loss_fn, None
-    return make_loss(loss_name), perceptual_fn
-
-
-def ssim_fits(image_size: int, notes: list) -> bool:
-    """Whether SSIM is measured; records in `notes` why not (images smaller than its window)."""
-    if image_size >= SSIM_WINDOW:
-        return True
-    notes.append(f"SSIM omitted: {image_size}px images are smaller than its {SSIM_WINDOW}x{SSIM_WINDOW} window")
-    return False
 
 
 def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
@@ -435,41 +375,46 @@ def ensemble_arrays(ensemble: dict) -> dict:
 
 def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, record: dict,
                   ensemble: dict | None = None) -> dict:
-    """Every file is first written to a temporary beside it; only when all of them were written are they renamed
-    into place (eval.json last), so a failure leaves earlier results untouched. Returns {kind: path}."""
-    out.mkdir(parents=True, exist_ok=True)
-    names = {"json": "eval.json", "npz": "curve.npz", "loss_plot": "loss_along_path.png"}
-    for prefix in results.recons:
-        names["reconstructions" + ("_segment" if prefix else "")] = \
-            "reconstructions_segment.png" if prefix else "reconstructions.png"
+    """All files or none (files.write_all), eval.json last, so a failure leaves earlier results untouched.
+    Returns {kind: path}."""
+    between = between_names(subject)
+    arrays = {**results.series, **results.summary, **(ensemble_arrays(ensemble) if ensemble is not None else {})}
+    writers = {"npz": ("curve.npz", partial(save_npz, arrays=arrays)),
+               "loss_plot": ("loss_along_path.png", partial(plot_losses, subject=subject, results=results,
+                                                            between=between))}
+    for prefix, images in results.recons.items():
+        kind = "reconstructions" + ("_segment" if prefix else "")
+        title = f"{results.labels[prefix]}{between}: held-out images and their reconstructions"
+        writers[kind] = (f"{kind}.png", partial(plots.save_reconstruction_grid, fixed, recon_columns(images),
+                                                title=title))
     if ensemble is not None and ensemble["reconstructions"]:
-        names["ensemble"] = "ensemble.png"
-    files = {k: str(out / v) for k, v in names.items()}
-    with contextlib.ExitStack() as stack:
-        tmp = {k: stack.enter_context(atomic_path(out / v)) for k, v in names.items()}  # renamed in reverse order
-        save_npz(tmp["npz"], {**results.series, **results.summary,
-                              **(ensemble_arrays(ensemble) if ensemble is not None else {})})
-        loss_label = "VGG perceptual loss" if subject.loss == "vgg" else "MSE loss"
-        plot_series = [plots.series_from_results(results.series, subject.label, color="C0")]
-        if subject.segment is not None:
-            plot_series.append(plots.series_from_results(results.series, subject.segment_label, prefix="segment_",
-                                                         linestyle="--", color="C0"))
-        between = between_names(subject)
-        plots.plot_loss_along_paths(plot_series, tmp["loss_plot"], ylabel=loss_label,
-                                    title=f"{loss_label} along the {subject.label}{between}")
-        labels = [f"t={t:g}" for t in np.linspace(0.0, 1.0, RECON_POINTS)]
-        for prefix, images in results.recons.items():
-            key = "reconstructions" + ("_segment" if prefix else "")
-            plots.save_reconstruction_grid(fixed, list(zip(labels, images)), tmp[key],
-                                           title=f"{results.labels[prefix]}{between}: held-out images and their "
-                                                 "reconstructions")
-        if "ensemble" in names:
-            k = len(ensemble["ts"])
-            rows = [(ENSEMBLE_LABELS[name].format(k=k), ensemble["reconstructions"][name]) for name in PICTURE_ROWS]
-            plots.save_labelled_rows([("original", fixed), *rows], tmp["ensemble"],
-                                     title=f"ensembles of the {subject.label}{between}: held-out images")
-        write_json(tmp["json"], {**record, "files": files})
+        writers["ensemble"] = ("ensemble.png", partial(plot_ensemble, subject=subject, ensemble=ensemble,
+                                                       fixed=fixed, between=between))
+    files = {"json": str(out / "eval.json"), **{k: str(out / name) for k, (name, _) in writers.items()}}
+    writers["json"] = ("eval.json", lambda p: write_json(p, {**record, "files": files}))
+    write_all({out / name: write for name, write in writers.values()})
     return files
+
+
+def plot_losses(path: Path, subject: Subject, results: PathResults, between: str) -> None:
+    loss_label = "VGG perceptual loss" if subject.loss == "vgg" else "MSE loss"
+    plot_series = [plots.series_from_results(results.series, subject.label, color="C0")]
+    if subject.segment is not None:
+        plot_series.append(plots.series_from_results(results.series, subject.segment_label, prefix="segment_",
+                                                     linestyle="--", color="C0"))
+    plots.plot_loss_along_paths(plot_series, path, ylabel=loss_label,
+                                title=f"{loss_label} along the {subject.label}{between}")
+
+
+def recon_columns(images: list) -> list:
+    return list(zip([f"t={t:g}" for t in np.linspace(0.0, 1.0, RECON_POINTS)], images))
+
+
+def plot_ensemble(path: Path, subject: Subject, ensemble: dict, fixed, between: str) -> None:
+    k = len(ensemble["ts"])
+    rows = [(ENSEMBLE_LABELS[name].format(k=k), ensemble["reconstructions"][name]) for name in PICTURE_ROWS]
+    plots.save_labelled_rows([("original", fixed), *rows], path,
+                             title=f"ensembles of the {subject.label}{between}: held-out images")
 
 
 def between_names(subject: Subject) -> str:
@@ -477,8 +422,3 @@ def between_names(subject: Subject) -> str:
     names = [Path(p).parent.name or Path(p).stem for p in subject.endpoints if p]
     return f" between {names[0]} and {names[1]}" if len(names) == 2 else ""
 
-
-def save_npz(path: Path, arrays: dict) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # a file object: np.savez would otherwise append .npz to the name
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})

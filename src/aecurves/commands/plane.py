@@ -28,7 +28,6 @@ loss, filled contours on one log scale, with the three points, the curve and the
 written only when every point was evaluated, each to a temporary renamed into place (plane.json last).
 """
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -37,17 +36,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from tabulate import tabulate
-from torch import nn
 
-from aecurves import plots, runtime
+from aecurves import evaluation, plots, runtime
 from aecurves.checkpoint import load_curve, load_endpoints
-from aecurves.config import SUBSET_SEED, VAL_FRACTION, PlaneConfig, as_record, validate
+from aecurves.config import PlaneConfig, validate
 from aecurves.curves import Curve, make_segment
-from aecurves.data import check_outside_data, load_run_data
+from aecurves.data import check_outside_data
 from aecurves.errors import UserError
-from aecurves.files import atomic_path, check_writable, folder_lock, write_json
-from aecurves.losses import make_loss
-from aecurves.metrics import choose_points_per_call, evaluate_points, protocol_loaders
+from aecurves.files import check_writable, folder_lock, save_npz, write_all, write_json
+from aecurves.metrics import evaluate_points
 from aecurves.models import build_model
 from aecurves.plane_geometry import evaluate_grid, grid_axes, plane_through, prefixed
 
@@ -55,18 +52,15 @@ DEFAULT_POINTS_OUT = "runs/plane"
 
 
 @dataclass
-class Subject:
-    """The three networks that span the plane, and what they came from."""
+class Subject(evaluation.Subject):
+    """The three networks that span the plane (kind "curve" or "points"), and what they came from; `path` is the
+    curve, or the segment A–C."""
 
-    kind: str                 # "curve" or "points"
     flats: list               # θ₀, θ₁, θ₂ as flat vectors of the base's parameters
     labels: tuple             # their names on the figure
-    path: Curve               # the curve, or the segment A–C: the base module, and the protocol's start endpoint
     curve: Curve | None
     middle: int | None        # the curve's bend taken as θ₁
-    args: dict                # the run config whose data and loss are used
     inputs: list              # the checkpoint files
-    loss: str
 
 
 def run(cfg: PlaneConfig) -> dict:
@@ -84,40 +78,17 @@ def run(cfg: PlaneConfig) -> dict:
 
 
 def evaluate_plane(cfg: PlaneConfig, out: Path, subject: "Subject", plane, data, data_record: dict) -> dict:
-    device = runtime.resolve_device(cfg.device)
     margins = {side: getattr(cfg, f"margin_{side}") if getattr(cfg, f"margin_{side}") is not None else cfg.margin
                for side in ("left", "right", "bottom", "top")}
     alphas, betas, grid = grid_axes(plane, cfg.grid, *margins.values())
     ts = np.linspace(0.0, 1.0, cfg.curve_points)
     projections = project_paths(subject, plane, ts)
-    loss_fn = losses_for(subject.loss, cfg.vgg_weights, asked=cfg.loss is not None).to(device)
-    path = subject.path.to(device)
-    protocol = protocol_loaders(path, data.train, data.test, cfg.bn_images, cfg.train_images, cfg.full,
-                                cfg.batch_size, device, cfg.memory_format)
-    bn_loader, train_loader, test_loader = protocol.bn_loader, protocol.train_loader, protocol.test_loader
-    per_call = choose_points_per_call(cfg.points_per_call, device, path.base,
-                                      path.unflatten(subject.flats[0].to(device)), next(iter(test_loader)))
-
-    print(f"data: {data.source}")
-    print(f"the plane through {', '.join(subject.labels)}: dx = {plane.dx:.4f}, dy = {plane.dy:.4f}; a {cfg.grid}x"
-          f"{cfg.grid} grid on {device} ({cfg.precision}, {protocol.memory_format}, {per_call} per call): "
-          + ("BN statistics recomputed at each point; " if bn_loader else "no BN statistics; ")
-          + f"{protocol.subset}; test metrics on {len(data.test)} held-out images; loss: {loss_fn.description}")
+    setup = evaluation.prepare(cfg, subject, data, data_record, [], extra_metrics=False)
+    evaluation.announce(setup, cfg, f"the plane through {', '.join(subject.labels)}: dx = {plane.dx:.4f}, dy = "
+                                    f"{plane.dy:.4f}; a {cfg.grid}x{cfg.grid} grid", each="point")
     check_writable(out)  # now, not after every point was computed
 
-    for note in protocol.notes:
-        print(f"note: {note}")
-    t0 = time.perf_counter()
-    with runtime.autocast(device, cfg.precision):  # bf16: the forward passes only, as in eval-curve
-        bends = [prefixed(row) for row in evaluate_points(path.base, path.unflatten, lambda f: f.detach().to(device),
-                                                          subject.flats, train_loader, test_loader, loss_fn,
-                                                          bn_loader=bn_loader, points_per_call=per_call)]
-        t1 = time.perf_counter()
-        values = evaluate_grid(path.base, path.unflatten, plane, grid, train_loader, test_loader, loss_fn, bn_loader,
-                               progress=not cfg.no_progress, points_per_call=per_call)
-    seconds = time.perf_counter() - t0
-    per_point = (seconds - (t1 - t0)) / cfg.grid**2
-
+    bends, values, seconds, per_point = evaluate_bends_and_grid(cfg, subject, plane, grid, setup)
     bend_coordinates = np.stack([plane.coordinates(f) for f in subject.flats])
     arrays = {"alphas": alphas, "betas": betas, "grid": grid, "bend_coordinates": bend_coordinates, "ts": ts,
               **projections, **values,
@@ -139,29 +110,34 @@ def evaluate_plane(cfg: PlaneConfig, out: Path, subject: "Subject", plane, data,
                   "curve_max_distance": float(projections["curve_distance"].max())
                   if "curve_distance" in projections else None},
         "grid": {"points": cfg.grid, "margins": margins, "alphas": alphas.tolist(), "betas": betas.tolist()},
-        "loss": subject.loss,
-        "loss_description": loss_fn.description,
-        "data": {**data_record, "source": data.source, "train_images": len(data.train), "test_images": len(data.test)},
-        "bn": {"recomputed": bn_loader is not None, "images": protocol.bn_images, "subset": protocol.subset,
-               "subset_seed": None if cfg.full else SUBSET_SEED},
-        "train_metric_images": protocol.train_images,
-        "test_metric_images": len(data.test),
         "bends": [{"label": label, "coordinates": xy.tolist(), **b}
                   for label, xy, b in zip(subject.labels, bend_coordinates, bends)],
         "summary": summary,
-        "device": str(device),
-        "precision": cfg.precision,
-        "points_per_call": per_call,
-        "memory_format": protocol.memory_format,
-        "notes": protocol.notes,
-        "seconds": seconds,
+        **evaluation.record_keys(setup, cfg, seconds),
         "seconds_per_point": per_point,
-        "config": as_record(cfg),
     }
     files = write_outputs(out, subject, arrays, record)
     print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
     return {"out": str(out), "kind": subject.kind, "files": files, "seconds": seconds,
             "seconds_per_point": per_point, **summary}
+
+
+def evaluate_bends_and_grid(cfg: PlaneConfig, subject: Subject, plane, grid, setup: evaluation.Setup) -> tuple:
+    """(the three bends' metrics, the grid's, seconds in all, seconds per grid point). The bends are evaluated
+    directly, so their values are exact even where they fall between grid nodes."""
+    path, protocol, device = subject.path, setup.protocol, setup.device
+    t0 = time.perf_counter()
+    with runtime.autocast(device, cfg.precision):  # bf16: the forward passes only, as in eval-curve
+        bends = [prefixed(row) for row in evaluate_points(path.base, path.unflatten, lambda f: f.detach().to(device),
+                                                          subject.flats, protocol.train_loader, protocol.test_loader,
+                                                          setup.loss_fn, bn_loader=protocol.bn_loader,
+                                                          points_per_call=setup.per_call)]
+        t1 = time.perf_counter()
+        values = evaluate_grid(path.base, path.unflatten, plane, grid, protocol.train_loader, protocol.test_loader,
+                               setup.loss_fn, protocol.bn_loader, progress=not cfg.no_progress,
+                               points_per_call=setup.per_call)
+    seconds = time.perf_counter() - t0
+    return bends, values, seconds, (seconds - (t1 - t0)) / cfg.grid**2
 
 
 def check_config(cfg: PlaneConfig) -> None:
@@ -199,8 +175,8 @@ def load_subject(cfg: PlaneConfig) -> Subject:
         args = state.get("args", {})
         flats = [curve.bends[k].detach() for k in (0, middle, curve.num_bends - 1)]
         labels = ("θ₀", f"θ{subscript(middle)}", f"θ{subscript(curve.num_bends - 1)}")
-        return Subject("curve", flats, labels, curve, curve, middle, args, [str(Path(cfg.ckpt).resolve())],
-                       cfg.loss or args.get("loss") or "mse")
+        return Subject("curve", curve, args, cfg.loss or args.get("loss") or "mse", flats=flats, labels=labels,
+                       curve=curve, middle=middle, inputs=[str(Path(cfg.ckpt).resolve())])
     paths = [str(Path(p).resolve()) for p in cfg.points]
     states, arch = load_points(paths, cfg.model)
     losses = [s["args"].get("loss") or "mse" for s in states]
@@ -209,8 +185,8 @@ def load_subject(cfg: PlaneConfig) -> Subject:
                         "mse or --loss vgg to say which one to evaluate over the plane.")
     segment = make_segment(build_model(arch), states[0]["model"], states[2]["model"])
     flats = [segment.flatten(s["model"]) for s in states]
-    return Subject("points", flats, ("A", "B", "C"), segment, None, None, states[0]["args"], paths,
-                   cfg.loss or losses[0])
+    return Subject("points", segment, states[0]["args"], cfg.loss or losses[0], flats=flats, labels=("A", "B", "C"),
+                   curve=None, middle=None, inputs=paths)
 
 
 def subscript(k: int) -> str:
@@ -237,28 +213,9 @@ def project_paths(subject: Subject, plane, ts: np.ndarray) -> dict:
 
 def load_subject_data(cfg: PlaneConfig, subject: Subject):
     """(the data, how it was chosen): the run's, as eval-curve takes it."""
-    args = subject.args
-    if not args.get("dataset"):
-        raise UserError(f"The checkpoint {subject.inputs[0]} does not record its dataset, so the plane cannot be "
-                        "evaluated on its data.")
-    record = {"dataset": args["dataset"], "data_dir": args.get("data_dir"), "image_size": args["image_size"],
-              "limit": args.get("limit"), "val_fraction": args.get("val_fraction") or VAL_FRACTION,
-              "use_test": bool(cfg.use_test or args.get("use_test"))}
-    if record["data_dir"]:
-        record["data_dir"] = str(Path(record["data_dir"]).expanduser().resolve())
-    data = load_run_data(record, cfg.cache_dir, progress=not cfg.no_progress)
-    return data, {**record, "cache_dir": cfg.cache_dir}
-
-
-def losses_for(loss_name: str, vgg_weights: str, asked: bool = False) -> nn.Module:
-    """The loss evaluated over the plane; `asked`: it came from --loss, not from the checkpoints."""
-    if loss_name != "vgg":
-        return make_loss(loss_name)
-    try:
-        return make_loss("vgg", vgg_weights)
-    except UserError as exc:
-        why = "--loss vgg was asked for" if asked else "The networks were trained with the vgg loss"
-        raise UserError(f"{why}, and evaluating it needs the VGG weights. {exc}") from None
+    return evaluation.run_data(subject.args, subject.args.get("image_size"), cfg,
+                               f"The checkpoint {subject.inputs[0]} does not record its dataset, so the plane cannot "
+                               "be evaluated on its data.")
 
 
 def summarize(subject: Subject, values: dict, bends: list) -> dict:
@@ -283,17 +240,12 @@ def print_summary(subject: Subject, coordinates, bends, summary: dict, seconds: 
 
 
 def write_outputs(out: Path, subject: Subject, arrays: dict, record: dict) -> dict:
-    """Each file goes to a temporary beside it, renamed into place only when all were written (plane.json
-    last), so a failure leaves earlier results untouched. Returns {kind: path}."""
-    out.mkdir(parents=True, exist_ok=True)
-    names = {"json": "plane.json", "npz": "plane.npz", "plot": "plane.png"}
-    files = {k: str(out / v) for k, v in names.items()}
-    with contextlib.ExitStack() as stack:
-        tmp = {k: stack.enter_context(atomic_path(out / v)) for k, v in names.items()}  # renamed in reverse order
-        with open(tmp["npz"], "wb") as f:  # a file object: np.savez would otherwise append .npz to the name
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-        plot(tmp["plot"], subject, arrays, record)
-        write_json(tmp["json"], {**record, "files": files})
+    """All files or none (files.write_all), plane.json last, so a failure leaves earlier results untouched.
+    Returns {kind: path}."""
+    files = {k: str(out / name) for k, name in (("json", "plane.json"), ("npz", "plane.npz"), ("plot", "plane.png"))}
+    write_all({out / "plane.npz": lambda p: save_npz(p, arrays),
+               out / "plane.png": lambda p: plot(p, subject, arrays, record),
+               out / "plane.json": lambda p: write_json(p, {**record, "files": files})})
     return files
 
 
