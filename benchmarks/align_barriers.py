@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from aecurves.records import EvalRecord
+
 METHODS = ["activations:permutation:pre", "weights-raw:permutation", "weights:permutation", "both:permutation",
            "mixed:permutation:pre:alpha=0.25", "mixed:permutation:pre:alpha=0.5", "mixed:permutation:pre:alpha=0.75",
            "learned:permutation:pre:steps=200"]
@@ -56,7 +58,7 @@ def parse_method(spec: str) -> tuple[str, list]:
 
 
 def barrier_of(folder: Path) -> float:
-    return json.loads((folder / "eval.json").read_text())["summary"]["te_barrier"]
+    return EvalRecord.from_json(json.loads((folder / "eval.json").read_text())).flat_summary()["te_barrier"]
 
 
 def evaluate(a, b, folder: Path, args, *extra) -> float:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from aecurves.commands import eval_curve
 from aecurves.config import EvalCurveConfig, make
+from aecurves.records import EvalRecord
 
 VARIANTS = [("plain", False, False, None), ("renormalised", True, False, "layerwise"),
             ("renormalised, output layer corrected too", True, True, "layerwise"),
@@ -73,7 +74,7 @@ def main() -> None:
                 continue
             folder = out / f"eval_{pair}_{segment.replace(' ', '_')}_{SUFFIXES[name]}"
             record = evaluate(a, end, folder, renorm, output, method, args)
-            s = record["summary"]
+            s = EvalRecord.from_json(record).flat_summary()
             ts = record["series"]["ts"]
             if naive is None:
                 naive = s["te_barrier"]

@@ -20,6 +20,7 @@ from aecurves.files import LOCK_NAME
 from aecurves.losses import MSELoss
 from aecurves.metrics import evaluate as measure
 from aecurves.models import ConvAutoencoder, build_model
+from aecurves.records import EvalRecord
 
 from conftest import run_cli, train_briefly
 
@@ -153,6 +154,9 @@ def test_segment_length_is_the_distance_between_endpoints(setup, segment_run):
 def test_segment_outputs_agree(segment_run):
     out, summary = segment_run
     record = json.loads((out / "eval.json").read_text())
+    flat = EvalRecord.from_json(record).flat_summary()
+    assert record["format_version"] == EvalRecord.FORMAT == 2 and "summary" not in record
+    assert set(record["paths"]) == {"segment"}  # a segment-only evaluation: its one path
     npz = dict(np.load(out / "curve.npz"))
     series_keys = ["ts", "dl"] + [f"{s}_{m}" for s in ("tr", "te") for m in ("loss", "mse", "psnr")]
     scalar_keys = ["length", "tr_barrier", "te_barrier"] + [
@@ -161,7 +165,7 @@ def test_segment_outputs_agree(segment_run):
         assert npz[k].shape == (3,), k
         assert np.array_equal(npz[k], np.asarray(record["series"][k])), k
     for k in scalar_keys:
-        assert float(npz[k]) == record["summary"][k] == summary[k], k
+        assert float(npz[k]) == flat[k] == summary[k], k
     assert np.array_equal(npz["ts"], np.linspace(0, 1, 3))
     # the summary really is computed from the series
     assert summary["te_loss_min"] == npz["te_loss"].min() and summary["tr_mse_max"] == npz["tr_mse"].max()
@@ -186,10 +190,13 @@ def test_curve_run_with_its_segment(setup, curve_run):
     assert out == setup["curve"].parent / "eval"  # the default output folder
     npz = dict(np.load(out / "curve.npz"))
     record = json.loads((out / "eval.json").read_text())
+    flat = EvalRecord.from_json(record).flat_summary()
+    assert set(record["paths"]) == {"curve", "segment"} and "summary" not in record
+    assert record["paths"]["segment"]["te_barrier"] == flat["segment_te_barrier"]
     for k in ("ts", "dl", "tr_loss", "te_loss", "tr_mse", "te_psnr"):
         assert npz[k].shape == (5,) and npz["segment_" + k].shape == (5,), k
     for k in ("length", "tr_barrier", "te_barrier", "te_loss_int", "te_loss_min", "tr_loss_max", "te_mse_avg"):
-        assert float(npz["segment_" + k]) == record["summary"]["segment_" + k] == summary["segment_" + k], k
+        assert float(npz["segment_" + k]) == flat["segment_" + k] == summary["segment_" + k], k
     # both paths start and end at the same networks, evaluated with the same fixed BN subset
     assert npz["te_loss"][0] == pytest.approx(npz["segment_te_loss"][0], rel=1e-6)
     assert npz["te_loss"][-1] == pytest.approx(npz["segment_te_loss"][-1], rel=1e-6)
@@ -210,7 +217,7 @@ def test_curve_run_with_its_segment(setup, curve_run):
             assert per_image.shape == (5, record["test_metric_images"])
             assert per_image.mean(1) == pytest.approx(npz[prefix + "te_" + metric], rel=1e-5)
         lo, hi = summary[prefix + "te_barrier_lo"], summary[prefix + "te_barrier_hi"]
-        assert lo <= summary[prefix + "te_barrier"] <= hi and record["summary"][prefix + "te_barrier_hi"] == hi
+        assert lo <= summary[prefix + "te_barrier"] <= hi and flat[prefix + "te_barrier_hi"] == hi
     assert not any("per_image" in k for k in record["series"])
     for name in ("loss_along_path.png", "reconstructions.png", "reconstructions_segment.png"):
         with Image.open(out / name) as im:
@@ -321,12 +328,13 @@ def test_ssim_along_the_curve_and_its_segment(curve_run):
     out, summary = curve_run
     npz = dict(np.load(out / "curve.npz"))
     record = json.loads((out / "eval.json").read_text())
+    flat = EvalRecord.from_json(record).flat_summary()
     assert record["ssim"] and record["loss"] == "mse"  # trained with MSE, measured by SSIM too
     for k in ("tr_ssim", "te_ssim", "segment_tr_ssim", "segment_te_ssim"):
         assert npz[k].shape == (5,) and np.array_equal(npz[k], np.asarray(record["series"][k])), k
         assert np.all((npz[k] > 0) & (npz[k] < 1)), k
     for k in ("te_ssim_int", "te_ssim_min", "segment_te_ssim_max", "tr_ssim_start"):
-        assert float(npz[k]) == record["summary"][k] == summary[k], k
+        assert float(npz[k]) == flat[k] == summary[k], k
     # the curve and its segment share their ends
     assert npz["te_ssim"][0] == pytest.approx(npz["segment_te_ssim"][0], rel=1e-6)
 

@@ -17,6 +17,7 @@ import torch
 
 from aecurves.commands import study
 from aecurves.config import StudyConfig, as_record, make, to_toml
+from aecurves.records import EvalRecord
 
 from conftest import run_cli
 from slurm_cluster import skip_reason, slurm_cluster
@@ -47,7 +48,7 @@ def numbers(root: Path) -> dict:
     found = {}
     for record in sorted(root.rglob("eval.json")):
         rel = str(record.relative_to(root))
-        found[rel] = json.loads(record.read_text())["summary"]
+        found[rel] = EvalRecord.from_json(json.loads(record.read_text())).flat_summary()
         npz = record.with_name("curve.npz")
         with np.load(npz) as arrays:
             found[rel + ":npz"] = {k: arrays[k] for k in arrays.files}

@@ -16,6 +16,7 @@ from torchvision.utils import make_grid, save_image
 from aecurves import files, plots, report
 from aecurves.cli import main
 from aecurves.errors import UserError
+from aecurves.records import EvalRecord
 from aecurves.report import conclusions, model
 from aecurves.report.model import Interval
 from aecurves.stats import summarize
@@ -134,7 +135,8 @@ def add_alignment(root: Path) -> None:
                     aligned_endpoint=f"aligned/mse_seed{b}-to-seed{a}")
         _write_eval(root / pair["aligned_eval"], "mse", (ENDS[a], ENDS[b]), seg_bump, cur_bump)
         (root / pair["aligned_endpoint"]).mkdir(parents=True)
-        (root / pair["aligned_endpoint"] / "study_stage.json").write_text(json.dumps({"result": {"seconds": 2.5}}))
+        (root / pair["aligned_endpoint"] / "study_stage.json").write_text(json.dumps(  # as study.py wrote it in 0.1
+            {"stage": f"align mse seed {b} to {a}", "status": "done", "inputs": {}, "result": {"seconds": 2.5}}))
     (root / "study.json").write_text(json.dumps(study))
 
 
@@ -188,7 +190,8 @@ def test_report_from_files_alone(tmp_path):
     assert saved["inputs_fingerprint"] == record["inputs_fingerprint"] == report.inputs_fingerprint(root)
     assert saved["format_version"] == report.REPORT_VERSION == 5
     g = saved["groups"]["mse"]
-    ev = json.loads((root / "curves/mse_seed1-seed3/eval/eval.json").read_text())["summary"]
+    ev = EvalRecord.from_json(json.loads((root / "curves/mse_seed1-seed3/eval/eval.json").read_text()))
+    ev = ev.flat_summary()
     p13 = g["pairs"][1]
     assert p13["seeds"] == [1, 3]
     assert p13["curve"]["te_barrier"] == ev["te_barrier"] and p13["segment"]["te_barrier"] == ev["segment_te_barrier"]
@@ -848,9 +851,9 @@ def _drop_summary(key):
 
 
 @pytest.mark.parametrize("damage, reason", [
-    (_set_summary("te_barrier", "0.02"), 'summary.te_barrier is "0.02", not a number'),
-    (_set_summary("te_psnr_min", True), "summary.te_psnr_min is true, not a number"),
-    (_drop_summary("te_psnr_start"), "summary has no te_psnr_start"),
+    (_set_summary("te_barrier", "0.02"), 'paths.curve.te_barrier is "0.02", not a number'),
+    (_set_summary("te_psnr_min", True), "paths.curve.te_psnr_min is true, not a number"),
+    (_drop_summary("te_psnr_start"), "paths.curve has no te_psnr_start"),
     (_set("summary", [1, 2]), "summary is [1, 2], not an object"),
     (_set("summary", None), "summary is null, not an object"),
     (_set("notes", "a note"), 'notes is "a note", not a list'),
@@ -1158,3 +1161,30 @@ def test_equal_budget_table_from_the_files(tmp_path):
     # the files it read are the report's inputs
     assert "ensembles/mse_seed1-seed3/ensembles.json" in report.input_files(root)
     assert "fge/mse_seed2/fge.json" in report.input_files(root)
+
+
+def _leaves(value, at=""):
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() if key not in ("generated_at", "inputs_fingerprint")
+                for k, v in _leaves(sub, f"{at}.{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, sub in enumerate(value) for k, v in _leaves(sub, f"{at}[{i}]").items()}
+    return {at: value}
+
+
+def test_eval_json_of_the_last_release_and_of_this_one_give_the_same_report(tmp_path):
+    """eval.json in the layout the last release wrote ("summary", segment_ prefixes; make_study writes it) and in
+    this one's (records.EvalRecord: format_version 2, paths.curve / paths.segment) give the same report."""
+    old = make_study(tmp_path / "old")
+    shutil.copytree(old, tmp_path / "new")
+    new = tmp_path / "new"
+    converted = 0
+    for path in sorted(new.rglob("eval.json")):
+        record = json.loads(path.read_text())
+        assert "summary" in record and "format_version" not in record
+        path.write_text(json.dumps(EvalRecord.from_json(record).to_json()))
+        converted += 1
+    assert converted >= 3
+    assert main(["report", str(old)]) == 0 and main(["report", str(new)]) == 0
+    before, after = (_leaves(json.loads((r / "report.json").read_text())) for r in (old, new))
+    assert before == after and not json.loads((new / "report.json").read_text()).get("damaged")

@@ -17,6 +17,7 @@ from aecurves.cli import parse
 from aecurves.commands import study
 from aecurves.config import StudyConfig, as_record, make
 from aecurves.errors import UserError
+from aecurves.records import EvalRecord
 
 from conftest import run_cli
 
@@ -126,7 +127,8 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
 
     record = json.loads((root / EVAL / "eval.json").read_text())
     assert record["num_points"] == 5 and record["segment_evaluated"]
-    summary = record["summary"]
+    assert record["format_version"] == EvalRecord.FORMAT and set(record["paths"]) == {"curve", "segment"}
+    summary = EvalRecord.from_json(record).flat_summary()  # curve.npz's flat keys
     with np.load(root / EVAL / "curve.npz") as npz:
         assert len(npz["ts"]) == 5 and len(npz["segment_ts"]) == 5
         for k in ("te_barrier", "segment_te_barrier", "length", "segment_length", "te_loss_max"):
@@ -159,13 +161,13 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
     extra = load_checkpoint(root / EXTRAS[0], "endpoint")
     assert extra["args"]["init"] == str((root / ENDPOINTS[0]).resolve())
     assert (extra["epoch"], extra["args"]["lr"], extra["args"]["lr_schedule"]) == (2, 3e-3, "paper")
-    a = json.loads((root / ALIGNED_EVAL / "eval.json").read_text())["summary"]
+    a = EvalRecord.from_json(json.loads((root / ALIGNED_EVAL / "eval.json").read_text())).flat_summary()
     # B and aligned B compute the same function: the same held-out loss at t = 1 (BN recomputed alike)
     assert a["te_loss_end"] == pytest.approx(summary["te_loss_end"], rel=1e-4)
     base = json.loads((root / BASELINE / "eval.json").read_text())
     assert base["num_points"] == 2 and base["endpoints"] == [str((root / e).resolve()) for e in EXTRAS]
     better, extra_best = min(summary["te_loss_start"], summary["te_loss_end"]), \
-        min(base["summary"]["te_loss_start"], base["summary"]["te_loss_end"])
+        min(base["paths"]["segment"]["te_loss_start"], base["paths"]["segment"]["te_loss_end"])
     paths = pair["paths"]
     assert paths["aligned_segment"]["barrier"] == a["segment_te_barrier"] and paths["aligned_curve"]["barrier"] == \
         a["te_barrier"]
@@ -175,9 +177,12 @@ def test_study_end_to_end_layout_and_report_numbers(finished):
     assert paths["aligned_curve"]["best_vs_extra"] == pytest.approx((a["te_loss_min"] - extra_best) / extra_best)
     ens = json.loads((root / EVAL / "eval.json").read_text())["ensemble"]  # the study's --ensemble 5
     assert ens["k"] == 5 and pair["ensemble"] == ens
-    assert pair["extra_endpoint"]["mse"] == min(base["summary"]["te_mse_start"], base["summary"]["te_mse_end"])
+    assert pair["extra_endpoint"]["mse"] == min(base["paths"]["segment"]["te_mse_start"],
+                                                base["paths"]["segment"]["te_mse_end"])
     plane = json.loads((root / "curves/mse_seed1-seed2/plane/plane.json").read_text())
     assert plane["config"]["grid"] == 4 and g["plane"]["summary"] == plane["summary"]
+    stage = json.loads((root / "endpoints/mse_seed1/study_stage.json").read_text())
+    assert plane["format_version"] == stage["format_version"] == 2 and stage["status"] == "done"  # records.py
     one = s["paths"]["aligned_curve"]["barrier"]  # one pair: the mean, no interval
     assert (one["n"], one["mean"], one["lo"]) == (1, a["te_barrier"], None)
 
@@ -656,7 +661,7 @@ def test_equal_budget_table_matches_a_hand_computation_from_the_files(finished):
     for key, entry in (("curve_ensemble", "path_average"), ("endpoint_average", "endpoint_average")):
         assert {m: rows[key][m] for m in ("mse", "psnr", "ssim")} == {m: entries[entry][m] for m in ("mse", "psnr",
                                                                                                       "ssim")}
-    base = json.loads((root / BASELINE / "eval.json").read_text())["summary"]
+    base = json.loads((root / BASELINE / "eval.json").read_text())["paths"]["segment"]
     assert rows["extra_best"]["mse"] == min(base["te_mse_start"], base["te_mse_end"])
     assert rows["extra_best"]["psnr"] == max(base["te_psnr_start"], base["te_psnr_end"])
     # (c): the FGE snapshots of both endpoints' runs, from their files; each run alone equals its own fge.json
@@ -700,7 +705,7 @@ def test_equal_budget_table_matches_a_hand_computation_from_the_files(finished):
                            fnum(rows["fge_pooled"]["mse"])]
     # convergence, from the extra-trained endpoints' held-out gain
     c = g["convergence"]
-    ends = json.loads((root / EVAL / "eval.json").read_text())["summary"]
+    ends = json.loads((root / EVAL / "eval.json").read_text())["paths"]["curve"]
     gain1 = (ends["te_loss_start"] - base["te_loss_start"]) / ends["te_loss_start"]
     assert c["measured"] and c["gains"]["1"] == pytest.approx(gain1)
     assert c["converged"] == (max(c["gains"].values()) <= report.CONVERGED_GAIN)

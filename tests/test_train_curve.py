@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from aecurves.checkpoint import load_checkpoint, load_curve, save_checkpoint
+from aecurves.records import EvalRecord
 
 from conftest import run_cli
 
@@ -133,7 +134,7 @@ def test_trained_curve_beats_the_segment(trained_curve, tmp_path):
     out = tmp_path / "eval"
     assert run_cli("eval-curve", "--ckpt", trained_curve, "--num-points", 11, "--num-images", 0,
                    "--out", out, "--no-progress") == 0
-    summary = json.loads((out / "eval.json").read_text())["summary"]
+    summary = EvalRecord.from_json(json.loads((out / "eval.json").read_text())).flat_summary()
     assert summary["segment_te_barrier"] > 0
     assert summary["te_loss_max"] < summary["segment_te_loss_max"]
     assert summary["te_barrier"] < summary["segment_te_barrier"]

@@ -14,7 +14,9 @@ mean Σ_i ½(m_{i-1} + m_i)·dl_i / Σ_i dl_i with dl_i = ‖θ(t_i) − θ(t_{i
 path length is Σ dl, and the barrier max_t [L(t) − ((1 − t)·L(0) + t·L(1))] on the train and test loss.
 
 For a curve, the straight segment between its first and last bend is evaluated the same way (unless
-`segment_too` is False) and stored under the same names prefixed `segment_`.
+`segment_too` is False): eval.json (records.EvalRecord, format 2) holds each path's summary under paths.curve and
+paths.segment (a --segment evaluation: paths.segment only); curve.npz keeps the paper's flat names, the segment's
+prefixed `segment_`.
 
 With `ensemble` K >= 2, the path (the curve, or the segment of --segment) is also measured on the held-out
 images as ensembles (metrics.evaluate_ensembles): (a) the output average of its networks at K evenly spaced
@@ -60,6 +62,7 @@ from aecurves.metrics import (
     reconstructions_along,
 )
 from aecurves.models import build_model
+from aecurves.records import EvalRecord
 from aecurves.stats import METRICS, SPLITS, STATS, bootstrap_barrier, summarize
 
 RECON_POINTS = 9  # reconstructions at t = 0, 1/8, ..., 1
@@ -127,35 +130,40 @@ def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, 
 
     record = eval_record(cfg, subject, setup, results, ts)
     if subject.plan is not None:
-        record["renormalization"] = renormalization_record(subject, measured, stats_loader)
+        record.rest["renormalization"] = renormalization_record(subject, measured, stats_loader)
     if ensemble is not None:
-        record["ensemble"] = ensemble_record(ensemble, len(data.test))
+        record.rest["ensemble"] = ensemble_record(ensemble, len(data.test))
     files = write_outputs(out, subject, results, fixed, record, ensemble)
     print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
     return {"out": str(out), "kind": subject.kind, "notes": subject.notes, "files": files, **results.summary,
-            **({"ensemble": record["ensemble"]} if ensemble is not None else {})}
+            **({"ensemble": record.rest["ensemble"]} if ensemble is not None else {})}
 
 
 def eval_record(cfg: EvalCurveConfig, subject: Subject, setup: evaluation.Setup, results: "PathResults",
-                ts) -> dict:
-    """eval.json without its "renormalization" and "ensemble" details (evaluate_subject adds them)."""
-    return {
-        "kind": subject.kind,
-        "checkpoint": subject.checkpoint,
-        "endpoints": subject.endpoints,
-        "path": {"curve": subject.path.curve_name, "num_bends": subject.path.num_bends}
-        if subject.kind == "curve" else {"curve": "segment", "num_bends": 2},
-        "segment_evaluated": subject.segment is not None,
-        "perceptual": setup.perceptual_fn is not None,
-        "ssim": setup.ssim,
-        "num_points": len(ts),
-        "reconstruction_ts": np.linspace(0.0, 1.0, RECON_POINTS).tolist() if results.recons else [],
-        **evaluation.record_keys(setup, cfg, results.seconds),
-        "summary": results.summary,
-        "series": {k: np.asarray(v).tolist() for k, v in results.series.items() if "per_image" not in k},
-        "renormalize": subject.plan is not None,
-        "renormalization": None,
-    }
+                ts) -> EvalRecord:
+    """eval.json without its "renormalization" and "ensemble" details (evaluate_subject adds them) and its files
+    (write_outputs): the summary of each path under paths (records.EvalRecord)."""
+    shared = evaluation.record_keys(setup, cfg, results.seconds)
+    config = shared.pop("config")
+    return EvalRecord(
+        kind=subject.kind,
+        checkpoint=subject.checkpoint,
+        endpoints=subject.endpoints,
+        segment_evaluated=subject.segment is not None,
+        paths=EvalRecord.split_summary(subject.kind, results.summary),
+        config=config,
+        rest={
+            "path": {"curve": subject.path.curve_name, "num_bends": subject.path.num_bends}
+            if subject.kind == "curve" else {"curve": "segment", "num_bends": 2},
+            "perceptual": setup.perceptual_fn is not None,
+            "ssim": setup.ssim,
+            "num_points": len(ts),
+            "reconstruction_ts": np.linspace(0.0, 1.0, RECON_POINTS).tolist() if results.recons else [],
+            **shared,
+            "series": {k: np.asarray(v).tolist() for k, v in results.series.items() if "per_image" not in k},
+            "renormalize": subject.plan is not None,
+            "renormalization": None,
+        })
 
 
 def timed_ensembles(cfg: EvalCurveConfig, subject: Subject, setup: evaluation.Setup, fixed) -> dict:
@@ -373,7 +381,7 @@ def ensemble_arrays(ensemble: dict) -> dict:
     return arrays
 
 
-def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, record: dict,
+def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, record: EvalRecord,
                   ensemble: dict | None = None) -> dict:
     """All files or none (files.write_all), eval.json last, so a failure leaves earlier results untouched.
     Returns {kind: path}."""
@@ -391,7 +399,7 @@ def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, reco
         writers["ensemble"] = ("ensemble.png", partial(plot_ensemble, subject=subject, ensemble=ensemble,
                                                        fixed=fixed, between=between))
     files = {"json": str(out / "eval.json"), **{k: str(out / name) for k, (name, _) in writers.items()}}
-    writers["json"] = ("eval.json", lambda p: write_json(p, {**record, "files": files}))
+    writers["json"] = ("eval.json", lambda p: write_json(p, dataclasses.replace(record, files=files).to_json()))
     write_all({out / name: write for name, write in writers.values()})
     return files
 

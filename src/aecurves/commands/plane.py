@@ -47,6 +47,7 @@ from aecurves.files import check_writable, folder_lock, save_npz, write_all, wri
 from aecurves.metrics import evaluate_points
 from aecurves.models import build_model
 from aecurves.plane_geometry import evaluate_grid, grid_axes, plane_through, prefixed
+from aecurves.records import PlaneRecord
 
 DEFAULT_POINTS_OUT = "runs/plane"
 
@@ -97,8 +98,9 @@ def evaluate_plane(cfg: PlaneConfig, out: Path, subject: "Subject", plane, data,
     summary = summarize(subject, values, bends)
     print_summary(subject, bend_coordinates, bends, summary, seconds, per_point)
 
-    record = {
-        "kind": subject.kind,
+    shared = evaluation.record_keys(setup, cfg, seconds)
+    config = shared.pop("config")
+    record = PlaneRecord(kind=subject.kind, summary=summary, config=config, rest={
         "inputs": subject.inputs,
         "endpoints": [subject.args.get("init_start"), subject.args.get("init_end")] if subject.curve is not None
         else subject.inputs,
@@ -112,10 +114,9 @@ def evaluate_plane(cfg: PlaneConfig, out: Path, subject: "Subject", plane, data,
         "grid": {"points": cfg.grid, "margins": margins, "alphas": alphas.tolist(), "betas": betas.tolist()},
         "bends": [{"label": label, "coordinates": xy.tolist(), **b}
                   for label, xy, b in zip(subject.labels, bend_coordinates, bends)],
-        "summary": summary,
-        **evaluation.record_keys(setup, cfg, seconds),
+        **shared,
         "seconds_per_point": per_point,
-    }
+    })
     files = write_outputs(out, subject, arrays, record)
     print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
     return {"out": str(out), "kind": subject.kind, "files": files, "seconds": seconds,
@@ -239,17 +240,17 @@ def print_summary(subject: Subject, coordinates, bends, summary: dict, seconds: 
           "grid point)")
 
 
-def write_outputs(out: Path, subject: Subject, arrays: dict, record: dict) -> dict:
+def write_outputs(out: Path, subject: Subject, arrays: dict, record: PlaneRecord) -> dict:
     """All files or none (files.write_all), plane.json last, so a failure leaves earlier results untouched.
     Returns {kind: path}."""
     files = {k: str(out / name) for k, name in (("json", "plane.json"), ("npz", "plane.npz"), ("plot", "plane.png"))}
     write_all({out / "plane.npz": lambda p: save_npz(p, arrays),
                out / "plane.png": lambda p: plot(p, subject, arrays, record),
-               out / "plane.json": lambda p: write_json(p, {**record, "files": files})})
+               out / "plane.json": lambda p: write_json(p, dataclasses.replace(record, files=files).to_json())})
     return files
 
 
-def plot(path, subject: Subject, arrays: dict, record: dict) -> None:
+def plot(path, subject: Subject, arrays: dict, record: PlaneRecord) -> None:
     first, middle, last = subject.labels
     markers = ("o", "s", "o")
     points = [{"label": label, "xy": xy, "marker": m} for label, xy, m in zip(subject.labels,
@@ -265,7 +266,7 @@ def plot(path, subject: Subject, arrays: dict, record: dict) -> None:
         names = [Path(p).parent.name or Path(p).stem for p in subject.inputs]
         title = (f"over the plane through A, B, C = {', '.join(names)}\n"
                  "dashed: the straight segments between them")
-    loss_label = "VGG perceptual loss" if record["loss"] == "vgg" else "MSE loss"
+    loss_label = "VGG perceptual loss" if record.get("loss") == "vgg" else "MSE loss"
     plots.plot_plane(arrays["grid"], {"train": arrays["tr_loss"], "test": arrays["te_loss"]}, path, points, lines,
                      title=f"{loss_label} {title}", value_label=loss_label, xlabel=f"x: along {last} − {first}",
                      ylabel=f"y: towards {middle}")

@@ -102,8 +102,9 @@ from aecurves.config import (
 )
 from aecurves.errors import UserError
 from aecurves.files import folder_lock, read_json, sha256, write_json
+from aecurves.records import EndpointRecord, EvalRecord, PlaneRecord, RecordError, StageRecord, StudyRecord
 
-FORMAT_VERSION = 2  # of study.json (CHANGELOG.md)
+FORMAT_VERSION = StudyRecord.FORMAT  # of study.json (CHANGELOG.md; records.StudyRecord)
 STAGE_RECORD = "study_stage.json"
 INTERRUPTED = ("\ninterrupted; every finished stage is kept in {out}. Re-run the same command to continue: finished "
                "stages are skipped and an interrupted training stage resumes from its last checkpoint.")
@@ -444,15 +445,27 @@ def _load_ckpt(path: Path, kind: str):
 # outputs are read back, and when they are finished
 
 
+def read_stage_record(folder: Path) -> StageRecord | None:
+    """A stage's study_stage.json (records.StageRecord, either layout), or None when it is missing or damaged."""
+    try:
+        return StageRecord.from_json(read_json(folder / STAGE_RECORD), str(folder / STAGE_RECORD))
+    except RecordError:
+        return None
+
+
 def _read_training(folder: Path, st: Stage) -> tuple[dict | None, dict]:
     """An endpoint's, extra endpoint's or curve's checkpoint: its recorded config, epoch and promised files."""
     checkpoint = folder / "checkpoint.pt"
     state = _load_ckpt(checkpoint, "curve" if st.kind == "curve" else "endpoint")
-    if state is None:
+    try:
+        record = EndpointRecord.from_json(state, str(checkpoint)) if state is not None else None
+    except RecordError:
+        record = None
+    if record is None:
         return None, {"exists": checkpoint.exists()}
-    args = state.get("args", {})
+    args = record.args
     promised = ["metrics.jsonl"] + (["reconstructions.png"] if st.kind != "curve" else [])
-    return args, {"epoch": state.get("epoch"), "outputs": all((folder / name).is_file() for name in promised),
+    return args, {"epoch": record.epoch, "outputs": all((folder / name).is_file() for name in promised),
                   "init": [args.get("init")] if st.kind == "extra" else [args.get("init_start"), args.get("init_end")]}
 
 
@@ -467,24 +480,27 @@ def _read_align(folder: Path, st: Stage) -> tuple[dict | None, dict]:
 
 
 def _read_eval(folder: Path, st: Stage) -> tuple[dict | None, dict]:
-    record = read_json(folder / "eval.json")
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+    """An evaluation's eval.json (records.EvalRecord, either layout) and the files it lists."""
+    try:
+        record = EvalRecord.from_json(read_json(folder / "eval.json"), str(folder / "eval.json"))
+    except RecordError:
         return None, {"exists": (folder / "eval.json").exists()}
-    files = record.get("files", {})
-    complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values()) \
-        and record.get("segment_evaluated") is (st.step != "baseline")
-    made_from = record.get("endpoints") if st.step == "baseline" else [record.get("checkpoint")]
-    return record["config"], {"complete": complete, "init": made_from or []}
+    files = record.files
+    complete = bool(files) and all(isinstance(f, str) and (folder / Path(f).name).is_file() for f in files.values()) \
+        and record.segment_evaluated is (st.step != "baseline")
+    made_from = record.endpoints if st.step == "baseline" else [record.checkpoint]
+    return record.config, {"complete": complete, "init": made_from or []}
 
 
 def _read_plane(folder: Path, st: Stage) -> tuple[dict | None, dict]:
-    record = read_json(folder / "plane.json")
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+    """A plane's plane.json (records.PlaneRecord, either layout) and the files it lists."""
+    try:
+        record = PlaneRecord.from_json(read_json(folder / "plane.json"), str(folder / "plane.json"))
+    except RecordError:
         return None, {"exists": (folder / "plane.json").exists()}
-    files = record.get("files", {})
-    complete = bool(files) and all((folder / Path(f).name).is_file() for f in files.values())
-    return record["config"], {"complete": complete,
-                              "init": [str(Path(record["config"].get("ckpt") or "").resolve())]}
+    files = record.files
+    complete = bool(files) and all(isinstance(f, str) and (folder / Path(f).name).is_file() for f in files.values())
+    return record.config, {"complete": complete, "init": [str(Path(record.config.get("ckpt") or "").resolve())]}
 
 
 def _read_fge(folder: Path, st: Stage) -> tuple[dict | None, dict]:
@@ -685,22 +701,22 @@ class Study:
     def status(self, st: Stage) -> tuple[str, str]:
         """('done' | 'resume' | 'redo' | 'new', why)."""
         folder = self.root / st.folder
-        record = read_json(folder / STAGE_RECORD)
+        record = read_stage_record(folder)
         rec, facts = self.recorded(st)
         if rec is None:
             if facts.get("exists"):
                 return "redo", "its output files are incomplete or unreadable"
             return "new", ""
         inputs_now = self.input_hashes(st)
-        if isinstance(record, dict):
-            if record.get("inputs", {}) != inputs_now:
+        if record is not None:
+            if record.inputs != inputs_now:
                 return "redo", "its inputs changed since it was made"
         else:  # outputs made outside the study (e.g. under torchrun): adopt them if they were made from these inputs
             own = {str((self.root / p).resolve()) for p in st.inputs}
             if st.kind != "endpoint" and set(facts.get("init", [])) != own:
                 return "redo", "its outputs were not made from this study's inputs"
         state, why = KINDS[st.kind].judge(self.config(st), st, facts)
-        if state == "done" and not isinstance(record, dict):
+        if state == "done" and record is None:
             return "done", "adopted"
         return state, why
 
@@ -726,38 +742,37 @@ class Study:
 
     def write_record(self, st: Stage, status: str, **extra) -> None:
         write_json(self.root / st.folder / STAGE_RECORD,
-                   {"stage": st.name, "status": status, "inputs": self.input_hashes(st), **extra})
+                   StageRecord(stage=st.name, status=status, inputs=self.input_hashes(st), extra=extra).to_json())
 
     # --- the study record
 
     def write_study_json(self) -> None:
         trained = [n for n in self.ran if n != "report"]
         sections = dict.fromkeys(KINDS[st.kind].section for st in self.stages if st.kind in KINDS)
-        write_json(self.root / "study.json", {
-            "format_version": FORMAT_VERSION,
-            "config": study_record(self.cfg),
-            "sections": {name: section_record(self.cfg, name) for name in sections},
-            "provenance": self.provenance if trained or not self.previous_provenance else self.previous_provenance,
-            "groups": self.groups,
-            "stages": [{"name": s.name, "kind": s.kind, "loss": s.loss, "seeds": list(s.seeds), "folder": s.folder}
-                       for s in self.stages],
-            "layout": {"endpoints": "endpoints/{loss}_seed{s}/ (aecurves train)",
-                       "extras": "endpoints/{loss}_seed{s}_extra/ (aecurves train --init: trained on as long as a "
-                                 "curve)",
-                       "aligned": "aligned/{loss}_seed{b}-to-seed{a}/ (aecurves align: B aligned to A)",
-                       "curves": "curves/{loss}_seed{a}-seed{b}[_aligned]/ (aecurves train-curve; _aligned: to the "
-                                 "aligned B)",
-                       "evals": "curves/{loss}_seed{a}-seed{b}[_aligned]/eval/ (aecurves eval-curve: curve and "
-                                "segment)",
-                       "baselines": "baselines/{loss}_seed{a}-seed{b}/ (aecurves eval-curve of the extra-trained "
-                                    "endpoints at t = 0 and 1)",
-                       "fge": "fge/{loss}_seed{s}/ (aecurves fge: fast geometric ensembling from the endpoint for as "
-                              "long as a curve; snapshot_K.pt, fge.json)",
-                       "ensembles": "ensembles/{loss}_seed{a}-seed{b}/ (ensembles.json: the output averages of the "
-                                    "pair's FGE snapshots, pooled, and of its extra-trained endpoints)",
-                       "plane": "curves/{loss}_seed{a}-seed{b}/plane/ (aecurves plane, the first pair of each group)",
-                       "report": "report.html, report.md, report.json, report_files/"},
-        })
+        write_json(self.root / "study.json", StudyRecord(
+            config=study_record(self.cfg),
+            sections={name: section_record(self.cfg, name) for name in sections},
+            provenance=self.provenance if trained or not self.previous_provenance else self.previous_provenance,
+            groups=self.groups,
+            stages=[{"name": s.name, "kind": s.kind, "loss": s.loss, "seeds": list(s.seeds), "folder": s.folder}
+                    for s in self.stages],
+            layout={"endpoints": "endpoints/{loss}_seed{s}/ (aecurves train)",
+                    "extras": "endpoints/{loss}_seed{s}_extra/ (aecurves train --init: trained on as long as a "
+                              "curve)",
+                    "aligned": "aligned/{loss}_seed{b}-to-seed{a}/ (aecurves align: B aligned to A)",
+                    "curves": "curves/{loss}_seed{a}-seed{b}[_aligned]/ (aecurves train-curve; _aligned: to the "
+                              "aligned B)",
+                    "evals": "curves/{loss}_seed{a}-seed{b}[_aligned]/eval/ (aecurves eval-curve: curve and "
+                             "segment)",
+                    "baselines": "baselines/{loss}_seed{a}-seed{b}/ (aecurves eval-curve of the extra-trained "
+                                 "endpoints at t = 0 and 1)",
+                    "fge": "fge/{loss}_seed{s}/ (aecurves fge: fast geometric ensembling from the endpoint for as "
+                           "long as a curve; snapshot_K.pt, fge.json)",
+                    "ensembles": "ensembles/{loss}_seed{a}-seed{b}/ (ensembles.json: the output averages of the "
+                                 "pair's FGE snapshots, pooled, and of its extra-trained endpoints)",
+                    "plane": "curves/{loss}_seed{a}-seed{b}/plane/ (aecurves plane, the first pair of each group)",
+                    "report": "report.html, report.md, report.json, report_files/"},
+        ).to_json())
 
     # --- progress
 
@@ -948,8 +963,10 @@ def run_stages(study: "Study", cfg: dict, executor=None) -> dict:
 
     executor = executor or SerialExecutor()
     root = study.root
-    previous = read_json(root / "study.json")
-    study.previous_provenance = previous.get("provenance") if isinstance(previous, dict) else None
+    try:
+        study.previous_provenance = StudyRecord.from_json(read_json(root / "study.json")).provenance
+    except RecordError:  # none yet, or one this release cannot read (run() refuses a study of other settings)
+        study.previous_provenance = None
     study.provenance = {**runtime.provenance(cfg["device"], cfg["precision"]),
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "wall_seconds": None,
                         "executor": executor.name,
@@ -1029,8 +1046,8 @@ class Driver:
     def start(self, st: Stage) -> None:
         study, i = self.study, self.study.stages.index(st) + 1
         todo = [s for s in study.stages[i - 1:] if s.name in self.will_run and s.name not in self.finished]
-        record = read_json(study.root / st.folder / STAGE_RECORD)
-        handle = self.executor.attach(st.name, record) if isinstance(record, dict) else None
+        record = read_stage_record(study.root / st.folder)
+        handle = self.executor.attach(st.name, record.to_json()) if record is not None else None
         if handle is not None:  # submitted by an earlier driver and still queued or running: follow it
             study.progress(i, st, todo, f": following Slurm job {handle.job_id}, submitted by an earlier run")
             self.started[st.name] = (time.perf_counter(), handle)

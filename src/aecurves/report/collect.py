@@ -5,6 +5,8 @@ goes into Study.damaged and the report is made without it."""
 from dataclasses import fields, replace
 from pathlib import Path
 
+from aecurves.records import EvalRecord, PlaneRecord, StageRecord
+
 from .inputs import Inputs, curve_arrays, endpoint_png, held_out_tensors, read_study
 from .model import (
     BUDGET_FACTOR,
@@ -111,13 +113,14 @@ def _group(inputs: Inputs, loss: str, group: dict, settings: Settings) -> Group:
 
 def _pair(inputs: Inputs, group: dict, pair: dict, curve_epochs) -> Pair:
     rel = f"{pair['eval']}/eval.json"
-    record = inputs.json(rel, CURVE_EVAL)
+    record = inputs.record(rel, EvalRecord, CURVE_EVAL)
     p = Pair(seeds=tuple(pair["seeds"]), eval=pair["eval"], curve_folder=pair["curve"], available=record is not None,
              eval_status=inputs.status(rel),
              curve_precision=precisions(inputs.jsonl(f"{pair['curve']}/metrics.jsonl", CURVE_LOG_ROW) or []))
-    base = inputs.json(f"{pair['baseline_eval']}/eval.json", SEGMENT_EVAL) if "baseline_eval" in pair else None
+    base = inputs.record(f"{pair['baseline_eval']}/eval.json", EvalRecord, SEGMENT_EVAL) \
+        if "baseline_eval" in pair else None
     if base is not None:  # the extra-trained endpoints, measured like the paths' points
-        s = base["summary"]
+        s = base["paths"]["segment"]
         p.extras = tuple(Extra(te_loss=s[f"te_loss_{which}"], te_mse=s.get(f"te_mse_{which}"),
                                source=f"{pair['baseline_eval']}/eval.json ({which}, t={t})")
                          for t, which in enumerate(("start", "end")))
@@ -125,14 +128,14 @@ def _pair(inputs: Inputs, group: dict, pair: dict, curve_epochs) -> Pair:
         return p
     _evaluation(inputs, p, record)
     aligned = _aligned(inputs, p, pair)
-    _compare_paths(p, record["summary"], aligned, base["summary"] if base is not None else None)
+    _compare_paths(p, record["paths"], aligned, base["paths"]["segment"] if base is not None else None)
     p.equal_budget = _pair_budget(inputs, group, pair, p, curve_epochs)
     return p
 
 
 def _evaluation(inputs: Inputs, p: Pair, record: dict) -> None:
     """What the pair's eval.json says of the curve, its segment and the endpoints at their ends."""
-    s = record["summary"]
+    s = record["paths"]
     notes, bn, data, kind, ensemble = pick(record, "notes", "bn", "data", "path", "ensemble")
     bn, data = bn or {}, data or {}
     p.notes = notes or []
@@ -143,10 +146,10 @@ def _evaluation(inputs: Inputs, p: Pair, record: dict) -> None:
     train_images, test_images, device = pick(record, "train_metric_images", "test_metric_images", "device")
     p.protocol = Protocol(bn_images=bn_images, bn_recomputed=bn_recomputed, train_images=train_images,
                           n_train=n_train, test_images=test_images, n_test=n_test, device=device)
-    p.curve, p.segment = PathStats.of(s), PathStats.of(s, "segment_")
+    p.curve, p.segment = PathStats.of(s["curve"]), PathStats.of(s["segment"])
     p.barrier_removed = removed(p.segment.te_barrier, p.curve.te_barrier)
     p.train_barrier_removed = removed(p.segment.tr_barrier, p.curve.tr_barrier)
-    p.ends = (EndpointEval.of(s, "start"), EndpointEval.of(s, "end"))
+    p.ends = (EndpointEval.of(s["curve"], "start"), EndpointEval.of(s["curve"], "end"))
     if ensemble:
         p.ensemble = Ensemble(k=ensemble.get("k"), record=ensemble,
                               entries={k: Metrics(*pick(v, *EQUAL_BUDGET_METRICS)) for k, v in
@@ -160,16 +163,17 @@ def _evaluation(inputs: Inputs, p: Pair, record: dict) -> None:
 def _aligned(inputs: Inputs, p: Pair, pair: dict) -> dict | None:
     """The summary of the curve and segment to B aligned to A, when the study aligned B and evaluated them."""
     p.aligned_eval, = pick(pair, "aligned_eval")
-    record = inputs.json(f"{p.aligned_eval}/eval.json", CURVE_EVAL) if p.aligned_eval else None
+    record = inputs.record(f"{p.aligned_eval}/eval.json", EvalRecord, CURVE_EVAL) if p.aligned_eval else None
     if record is None:
         return None
-    a = record["summary"]
-    p.aligned_curve, p.aligned_segment = PathStats.of(a), PathStats.of(a, "segment_")
+    a = record["paths"]
+    p.aligned_curve, p.aligned_segment = PathStats.of(a["curve"]), PathStats.of(a["segment"])
     p.aligned_arrays = inputs.load(f"{p.aligned_eval}/curve.npz", curve_arrays)
     strip = f"{p.aligned_eval}/reconstructions_segment.png"
     if inputs.status(strip) == "found":
         p.strips["aligned_segment"] = strip
-    stage = inputs.json(f"{pair['aligned_endpoint']}/study_stage.json", STAGE) if "aligned_endpoint" in pair else None
+    stage = inputs.record(f"{pair['aligned_endpoint']}/study_stage.json", StageRecord, STAGE) \
+        if "aligned_endpoint" in pair else None
     p.align_seconds = ((stage or {}).get("result") or {}).get("seconds")
     return a
 
@@ -180,9 +184,9 @@ def _compare_paths(p: Pair, naive: dict, aligned: dict | None, extra: dict | Non
     long as a curve, against the better of those."""
     summaries = {"": naive} if aligned is None else {"": naive, "aligned_": aligned}
     for prefix, s in summaries.items():
-        p.paths[prefix + "segment"] = PathRow(*pick(s, "segment_te_barrier", "segment_te_loss_min"))
-        p.paths[prefix + "curve"] = PathRow(*pick(s, "te_barrier", "te_loss_min"))
-    better = min(naive["te_loss_start"], naive["te_loss_end"])
+        p.paths[prefix + "segment"] = PathRow(*pick(s["segment"], "te_barrier", "te_loss_min"))
+        p.paths[prefix + "curve"] = PathRow(*pick(s["curve"], "te_barrier", "te_loss_min"))
+    better = min(naive["curve"]["te_loss_start"], naive["curve"]["te_loss_end"])
     extra_best = min(extra["te_loss_start"], extra["te_loss_end"]) if extra is not None else None
     p.better_endpoint_te_loss, p.extra_endpoint_te_loss = better, extra_best
     if extra is not None:  # the better extra-trained endpoint under every metric, as for the ensembles
@@ -263,7 +267,7 @@ def _endpoint(inputs: Inputs, seed: int, folder: str, pairs: list[Pair]) -> Endp
 
 def _plane(inputs: Inputs, plane: dict) -> Plane:
     rel = f"{plane['folder']}/plane.json"
-    record = inputs.json(rel, PLANE)
+    record = inputs.record(rel, PlaneRecord, PLANE)
     out = Plane(seeds=tuple(plane["seeds"]), folder=plane["folder"], available=record is not None,
                 status=inputs.status(rel))
     if record is not None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from aecurves.config import LOSSES
 from aecurves.errors import UserError
+from aecurves.records import RecordError, StudyRecord
 
 from .model import Picture
 from .specs import (
@@ -61,6 +62,12 @@ class Inputs:
     def json(self, rel: str, spec):
         return self.load(rel, lambda path: checked(path.read_text(), spec))
 
+    def record(self, rel: str, cls, spec):
+        """A file read through its records type `cls` (EvalRecord, PlaneRecord, StageRecord, StudyRecord: the
+        current layout or the old one), as its to_json() gives it (an eval.json's summaries under paths), checked
+        against `spec`."""
+        return self.load(rel, lambda path: record_json(path, cls, spec))
+
     def jsonl(self, rel: str, row_spec) -> list | None:
         return self.load(rel, lambda path: checked_rows(path.read_text(), row_spec))
 
@@ -101,6 +108,22 @@ class Inputs:
 
 # ----------------------------------------------------------------------------------------------------------
 # decoders of the files that are not JSON
+
+
+def record_json(path: Path, cls, spec) -> dict:
+    """The file through `cls`.from_json (a records type), in its current layout (to_json), checked against
+    `spec`."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as exc:
+        raise Damaged(f"not JSON ({exc})") from None
+    try:
+        record = cls.from_json(value, path.name).to_json()
+    except RecordError as exc:
+        raise Damaged(str(exc)) from None
+    if problem := mismatch(record, spec):
+        raise Damaged(problem)
+    return record
 
 
 def curve_arrays(path: Path) -> dict:
@@ -168,7 +191,7 @@ def endpoint_png(path: Path) -> Picture:
 def read_study(study_dir: Path) -> dict:
     """study.json, checked: the report is laid out from its groups, so without them there is no report."""
     inputs = Inputs(study_dir)
-    study = inputs.json("study.json", STUDY)
+    study = inputs.record("study.json", StudyRecord, STUDY)
     problem = inputs.damaged.get("study.json") or (_groups_problem(study["groups"]) if study else None)
     if problem:
         raise UserError(f"{study_dir / 'study.json'} is damaged ({problem}): the report is laid out from it, so "

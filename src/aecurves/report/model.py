@@ -63,7 +63,7 @@ PATH_KEYS = ("te_loss_max", "te_barrier", "tr_barrier", "length", "te_psnr_min",
 
 @dataclass
 class PathStats:
-    """A path's summary numbers from eval.json (those of the curve, or with the prefix segment_ of its segment)."""
+    """A path's summary numbers from eval.json (records.EvalRecord's paths.curve or paths.segment)."""
     te_loss_max: float | None
     te_barrier: float | None
     tr_barrier: float | None

@@ -133,8 +133,9 @@ EVAL = {"notes": Maybe([str]), "num_points": Maybe(int), "loss_description": May
         "data": Maybe({"train_images": Maybe(int), "test_images": Maybe(int)}),
         "train_metric_images": Maybe(int), "test_metric_images": Maybe(int), "device": Maybe(str),
         "ensemble": Maybe({"k": Maybe(int), "entries": Each(METRICS)})}
-SEGMENT_EVAL = {**EVAL, "summary": Each(NUM, PATH_NEEDS)}  # eval-curve --segment (the baselines)
-CURVE_EVAL = {**EVAL, "summary": Each(NUM, PATH_NEEDS + tuple("segment_" + k for k in PATH_NEEDS))}  # and its segment
+# eval.json as records.EvalRecord.to_json gives it (either layout on disk): each path's summary under paths
+SEGMENT_EVAL = {**EVAL, "paths": {"segment": Each(NUM, PATH_NEEDS)}}  # eval-curve --segment (the baselines)
+CURVE_EVAL = {**EVAL, "paths": {"curve": Each(NUM, PATH_NEEDS), "segment": Each(NUM, PATH_NEEDS)}}  # and its segment
 ENDPOINT_LOG_ROW = {"epoch": Maybe(int), "train_loss": NUM, "test_loss": NUM, "test_mse": NUM, "test_psnr": NUM,
                     "lr": NUM, "precision": Maybe(str)}
 CURVE_LOG_ROW = {"precision": Maybe(str)}
