@@ -232,9 +232,9 @@ class StudyRecord:
 
 @dataclass
 class EndpointRecord:
-    """The non-tensor part of an endpoint's checkpoint (train.py): its kind, epoch, args and metrics (the rows of
-    metrics.jsonl so far). Only read (checkpoint.load_checkpoint gives the dict, and checkpoint.save_checkpoint
-    writes format_version, checkpoint.FORMAT_VERSION == FORMAT); one without format_version reads as format 1."""
+    """The non-tensor part of an endpoint's checkpoint: its kind, epoch, args and metrics (the rows of metrics.jsonl
+    so far). train.py writes it beside the tensors (checkpoint.save_checkpoint writes the file, its format_version
+    checkpoint.FORMAT_VERSION == FORMAT); the study reads it; one without format_version reads as format 1."""
 
     FORMAT: ClassVar[int] = 1
 

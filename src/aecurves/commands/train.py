@@ -31,6 +31,7 @@ from aecurves.files import append_jsonl, atomic_path, folder_lock, write_jsonl
 from aecurves.losses import make_loss
 from aecurves.metrics import check_finite_state, evaluate, usable_memory_format
 from aecurves.models import arch_of, build_model, num_parameters
+from aecurves.records import EndpointRecord
 from aecurves.schedules import lr_at
 from aecurves.training import train_one_epoch
 
@@ -264,8 +265,9 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
                     for key in ("train_loss", "test_loss", "test_mse", "test_psnr", "lr", "images_per_s"):
                         board.add_scalar(key, row[key], epoch)
                 if epoch % cfg.save_every_epoch == 0 or epoch == cfg.epochs:
-                    state = {"kind": "endpoint", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "epoch": epoch, "args": args, "metrics": history, "skipped_images": len(data.skipped)}
+                    record = EndpointRecord(kind="endpoint", epoch=epoch, args=args, metrics=history)
+                    state = {**record.to_json(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "skipped_images": len(data.skipped)}
                     save_checkpoint(out / f"checkpoint_epoch{epoch:03d}.pt", state)
                     save_checkpoint(out / "checkpoint.pt", state)
                     if len(fixed):  # --num-images 0: no pictures
