@@ -221,16 +221,16 @@ def evaluate_points(base: torch.nn.Module, unflatten, flat_of, specs, train_load
     weights and buffers are its inputs; BN statistics are still taken uncompiled), falling back when it cannot.
     """
     specs = list(specs)
-    calls = {n: runtime.CompiledOrEager(fn, compile, "per-point network")
+    calls = {n: runtime.CompiledOrEager(fn, True, "per-point network")
              for n, fn in (("one", lambda w, b, x: functional_call(base, (w, b), (x,))),
-                           ("stacked", stacked_forward(base)))}
+                           ("stacked", stacked_forward(base)))} if compile else None
     rows, chunk = [None] * len(specs), []
     for i in console.progress(range(len(specs)), desc, progress, unit="point"):
         chunk.append(i)
         if len(chunk) < points_per_call and i < len(specs) - 1:
             continue
         weights = [unflatten(flat_of(specs[j])) for j in chunk]
-        networks, forward = networks_with_bn(base, weights, bn_loader, calls if compile else None)
+        networks, forward = networks_with_bn(base, weights, bn_loader, calls)
         base.eval()
         splits = {split: evaluate_stacked(forward, len(chunk), loader, loss_fn, perceptual_fn, ssim,
                                           per_image and split == "te")
