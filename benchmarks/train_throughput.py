@@ -309,12 +309,17 @@ def smooth_images(n, seed):
     return (0.7 * coarse + 0.3 * fine).clamp(0, 1)
 
 
-def accuracy_data(n=512):
-    """(train, test, description): aecurves' synthetic data set if available, else smooth random images."""
+def accuracy_data(n=512, celeba_dir=None):
+    """(train, test, description): the real CelebA images in `celeba_dir` when given (their first n), else aecurves'
+    synthetic data set if available, else smooth random images. The image cache goes to a temporary folder."""
     try:
         from aecurves.data import load_data
 
         with tempfile.TemporaryDirectory() as tmp:
+            if celeba_dir:
+                data = load_data("celeba", data_dir=celeba_dir, image_size=64, limit=n, cache_dir=tmp, progress=False)
+                train, test = data.train.float().div(255), data.test.float().div(255)
+                return train, test, f"CelebA, {celeba_dir}: the first {n} images, {len(train)} train, {len(test)} test"
             data = load_data("synthetic", limit=n, cache_dir=tmp)
         train, test = (t.float().div(255) if t.dtype == torch.uint8 else t.float() for t in (data.train, data.test))
         if train.shape[1:] != (3, 64, 64) or test.shape[1:] != (3, 64, 64) or len(test) == 0:
@@ -417,7 +422,7 @@ def accuracy_check(args, device):
     beside the seed-to-seed spread as the noise reference; for the endpoint and for the curve step (whose
     endpoints are the two baseline fp32 endpoints trained first)."""
     t0 = time.perf_counter()
-    train, test, source = accuracy_data()
+    train, test, source = accuracy_data(args.acc_images, args.acc_celeba)
     levers = [name for name, (_, _, compiled) in LEVERS.items() if args.compile or not compiled]
     base, best = levers[0], levers[-1]
     print(f"\naccuracy check: mse loss, {args.acc_steps} endpoint steps and {args.acc_curve_steps} curve steps at "
@@ -462,6 +467,9 @@ def main():
     p.add_argument("--no-accuracy", dest="accuracy", action="store_false", help="same as --no-check-bf16-accuracy")
     p.add_argument("--acc-steps", type=int, default=150, help="endpoint training steps per accuracy run")
     p.add_argument("--acc-curve-steps", type=int, default=60, help="curve training steps per accuracy run")
+    p.add_argument("--acc-celeba", metavar="DIR", help="run the accuracy check on the real CelebA images in DIR (e.g. "
+                   "../shared/data/celeba-sample) instead of synthetic ones")
+    p.add_argument("--acc-images", type=int, default=512, help="images for the accuracy check (train and test)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--levers", action="store_true", help="also time each lever of the endpoint and the curve step "
                    "(channels_last, fused Adam, together; with --compile, torch.compile on top), fp32 and bf16")
