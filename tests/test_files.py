@@ -139,3 +139,108 @@ def test_write_json_writes_standard_json_for_non_finite_numbers(tmp_path):
 
     back = json.loads((tmp_path / "a.json").read_text(), parse_constant=refuse)
     assert back == {"loss": None, "series": [1.0, None, None], "n": [2, 3], "ok": 0.5}
+
+
+def test_an_exclusive_write_never_replaces_a_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "out.pt"
+    target.write_text("theirs")
+    with pytest.raises(FileExistsError):
+        with atomic_path(target, exclusive=True) as tmp:
+            tmp.write_text("mine")
+    assert target.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["out.pt"]
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    (tmp_path / "link.pt").symlink_to(outside)  # a dangling or live link at the name counts as taken too
+    with pytest.raises(FileExistsError):
+        with atomic_path(tmp_path / "link.pt", exclusive=True) as tmp:
+            tmp.write_text("mine")
+    assert outside.read_text() == "keep"
+    with atomic_path(tmp_path / "new.pt", exclusive=True) as tmp:
+        tmp.write_text("mine")
+    assert (tmp_path / "new.pt").read_text() == "mine" and (tmp_path / "new.pt").stat().st_nlink == 1
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling", "hardlink", "folder"])
+def test_an_append_follows_no_link_and_changes_nothing_outside(kind, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    log = tmp_path / "logs" / "stage.log"
+    log.parent.mkdir()
+    if kind == "symlink":
+        log.symlink_to(outside)
+    elif kind == "dangling":
+        log.symlink_to(tmp_path / "would-be-created.txt")
+    elif kind == "hardlink":
+        os.link(outside, log)
+    else:
+        log.mkdir()
+    with pytest.raises(UserError, match="not the plain file aecurves writes"):
+        files.append_jsonl(log, {"a": 1})
+    assert outside.read_text() == "precious\n" and not (tmp_path / "would-be-created.txt").exists()
+    fresh = tmp_path / "logs" / "fresh.log"
+    files.append_jsonl(fresh, {"a": 1})
+    files.append_jsonl(fresh, {"a": 2})
+    assert files.read_jsonl(fresh) == [{"a": 1}, {"a": 2}]
+
+
+def _tree_with_links(root):
+    (root / "stage").mkdir(parents=True)
+    outside = root.parent / f"{root.name}-outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "precious.pt").write_text("x")
+    (outside / "sub" / "deep.pt").write_text("y")
+    return outside
+
+
+@pytest.mark.parametrize("spelling", ["stage folder", "parent folder", "file inside", "folder inside",
+                                      "relative ../", "dangling"])
+def test_clearing_follows_no_link_and_refuses_a_linked_folder(spelling, tmp_path):
+    root = tmp_path / "study"
+    outside = _tree_with_links(root)
+    folder = root / "stage"
+    if spelling == "stage folder":
+        folder.rmdir()
+        folder.symlink_to(outside)
+    elif spelling == "parent folder":
+        (root / "stage").rmdir()
+        (root / "stage").symlink_to(outside)
+        folder = root / "stage" / "sub"
+    elif spelling == "relative ../":
+        folder.rmdir()
+        folder.symlink_to(os.path.relpath(outside, root))
+    elif spelling == "file inside":
+        (folder / "checkpoint.pt").symlink_to(outside / "precious.pt")
+    elif spelling == "folder inside":
+        (folder / "eval").symlink_to(outside / "sub")
+    else:
+        (folder / "gone").symlink_to(tmp_path / "nothing")
+    if spelling in ("stage folder", "parent folder", "relative ../"):
+        with pytest.raises(UserError, match="is a symbolic link"):
+            files.clear_folder(root, folder)
+    else:
+        files.clear_folder(root, folder)  # the links themselves go; what they point at stays
+        assert list(folder.iterdir()) == []
+    assert (outside / "precious.pt").read_text() == "x" and (outside / "sub" / "deep.pt").read_text() == "y"
+
+
+def test_check_no_link_refuses_paths_outside_the_root(tmp_path):
+    root = tmp_path / "study"
+    root.mkdir()
+    with pytest.raises(UserError, match="outside the folder"):
+        files.check_no_link(root, root / ".." / "elsewhere")
+    files.check_no_link(root, root / "not" / "there" / "yet")  # nothing exists yet: nothing to follow
+
+
+def test_refuse_links_names_every_link_at_any_depth(tmp_path):
+    root = tmp_path / "study"
+    (root / "a" / "b").mkdir(parents=True)
+    files.refuse_links(root, "study folder")
+    (root / "a" / "b" / "report_files").symlink_to(tmp_path)
+    (root / "logs").symlink_to("/etc")
+    with pytest.raises(UserError) as info:
+        files.refuse_links(root, "study folder")
+    assert "report_files -> " in str(info.value) and "logs -> /etc" in str(info.value)
+    (tmp_path / "clean" / "x").mkdir(parents=True)
+    link_root = tmp_path / "named-by-the-user"
+    link_root.symlink_to(tmp_path / "clean")  # the folder the user names may itself be a link
+    files.refuse_links(link_root, "study folder")

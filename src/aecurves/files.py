@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -23,14 +24,19 @@ def new_temp_file(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp") 
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yields a temporary path beside `path`; renames it over `path` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, exclusive: bool = False):
+    """Yields a temporary path beside `path`; renames it over `path` only if the block succeeds. `exclusive`: the
+    finished file is linked into place only if nothing is at `path` then (FileExistsError otherwise), so of two
+    runs writing one path at once, exactly one succeeds and the other's file is never replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_temp_file(path.parent, path.name, ".tmp" + path.suffix)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic, and fails when `path` exists (a link to anything included)
+        else:
+            os.replace(tmp, path)
     except OSError as exc:
         if exc.filename is not None or exc.errno is None:
             raise
@@ -86,8 +92,103 @@ def read_json(path: str | os.PathLike):
 
 
 def append_jsonl(path: str | os.PathLike, obj) -> None:
-    with open(path, "a") as f:
+    with open_append(path) as f:
         f.write(json.dumps(obj) + "\n")
+
+
+def open_append(path: str | os.PathLike):
+    """`path` opened for appending text (created if missing) without following a link: a symbolic link, a hard
+    link to another file or anything but a plain file is refused (UserError) and left unchanged, so an append can
+    never change a file outside the folder it is in."""
+    from aecurves.errors import UserError
+
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):
+            raise UserError(not_plain(path, "a symbolic link" if exc.errno == errno.ELOOP else "a folder")) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise UserError(not_plain(path, "a hard link to another file" if stat.S_ISREG(info.st_mode)
+                                  else "not a regular file"))
+    return os.fdopen(fd, "a")
+
+
+def not_plain(path: Path, what: str) -> str:
+    return (f"{path} is {what}, not the plain file aecurves writes there; it was not written to. aecurves writes "
+            "through no link, so that a folder someone sent cannot point its writes at files elsewhere. Remove it "
+            "and run again; nothing was changed.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# folders someone sent: aecurves reads and writes only inside them, and follows no link there
+
+
+LINK_RULE = ("aecurves follows no link inside an output folder when it writes, clears or reads results, so that a "
+             "folder someone sent cannot point it at files elsewhere (docs/reliability.md, 'Folders someone sent')")
+
+
+def links_in(root: str | os.PathLike, limit: int = 5) -> list[Path]:
+    """Up to `limit` symbolic links inside `root` (the folder itself may be one: the user named it), found without
+    following any. Hard links to folders cannot exist; hard-linked files are harmless to atomic writes (a rename
+    replaces the name, not the file) and refused where aecurves appends (open_append)."""
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in sorted(dirs + files):
+            p = Path(folder) / name
+            if p.is_symlink():
+                found.append(p)
+                if len(found) >= limit:
+                    return found
+    return found
+
+
+def refuse_links(root: str | os.PathLike, what: str) -> None:
+    """UserError naming the symbolic links inside `root` (a study folder, a run folder), before anything is read
+    from or written to it."""
+    from aecurves.errors import UserError
+
+    found = links_in(root)
+    if found:
+        shown = "\n".join(f"  {p} -> {os.readlink(p)}" for p in found)
+        raise UserError(f"The {what} {root} holds symbolic links:\n{shown}\n{LINK_RULE}. Replace each link by the "
+                        "files it points to (cp -rL), or start in a new folder; nothing was changed.")
+
+
+def check_no_link(root: str | os.PathLike, path: str | os.PathLike) -> None:
+    """UserError when `path` is not inside `root`, or when any part of it below `root` that exists is a symbolic
+    link (`root` itself may be one: the user named it)."""
+    from aecurves.errors import UserError
+
+    root, path = Path(os.path.abspath(root)), Path(os.path.abspath(path))
+    if path != root and root not in path.parents:
+        raise UserError(f"{path} is outside the folder {root}; aecurves writes only inside it. Nothing was changed.")
+    for part in [path, *path.parents]:
+        if part == root:
+            return
+        if part.is_symlink():
+            raise UserError(f"{part} is a symbolic link (to {os.readlink(part)}). {LINK_RULE}. Replace the link by "
+                            "the files it points to (cp -rL), or remove it; nothing was changed.")
+
+
+def clear_folder(root: str | os.PathLike, folder: str | os.PathLike, keep: tuple = ()) -> None:
+    """Removes everything inside `folder` (inside `root`) except the names in `keep`, following no link: a link
+    inside is removed as a link (its target is untouched), and a `folder` that is a link, or lies below one, is
+    refused (check_no_link) before anything is removed."""
+    check_no_link(root, folder)
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)  # follows no link inside (and refuses one at the top)
+        else:
+            p.unlink()
 
 
 def write_jsonl(path: str | os.PathLike, rows: list) -> None:
