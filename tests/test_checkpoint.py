@@ -264,6 +264,25 @@ def _kind_a_list(state):
     state["kind"] = ["endpoint"]
 
 
+def _beyond_float32(state):  # finite in the file, inf once loaded into the float32 network
+    state["model"]["decoder_input.weight"] = state["model"]["decoder_input.weight"].double() * 1e300
+
+
+def _complex(state):  # torch casts it to real with only a warning, dropping the NaN
+    import torch
+
+    bias = state["model"]["decoder_input.bias"]
+    state["model"]["decoder_input.bias"] = torch.complex(bias, torch.full_like(bias, float("nan")))
+
+
+def _integer(state):
+    state["model"]["decoder_input.bias"] = state["model"]["decoder_input.bias"].round().long()
+
+
+def _negative_variance(state):  # BatchNorm's 1/sqrt(var + eps) is then NaN
+    state["model"]["encoder.0.1.running_var"][2] = -1.0
+
+
 DAMAGES = {  # change -> what the message names
     "NaN weight": (_nan, r"non-finite values \(NaN or inf\) in decoder_input.bias"),
     "inf BatchNorm statistic": (_inf_buffer, "non-finite values .* in encoder.0.1.running_var"),
@@ -271,6 +290,11 @@ DAMAGES = {  # change -> what the message names
     "reshaped weight": (_reshaped, r"shapes \(file vs model\) decoder_input.weight \(256, 4\) vs \(128, 8\)"),
     "no latent_dim": (_no_latent_dim, "damaged or was not written by aecurves: .*latent_dim"),
     "kind is a list": (_kind_a_list, "not an aecurves checkpoint"),
+    "float64 weights x1e300": (_beyond_float32, r"non-finite values \(NaN or inf\) once cast to the network's dtype "
+                                                "in decoder_input.weight"),
+    "complex weight, NaN imaginary part": (_complex, "complex tensors in decoder_input.bias"),
+    "integer weight": (_integer, r"wrong kind of number in decoder_input.bias \(torch.int64 vs torch.float32\)"),
+    "negative BatchNorm variance": (_negative_variance, "negative BatchNorm variances in encoder.0.1.running_var"),
 }
 
 
@@ -282,7 +306,8 @@ def test_a_damaged_endpoint_is_refused_by_every_command_naming_the_file(damage, 
     out = tmp_path / "out"
     for argv in (["eval-curve", "--segment", good, bad], ["train-curve", "--init-start", bad, "--init-end", good],
                  ["align", "--init-start", good, "--init-end", bad], ["plane", "--points", good, good, bad],
-                 ["train", "--init", bad, "--epochs", 1]):
+                 ["train", "--init", bad, "--epochs", 1], ["fge", "--ckpt", bad, "--epochs", 1],
+                 ["align", "--init-start", good, "--init-end", bad, "--method", "mixed"]):
         last = ["--out", tmp_path / "aligned.pt"] if argv[0] == "align" else ["--out", out]
         assert run_cli(*argv, *last, "--no-progress", "--device", "cpu") == 2, argv[0]
         err = capsys.readouterr().err
@@ -345,3 +370,42 @@ def test_a_curve_whose_endpoint_moved_resumes_from_the_new_path(tiny_endpoints, 
                    tmp_path / "moved/a.pt", "--no-progress") == 0
     state = load_checkpoint(tmp_path / "c/checkpoint.pt", "curve")
     assert state["epoch"] == 2 and state["args"]["init_start"] == str(tmp_path / "moved/a.pt")
+
+
+def test_a_curve_whose_float64_bends_overflow_float32_is_refused(tmp_path, capsys):
+    """Finite in the file, inf once copied into the float32 bends: refused as the network holds them, naming the
+    file, before any work."""
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, _endpoint_state())
+    state = _curve_state(BUILTIN_MODEL, {}, good, good)
+    state["curve"]["bends"] = state["curve"]["bends"].double()
+    state["curve"]["bends"][1, 5] = 1e300
+    save_checkpoint(tmp_path / "curve.pt", state)
+    for argv in (["export-point", "--ckpt", tmp_path / "curve.pt", "--t", 0.5, "--out", tmp_path / "p.pt"],
+                 ["eval-curve", "--ckpt", tmp_path / "curve.pt", "--out", tmp_path / "ev"],
+                 ["plane", "--ckpt", tmp_path / "curve.pt", "--out", tmp_path / "pl"]):
+        assert run_cli(*argv, "--no-progress", "--device", "cpu") == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'curve.pt'} holds non-finite values (NaN or inf) once cast to the network's dtype in " \
+               "bends[1]" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.pt", "good.pt"]
+
+
+def test_a_divergence_before_the_first_save_promises_no_checkpoint(tmp_path, monkeypatch, capsys):
+    """The message once sent the user to 'the last good checkpoint' when none had been written (epoch 1)."""
+    from aecurves import training
+
+    from conftest import TINY
+
+    real = training.train_one_epoch
+
+    def diverging(*args, **kwargs):
+        real(*args, **kwargs)
+        training.check_finite(float("nan"), "epoch 1")
+
+    monkeypatch.setattr("aecurves.commands.train.train_one_epoch", diverging)
+    assert run_cli("train", *TINY, "--epochs", 2, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "The training loss became nan at epoch 1" in err and "last good checkpoint" not in err
+    assert "If it holds none (the run stopped before its first save, e.g. in epoch 1), no checkpoint was written" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

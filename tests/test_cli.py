@@ -129,10 +129,11 @@ ODD_KWARGS = {"hidden": None, "nested": {"a": [1, 2.5, None, "é ☃ 😀"], "b"
 # other setting gets any value its field accepts.
 MEANINGFUL = {"model": f"{MODELS_FILE}:mlp_autoencoder", "model_kwargs": json.dumps(ODD_KWARGS),
               "curve": "PolyChain", "losses": "vgg,mse", "seeds": "2,5,9", "vgg_weights": "random",
-              "slurm_extra": ["constraint=a100 é", "gres=gpu:2"]}
+              "slurm_extra": ["constraint=a100 é", "gres=gpu:2"], "fge_cycle": 2}  # --curve-epochs 2's own cycle
 # width is a setting of the built-in model, refused with a custom one: it stays unset; the study's settings of its
-# local executor are refused with the slurm one its executor gets here
-LEFT_AT_DEFAULT = {"width", "jobs", "devices", "gpus_per_train"}
+# local executor are refused with the slurm one its executor gets here, and those of the stages that --no-fge and
+# --no-align turn off with them (config.check_needs), but the FGE cycle the study would take anyway (MEANINGFUL)
+LEFT_AT_DEFAULT = {"width", "jobs", "devices", "gpus_per_train", "align_method", "align_latent"}
 # a study.json records the study's settings, not this run's --force, its progress bars or where it ran
 NOT_RECORDED = {"study": {f.name for f in dataclasses.fields(config.StudyConfig) if not f.metadata["recorded"]}}
 
@@ -285,3 +286,32 @@ def test_the_version_is_the_installed_packages():
     from importlib.metadata import version
 
     assert __version__ == version("aecurves") and __version__[0].isdigit()
+
+
+def test_every_flag_that_takes_a_file_says_a_folder_is_a_folder(tiny_endpoints, tmp_path, capsys):
+    """A folder passed where a file is expected once read 'no such file' or 'does not exist. It is a folder'."""
+    a = tiny_endpoints[0]
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    out = tmp_path / "out"
+    small = ["--no-progress", "--device", "cpu"]
+    uses = {"train --init": ["train", "--init", folder, "--out", out],
+            "train --checkpoint": ["train", "--checkpoint", folder, "--out", out],
+            "train --vgg-weights": ["train", "--dataset", "synthetic", "--limit", 64, "--image-size", 16, "--loss",
+                                    "vgg", "--vgg-weights", folder, "--epochs", 1, "--out", out],
+            "train-curve --init-start": ["train-curve", "--init-start", folder, "--init-end", a, "--out", out],
+            "eval-curve --segment": ["eval-curve", "--segment", a, folder, "--out", out],
+            "eval-curve --ckpt": ["eval-curve", "--ckpt", folder, "--out", out],
+            "export-point --ckpt": ["export-point", "--ckpt", folder, "--t", 0.5, "--out", tmp_path / "p.pt"],
+            "align --init-end": ["align", "--init-start", a, "--init-end", folder, "--out", tmp_path / "p.pt"],
+            "plane --points": ["plane", "--points", a, a, folder, "--out", out],
+            "plane --ckpt": ["plane", "--ckpt", folder, "--out", out],
+            "fge --ckpt": ["fge", "--ckpt", folder, "--out", out],
+            "--config": ["train", "--config", folder],
+            "--model": ["train", "--model", f"{folder}.py:build", "--out", out]}
+    (tmp_path / "a folder.py").mkdir()
+    for use, argv in uses.items():
+        assert main([str(v) for v in (*argv, *small)]) == 2, use
+        err = capsys.readouterr().err
+        assert "is a folder" in err and "no such file" not in err and "does not exist" not in err, (use, err)
+        assert "Traceback" not in err and not out.exists() and not (tmp_path / "p.pt").exists(), use

@@ -150,3 +150,67 @@ def test_required_settings_and_list_lengths():
     for value in (["a.pt"], ["a.pt", 2]):  # a config file bypasses argparse's nargs=2 and its str type
         with pytest.raises(UserError, match=r"--segment takes exactly 2 values \(START END\)"):
             make(EvalCurveConfig, {"segment": value})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a setting whose feature is off is refused, not ignored (`needs`)
+
+NEEDS = {("AlignConfig", "alpha"), ("AlignConfig", "steps"), ("AlignConfig", "ste_lr"), ("AlignConfig", "match_at"),
+         ("AlignConfig", "images"), ("AlignConfig", "seed"), ("AlignConfig", "vgg_weights"),
+         ("StudyConfig", "fge_cycle"), ("StudyConfig", "align_method"), ("StudyConfig", "align_latent")}
+
+
+def _changed(f: dataclasses.Field):
+    """A valid value other than the field's default."""
+    if f.metadata.get("choices"):
+        return next(c for c in f.metadata["choices"] if c != f.default)
+    kind = config.value_type(f)
+    if kind is int:
+        return (f.default or 2) + 2
+    return f.default / 2 if kind is float else "random"
+
+
+def test_every_setting_with_needs_is_refused_while_its_feature_is_off_and_used_while_on():
+    found = set()
+    for cls in config.COMMANDS.values():
+        for f in dataclasses.fields(cls):
+            needs = f.metadata.get("needs")
+            if not needs:
+                continue
+            found.add((cls.__name__, f.name))
+            fields = cls.__dataclass_fields__
+            values = as_record(make(cls, {}))
+            for k, ok in needs:  # every feature it needs off
+                values[k] = next(v for v in (fields[k].metadata.get("choices") or (False, True)) if v not in ok)
+            values[f.name] = _changed(f)
+            with pytest.raises(UserError, match=f"^{config.flag_name(f.name)} .* would be ignored with "):
+                config.check_needs(cls, values)
+            config.check_needs(cls, {**values, f.name: default(cls, f.name)})  # the default is no request
+            for k, ok in needs:  # any one of its needs on: used
+                config.check_needs(cls, {**values, k: ok[0]})
+    assert found == NEEDS
+
+
+def test_the_study_refuses_settings_of_stages_it_does_not_run_but_reads_its_own_record_back(tmp_path):
+    import json
+
+    from aecurves.cli import parse
+    from aecurves.commands import study
+
+    for given, flag in (({"fge": False, "fge_cycle": 6}, "--fge-cycle 6 would be ignored with --no-fge"),
+                        ({"align": False, "align_method": "weights"}, "--align-method weights would be ignored with "
+                                                                      "--no-align"),
+                        ({"align": False, "align_latent": "none"}, "--align-latent none would be ignored")):
+        with pytest.raises(UserError, match=flag):
+            study.resolve_study_config(make(StudyConfig, {"losses": "mse", **given}))
+    # study.json records the resolved cycle and the default alignment even when those stages are off: read back
+    # (aecurves study --config study.json), they are no request
+    cfg = study.resolve_study_config(make(StudyConfig, {"losses": "mse", "fge": False, "align": False}))
+    assert cfg["fge_cycle"] is not None
+    (tmp_path / "study.json").write_text(json.dumps({"config": study.study_record(cfg)}))
+    again = study.resolve_study_config(parse(["study", "--config", str(tmp_path / "study.json")])[1])
+    assert again["fge_cycle"] == cfg["fge_cycle"] and again["align_method"] == cfg["align_method"]
+    # the study's own align stages never trip align's check, whatever the method
+    for method in config.ALIGN_METHODS:
+        cfg = study.resolve_study_config(make(StudyConfig, {"losses": "mse,vgg", "align_method": method}))
+        config.check_needs(config.AlignConfig, vars(study.section(cfg, "aligns")))

@@ -140,6 +140,26 @@ def test_three_points_that_span_no_plane_are_refused():
         plane_through(w, 0.5 * w + 0.5 * v, v)  # the midpoint, in float32
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_network_with_non_finite_weights_is_named_as_damaged(bad, tiny_endpoints, tmp_path, capsys):
+    """Once 'A and C are the same network (‖C−A‖ = inf)': a non-finite distance is a damaged input, named as such;
+    from the command line such a file is refused when read, naming the file."""
+    w = torch.randn(100, generator=torch.Generator().manual_seed(3))
+    c = w.clone()
+    c[7] = bad
+    with pytest.raises(UserError, match=r"^C holds non-finite weights \(NaN or inf\): a damaged network") as err:
+        plane_through(w, torch.randn(100), c, names=("A", "B", "C"))
+    assert "same network" not in str(err.value)
+    state = torch.load(tiny_endpoints[1], weights_only=True)
+    state["model"]["decoder_input.weight"] = state["model"]["decoder_input.weight"].double() * 1e300
+    save_checkpoint(tmp_path / "c.pt", state)
+    assert run_cli("plane", "--points", *tiny_endpoints, tmp_path / "c.pt", "--no-progress", "--out",
+                   tmp_path / "pl") == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'c.pt'} holds non-finite values" in err and "same network" not in err
+    assert not (tmp_path / "pl").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # a curve's plane
 

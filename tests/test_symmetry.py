@@ -432,3 +432,18 @@ def test_mixed_matching_with_alpha_one_is_the_unary_assignment():
     found = weight_matching(model.state_dict(), model.state_dict(), groups, unary=unary, alpha=1.0, normalise=True)
     for g in groups:
         assert found[g.name].tolist() == linear_assignment(unary[g.name].numpy(), maximize=True).tolist()
+
+
+def test_non_finite_matching_scores_name_the_layer_group():
+    """Scores that overflow (weights far beyond a trained network's) once reached scipy as a ValueError traceback;
+    they are a user error naming the group."""
+    model = ConvAutoencoder(channels=3, image_size=16, latent_dim=8, width=4)
+    groups = find_groups(model, torch.rand(2, 3, 16, 16))
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    huge = dict(state, **{"encoder.1.0.weight": state["encoder.1.0.weight"] * 1e300})
+    with pytest.raises(UserError, match=r"matching scores of the units of encoder\.[01]\.0 are not finite"):
+        weight_matching(huge, huge, groups)  # 1e300 · 1e300 overflows float64; both groups read that tensor
+    with pytest.raises(UserError, match="units of decoder_input are not finite"):
+        linear_assignment(np.array([[1.0, np.nan], [0.0, 1.0]]), maximize=True, group="decoder_input")
+    with pytest.raises(ValueError, match="finite square matrix"):  # a programming error without a group
+        linear_assignment(np.ones((2, 3)))

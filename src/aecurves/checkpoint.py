@@ -42,9 +42,10 @@ KINDS = {"endpoint": "an autoencoder checkpoint (from `aecurves train` or `aecur
                 "OUT/snapshot_K.pt, are autoencoder checkpoints)"}
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+def save_checkpoint(path: str | os.PathLike, state: dict, exclusive: bool = False) -> None:
+    """`exclusive`: never replace a file (files.atomic_path): FileExistsError when one appeared meanwhile."""
     state = {"format_version": FORMAT_VERSION, **state}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, exclusive=exclusive) as tmp:
         try:
             torch.save(state, tmp)
         except RuntimeError:  # torch's writer reports a full disk as "basic_ios::clear: iostream error"
@@ -53,12 +54,32 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
             raise
 
 
+def check_file_out(value: str, example: str, command: str) -> Path:
+    """--out of a command that writes one file: a name that ends in a separator, '.' or '..' names a folder (Path()
+    would drop a trailing '.', and the file would take the folder's name), as does an existing folder."""
+    out = Path(value)
+    if os.path.basename(value) in ("", ".", "..") or value.endswith(("/", os.sep)) or out.is_dir():
+        suggestion = os.path.normpath(os.path.join(value, example))
+        raise UserError(f"--out {value} is a folder; {command} writes one file: pass a file name such as "
+                        f"{suggestion}. Nothing was written.")
+    return out
+
+
+def appeared(out, command: str) -> UserError:
+    """The refusal when `out`, checked free before any work, was taken by the time the result was linked there."""
+    return UserError(f"{out} appeared while this run was writing it (another {command} run with the same --out?). "
+                     f"{command} never replaces a file: that file was left as it is, and this run's result was "
+                     "discarded. Choose another --out and run again.")
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None, what: str = "checkpoint") -> dict:
     """Reads a checkpoint safely; `kind` ("endpoint"/"curve") is checked when given."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"The {what} {path} is a folder, not a file; pass the .pt file inside it (checkpoints are "
+                        "written as checkpoint.pt in the run folder of `aecurves train` / `aecurves train-curve`).")
     if not path.is_file():
-        hint = " It is a folder; pass the .pt file inside it." if path.is_dir() else ""
-        raise UserError(f"The {what} {path} does not exist.{hint} Check the path (checkpoints are written as "
+        raise UserError(f"The {what} {path} does not exist. Check the path (checkpoints are written as "
                         "checkpoint.pt in the run folder of `aecurves train` / `aecurves train-curve`).")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -105,11 +126,30 @@ def check_content(state: dict, path, what: str) -> None:
     if not_tensors:
         raise UserError(f"The {what} {path} is damaged or was not written by aecurves: {', '.join(not_tensors[:4])} "
                         "should be tensors.")
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    complex_ = [k for k, v in tensors.items() if v.is_complex()]
+    if complex_:  # torch would cast them to real, dropping the imaginary part with a mere warning
+        raise UserError(f"The {what} {path} holds complex tensors in {_names(complex_)}: a network's weights are "
+                        "real. The file is damaged or was not written by aecurves.")
+    refuse_non_finite([(k, v) for k, v in tensors.items() if v.is_floating_point()], path, what)
+    negative = [k for k, v in tensors.items() if k.endswith("running_var") and v.is_floating_point()
+                and bool((v < 0).any())]
+    if negative:  # a variance below 0 makes BatchNorm's 1/sqrt(var + eps) NaN, and weight matching's cost too
+        raise UserError(f"The {what} {path} holds negative BatchNorm variances in {_names(negative)}: a running_var "
+                        "is never below 0, so the file is damaged. Pass a checkpoint written by aecurves.")
+
+
+def _names(keys: list) -> str:
+    return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+
+
+def refuse_non_finite(tensors, path, what: str, cast: str = "") -> None:
+    """UserError naming the tensors (name, tensor) with a NaN or an infinity; `cast` says when they only became so
+    as the network's dtype (a float64 1e300 is finite in the file and inf in float32)."""
+    bad = [k for k, v in tensors if not torch.isfinite(v).all()]
     if bad:
-        raise UserError(f"The {what} {path} holds non-finite values (NaN or inf) in {', '.join(bad[:4])}"
-                        f"{' ...' if len(bad) > 4 else ''}: it is not a usable network (aecurves stops a run that "
-                        "diverges before it saves). Pass a checkpoint whose weights are finite.")
+        raise UserError(f"The {what} {path} holds non-finite values (NaN or inf){cast} in {_names(bad)}: it is not a "
+                        "usable network (aecurves stops a run that diverges before it saves). Pass a checkpoint "
+                        "whose weights are finite.")
 
 
 def check_fits(want: dict, state: dict, path, what: str = "checkpoint") -> None:
@@ -125,6 +165,15 @@ def check_fits(want: dict, state: dict, path, what: str = "checkpoint") -> None:
     if problems:
         raise UserError(f"The weights in the {what} {path} do not fit its network: {'; '.join(problems)}. The file "
                         "is damaged or does not belong to the model it names.")
+    kinds = [f"{k} ({state[k].dtype} vs {want[k].dtype})" for k in want
+             if state[k].is_floating_point() != want[k].is_floating_point()]
+    if kinds:  # load_state_dict would cast an int or complex tensor into a float one without a word
+        raise UserError(f"The weights in the {what} {path} do not fit its network: the wrong kind of number in "
+                        f"{_names(kinds)} (file vs model). The file is damaged or does not belong to the model it "
+                        "names.")
+    # as the network holds them: a float64 value beyond float32's range is finite in the file, inf once loaded
+    refuse_non_finite([(k, state[k].to(want[k].dtype)) for k in want if want[k].is_floating_point()
+                       and state[k].dtype != want[k].dtype], path, what, " once cast to the network's dtype")
 
 
 def arch_mismatch(a: dict, b: dict) -> list[str]:
@@ -219,5 +268,11 @@ def load_curve(path, requested_model: str | None = None) -> tuple[Curve, dict]:
     for i, given in enumerate([state["curve"]["buffers"], *state["curve"]["endpoint_buffers"]]):
         if given is not None:
             check_fits(buffers, given, path, "curve checkpoint" + (f" (endpoint {i})" if i else ""))
-    return build_curve(arch, state["curve"], base), state
+    if not state["curve"]["bends"].is_floating_point():  # copied into float weights, it would be cast silently
+        raise UserError(f"The curve checkpoint {path} holds bends of {state['curve']['bends'].dtype}, not floating "
+                        "point: the file is damaged or was not written by aecurves.")
+    curve = build_curve(arch, state["curve"], base)
+    refuse_non_finite([(f"bends[{k}]", b.detach()) for k, b in enumerate(curve.bends)], path, "curve checkpoint",
+                      " once cast to the network's dtype")
+    return curve, state
 

@@ -41,8 +41,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 BUILTIN_MODEL = "aecurves.models:ConvAutoencoder"
 EXPORT_FORMATS = ("checkpoint", "safetensors", "state_dict")
 ALIGN_METHODS = ("activations", "weights", "weights-raw", "both", "mixed", "learned")
+ACTIVATION_METHODS = ("activations", "both", "mixed", "learned")  # the methods that start from activation matching
 LATENT_MAPS = ("none", "permutation", "orthogonal", "linear")
 ALIGN_TOLERANCE = 1e-5  # an aligned network's outputs may differ from the original's by at most this (fp32)
+# A unit of a Linear layer has one activation per image, and a correlation needs two samples at least (one has no
+# spread); the learned method's training-mode BatchNorm needs two values per channel too.
+MIN_ALIGN_IMAGES = 2
 MAX_LR = 100.0  # far above any useful Adam lr; larger values overflow float32 arithmetic in the optimizer
 # Every count and size has a range, checked before any work. The upper bounds lie far above any useful value; they
 # keep a typo (--num-bends 1000000, --width 100000) from hanging a run or exhausting memory after minutes of setup.
@@ -86,16 +90,18 @@ def option(default=None, help: str = "", *, shown: str | None = None, group: str
            choices=None, aliases: tuple = (), minimum=None, maximum=None, positive: bool = False,
            required: bool = False, metavar=None, nargs=None, negative_flag: str | None = None, repeat: bool = False,
            positional: bool = False, cli: bool = True, factory=None, role: str | None = None, carried: bool = False,
-           legacy=None, sets: tuple = (), recorded: bool = True):
+           legacy=None, sets: tuple = (), recorded: bool = True, needs: tuple = ()):
     """A config field with its help text, everything its command-line flag needs, and what it is to the result
     (ROLES). Two entries are the study's own: `sets`, the section fields a study setting is copied into
     ("section.field", or "section" for a field of the same name; section_settings), and `recorded=False`: a setting
-    left out of study.json's record of the study."""
+    left out of study.json's record of the study. `needs`: ((field, its values that use this setting), ...), any one
+    of which must hold for a value other than the default to be used at all (check_needs)."""
     assert role in (None, *ROLES), role
     meta = {"help": help, "shown": shown, "group": group, "choices": choices, "aliases": aliases,
             "minimum": minimum, "maximum": maximum, "positive": positive, "required": required, "metavar": metavar,
             "nargs": nargs, "negative_flag": negative_flag, "repeat": repeat, "positional": positional, "cli": cli,
-            "role": role, "carried": carried, "legacy": legacy, "sets": sets, "recorded": recorded}
+            "role": role, "carried": carried, "legacy": legacy, "sets": sets, "recorded": recorded,
+            "needs": needs}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -446,29 +452,32 @@ class AlignConfig:
                                         "steps, started from activation matching", choices=ALIGN_METHODS,
                          role="result")
     alpha: float = option(0.5, "mixed: the weight of the activations' correlation against the weights' cosine",
-                          minimum=0, maximum=1, role="result")
+                          minimum=0, maximum=1, role="result", needs=(("method", ("mixed",)),))
     steps: int = option(200, "learned: straight-through steps (each one a batch of --images training images and a "
                              "weight matching)", minimum=1, maximum=MAX_EPOCHS,
-                        role="result")
+                        role="result", needs=(("method", ("learned",)),))
     ste_lr: float = option(1e-3, "learned: Adam learning rate of the continuous weights", positive=True,
-                           maximum=MAX_LR, role="result")
+                           maximum=MAX_LR, role="result", needs=(("method", ("learned",)),))
     match_at: str = option("pre", "where activation matching reads a unit: pre (the output of the layer that "
                                    "writes it) or post (as the next layer reads it, after BatchNorm and the "
-                                   "activation)", choices=("pre", "post"), role="result")
+                                   "activation)", choices=("pre", "post"), role="result",
+                           needs=(("method", ACTIVATION_METHODS),))
     latent: str = option("permutation", "the bottleneck: none (left as it is), permutation (matched like the "
                                        "hidden units), orthogonal (Procrustes on the two networks' codes of the "
                                        "same images) or linear (least squares on them)", choices=LATENT_MAPS,
                          role="result")
-    images: int = option(1024, "training images for activation matching and the latent map", minimum=1,
-                         maximum=MAX_IMAGES, role="result")
+    images: int = option(1024, "training images for activation matching and the latent map (--latent linear: at "
+                               "least the latent size)", minimum=MIN_ALIGN_IMAGES, maximum=MAX_IMAGES,
+                         role="result", needs=(("method", ACTIVATION_METHODS), ("latent", ("orthogonal", "linear"))))
     batch_size: int = same_as(EvalCurveConfig, "batch_size", help="", group=None)
     seed: int = option(0, "seed of weight matching's visiting order and of the learned method's batches and λ",
-                       minimum=0, maximum=MAX_SEED, role="result")
+                       minimum=0, maximum=MAX_SEED, role="result",
+                       needs=(("method", tuple(m for m in ALIGN_METHODS if m != "activations")),))
     cache_dir: str | None = same_as(DataConfig, "cache_dir", group=None)
     model: str | None = same_as(EvalCurveConfig, "model", group=None)
     device: str = same_as(RuntimeConfig, "device", group=None)
     vgg_weights: str = same_as(RuntimeConfig, "vgg_weights", help="learned, for vgg-loss endpoints: VGG16 weights "
-                               "of the loss (imagenet, PATH or random)", group=None)
+                               "of the loss (imagenet, PATH or random)", group=None, needs=(("method", ("learned",)),))
     no_progress: bool = same_as(RuntimeConfig, "no_progress", group=None)
     given: tuple = _given()
 
@@ -714,12 +723,14 @@ class StudyConfig:
                                    shown=f"{FgeConfig.__dataclass_fields__['cycle'].default} (fge's) when it takes at "
                                          "least 2 snapshots within --curve-epochs, else 2",
                                    minimum=2, maximum=MAX_EPOCHS, group="fast geometric ensembling (aecurves fge)",
-                                   sets=("fges.cycle",))
+                                   sets=("fges.cycle",), needs=(("fge", (True,)),))
     align: bool = option(True, "(on by default) for every pair also align B to A (aecurves align), evaluate the "
                                "segment to the aligned B and train a curve to it", negative_flag="--no-align",
                          group="alignment (aecurves align)")
-    align_method: str = same_as(AlignConfig, "method", group="alignment (aecurves align)", sets=("aligns.method",))
-    align_latent: str = same_as(AlignConfig, "latent", group="alignment (aecurves align)", sets=("aligns.latent",))
+    align_method: str = same_as(AlignConfig, "method", group="alignment (aecurves align)", sets=("aligns.method",),
+                                needs=(("align", (True,)),))
+    align_latent: str = same_as(AlignConfig, "latent", group="alignment (aecurves align)", sets=("aligns.latent",),
+                                needs=(("align", (True,)),))
     ensemble: int = option(5, "K: every curve's evaluation also measures the output average of K of its points, "
                               "of its two endpoints, and the network at the mean of the K points' weights "
                               "(eval-curve --ensemble); 0: off", minimum=0, metavar="K", group=EVALUATION_GROUP,
@@ -833,6 +844,32 @@ def validate(cfg) -> None:
             raise UserError(f"{name} must be at most {_number(meta['maximum'])}, got {value}.")
         if meta.get("positive") and not value > 0:
             raise UserError(f"{name} must be positive, got {value}.")
+
+
+def check_needs(cls, values: dict, defaults: dict | None = None) -> None:
+    """Refuses a setting changed from its default (`defaults` replace the fields' own) while the feature it belongs
+    to is off: none of its `needs` holds. It would be ignored in silence, as the study refuses the settings of
+    another executor (study.check_executor_flags), before any work."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for f in fields.values():
+        needs, value = f.metadata.get("needs"), values.get(f.name)
+        default = (defaults or {}).get(f.name, f.default)
+        if not needs or value is None or value == default or any(values[k] in ok for k, ok in needs):
+            continue
+        flag, first = flag_name(f.name), fields[needs[0][0]]
+        if value_type(first) is bool:  # a feature on by default, switched off by its negative flag
+            off = first.metadata["negative_flag"]
+            raise UserError(f"{flag} {value} would be ignored with {off}: it is used only without it. Drop {off}, or "
+                            f"leave {flag} out; nothing was run.")
+        now = " and ".join(f"{flag_name(k)} {values[k]}" for k, _ in needs)
+        wanted = ", or ".join(f"{flag_name(k)} {_either(ok)}" for k, ok in needs)
+        one = wanted if len(needs) == 1 and len(needs[0][1]) == 1 else "one of these"
+        raise UserError(f"{flag} {value} would be ignored with {now}: it is used only with {wanted}. Pass {one}, or "
+                        f"leave {flag} out; nothing was run.")
+
+
+def _either(values: tuple) -> str:
+    return " or ".join(filter(None, (", ".join(values[:-1]), values[-1])))
 
 
 def _number(x) -> str:

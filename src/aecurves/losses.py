@@ -96,7 +96,8 @@ def load_vgg_features(weights: str = "imagenet") -> nn.Sequential:
     elif weights != "random":
         path = Path(weights)
         if not path.is_file():
-            raise VGGUnavailable(f"--vgg-weights {weights}: no such file")
+            raise VGGUnavailable(f"--vgg-weights {weights}: " + ("is a folder, not a file; pass the vgg16 state dict "
+                                                                 "file inside it" if path.is_dir() else "no such file"))
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:

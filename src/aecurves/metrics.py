@@ -160,16 +160,20 @@ def check_finite_state(tensors, where: str) -> None:
     bad = [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteLoss(f"The network diverged at {where}: non-finite values in {', '.join(bad[:4])}"
-                            f"{' ...' if len(bad) > 4 else ''}; training stopped and the last good checkpoint was "
-                            "left as it was. Lower --lr, or use --precision fp32, then resume with --resume (it "
-                            "restarts from the last good checkpoint).")
+                            f"{' ...' if len(bad) > 4 else ''}; {STOPPED}")
+
+
+# Where the divergence happened the caller does not know whether anything was saved yet (none is before the first
+# --save-every-epoch), so the remedy names both cases rather than promise a checkpoint.
+STOPPED = ("training stopped, and nothing of this epoch was saved. If the run folder holds a checkpoint.pt from an "
+           "earlier epoch, it was left as it was: lower --lr, or use --precision fp32, and continue from it with "
+           "--resume. If it holds none (the run stopped before its first save, e.g. in epoch 1), no checkpoint was "
+           "written: start the run again with a lower --lr or --precision fp32.")
 
 
 def check_finite(value: float, where: str) -> None:
     if not math.isfinite(value):
-        raise NonFiniteLoss(f"The training loss became {value} at {where}; training stopped and the last good "
-                            "checkpoint was left as it was. Lower --lr, or use --precision fp32, then resume with "
-                            "--resume (it restarts from the last good checkpoint).")
+        raise NonFiniteLoss(f"The training loss became {value} at {where}; {STOPPED}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,7 +182,8 @@ def check_finite(value: float, where: str) -> None:
 
 def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptual_fn=None, bn_loader=None,
                   progress: bool = False, desc: str = "path", on_point=None, ssim: bool = False,
-                  per_image: bool = False, points_per_call: int = 1, compile: bool = False) -> dict:
+                  per_image: bool = False, points_per_call: int = 1, compile: bool = False,
+                  compile_notes: list | None = None) -> dict:
     """Metrics at each t of `ts`: {"ts", "dl", "tr_loss", "te_loss", "tr_mse", ...} as float64 arrays (with
     `ssim`, tr_ssim and te_ssim too), by `evaluate_points`.
 
@@ -189,7 +194,7 @@ def evaluate_path(curve: Curve, ts, train_loader, test_loader, loss_fn, perceptu
     ts = np.asarray(ts, dtype=np.float64)
     rows = evaluate_points(curve.base, curve.unflatten, curve.flat_at, [float(t) for t in ts], train_loader,
                            test_loader, loss_fn, perceptual_fn, bn_loader, ssim, per_image, points_per_call,
-                           progress, desc, on_point, compile)
+                           progress, desc, on_point, compile, compile_notes)
     series = {"ts": ts, "dl": step_lengths(curve, ts)}
     for split in SPLITS:
         for m in rows[0][split]:
@@ -207,7 +212,8 @@ MAX_POINTS_PER_CALL = 16
 def evaluate_points(base: torch.nn.Module, unflatten, flat_of, specs, train_loader, test_loader, loss_fn,
                     perceptual_fn=None, bn_loader=None, ssim: bool = False, per_image: bool = False,
                     points_per_call: int = 1, progress: bool = False,
-                    desc: str = "points", on_point=None, compile: bool = False) -> list[dict]:
+                    desc: str = "points", on_point=None, compile: bool = False,
+                    compile_notes: list | None = None) -> list[dict]:
     """[{"tr": metrics on train_loader, "te": metrics on test_loader}] for the network flat_of(spec) of each spec
     (a t of a curve, a node of a plane), BatchNorm statistics recomputed there from `bn_loader` first when
     given (else `base`'s buffers are used as they are). The metrics are `evaluate`'s.
@@ -218,10 +224,11 @@ def evaluate_points(base: torch.nn.Module, unflatten, flat_of, specs, train_load
     CPU, whose cores one network's convolutions already fill, it measured slower (benchmarks/eval_throughput.py).
     `unflatten(flat)` gives the weights dict of a flat vector; `on_point(spec, network)` is called at each spec.
     With `compile`, the networks' forward goes through torch.compile (one compiled function for every point: the
-    weights and buffers are its inputs; BN statistics are still taken uncompiled), falling back when it cannot.
+    weights and buffers are its inputs; BN statistics are still taken uncompiled), falling back when it cannot;
+    `compile_notes` then gets why (runtime.CompiledOrEager).
     """
     specs = list(specs)
-    calls = {n: runtime.CompiledOrEager(fn, True, "per-point network")
+    calls = {n: runtime.CompiledOrEager(fn, True, "per-point network", notes=compile_notes)
              for n, fn in (("one", lambda w, b, x: functional_call(base, (w, b), (x,))),
                            ("stacked", stacked_forward(base)))} if compile else None
     rows, chunk = [None] * len(specs), []

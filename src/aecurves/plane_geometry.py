@@ -54,6 +54,11 @@ def plane_through(w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                   names: tuple[str, str, str] = ("θ₀", "θ₁", "θ₂")) -> Plane:
     """The plane through three flat networks: θ₀ at the origin, θ₂ on the first axis, θ₁ above it."""
     w0, w1, w2 = (w.detach().cpu().double().reshape(-1) for w in (w0, w1, w2))
+    damaged = [name for name, w in zip(names, (w0, w1, w2)) if not torch.isfinite(w).all()]
+    if damaged:  # checkpoints are checked when read, so only a network passed from Python gets here
+        raise UserError(f"{' and '.join(damaged)} hold{'s' if len(damaged) == 1 else ''} non-finite weights (NaN or "
+                        "inf): a damaged network, with no place in weight space. Pass networks whose weights are "
+                        "finite.")
     scale = max(w.norm().item() for w in (w0, w1, w2))
     tol = DEGENERATE * scale
     u = w2 - w0

@@ -464,10 +464,16 @@ def apply_latent_map(state: dict, group: Group, matrix: torch.Tensor) -> dict:
 
 # --- weight matching -------------------------------------------------------------------------------------------
 
-def linear_assignment(cost, maximize: bool = False) -> np.ndarray:
+def linear_assignment(cost, maximize: bool = False, group: str | None = None) -> np.ndarray:
     """The column for each row of a square cost matrix that minimises (or maximises) the total (scipy's
-    linear_sum_assignment, a shortest-augmenting-path Hungarian method)."""
+    linear_sum_assignment, a shortest-augmenting-path Hungarian method). `group`: the layer group whose units the
+    matrix scores, named when its scores are not finite."""
     c = np.asarray(cost, dtype=np.float64)
+    if group is not None and c.ndim == 2 and not np.isfinite(c).all():
+        raise UserError(f"symmetry: the matching scores of the units of {group} are not finite (NaN or inf): the "
+                        "two networks' weights or activations there overflow (weights far beyond a trained "
+                        "network's), so no permutation can be chosen. Check the endpoints (a finite but huge "
+                        "weight still overflows float32 in the forward pass); nothing was written.")
     if c.ndim != 2 or c.shape[0] != c.shape[1] or not np.isfinite(c).all():
         raise ValueError(f"linear_assignment takes a finite square matrix, got shape {c.shape}")
     rows, cols = linear_sum_assignment(c, maximize=maximize)
@@ -514,7 +520,7 @@ def weight_matching(state_a: dict, state_b: dict, groups: list[Group], iters: in
             cost = _matching_cost(g, state_a, state_b, perms, along, normalise)
             if unary is not None and g.name in unary:
                 cost = alpha * torch.as_tensor(unary[g.name], dtype=torch.float64) + (1 - alpha) * cost
-            new = torch.as_tensor(linear_assignment(cost.numpy(), maximize=True))
+            new = torch.as_tensor(linear_assignment(cost.numpy(), maximize=True, group=g.name))
             old_total = cost[torch.arange(g.size), perms[g.name]].sum().item()
             new_total = cost[torch.arange(g.size), new].sum().item()
             # Accept strict gains only, so ties cannot make it cycle.

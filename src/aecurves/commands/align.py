@@ -24,8 +24,8 @@ from torch import fx
 from torch.func import functional_call
 
 from aecurves import console, runtime
-from aecurves.checkpoint import load_endpoint_pair, save_checkpoint
-from aecurves.config import ALIGN_TOLERANCE, AlignConfig, validate
+from aecurves.checkpoint import appeared, check_file_out, load_endpoint_pair, save_checkpoint
+from aecurves.config import ALIGN_TOLERANCE, MIN_ALIGN_IMAGES, AlignConfig, check_needs, validate
 from aecurves.curves import recompute_bn
 from aecurves.data import BatchLoader, check_outside_data, load_run_data
 from aecurves.errors import UserError
@@ -46,6 +46,7 @@ from aecurves.symmetry import (
 def run(cfg: AlignConfig) -> dict:
     cfg = dataclasses.replace(cfg)
     validate(cfg)
+    check_needs(AlignConfig, vars(cfg))  # e.g. --alpha without --method mixed: refused, not ignored
     out = check_out(cfg)
     device = runtime.resolve_device(cfg.device)
     a, b, arch = load_endpoint_pair(cfg.init_start, cfg.init_end, cfg.model, "--init_start/--init_end")
@@ -57,7 +58,7 @@ def run(cfg: AlignConfig) -> dict:
     groups = find_groups(model_b, example)
     latent = [g for g in groups if g.kind == "latent"]
     hidden = [g for g in groups if g.kind != "latent"]
-    images = training_images(b["args"], cfg, device) if cfg.method not in ("weights", "weights-raw") or \
+    images = training_images(b["args"], cfg, device, latent) if cfg.method not in ("weights", "weights-raw") or \
         cfg.latent in ("orthogonal", "linear") else None
 
     t0 = time.perf_counter()
@@ -65,7 +66,7 @@ def run(cfg: AlignConfig) -> dict:
     perms, learned = None, None
     if cfg.method in ("activations", "both", "mixed", "learned"):
         correlations = activation_correlations(model_a, model_b, matched, images, cfg.match_at)
-        perms = {name: torch.as_tensor(linear_assignment(c.numpy(), maximize=True)) for name, c in
+        perms = {name: torch.as_tensor(linear_assignment(c.numpy(), maximize=True, group=name)) for name, c in
                  correlations.items()}
     if cfg.method == "weights-raw":
         perms = weight_matching(model_a.state_dict(), model_b.state_dict(), matched, seed=cfg.seed)
@@ -99,7 +100,10 @@ def run(cfg: AlignConfig) -> dict:
                               **({"learned": learned} if learned is not None else {}),
                               "groups": {g.name: g.size for g in groups}, "units_moved": moved,
                               "max_output_difference": deviation, "seconds": seconds}}
-    save_checkpoint(out, aligned)
+    try:
+        save_checkpoint(out, aligned, exclusive=True)  # linked into place only if nothing took the name meanwhile
+    except FileExistsError:
+        raise appeared(out, "align") from None
     sizes = ", ".join(f"{g.name} {g.size}" for g in groups)
     print(f"aligned {cfg.init_end} to {cfg.init_start}: {len(groups)} groups ({sizes}), {moved} units moved, method "
           f"{cfg.method}, latent {cfg.latent}, {seconds:.2f} s; the same function as B (largest output difference "
@@ -111,21 +115,30 @@ def run(cfg: AlignConfig) -> dict:
 def check_out(cfg: AlignConfig) -> Path:
     if cfg.init_start is None or cfg.init_end is None or cfg.out is None:
         raise UserError("align needs --init_start A --init_end B --out FILE.")
-    out = Path(cfg.out)
-    if out.is_dir() or cfg.out.endswith(("/", os.sep)):
-        raise UserError(f"--out {cfg.out} is a folder; pass a file name such as {out / 'end_aligned.pt'}.")
+    out = check_file_out(cfg.out, "end_aligned.pt", "align")
     if any(Path(p).resolve() == out.resolve() for p in (cfg.init_start, cfg.init_end)):
         raise UserError(f"--out {out} is one of the endpoints; align never replaces a file. Choose another name.")
-    if out.exists():
+    if os.path.lexists(out):  # a link too, dangling or not: the result is never written through one
         raise UserError(f"--out {out} already exists; align never replaces a file. Choose another name, or delete "
                         "the old file first; nothing was written.")
     return out
 
 
-def training_images(args: dict, cfg: AlignConfig, device) -> BatchLoader:
-    """A fixed subset of B's training images (the endpoints share their data)."""
+def training_images(args: dict, cfg: AlignConfig, device, latent: list) -> BatchLoader:
+    """A fixed subset of B's training images (the endpoints share their data), refused when too few to match on:
+    below MIN_ALIGN_IMAGES a Linear unit's correlation is undefined, and a least-squares latent map of size d needs
+    d images to be determined."""
     data = load_run_data(args, cfg.cache_dir, progress=not cfg.no_progress)
-    return BatchLoader(fixed_subset(data.train, cfg.images), cfg.batch_size, device)
+    images = fixed_subset(data.train, cfg.images)
+    need = max([MIN_ALIGN_IMAGES, *(g.size for g in latent if cfg.latent == "linear")])
+    if len(images) < need:
+        why = f"--latent linear fits a {need} x {need} map" if need > MIN_ALIGN_IMAGES else \
+            f"a correlation needs {MIN_ALIGN_IMAGES} samples of each unit"
+        raise UserError(f"align has {len(images)} training images to match on (--images {cfg.images}, of "
+                        f"{len(data.train)} in the endpoints' training set), but {why}: it needs at least {need}. "
+                        f"Pass --images {need} or more" + (", or --latent orthogonal" if cfg.latent == "linear" else "")
+                        + "; nothing was written.")
+    return BatchLoader(images, cfg.batch_size, device)
 
 
 class _Taps(fx.Interpreter):
@@ -172,7 +185,7 @@ def activation_correlations(model_a, model_b, groups, images, at: str = "pre") -
 def activation_matching(model_a, model_b, groups, images, at: str = "pre") -> dict[str, torch.Tensor]:
     """For each group, the assignment of B's units to A's that maximises the summed correlation of their
     activations on the same images (Entezari et al., Ainsworth et al.)."""
-    return {name: torch.as_tensor(linear_assignment(c.numpy(), maximize=True), dtype=torch.long)
+    return {name: torch.as_tensor(linear_assignment(c.numpy(), maximize=True, group=name), dtype=torch.long)
             for name, c in activation_correlations(model_a, model_b, groups, images, at).items()}
 
 

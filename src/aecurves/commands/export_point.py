@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from aecurves import runtime
-from aecurves.checkpoint import load_curve, save_checkpoint
+from aecurves.checkpoint import appeared, check_file_out, load_curve, save_checkpoint
 from aecurves.config import MODEL_SIGNATURE, DataConfig, ExportPointConfig, role_fields, validate
 from aecurves.curves import batchnorms
 from aecurves.data import BatchLoader, check_outside_data, load_run_data
 from aecurves.errors import UserError
-from aecurves.files import atomic_path, write_json
+from aecurves.files import atomic_path, finite_or_none
 from aecurves.metrics import fixed_subset
 from aecurves.models import arch_of
 
@@ -27,7 +27,7 @@ def save_weights(out: Path, point: dict, fmt: str) -> None:
     """The state dict alone (safetensors or torch.save), and OUT.json: how to build the model that loads it."""
     state = {k: v.contiguous() for k, v in point["model"].items()}
     arch = arch_of(point["args"])
-    with atomic_path(out) as tmp:
+    with atomic_path(out, exclusive=True) as tmp:
         if fmt == "safetensors":
             from safetensors.torch import save
 
@@ -35,8 +35,13 @@ def save_weights(out: Path, point: dict, fmt: str) -> None:
             tmp.write_bytes(save(state, metadata={"aecurves_architecture": json.dumps(arch)}))
         else:
             torch.save(state, tmp)
-    write_json(sidecar(out), {"architecture": arch, "build": MODEL_SIGNATURE, "format": fmt,
-                              "exported_from": point["exported_from"]})
+    record = {"architecture": arch, "build": MODEL_SIGNATURE, "format": fmt, "exported_from": point["exported_from"]}
+    try:
+        with atomic_path(sidecar(out), exclusive=True) as tmp:
+            tmp.write_text(json.dumps(finite_or_none(record), indent=2, allow_nan=False) + "\n")  # as write_json
+    except FileExistsError:
+        out.unlink()  # the weights just linked are this run's: without their sidecar they are not a result
+        raise
 
 
 def run(cfg: ExportPointConfig) -> dict:
@@ -45,9 +50,7 @@ def run(cfg: ExportPointConfig) -> dict:
         raise UserError("export-point needs --ckpt CURVE_CHECKPOINT, --t T and --out FILE.")
     if not 0.0 <= cfg.t <= 1.0:
         raise UserError(f"--t must lie in [0, 1] (0 is the start endpoint, 1 the end), got {cfg.t}.")
-    out = Path(cfg.out)
-    if out.is_dir() or cfg.out.endswith(("/", os.sep)):
-        raise UserError(f"--out {cfg.out} is a folder; pass a file name such as {out / 'point.pt'}.")
+    out = check_file_out(cfg.out, "point.pt", "export-point")
     curve, state = load_curve(cfg.ckpt, cfg.model)
     args = state["args"]
     check_outside_data(out, args.get("data_dir"), "--out")
@@ -55,7 +58,7 @@ def run(cfg: ExportPointConfig) -> dict:
     if any(p and Path(p).resolve() == out.resolve() for p in inputs):
         raise UserError(f"--out {out} is one of this command's inputs (the curve checkpoint or one of its endpoints); "
                         "writing the point there would destroy it. Choose another file name; nothing was written.")
-    taken = [p for p in (out, sidecar(out) if cfg.format != "checkpoint" else None) if p and p.exists()]
+    taken = [p for p in (out, sidecar(out) if cfg.format != "checkpoint" else None) if p and os.path.lexists(p)]
     if taken:
         raise UserError(f"{' and '.join(map(str, taken))} already exist{'s' if len(taken) == 1 else ''}; "
                         "export-point never replaces a file. Choose another --out, or delete the old file first; "
@@ -76,10 +79,13 @@ def run(cfg: ExportPointConfig) -> dict:
     point = {"kind": "endpoint", "model": weights, "optimizer": {}, "epoch": 0, "metrics": [],
              "args": {**{k: args.get(k) for k in recorded}, **arch_of(state["model_config"])},
              "exported_from": {"curve": str(Path(cfg.ckpt).resolve()), "t": cfg.t, "bn_images": used}}
-    if cfg.format == "checkpoint":
-        save_checkpoint(out, point)
-    else:
-        save_weights(out, point, cfg.format)
+    try:  # each file is linked into place only if nothing took its name meanwhile
+        if cfg.format == "checkpoint":
+            save_checkpoint(out, point, exclusive=True)
+        else:
+            save_weights(out, point, cfg.format)
+    except FileExistsError as exc:
+        raise appeared(exc.filename2 or out, "export-point") from None
     print(f"wrote θ({cfg.t:g}) of {cfg.ckpt} to {out} as {cfg.format} (BatchNorm statistics recomputed from {used} "
           f"training images)" + (f"; architecture in {sidecar(out)}" if cfg.format != "checkpoint" else ""))
     return {"out": str(out), "t": cfg.t, "bn_images": used, "format": cfg.format}
