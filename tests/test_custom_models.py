@@ -106,3 +106,90 @@ def test_builtin_factory_by_name_matches_the_default(tmp_path):
     assert run_cli("train", *tiny, "--model", "aecurves.models:ConvAutoencoder", "--out", tmp_path / "b") == 0
     wa, wb = (load_checkpoint(tmp_path / p / "checkpoint.pt", "endpoint")["model"] for p in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+QUIET_EXITS = '''
+import os
+import sys
+
+import torch
+from torch import nn
+
+
+class Stop(BaseException):
+    pass
+
+
+class Exiting(nn.Module):
+    """Passes the shape probe, then (when AE_QUIET_EXIT is set) leaves from its forward without an error."""
+
+    def __init__(self, channels, image_size, latent_dim):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        how = os.environ.get("AE_QUIET_EXIT")
+        if how and self.calls > 1:
+            if how == "generator":
+                raise GeneratorExit
+            if how == "base":
+                raise Stop("from forward")
+            sys.exit({"zero": 0, "none": None, "text": "bye", "three": 3}[how])
+        return torch.sigmoid(self.conv(x))
+
+
+def exiting(channels, image_size, latent_dim):
+    return Exiting(channels, image_size, latent_dim)
+'''
+
+
+@pytest.mark.parametrize("how, raised", [
+    ("zero", "called sys.exit(0)"), ("none", "called sys.exit()"), ("text", "called sys.exit('bye')"),
+    ("three", "called sys.exit(3)"), ("generator", "raised GeneratorExit"), ("base", "raised Stop (from forward)"),
+])
+def test_a_forward_that_exits_is_an_error_naming_it(how, raised, tmp_path, monkeypatch, capsys):
+    """A forward that calls sys.exit(0) after the shape probe ended `train` with status 0 and an empty
+    metrics.jsonl (issue 27, N9); any quiet exit from the model's code is exit 2 naming it, where and why."""
+    (tmp_path / "quiet.py").write_text(QUIET_EXITS)
+    spec = f"{tmp_path}/quiet.py:exiting"
+    monkeypatch.setenv("AE_QUIET_EXIT", how)
+    assert run_cli("train", *DATA, "--model", spec, "--epochs", 2, "--batch-size", 32, "--out", tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {spec} {raised} in forward ({tmp_path}/quiet.py, line ") and \
+        "while aecurves train was running" in err and "Traceback" not in err, err
+    assert not (tmp_path / "r/checkpoint.pt").exists()
+
+
+def test_a_quiet_exit_during_evaluation_is_an_error_too(tmp_path, monkeypatch, capsys):
+    """The guard holds for every command, not only where the factory is called: eval-curve of two endpoints whose
+    model leaves from its forward part-way exits 2 without writing its record."""
+    (tmp_path / "quiet.py").write_text(QUIET_EXITS)
+    spec = f"{tmp_path}/quiet.py:exiting"
+    assert run_cli("train", *DATA, "--model", spec, "--epochs", 1, "--batch-size", 64, "--out", tmp_path / "e") == 0
+    end = tmp_path / "e/checkpoint.pt"
+    monkeypatch.setenv("AE_QUIET_EXIT", "zero")
+    capsys.readouterr()
+    assert run_cli("eval-curve", "--segment", end, end, "--model", spec, "--num-points", 2, "--bn-images", 64,
+                   "--train-images", 64, "--num-images", 0, "--vgg-weights", "random", "--no-progress",
+                   "--device", "cpu", "--out", tmp_path / "eval") == 2
+    err = capsys.readouterr().err
+    assert f"--model {spec} called sys.exit(0) in forward" in err and "aecurves eval-curve" in err, err
+    assert not (tmp_path / "eval/eval.json").exists()
+
+
+def test_a_quiet_exit_in_a_study_stage_fails_that_stage_by_name(tmp_path, monkeypatch, capsys):
+    """In a study (the serial executor: the stage runs in the driver's process) the stage that exits quietly is
+    recorded as failed, naming the model, and the study exits 2; nothing is left "started"."""
+    (tmp_path / "quiet.py").write_text(QUIET_EXITS)
+    spec = f"{tmp_path}/quiet.py:exiting"
+    monkeypatch.setenv("AE_QUIET_EXIT", "zero")
+    out = tmp_path / "study"
+    assert run_cli("study", *DATA, "--model", spec, "--losses", "mse", "--seeds", "1,2", "--epochs", 1,
+                   "--curve-epochs", 1, "--batch-size", 32, "--no-align", "--no-extra-training", "--no-fge",
+                   "--plane-grid", 0, "--num-points", 2, "--vgg-weights", "random", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "stage endpoint:mse:1" in err and f"--model {spec} called sys.exit(0) in forward" in err, err
+    record = json.loads((out / "endpoints/mse_seed1/study_stage.json").read_text())
+    assert record["status"] == "failed" and "sys.exit(0)" in record["error"]

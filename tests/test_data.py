@@ -486,3 +486,84 @@ def test_folder_items_that_cannot_be_used_as_given_are_named_not_dropped(tmp_pat
     grey = [img for img in torch.cat([data.train, data.test])
             if int(img[0].float().std()) == 0 and img[0, 0, 0] == img[1, 0, 0]]
     assert [int(g[0, 0, 0]) for g in grey] == [128]  # scaled by its bit depth, not clipped to white
+
+
+# ----------------------------------------------------------------------------------------------------------
+# size bounds: images x pixels checked before any work (issue 27, N16)
+
+
+def test_images_that_cannot_fit_in_memory_are_refused_before_any_work(tmp_path, capsys):
+    """--limit 65536 and --image-size 1024 are each within their ranges, and together 192 GiB: train built them."""
+    from conftest import run_cli
+
+    assert run_cli("train", "--dataset", "synthetic", "--limit", 65536, "--image-size", 1024, "--no-progress",
+                   "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    bound = data.physical_memory() // data.MEMORY_SHARE
+    assert err.startswith("error: The synthetic images are made in memory: 65,536 images x 3 x 1024 x 1024 px = "
+                          f"192.0 GiB of uint8 images, more than the bound of {bound / 2**30:,.1f} GiB (a quarter of "
+                          "this machine's ") and "Pass a smaller --limit or --image-size" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_memory_bound_is_a_share_of_the_machines(monkeypatch, tmp_path):
+    """Exactly at the bound passes, one image more is refused; a machine that does not say uses the fixed cap."""
+    one = 3 * 16 * 16
+    monkeypatch.setattr(data, "physical_memory", lambda: data.MEMORY_SHARE * 100 * one)
+    at_bound = load_data("synthetic", image_size=16, limit=100)
+    assert len(at_bound.train) + len(at_bound.test) == 100
+    with pytest.raises(UserError, match=r"101 images x 3 x 16 x 16 px = 0\.1 MiB of uint8 images, more than the "
+                                        r"bound of 0\.1 MiB \(a quarter of this machine's"):
+        load_data("synthetic", image_size=16, limit=101)
+    monkeypatch.setattr(data, "physical_memory", lambda: None)
+    monkeypatch.setattr(data, "FALLBACK_MEMORY", data.MEMORY_SHARE * 100 * one)
+    with pytest.raises(UserError, match="as this machine's is unknown"):
+        load_data("synthetic", image_size=16, limit=101)
+    # lfw's 100 grey faces are made in memory too, whatever --limit keeps of them
+    monkeypatch.setattr(data, "FALLBACK_MEMORY", data.MEMORY_SHARE * 100 * 16 * 16 - 1)
+    with pytest.raises(UserError, match="The lfw images are made in memory: 100 images x 1 x 16 x 16 px"):
+        load_data("lfw", image_size=16, limit=10)
+
+
+def test_an_image_cache_larger_than_the_free_disk_is_refused_before_decoding(tmp_path, monkeypatch):
+    root, cache = tmp_path / "imgs", tmp_path / "cache"
+    _make_folder(root, range(20))
+    need = 20 * 3 * 8 * 8
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: type("Usage", (), {"free": need - 1})())
+    monkeypatch.setattr(data, "_decode_image", lambda fp, size: pytest.fail("decoded"))
+    with pytest.raises(UserError, match=rf"The image cache would hold 20 images x 3 x 8 x 8 px = .*, more than the "
+                                        rf"0\.0 MiB free in {cache}\. Pass a smaller --limit or --image-size, or a "
+                                        r"cache folder on a disk with room"):
+        load_data("folder", root, image_size=8, val_fraction=0.3, cache_dir=cache, progress=False)
+    assert list(cache.iterdir()) == []  # neither a cache nor a temp file
+    monkeypatch.undo()
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: type("Usage", (), {"free": need})())
+    assert len(load_data("folder", root, image_size=8, val_fraction=0.3, cache_dir=cache, progress=False).train) > 0
+
+
+@pytest.mark.parametrize("command", ["train-curve", "eval-curve", "plane", "fge", "align", "study"])
+def test_every_command_that_loads_data_checks_the_bound_first(command, tiny_endpoints, tmp_path, monkeypatch,
+                                                              capsys):
+    """The endpoints' data (synthetic, 384 images of 32 px) is beyond a bound made small: each command that reads
+    it says so before it writes anything."""
+    from aecurves.checkpoint import load_checkpoint
+
+    from conftest import TINY, run_cli
+
+    a, b = tiny_endpoints
+    c = tmp_path / "c.pt"  # a third network, for the plane
+    state = load_checkpoint(a, "endpoint")
+    torch.save({**state, "model": {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}},
+               c)
+    monkeypatch.setattr(data, "physical_memory", lambda: data.MEMORY_SHARE * 383 * 3 * 32 * 32)
+    out = tmp_path / "out"
+    argv = {"train-curve": ["--init-start", a, "--init-end", b],
+            "eval-curve": ["--segment", a, b, "--vgg-weights", "random"],
+            "plane": ["--points", a, b, c],
+            "fge": ["--ckpt", a],
+            "align": ["--init-start", a, "--init-end", b],
+            "study": [*TINY, "--vgg-weights", "random"]}[command]
+    assert run_cli(command, *argv, "--no-progress", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "384 images x 3 x 32 x 32 px" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -655,3 +655,9 @@ def test_compile_that_fails_falls_back_to_the_same_numbers(setup, curve_run, tmp
     npz, fallback = np.load(out / "curve.npz"), np.load(tmp_path / "curve.npz")
     for k in npz.files:
         assert np.array_equal(npz[k], fallback[k]), k
+    # the record says what ran, not what was asked (issue 27, N10): uncompiled, with the note, once
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["compiled"] is False and record["config"]["compile"] is True
+    said = [n for n in record["notes"] if "could not compile" in n]
+    assert said == ["--compile: torch.compile could not compile the per-point network (RuntimeError: no C++ "
+                    "compiler); it runs uncompiled, with the same numbers"], record["notes"]

@@ -2,6 +2,7 @@
 BatchNorm recomputed, the ensemble's numbers from the saved files, exact resume, and every bad input refused."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -233,6 +234,33 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_state(straight, endpoin
     assert read(short)["snapshot_epochs"] == [1]
     assert run_cli("fge", "--resume", "--epochs", EPOCHS, *RUN, "--out", short) == 0
     assert_same_run(straight, short)
+
+
+def test_a_run_resumes_after_its_endpoint_moved(straight, endpoint, tmp_path, monkeypatch, capsys):
+    """As train-curve does: --ckpt NEW is the endpoint the run started from when its old path is gone, its content
+    checked against the run's record; without --ckpt the message says to pass it; another network is refused."""
+    monkeypatch.chdir(tmp_path)
+    old, new = tmp_path / "old/endpoint.pt", tmp_path / "new/endpoint.pt"
+    old.parent.mkdir(), new.parent.mkdir()
+    shutil.copyfile(endpoint, old)
+    run = tmp_path / "run"
+    assert run_cli("fge", "--ckpt", old, "--cycle", CYCLE, "--bn-images", BN_IMAGES, "--num-images", 2, *RUN,
+                   "--epochs", 2, "--out", run) == 0
+    old.rename(new)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    other = tmp_path / "other.pt"  # a different network (the straight run's first snapshot) under another name
+    shutil.copyfile(straight / "snapshot_1.pt", other)
+    for flags, words in [([], ["is no longer there", str(old), "pass --ckpt with its new path"]),
+                         (["--ckpt", other], [f"The endpoint {other} is not the file", str(old)])]:
+        assert run_cli("fge", "--resume", "--epochs", EPOCHS, *flags, *RUN, "--out", run) == 2, flags
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and "Traceback" not in err, (flags, err)
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before, flags
+    # a relative spelling of the new path: it resumes, and ends where the uninterrupted run ended
+    assert run_cli("fge", "--resume", "--ckpt", "new/../new/endpoint.pt", "--epochs", EPOCHS, *RUN,
+                   "--out", "run") == 0
+    assert_same_run(straight, run)
+    assert read(run)["config"]["ckpt"] == str(new)
 
 
 def test_a_snapshot_starts_fge_itself_with_a_fresh_optimizer(straight, tmp_path, capsys):

@@ -57,6 +57,22 @@ def exits(**kw):
     sys.exit(0)
 
 
+class Halt(BaseException):
+    pass
+
+
+def raises_base(**kw):
+    raise Halt("halt here")
+
+
+def raises_generator_exit(**kw):
+    raise GeneratorExit
+
+
+def interrupted(**kw):
+    raise KeyboardInterrupt
+
+
 def no_parameters(**kw):
     return nn.Sequential(nn.Identity())
 
@@ -73,6 +89,8 @@ def float64(**kw):
     ("raises_key", "could not be built .*KeyError: 'hidden'"),
     ("raises_memory", "could not be built .*\\(MemoryError\\)"),
     ("exits", "could not be built .*SystemExit: 0"),
+    ("raises_base", "could not be built .*Halt: halt here"),  # a BaseException subclass (issue 27, N17)
+    ("raises_generator_exit", "could not be built .*\\(GeneratorExit\\)"),
     ("no_parameters", "a network without parameters"),
     ("float64", "changed torch's default dtype"),
 ])
@@ -107,3 +125,16 @@ def test_model_kwargs_may_not_restate_a_flag():
     assert build_model(custom).encoder[0].out_channels == 4
     with pytest.raises(UserError, match="image_size=32, which --image-size sets"):
         build_model({**custom, "model_kwargs": {"image_size": 32}})
+
+
+def test_a_factory_interrupted_by_the_user_stays_an_interrupt(tmp_path, capsys):
+    """KeyboardInterrupt keeps its meaning (exit 130), unlike the other BaseExceptions a factory may raise."""
+    from conftest import run_cli
+
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    spec = f"{tmp_path}/factories.py:interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        build_model({"model": spec, "model_kwargs": {}, "channels": 3, "image_size": 8, "latent_dim": 4})
+    assert run_cli("train", "--model", spec, "--dataset", "synthetic", "--image-size", 8, "--limit", 32,
+                   "--epochs", 1, "--no-progress", "--device", "cpu", "--out", tmp_path / "run") == 130
+    assert "interrupted" in capsys.readouterr().err and not (tmp_path / "run").exists()

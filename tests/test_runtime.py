@@ -66,6 +66,18 @@ def test_compile_falls_back_to_the_function_itself_and_says_so(monkeypatch):
     assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0)) and len(notes) == 1  # said once
 
 
+def test_a_fallback_is_noted_once_for_the_record(monkeypatch):
+    """`notes` gets the fallback's note (without the printed "note: "), once however many functions fall back, so a
+    command's record says it ran uncompiled (issue 27, N10)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: lambda *a: (_ for _ in ()).throw(OSError("no cc")))
+    printed, notes = [], []
+    calls = [runtime.CompiledOrEager(lambda x: x * 3, True, "network", printed.append, notes) for _ in range(2)]
+    assert [f(2) for f in calls] == [6, 6] and not any(f.active for f in calls)
+    assert notes == ["--compile: torch.compile could not compile the network (OSError: no cc); it runs uncompiled, "
+                     "with the same numbers"]
+    assert printed == [f"note: {notes[0]}"] * 2
+
+
 def test_after_one_compiled_call_succeeds_errors_propagate(monkeypatch):
     calls = []
 

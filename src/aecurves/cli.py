@@ -12,7 +12,7 @@ import os
 import sys
 
 from aecurves import __version__, config
-from aecurves.errors import UserError
+from aecurves.errors import UserError, call_guarded
 
 DESCRIPTIONS = {
     "train": ("train one autoencoder (an endpoint)",
@@ -174,7 +174,10 @@ def main(argv=None) -> int:
             resolved = module.resolved_config(cfg) if hasattr(module, "resolved_config") else config.as_record(cfg)
             print(config.to_toml(resolved), end="")
             return 0
-        module.run(cfg)
+        # A --model's code that calls sys.exit(0) (or raises another BaseException) must not end the command
+        # quietly with status 0: it is an error naming it (KeyboardInterrupt keeps its meaning, below).
+        model = getattr(cfg, "model", None)
+        call_guarded(lambda: module.run(cfg), model if model != config.BUILTIN_MODEL else None, f"aecurves {command}")
         return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sys
 import threading
 import zipfile
@@ -44,9 +45,16 @@ CROP_FRACTION = 140 / 178
 # Part of the cache key: bump it whenever decoding changes, so stale caches are never reused.
 TRANSFORM_VERSION = "center-crop-140/178-bicubic-v1"
 SYNTHETIC_COUNT = 512
+LFW_COUNT = 100  # the faces of scikit-image's lfw_subset
 _SYNTHETIC_SEED = 20_240_607
 _PARTITION_FILE = "list_eval_partition.txt"
 _MAX_NAMES_SHOWN = 10
+# The images a dataset holds (uint8, N x C x S x S bytes) are bounded before any work, as every --limit and
+# --image-size within their own ranges may still multiply to hundreds of GB. Generated and embedded images live in
+# memory: at most a quarter of the machine's (generating them holds about twice that at the peak), or of
+# FALLBACK_MEMORY where the machine does not say. Decoded images are cached on disk: the cache must fit its free space.
+MEMORY_SHARE = 4
+FALLBACK_MEMORY = 16 * 2**30
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -415,6 +423,47 @@ def _decode_into(out: np.ndarray, files: _Files, names: list[str], desc: str, pr
 
 
 # ----------------------------------------------------------------------------------------------------------
+# size bounds
+
+
+def physical_memory() -> int | None:
+    """The machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**28 else f"{n / 2**20:,.1f} MiB"
+
+
+def _images(count: int, channels: int, image_size: int) -> str:
+    size = count * channels * image_size * image_size
+    return f"{count:,} images x {channels} x {image_size} x {image_size} px = {_gib(size)} of uint8 images"
+
+
+def check_in_memory(dataset: str, count: int, channels: int, image_size: int) -> None:
+    """Refuses images generated in memory that would not fit a share of it (MEMORY_SHARE), before any is made."""
+    total = physical_memory()
+    bound = (total or FALLBACK_MEMORY) // MEMORY_SHARE
+    if count * channels * image_size * image_size > bound:
+        whose = f"this machine's {_gib(total)}" if total else f"{_gib(FALLBACK_MEMORY)}, as this machine's is unknown"
+        raise UserError(f"The {dataset} images are made in memory: {_images(count, channels, image_size)}, more than "
+                        f"the bound of {_gib(bound)} (a quarter of {whose}). Pass a smaller --limit or "
+                        "--image-size; nothing was done.")
+
+
+def check_cache_room(cache_dir: pathlib.Path, count: int, image_size: int) -> None:
+    """Refuses an image cache larger than its disk's free space, before decoding into it (cache_dir exists)."""
+    free = shutil.disk_usage(cache_dir).free
+    if count * 3 * image_size * image_size > free:
+        raise UserError(f"The image cache would hold {_images(count, 3, image_size)}, more than the {_gib(free)} "
+                        f"free in {cache_dir}. Pass a smaller --limit or --image-size, or a cache folder on a disk "
+                        "with room (--cache-dir, or $AECURVES_CACHE); nothing was decoded.")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # cache
 
 
@@ -486,6 +535,7 @@ def _load_cached(
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        check_cache_room(cache_dir, len(names), image_size)  # a UserError passes through
         tmp = str(new_temp_file(cache_dir, stem))
     except OSError as exc:
         raise UserError(
@@ -565,7 +615,7 @@ def _lfw_images(image_size: int) -> np.ndarray:
     """
     from skimage.data import lfw_subset  # deferred: scikit-image is slow to import
 
-    faces = lfw_subset()[:100].astype(np.float32)  # values in [0, 1]
+    faces = lfw_subset()[:LFW_COUNT].astype(np.float32)  # values in [0, 1]
     out = np.empty((len(faces), 1, image_size, image_size), dtype=np.uint8)
     for i, face in enumerate(faces):
         resized = np.asarray(Image.fromarray(face).resize((image_size, image_size), Image.BICUBIC))
@@ -635,10 +685,14 @@ def load_data(
         if count > MAX_SYNTHETIC:
             raise UserError(f"The synthetic dataset is generated in memory: at most {MAX_SYNTHETIC:,} images, got "
                             f"--limit {count:,}. Pass a smaller --limit.")
+        check_in_memory(dataset, count, 3, image_size)
         names = [f"synthetic_{i:06d}" for i in range(count)]
-        images = np.stack([_synthetic_image(i, image_size) for i in range(count)])
+        images = np.empty((count, 3, image_size, image_size), dtype=np.uint8)  # filled in place: no second copy
+        for i in range(count):
+            images[i] = _synthetic_image(i, image_size)
         return _in_memory(dataset, names, images, val_fraction, use_test, "(generated)")
     if dataset == "lfw":
+        check_in_memory(dataset, LFW_COUNT, 1, image_size)
         images = _lfw_images(image_size)[:limit]
         names = [f"lfw_{i:03d}" for i in range(len(images))]
         return _in_memory(dataset, names, images, val_fraction, use_test, "(scikit-image lfw_subset)")

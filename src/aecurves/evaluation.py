@@ -6,7 +6,7 @@ protocol (metrics.protocol_loaders), so a value at t = 0 in eval.json is the sam
 here once, the two cannot drift apart.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aecurves import runtime
@@ -43,6 +43,7 @@ class Setup:
     protocol: Protocol
     per_call: int             # points per call
     notes: list               # what was left out or changed, and why
+    compile_fallbacks: list = field(default_factory=list)  # --compile: why a compiled function ran uncompiled
 
 
 def run_data(args: dict, image_size: int, cfg, missing: str, dataset: str | None = None,
@@ -145,12 +146,13 @@ def record_keys(setup: Setup, cfg, seconds: float) -> dict:
                "subset_seed": None if cfg.full else SUBSET_SEED},
         "train_metric_images": protocol.train_images,
         "test_metric_images": len(data.test),
-        "notes": setup.notes,
+        "notes": setup.notes + [n for n in setup.compile_fallbacks if n not in setup.notes],
         "device": str(setup.device),
         "precision": cfg.precision,
         "points_per_call": setup.per_call,
         "memory_format": protocol.memory_format,
-        "compiled": getattr(cfg, "compile", False),  # plane has no --compile
+        # what ran, not what was asked: a fallback (no C++ compiler) ran uncompiled (plane has no --compile)
+        "compiled": getattr(cfg, "compile", False) and not setup.compile_fallbacks,
         "seconds": seconds,
         "config": as_record(cfg),
     }

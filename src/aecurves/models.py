@@ -151,7 +151,10 @@ def _import(spec: str, where: str):
         sys.modules[module_name] = module
         module_spec.loader.exec_module(module)
         return module
-    except (Exception, SystemExit) as exc:  # a module that calls sys.exit() while imported is a failure too
+    except KeyboardInterrupt:
+        sys.modules.pop(module_name, None)
+        raise
+    except BaseException as exc:  # sys.exit(), GeneratorExit or any BaseException while imported is a failure too
         sys.modules.pop(module_name, None)
         raise UserError(f"--model {spec}: could not import {where} ({type(exc).__name__}: {exc}). Pass an "
                         "importable module (on PYTHONPATH) or a path to a .py file.") from None
@@ -177,7 +180,9 @@ def build_model(arch: dict) -> nn.Module:
     dtype = torch.get_default_dtype()
     try:
         model = factory(**kwargs)
-    except (Exception, SystemExit) as exc:
+    except KeyboardInterrupt:  # keeps its meaning: the user stopped the run (exit 130)
+        raise
+    except BaseException as exc:  # SystemExit, GeneratorExit, any BaseException subclass: a failure to build
         hint = (f" A factory is called as {MODEL_SIGNATURE}; pass its own arguments with --model-kwargs."
                 if isinstance(exc, TypeError) else "")
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -205,7 +210,9 @@ def check_shape(model: nn.Module, arch: dict) -> None:
     model.eval()
     try:
         out = model(torch.full(shape, 0.5))  # no random draw: seeded runs stay as they were
-    except (Exception, SystemExit) as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         raise UserError(f"--model {arch['model']} fails on a batch of shape {shape} ({type(exc).__name__}: {exc}); "
                         "an autoencoder takes images [batch, channels, size, size] with values in [0, 1].") from None
     finally:

@@ -107,11 +107,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 class CompiledOrEager:
     """`fn` through torch.compile when `enabled`, falling back to `fn` itself if compiling fails on the first call
-    (no C++ compiler, an operation dynamo cannot trace...), with a note through `log`. After one compiled call
-    succeeds, errors propagate: a fault in the model is not hidden by a silent retry."""
+    (no C++ compiler, an operation dynamo cannot trace...), with a note through `log`, also added to `notes` when
+    given (once: a command's record then says it ran uncompiled, and why). After one compiled call succeeds, errors
+    propagate: a fault in the model is not hidden by a silent retry."""
 
-    def __init__(self, fn, enabled: bool, what: str, log=print):
-        self.fn, self.what, self.log = fn, what, log
+    def __init__(self, fn, enabled: bool, what: str, log=print, notes: list | None = None):
+        self.fn, self.what, self.log, self.notes = fn, what, log, notes
         self.compiled = torch.compile(fn) if enabled else None
         self.proven = False
         self.failure: str | None = None
@@ -130,8 +131,11 @@ class CompiledOrEager:
         except Exception as exc:  # dynamo and inductor raise many types; the eager call below re-raises real faults
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             self.failure = f"{type(exc).__name__}: {first}"
-            self.log(f"note: --compile: torch.compile could not compile the {self.what} ({self.failure}); it runs "
-                     "uncompiled, with the same numbers")
+            note = (f"--compile: torch.compile could not compile the {self.what} ({self.failure}); it runs "
+                    "uncompiled, with the same numbers")
+            self.log(f"note: {note}")
+            if self.notes is not None and note not in self.notes:
+                self.notes.append(note)
             self.compiled = None
             return self.fn(*args, **kwargs)
         self.proven = True

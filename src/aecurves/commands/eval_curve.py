@@ -62,7 +62,7 @@ from aecurves.metrics import (
     reconstructions_along,
 )
 from aecurves.models import build_model
-from aecurves.records import EvalRecord
+from aecurves.records import EvalRecord, refuse_other_outputs
 from aecurves.stats import METRICS, SPLITS, STATS, bootstrap_barrier, summarize
 
 RECON_POINTS = 9  # reconstructions at t = 0, 1/8, ..., 1
@@ -121,7 +121,8 @@ def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, 
     with runtime.autocast(setup.device, cfg.precision):  # bf16: the forward passes only (see EvalCurveConfig)
         results = evaluate_paths(measured, ts, protocol.train_loader, protocol.test_loader, setup.loss_fn,
                                  setup.perceptual_fn, protocol.bn_loader, fixed, setup.ssim,
-                                 progress=not cfg.no_progress, points_per_call=setup.per_call, compile=cfg.compile)
+                                 progress=not cfg.no_progress, points_per_call=setup.per_call, compile=cfg.compile,
+                                 compile_notes=setup.compile_fallbacks)
         ensemble = timed_ensembles(cfg, subject, setup, fixed) if cfg.ensemble else None
     for prefix, label in results.labels.items():
         print_summary(label, results.summary, prefix)
@@ -202,6 +203,8 @@ def output_folder(cfg: EvalCurveConfig) -> Path:
 
 
 def refuse_other_evaluation(out: Path, cfg: EvalCurveConfig) -> None:
+    # a training run's reconstructions.png has eval-curve's name: --overwrite replaces only an earlier evaluation
+    refuse_other_outputs(out, "eval-curve", ("training run",), " (eval-curve's default: the curve folder's eval/)")
     if (out / "eval.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds an evaluation (eval.json). Pass --overwrite to replace it, or choose "
                         "another --out folder; nothing was changed.")
@@ -302,7 +305,8 @@ def load_subject_data(cfg: EvalCurveConfig, subject: Subject):
 
 
 def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, fixed,
-                   ssim: bool, progress: bool, points_per_call: int = 1, compile: bool = False) -> PathResults:
+                   ssim: bool, progress: bool, points_per_call: int = 1, compile: bool = False,
+                   compile_notes: list | None = None) -> PathResults:
     """Every point of the curve (and its segment), and reconstructions of `fixed` at RECON_POINTS values of t:
     taken during the evaluation at the t the two grids share, then at the others (BN recomputed the same way).
     When the loss is a mean over images (MSE and the VGG loss both are: they have per_image), the summary also
@@ -323,7 +327,7 @@ def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, per
 
         one = evaluate_path(path, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, progress,
                             desc=label, on_point=on_point, ssim=ssim, per_image=True,
-                            points_per_call=points_per_call, compile=compile)
+                            points_per_call=points_per_call, compile=compile, compile_notes=compile_notes)
         series.update({prefix + k: v for k, v in one.items()})
         summary.update({prefix + k: v for k, v in summarize(one).items()})
         if "te_per_image_loss" in one:

@@ -59,6 +59,7 @@ from aecurves.config import (
     FgeConfig,
     TrainConfig,
     as_record,
+    is_given,
     settle_with_checkpoint,
     validate,
 )
@@ -140,8 +141,11 @@ def check_schedule(cfg: FgeConfig) -> None:
 
 
 def _same_setting(key, saved, given) -> bool:
+    """Checkpoint and flag agree. An endpoint moved since the run started agrees at its new path, as train-curve's
+    do: resolve() then compares its content with the run's record (endpoint_sha256)."""
     if key == "ckpt":
-        return Path(saved).expanduser().resolve() == Path(given).expanduser().resolve()
+        before, now = (Path(p).expanduser().resolve() for p in (saved, given))
+        return before == now or (not before.exists() and now.is_file())
     return saved == given
 
 
@@ -175,6 +179,10 @@ def resolve(cfg: FgeConfig) -> Plan:
         raise UserError("fge needs --ckpt ENDPOINT: the endpoint checkpoint to start from (from `aecurves train` "
                         "or `aecurves export-point`); only --resume of a run in --out takes it from the run.")
     ckpt = Path(cfg.ckpt).expanduser().resolve()
+    if resumed is not None and not is_given(cfg, "ckpt") and not ckpt.exists():
+        raise UserError(f"The endpoint the FGE run in {out} started from, {ckpt}, is no longer there. If it moved, "
+                        "pass --ckpt with its new path (its content is checked against the run's record); nothing "
+                        "was changed.")
     cfg.ckpt = str(ckpt)
     if ckpt.parent == out.resolve() and is_output(ckpt.name):
         raise UserError(f"--ckpt {ckpt} is a file this run writes in --out {out}; pass the endpoint to start from and "
@@ -185,8 +193,9 @@ def resolve(cfg: FgeConfig) -> Plan:
     digest = sha256(ckpt)
     if resumed is not None:
         if arch_mismatch(resumed["model_config"], arch) or resumed["fge"].get("endpoint_sha256") != digest:
-            raise UserError(f"The endpoint {ckpt} is not the file the FGE run in {out} started from (it has changed "
-                            "since). Restore it, or start a new run in another --out folder; nothing was changed.")
+            raise UserError(f"The endpoint {ckpt} is not the file the FGE run in {out} started from (its content "
+                            f"differs from the one recorded for {resumed['args'].get('ckpt')}). Pass that endpoint, "
+                            "or start a new run in another --out folder; nothing was changed.")
     settle_from_endpoint(cfg, endpoint["args"], ckpt)
     validate(cfg)  # the endpoint's values within the flags' bounds too
     check_schedule(cfg)
