@@ -5,7 +5,17 @@ import json
 import pytest
 
 from aecurves.errors import UserError
-from aecurves.records import EndpointRecord, EvalRecord, PlaneRecord, RecordError, StageRecord, StudyRecord
+from aecurves.records import (
+    EndpointRecord,
+    EvalRecord,
+    NewerFormat,
+    PlaneRecord,
+    RecordError,
+    StageRecord,
+    StudyRecord,
+    check_format,
+    refuse_other_outputs,
+)
 
 CURVE = {"te_barrier": 0.01, "te_loss_start": 0.5, "te_loss_end": 0.6, "length": 3.0}
 SEGMENT = {"te_barrier": 0.05, "te_loss_start": 0.5, "te_loss_end": 0.6, "length": 2.0}
@@ -139,3 +149,46 @@ def test_other_records_refuse_what_they_cannot_read(cls, d, reason):
     with pytest.raises(RecordError, match="some/file") as exc:
         cls.from_json(d, "some/file")
     assert reason in str(exc.value)
+
+
+@pytest.mark.parametrize("cls, d", [
+    (EvalRecord, {"format_version": 3}),
+    (PlaneRecord, {"format_version": 99, "kind": "curve", "summary": {}, "config": {}}),
+    (StageRecord, {"format_version": 3, "stage": "x", "status": "done", "inputs": {}}),
+    (StudyRecord, {"format_version": 3, "groups": {}}),
+    (EndpointRecord, {"format_version": 2}),
+])
+def test_a_newer_format_is_told_apart_from_a_damaged_file(cls, d):
+    """issue 27, N4: a record of a later release is NewerFormat (a RecordError, so every reader still refuses it),
+    which readers that redo damaged work let through; another unknown version stays a plain RecordError."""
+    with pytest.raises(NewerFormat, match="some/file") as exc:
+        cls.from_json(d, "some/file")
+    assert f"has format_version {d['format_version']}, newer than this release of aecurves reads" in str(exc.value)
+    assert "written by another release" in str(exc.value) and isinstance(exc.value, RecordError)
+    for other in (0, "3", True, 2.5):
+        try:
+            cls.from_json({**d, "format_version": other}, "some/file")
+        except NewerFormat:
+            raise AssertionError(f"{other!r} is no newer format") from None
+        except RecordError:
+            pass
+
+
+def test_check_format_reads_the_key_it_is_given():
+    check_format({"format": 1}, 1, "fge.json", "format")
+    check_format({"format_version": 7}, 1, "fge.json", "format")  # not its key
+    with pytest.raises(NewerFormat, match="fge.json has format 2, newer"):
+        check_format({"format": 2}, 1, "fge.json", "format")
+
+
+def test_refuse_other_outputs_names_the_folder_and_the_files(tmp_path):
+    for name in ("metrics.jsonl", "checkpoint.pt", "reconstructions.png"):
+        (tmp_path / name).write_text("")
+    refuse_other_outputs(tmp_path, "train", ("evaluation", "plane"))  # its own files
+    with pytest.raises(UserError) as exc:
+        refuse_other_outputs(tmp_path, "eval-curve", ("training run",))
+    assert str(exc.value).startswith(f"The output folder {tmp_path} holds the files of a training run "
+                                     "(checkpoint.pt, metrics.jsonl), not of eval-curve")
+    (tmp_path / "plane.png").symlink_to(tmp_path / "nothing")  # a dangling link counts: lexists
+    with pytest.raises(UserError, match=r"holds the files of a plane \(plane.png\)"):
+        refuse_other_outputs(tmp_path, "train", ("evaluation", "plane"))

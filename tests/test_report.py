@@ -18,6 +18,7 @@ from aecurves.cli import main
 from aecurves.errors import UserError
 from aecurves.records import EvalRecord
 from aecurves.report import conclusions, model
+from aecurves.report.inputs import Inputs
 from aecurves.report.model import Interval
 from aecurves.stats import summarize
 
@@ -653,6 +654,26 @@ class NotATensor:  # a pickled object of this test module: torch.load(weights_on
     pass
 
 
+HUGE_VIEW = torch.zeros(1, dtype=torch.uint8).expand(200000, 3, 1024, 1024)
+
+
+def test_a_tiny_reconstructions_pt_of_terabytes_is_damaged_not_materialised(tmp_path, capsys):
+    """N11: a 1 KB file holding a stride-0 view of 200000 x 3 x 1024 x 1024 pixels: the report finishes, names it
+    damaged, and never allocates what the view claims (its peak memory grows by far less than 1 GB)."""
+    import resource
+
+    root = make_study(tmp_path / "study", tensors=True)
+    rel = "endpoints/mse_seed1/reconstructions.pt"
+    torch.save({"format": 1, "images": HUGE_VIEW, "reconstructions": HUGE_VIEW}, root / rel)
+    assert (root / rel).stat().st_size < 2048
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    assert main(["report", str(root)]) == 0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 1 << 20
+    assert f"{root / rel} is damaged (images is a view of 629,145,600,000 pixels" in capsys.readouterr().err
+    assert list(json.loads((root / "report.json").read_text())["damaged"]) == [rel]
+    assert (root / "report_files/mse_seed1_reconstructions.png").is_file()  # from the PNG, as for an old folder
+
+
 @pytest.mark.parametrize("content, reason", [
     ({"format": 2}, "not a record of format 1"),
     ({"images": "pixels"}, "images is not uint8 pixels"),
@@ -662,6 +683,11 @@ class NotATensor:  # a pickled object of this test module: torch.load(weights_on
     ("a list", "not a record of format 1"),
     ("not torch", "not readable"),
     (NotATensor, "not readable (UnpicklingError"),
+    # views: a stride-0 one repeats 1 stored byte as 2.5 TB of pixels (issue 27, N11); a transposed one is not what
+    # train.py writes either
+    ({"images": HUGE_VIEW, "reconstructions": HUGE_VIEW},
+     "images is a view of 629,145,600,000 pixels (200000, 3, 1024, 1024) over 1 stored bytes"),
+    ({"reconstructions": torch.zeros(4, 3, 16, 16, dtype=torch.uint8).transpose(2, 3)}, "reconstructions is a view"),
 ])
 def test_a_damaged_reconstructions_pt_is_named_and_the_png_shown(tmp_path, capsys, content, reason):
     root = make_study(tmp_path / "study", tensors=True)
@@ -974,7 +1000,8 @@ def test_a_full_disk_stops_the_report_with_a_message_naming_the_file(tmp_path, m
 
 def test_paths_out_of_the_study_folder_are_not_read(tmp_path, capsys):
     """study.json names the stage folders; a folder someone sent must not make the report read, or embed, files
-    from elsewhere: neither through '..' in study.json nor through a link inside the folder."""
+    from elsewhere: neither through '..' in study.json nor through a link inside the folder (refused as a whole
+    before anything is read, issue 27; a link made after that check is still not read: inputs.inside)."""
     root = make_study(tmp_path / "study")
     secret = tmp_path / "secret"
     (secret / "eval").mkdir(parents=True)
@@ -985,20 +1012,27 @@ def test_paths_out_of_the_study_folder_are_not_read(tmp_path, capsys):
         s["groups"]["mse"]["pairs"][0]["eval"] = "../secret/eval"
 
     _edit_json(root / "study.json", point_out)
-    picture = root / "endpoints/mse_seed2/reconstructions.png"
-    picture.unlink()
-    picture.symlink_to(tmp_path / "private.png")
-    _png(tmp_path / "private.png")
     assert main(["report", str(root)]) == 0
     err = capsys.readouterr().err
     assert "outside the study folder" in err and "Traceback" not in err
     record = json.loads((root / "report.json").read_text())
     assert "../secret/eval/eval.json" in record["damaged"]
-    assert "endpoints/mse_seed2/reconstructions.png" in record["damaged"]
     for name in ("report.md", "report.html"):
         assert "SECRET NOTE" not in (root / name).read_text()
-    private = (tmp_path / "private.png").read_bytes()
-    assert all(p.read_bytes() != private for p in (root / "report_files").iterdir())
+
+    picture = root / "endpoints/mse_seed2/reconstructions.png"
+    picture.unlink()
+    picture.symlink_to(tmp_path / "private.png")
+    _png(tmp_path / "private.png")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+    assert main(["report", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{picture} -> {tmp_path / 'private.png'}" in err and "nothing was changed" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink()} == before
+    inputs = Inputs(root)  # the same link, made after that check: named, never read
+    assert inputs.status("endpoints/mse_seed2/reconstructions.png") == "damaged"
+    assert inputs.load("endpoints/mse_seed2/reconstructions.png", lambda p: p.read_bytes()) is None
+    assert "outside the study folder" in inputs.damaged["endpoints/mse_seed2/reconstructions.png"]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -610,7 +610,8 @@ def test_the_fge_cycle_default_and_refusals(tmp_path, capsys):
         resolved(curve_epochs=2, fge_cycle=6)
     with pytest.raises(UserError, match="even number"):
         resolved(fge_cycle=3)
-    assert resolved(curve_epochs=2, fge_cycle=6, fge=False)["fge_cycle"] == 6  # no FGE: nothing to refuse
+    with pytest.raises(UserError, match="--fge-cycle 6 would be ignored with --no-fge"):  # a request it ignores
+        resolved(curve_epochs=2, fge_cycle=6, fge=False)
     argv = [a for a in SMALL]
     assert run_cli("study", *argv, "--fge-cycle", 8, "--out", tmp_path / "s") == 2
     assert "takes no FGE snapshot" in capsys.readouterr().err and not (tmp_path / "s").exists()

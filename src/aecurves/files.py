@@ -128,34 +128,54 @@ def not_plain(path: Path, what: str) -> str:
 
 
 LINK_RULE = ("aecurves follows no link inside an output folder when it writes, clears or reads results, so that a "
-             "folder someone sent cannot point it at files elsewhere (docs/reliability.md, 'Folders someone sent')")
+             "folder someone sent cannot point it at files elsewhere (docs/reliability.md#folders-someone-sent)")
 
 
-def links_in(root: str | os.PathLike, limit: int = 5) -> list[Path]:
+def links_in(root: str | os.PathLike, limit: int = 5, allow=None) -> list[Path]:
     """Up to `limit` symbolic links inside `root` (the folder itself may be one: the user named it), found without
-    following any. Hard links to folders cannot exist; hard-linked files are harmless to atomic writes (a rename
-    replaces the name, not the file) and refused where aecurves appends (open_append)."""
+    following any, except those `allow(link)` accepts. Hard links to folders cannot exist; hard-linked files are
+    harmless to atomic writes (a rename replaces the name, not the file) and refused where aecurves appends
+    (open_append)."""
     found = []
     for folder, dirs, files in os.walk(root, followlinks=False):
         for name in sorted(dirs + files):
             p = Path(folder) / name
-            if p.is_symlink():
+            if p.is_symlink() and not (allow and allow(p)):
                 found.append(p)
                 if len(found) >= limit:
                     return found
     return found
 
 
-def refuse_links(root: str | os.PathLike, what: str) -> None:
+def refuse_links(root: str | os.PathLike, what: str, allow=None) -> None:
     """UserError naming the symbolic links inside `root` (a study folder, a run folder), before anything is read
-    from or written to it."""
+    from or written to it; `allow(link)`: links that are known not to be followed."""
     from aecurves.errors import UserError
 
-    found = links_in(root)
+    found = links_in(root, allow=allow)
     if found:
         shown = "\n".join(f"  {p} -> {os.readlink(p)}" for p in found)
         raise UserError(f"The {what} {root} holds symbolic links:\n{shown}\n{LINK_RULE}. Replace each link by the "
                         "files it points to (cp -rL), or start in a new folder; nothing was changed.")
+
+
+def refuse_study_links(root: str | os.PathLike) -> None:
+    """refuse_links for a study folder, where submitit leaves one link of its own per Slurm job (submitit_link)."""
+    refuse_links(root, "study folder", allow=lambda p: submitit_link(root, p))
+
+
+def submitit_link(root: str | os.PathLike, link: Path) -> bool:
+    """Whether `link` is the one submitit makes where sbatch ran a job's script: STUDY/slurm/RUN/
+    .submission_file_UUID.sh -> STUDY/slurm/RUN/JOB/JOB_submission.sh, pointing into its own run folder (the same
+    place: a copied or moved study folder's points elsewhere, and is refused). aecurves never reads through it."""
+    parts = Path(os.path.relpath(link, root)).parts
+    if len(parts) != 3 or parts[0] != "slurm" or not parts[2].startswith(".submission_file_") \
+            or not parts[2].endswith(".sh"):
+        return False
+    run = Path(os.path.realpath(link.parent))  # the study may have been named through a link, then or now
+    target = Path(os.path.realpath(os.path.join(link.parent, os.readlink(link))))
+    return target.parent.parent == run and \
+        target.name == f"{target.parent.name}_submission.sh"
 
 
 def check_no_link(root: str | os.PathLike, path: str | os.PathLike) -> None:

@@ -12,7 +12,9 @@ the segment was its only path). curve.npz keeps that flat layout (like the paper
 """
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from aecurves.errors import UserError
@@ -24,6 +26,51 @@ class RecordError(UserError):
     """A file that is no record of its kind this release reads; the message says which file and what is wrong."""
 
 
+class NewerFormat(RecordError):
+    """A record of a format newer than this release reads: written by a later release, not damaged. Readers that
+    treat a damaged record as unfinished work (and redo it) must let this one through: redoing it would delete or
+    downgrade that release's files."""
+
+
+def check_format(d: dict, newest: int, source: str, key: str = "format_version") -> None:
+    """NewerFormat when the record `d` says (under `key`) it has an integer format beyond `newest`."""
+    version = d.get(key)
+    if isinstance(version, int) and not isinstance(version, bool) and version > newest:
+        raise NewerFormat(f"{source} has {key} {version}, newer than this release of aecurves reads (up to "
+                          f"{newest}): it was written by another release. Use that release for it.")
+
+
+# What each command leaves in its output folder, by the names only it writes there (train and eval-curve both write
+# reconstructions.png, so that name tells neither): one command writing into a folder of another's would replace
+# its files or mix its own among them, and a study re-run would take the mixture for either.
+OUTPUTS = {"training run": ("checkpoint.pt", "metrics.jsonl", "reconstructions.pt"),
+           "evaluation": ("eval.json", "curve.npz", "loss_along_path.png", "reconstructions_segment.png",
+                          "ensemble.png"),
+           "plane": ("plane.json", "plane.npz", "plane.png")}
+
+
+def other_outputs(folder, others: tuple) -> dict:
+    """{kind: [its file names found in `folder`]} for the kinds of output `others` (keys of OUTPUTS)."""
+    folder = Path(folder)
+    found = {kind: [n for n in OUTPUTS[kind] if os.path.lexists(folder / n)] for kind in others}
+    return {kind: names for kind, names in found.items() if names}
+
+
+def with_article(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def refuse_other_outputs(out, command: str, others: tuple, hint: str = "") -> None:
+    """UserError, before any work, when the output folder `out` of `command` holds the files of another kind of
+    output (`others`, keys of OUTPUTS); --overwrite does not change this (it replaces a command's own output)."""
+    found = other_outputs(out, others)
+    if found:
+        kind, names = next(iter(found.items()))
+        raise UserError(f"The output folder {out} holds the files of {with_article(kind)} "
+                        f"({', '.join(names)}), not of {command}: writing there would replace them or mix its files "
+                        f"with them. Choose another --out folder{hint}; nothing was changed.")
+
+
 def _need_dict(d, what: str, source: str) -> dict:
     if not isinstance(d, dict):
         text = json.dumps(d, default=str)
@@ -33,6 +80,7 @@ def _need_dict(d, what: str, source: str) -> dict:
 
 
 def _version(d: dict, known: tuple, source: str):
+    check_format(d, max(known), source)
     version = d.get("format_version")
     if version is not None and version not in known:
         raise RecordError(f"{source} has format_version {version!r}, which this release of aecurves does not read "
@@ -252,6 +300,7 @@ class EndpointRecord:
     def from_json(cls, d, source: str = "checkpoint.pt") -> "EndpointRecord":
         d = _need_dict({k: v for k, v in d.items() if k in ("format_version", "kind", "epoch", "args", "metrics")}
                        if isinstance(d, dict) else d, "the checkpoint", source)
+        check_format(d, cls.FORMAT, source)
         version = d.get("format_version", 1)
         if not isinstance(version, int) or isinstance(version, bool) or version > cls.FORMAT:
             raise RecordError(f"{source} has format_version {version!r}, which this release of aecurves does not "

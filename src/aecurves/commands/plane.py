@@ -47,7 +47,7 @@ from aecurves.files import check_writable, folder_lock, save_npz, write_all, wri
 from aecurves.metrics import evaluate_points
 from aecurves.models import build_model
 from aecurves.plane_geometry import evaluate_grid, grid_axes, plane_through, prefixed
-from aecurves.records import PlaneRecord
+from aecurves.records import PlaneRecord, refuse_other_outputs
 
 DEFAULT_POINTS_OUT = "runs/plane"
 
@@ -160,6 +160,7 @@ def output_folder(cfg: PlaneConfig) -> Path:
 
 
 def refuse_other_plane(out: Path, cfg: PlaneConfig) -> None:
+    refuse_other_outputs(out, "plane", ("training run",), " (plane's default: the curve folder's plane/)")
     if (out / "plane.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds a plane (plane.json). Pass --overwrite to replace it, or choose another "
                         "--out folder; nothing was changed.")

@@ -68,7 +68,6 @@ import dataclasses
 import itertools
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -92,6 +91,7 @@ from aecurves.config import (
     FgeConfig,
     StudyConfig,
     as_record,
+    check_needs,
     recorded_value,
     replace_given,
     result_settings,
@@ -100,11 +100,25 @@ from aecurves.config import (
     to_toml,
     validate,
 )
-from aecurves.errors import UserError
-from aecurves.files import folder_lock, read_json, sha256, write_json
-from aecurves.records import EndpointRecord, EvalRecord, PlaneRecord, RecordError, StageRecord, StudyRecord
+from aecurves.errors import UserError, call_guarded
+from aecurves.files import clear_folder, folder_lock, read_json, refuse_study_links, sha256, write_json
+from aecurves.records import (
+    EndpointRecord,
+    EvalRecord,
+    NewerFormat,
+    PlaneRecord,
+    RecordError,
+    StageRecord,
+    StudyRecord,
+    check_format,
+    other_outputs,
+    with_article,
+)
 
 FORMAT_VERSION = StudyRecord.FORMAT  # of study.json (CHANGELOG.md; records.StudyRecord)
+# the newest formats of the files this release writes that have no records type (checkpoint.FORMAT_VERSION,
+# fge.FORMAT, ensembles.FORMAT; those modules import torch, this one does not), for refusing a newer release's
+CHECKPOINT_FORMAT, FGE_FORMAT, ENSEMBLES_FORMAT = 1, 1, 1
 STAGE_RECORD = "study_stage.json"
 INTERRUPTED = ("\ninterrupted; every finished stage is kept in {out}. Re-run the same command to continue: finished "
                "stages are skipped and an interrupted training stage resumes from its last checkpoint.")
@@ -169,6 +183,9 @@ def resolve_study_config(config: StudyConfig) -> dict:
     if cfg["image_size"] is None:
         cfg["image_size"] = DEFAULT_IMAGE_SIZE.get(cfg["dataset"], 64)
     check_executor_flags(cfg)
+    unset = {**cfg, "fge": False, "fge_cycle": None}
+    resolve_fge_cycle(unset)  # the cycle when none is given, as study.json records it: no request of its own
+    check_needs(StudyConfig, cfg, defaults={"fge_cycle": unset["fge_cycle"]})  # e.g. --no-align --align-method
     if cfg["model"] != BUILTIN_MODEL:
         if "width" in config.given:
             raise UserError(f"--width is a setting of the built-in model; pass the settings of --model "
@@ -429,14 +446,30 @@ def select_forced(selectors: list[str], stages: list[Stage]) -> set[str]:
 
 
 def _load_ckpt(path: Path, kind: str):
-    """A checkpoint of `kind`, or None when missing or unreadable."""
+    """A checkpoint of `kind`, or None when missing or unreadable; NewerFormat when a newer release wrote it (its
+    layout may be what this release cannot read: it is no damaged file to redo)."""
     from aecurves.checkpoint import load_checkpoint
 
     if not path.is_file():
         return None
     try:
-        return load_checkpoint(path, kind)
+        state = load_checkpoint(path, kind)
     except UserError:
+        state = _peek(path)
+        if isinstance(state, dict):
+            check_format(state, CHECKPOINT_FORMAT, str(path))
+        return None
+    check_format(state, CHECKPOINT_FORMAT, str(path))
+    return state
+
+
+def _peek(path: Path):
+    """The file as torch.load(weights_only=True) reads it, or None."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: damaged, as load_checkpoint said
         return None
 
 
@@ -449,6 +482,8 @@ def read_stage_record(folder: Path) -> StageRecord | None:
     """A stage's study_stage.json (records.StageRecord, either layout), or None when it is missing or damaged."""
     try:
         return StageRecord.from_json(read_json(folder / STAGE_RECORD), str(folder / STAGE_RECORD))
+    except NewerFormat:
+        raise
     except RecordError:
         return None
 
@@ -459,6 +494,8 @@ def _read_training(folder: Path, st: Stage) -> tuple[dict | None, dict]:
     state = _load_ckpt(checkpoint, "curve" if st.kind == "curve" else "endpoint")
     try:
         record = EndpointRecord.from_json(state, str(checkpoint)) if state is not None else None
+    except NewerFormat:
+        raise
     except RecordError:
         record = None
     if record is None:
@@ -483,6 +520,8 @@ def _read_eval(folder: Path, st: Stage) -> tuple[dict | None, dict]:
     """An evaluation's eval.json (records.EvalRecord, either layout) and the files it lists."""
     try:
         record = EvalRecord.from_json(read_json(folder / "eval.json"), str(folder / "eval.json"))
+    except NewerFormat:
+        raise
     except RecordError:
         return None, {"exists": (folder / "eval.json").exists()}
     files = record.files
@@ -496,6 +535,8 @@ def _read_plane(folder: Path, st: Stage) -> tuple[dict | None, dict]:
     """A plane's plane.json (records.PlaneRecord, either layout) and the files it lists."""
     try:
         record = PlaneRecord.from_json(read_json(folder / "plane.json"), str(folder / "plane.json"))
+    except NewerFormat:
+        raise
     except RecordError:
         return None, {"exists": (folder / "plane.json").exists()}
     files = record.files
@@ -507,6 +548,8 @@ def _read_fge(folder: Path, st: Stage) -> tuple[dict | None, dict]:
     """An FGE run: fge.json (written last, when it finished) and the files it lists; else its checkpoint.pt (the
     training state after its last finished epoch)."""
     record = read_json(folder / "fge.json")
+    if isinstance(record, dict):
+        check_format(record, FGE_FORMAT, str(folder / "fge.json"), "format")
     if isinstance(record, dict) and isinstance(record.get("config"), dict):
         files = record.get("files") if isinstance(record.get("files"), dict) else {}
         listed = [v for k, v in files.items() if k != "snapshots"] + list(files.get("snapshots") or [])
@@ -538,6 +581,8 @@ def _judge_fge(config: FgeConfig, st: Stage, facts: dict) -> tuple[str, str]:
 
 def _read_ensembles(folder: Path, st: Stage) -> tuple[dict | None, dict]:
     record = read_json(folder / "ensembles.json")
+    if isinstance(record, dict):
+        check_format(record, ENSEMBLES_FORMAT, str(folder / "ensembles.json"), "format")
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict) \
             or not isinstance(record.get("averages"), dict):
         return None, {"exists": (folder / "ensembles.json").exists()}
@@ -721,14 +766,10 @@ class Study:
         return state, why
 
     def clear(self, st: Stage) -> None:
-        """Removes one stage's own outputs (for a curve: not its eval/ and plane/ folders, other stages')."""
-        folder = self.root / st.folder
-        if st.kind == "report" or not folder.is_dir():
-            return
-        keep = KINDS[st.kind].keep
-        for p in folder.iterdir():
-            if p.name not in keep:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        """Removes one stage's own outputs (for a curve: not its eval/ and plane/ folders, other stages'), following
+        no link: a stage folder that is a link, or lies below one, is refused before anything is removed (N2)."""
+        if st.kind != "report":
+            clear_folder(self.root, self.root / st.folder, KINDS[st.kind].keep)
 
     def will_run(self) -> set[str]:
         """Names of the stages expected to run now (for the time estimate and --plan): not finished, forced, or built
@@ -741,12 +782,18 @@ class Study:
         return out
 
     def write_record(self, st: Stage, status: str, **extra) -> None:
+        from aecurves.files import check_no_link
+
+        check_no_link(self.root, self.root / st.folder / STAGE_RECORD)  # a link made since the study started
         write_json(self.root / st.folder / STAGE_RECORD,
                    StageRecord(stage=st.name, status=status, inputs=self.input_hashes(st), extra=extra).to_json())
 
     # --- the study record
 
     def write_study_json(self) -> None:
+        from aecurves.files import check_no_link
+
+        check_no_link(self.root, self.root / "study.json")  # a link made since the study started
         trained = [n for n in self.ran if n != "report"]
         sections = dict.fromkeys(KINDS[st.kind].section for st in self.stages if st.kind in KINDS)
         write_json(self.root / "study.json", StudyRecord(
@@ -835,6 +882,8 @@ def run_study(cfg: dict) -> dict:
     root = study.root
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file; pass a folder for the study.")
+    if root.is_dir():  # a folder someone sent: no link inside is followed (docs/reliability.md#folders-someone-sent)
+        refuse_study_links(root)
     if not cfg["epochs"] or not cfg["curve_epochs"]:
         raise UserError("--epochs and --curve-epochs are needed.")
     check_executor_machine(cfg)
@@ -858,6 +907,7 @@ def run_study(cfg: dict) -> dict:
     study.stages = with_dependencies([s for s in all_stages
                                       if s.loss is None or study.groups[s.loss]["status"] == "run"])
 
+    refuse_untrusted_files(study)  # before any stage is judged, --plan included
     check_stages(study)
     if cfg["plan"]:
         print_plan(study)
@@ -866,6 +916,55 @@ def run_study(cfg: dict) -> dict:
     executor = make_executor(cfg, root)
     with folder_lock(root, "study"):  # one study per folder: a second one would redo and interleave every stage
         return run_stages(study, cfg, executor)
+
+
+def refuse_untrusted_files(study: Study) -> None:
+    """Refuses, before anything is judged or written, the files of a study folder the study cannot trust (its links
+    were refused already): any record of a newer release (study.json, report.json, a stage's study_stage.json or
+    outputs), which redoing would delete or rewrite in an older format, and a stage folder holding another command's
+    outputs, which the stage would replace or take for its own."""
+    if not study.root.is_dir():
+        return
+    try:
+        check_newer_records(study)
+    except NewerFormat as exc:
+        raise UserError(f"{exc} The study folder {study.root} holds files of another, newer release of aecurves: "
+                        "continue the study with that release, or choose another --out folder for this one; "
+                        "nothing was changed.") from None
+    for st in study.stages:
+        found = other_outputs(study.root / st.folder, FOREIGN_OUTPUTS.get(st.kind, ()))
+        if found:
+            kind, names = next(iter(found.items()))
+            raise UserError(f"The folder {study.root / st.folder} of the stage {st.name} holds the files of "
+                            f"{with_article(kind)} "
+                            f"({', '.join(names)}), which its command ({KINDS[st.kind].command}) does not write: "
+                            "the stage would replace them or take them for its own. Move them out, or choose "
+                            "another --out folder; nothing was changed.")
+
+
+# per kind of stage, the outputs of other commands (records.OUTPUTS) that can never be in its folder
+FOREIGN_OUTPUTS = {"endpoint": ("evaluation", "plane"), "extra": ("evaluation", "plane"),
+                   "curve": ("evaluation", "plane"), "eval": ("training run",), "plane": ("training run",)}
+
+
+def check_newer_records(study: Study) -> None:
+    """NewerFormat for the first record of the folder that a newer release wrote: every file the study reads."""
+    from aecurves.report import REPORT_VERSION
+
+    root = study.root
+    try:
+        StudyRecord.from_json(read_json(root / "study.json"), str(root / "study.json"))
+    except NewerFormat:
+        raise
+    except RecordError:  # none, or damaged: written anew, as before
+        pass
+    report = read_json(root / "report.json")
+    if isinstance(report, dict):
+        check_format(report, REPORT_VERSION, str(root / "report.json"))
+    for st in study.stages:
+        if st.kind != "report":
+            read_stage_record(root / st.folder)
+            KINDS[st.kind].read(root / st.folder, st)
 
 
 def check_executor_flags(cfg: dict) -> None:
@@ -902,7 +1001,7 @@ def check_executor_machine(cfg: dict) -> None:
                             f"executor runs {slots} at a time ({', '.join(devices)}); pass more --devices (or --jobs), "
                             "or a smaller --gpus-per-train.")
     if cfg["executor"] == "slurm":
-        executors.check_slurm(cfg["slurm_partition"])
+        executors.check_slurm(cfg["slurm_partition"], cfg["slurm_mem"], Path(cfg["out"]))
 
 
 def local_devices(cfg: dict) -> list[str]:
@@ -965,6 +1064,8 @@ def run_stages(study: "Study", cfg: dict, executor=None) -> dict:
     root = study.root
     try:
         study.previous_provenance = StudyRecord.from_json(read_json(root / "study.json")).provenance
+    except NewerFormat:  # refused before anything ran (refuse_untrusted_files): never rewritten as this format
+        raise
     except RecordError:  # none yet, or one this release cannot read (run() refuses a study of other settings)
         study.previous_provenance = None
     study.provenance = {**runtime.provenance(cfg["device"], cfg["precision"]),
@@ -1073,7 +1174,16 @@ class Driver:
             note += f" [{len(self.executor.running()) + 1} running]"
         study.progress(i, st, todo, note)
         t0 = time.perf_counter()  # before submit: the serial executor runs the stage inside it
-        handle = self.executor.submit(st.name, job)
+        try:
+            handle = self.executor.submit(st.name, job)
+        except UserError as exc:  # it could not be started: the stage failed, and its record says so
+            study.write_record(st, "failed", error=str(exc), executor=self.executor.name)
+            self.failures.append(f"stage {st.name} ({st.label}) failed: {exc}")
+            return
+        except Exception as exc:  # a bug: its traceback follows, but the record must not say "started"
+            study.write_record(st, "failed", error=f"an internal error, {type(exc).__name__}: {exc}",
+                               executor=self.executor.name)
+            raise
         if handle.job_id is not None:
             study.write_record(st, "submitted", executor=self.executor.name, job_id=handle.job_id, logs=handle.logs)
             where = f"Slurm job {handle.job_id}, log {handle.logs.get('stderr')}"
@@ -1136,27 +1246,42 @@ class StageJob:
     processes: int = 1             # DistributedDataParallel processes: Slurm tasks, or local devices (torchrun)
 
     def __call__(self) -> dict:
-        with _output_to(self.log):
-            in_slurm = "SLURM_JOB_ID" in os.environ
-            if self.processes > 1 and in_slurm:
-                import submitit
+        with _output_to(self.log, self.cfg["out"]):
+            try:
+                return self._run()
+            except UserError as exc:
+                if self.log is not None:
+                    print(f"error: {exc}", file=sys.stderr, flush=True)
+                raise
+            except BaseException:  # a bug: the driver says its traceback is in the log, so it must be
+                if self.log is not None:
+                    import traceback
 
-                submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR...
-            study = Study(self.cfg)
-            study.stages = plan(self.cfg, 0, 0)
-            st = next(s for s in study.stages if s.name == self.stage)
-            config = study.config(st, self.resume)
-            if self.device:
-                config = dataclasses.replace(config, device="cpu" if self.device.startswith("cpu") else "cuda")
-            if self.processes > 1 and not in_slurm:
-                result = torchrun(config, self.device.split(","), Path(self.cfg["out"]) / "logs")
-            else:
-                result = stage_command(st).run(config)
-            import socket
+                    traceback.print_exc()
+                raise
 
-            return {"ran": {"host": socket.gethostname(), "pid": os.getpid(),
-                            "device": self.device or self.cfg["device"]},
-                    "result": result if isinstance(result, dict) else None}
+    def _run(self) -> dict:
+        in_slurm = "SLURM_JOB_ID" in os.environ
+        if self.processes > 1 and in_slurm:
+            import submitit
+
+            submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR...
+        study = Study(self.cfg)
+        study.stages = plan(self.cfg, 0, 0)
+        st = next(s for s in study.stages if s.name == self.stage)
+        config = study.config(st, self.resume)
+        if self.device:  # as if a flag: the torchrun file writes the given settings only
+            config = replace_given(config, device="cpu" if self.device.startswith("cpu") else "cuda")
+        if self.processes > 1 and not in_slurm:
+            result = torchrun(config, self.device.split(","), Path(self.cfg["out"]))
+        else:  # a --model's sys.exit(0) fails the stage, naming it, in every executor (errors.call_guarded)
+            model = config.model if getattr(config, "model", BUILTIN_MODEL) != BUILTIN_MODEL else None
+            result = call_guarded(lambda: stage_command(st).run(config), model, f"the study's stage {self.stage}")
+        import socket
+
+        return {"ran": {"host": socket.gethostname(), "pid": os.getpid(),
+                        "device": self.device or self.cfg["device"]},
+                "result": result if isinstance(result, dict) else None}
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit when the job is preempted or reaches its time limit: it is requeued, and a training
@@ -1166,16 +1291,16 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self, resume=True))
 
 
-def torchrun(config, devices: list[str], folder: Path) -> None:
+def torchrun(config, devices: list[str], root: Path) -> None:
     """`torchrun --nproc_per_node len(devices) -m aecurves train --config FILE`: the stage's config through the
-    file round trip every command has, on these devices (GPUs), or on CPUs with gloo."""
+    file round trip every command has, on these devices (GPUs), or on CPUs with gloo. The agent and its training
+    processes die with this worker (executors.die_with_this_process)."""
     import socket
     import subprocess
 
-    folder.mkdir(parents=True, exist_ok=True)
-    file = folder / f"{Path(config.out).name}.toml"
-    record = {k: v for k, v in as_record(config).items() if v is not None}
-    file.write_text(to_toml(record))
+    from aecurves.executors import die_with_this_process
+
+    file = torchrun_file(config, root)
     env = dict(os.environ)
     gpus = [d.removeprefix("cuda:") for d in devices if d.startswith("cuda:")]
     if gpus:
@@ -1184,14 +1309,29 @@ def torchrun(config, devices: list[str], folder: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(len(devices)), "--master_port",
-            str(port), "-m", "aecurves", "train", "--config", str(file)]
+            str(port), "-m", "aecurves.executors", "aecurves", "train", "--config", str(file)]
     if config.model != BUILTIN_MODEL:
         argv += ["--model", config.model]  # named on the command line: the trust rule
+    argv, env = die_with_this_process(argv, env)
     done = subprocess.run(argv, env=env)
     if done.returncode != 0:
         raise UserError(f"the {len(devices)} training processes (torchrun) exited with code {done.returncode}; their "
-                        "output is above")
+                        "output, with the traceback of any internal error, is in the stage's log")
     return None
+
+
+def torchrun_file(config, root: Path) -> Path:
+    """ROOT/logs/NAME.toml, holding the settings the stage's config was given (the study's, as if they were flags)
+    and nothing else: `train --config` rebuilds from it exactly the config the serial executor runs (a default
+    written out would count as given, and `train --init` refuses a given data or model setting that differs from
+    its endpoint's). Written atomically, through no link."""
+    from aecurves.files import atomic_path, check_no_link
+
+    file = root / "logs" / f"{Path(config.out).name}.toml"
+    check_no_link(root, file)
+    with atomic_path(file) as tmp:
+        tmp.write_text(to_toml({k: getattr(config, k) for k in config.given}))
+    return file
 
 
 def gpus_per_train(cfg: dict) -> int:
@@ -1202,14 +1342,19 @@ def gpus_per_train(cfg: dict) -> int:
 
 
 @contextlib.contextmanager
-def _output_to(log: str | None):
-    """Everything the stage prints (Python's and C's, progress bars too) into `log`, when given."""
+def _output_to(log: str | None, root: str):
+    """Everything the stage prints (Python's and C's, progress bars too) appended to `log`, when given: a file in
+    the study folder `root`, reached and opened through no link (a linked logs/ or log file is refused)."""
     if log is None:
         yield
         return
+    from aecurves.files import check_no_link, open_append
+
+    check_no_link(root, log)
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush(), sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(log, "a") as f:
+    with open_append(log) as f:
+        saved = [os.dup(1), os.dup(2)]
         os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
         try:
             yield

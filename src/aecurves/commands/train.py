@@ -31,7 +31,7 @@ from aecurves.files import append_jsonl, atomic_path, folder_lock, write_jsonl
 from aecurves.losses import make_loss
 from aecurves.metrics import check_finite_state, evaluate, usable_memory_format
 from aecurves.models import arch_of, build_model, num_parameters
-from aecurves.records import EndpointRecord
+from aecurves.records import EndpointRecord, refuse_other_outputs
 from aecurves.schedules import lr_at
 from aecurves.training import train_one_epoch
 
@@ -95,6 +95,7 @@ def resolve_start(cfg: TrainConfig, out: Path):
     """(checkpoint, its path) to resume from, or None, after refusing to overwrite an existing run."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run (nothing was written).")
+    refuse_other_outputs(out, "train", ("evaluation", "plane"))  # its reconstructions.png is eval-curve's name
     own = out / "checkpoint.pt"
     ckpt_path = Path(cfg.checkpoint) if cfg.checkpoint else own
     if cfg.checkpoint and own.exists() and ckpt_path.resolve().parent != out.resolve():

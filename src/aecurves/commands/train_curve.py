@@ -40,6 +40,7 @@ from aecurves.files import append_jsonl, folder_lock, write_jsonl
 from aecurves.losses import make_loss
 from aecurves.metrics import check_finite, check_finite_state, evaluate, fixed_subset, usable_memory_format
 from aecurves.models import build_model
+from aecurves.records import refuse_other_outputs
 from aecurves.schedules import lr_at, set_lr
 
 COLUMNS = ["epoch", "lr", "train_loss", "l2_term", "mid_test_loss", "mid_test_mse", "seconds", "images/s"]
@@ -175,6 +176,7 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
     ckpt_path = out / "checkpoint.pt"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the curve run (nothing was written).")
+    refuse_other_outputs(out, "train-curve", ("evaluation", "plane"))
     resumed = None
     if cfg.resume and ckpt_path.is_file():
         resumed = load_checkpoint(ckpt_path, "curve", "curve checkpoint")

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from aecurves.config import ReportConfig
 from aecurves.errors import UserError
-from aecurves.files import atomic_path, read_json, write_json
+from aecurves.files import atomic_path, check_no_link, read_json, refuse_study_links, write_json
+from aecurves.records import NewerFormat, check_format
 
 from . import inputs as _inputs
 from .collect import collect
@@ -62,8 +63,10 @@ def inputs_fingerprint(study_dir) -> str:
 
 def write_report(study_dir) -> dict:
     """Writes report.html, report.md, report.json and report_files/ in `study_dir`, reading only its files, and
-    names on stderr the input files it found damaged (and made the report without)."""
+    names on stderr the input files it found damaged (and made the report without). A folder holding a link, or the
+    report of a newer release, is refused before anything is read (docs/reliability.md#folders-someone-sent)."""
     study_dir = Path(study_dir)
+    check_report_folder(study_dir)
     fingerprint = inputs_fingerprint(study_dir)
     study = collect(study_dir)
     for rel, reason in study.damaged.items():
@@ -72,6 +75,8 @@ def write_report(study_dir) -> dict:
     figures = plan(study, study_dir)
     doc = build(study, found, figures, study_dir, time.strftime("%Y-%m-%d %H:%M"))
     # from here on, the writes; each through aecurves.files: atomic, and a failure (a full disk) names its file
+    for rel in (*figures.files, "report.md", "report.html", "report.json"):
+        check_no_link(study_dir, study_dir / rel)  # a link made since the check above: never written through
     draw(figures, study_dir)
     images = {rel: (study_dir / rel).read_bytes() for rel in figures.files}
     _write_text(study_dir / "report.md", to_markdown(doc))
@@ -80,6 +85,18 @@ def write_report(study_dir) -> dict:
     write_json(study_dir / "report.json", record)  # last: its fingerprint marks the report complete
     print(f"wrote report.html, report.md, report.json and {FILES_DIR}/ in {study_dir}")
     return record
+
+
+def check_report_folder(study_dir: Path) -> None:
+    """UserError for a study folder the report cannot trust: one with links inside, or whose report.json a newer
+    release wrote (this one would replace it with an older report)."""
+    refuse_study_links(study_dir)
+    try:
+        existing = read_json(study_dir / "report.json")
+        if isinstance(existing, dict):
+            check_format(existing, REPORT_VERSION, str(study_dir / "report.json"))
+    except NewerFormat as exc:
+        raise UserError(f"{exc} Nothing was changed.") from None
 
 
 def summary_line(loss: str, group, conclusion) -> str:

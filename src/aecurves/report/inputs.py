@@ -15,6 +15,7 @@ import numpy as np
 
 from aecurves.config import LOSSES
 from aecurves.errors import UserError
+from aecurves.files import check_no_link
 from aecurves.records import RecordError, StudyRecord
 
 from .model import Picture
@@ -30,17 +31,22 @@ from .specs import (
     mismatch,
 )
 
-OUTSIDE = "it lies outside the study folder (a '..' or a link out of it), so it is not read"
+OUTSIDE = ("it lies outside the study folder, or is reached through a link inside it (a '..' or a link), so it is "
+           "not read")
 
 
 def inside(root: Path, rel: str) -> Path | None:
-    """root/rel when it stays inside the study folder, else None: a folder someone sent must not make the report
-    read, and embed, files from elsewhere ('../..' in study.json, or a link out)."""
+    """root/rel when it stays inside the study folder and no part of it below the folder is a link, else None: a
+    folder someone sent must not make the report read, and embed, files from elsewhere ('../..' in study.json, or a
+    link; write_report refuses a folder with links, and this holds for one made since)."""
     path = root / rel
     try:
-        return path if path.resolve().is_relative_to(root.resolve()) else None
-    except (OSError, RuntimeError):  # a link loop
+        if not path.resolve().is_relative_to(root.resolve()):
+            return None
+        check_no_link(root, path)
+    except (OSError, RuntimeError, UserError):  # a link loop; a link on the way
         return None
+    return path
 
 
 class Inputs:
@@ -156,6 +162,12 @@ def held_out_tensors(path: Path) -> Picture:
         if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.ndim != 4 or t.shape[1] not in (1, 3) \
                 or not t.shape[0]:
             raise Damaged(f"{name} is not uint8 pixels [N, C, H, W]")
+        # train.py writes plain (contiguous) tensors whose every pixel is in the file; a view that repeats a few
+        # stored bytes (stride 0) would be materialised by the figures: terabytes from a 1 KB file
+        stored = t.untyped_storage().nbytes()
+        if not t.is_contiguous() or stored < (t.storage_offset() + t.numel()) * t.element_size():
+            raise Damaged(f"{name} is a view of {t.numel():,} pixels {tuple(t.shape)} over {stored:,} stored bytes, "
+                          "not the plain tensor train.py writes")
     if rows[0].shape != rows[1].shape:
         raise Damaged(f"images {tuple(rows[0].shape)} and reconstructions {tuple(rows[1].shape)} differ in shape")
     return Picture(rows=rows, width=None)
