@@ -53,7 +53,7 @@ step() {  # step NAME SECONDS LOG COMMAND...: runs it with a time limit, its out
 if [ $DRY = 1 ]; then
     DEVICE=cpu
     TESTS=(tests/test_models.py)
-    TRAIN=(--device cpu --batch-size 8 --warmup 1 --steps 2 --vgg-warmup 0 --vgg-steps 1 --matmul-n 256
+    TRAIN=(--device cpu --batch-size 2 --warmup 1 --steps 2 --vgg-warmup 0 --vgg-steps 1 --matmul-n 256
            --matmul-repeats 1 --no-accuracy --levers --rounds 1 --lever-steps 1 --breakdown)
     EVAL=(--device cpu --points 2 --images 16 --per-call 1 2 --precision fp32 --formats default channels_last
           --ssim-images 16)

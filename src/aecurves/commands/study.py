@@ -1274,7 +1274,9 @@ class StageJob:
             config = replace_given(config, device="cpu" if self.device.startswith("cpu") else "cuda")
         if self.processes > 1 and not in_slurm:
             result = torchrun(config, self.device.split(","), Path(self.cfg["out"]))
-        else:  # a --model's sys.exit(0) fails the stage, naming it, in every executor (errors.call_guarded)
+        elif in_slurm:  # submitit's preemption handler requeues the job by raising SystemExit: it must go through
+            result = stage_command(st).run(config)
+        else:  # a --model's sys.exit(0) fails the stage, naming it (errors.call_guarded), in this process or a worker
             model = config.model if getattr(config, "model", BUILTIN_MODEL) != BUILTIN_MODEL else None
             result = call_guarded(lambda: stage_command(st).run(config), model, f"the study's stage {self.stage}")
         import socket
