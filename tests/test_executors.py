@@ -280,18 +280,6 @@ def test_result_files_in_a_study_folder_someone_sent_are_never_unpickled(cluster
 
 
 @pytest.mark.slow
-def test_slurm_gives_the_serial_numbers(cluster, serial, tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    root = tmp_path / "study"
-    assert run_cli("study", *TINY, *SLURM, "--out", root) == 0
-    assert_same_numbers(numbers(serial), numbers(root))
-    jobs = _our_jobs(root)
-    assert sorted(stage for _, stage in jobs) == sorted(STAGES[:-1])  # each stage one job; the report: the driver
-    record = json.loads((root / "aligned/mse_seed2-to-seed1/study_stage.json").read_text())
-    assert record["ran"]["executor"] == "slurm" and (record["ran"]["job_id"], "align:mse:1-2") in jobs
-    assert Path(record["ran"]["logs"]["stderr"]).is_file()
-
-
 @pytest.mark.slow
 def test_a_cancelled_job_stops_the_study_and_a_rerun_finishes_it(cluster, serial, tmp_path):
     root = tmp_path / "study"
@@ -322,9 +310,17 @@ def test_a_killed_driver_follows_its_jobs_again_and_submits_no_stage_twice(clust
     assert code == 0, err
     followed = [s for s in still_running if f"following Slurm job {still_running[s][0]}" in out]
     assert followed, out  # at least the one that was running when the driver died (others may end meanwhile)
-    stages = [stage for _, stage in _our_jobs(root)]
+    jobs = _our_jobs(root)
+    stages = [stage for _, stage in jobs]
     assert sorted(stages) == sorted(set(stages)), "a stage was submitted twice"
+    assert sorted(stages) == sorted(STAGES[:-1])  # each stage one job (the report: the driver), none missing
+    # the Slurm executor gives the serial numbers (this test stands for the uninterrupted one too: it also
+    # checks them, after a driver was killed in the middle)
     assert_same_numbers(numbers(serial), numbers(root))
+    last = STAGES[-2]  # the ensembles, last of all: submitted by the second driver
+    record = json.loads((root / _folder(last) / "study_stage.json").read_text())
+    assert record["ran"]["executor"] == "slurm" and (record["ran"]["job_id"], last) in jobs
+    assert Path(record["ran"]["logs"]["stderr"]).is_file()
 
 
 def _folder(stage: str) -> str:

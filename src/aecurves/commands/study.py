@@ -1187,8 +1187,8 @@ class Driver:
         if handle.job_id is not None:
             study.write_record(st, "submitted", executor=self.executor.name, job_id=handle.job_id, logs=handle.logs)
             where = f"Slurm job {handle.job_id}, log {handle.logs.get('stderr')}"
-        elif self.executor.name == "local":
-            where = f"on {handle.device}, log {handle.logs.get('log')}"
+        elif self.executor.name == "local" and handle.logs:  # none when its log was refused: it failed already
+            where = f"on {handle.device}, log {handle.logs['log']}"
         if where:
             print(f"    {st.name}: {where}", flush=True)
         self.started[st.name] = (t0, handle)
