@@ -208,7 +208,7 @@ def test_a_custom_model_prints_without_width(command, tmp_path, capsys):
     _, cfg = parse([command, "--config", str(tmp_path / "c.toml"), "--model", model])
     assert "width" not in cfg.given and cfg.model == model
     assert main([command, "--model", model, "--width", "8", "--print-config"]) == 2  # refused, as the run does
-    assert "--width is a setting of the built-in model" in capsys.readouterr().err
+    assert "--width is a setting of the built-in convolutional models" in capsys.readouterr().err
 
 
 def test_required_settings_may_come_from_a_config_file(tmp_path, capsys):

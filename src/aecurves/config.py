@@ -39,6 +39,11 @@ T_SAMPLING = ("uniform", "stratified")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 BUILTIN_MODEL = "aecurves.models:ConvAutoencoder"
+CONV_VAE = "aecurves.models:ConvVAE"
+KL_AUTOENCODER = "aecurves.models:KLAutoencoder"
+BUILTIN_MODELS = (BUILTIN_MODEL, CONV_VAE, KL_AUTOENCODER)  # models.BUILTIN_FACTORIES' names
+WIDTH_MODELS = (BUILTIN_MODEL, CONV_VAE)  # the built-in models that take --width
+MAX_KL_WEIGHT = 1e6
 EXPORT_FORMATS = ("checkpoint", "safetensors", "state_dict")
 ALIGN_METHODS = ("activations", "weights", "weights-raw", "both", "mixed", "learned")
 ACTIVATION_METHODS = ("activations", "both", "mixed", "learned")  # the methods that start from activation matching
@@ -231,6 +236,11 @@ class TrainConfig(DataConfig):
     width: int = option(32, "channels of the first conv stage (the built-in model only)", minimum=1,
                         group="model", maximum=MAX_WIDTH, role="model")
     loss: str = option("mse", "reconstruction loss", choices=LOSSES, group="training", role="model")
+    # a checkpoint from before VAEs existed was trained with the reconstruction loss alone; its networks had no KL
+    kl_weight: float = option(1.0, "β: a VAE's objective is the reconstruction loss + β·KL/D, D the values per "
+                                   "image (docs/models.md); 1 with the MSE loss is the ELBO of a Gaussian decoder "
+                                   "with σ² = 1/2. No effect on an autoencoder", minimum=0, maximum=MAX_KL_WEIGHT,
+                              group="training", role="model", legacy=1.0)
     batch_size: int = option(64, "batch size per process", minimum=1, group="training", maximum=MAX_BATCH_SIZE,
                              role="result")
     # epochs and lr may change on --resume, so `--resume` alone finishes the run as planned
@@ -299,6 +309,7 @@ class TrainCurveConfig(DataConfig):
                                      "made with a factory outside aecurves, whose code is never imported unasked",
                                shown="the endpoints', if built into aecurves", group="curve")
     loss: str | None = option(None, "", shown=ENDPOINTS, choices=LOSSES, group="training", role="model")
+    kl_weight: float | None = same_as(TrainConfig, "kl_weight", default=None, shown=ENDPOINTS)
     batch_size: int = same_as(TrainConfig, "batch_size", group="training")
     epochs: int = option(10, "", minimum=1, group="training", maximum=MAX_EPOCHS, role="result", carried=True)
     lr: float = option(1e-3, "Adam base learning rate for the bends", positive=True, maximum=MAX_LR, group="training",
@@ -564,6 +575,8 @@ class FgeConfig:
                                     maximum=MAX_BATCH_SIZE, group="ensembling", role="result")
     seed: int = option(1, "seed of the shuffling (1 as in fge.py)", minimum=0, maximum=MAX_SEED,
                        group="ensembling", role="result")
+    kl_weight: float | None = same_as(TrainConfig, "kl_weight", default=None, shown="the endpoint's",
+                                      group="ensembling", role="result")
     bn_images: int = same_as(EvalCurveConfig, "bn_images", help="training images (a fixed subset drawn once: "
                              "eval-curve's) for the BatchNorm statistics of every snapshot and of the starting "
                              "endpoint", group="ensembling")
@@ -692,6 +705,8 @@ class StudyConfig:
     batch_size: int | None = _preset("batch_size", "batch size for endpoints and curves", minimum=1,
                                      group=ENDPOINTS_GROUP, maximum=MAX_BATCH_SIZE, sets=TRAINING_SECTIONS)
     latent_dim: int = same_as(TrainConfig, "latent_dim", group=ENDPOINTS_GROUP, sets=("endpoints",))
+    # curves and FGE take it from their endpoints' checkpoints
+    kl_weight: float = same_as(TrainConfig, "kl_weight", group=ENDPOINTS_GROUP, sets=("endpoints",))
     width: int | None = _preset("width", "channels of the first conv stage (the built-in model only)", minimum=1,
                                 group=ENDPOINTS_GROUP, maximum=MAX_WIDTH, sets=("endpoints",))
     save_every_epoch: int | None = _preset("save_every_epoch", "endpoint checkpoint copies every N epochs",
@@ -1118,11 +1133,16 @@ def to_toml(record: dict) -> str:
 SIGNATURE_KEYS = ("channels", "image_size", "latent_dim")  # what every factory receives (MODEL_SIGNATURE)
 
 
+def takes_width(model) -> bool:
+    """Whether --width is a setting of this model: the built-in convolutional ones (WIDTH_MODELS)."""
+    return model in WIDTH_MODELS
+
+
 def check_model_kwargs(model: str, kwargs: dict, flags: dict) -> None:
     """--model-kwargs may not restate what a flag sets (the factory signature's sizes, and --width of the built-in
     model): its value would silently win over the flag, while every record said the flag's. `flags` holds the
     flags' values by field name."""
-    reserved = SIGNATURE_KEYS + (("width",) if model == BUILTIN_MODEL else ())
+    reserved = SIGNATURE_KEYS + (("width",) if takes_width(model) else ())
     clash = [k for k in reserved if k in kwargs]
     if clash:
         said = "; ".join(f"{k}={kwargs[k]!r}, which {'the data sets' if k == 'channels' else flag_name(k) + ' sets'}"

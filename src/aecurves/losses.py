@@ -1,4 +1,19 @@
-"""Reconstruction losses: mean squared error and a perceptual loss on frozen VGG16 features."""
+"""Reconstruction losses (mean squared error, a perceptual loss on frozen VGG16 features) and the objective a
+network is trained and measured with.
+
+A network's output is either its reconstruction (an autoencoder) or a pair (reconstruction, kl) with each image's
+KL divergence from the prior, shape [batch] (a VAE; split_output). For a VAE the objective is
+
+    objective = distortion + β · KL / D
+
+with `distortion` the reconstruction loss (a mean over the D = channels·height·width values of each image, and
+over the images), KL each image's KL divergence in nats, summed over the latent dimensions (its mean over the
+images is the *rate*), and β = --kl-weight. With the MSE loss and β = 1 this is the negative ELBO of a Gaussian
+decoder N(x̂, σ²I) with σ² = 1/2, divided by D and up to a constant: −log p(x|z) = ‖x − x̂‖²/(2σ²) + const. A
+β-VAE written as ‖x − x̂‖²/(2σ²) + β'·KL is --kl-weight 2σ²·β' here; one written with a summed squared error and
+no σ (Higgins et al.'s Gaussian case, σ² = 1/2) is --kl-weight β'. An autoencoder's objective is its distortion,
+bit for bit.
+"""
 
 import sys
 from pathlib import Path
@@ -173,7 +188,13 @@ class VGGPerceptualLoss(nn.Module):
         return sum((r.float() - t.float()).abs().flatten(1).mean(1) for r, t in pairs)
 
 
-def make_loss(name: str, vgg_weights: str = "imagenet") -> nn.Module:
+def make_loss(name: str, vgg_weights: str = "imagenet", kl_weight: float = 1.0) -> "Objective":
+    """The objective of a network trained with reconstruction loss `name` and KL weight `kl_weight` (VAEs)."""
+    return Objective(distortion_loss(name, vgg_weights), kl_weight)
+
+
+def distortion_loss(name: str, vgg_weights: str = "imagenet") -> nn.Module:
+    """The reconstruction loss `name` on its own: (reconstruction, images) -> a scalar."""
     name = name.lower()
     if name == "mse":
         return MSELoss()
@@ -184,3 +205,58 @@ def make_loss(name: str, vgg_weights: str = "imagenet") -> nn.Module:
                   "use it for smoke tests only.", file=sys.stderr)
         return loss
     raise UserError(f"Unknown loss {name!r}; choose one of: {', '.join(LOSSES)}.")
+
+
+def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(reconstruction, each image's KL or None) of a network's output: an autoencoder's reconstruction, or a VAE's
+    pair (reconstruction, kl) (a tuple or list of two)."""
+    if isinstance(out, (tuple, list)):
+        return out[0], out[1]
+    return out, None
+
+
+def reconstruction(out) -> torch.Tensor:
+    """The reconstruction in a network's output, whether an autoencoder's or a VAE's."""
+    return split_output(out)[0]
+
+
+def pixels_per_image(recon: torch.Tensor) -> int:
+    """D, the values of one image: the KL is divided by it, so the objective is per value as the distortion is."""
+    return recon[0].numel()
+
+
+class Objective(nn.Module):
+    """What a network is trained and measured with: its reconstruction loss (`distortion`) and, for a VAE, the KL
+    weighted by `kl_weight` per image value (the module docstring). Takes the network's output as it is: a
+    reconstruction, or a VAE's (reconstruction, kl)."""
+
+    def __init__(self, distortion: nn.Module, kl_weight: float = 1.0):
+        super().__init__()
+        self.distortion = distortion
+        self.kl_weight = float(kl_weight)
+        self.perceptual = getattr(distortion, "perceptual", False)
+        self.description = distortion.description
+
+    def forward(self, out, target: torch.Tensor) -> torch.Tensor:
+        recon, kl = split_output(out)
+        loss = self.distortion(recon, target)
+        if kl is None:
+            return loss
+        return loss + self.kl_weight * kl.float().mean() / pixels_per_image(recon)
+
+    def per_image(self, out, target: torch.Tensor) -> torch.Tensor:
+        """Each image's objective: their mean is forward's value."""
+        recon, kl = split_output(out)
+        loss = self.distortion.per_image(recon, target)
+        if kl is None:
+            return loss
+        return loss + self.kl_weight * kl.float() / pixels_per_image(recon)
+
+    def terms(self, out, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each image's distortion and rate (its KL in nats), [batch] each: a VAE's two terms; {} for an
+        autoencoder."""
+        recon, kl = split_output(out)
+        if kl is None:
+            return {}
+        with torch.no_grad():
+            return {"distortion": self.distortion.per_image(recon, target), "rate": kl.detach().float()}

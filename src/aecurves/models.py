@@ -1,4 +1,10 @@
-"""Autoencoders: the built-in ConvAutoencoder, and any other one named by a factory (`--model MODULE:FACTORY`).
+"""Autoencoders: the built-in ConvAutoencoder, ConvVAE and KLAutoencoder, and any other one named by a factory
+(`--model MODULE:FACTORY`).
+
+A network maps images [batch, channels, size, size] to either their reconstruction (an autoencoder) or a pair
+(reconstruction, kl), kl each image's KL divergence from the prior, shape [batch] (a VAE). A VAE samples its latent
+in training mode and is deterministic in eval mode (the posterior's mean); build_model checks what it can of this
+contract before any work (losses.Objective is what trains and measures either kind).
 
 A model is built from an architecture record (`arch`): the factory's name, its extra keyword arguments, and
 the settings every factory receives. Checkpoints store that record, so a network can be rebuilt from them.
@@ -15,7 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aecurves.config import BUILTIN_MODEL, MODEL_SIGNATURE, SIGNATURE_KEYS, check_model_kwargs
+from aecurves.config import (
+    BUILTIN_MODEL,
+    CONV_VAE,
+    KL_AUTOENCODER,
+    MODEL_SIGNATURE,
+    SIGNATURE_KEYS,
+    check_model_kwargs,
+    takes_width,
+)
 from aecurves.errors import UserError
 
 # Settings that fix the architecture; a checkpoint records them and loading compares them.
@@ -74,10 +88,46 @@ class ConvAutoencoder(nn.Module):
         return self.decode(self.encode(x))
 
 
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, diag σ²) ‖ N(0, I)) of each row, in nats: ½ Σ_j (μ_j² + σ_j² − 1 − log σ_j²)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+class ConvVAE(ConvAutoencoder):
+    """ConvAutoencoder with a Gaussian latent of the same size: the encoder's last Linear gives μ and log σ²
+    (2·latent_dim outputs, split in halves), training samples z = μ + σ·ε, eval mode decodes μ. Returns
+    (reconstruction, kl), kl each image's KL divergence from N(0, I) in nats."""
+
+    def __init__(self, channels: int = 3, image_size: int = 64, latent_dim: int = 128, width: int = 32):
+        super().__init__(channels, image_size, latent_dim, width)
+        last = self.encoder[-1]
+        self.encoder[-1] = nn.Linear(last.in_features, 2 * latent_dim)
+
+    def config(self) -> dict:
+        return {**super().config(), "model": CONV_VAE}
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, log σ²) of each image's latent."""
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.posterior(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
+        return self.decode(z), gaussian_kl(mu, logvar)
+
+
+def KLAutoencoder(**kwargs):  # noqa: N802 (named as the class it builds: --model aecurves.models:KLAutoencoder)
+    """diffusers' AutoencoderKL as an aecurves VAE (aecurves.kl_autoencoder; needs the `diffusers` extra)."""
+    from aecurves.kl_autoencoder import KLAutoencoder as build
+
+    return build(**kwargs)
+
+
 # The factories built into aecurves, by the exact name a checkpoint records. A checkpoint that names one of these
 # is rebuilt freely; any other name, however it is spelled, is code outside this table and is imported only when
 # the user passes the same --model on the command line (checkpoint.trusted_arch).
-BUILTIN_FACTORIES = {BUILTIN_MODEL: ConvAutoencoder}
+BUILTIN_FACTORIES = {BUILTIN_MODEL: ConvAutoencoder, CONV_VAE: ConvVAE, KL_AUTOENCODER: KLAutoencoder}
 
 
 def is_builtin(spec) -> bool:
@@ -90,13 +140,13 @@ def arch_of(args: dict) -> dict:
     model = args.get("model") or BUILTIN_MODEL
     kwargs = args.get("model_kwargs") or {}
     sizes = {k: args.get(k) for k in SIGNATURE_KEYS}
-    width = args.get("width") if model == BUILTIN_MODEL else None
+    width = args.get("width") if takes_width(model) else None
     wrong = [k for k, v in sizes.items() if not _is_count(v)]
     if not isinstance(model, str):
         wrong.append("model")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         wrong.append("model_kwargs")
-    if model == BUILTIN_MODEL and not _is_count(width):
+    if takes_width(model) and not _is_count(width):
         wrong.append("width")
     if wrong:
         raise UserError(f"The architecture record is incomplete or damaged: {', '.join(wrong)} "
@@ -164,7 +214,7 @@ def factory_kwargs(arch: dict) -> dict:
     """The keyword arguments of the factory call: the flags' sizes, then --model-kwargs, which may not restate one
     of them."""
     kwargs = {k: arch[k] for k in SIGNATURE_KEYS}
-    if arch["model"] == BUILTIN_MODEL:
+    if takes_width(arch["model"]):
         kwargs["width"] = arch["width"]
     check_model_kwargs(arch["model"], arch["model_kwargs"], kwargs)
     return {**kwargs, **arch["model_kwargs"]}
@@ -203,13 +253,21 @@ def build_model(arch: dict) -> nn.Module:
     return model
 
 
+CONTRACT = ("an autoencoder must return images of the shape it was given, and a VAE a pair (reconstruction, kl) "
+            "with kl each image's KL divergence, shape [batch]")
+
+
 @torch.no_grad()
 def check_shape(model: nn.Module, arch: dict) -> None:
+    """The network keeps the contract (module docstring) on a batch of two images, in eval mode: the output's
+    shapes, and two calls giving the same output (a VAE decodes its posterior's mean there, not a sample)."""
     shape = (2, arch["channels"], arch["image_size"], arch["image_size"])
     was_training = model.training
     model.eval()
+    x = torch.linspace(0, 1, math.prod(shape)).view(shape)  # no random draw: seeded runs stay as they were
     try:
-        out = model(torch.full(shape, 0.5))  # no random draw: seeded runs stay as they were
+        out = model(x)
+        again = model(x)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
@@ -217,10 +275,43 @@ def check_shape(model: nn.Module, arch: dict) -> None:
                         "an autoencoder takes images [batch, channels, size, size] with values in [0, 1].") from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"--model {arch['model']} maps images of shape {shape} to {got}; an autoencoder must return "
-                        "images of the shape it was given.")
+    wrong = output_problem(out, shape)
+    if wrong:
+        raise UserError(f"--model {arch['model']} maps images of shape {shape} to {wrong}; {CONTRACT}.")
+    if not all(torch.equal(a, b) for a, b in zip(_flat(out), _flat(again), strict=True)):
+        raise UserError(f"--model {arch['model']} gives two different outputs for the same images in eval mode; a "
+                        "network must be deterministic there (a VAE decodes its posterior's mean or mode in eval "
+                        "mode and samples only in training mode), or no loss along a path can be measured.")
+
+
+def output_problem(out, shape: tuple) -> str:
+    """What is wrong with a network's output for images of `shape`, or '' when it keeps the contract."""
+    if isinstance(out, torch.Tensor):
+        return "" if tuple(out.shape) == shape else f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        kinds = ", ".join(f"shape {tuple(o.shape)}" if isinstance(o, torch.Tensor) else type(o).__name__
+                          for o in out)
+        if (len(out) == 2 and all(isinstance(o, torch.Tensor) for o in out) and tuple(out[0].shape) == shape
+                and tuple(out[1].shape) == shape[:1] and out[1].is_floating_point()):
+            return ""
+        return f"a {type(out).__name__} of {len(out)} ({kinds})"
+    return f"a {type(out).__name__}"
+
+
+def _flat(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def is_vae(model: nn.Module, arch: dict) -> bool:
+    """Whether the network returns (reconstruction, kl): one eval-mode call on a batch of two."""
+    shape = (2, arch["channels"], arch["image_size"], arch["image_size"])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return isinstance(model(torch.full(shape, 0.5)), (tuple, list))
+    finally:
+        model.train(was_training)
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -97,6 +97,7 @@ from aecurves.config import (
     result_settings,
     section_settings,
     study_setting_of,
+    takes_width,
     to_toml,
     validate,
 )
@@ -186,9 +187,9 @@ def resolve_study_config(config: StudyConfig) -> dict:
     unset = {**cfg, "fge": False, "fge_cycle": None}
     resolve_fge_cycle(unset)  # the cycle when none is given, as study.json records it: no request of its own
     check_needs(StudyConfig, cfg, defaults={"fge_cycle": unset["fge_cycle"]})  # e.g. --no-align --align-method
-    if cfg["model"] != BUILTIN_MODEL:
+    if not takes_width(cfg["model"]):
         if "width" in config.given:
-            raise UserError(f"--width is a setting of the built-in model; pass the settings of --model "
+            raise UserError(f"--width is a setting of the built-in convolutional models; pass the settings of --model "
                             f"{cfg['model']} with --model-kwargs JSON.")
         cfg["width"] = None
     return cfg

@@ -15,13 +15,13 @@ from torch.nn.parallel import DistributedDataParallel
 from aecurves import runtime
 from aecurves.checkpoint import check_fits, check_same_arch, load_checkpoint, save_checkpoint, trusted_arch
 from aecurves.config import (
-    BUILTIN_MODEL,
     DEFAULT_IMAGE_SIZE,
     TrainConfig,
     as_record,
     check_model_kwargs,
     is_given,
     settle_with_checkpoint,
+    takes_width,
     validate,
 )
 from aecurves.console import table_row
@@ -143,10 +143,10 @@ def resolve_train_config(cfg: TrainConfig, saved: dict | None, ckpt_path, init: 
         settle_with_checkpoint(cfg, init["args"], f"{cfg.init} (--init)", roles=("data", "model"), carry=False)
     if cfg.image_size is None:
         cfg.image_size = DEFAULT_IMAGE_SIZE.get(cfg.dataset, 64)
-    if cfg.model != BUILTIN_MODEL:
+    if not takes_width(cfg.model):
         if is_given(cfg, "width"):
-            raise UserError(f"--width is a setting of the built-in model; pass the settings of --model {cfg.model} "
-                            "with --model-kwargs JSON.")
+            raise UserError("--width is a setting of the built-in convolutional models; pass the settings of "
+                            f"--model {cfg.model} with --model-kwargs JSON.")
         cfg.width = None
 
 

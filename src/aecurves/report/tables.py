@@ -2,7 +2,7 @@
 
 import json
 
-from aecurves.config import BUILTIN_MODEL
+from aecurves.config import BUILTIN_MODEL, BUILTIN_MODELS, takes_width
 
 from .collect import removed
 from .fmt import fbootstrap, fdb, finterval, fnum, fpct, fseconds, fsigned, fwhen
@@ -218,10 +218,10 @@ def configuration(study: Study) -> list[list[str]]:
     precision, subset sizes capped by the data) the values the stages recorded, beside the request."""
     cfg, ran, settings = study.config, study.ran, study.settings
     model = settings.model or BUILTIN_MODEL  # a study.json from before --model: the built-in was the only one
-    shown = {**cfg, "model": f"{model} (built-in)" if model == BUILTIN_MODEL else model,
+    shown = {**cfg, "model": f"{model} (built-in)" if model in BUILTIN_MODELS else model,
              "model_kwargs": settings.model_kwargs or "none"}
-    if model != BUILTIN_MODEL:  # a custom factory takes its own settings, in its kwargs
-        shown["width"] = "does not apply (a setting of the built-in model)"
+    if not takes_width(model):  # a custom factory takes its own settings, in its kwargs
+        shown["width"] = "does not apply (a setting of the built-in convolutional models)"
     rows = [[label, setting_text(shown[k])] for k, label in CONFIG_KEYS
             if k in shown and not (shown[k] is None and k in ("data_dir", "limit"))
             and not (k == "fge_cycle" and not settings.fge)]
