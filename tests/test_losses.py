@@ -42,12 +42,12 @@ def test_vgg_grayscale_is_repeated_to_rgb():
 def test_vgg_is_frozen_and_stays_in_eval_mode():
     loss = make_loss("vgg", vgg_weights="random")
     loss.train()
-    assert not loss.features.training
-    assert not any(p.requires_grad for p in loss.features.parameters())
+    assert not loss.distortion.features.training
+    assert not any(p.requires_grad for p in loss.parameters())
     recon = torch.rand(2, 3, 32, 32, requires_grad=True)
     loss(recon, torch.rand(2, 3, 32, 32)).backward()
     assert recon.grad is not None and recon.grad.abs().sum() > 0
-    assert len(loss.features) == VGG_LAYERS["relu4_3"] + 1
+    assert len(loss.distortion.features) == VGG_LAYERS["relu4_3"] + 1
 
 
 def test_random_vgg_does_not_disturb_the_global_rng():
@@ -104,3 +104,40 @@ def test_imagenet_weights_are_attempted_once_per_process(monkeypatch):
     assert len(calls) == 1
     assert "offline in this test" in exc.value.short and "\n" not in exc.value.short
     assert "--vgg-weights PATH" in str(exc.value) and len(exc.value.short) < len(str(exc.value))
+
+
+# --- the objective: an autoencoder's loss, or a VAE's distortion + β·KL/D ---------------------------------------
+
+@pytest.mark.parametrize("name", ["mse", "vgg"])
+def test_an_autoencoders_objective_is_its_loss_bit_for_bit(name):
+    objective = make_loss(name, vgg_weights="random", kl_weight=3.0)
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.rand(3, 3, 32, 32, generator=gen), torch.rand(3, 3, 32, 32, generator=gen)
+    assert torch.equal(objective(a, b), objective.distortion(a, b))
+    assert torch.equal(objective.per_image(a, b), objective.distortion.per_image(a, b))
+    assert objective.terms(a, b) == {}
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.5])
+def test_a_vaes_objective_adds_the_kl_per_image_value(beta):
+    objective = make_loss("mse", kl_weight=beta)
+    gen = torch.Generator().manual_seed(2)
+    recon, x = torch.rand(4, 3, 8, 8, generator=gen), torch.rand(4, 3, 8, 8, generator=gen)
+    kl = torch.tensor([1.0, 2.0, 0.5, 4.0])
+    mse = ((recon - x) ** 2).mean()
+    d = 3 * 8 * 8
+    assert objective((recon, kl), x).item() == pytest.approx((mse + beta * kl.mean() / d).item(), rel=1e-6)
+    per = objective.per_image((recon, kl), x)
+    assert per.mean().item() == pytest.approx(objective((recon, kl), x).item(), rel=1e-6)
+    terms = objective.terms((recon, kl), x)
+    assert torch.equal(terms["rate"], kl)
+    assert torch.allclose(terms["distortion"], ((recon - x) ** 2).flatten(1).mean(1))
+    assert torch.allclose(per, terms["distortion"] + beta * kl / d)
+
+
+def test_the_objective_trains_both_terms():
+    recon = torch.rand(2, 3, 8, 8, requires_grad=True)
+    kl = torch.tensor([1.0, 2.0], requires_grad=True)
+    make_loss("mse", kl_weight=2.0)((recon, kl), torch.rand(2, 3, 8, 8)).backward()
+    assert recon.grad.abs().sum() > 0
+    assert torch.allclose(kl.grad, torch.full((2,), 2.0 / (2 * 3 * 8 * 8)))

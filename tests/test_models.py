@@ -138,3 +138,86 @@ def test_a_factory_interrupted_by_the_user_stays_an_interrupt(tmp_path, capsys):
     assert run_cli("train", "--model", spec, "--dataset", "synthetic", "--image-size", 8, "--limit", 32,
                    "--epochs", 1, "--no-progress", "--device", "cpu", "--out", tmp_path / "run") == 130
     assert "interrupted" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+# --- VAEs: the (reconstruction, kl) contract ----------------------------------------------------------------------
+
+VAE_ARCH = {"model": "aecurves.models:ConvVAE", "model_kwargs": {}, "channels": 3, "image_size": 16,
+            "latent_dim": 8, "width": 4}
+
+
+def test_conv_vae_samples_in_training_and_decodes_the_mean_in_eval():
+    from aecurves.models import ConvVAE, gaussian_kl
+
+    vae = build_model(VAE_ARCH)
+    assert isinstance(vae, ConvVAE) and vae.encoder[-1].out_features == 16
+    x = torch.rand(3, 3, 16, 16)
+    vae.eval()
+    recon, kl = vae(x)
+    assert recon.shape == x.shape and kl.shape == (3,) and (kl >= 0).all()
+    assert torch.equal(vae(x)[0], recon)  # eval mode: deterministic
+    mu, logvar = vae.posterior(x)
+    assert torch.equal(recon, vae.decode(mu))
+    by_hand = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+    assert torch.allclose(kl, by_hand) and torch.allclose(gaussian_kl(mu, logvar), by_hand)
+    vae.train()
+    torch.manual_seed(0)
+    first = vae(x)[0]
+    assert not torch.allclose(first, vae(x)[0])  # a fresh z each call
+    torch.manual_seed(0)
+    assert torch.equal(first, vae(x)[0])  # from torch's global RNG: seeded runs repeat
+    assert vae.config()["model"] == "aecurves.models:ConvVAE"
+    assert build_model(vae.config()).state_dict().keys() == vae.state_dict().keys()
+
+
+VAE_FACTORIES = '''
+import torch
+from torch import nn
+
+
+class Wrapped(nn.Module):
+    def __init__(self, out, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(kw["channels"], kw["channels"], 1)
+        self.out = out
+
+    def forward(self, x):
+        y = self.conv(x)
+        kl = y.flatten(1).mean(1)
+        return {"three": (y, kl, kl), "short_kl": (y, kl[:1]), "int_kl": (y, kl.long()), "dict": {"x": y},
+                "noisy": (y + torch.randn_like(y), kl), "list": [y, kl]}[self.out]
+
+
+def three(**kw): return Wrapped("three", **kw)
+def short_kl(**kw): return Wrapped("short_kl", **kw)
+def int_kl(**kw): return Wrapped("int_kl", **kw)
+def dict_out(**kw): return Wrapped("dict", **kw)
+def noisy(**kw): return Wrapped("noisy", **kw)
+def list_out(**kw): return Wrapped("list", **kw)
+'''
+
+
+@pytest.mark.parametrize("name, words", [
+    ("three", r"to a tuple of 3 \(shape \(2, 3, 8, 8\), shape \(2,\), shape \(2,\)\)"),
+    ("short_kl", r"to a tuple of 2 \(shape \(2, 3, 8, 8\), shape \(1,\)\)"),
+    ("int_kl", "to a tuple of 2"),
+    ("dict_out", "to a dict"),
+    ("noisy", "two different outputs for the same images in eval mode"),
+])
+def test_a_network_that_breaks_the_contract_is_refused_before_any_work(name, words, tmp_path):
+    from aecurves.errors import UserError
+
+    (tmp_path / "vaes.py").write_text(VAE_FACTORIES)
+    arch = {"model": f"{tmp_path}/vaes.py:{name}", "model_kwargs": {}, "channels": 3, "image_size": 8,
+            "latent_dim": 4}
+    with pytest.raises(UserError, match=words):
+        build_model(arch)
+    assert build_model({**arch, "model": f"{tmp_path}/vaes.py:list_out"}) is not None  # a list of two is a pair
+
+
+def test_width_is_a_setting_of_both_convolutional_models_only():
+    from aecurves.errors import UserError
+
+    assert build_model({**VAE_ARCH, "width": 8}).encoder[0][0].out_channels == 8
+    with pytest.raises(UserError, match="--model-kwargs sets width=4, which --width sets"):
+        build_model({**VAE_ARCH, "model_kwargs": {"width": 4}})
