@@ -91,7 +91,7 @@ def test_roles_say_what_resume_and_the_study_compare():
                                                              "val_fraction", "use_test")
     assert config.role_fields(TrainConfig, "data", "model") == (
         "dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "model", "model_kwargs",
-        "latent_dim", "width", "loss")
+        "latent_dim", "width", "loss", "kl_weight")
     assert config.role_fields(TrainConfig, "input", "result") == ("batch_size", "epochs", "lr", "lr_schedule", "wd",
                                                                   "seed", "init")
     carried = {cls: [f.name for f in dataclasses.fields(cls) if f.metadata["carried"]]
@@ -100,7 +100,7 @@ def test_roles_say_what_resume_and_the_study_compare():
                        TrainCurveConfig: ["epochs", "lr", "save_every_epoch"], config.FgeConfig: ["epochs"]}
     # train-curve takes every data setting, use_test too, and the loss from its endpoints unless given
     inherited = config.role_fields(TrainCurveConfig, "data", "model")
-    assert inherited == ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "loss")
+    assert inherited == ("dataset", "data_dir", "image_size", "limit", "val_fraction", "use_test", "loss", "kl_weight")
     assert all(default(TrainCurveConfig, k) is None for k in inherited)
     # runtime settings never define a result
     for cls in config.COMMANDS.values():

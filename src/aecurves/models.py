@@ -230,7 +230,7 @@ def build_model(arch: dict) -> nn.Module:
     dtype = torch.get_default_dtype()
     try:
         model = factory(**kwargs)
-    except KeyboardInterrupt:  # keeps its meaning: the user stopped the run (exit 130)
+    except (KeyboardInterrupt, UserError):  # an interrupt keeps its meaning (exit 130); a UserError says it all
         raise
     except BaseException as exc:  # SystemExit, GeneratorExit, any BaseException subclass: a failure to build
         hint = (f" A factory is called as {MODEL_SIGNATURE}; pass its own arguments with --model-kwargs."

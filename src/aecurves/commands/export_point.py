@@ -10,7 +10,15 @@ import torch
 
 from aecurves import runtime
 from aecurves.checkpoint import appeared, check_file_out, load_curve, save_checkpoint
-from aecurves.config import MODEL_SIGNATURE, DataConfig, ExportPointConfig, role_fields, validate
+from aecurves.config import (
+    MODEL_SIGNATURE,
+    DataConfig,
+    ExportPointConfig,
+    TrainConfig,
+    recorded_value,
+    role_fields,
+    validate,
+)
 from aecurves.curves import batchnorms
 from aecurves.data import BatchLoader, check_outside_data, load_run_data
 from aecurves.errors import UserError
@@ -76,8 +84,11 @@ def run(cfg: ExportPointConfig) -> dict:
                         "BatchNorm statistics were recomputed; nothing was written. Try --bn-images 0 to keep the "
                         "curve's own statistics.")
     recorded = (*role_fields(DataConfig, "data"), "loss", "seed")  # the curve's data, loss and seed
+    # and its β (a curve from before --kl-weight existed: 1), so train --init, fge and a curve from this point
+    # minimise the objective the curve did
+    kl_weight = recorded_value(TrainConfig, "kl_weight", args)
     point = {"kind": "endpoint", "model": weights, "optimizer": {}, "epoch": 0, "metrics": [],
-             "args": {**{k: args.get(k) for k in recorded}, **arch_of(state["model_config"])},
+             "args": {**{k: args.get(k) for k in recorded}, "kl_weight": kl_weight, **arch_of(state["model_config"])},
              "exported_from": {"curve": str(Path(cfg.ckpt).resolve()), "t": cfg.t, "bn_images": used}}
     try:  # each file is linked into place only if nothing took its name meanwhile
         if cfg.format == "checkpoint":

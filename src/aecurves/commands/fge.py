@@ -10,7 +10,8 @@ timgaripov/dnn-mode-connectivity:
 - a snapshot is taken at the end of every epoch e (counted from 0, as fge.py does) with (e mod cycle) + 1 ==
   cycle / 2 (schedules.is_snapshot_epoch): with the defaults, `--epochs 20 --cycle 4`, after epochs 1, 5, 9, 13
   and 17;
-- training starts from the endpoint's weights and optimizer state;
+- training starts from the endpoint's weights and optimizer state, and minimises the endpoint's objective: its
+  reconstruction loss and, for a VAE, β·KL/D with the endpoint's β (--kl-weight), the latent sampled;
 - the ensemble (the snapshots' average output) is measured on the held-out images (fge.py: the test split).
 
 Where it differs from fge.py, and why (docs/paper.md says the same):
@@ -60,6 +61,7 @@ from aecurves.config import (
     TrainConfig,
     as_record,
     is_given,
+    recorded_value,
     settle_with_checkpoint,
     validate,
 )
@@ -69,10 +71,10 @@ from aecurves.errors import UserError
 from aecurves.files import append_jsonl, folder_lock, read_json, sha256, write_json, write_jsonl
 from aecurves.losses import make_loss
 from aecurves.metrics import average_outputs, check_finite_state, evaluate, evaluate_averages, fixed_subset
-from aecurves.models import build_model, num_parameters
+from aecurves.models import build_model, is_vae, num_parameters
 from aecurves.schedules import cyclic_lr, is_snapshot_epoch, snapshot_epochs
 from aecurves.ssim import SSIM_WINDOW
-from aecurves.training import train_one_epoch
+from aecurves.training import TERMS, term_columns, train_one_epoch
 
 FORMAT = 1  # of fge.json
 COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_mse", "snapshot", "seconds", "images/s"]
@@ -108,7 +110,7 @@ def run(cfg: FgeConfig) -> dict:
     if len(data.train) == 0:
         raise UserError(f"The endpoint's training split is empty ({data.source}); FGE has nothing to train on.")
     loss_name = eargs.get("loss") or "mse"
-    loss_fn = make_loss(loss_name, cfg.vgg_weights).to(device)
+    loss_fn = make_loss(loss_name, cfg.vgg_weights, cfg.kl_weight).to(device)
     # one writer per run folder (released when the block ends or the process dies)
     with folder_lock(plan.out, "FGE run"):
         if run_state(plan.out) != plan.found:
@@ -219,7 +221,10 @@ def run_state(out: Path) -> tuple:
 
 
 def settle_from_endpoint(cfg: FgeConfig, eargs: dict, ckpt) -> None:
-    """The defaults that come from the endpoint: lr_1 (its training lr), lr_2, weight decay and batch size."""
+    """The defaults that come from the endpoint: lr_1 (its training lr), lr_2, weight decay, batch size and KL
+    weight (an endpoint from before --kl-weight existed was trained with 1, the field's legacy value)."""
+    if cfg.kl_weight is None:
+        cfg.kl_weight = float(recorded_value(TrainConfig, "kl_weight", eargs))
     if cfg.lr_1 is None:
         lr = eargs.get("lr")
         if not _number(lr) or not 0 < lr <= MAX_LR:
@@ -278,7 +283,8 @@ def adam_for(model: torch.nn.Module, cfg: FgeConfig, saved: dict) -> tuple[torch
 def format_row(row: dict, header: bool) -> str:
     values = [row["epoch"], row["lr"], row["train_loss"], row["test_loss"], row["test_mse"],
               "" if row["snapshot"] is None else f"#{row['snapshot']}", row["epoch_seconds"], row["images_per_s"]]
-    return console.table_row(values, COLUMNS, ["d", "9.2e", "9.5f", "9.5f", "9.5f", "", "8.1f", "8.0f"], header)
+    formats = ["d", "9.2e", "9.5f", "9.5f", "9.5f", "", "8.1f", "8.0f"]
+    return console.table_row(*term_columns(row, "train_", 3, values, COLUMNS, formats), header)
 
 
 def snapshot_name(index: int) -> str:
@@ -300,7 +306,9 @@ def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, prec
     out, endpoint, resumed = plan.out, plan.endpoint, plan.resumed
     eargs = endpoint["args"]
     runtime.seed_everything(cfg.seed)
-    model = build_model(plan.arch).to(device)
+    model = build_model(plan.arch)
+    vae = is_vae(model, plan.arch)  # on the CPU, before the move: it feeds the network a batch made there
+    model.to(device)
     source, source_path = (resumed, out / "checkpoint.pt") if resumed else (endpoint, cfg.ckpt)
     check_fits(model.state_dict(), source["model"], source_path)
     model.load_state_dict(source["model"])
@@ -328,7 +336,8 @@ def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, prec
     planned = snapshot_epochs(cfg.epochs, cfg.cycle)
 
     print(f"data: {data.source}")
-    print(f"model: {plan.arch['model']}: {num_parameters(model):,} parameters; loss: {loss_fn.description}; "
+    objective = f" + β·KL/D with β = --kl-weight {cfg.kl_weight:g} (a VAE)" if vae else ""
+    print(f"model: {plan.arch['model']}: {num_parameters(model):,} parameters; loss: {loss_fn.description}{objective}; "
           f"device {device}, precision {precision}, batch {cfg.batch_size}, {steps} steps per epoch")
     print(f"FGE from {cfg.ckpt}: {cfg.epochs} epochs, cycles of {cfg.cycle}, lr from {cfg.lr_1:g} down to "
           f"{cfg.lr_2:g} and back (set before every step), weight decay {cfg.wd:g}; optimizer: {optimizer_note}; "
@@ -345,8 +354,8 @@ def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, prec
         def lr_for_step(step, epoch=epoch):
             return cyclic_lr(epoch, step, steps, cfg.cycle, cfg.lr_1, cfg.lr_2)
 
-        train_loss, seen, lr = train_one_epoch(model, loss_fn, optimizer, train_loader, device, precision, epoch,
-                                               progress, lr_for_step)
+        train_loss, seen, lr, train_terms = train_one_epoch(model, loss_fn, optimizer, train_loader, device,
+                                                            precision, epoch, progress, lr_for_step)
         train_seconds = time.perf_counter() - t0
         check_finite_state(model.state_dict().items(), f"epoch {epoch}")
         test = evaluate(model, test_loader, loss_fn)  # with the running statistics of training, as train's rows
@@ -355,7 +364,9 @@ def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, prec
             index = len(snapshots) + 1
             snapshots.append(save_snapshot(out, index, epoch, lr, model, bn_loader, endpoint, cfg))
         row = {"epoch": epoch, "lr_first": lr_for_step(0), "lr": lr, "train_loss": train_loss,
-               "test_loss": test["loss"], "test_mse": test["mse"], "test_psnr": test["psnr"], "snapshot": index,
+               **{f"train_{k}": v for k, v in train_terms.items()}, "test_loss": test["loss"],
+               **{f"test_{k}": test[k] for k in TERMS if k in test}, "test_mse": test["mse"],
+               "test_psnr": test["psnr"], "snapshot": index,
                "epoch_seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds,
                "precision": precision}
         history.append(row)
@@ -396,7 +407,8 @@ def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, prec
         "kind": "fge",
         "reference": "timgaripov/dnn-mode-connectivity fge.py (Garipov et al. 2018)",
         "endpoint": {"checkpoint": cfg.ckpt, "sha256": plan.endpoint_sha256, "epoch": endpoint["epoch"],
-                     "lr": eargs.get("lr"), "loss": loss_name},
+                     "lr": eargs.get("lr"), "loss": loss_name,
+                     "kl_weight": recorded_value(TrainConfig, "kl_weight", eargs)},
         "config": as_record(cfg),
         "optimizer": optimizer_note,
         "schedule": {"cycle": cfg.cycle, "lr_1": cfg.lr_1, "lr_2": cfg.lr_2, "lr_2_over_lr_1": cfg.lr_2 / cfg.lr_1,
@@ -407,6 +419,7 @@ def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, prec
         "train_images": len(data.train),
         "test_images": len(data.test),
         "loss": loss_name,
+        "kl_weight": cfg.kl_weight,
         "loss_description": loss_fn.description,
         "data": {**{k: eargs.get(k) for k in ("dataset", "data_dir", "image_size", "limit", "val_fraction",
                                                 "use_test")}, "source": data.source},

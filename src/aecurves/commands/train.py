@@ -28,12 +28,12 @@ from aecurves.console import table_row
 from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
 from aecurves.files import append_jsonl, atomic_path, folder_lock, write_jsonl
-from aecurves.losses import make_loss
+from aecurves.losses import make_loss, reconstruction
 from aecurves.metrics import check_finite_state, evaluate, usable_memory_format
-from aecurves.models import arch_of, build_model, num_parameters
+from aecurves.models import arch_of, build_model, is_vae, num_parameters
 from aecurves.records import EndpointRecord, refuse_other_outputs
 from aecurves.schedules import lr_at
-from aecurves.training import train_one_epoch
+from aecurves.training import TERMS, term_columns, train_one_epoch
 
 COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_mse", "test_psnr", "seconds", "images/s"]
 
@@ -42,9 +42,10 @@ HELD_OUT_FORMAT = 1  # of reconstructions.pt (CHANGELOG.md)
 
 
 def reconstruct(model, images: torch.Tensor) -> torch.Tensor:
+    """The reconstructions of `images` in eval mode (a VAE's decode its posterior's mean, without its KL)."""
     model.eval()
     with torch.no_grad():
-        return model(images)
+        return reconstruction(model(images))
 
 
 def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,8 @@ def tensorboard_writer(out: Path):
 def format_row(row: dict, header: bool) -> str:
     values = [row["epoch"], row["lr"], row["train_loss"], row["test_loss"], row["test_mse"], row["test_psnr"],
               row["epoch_seconds"], row["images_per_s"]]
-    return table_row(values, COLUMNS, ["d", "9.2e", "9.5f", "9.5f", "9.5f", "7.2f", "8.1f", "8.0f"], header)
+    formats = ["d", "9.2e", "9.5f", "9.5f", "9.5f", "7.2f", "8.1f", "8.0f"]
+    return table_row(*term_columns(row, "train_", 3, values, COLUMNS, formats), header)
 
 
 def resolve_start(cfg: TrainConfig, out: Path):
@@ -184,8 +186,10 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
             check_same_arch(state["args"], args, where, "the data of this run")
 
     runtime.seed_everything(cfg.seed)
-    model = build_model(arch).to(device)
-    loss_fn = make_loss(cfg.loss, cfg.vgg_weights).to(device)
+    model = build_model(arch)
+    vae = is_vae(model, arch)  # on the CPU, before the move: it feeds the network a batch made there
+    model.to(device)
+    loss_fn = make_loss(cfg.loss, cfg.vgg_weights, cfg.kl_weight).to(device)
     memory_format, format_note = usable_memory_format(cfg.memory_format, model, dict(model.named_parameters()),
                                                       data.train[:2].to(device).float().div(255))
     if memory_format == "channels_last":  # before the optimizer, so its state takes the weights' layout
@@ -205,8 +209,9 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     settings = ", ".join(f"{k}={v}" for k, v in arch.items() if k not in ("model", "model_kwargs") and v is not None)
     kwargs = f" {arch['model_kwargs']}" if arch["model_kwargs"] else ""
     log(f"model: {arch['model']}{kwargs} {settings}: {num_parameters(model):,} parameters")
-    log(f"loss: {loss_fn.description}; lr {cfg.lr:g} ({cfg.lr_schedule} schedule); device {device}, precision "
-        f"{precision}, {memory_format}, Adam {runtime.adam_implementation(optimizer)}"
+    objective = f" + β·KL/D with β = --kl-weight {cfg.kl_weight:g} (a VAE)" if vae else ""
+    log(f"loss: {loss_fn.description}{objective}; lr {cfg.lr:g} ({cfg.lr_schedule} schedule); device {device}, "
+        f"precision {precision}, {memory_format}, Adam {runtime.adam_implementation(optimizer)}"
         f"{', compiled' if cfg.compile else ''}; world size {info.world_size}, batch {cfg.batch_size} per process")
     if format_note:
         log(f"note: {format_note}")
@@ -245,15 +250,17 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
         perceptual = getattr(loss_fn, "perceptual", None)
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
-            train_loss, seen, lr = train_one_epoch(
+            train_loss, seen, lr, train_terms = train_one_epoch(
                 net, loss_fn, optimizer, train_loader, device, precision, epoch, progress,
                 lambda step, epoch=epoch: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs),
                 forward)
             train_seconds = time.perf_counter() - t0
             check_finite_state(model.state_dict().items(), f"epoch {epoch}")
             test = evaluate(model, test_loader, loss_fn)
-            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "test_loss": test["loss"],
-                   "test_mse": test["mse"], "test_psnr": test["psnr"], "epoch_seconds": time.perf_counter() - t0,
+            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
+                   **{f"train_{k}": v for k, v in train_terms.items()}, "test_loss": test["loss"],
+                   **{f"test_{k}": test[k] for k in TERMS if k in test}, "test_mse": test["mse"],
+                   "test_psnr": test["psnr"], "epoch_seconds": time.perf_counter() - t0,
                    "images_per_s": seen * info.world_size / train_seconds, "precision": precision,
                    "memory_format": memory_format, "compiled": forward.active}
             if cfg.loss == "vgg":
@@ -263,8 +270,10 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
             if info.is_main:
                 append_jsonl(out / "metrics.jsonl", row)
                 if board is not None:
-                    for key in ("train_loss", "test_loss", "test_mse", "test_psnr", "lr", "images_per_s"):
-                        board.add_scalar(key, row[key], epoch)
+                    for key in ("train_loss", "test_loss", "test_mse", "test_psnr", "lr", "images_per_s",
+                                *(f"{split}_{k}" for split in ("train", "test") for k in TERMS)):
+                        if key in row:  # a VAE's terms
+                            board.add_scalar(key, row[key], epoch)
                 if epoch % cfg.save_every_epoch == 0 or epoch == cfg.epochs:
                     record = EndpointRecord(kind="endpoint", epoch=epoch, args=args, metrics=history)
                     state = {**record.to_json(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),

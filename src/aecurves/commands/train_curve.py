@@ -5,8 +5,9 @@ Each batch draws a fresh t in [0, 1] and minimises
 over the free bends, with Adam at the lr of `--lr-schedule` (default: the paper's, set before every step).
 t is stratified by default: each epoch's S batches take one t from each of the S equal slices of [0, 1], in
 random order, so every epoch covers the whole curve (the paper draws t i.i.d. uniform: `uniform`).
-The reconstruction term alone is reported as `train_loss`, so it compares with
-the endpoints' figures; the regulariser is reported as `train_l2_term`.
+The network's objective alone (its reconstruction loss; for a VAE, that + β·KL/D with its latent sampled, as the
+endpoints were trained) is reported as `train_loss`, so it compares with the endpoints' figures; the regulariser
+is reported as `train_l2_term`, and a VAE's two terms as `train_distortion` and `train_rate`.
 
 After every epoch the midpoint θ(0.5) is measured exactly as eval-curve measures it (BatchNorm statistics
 from the same fixed subset of training images, held-out metrics in fp32), so the last epoch's figure is
@@ -26,8 +27,10 @@ from aecurves import console, runtime
 from aecurves.checkpoint import load_checkpoint, load_endpoint_pair, save_checkpoint
 from aecurves.config import (
     EVAL_BATCH_SIZE,
+    TrainConfig,
     TrainCurveConfig,
     as_record,
+    recorded_value,
     role_fields,
     settle_with_checkpoint,
     validate,
@@ -39,9 +42,10 @@ from aecurves.errors import UserError
 from aecurves.files import append_jsonl, folder_lock, write_jsonl
 from aecurves.losses import make_loss
 from aecurves.metrics import check_finite, check_finite_state, evaluate, fixed_subset, usable_memory_format
-from aecurves.models import build_model
+from aecurves.models import build_model, is_vae
 from aecurves.records import refuse_other_outputs
 from aecurves.schedules import lr_at, set_lr
+from aecurves.training import TERMS, epoch_terms, objective_and_terms, term_columns
 
 COLUMNS = ["epoch", "lr", "train_loss", "l2_term", "mid_test_loss", "mid_test_mse", "seconds", "images/s"]
 
@@ -78,16 +82,23 @@ def resolve_curve_config(cfg: TrainCurveConfig, saved: dict | None, ckpt_path) -
 
 
 def fill_from_endpoint(cfg: TrainCurveConfig, endpoint_args: dict, end_args: dict) -> None:
-    """Data and loss default to the start endpoint's (the fields of roles data and model: DataConfig's and the
-    loss); flags given explicitly win. Endpoints trained with different losses need an explicit --loss: either one
-    would be a silent choice."""
+    """Data, loss and KL weight default to the start endpoint's (the fields of roles data and model: DataConfig's,
+    the loss and β); flags given explicitly win. Endpoints trained with different losses, or different β, need an
+    explicit --loss or --kl-weight: either one would be a silent choice. An endpoint from before --kl-weight existed
+    was trained with β = 1 (the field's legacy value)."""
     losses = (endpoint_args.get("loss") or "mse", end_args.get("loss") or "mse")
     if cfg.loss is None and losses[0] != losses[1]:
         raise UserError(f"The endpoints were trained with different losses ({losses[0]} and {losses[1]}); pass "
                         f"--loss {losses[0]} or --loss {losses[1]} to say which one the curve minimises.")
+    betas = tuple(recorded_value(TrainConfig, "kl_weight", args) for args in (endpoint_args, end_args))
+    if cfg.kl_weight is None and betas[0] != betas[1]:
+        raise UserError(f"The endpoints were trained with different KL weights (--kl-weight {betas[0]:g} and "
+                        f"{betas[1]:g}); pass --kl-weight {betas[0]:g} or --kl-weight {betas[1]:g} to say which "
+                        "objective the curve minimises.")
     for k in role_fields(cfg, "data", "model"):
         if getattr(cfg, k) is None:
-            setattr(cfg, k, endpoint_args.get(k))
+            setattr(cfg, k, recorded_value(TrainConfig, k, endpoint_args) if k == "kl_weight"
+                    else endpoint_args.get(k))
     cfg.use_test = bool(cfg.use_test)  # an endpoint from before --use-test held out the valid partition
     if cfg.data_dir:
         cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
@@ -113,10 +124,12 @@ def sample_ts(n: int, generator: torch.Generator, method: str) -> list[float]:
 
 def train_curve_one_epoch(net, curve, loss_fn, optimizer, loader, device, precision, epoch, ts, lr_for_step, wd,
                           progress=True):
-    """One pass over `loader`, step i at t = ts[i]. Returns (reconstruction loss, l2 term, images, last lr)."""
-    curve.train()
+    """One pass over `loader`, step i at t = ts[i]. Returns (objective, l2 term, images, last lr, a VAE's mean
+    distortion and rate or {}): the objective is the network's own (losses.Objective), without the l2 term."""
+    curve.train()  # a VAE samples its latent in training mode
     loader.set_epoch(epoch)
-    sums = torch.zeros(3, device=device)  # reconstruction*n, l2 term*n, n
+    sums = torch.zeros(3, device=device)  # objective*n, l2 term*n, n
+    term_sums = None  # a VAE's distortion*n, rate*n
     lr = optimizer.param_groups[0]["lr"]
     bar = console.progress(loader, f"epoch {epoch}", progress, unit="batch")
     for step, x in enumerate(bar):
@@ -124,8 +137,7 @@ def train_curve_one_epoch(net, curve, loss_fn, optimizer, loader, device, precis
         lr = lr_for_step(step)
         set_lr(optimizer, lr)
         with runtime.autocast(device, precision):
-            recon = net(x, t)
-            rec_loss = loss_fn(recon, x)
+            rec_loss, terms = objective_and_terms(loss_fn, net(x, t), x)
         l2_term = wd / 2 * curve.l2(t) if wd else torch.zeros((), device=device)
         loss = rec_loss + l2_term
         optimizer.zero_grad(set_to_none=True)
@@ -133,14 +145,16 @@ def train_curve_one_epoch(net, curve, loss_fn, optimizer, loader, device, precis
         optimizer.step()
         n = x.shape[0]
         sums += torch.stack([rec_loss.detach() * n, l2_term.detach() * n, torch.tensor(float(n), device=device)])
+        if terms is not None:
+            term_sums = terms * n if term_sums is None else term_sums + terms * n
         if step % 10 == 0:
             value = loss.item()
             check_finite(value, f"epoch {epoch}, step {step} (t={t:.3f})")
             bar.set_postfix(loss=f"{value:.4f}", t=f"{t:.2f}", lr=f"{lr:.1e}")
-    sums = runtime.all_reduce_sum(sums)
+    sums = runtime.all_reduce_sum(sums if term_sums is None else torch.cat([sums, term_sums]))
     train_loss, l2_mean = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
     check_finite(train_loss + l2_mean, f"epoch {epoch}")
-    return train_loss, l2_mean, sums[2].item(), lr
+    return train_loss, l2_mean, sums[2].item(), lr, epoch_terms(sums[3:] if term_sums is not None else None, sums[2])
 
 
 def base_runner(base: torch.nn.Module, memory_format: str):
@@ -202,11 +216,12 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
 
     runtime.seed_everything(cfg.seed)
     curve = Curve(build_model(arch), cfg.curve, cfg.num_bends, cfg.fix_start, cfg.fix_end)
+    vae = is_vae(curve.base, arch)  # on the CPU, before the move: it feeds the network a batch made there
     curve.set_endpoints(a["model"], b["model"])
     if not cfg.init_linear_off:
         curve.init_linear()
     curve.to(device)
-    loss_fn = make_loss(cfg.loss, cfg.vgg_weights).to(device)
+    loss_fn = make_loss(cfg.loss, cfg.vgg_weights, cfg.kl_weight).to(device)
     optimizer = runtime.adam([p for p in curve.bends if p.requires_grad], lr=cfg.lr)
     history, start_epoch = [], 0
     if resumed:
@@ -224,7 +239,8 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
     log(f"curve: {cfg.curve} with {cfg.num_bends} bends between {cfg.init_start} and {cfg.init_end}; "
         f"start {'fixed' if cfg.fix_start else 'free'}, end {'fixed' if cfg.fix_end else 'free'}, "
         f"{curve.num_trainable():,} trainable parameters")
-    log(f"loss: {loss_fn.description} + wd/2·‖θ(t)‖² with wd={cfg.wd}; Adam lr {cfg.lr:g} "
+    objective = f" + β·KL/D with β = --kl-weight {cfg.kl_weight:g} (a VAE, its latent sampled)" if vae else ""
+    log(f"loss: {loss_fn.description}{objective} + wd/2·‖θ(t)‖² with wd={cfg.wd}; Adam lr {cfg.lr:g} "
         f"({cfg.lr_schedule} schedule), t {cfg.t_sampling}; device {device}, precision {precision}, "
         f"{memory_format}, Adam {runtime.adam_implementation(optimizer)}{', compiled' if cfg.compile else ''}")
     if format_note:
@@ -257,7 +273,7 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
             # t comes from a generator seeded by (seed, epoch, rank): reproducible, and resumable per epoch
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + info.rank)
             ts = sample_ts(len(train_loader), gen, cfg.t_sampling)
-            train_loss, l2_mean, seen, lr = train_curve_one_epoch(
+            train_loss, l2_mean, seen, lr, train_terms = train_curve_one_epoch(
                 net, curve, loss_fn, optimizer, train_loader, device, precision, epoch, ts,
                 lambda step, epoch=epoch: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs),
                 cfg.wd, progress)
@@ -266,15 +282,17 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
                                f"epoch {epoch}")
             mid = midpoint_monitor(curve, bn_loader, test_loader, loss_fn)
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_l2_term": l2_mean,
-                   "mid_test_loss": mid["loss"], "mid_test_mse": mid["mse"], "mid_test_psnr": mid["psnr"],
+                   **{f"train_{k}": v for k, v in train_terms.items()}, "mid_test_loss": mid["loss"],
+                   **{f"mid_test_{k}": mid[k] for k in TERMS if k in mid}, "mid_test_mse": mid["mse"],
+                   "mid_test_psnr": mid["psnr"],
                    "epoch_seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds,
                    "precision": precision, "memory_format": memory_format,
                    "compiled": curve.run_base.active}
             history.append(row)
             values = [epoch, lr, train_loss, l2_mean, mid["loss"], mid["mse"], row["epoch_seconds"],
                       row["images_per_s"]]
-            log(table_row(values, COLUMNS, ["d", "9.2e", "9.5f", "9.5f", "9.5f", "9.5f", "8.1f", "8.0f"],
-                          epoch == start_epoch + 1))
+            formats = ["d", "9.2e", "9.5f", "9.5f", "9.5f", "9.5f", "8.1f", "8.0f"]
+            log(table_row(*term_columns(row, "train_", 3, values, COLUMNS, formats), epoch == start_epoch + 1))
             if info.is_main:
                 append_jsonl(out / "metrics.jsonl", row)
                 if epoch % cfg.save_every_epoch == 0 or epoch == cfg.epochs:
