@@ -76,6 +76,7 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call
 
+from aecurves import capture
 from aecurves.curves import Curve, batchnorms, bn_passes, recompute_bn
 from aecurves.errors import UserError
 
@@ -128,21 +129,18 @@ def _is_shape_query(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in SHAPE_METHODS
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:
-        raise UserError(f"--renormalize: cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
-                        f"{exc}); finding the layers to renormalise needs a forward pass without data-dependent "
-                        "control flow.") from None
+def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModule:
+    """torch.fx's graph of the model, else (given an example input) a recording of one run (capture.trace)."""
+    return capture.trace(model, example, "--renormalize")
 
 
-def find_layers(model: nn.Module, include_output: bool = False) -> Plan:
+def find_layers(model: nn.Module, include_output: bool = False, example: torch.Tensor | None = None) -> Plan:
     """The Conv*/ConvTranspose*/Linear modules of `model` whose output is not read directly by a BatchNorm
-    module, found by tracing it with torch.fx: a layer whose every consumer is a BatchNorm module is covered
-    (its statistics are renormalised when BatchNorm's are recomputed); every other one is corrected, the
-    output layer (no Conv/Linear/BatchNorm after it) only with `include_output`."""
-    gm = trace(model)
+    module, found in its graph (trace; `example`: an input batch, for a model torch.fx cannot trace): a layer
+    whose every consumer is a BatchNorm module is covered (its statistics are renormalised when BatchNorm's are
+    recomputed); every other one is corrected, the output layer (no Conv/Linear/BatchNorm after it) only with
+    `include_output`."""
+    gm = trace(model, example)
     modules = dict(gm.named_modules())
     params = dict(model.named_parameters())
 

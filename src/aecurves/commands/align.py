@@ -23,7 +23,7 @@ import torch
 from torch import fx
 from torch.func import functional_call
 
-from aecurves import console, runtime
+from aecurves import capture, console, runtime
 from aecurves.checkpoint import appeared, check_file_out, load_endpoint_pair, save_checkpoint
 from aecurves.config import ALIGN_TOLERANCE, MIN_ALIGN_IMAGES, AlignConfig, check_needs, validate
 from aecurves.curves import recompute_bn
@@ -31,14 +31,15 @@ from aecurves.data import BatchLoader, check_outside_data, load_run_data
 from aecurves.errors import UserError
 from aecurves.losses import make_loss
 from aecurves.metrics import fixed_subset
-from aecurves.models import build_model
+from aecurves.models import build_model, is_vae
 from aecurves.symmetry import (
     apply_latent_map,
+    assign,
     batchnorm_after,
     find_groups,
     fold_batchnorm,
-    linear_assignment,
     permute,
+    unit_rows,
     weight_matching,
 )
 
@@ -54,6 +55,8 @@ def run(cfg: AlignConfig) -> dict:
     model_a, model_b = build_model(arch).to(device), build_model(arch).to(device)
     model_a.load_state_dict(a["model"])
     model_b.load_state_dict(b["model"])
+    vae = is_vae(model_b, arch)
+    check_latent_of_vae(cfg, vae)
     example = torch.full((2, arch["channels"], arch["image_size"], arch["image_size"]), 0.5, device=device)
     groups = find_groups(model_b, example)
     latent = [g for g in groups if g.kind == "latent"]
@@ -66,17 +69,17 @@ def run(cfg: AlignConfig) -> dict:
     perms, learned = None, None
     if cfg.method in ("activations", "both", "mixed", "learned"):
         correlations = activation_correlations(model_a, model_b, matched, images, cfg.match_at)
-        perms = {name: torch.as_tensor(linear_assignment(c.numpy(), maximize=True, group=name)) for name, c in
-                 correlations.items()}
+        by_name = {g.name: g for g in matched}
+        perms = {name: torch.as_tensor(assign(c.numpy(), by_name[name])) for name, c in correlations.items()}
     if cfg.method == "weights-raw":
         perms = weight_matching(model_a.state_dict(), model_b.state_dict(), matched, seed=cfg.seed)
     elif cfg.method in ("weights", "both", "mixed"):
-        pairs = batchnorm_after(model_b)
+        pairs = batchnorm_after(model_b, example)
         folded_a, folded_b = (fold_batchnorm(m.state_dict(), m, pairs) for m in (model_a, model_b))
         perms = weight_matching(folded_a, folded_b, matched, seed=cfg.seed, init=perms, normalise=True,
                                 **({"unary": correlations, "alpha": cfg.alpha} if cfg.method == "mixed" else {}))
     elif cfg.method == "learned":
-        loss_fn = make_loss(b["args"].get("loss", "mse"), cfg.vgg_weights).to(device)
+        loss_fn = make_loss(b["args"].get("loss", "mse"), cfg.vgg_weights, b["args"].get("kl_weight", 1.0)).to(device)
         batch = int(b["args"].get("batch_size") or 64)
         perms, learned = learned_matching(model_a, model_b, matched, perms, images, loss_fn, steps=cfg.steps,
                                           lr=cfg.ste_lr, batch_size=batch, seed=cfg.seed,
@@ -94,7 +97,7 @@ def run(cfg: AlignConfig) -> dict:
     moved = sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
     aligned = {**b, "model": {k: v.detach().cpu() for k, v in state.items()}, "optimizer": {},
                "aligned_to": {"start": str(Path(cfg.init_start).resolve()), "end": str(Path(cfg.init_end).resolve()),
-                              "method": cfg.method, "latent": cfg.latent, "images": cfg.images,
+                              "method": cfg.method, "latent": cfg.latent, "images": cfg.images, "vae": vae,
                               "match_at": cfg.match_at,
                               **({"alpha": cfg.alpha} if cfg.method == "mixed" else {}),
                               **({"learned": learned} if learned is not None else {}),
@@ -106,7 +109,8 @@ def run(cfg: AlignConfig) -> dict:
         raise appeared(out, "align") from None
     sizes = ", ".join(f"{g.name} {g.size}" for g in groups)
     print(f"aligned {cfg.init_end} to {cfg.init_start}: {len(groups)} groups ({sizes}), {moved} units moved, method "
-          f"{cfg.method}, latent {cfg.latent}, {seconds:.2f} s; the same function as B (largest output difference "
+          f"{cfg.method}, latent {cfg.latent}{' (a VAE: permutation only)' if vae else ''}, {seconds:.2f} s;"
+          f" the same function as B (largest output difference "
           f"{deviation:.1e}); wrote {out}")
     return {"out": str(out), "groups": len(groups), "units_moved": moved, "seconds": seconds,
             "max_output_difference": deviation}
@@ -122,6 +126,17 @@ def check_out(cfg: AlignConfig) -> Path:
         raise UserError(f"--out {out} already exists; align never replaces a file. Choose another name, or delete "
                         "the old file first; nothing was written.")
     return out
+
+
+def check_latent_of_vae(cfg: AlignConfig, vae: bool) -> None:
+    """A VAE's latent is aligned by permutation only: its posterior is a diagonal Gaussian, and a rotation or any
+    other invertible map of the code would change its KL term (the objective), not keep B's function."""
+    if vae and cfg.latent in ("orthogonal", "linear"):
+        raise UserError(f"--latent {cfg.latent} maps the latent code by an invertible matrix, but this network is a "
+                        "VAE: its encoder gives the mean and log-variance of a diagonal Gaussian per latent unit, "
+                        "and only a permutation of those units keeps its KL term (a rotation makes the posterior "
+                        "non-diagonal). Pass --latent permutation (the default) or --latent none; nothing was "
+                        "written.")
 
 
 def training_images(args: dict, cfg: AlignConfig, device, latent: list) -> BatchLoader:
@@ -162,13 +177,15 @@ def _unit_activations(model, groups, images, at: str = "pre") -> dict[str, torch
     tap = {g.name: g.taps[0] if at == "pre" else g.taps[-1] for g in groups}
     found = {g.name: [] for g in groups}
     model.eval()
-    gm = fx.symbolic_trace(model)  # find_groups traced the same model, so this cannot fail
+    graphs = {}  # find_groups captured the same model; a recorded graph is one input shape's (capture.trace)
     for x in images:
-        runner = _Taps(gm, set(tap.values()))
+        if x.shape not in graphs:
+            graphs[x.shape] = capture.trace(model, x, "aligning")
+        runner = _Taps(graphs[x.shape], set(tap.values()))
         runner.run(x)
         for g in groups:
-            units = runner.values[tap[g.name]].reshape(x.shape[0], g.size, -1)  # a unit: a channel or a block
-            found[g.name].append(units.transpose(0, 1).reshape(g.size, -1).double().cpu())
+            rows = unit_rows(runner.values[tap[g.name]], g.tap_layouts[tap[g.name]], g.size)
+            found[g.name].append(rows.double().cpu())
     return {name: torch.cat(rows, dim=1) for name, rows in found.items()}
 
 
@@ -184,8 +201,9 @@ def activation_correlations(model_a, model_b, groups, images, at: str = "pre") -
 
 def activation_matching(model_a, model_b, groups, images, at: str = "pre") -> dict[str, torch.Tensor]:
     """For each group, the assignment of B's units to A's that maximises the summed correlation of their
-    activations on the same images (Entezari et al., Ainsworth et al.)."""
-    return {name: torch.as_tensor(linear_assignment(c.numpy(), maximize=True, group=name), dtype=torch.long)
+    activations on the same images (Entezari et al., Ainsworth et al.), keeping the group's blocks together."""
+    by_name = {g.name: g for g in groups}
+    return {name: torch.as_tensor(assign(c.numpy(), by_name[name]), dtype=torch.long)
             for name, c in activation_correlations(model_a, model_b, groups, images, at).items()}
 
 
@@ -298,6 +316,18 @@ def latent_map(model_a, model_b, group, images, how: str) -> torch.Tensor:
     return solution.T
 
 
+def _outputs(out) -> list:
+    """A network's outputs as a list: the reconstruction, and a VAE's KL too."""
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _difference(original: torch.Tensor, aligned: torch.Tensor, i: int) -> float:
+    """The reconstruction's largest absolute difference; a VAE's KL (a sum over the latent units, which a
+    permutation reorders, so float32 rounds it differently) relative to its size where that is above 1."""
+    scale = 1.0 if i == 0 else max(1.0, float(original.abs().max()))
+    return float((original - aligned).abs().max()) / scale
+
+
 @torch.no_grad()
 def check_same_function(arch, original: dict, aligned: dict, images, example, device) -> float:
     """The largest output difference between B and aligned B in eval mode; above ALIGN_TOLERANCE is an error."""
@@ -307,7 +337,8 @@ def check_same_function(arch, original: dict, aligned: dict, images, example, de
         net.load_state_dict(state)
         nets.append(net.eval())
     batches = [next(iter(images))] if images is not None else [example]
-    deviation = max(float((nets[0](x) - nets[1](x)).abs().max()) for x in batches)
+    deviation = max(_difference(p, q, i) for x in batches
+                    for i, (p, q) in enumerate(zip(*(_outputs(n(x)) for n in nets))))
     if not deviation <= ALIGN_TOLERANCE:
         raise UserError(f"The aligned network's outputs differ from B's by {deviation:.2e}, more than "
                         f"{ALIGN_TOLERANCE:g}: the latent map is too ill-conditioned for float32. Use --latent "
