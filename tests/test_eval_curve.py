@@ -309,7 +309,7 @@ def test_a_vgg_loss_path_gets_its_bootstrap_interval_too(setup, tmp_path):
 def test_losses_choice(tmp_path):
     notes = []
     loss_fn, perceptual = evaluation.losses_for("mse", str(tmp_path / "missing.pt"), notes)
-    assert isinstance(loss_fn, MSELoss) and perceptual is None
+    assert isinstance(loss_fn.distortion, MSELoss) and loss_fn.kl_weight == 1.0 and perceptual is None
     assert "perceptual metrics omitted" in notes[0] and "missing.pt" in notes[0]
     with pytest.raises(UserError, match="trained with the vgg loss"):
         evaluation.losses_for("vgg", str(tmp_path / "missing.pt"), [])

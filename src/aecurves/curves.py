@@ -8,6 +8,7 @@ Each bend is stored as one flat vector, so θ(t) and its squared norm cost a few
 
 import copy
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -92,16 +93,35 @@ def recompute_bn_stacked(module: nn.Module, weights: dict, count: int, batches) 
 
 
 def stacked_forward(module: nn.Module):
-    """f(weights, buffers, x) -> [count, batch, ...]: `module` run at each of `count` stacked sets of parameters
-    and buffers on the same batch x (torch.func.vmap over functional_call; dropout in training mode draws
-    a different mask for each network, as separate calls would)."""
+    """f(weights, buffers, x) -> [count, batch, ...] (a VAE's output: each of its tensors so): `module` run at each
+    of `count` stacked sets of parameters and buffers on the same batch x (torch.func.vmap over functional_call).
+    Random draws in training mode (dropout, a VAE's sampled latent) are the same for every network: those separate
+    calls draw from one seed (bn_passes), so each network gets the numbers it would get alone."""
     return vmap(lambda w, b, x: functional_call(module, (w, b), (x,)), in_dims=(0, 0, None),
-                randomness="different")
+                randomness="same")
+
+
+BN_SEED = 0  # of the random draws in BN passes (bn_passes)
+
+
+@contextmanager
+def seeded(device: torch.device, seed: int = BN_SEED):
+    """torch's random generator for `device` (and the CPU's) seeded with `seed` inside, as it was outside."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def bn_passes(module: nn.Module, batches, forward, num_batches: int | None = None) -> int:
     """Resets `module`'s BatchNorm statistics and runs forward(x) on each batch in training mode with the
-    momentum that makes the running statistics the size-weighted mean over the batches. Returns the images seen."""
+    momentum that makes the running statistics the size-weighted mean over the batches. Returns the images seen.
+
+    What training mode draws at random (a VAE's sampled latent, dropout) is drawn from a fixed seed (BN_SEED),
+    leaving the caller's random state as it was: the statistics of a network are the same whenever and however
+    often they are recomputed (a VAE's at t = 0 in eval-curve, at θ₀ in plane, in the ensembles)."""
     bns = batchnorms(module)
     momenta = [m.momentum for m in bns]
     for m in bns:
@@ -109,13 +129,15 @@ def bn_passes(module: nn.Module, batches, forward, num_batches: int | None = Non
     was_training = module.training
     module.train()
     seen = 0
-    for i, x in enumerate(batches):
-        if num_batches is not None and i >= num_batches:
-            break
-        for m in bns:
-            m.momentum = x.shape[0] / (seen + x.shape[0])
-        forward(x)
-        seen += x.shape[0]
+    device = next(module.parameters(), torch.empty(0)).device
+    with seeded(device):
+        for i, x in enumerate(batches):
+            if num_batches is not None and i >= num_batches:
+                break
+            for m in bns:
+                m.momentum = x.shape[0] / (seen + x.shape[0])
+            forward(x)
+            seen += x.shape[0]
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     module.train(was_training)

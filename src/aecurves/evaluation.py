@@ -14,8 +14,9 @@ from aecurves.config import SUBSET_SEED, VAL_FRACTION, as_record
 from aecurves.curves import Curve
 from aecurves.data import ImageData, load_data
 from aecurves.errors import UserError
-from aecurves.losses import make_loss
+from aecurves.losses import Objective, make_loss
 from aecurves.metrics import Protocol, choose_points_per_call, protocol_loaders
+from aecurves.models import is_vae
 from aecurves.ssim import SSIM_WINDOW
 
 
@@ -44,6 +45,8 @@ class Setup:
     per_call: int             # points per call
     notes: list               # what was left out or changed, and why
     compile_fallbacks: list = field(default_factory=list)  # --compile: why a compiled function ran uncompiled
+    vae: bool = False         # the network returns (reconstruction, kl): "loss" is the objective
+    kl_weight: float = 1.0    # β of the objective (a VAE's; an autoencoder's objective has no KL term)
 
 
 def run_data(args: dict, image_size: int, cfg, missing: str, dataset: str | None = None,
@@ -66,8 +69,12 @@ def prepare(cfg, subject: Subject, data: ImageData, data_record: dict, notes: li
     is moved there. `extra_metrics`: the VGG perceptual metric and SSIM too (plane leaves them out: their cost would
     dominate). `notes` gets why anything was left out."""
     device = runtime.resolve_device(cfg.device)
+    vae = is_vae(subject.path.base, {"channels": data.channels, "image_size": data.image_size})
+    kl_weight = checkpoint_kl_weight(subject.args)
     loss_fn, perceptual_fn = losses_for(subject.loss, cfg.vgg_weights, notes, asked=cfg.loss is not None,
-                                        perceptual=extra_metrics)
+                                        perceptual=extra_metrics, kl_weight=kl_weight)
+    if vae:
+        loss_fn.description = objective_description(loss_fn.distortion.description, kl_weight)
     loss_fn = loss_fn.to(device)
     perceptual_fn = perceptual_fn.to(device) if perceptual_fn is not None else None
     ssim = extra_metrics and ssim_fits(data.image_size, notes)
@@ -77,19 +84,34 @@ def prepare(cfg, subject: Subject, data: ImageData, data_record: dict, notes: li
     notes.extend(protocol.notes)
     per_call = choose_points_per_call(cfg.points_per_call, device, path.base, path.weights(0.0),
                                       next(iter(protocol.test_loader)))
-    return Setup(device, data, data_record, subject.loss, loss_fn, perceptual_fn, ssim, protocol, per_call, notes)
+    return Setup(device, data, data_record, subject.loss, loss_fn, perceptual_fn, ssim, protocol, per_call, notes,
+                 vae=vae, kl_weight=kl_weight)
 
 
-def losses_for(loss_name: str, vgg_weights: str, notes: list, asked: bool = False, perceptual: bool = True):
-    """(loss_fn, perceptual_fn or None); records in `notes` why perceptual metrics are omitted. `asked`: the loss
-    came from --loss, not from the checkpoint (the error says which). `perceptual`: whether to measure it at all."""
+def checkpoint_kl_weight(args: dict) -> float:
+    """β of the run config `args` (a checkpoint's): 1.0 for one written before --kl-weight existed."""
+    value = args.get("kl_weight")
+    return 1.0 if value is None else float(value)
+
+
+def objective_description(distortion: str, kl_weight: float) -> str:
+    """What a VAE's "loss" is, e.g. "mean squared error + 1·KL/D (VAE objective)"."""
+    return f"{distortion} + {kl_weight:g}·KL/D (VAE objective)"
+
+
+def losses_for(loss_name: str, vgg_weights: str, notes: list, asked: bool = False, perceptual: bool = True,
+               kl_weight: float = 1.0):
+    """(loss_fn, perceptual_fn or None): the objective with KL weight `kl_weight` (a VAE's; an autoencoder's is
+    its reconstruction loss) and the VGG perceptual loss as a metric; records in `notes` why perceptual metrics are
+    omitted. `asked`: the loss came from --loss, not from the checkpoint (the error says which). `perceptual`:
+    whether to measure it at all."""
     perceptual_fn = perceptual_metric(vgg_weights, notes) if perceptual else None
     if loss_name != "vgg":
-        return make_loss(loss_name), perceptual_fn
-    if perceptual_fn is not None:
-        return perceptual_fn, perceptual_fn
+        return make_loss(loss_name, kl_weight=kl_weight), perceptual_fn
+    if perceptual_fn is not None:  # one VGG module for both (metrics.evaluate_stacked computes it once)
+        return Objective(perceptual_fn.distortion, kl_weight), perceptual_fn
     try:
-        loss_fn = make_loss("vgg", vgg_weights)
+        loss_fn = make_loss("vgg", vgg_weights, kl_weight)
     except UserError as exc:
         why = "--loss vgg was asked for" if asked else "The checkpoint's networks were trained with the vgg loss"
         raise UserError(f"{why}, and evaluating that loss needs the VGG weights. {exc}") from None
@@ -140,6 +162,9 @@ def record_keys(setup: Setup, cfg, seconds: float) -> dict:
     return {
         "loss": setup.loss,
         "loss_description": setup.loss_fn.description,
+        "vae": setup.vae,
+        # the β of "loss" (the objective): none for an autoencoder, whose objective has no KL term
+        "kl_weight": setup.kl_weight if setup.vae else None,
         "data": {**setup.data_record, "source": data.source, "train_images": len(data.train),
                  "test_images": len(data.test)},
         "bn": {"recomputed": protocol.bn_loader is not None, "images": protocol.bn_images, "subset": protocol.subset,

@@ -1,7 +1,9 @@
 """Reconstruction metrics, path statistics and the evaluation protocol shared by training, the curve monitor and
 eval-curve.
 
-One function measures a network (`evaluate`: loss, MSE, PSNR, optionally the VGG perceptual loss and SSIM),
+One function measures a network (`evaluate`: loss, MSE, PSNR, optionally the VGG perceptual loss and SSIM;
+for a VAE, whose output is (reconstruction, kl), "loss" is the objective and its two terms are reported beside it:
+"distortion", the reconstruction loss, and "rate", the mean KL in nats),
 and one protocol says how BatchNorm statistics and training-set metrics are taken at a point of a path
 (`fixed_subset`, `stratified_subset`, with config's SUBSET_SEED and EVAL_BATCH_SIZE), so the midpoint monitor
 of train-curve and eval-curve compute the same number at t = 0.5. Along a path, `summarize` gives each
@@ -30,6 +32,7 @@ from aecurves.curves import (
 )
 from aecurves.data import BatchLoader
 from aecurves.errors import UserError
+from aecurves.losses import pixels_per_image, reconstruction, split_output
 from aecurves.ssim import ssim_per_image
 from aecurves.stats import SPLITS
 
@@ -69,38 +72,77 @@ def evaluate(model, loader, loss_fn, perceptual_fn=None, ssim: bool = False, per
     measures it). Under torchrun each process measures its shard and the sums are all-reduced.
     """
     model.eval()
-    return evaluate_stacked(lambda x: model(x).unsqueeze(0), 1, loader, loss_fn, perceptual_fn, ssim, per_image)[0]
+    return evaluate_stacked(lambda x: stack_one(model(x)), 1, loader, loss_fn, perceptual_fn, ssim, per_image)[0]
+
+
+def stack_one(out):
+    """One network's output as a stack of one: [1, batch, ...], or for a VAE the pair with each part so."""
+    if isinstance(out, (tuple, list)):
+        return tuple(o.unsqueeze(0) for o in out)
+    return out.unsqueeze(0)
+
+
+def output_at(outputs, k: int):
+    """The k-th network's output in stacked outputs: a tensor [count, batch, ...], or for VAEs the pair of stacked
+    tensors that vmap returns (the k-th reconstruction and kl)."""
+    if isinstance(outputs, (tuple, list)):
+        return tuple(o[k] for o in outputs)
+    return outputs[k]
+
+
+def objective_sums(loss_fn, out, x: torch.Tensor, by_image: bool) -> dict:
+    """{"loss": the batch's summed objective, "per_image": each image's (with `by_image`, else None), and for a VAE
+    "distortion" and "rate" summed}. `loss_fn` is a losses.Objective, or a bare reconstruction loss (β = 1 then).
+
+    The objective is put together from its terms here, with losses.Objective's arithmetic, so the reconstruction
+    loss (the VGG one is costly) is computed once per batch for all three."""
+    distortion = getattr(loss_fn, "distortion", loss_fn)
+    recon, kl = split_output(out)
+    per_image = distortion.per_image(recon, x) if by_image else None
+    total = per_image.sum() if by_image else distortion(recon, x) * x.shape[0]
+    if kl is None:
+        return {"loss": total, "per_image": per_image}
+    weight, d = getattr(loss_fn, "kl_weight", 1.0), pixels_per_image(recon)
+    kl = kl.float()
+    return {"loss": total + weight * kl.sum() / d, "distortion": total, "rate": kl.sum(),
+            "per_image": per_image + weight * kl / d if by_image else None}
 
 
 @torch.no_grad()
 def evaluate_stacked(forward, count: int, loader, loss_fn, perceptual_fn=None, ssim: bool = False,
                      per_image: bool = False) -> list[dict]:
-    """`evaluate` for `count` networks at once: forward(x) returns their outputs stacked [count, batch, ...],
-    and each gets its own dict. With `per_image`, also each image's MSE (per_image_mse) and, when `loss_fn` has a
-    per_image method, each image's loss (per_image_loss; the loss is then their mean): this process's images,
-    in loader order."""
+    """`evaluate` for `count` networks at once: forward(x) returns their outputs stacked [count, batch, ...] (for
+    VAEs, the pair of stacked reconstructions and kls), and each gets its own dict. For a VAE, "loss" is the
+    objective and "distortion" and "rate" its terms (objective_sums); the other metrics are the reconstruction's.
+    With `per_image`, also each image's MSE (per_image_mse) and, when the reconstruction loss has a per_image
+    method, each image's loss (per_image_loss, the objective's; the loss is then their mean): this process's
+    images, in loader order."""
     names = ["loss", "mse", "psnr"]
     if perceptual_fn is not None:
         names.append("perceptual")
     if ssim:
         names.append("ssim")
-    by_image = per_image and hasattr(loss_fn, "per_image")
+    distortion = getattr(loss_fn, "distortion", loss_fn)
+    # the perceptual metric is the reconstruction loss itself when both are one VGG module: computed once
+    same = perceptual_fn is not None and getattr(perceptual_fn, "distortion", perceptual_fn) is distortion
+    by_image = per_image and hasattr(distortion, "per_image")
     sums, images_mse, images_loss = [None] * count, [[] for _ in range(count)], [[] for _ in range(count)]
     for x in loader:
         outputs = forward(x)
+        if isinstance(outputs, (tuple, list)) and "rate" not in names:  # a VAE's: its terms are measured too
+            names[1:1] = ["distortion", "rate"]
         for k in range(count):
-            recon = outputs[k]
+            out = output_at(outputs, k)
+            recon = reconstruction(out)
             if per_image:  # for a bootstrap over the images (single-process eval-curve)
                 images_mse[k].append((recon.float() - x).pow(2).flatten(1).mean(1).double().cpu())
+            terms = objective_sums(loss_fn, out, x, by_image)
             if by_image:
-                losses = loss_fn.per_image(recon, x)
-                images_loss[k].append(losses.double().cpu())
-                loss = losses.sum()
-            else:
-                loss = loss_fn(recon, x) * x.shape[0]
-            values = {"loss": loss, **image_sums(recon, x, ssim)}
+                images_loss[k].append(terms["per_image"].double().cpu())
+            values = {**terms, **image_sums(recon, x, ssim)}
             if perceptual_fn is not None:
-                values["perceptual"] = loss if perceptual_fn is loss_fn else perceptual_fn(recon, x) * x.shape[0]
+                values["perceptual"] = (terms.get("distortion", terms["loss"]) if same
+                                        else perceptual_fn(recon, x) * x.shape[0])
             batch = torch.stack([values[name].float() for name in (*names, "n")])
             sums[k] = batch if sums[k] is None else sums[k] + batch
     results = []
@@ -127,7 +169,7 @@ def fixed_subset(images: torch.Tensor, n: int | None, seed: int = SUBSET_SEED) -
 def per_image_mse(model, loader) -> torch.Tensor:
     """Each image's reconstruction MSE, in loader order (eval mode, fp32)."""
     model.eval()
-    return torch.cat([(model(x) - x).pow(2).flatten(1).mean(1).float().cpu() for x in loader])
+    return torch.cat([(reconstruction(model(x)) - x).pow(2).flatten(1).mean(1).float().cpu() for x in loader])
 
 
 def stratified_subset(images: torch.Tensor, n: int | None, scores: torch.Tensor,
@@ -261,9 +303,9 @@ def networks_with_bn(base: torch.nn.Module, weights: list[dict], bn_loader=None,
             recompute_bn(base, weights[0], bn_loader)
         network = NetworkAt(base, weights[0])
         if calls is None:
-            return [network], lambda x: network(x).unsqueeze(0)
+            return [network], lambda x: stack_one(network(x))
         own = dict(base.named_buffers())
-        return [network], lambda x: calls["one"](weights[0], own, x).unsqueeze(0)
+        return [network], lambda x: stack_one(calls["one"](weights[0], own, x))
     count = len(weights)
     stacked = {n: torch.stack([w[n] for w in weights]) for n in weights[0]}
     if bn_loader is not None:
@@ -299,7 +341,7 @@ def choose_points_per_call(requested: int, device: torch.device, base: torch.nn.
 @torch.no_grad()
 def reconstruct(point, images: torch.Tensor) -> torch.Tensor:
     point.eval()
-    return point(images).cpu()
+    return reconstruction(point(images)).cpu()
 
 
 @torch.no_grad()
@@ -480,7 +522,7 @@ def average_outputs(networks, averages: dict, x: torch.Tensor) -> dict:
         wanted = [name for name, members in averages.items() if i in members]
         if not wanted:
             continue
-        out = network(x).float()
+        out = reconstruction(network(x)).float()  # a VAE's: the rate of an average is not defined
         for name in wanted:
             totals[name] = out if name not in totals else totals[name] + out
     return {name: totals[name] / len(members) for name, members in averages.items()}

@@ -9,6 +9,10 @@ eval.json, format 2: {"format_version": 2, "kind": "curve" | "segment", ..., "pa
 its segment was left out, "segment"; a segment-only one (eval-curve --segment) has only "segment". The old layout
 held them in "summary", the curve's plain and its segment's prefixed "segment_" (a segment-only evaluation's plain:
 the segment was its only path). curve.npz keeps that flat layout (like the paper's files): `flat_summary()`.
+
+eval.json and plane.json of a VAE's path say "vae": true and "kl_weight" (β), "loss" being the objective, and hold
+its terms beside it (distortion, rate); these keys came without a new format: a file without "vae" is an
+autoencoder's (`vae`).
 """
 
 import json
@@ -130,6 +134,11 @@ class EvalRecord:
         """The summary of the path "curve" or "segment", or None when it was not evaluated."""
         return self.paths.get(name)
 
+    @property
+    def vae(self) -> bool:
+        """Whether the networks evaluated are VAEs ("loss" their objective): false for a file from before VAEs."""
+        return self.rest.get("vae") is True
+
     def get(self, key: str, default=None):
         """Any other key of the file, as written."""
         return self.rest.get(key, default)
@@ -190,6 +199,11 @@ class PlaneRecord:
 
     def get(self, key: str, default=None):
         return self.rest.get(key, default)
+
+    @property
+    def vae(self) -> bool:
+        """Whether the networks evaluated are VAEs (EvalRecord.vae)."""
+        return self.rest.get("vae") is True
 
     def to_json(self) -> dict:
         return {"format_version": self.FORMAT, "kind": self.kind, **self.rest, "summary": self.summary,

@@ -9,7 +9,10 @@ import numpy as np
 # ----------------------------------------------------------------------------------------------------------
 # statistics of a path (plain numpy: easy to check by hand)
 
-METRICS = ("loss", "mse", "psnr", "perceptual", "ssim")
+# "loss" is the objective; "distortion" (the reconstruction loss) and "rate" (the mean KL in nats) are its terms,
+# measured for a VAE only (an autoencoder's objective is its reconstruction loss)
+METRICS = ("loss", "distortion", "rate", "mse", "psnr", "perceptual", "ssim")
+BARRIER_TERMS = ("distortion", "rate")
 STATS = ("start", "end", "min", "max", "avg", "int")
 SPLITS = {"tr": "train", "te": "test"}
 
@@ -34,7 +37,8 @@ def loss_barrier(ts, losses) -> float:
 
 
 def summarize(series: dict) -> dict:
-    """Scalars of one path: {split}_{metric}_{start,end,min,max,avg,int}, length, tr_barrier, te_barrier."""
+    """Scalars of one path: {split}_{metric}_{start,end,min,max,avg,int}, length, tr_barrier, te_barrier (the
+    objective's) and, for a VAE, {split}_distortion_barrier and {split}_rate_barrier (loss_barrier of each term)."""
     out = {}
     for split in SPLITS:
         for m in METRICS:
@@ -48,6 +52,9 @@ def summarize(series: dict) -> dict:
     out["length"] = path_length(series["dl"])
     for split in SPLITS:
         out[f"{split}_barrier"] = loss_barrier(series["ts"], series[f"{split}_loss"])
+        for term in BARRIER_TERMS:
+            if f"{split}_{term}" in series:
+                out[f"{split}_{term}_barrier"] = loss_barrier(series["ts"], series[f"{split}_{term}"])
     return out
 
 

@@ -9,7 +9,9 @@ Every network is measured as eval-curve and fge measure theirs: its BatchNorm st
 fixed subset of `bn_images` training images (metrics.fixed_subset, batches of config.EVAL_BATCH_SIZE), then in
 eval mode and fp32 on the whole held-out split, the reconstructions of the networks averaged per image
 (metrics.evaluate_averages): MSE, PSNR (mean of per-image PSNR) and SSIM (for images of at least 11 px). For an FGE
-snapshot the recomputation gives back the statistics saved in it (fge recomputed them on the same subset).
+snapshot the recomputation gives back the statistics saved in it (fge recomputed them on the same subset). VAEs'
+reconstructions (each decoding its posterior mean) are averaged the same way; an average of outputs has no rate, so
+no objective is reported ("vae": true, and a note, say so).
 
 Output: OUT/ensembles.json, written last (atomically): the config, every network's file and SHA-256, and per
 average its members and metrics.
@@ -28,10 +30,12 @@ from aecurves.data import BatchLoader, load_run_data
 from aecurves.errors import UserError
 from aecurves.files import folder_lock, sha256, write_json
 from aecurves.metrics import evaluate_averages, fixed_subset, network_with_bn
-from aecurves.models import build_model
+from aecurves.models import build_model, is_vae
 from aecurves.ssim import SSIM_WINDOW
 
-FORMAT = 1  # of ensembles.json
+FORMAT = 1  # of ensembles.json (a file without "vae" is an autoencoders')
+VAE_NOTE = ("VAE: the metrics are of the averaged reconstructions (each network decoding its posterior mean); an "
+            "average of outputs has no rate, so no objective is reported")
 
 
 def check_config(cfg: EnsemblesConfig) -> None:
@@ -85,7 +89,9 @@ def run(cfg: EnsemblesConfig) -> dict:
 
 @torch.no_grad()
 def _run(cfg, out: Path, paths, states, arch, data, device, t0) -> dict:
-    base = build_model(arch).to(device)
+    base = build_model(arch)
+    vae = is_vae(base, arch)  # on the CPU, where is_vae's probe batch is
+    base = base.to(device)
     has_bn = bool(batchnorms(base))
     bn_images = fixed_subset(data.train, cfg.bn_images, SUBSET_SEED)
     bn_loader = BatchLoader(bn_images, EVAL_BATCH_SIZE, device) if has_bn else None
@@ -100,6 +106,8 @@ def _run(cfg, out: Path, paths, states, arch, data, device, t0) -> dict:
     results = evaluate_averages(networks, {k: list(v) for k, v in cfg.averages.items()}, test_loader, ssim)
     notes = [] if ssim else [f"SSIM omitted: {data.image_size}px images are smaller than its {SSIM_WINDOW}x"
                              f"{SSIM_WINDOW} window"]
+    if vae:
+        notes.append(VAE_NOTE)
     record = {
         "format": FORMAT,
         "kind": "ensembles",
@@ -108,6 +116,7 @@ def _run(cfg, out: Path, paths, states, arch, data, device, t0) -> dict:
         "averages": {name: {"members": list(members), "files": [str(paths[i]) for i in members], **results[name]}
                      for name, members in cfg.averages.items()},
         "metrics": list(next(iter(results.values()))),
+        "vae": vae,
         "test_images": len(data.test),
         "train_images": len(data.train),
         "bn": {"recomputed": has_bn, "images": len(bn_images) if has_bn else 0, "subset_seed": SUBSET_SEED,

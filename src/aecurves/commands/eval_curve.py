@@ -8,10 +8,14 @@ held-out split (`protocol_subsets`; with `full`, or a training set no larger tha
 images): the checkpoint's reconstruction loss, MSE, PSNR (mean of per-image PSNR), SSIM (mean of per-image
 SSIM; left out, with a note, for images smaller than its 11x11 window) and, when real VGG weights are
 available, the VGG perceptual loss. Every path is measured by every metric, whatever loss it was trained with.
+For a VAE (a network that returns (reconstruction, kl)) the loss is its objective, distortion + β·KL/D with the
+checkpoint's β (--kl-weight), and its two terms are measured beside it: distortion (the reconstruction loss) and
+rate (the mean KL in nats); the other metrics are the reconstruction's (eval mode: the posterior mean decoded).
 
 Per metric the summary has start, end, min, max, avg (plain mean over the points) and int, the dl-weighted
 mean Σ_i ½(m_{i-1} + m_i)·dl_i / Σ_i dl_i with dl_i = ‖θ(t_i) − θ(t_{i-1})‖ (the paper's *_int). The
-path length is Σ dl, and the barrier max_t [L(t) − ((1 − t)·L(0) + t·L(1))] on the train and test loss.
+path length is Σ dl, and the barrier max_t [L(t) − ((1 − t)·L(0) + t·L(1))] on the train and test loss (for a
+VAE also on each term: {split}_distortion_barrier, {split}_rate_barrier).
 
 For a curve, the straight segment between its first and last bend is evaluated the same way (unless
 `segment_too` is False): eval.json (records.EvalRecord, format 2) holds each path's summary under paths.curve and
@@ -46,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from aecurves import evaluation, plots, renormalize, runtime
+from aecurves import capture, evaluation, plots, renormalize, runtime
 from aecurves.checkpoint import load_curve, load_endpoint_pair
 from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, EvalCurveConfig, validate
 from aecurves.curves import Curve, make_segment, segment_of
@@ -63,7 +67,7 @@ from aecurves.metrics import (
 )
 from aecurves.models import build_model
 from aecurves.records import EvalRecord, refuse_other_outputs
-from aecurves.stats import METRICS, SPLITS, STATS, bootstrap_barrier, summarize
+from aecurves.stats import BARRIER_TERMS, METRICS, SPLITS, STATS, bootstrap_barrier, summarize
 
 RECON_POINTS = 9  # reconstructions at t = 0, 1/8, ..., 1
 
@@ -128,12 +132,14 @@ def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, 
         print_summary(label, results.summary, prefix)
     if ensemble is not None:
         print_ensemble(subject, ensemble, len(data.test))
+        if setup.vae:
+            print(f"note: {VAE_ENSEMBLE_NOTE}")
 
     record = eval_record(cfg, subject, setup, results, ts)
     if subject.plan is not None:
         record.rest["renormalization"] = renormalization_record(subject, measured, stats_loader)
     if ensemble is not None:
-        record.rest["ensemble"] = ensemble_record(ensemble, len(data.test))
+        record.rest["ensemble"] = ensemble_record(ensemble, len(data.test), setup.vae)
     files = write_outputs(out, subject, results, fixed, record, ensemble)
     print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
     return {"out": str(out), "kind": subject.kind, "notes": subject.notes, "files": files, **results.summary,
@@ -227,9 +233,13 @@ def load_subject(cfg: EvalCurveConfig) -> Subject:
     if cfg.loss is None and losses[0] != losses[1]:
         raise UserError(f"The endpoints were trained with different losses ({losses[0]} and {losses[1]}); pass "
                         f"--loss {losses[0]} or --loss {losses[1]} to say which one to evaluate along the segment.")
+    betas = [evaluation.checkpoint_kl_weight(s["args"]) for s in (a, b)]
+    notes = [] if betas[0] == betas[1] else [
+        f"the endpoints were trained with different --kl-weight ({betas[0]:g} and {betas[1]:g}); a VAE's objective "
+        f"is measured with START's, {betas[0]:g}"]
     return Subject("segment", make_segment(build_model(arch), a["model"], b["model"]), a["args"],
                    cfg.loss or losses[0], segment=None, arch=arch, label="segment", checkpoint=None,
-                   endpoints=[start, end], notes=[])
+                   endpoints=[start, end], notes=notes)
 
 
 RENORMALIZED = ", renormalised"
@@ -241,7 +251,8 @@ RENORMALIZE_METHOD = "layerwise"  # renormalize.Renormalizer's; "repair" (REPAIR
 def plan_renormalization(subject: Subject) -> None:
     """--renormalize: finds the layers to correct (refused when there are none) and renames the paths, so no
     label, summary or figure can be taken for the plain path's."""
-    plan = renormalize.find_layers(subject.path.base, include_output=RENORMALIZE_OUTPUT)
+    plan = renormalize.find_layers(subject.path.base, include_output=RENORMALIZE_OUTPUT,
+                                   example=capture.example_input(subject.arch, subject.path.base))
     if not plan.layers:
         raise UserError(renormalize.no_layers_message(plan))
     subject.plan = plan
@@ -351,6 +362,10 @@ def print_summary(title: str, summary: dict, prefix: str = "") -> None:
     print(tabulate(rows, ["metric", *STATS], tablefmt="simple", floatfmt=".5f"))
     print(f"path length {summary[prefix + 'length']:.5f}; barrier: train {summary[prefix + 'tr_barrier']:.5f}, "
           f"test {summary[prefix + 'te_barrier']:.5f}")
+    for term in BARRIER_TERMS:
+        if f"{prefix}tr_{term}_barrier" in summary:
+            print(f"{term} barrier: train {summary[f'{prefix}tr_{term}_barrier']:.5f}, test "
+                  f"{summary[f'{prefix}te_{term}_barrier']:.5f}")
 
 
 ENSEMBLE_LABELS = {"path_average": "(a) mean output, {k} points", "endpoint_average": "(b) mean output, 2 ends",
@@ -369,12 +384,18 @@ def print_ensemble(subject: Subject, ensemble: dict, num_images: int) -> None:
     print(tabulate(rows, ["ensemble", *metrics], tablefmt="simple", floatfmt=".5f"))
 
 
-def ensemble_record(ensemble: dict, num_images: int) -> dict:
-    """eval.json's "ensemble": K, the ts, the held-out images, and per entry what it is and its metrics."""
+VAE_ENSEMBLE_NOTE = ("VAE: every entry's metrics are of its reconstruction (an output average's: the mean of its "
+                     "networks' reconstructions, each decoding its posterior mean); an average of outputs has no rate, "
+                     "so no objective is reported for any entry")
+
+
+def ensemble_record(ensemble: dict, num_images: int, vae: bool = False) -> dict:
+    """eval.json's "ensemble": K, the ts, the held-out images, and per entry what it is and its metrics; for a VAE,
+    a note that they are the reconstructions' (VAE_ENSEMBLE_NOTE)."""
     return {"k": len(ensemble["ts"]), "ts": np.asarray(ensemble["ts"]).tolist(), "test_images": num_images,
             "metrics": list(ensemble["metrics"]["start"]), "best_endpoint_is": ensemble["which"],
             "entries": {name: {"what": ENSEMBLES[name], **values} for name, values in ensemble["metrics"].items()},
-            "seconds": ensemble["seconds"]}
+            "seconds": ensemble["seconds"], **({"note": VAE_ENSEMBLE_NOTE} if vae else {})}
 
 
 def ensemble_arrays(ensemble: dict) -> dict:
@@ -410,6 +431,8 @@ def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, reco
 
 def plot_losses(path: Path, subject: Subject, results: PathResults, between: str) -> None:
     loss_label = "VGG perceptual loss" if subject.loss == "vgg" else "MSE loss"
+    if "tr_rate" in results.series or "segment_tr_rate" in results.series:
+        loss_label = f"VAE objective ({loss_label} + β·KL/D)"
     plot_series = [plots.series_from_results(results.series, subject.label, color="C0")]
     if subject.segment is not None:
         plot_series.append(plots.series_from_results(results.series, subject.segment_label, prefix="segment_",

@@ -11,8 +11,10 @@ training and held-out images (see plane_geometry.py for the math). Deviations, a
   fixed subset of training images, train metrics on the same stratified subset (`protocol_subsets`; --full:
   all of them), the same batch size. So the values at θ₀ and θ₂ are eval-curve's at t = 0 and 1.
 - The metric is the checkpoint's reconstruction loss (as in eval-curve), without the paper's weight-decay
-  term in "loss": curves here are trained with wd = 0 by default. MSE and PSNR stand in for nll and error;
-  the VGG perceptual metric that eval-curve adds when it can is left out (its cost would dominate).
+  term in "loss": curves here are trained with wd = 0 by default. For a VAE "loss" is its objective (as in
+  eval-curve), and the grid also holds its terms: tr_distortion, te_distortion, tr_rate, te_rate. MSE and
+  PSNR stand in for nll and error; the VGG perceptual metric that eval-curve adds when it can is left out (its
+  cost would dominate).
 - The middle bend of a curve with more than 3 bends is bend num_bends // 2 (the paper's script takes bend 1 of
   3, and would take bend 2 as the "end" of longer curves); the curve then leaves the plane, and how far it
   does is recorded (curve_distance). The straight segment θ₀–θ₂ is projected too.
@@ -221,9 +223,11 @@ def load_subject_data(cfg: PlaneConfig, subject: Subject):
 
 
 def summarize(subject: Subject, values: dict, bends: list) -> dict:
-    """Scalars: each loss's min and max over the grid, and at the three points."""
+    """Scalars: each loss's min and max over the grid, and at the three points (for a VAE, its objective's two
+    terms too: distortion and rate)."""
     out = {}
-    for key in ("tr_loss", "te_loss", "tr_mse", "te_mse"):
+    terms = [key for key in ("tr_distortion", "te_distortion", "tr_rate", "te_rate") if key in values]
+    for key in ("tr_loss", "te_loss", "tr_mse", "te_mse", *terms):
         out[f"{key}_min"], out[f"{key}_max"] = float(values[key].min()), float(values[key].max())
         for which, b in zip(("start", "middle", "end"), bends):
             out[f"{key}_{which}"] = b[key]
@@ -268,6 +272,8 @@ def plot(path, subject: Subject, arrays: dict, record: PlaneRecord) -> None:
         title = (f"over the plane through A, B, C = {', '.join(names)}\n"
                  "dashed: the straight segments between them")
     loss_label = "VGG perceptual loss" if record.get("loss") == "vgg" else "MSE loss"
+    if record.get("vae"):
+        loss_label = f"VAE objective ({loss_label} + β·KL/D)"
     plots.plot_plane(arrays["grid"], {"train": arrays["tr_loss"], "test": arrays["te_loss"]}, path, points, lines,
                      title=f"{loss_label} {title}", value_label=loss_label, xlabel=f"x: along {last} − {first}",
                      ylabel=f"y: towards {middle}")
