@@ -854,7 +854,8 @@ def test_configuration_names_the_model_factory_and_its_kwargs(tmp_path):
     md = (custom / "report.md").read_text()
     rows = dict(_md_table(md, "## Configuration")[1:])
     assert rows["model factory"] == "my_models.py:make_ae" and rows["model kwargs"] == '{"depth": 3, "hidden": 512}'
-    assert rows["width"] == "does not apply (a setting of the built-in convolutional models)" and rows["bottleneck"] == "64"
+    assert rows["width"] == "does not apply (a setting of the built-in convolutional models)"
+    assert rows["bottleneck"] == "64"
     assert "None" not in rows.values()
 
 

@@ -5,6 +5,7 @@ goes into Study.damaged and the report is made without it."""
 from dataclasses import fields, replace
 from pathlib import Path
 
+from aecurves.config import CONV_VAE, KL_AUTOENCODER
 from aecurves.records import EvalRecord, PlaneRecord, StageRecord
 
 from .inputs import Inputs, curve_arrays, endpoint_png, held_out_tensors, read_study
@@ -30,6 +31,7 @@ from .model import (
     Settings,
     Study,
     Training,
+    Vae,
     WhatRan,
 )
 from .numbers import convergence, equal_budget_summary, group_summary
@@ -47,13 +49,14 @@ from .specs import (
     is_number,
 )
 
+VAE_MODELS = (CONV_VAE, KL_AUTOENCODER)  # the built-in models that are VAEs
 # the settings of study.json's config the text reads, each checked like an input file's entry
 SETTINGS = {"seeds": Maybe([int]), "curve": Maybe(str), "num_bends": Maybe(int), "num_points": Maybe(int),
             "dataset": Maybe(str), "image_size": Maybe(int), "epochs": Maybe(int), "lr": Maybe(NUMBER),
             "lr_schedule": Maybe(str), "curve_epochs": Maybe(NUMBER), "curve_lr": Maybe(NUMBER),
             "curve_lr_schedule": Maybe(str), "t_sampling": Maybe(str), "align": Maybe(bool), "fge": Maybe(bool),
             "model": Maybe(str), "model_kwargs": Maybe(dict), "bn_images": Maybe(int), "train_images": Maybe(int),
-            "device": Maybe(str), "precision": Maybe(str)}
+            "device": Maybe(str), "precision": Maybe(str), "kl_weight": Maybe(NUMBER)}
 
 
 def pick(record: dict, *keys) -> list:
@@ -101,7 +104,7 @@ def _group(inputs: Inputs, loss: str, group: dict, settings: Settings) -> Group:
     warning, plane = pick(group, "warning", "plane")
     extra_training = any("baseline_eval" in pair for pair in group["pairs"])
     return Group(status="run", loss=loss, warning=warning or None, endpoints=endpoints, pairs=pairs,
-                 summary=group_summary(endpoints, pairs),
+                 vae=group_vae(pairs, settings), summary=group_summary(endpoints, pairs),
                  equal_budget=equal_budget_summary(pairs, settings.curve_epochs),
                  convergence=convergence(endpoints, extra_training, settings.curve_epochs),
                  plane=_plane(inputs, plane) if plane else None)
@@ -140,6 +143,9 @@ def _evaluation(inputs: Inputs, p: Pair, record: dict) -> None:
     bn, data = bn or {}, data or {}
     p.notes = notes or []
     p.num_points, p.loss_description, p.perceptual = pick(record, "num_points", "loss_description", "perceptual")
+    if record.get("vae") is True:  # absent in an autoencoder's eval.json (and in those written before VAEs)
+        kl_weight = record.get("kl_weight")
+        p.vae = Vae(kl_weight=1.0 if kl_weight is None else kl_weight, distortion=p.loss_description)
     p.path = CurveKind(*pick(kind or {}, "curve", "num_bends"))
     (bn_images, bn_recomputed), (n_train, n_test) = pick(bn, "images", "recomputed"), pick(data, "train_images",
                                                                                           "test_images")
@@ -184,8 +190,11 @@ def _compare_paths(p: Pair, naive: dict, aligned: dict | None, extra: dict | Non
     long as a curve, against the better of those."""
     summaries = {"": naive} if aligned is None else {"": naive, "aligned_": aligned}
     for prefix, s in summaries.items():
-        p.paths[prefix + "segment"] = PathRow(*pick(s["segment"], "te_barrier", "te_loss_min"))
-        p.paths[prefix + "curve"] = PathRow(*pick(s["curve"], "te_barrier", "te_loss_min"))
+        for path in ("segment", "curve"):
+            p.paths[prefix + path] = PathRow(*pick(s[path], "te_barrier", "te_loss_min"))
+            if p.vae is not None:  # and its objective's two terms
+                p.paths[prefix + path].distortion_barrier, p.paths[prefix + path].rate_barrier = \
+                    pick(s[path], "te_distortion_barrier", "te_rate_barrier")
     better = min(naive["curve"]["te_loss_start"], naive["curve"]["te_loss_end"])
     extra_best = min(extra["te_loss_start"], extra["te_loss_end"]) if extra is not None else None
     p.better_endpoint_te_loss, p.extra_endpoint_te_loss = better, extra_best
@@ -236,6 +245,17 @@ def _fge_runs(inputs: Inputs, group: dict, seeds) -> dict[str, FgeRun]:
             runs[str(seed)] = FgeRun(budget_epochs=fge["budget_epochs"], snapshots=len(fge["snapshots"]),
                                      cycle=(fge.get("schedule") or {}).get("cycle"))
     return runs
+
+
+def group_vae(pairs: list[Pair], settings: Settings) -> Vae | None:
+    """A group's VAE objective: its evaluations' (the first one's β and distortion); before any is there, the
+    study's when its model is a built-in VAE (a custom one is known to be a VAE from its evaluations only)."""
+    found = [p.vae for p in pairs if p.vae is not None]
+    if found:
+        return found[0]
+    if settings.model in VAE_MODELS and not any(p.available for p in pairs):
+        return Vae(kl_weight=1.0 if settings.kl_weight is None else settings.kl_weight, distortion=None)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

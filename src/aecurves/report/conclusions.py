@@ -5,7 +5,7 @@ text states. So the text cannot contradict the tables: both come from the same n
 from dataclasses import dataclass, field
 
 from .fmt import fdb, finterval, fnum, fpct, fsigned
-from .model import EQUAL_BUDGET_SHORT, PATHS, Convergence, EqualBudget, Group, GroupSummary, Interval
+from .model import EQUAL_BUDGET_SHORT, PATHS, Convergence, EqualBudget, Group, GroupSummary, Interval, Vae
 
 # A segment barrier below NO_BARRIER × the endpoints' mean test loss counts as "no clear barrier"; a curve removing
 # at least MOST of it removes "most of the barrier", at least SOME "reduces" it; PSNR within PSNR_TOLERANCE dB is
@@ -19,6 +19,21 @@ PSNR_TOLERANCE = 0.5
 SMALL_TRAIN_SET = 1000
 LOW_PSNR_DB = 22.0
 LOSS_NAMES = {"mse": "MSE loss", "vgg": "VGG perceptual loss"}
+DISTORTION_NAMES = {"mse": "MSE", "vgg": "VGG perceptual loss"}  # a VAE's reconstruction loss, in its objective
+RATE_UNIT = "KL in nats per image"
+
+
+def objective_name(loss: str, vae: Vae | None) -> str:
+    """What a group's networks are measured with: its loss ('MSE loss'), or for VAEs their objective, the
+    reconstruction loss + β·KL/D ('VAE objective (MSE + 1·KL/D)')."""
+    if vae is None:
+        return LOSS_NAMES.get(loss, loss)
+    return f"VAE objective ({DISTORTION_NAMES.get(loss, loss)} + {vae.kl_weight:g}·KL/D)"
+
+
+def noun(vae: Vae | None) -> str:
+    """The word for what is measured along a path: a VAE's is its objective."""
+    return "loss" if vae is None else "objective"
 
 
 @dataclass(frozen=True)
@@ -60,12 +75,13 @@ def findings(group: Group) -> Findings:
                                    f"({s.pairs_evaluated} of {s.pairs} pairs{damaged}).",
                                    {"pairs_evaluated": s.pairs_evaluated, "pairs": s.pairs,
                                     "pairs_damaged": s.pairs_damaged}))
-    details = [barrier_ranges(group.loss, s), *barrier_intervals(s), *bootstrap(s), psnr(s), *alignment(s.paths),
-               *best_against_extra(s.paths), *equal_budget_conclusions(group.equal_budget),
-               convergence_conclusion(group.loss, group.convergence)]
+    details = [barrier_ranges(group.loss, s, group.vae), *vae_terms(group.loss, s, group.vae), *barrier_intervals(s),
+               *bootstrap(s), psnr(s), *alignment(s.paths), *best_against_extra(s.paths),
+               *equal_budget_conclusions(group.equal_budget),
+               convergence_conclusion(group.loss, group.convergence, group.vae)]
     if group.warning:
         details.append(Conclusion("group-warning", group.warning))
-    return Findings(answer(group.loss, s), details, caveat(group.loss, s))
+    return Findings(answer(group.loss, s, group.vae), details, caveat(group.loss, s))
 
 
 def _mean(r: Interval, fmt) -> str:
@@ -73,17 +89,17 @@ def _mean(r: Interval, fmt) -> str:
     return fmt(r.mean) if r.lo is None else f"{fmt(r.mean)} [{fmt(r.lo)}, {fmt(r.hi)}]"
 
 
-def answer(loss: str, s: GroupSummary) -> Conclusion:
+def answer(loss: str, s: GroupSummary, vae: Vae | None = None) -> Conclusion:
     """The question in one sentence: how high the straight segment's barrier is, and how much of it the curve
     removes, each with its 95% interval over pairs. The verdict (the code) compares the numbers with NO_BARRIER,
-    MOST and SOME."""
+    MOST and SOME. For VAEs, of their objective (the sentence names it)."""
     n, rel = s.pairs_evaluated, s.segment_barrier_relative
     seg, share = s.paths["segment"]["barrier"], s.paths["curve"]["removed"]
     mean, worst = s.barrier_removed_mean, s.barrier_removed_min
     wide = "; its interval includes 0" if seg.lo is not None and seg.lo <= 0 <= seg.hi else ""
-    head = (f"{LOSS_NAMES.get(loss, loss)}: between two endpoints the straight segment has a held-out barrier of "
+    head = (f"{objective_name(loss, vae)}: between two endpoints the straight segment has a held-out barrier of "
             f"{_mean(seg, fnum)} ({fpct(rel)} of the "
-            f"endpoints' loss{wide})")
+            f"endpoints' {noun(vae)}{wide})")
     over = f"mean [95% t-interval] over {n} pairs" if n > 1 else "one pair, so no interval"
     removes = _mean(share, fpct) if share.n == n else fpct(mean)
     if rel is None or rel < NO_BARRIER:
@@ -95,7 +111,7 @@ def answer(loss: str, s: GroupSummary) -> Conclusion:
     elif worst >= MOST:
         code, verdict = "barrier-removed", (f", and the curve removes {removes} of it, at least {fpct(worst)} for "
                                             "every pair: the endpoints are connected by paths of nearly constant "
-                                            "low loss")
+                                            f"low {noun(vae)}")
     elif mean >= MOST:
         code, verdict = "barrier-mostly-removed", (f", and the curve removes most of it on average, {removes}, but "
                                                    f"not for every pair: the worst removes {fpct(worst)}")
@@ -111,18 +127,38 @@ def answer(loss: str, s: GroupSummary) -> Conclusion:
     return Conclusion(code, f"{head}{verdict} ({over}).", numbers)
 
 
-def barrier_ranges(loss: str, s: GroupSummary) -> Conclusion:
+def barrier_ranges(loss: str, s: GroupSummary, vae: Vae | None = None) -> Conclusion:
     n = s.pairs_evaluated
-    text = (f"{LOSS_NAMES.get(loss, loss)}: on the straight segments between the endpoints the held-out loss rises "
+    text = (f"{objective_name(loss, vae)}: on the straight segments between the endpoints the held-out {noun(vae)} "
+            "rises "
             f"above the chord by {fnum(s.segment_te_barrier_mean)} on average over {n} pair{'s' if n != 1 else ''} "
             f"(range {fnum(s.segment_te_barrier_min)} to {fnum(s.segment_te_barrier_max)}; "
-            f"{fpct(s.segment_barrier_relative)} of the endpoints' mean held-out loss "
+            f"{fpct(s.segment_barrier_relative)} of the endpoints' mean held-out {noun(vae)} "
             f"{fnum(s.endpoint_te_loss_mean)}); along the curves the barrier is {fnum(s.curve_te_barrier_mean)} on "
             f"average (range {fnum(s.curve_te_barrier_min)} to {fnum(s.curve_te_barrier_max)}).")
     return Conclusion("barrier-ranges", text, {
         k: getattr(s, k) for k in ("segment_te_barrier_mean", "segment_te_barrier_min", "segment_te_barrier_max",
                                    "curve_te_barrier_mean", "curve_te_barrier_min", "curve_te_barrier_max",
                                    "segment_barrier_relative", "endpoint_te_loss_mean")})
+
+
+def vae_terms(loss: str, s: GroupSummary, vae: Vae | None) -> list[Conclusion]:
+    """A VAE group's objective taken apart: the test barrier of each of its terms, the distortion (the
+    reconstruction loss) and the rate (the KL, nats per image), per path kind over pairs; none for autoencoders."""
+    if vae is None:
+        return []
+    kinds = [(name, label) for name, label in PATHS if name in s.paths]
+    parts, numbers = [], {"kl_weight": vae.kl_weight}
+    for term, what in (("distortion", f"distortion ({DISTORTION_NAMES.get(loss, loss)})"),
+                       ("rate", f"rate ({RATE_UNIT})")):
+        values = {name: s.paths[name][f"{term}_barrier"] for name, _ in kinds}
+        numbers[term] = {name: {"mean": r.mean, "lo": r.lo, "hi": r.hi} for name, r in values.items()}
+        parts.append(f"{what}: " + ", ".join(f"{label} {finterval(values[name], fnum)}" for name, label in kinds))
+    n = s.pairs_evaluated
+    text = (f"The objective's two terms, distortion + {vae.kl_weight:g}·rate/D (D: values per image), each with its "
+            f"own held-out barrier (mean [95% t-interval] over {n} pair{'s' if n != 1 else ''}): " + "; ".join(parts)
+            + ".")
+    return [Conclusion("vae-terms", text, numbers)]
 
 
 def barrier_intervals(s: GroupSummary) -> list[Conclusion]:
@@ -241,9 +277,9 @@ def equal_budget_conclusions(eb: EqualBudget) -> list[Conclusion]:
     return out
 
 
-def convergence_conclusion(loss: str, c: Convergence) -> Conclusion:
+def convergence_conclusion(loss: str, c: Convergence, vae: Vae | None = None) -> Conclusion:
     """Whether the endpoints had converged, from the extra-trained endpoints' held-out gain (CONVERGED_GAIN)."""
-    what = "MSE" if loss == "mse" else "loss"
+    what = "objective" if vae is not None else "MSE" if loss == "mse" else "loss"
     if not c.extra_training:
         return Conclusion("convergence-not-measured", f"Convergence of the {loss} endpoints was not measured: the "
                           "study ran without extra training (--no-extra-training). The last-epoch gain in the "

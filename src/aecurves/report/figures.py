@@ -12,7 +12,7 @@ import numpy as np
 
 from aecurves.files import atomic_path
 
-from .conclusions import LOSS_NAMES
+from .conclusions import DISTORTION_NAMES, RATE_UNIT, objective_name
 from .model import Endpoint, Group, Pair, Study
 
 FILES_DIR = "report_files"
@@ -39,7 +39,8 @@ class EndpointFigure:
 
 @dataclass
 class GroupFigures:
-    mean_loss: str | None = None     # the first screen's: each path kind's held-out loss, mean over pairs
+    mean_loss: str | None = None     # the first screen's: each path kind's held-out loss, mean over pairs (for
+    mean_terms: bool = False         # VAEs, their objective, and beside it its two terms when measured)
     mean_pairs: int = 0
     every_path: str | None = None    # every pair's paths, train and held-out loss
     plotted: list[Pair] = field(default_factory=list)  # the pairs in it
@@ -73,12 +74,16 @@ def draw(figures: Figures, study_dir: Path) -> None:
 
 def _group_figures(loss: str, g: Group, study_dir: Path, jobs: list[Job]) -> GroupFigures:
     out = GroupFigures()
-    label = LOSS_NAMES.get(loss, loss)
+    label = objective_name(loss, g.vae)
     bands = mean_bands(g.evaluated)
     if bands:
         out.mean_loss, out.mean_pairs = f"{FILES_DIR}/{loss}_mean_loss_along_paths.png", max(b["n"] for b in bands)
-        jobs.append(Job(out.mean_loss, partial(_plot_bands, bands, ylabel=f"held-out {label}", title=(
-            f"{loss} group: held-out {label} along t, mean over pairs (shaded: range over pairs)"))))
+        title = f"{loss} group: held-out {label} along t, mean over pairs (shaded: range over pairs)"
+        panels = term_panels(loss, g, bands, label)
+        out.mean_terms = len(panels) > 1
+        make = partial(_plot_panels, panels, title=title) if out.mean_terms else \
+            partial(_plot_bands, bands, ylabel=f"held-out {label}", title=title)
+        jobs.append(Job(out.mean_loss, make))
     series, out.plotted = every_path_series(g.evaluated)
     if series:
         out.every_path = f"{FILES_DIR}/{loss}_loss_along_paths.png"
@@ -114,12 +119,27 @@ def _endpoint_figure(loss: str, e: Endpoint, study_dir: Path, jobs: list[Job]) -
     return EndpointFigure(rel, labelled=True, width=None)
 
 
-def mean_bands(pairs: list[Pair]) -> list[dict]:
-    """Per path kind, its held-out loss along t over the pairs that measured it: the mean, and the range (min to
-    max) as the band. Pairs measured at other points t are interpolated onto the points of all of them."""
+def term_panels(loss: str, g: Group, bands: list[dict], label: str) -> list[tuple[str, list[dict]]]:
+    """The first figure's panels, (y label, bands): the held-out loss alone for autoencoders; for VAEs their
+    objective, then its distortion and its rate (KL, nats per image) along t, when curve.npz has them."""
+    panels = [(f"held-out {label}", bands)]
+    if g.vae is None:
+        return panels
+    for key, ylabel in (("te_distortion", f"held-out distortion ({DISTORTION_NAMES.get(loss, loss)})"),
+                        ("te_rate", f"held-out rate ({RATE_UNIT})")):
+        if terms := mean_bands(g.evaluated, key):
+            panels.append((ylabel, terms))
+    return panels
+
+
+def mean_bands(pairs: list[Pair], key: str = "te_loss") -> list[dict]:
+    """Per path kind, its held-out loss (or another of curve.npz's series, `key`) along t over the pairs that
+    measured it: the mean, and the range (min to max) as the band. Pairs measured at other points t are
+    interpolated onto the points of all of them."""
     bands = []
     for name, attr, prefix, label, style, color in KINDS:
-        runs = [(a[prefix + "ts"], a[prefix + "te_loss"]) for p in pairs if (a := getattr(p, attr)) is not None]
+        runs = [(a[prefix + "ts"], a[prefix + key]) for p in pairs
+                if (a := getattr(p, attr)) is not None and prefix + key in a]
         if not runs:
             continue
         same = all(np.array_equal(ts, runs[0][0]) for ts, _ in runs)
@@ -161,6 +181,28 @@ def _plot_bands(bands, path, **kw):
     from aecurves import plots
 
     plots.plot_bands_along_t(bands, path, **kw)
+
+
+def _plot_panels(panels, path, title: str) -> None:
+    """plots.plot_bands_along_t's panel, side by side for each (y label, bands): a VAE's objective and its terms."""
+    from matplotlib.figure import Figure
+
+    from aecurves import plots
+
+    fig = Figure(figsize=(5.0 * len(panels), 3.9), layout="constrained")
+    for ax, (ylabel, bands) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for band in bands:
+            ts = np.asarray(band["ts"])
+            line, = ax.plot(ts, band["mean"], linestyle=band["linestyle"], color=band["color"], label=band["label"],
+                            linewidth=1.8)
+            ax.fill_between(ts, band["lo"], band["hi"], color=line.get_color(), alpha=0.18, linewidth=0)
+        ax.set_xlabel("t")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(0, 1)
+        ax.grid(True, alpha=0.3)
+    fig.axes[0].legend(fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    plots.save_figure(fig, path)
 
 
 def _plot_series(series, path, **kw):

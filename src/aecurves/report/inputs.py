@@ -25,6 +25,7 @@ from .specs import (
     RUN_GROUP,
     SKIPPED_GROUP,
     STUDY,
+    TERM_ARRAYS,
     Damaged,
     checked,
     checked_rows,
@@ -133,15 +134,19 @@ def record_json(path: Path, cls, spec) -> dict:
 
 
 def curve_arrays(path: Path) -> dict:
-    """A curve.npz's CURVE_ARRAYS of the curve and of its segment, checked to be numbers, one per t."""
+    """A curve.npz's CURVE_ARRAYS of the curve and of its segment, and a VAE's TERM_ARRAYS where it has them,
+    checked to be numbers, one per t."""
     keys = [prefix + k for prefix in ("", "segment_") for k in CURVE_ARRAYS]
     with np.load(path, allow_pickle=False) as npz:
         if missing := [k for k in keys if k not in npz.files]:
             raise Damaged(f"it has no {', '.join(missing)}")
-        arrays = {k: npz[k] for k in keys}
+        terms = [prefix + k for prefix in ("", "segment_") for k in TERM_ARRAYS if prefix + k in npz.files]
+        arrays = {k: npz[k] for k in keys + terms}
     for prefix in ("", "segment_"):
         ts = arrays[prefix + "ts"]
-        for k in CURVE_ARRAYS:
+        for k in CURVE_ARRAYS + TERM_ARRAYS:
+            if prefix + k not in arrays:
+                continue
             a = arrays[prefix + k]
             if a.dtype.kind not in "iuf" or a.ndim != 1 or a.shape != ts.shape:
                 raise Damaged(f"{prefix + k} is not numbers, one per t")

@@ -12,7 +12,7 @@ from pathlib import Path
 from aecurves.config import BN_IMAGES, TRAIN_IMAGES
 
 from . import tables
-from .conclusions import LOSS_NAMES, Findings
+from .conclusions import DISTORTION_NAMES, LOSS_NAMES, RATE_UNIT, Findings, objective_name
 from .document import Code, Doc, Text
 from .figures import STRIPS, Figures, GroupFigures, pairs_text
 from .fmt import fnum, fpct, fseconds, fwhen
@@ -28,6 +28,11 @@ PROTOCOL_DEVIATION = ("The train-metric subset is stratified by the start endpoi
 BARRIER = ("Barrier: max over t of L(t) − ((1 − t)·L(0) + t·L(1)), the rise of the held-out loss above the chord "
            "between the two ends of a path; share removed: 1 − path barrier / straight segment barrier; best point: "
            "the path's lowest held-out loss relative to the better endpoint (negative: below it).")
+VAE_OBJECTIVE = ("The networks are VAEs: every loss along a path is their objective, distortion + β·rate/D, measured "
+                 "like an autoencoder's loss (the posterior mean decoded, BatchNorm statistics recomputed at each "
+                 "t). Distortion: the reconstruction loss; rate: the KL of the posterior from the prior, in nats per "
+                 "image; D: the values per image (channels × height × width). A barrier of each term is measured "
+                 "like the objective's, each against its own chord, so the two do not add up to the objective's.")
 
 
 def build(study: Study, findings: dict[str, Findings], figures: Figures, study_dir: Path, written: str) -> Doc:
@@ -35,6 +40,8 @@ def build(study: Study, findings: dict[str, Findings], figures: Figures, study_d
     doc = Doc()
     doc.h(1, TITLE)
     doc.p(intro(study.settings))
+    if any(g.vae is not None for g in study.groups.values()):
+        doc.p(VAE_OBJECTIVE)
     for loss, g in study.groups.items():
         answer(doc, g, findings[loss], figures.groups.get(loss), study.settings)
     caveats(doc, study, findings)
@@ -61,7 +68,11 @@ def answer(doc: Doc, g: Group, f: Findings, figs: GroupFigures | None, settings:
     if g.status != "run":  # a warning, not an answer: nothing was measured
         doc.section(2, f"{g.loss} group ({name}): SKIPPED").p(f.answer.text, "warn")
         return
-    d = doc.section(2, f"{g.loss} group ({name})")
+    heading = f"{g.loss} group ({name})"
+    if g.vae is not None:  # a heading without parentheses in parentheses
+        name = objective_name(g.loss, g.vae)
+        heading = f"{g.loss} group (VAE objective: {DISTORTION_NAMES.get(g.loss, g.loss)} + {g.vae.kl_weight:g}·KL/D)"
+    d = doc.section(2, heading)
     s = g.summary
     d.p(f.answer.text, "summary" if s.evaluated else "warn")
     if not s.evaluated:
@@ -70,11 +81,17 @@ def answer(doc: Doc, g: Group, f: Findings, figs: GroupFigures | None, settings:
         d.p(f"{s.pairs - s.pairs_evaluated} of {s.pairs} pairs are not in these numbers (not evaluated yet, or "
             "damaged: see each pair below).", "warn")
     if figs.mean_loss:
-        d.img(figs.mean_loss, f"{g.loss} group: held-out {name} along t for each kind of path, the mean over the "
-                              f"pairs ({pairs_text(figs.plotted)}), shaded from the lowest to the highest pair; every "
-                              "pair's own paths, train and held-out, are under 'Loss along every path' below")
+        terms = (f" (left), and its two terms: the distortion, {DISTORTION_NAMES.get(g.loss, g.loss)} (middle), and "
+                 f"the rate, the {RATE_UNIT} (right)") if figs.mean_terms else ""
+        d.img(figs.mean_loss, f"{g.loss} group: held-out {name} along t for each kind of path{terms}, the mean over "
+                              f"the pairs ({pairs_text(figs.plotted)}), shaded from the lowest to the highest pair; "
+                              "every pair's own paths, train and held-out, are under 'Loss along every path' below")
     d.table(*tables.four_paths(g, settings))
     d.p(BARRIER, "muted")
+    if g.vae is not None:
+        distortion = DISTORTION_NAMES.get(g.loss, g.loss)
+        d.p(f"L is the VAE objective, {distortion} + {g.vae.kl_weight:g}·KL/D; the last two columns give each of its "
+            f"terms' own barrier: the distortion's ({distortion}) and the rate's ({RATE_UNIT}).", "muted")
 
 
 def caveats(doc: Doc, study: Study, findings: dict[str, Findings]) -> None:
@@ -130,8 +147,9 @@ def endpoints(doc: Doc, g: Group, figs: GroupFigures) -> None:
 
 def endpoint_footnote(loss: str, g: Group) -> str:
     """Where the endpoint table's figures come from, and why the training log's held-out figure differs."""
-    what = "MSE" if loss == "mse" else "loss"
-    columns = "MSE and PSNR" if loss == "mse" else "loss, MSE and PSNR"
+    what = "objective" if g.vae is not None else "MSE" if loss == "mse" else "loss"
+    columns = "objective, distortion, rate and PSNR" if g.vae is not None else "MSE and PSNR" if loss == "mse" \
+        else "loss, MSE and PSNR"
     text = (f"The {columns} columns are eval-curve's, at t=0 / t=1 of the first path through each endpoint, with "
             "the BatchNorm statistics recomputed from training images as at every point of the paths: the figures "
             "to quote, comparable with every point of the paths. ")
@@ -156,7 +174,7 @@ def endpoint_footnote(loss: str, g: Group) -> str:
 
 def every_path(doc: Doc, g: Group, figs: GroupFigures, damaged: dict) -> None:
     """Every pair's paths, train and held-out loss, and the loss plane through a curve."""
-    name = LOSS_NAMES.get(g.loss, g.loss)
+    name = objective_name(g.loss, g.vae)
     d = doc.section(3, "Loss along every path", fold=True)
     if figs.every_path:
         aligned = any(p.aligned_arrays is not None for p in figs.plotted)

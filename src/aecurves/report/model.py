@@ -15,13 +15,20 @@ def local(default=None):
     return field(default=default, metadata={"json": False}, repr=False, compare=False)
 
 
+def vae_only():
+    """A field only a VAE group has: report.json leaves it out while it is None, so that an autoencoder's record is
+    the one it was before the report knew VAEs."""
+    return field(default=None, metadata={"omit_none": True})
+
+
 def to_json(value):
-    """A record as JSON values: a dataclass as an object of its fields (local ones left out), nested; a record that
-    passes a file's object on whole (Ensemble) as that object."""
+    """A record as JSON values: a dataclass as an object of its fields (local ones left out, vae_only ones while
+    None), nested; a record that passes a file's object on whole (Ensemble) as that object."""
     if hasattr(value, "__json__"):
         return value.__json__()
     if is_dataclass(value):
-        return {f.name: to_json(getattr(value, f.name)) for f in fields(value) if f.metadata.get("json", True)}
+        return {f.name: to_json(getattr(value, f.name)) for f in fields(value) if f.metadata.get("json", True)
+                and not (f.metadata.get("omit_none") and getattr(value, f.name) is None)}
     if isinstance(value, dict):
         return {str(k): to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -59,6 +66,10 @@ class Metrics:
 
 PATH_KEYS = ("te_loss_max", "te_barrier", "tr_barrier", "length", "te_psnr_min", "te_mse_max", "te_ssim_min",
              "te_barrier_lo", "te_barrier_hi")
+# a VAE's path: the barriers of the objective's two terms, the distortion (the reconstruction loss) and the rate (the
+# mean KL in nats per image), as eval-curve writes them beside the objective's (te_barrier, tr_barrier)
+TERM_KEYS = ("te_distortion_barrier", "tr_distortion_barrier", "te_rate_barrier", "tr_rate_barrier")
+TERMS = ("distortion", "rate")
 
 
 @dataclass
@@ -73,10 +84,14 @@ class PathStats:
     te_ssim_min: float | None
     te_barrier_lo: float | None
     te_barrier_hi: float | None
+    te_distortion_barrier: float | None = vae_only()
+    tr_distortion_barrier: float | None = vae_only()
+    te_rate_barrier: float | None = vae_only()
+    tr_rate_barrier: float | None = vae_only()
 
     @classmethod
     def of(cls, summary: dict, prefix: str = "") -> "PathStats":
-        return cls(*(summary.get(prefix + k) for k in PATH_KEYS))
+        return cls(*(summary.get(prefix + k) for k in PATH_KEYS + TERM_KEYS))
 
 
 @dataclass
@@ -88,6 +103,8 @@ class PathRow:
     removed: float | None = None
     best_vs_endpoint: float | None = None
     best_vs_extra: float | None = None
+    distortion_barrier: float | None = vae_only()  # a VAE's: the test barrier of each term of its objective
+    rate_barrier: float | None = vae_only()
 
 
 @dataclass
@@ -153,11 +170,13 @@ class EndpointEval:
     te_mse: float | None
     tr_psnr: float | None
     te_psnr: float | None
+    te_distortion: float | None = vae_only()  # a VAE's: its objective's two terms
+    te_rate: float | None = vae_only()
 
     @classmethod
     def of(cls, summary: dict, which: str) -> "EndpointEval":
         return cls(*(summary.get(f"{k}_{which}") for k in ("tr_loss", "te_loss", "tr_mse", "te_mse", "tr_psnr",
-                                                            "te_psnr")))
+                                                            "te_psnr", "te_distortion", "te_rate")))
 
 
 @dataclass
@@ -167,6 +186,15 @@ class Extra:
     te_mse: float | None
     source: str
     gain: float | None = None  # (endpoint − extra) / endpoint held-out loss
+
+
+@dataclass
+class Vae:
+    """A VAE's objective, as eval-curve measured it: distortion + kl_weight · rate / D (the reconstruction loss, and
+    the mean KL in nats per image over D = C·H·W values per image); `distortion`: the reconstruction loss's
+    description."""
+    kl_weight: float
+    distortion: str | None
 
 
 @dataclass
@@ -197,6 +225,7 @@ class Pair:
     extra_endpoint: Metrics | None = None
     ensemble: Ensemble | None = None
     equal_budget: PairBudget | None = None
+    vae: Vae | None = vae_only()  # eval.json's "vae": the networks are VAEs, the loss their objective
     ends: tuple[EndpointEval, EndpointEval] | None = local()   # the endpoints at t = 0 and t = 1
     extras: tuple[Extra, Extra] | None = local()              # and trained on as long as a curve
     arrays: dict | None = local()                             # curve.npz of the curve and its segment
@@ -352,6 +381,7 @@ class Group:
     equal_budget: EqualBudget | None = None
     convergence: Convergence | None = None
     plane: Plane | None = None
+    vae: Vae | None = vae_only()  # the group's networks are VAEs: its loss is their objective
 
     @property
     def evaluated(self) -> list[Pair]:
@@ -382,6 +412,7 @@ class Settings:
     train_images: int | None = None
     device: str | None = None
     precision: str | None = None
+    kl_weight: float | None = None
 
 
 @dataclass

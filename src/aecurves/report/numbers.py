@@ -27,6 +27,7 @@ from .model import (
 # construction (measured on CelebA: 0.0-0.4% in the last epoch, yet 17-18% from 10 more epochs).
 CONVERGED_GAIN = 0.02
 PATH_INTERVALS = ("barrier", "removed", "best_vs_endpoint", "best_vs_extra")
+TERM_INTERVALS = ("distortion_barrier", "rate_barrier")  # a VAE group's: its objective's two terms
 
 
 def group_summary(endpoints: list[Endpoint], pairs: list[Pair]) -> GroupSummary:
@@ -47,8 +48,10 @@ def group_summary(endpoints: list[Endpoint], pairs: list[Pair]) -> GroupSummary:
     _barriers(s, done, ev)
     # over pairs, per path: the barrier, the share of the naive barrier removed, the best point against the
     # better endpoint and against the better extra-trained endpoint; each as mean, std, range and 95% t-interval
+    # for VAEs, also the test barrier of each term of the objective
+    keys = PATH_INTERVALS + TERM_INTERVALS * any(p.vae is not None for p in done)
     s.paths = {name: {key: Interval.of(getattr(p.paths[name], key) for p in done if name in p.paths)
-                      for key in PATH_INTERVALS}
+                      for key in keys}
                for name, _ in PATHS if any(name in p.paths for p in done)}
     s.bootstrap = _bootstrap(done)
     return s

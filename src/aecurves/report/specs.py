@@ -132,7 +132,8 @@ EVAL = {"notes": Maybe([str]), "num_points": Maybe(int), "loss_description": May
         "bn": Maybe({"images": Maybe(int), "recomputed": Maybe(bool)}),
         "data": Maybe({"train_images": Maybe(int), "test_images": Maybe(int)}),
         "train_metric_images": Maybe(int), "test_metric_images": Maybe(int), "device": Maybe(str),
-        "ensemble": Maybe({"k": Maybe(int), "entries": Each(METRICS)})}
+        "ensemble": Maybe({"k": Maybe(int), "entries": Each(METRICS)}),
+        "vae": Maybe(bool), "kl_weight": Maybe(NUMBER)}  # a VAE's: its objective is distortion + kl_weight·KL/D
 # eval.json as records.EvalRecord.to_json gives it (either layout on disk): each path's summary under paths
 SEGMENT_EVAL = {**EVAL, "paths": {"segment": Each(NUM, PATH_NEEDS)}}  # eval-curve --segment (the baselines)
 CURVE_EVAL = {**EVAL, "paths": {"curve": Each(NUM, PATH_NEEDS), "segment": Each(NUM, PATH_NEEDS)}}  # and its segment
@@ -144,4 +145,5 @@ PLANE = {"summary": dict, "grid": Maybe(dict), "seconds": NUM}
 ENSEMBLES = {"averages": Each({"members": [int], "mse": NUMBER, "psnr": NUMBER, "ssim": NUM})}  # ensembles.json
 FGE = {"budget_epochs": int, "snapshots": [dict], "schedule": Maybe({"cycle": Maybe(int)})}  # fge.json
 CURVE_ARRAYS = ("ts", "tr_loss", "te_loss")  # what the figures draw of a curve.npz, for the curve and its segment
+TERM_ARRAYS = ("te_distortion", "te_rate")  # and of a VAE's, when there: its objective's two terms
 HELD_OUT_FORMAT = 1  # of an endpoint's reconstructions.pt (train.py)

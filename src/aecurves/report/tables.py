@@ -5,6 +5,7 @@ import json
 from aecurves.config import BUILTIN_MODEL, BUILTIN_MODELS, takes_width
 
 from .collect import removed
+from .conclusions import DISTORTION_NAMES, RATE_UNIT
 from .fmt import fbootstrap, fdb, finterval, fnum, fpct, fseconds, fsigned, fwhen
 from .model import (
     EQUAL_BUDGET_ROWS,
@@ -27,8 +28,11 @@ def four_paths(g: Group, settings: Settings) -> Rows:
     or has not measured yet, says so."""
     s = g.summary
     fair = any(r["best_vs_extra"].mean is not None for r in s.paths.values())
-    headers = ["path", f"test barrier ({_over(s.pairs_evaluated)})", "share of the segment's barrier removed",
-               "best point vs the better endpoint"] + ["best point vs the endpoint trained as long (fair)"] * fair
+    terms = term_headers(g)
+    what = "test objective barrier" if terms else "test barrier"
+    headers = ["path", f"{what} ({_over(s.pairs_evaluated)})", "share of the segment's barrier removed",
+               "best point vs the better endpoint"] + ["best point vs the endpoint trained as long (fair)"] * fair \
+        + [f"{h} ({_over(s.pairs_evaluated)})" for _, h in terms]
     rows = []
     for name, label in PATHS:
         r = s.paths.get(name)
@@ -38,8 +42,17 @@ def four_paths(g: Group, settings: Settings) -> Rows:
             rows.append([label, why] + ["—"] * (len(headers) - 2))
             continue
         rows.append([label, finterval(r["barrier"], fnum), "—" if name == "segment" else finterval(r["removed"], fpct),
-                     finterval(r["best_vs_endpoint"], fsigned)] + [finterval(r["best_vs_extra"], fsigned)] * fair)
+                     finterval(r["best_vs_endpoint"], fsigned)] + [finterval(r["best_vs_extra"], fsigned)] * fair
+                    + [finterval(r[key], fnum) for key, _ in terms])
     return headers, rows
+
+
+def term_headers(g: Group) -> list[tuple[str, str]]:
+    """A VAE group's columns of its objective's terms, (PathRow field, header); none for autoencoders."""
+    if g.vae is None:
+        return []
+    return [("distortion_barrier", f"test distortion barrier ({DISTORTION_NAMES.get(g.loss, g.loss)})"),
+            ("rate_barrier", f"test rate barrier ({RATE_UNIT})")]
 
 
 def _over(n: int) -> str:
@@ -59,19 +72,32 @@ def groups_side_by_side(study: Study) -> Rows:
         if g.status != "run":
             rows.append([loss, "skipped"] + ["—"] * (len(headers) - 2))
         elif not s.evaluated:
-            rows.append([loss, f"{s.pairs_evaluated} of {s.pairs} evaluated"] + ["n/a"] * (len(headers) - 2))
+            rows.append([group_label(loss, g), f"{s.pairs_evaluated} of {s.pairs} evaluated"]
+                        + ["n/a"] * (len(headers) - 2))
         else:
             shares = [fpct(s.paths[k]["removed"].mean) if k in s.paths else "n/a"
                       for k in ("aligned_segment", "aligned_curve")] * aligned
-            rows.append([loss, str(s.pairs_evaluated), fnum(s.segment_te_barrier_mean), fnum(s.curve_te_barrier_mean),
+            rows.append([group_label(loss, g), str(s.pairs_evaluated), fnum(s.segment_te_barrier_mean),
+                         fnum(s.curve_te_barrier_mean),
                          fpct(s.barrier_removed_mean), fpct(s.barrier_removed_min), *shares,
                          fdb(s.worst_psnr_curves), fdb(s.worst_psnr_endpoints), fdb(s.worst_psnr_segments)])
     return headers, rows
 
 
+def group_label(loss: str, g: Group) -> str:
+    """A group's name in a table: its loss, and for VAEs that its barriers are their objective's."""
+    return loss if g.vae is None else f"{loss} (VAE objective)"
+
+
 def endpoints(loss: str, g: Group) -> Rows:
     """eval-curve's figures for each endpoint (the ones to quote: measured like every point of the paths)."""
-    if loss == "mse":
+    if g.vae is not None:
+        # the loss is the objective; its terms beside it, and the MSE where the distortion is not the MSE
+        metrics = [("train objective", "tr_loss"), ("test objective", "te_loss"),
+                   (f"test distortion ({DISTORTION_NAMES.get(loss, loss)})", "te_distortion"),
+                   (f"test rate ({RATE_UNIT})", "te_rate")]
+        metrics += [("train MSE", "tr_mse"), ("test MSE", "te_mse")] * (loss != "mse")
+    elif loss == "mse":
         # the loss is the MSE: one pair of columns, not two equal ones; the loss's own values, which the barriers
         # are measured from (eval-curve's separately reduced MSE differs from them by rounding only)
         metrics = [("train MSE", "tr_loss"), ("test MSE", "te_loss")]
@@ -79,8 +105,8 @@ def endpoints(loss: str, g: Group) -> Rows:
         kind = "perceptual" if any(p.perceptual for p in g.pairs) else loss
         metrics = [(f"train loss ({kind})", "tr_loss"), (f"test loss ({kind})", "te_loss"), ("train MSE", "tr_mse"),
                    ("test MSE", "te_mse")]
-    headers = ["autoencoder"] + [h for h, _ in metrics] + ["train PSNR (dB)", "test PSNR (dB)", "epochs",
-                                                           "last-epoch gain", "gain from extra training"]
+    headers = ["autoencoder" if g.vae is None else "VAE"] + [h for h, _ in metrics] \
+        + ["train PSNR (dB)", "test PSNR (dB)", "epochs", "last-epoch gain", "gain from extra training"]
     rows = []
     for e in g.endpoints:
         ev, tr = e.eval, e.training
@@ -98,13 +124,14 @@ def paths_per_pair(g: Group) -> list[tuple[str, list[str], list[list[str]]]]:
     if not done or not names:
         return []
     tables = []
+    terms = [(key, f"{header} of each path, the objective's term", fnum, ()) for key, header in term_headers(g)]
     for key, caption, fmt, skip in (
-            ("barrier", "test barrier", fnum, ()),
+            ("barrier", "test barrier" if g.vae is None else "test barrier of the VAE objective", fnum, ()),
             ("removed", "share of the straight segment's test barrier removed", fpct, ("segment",)),
             ("best_vs_endpoint", "best point of each path (lowest test loss) against the better endpoint", fsigned,
              ()),
             ("best_vs_extra", "best point of each path against the better endpoint trained on as long as a curve "
-                              "(the fair comparison)", fsigned, ())):
+                              "(the fair comparison)", fsigned, ()), *terms):
         cols = [(k, label) for k, label in names if k not in skip]
         values = [[getattr(p.paths[k], key) if k in p.paths else None for k, _ in cols] for p in done]
         if all(v is None for row in values for v in row):
@@ -116,15 +143,19 @@ def paths_per_pair(g: Group) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def pair_paths(loss: str, p: Pair) -> Rows:
-    """One pair's curve, segment and the aligned ones: eval-curve's figures of each path."""
-    what = "MSE" if loss == "mse" else "loss"
+    """One pair's curve, segment and the aligned ones: eval-curve's figures of each path (a VAE's: of its objective,
+    and each term's test barrier)."""
+    what = "objective" if p.vae is not None else "MSE" if loss == "mse" else "loss"
     headers = ["path", f"max test {what}", "test barrier", "barrier removed", "train barrier", "train barrier removed",
                "path length", "min test PSNR (dB)", "min test SSIM", "test barrier: 95% bootstrap over images"]
+    if p.vae is not None:
+        headers += [f"test distortion barrier ({DISTORTION_NAMES.get(loss, loss)})", f"test rate barrier ({RATE_UNIT})"]
     seg = p.segment
 
     def row(label: str, x: PathStats, share, train_share) -> list[str]:
+        terms = [fnum(x.te_distortion_barrier), fnum(x.te_rate_barrier)] if p.vae is not None else []
         return [label, fnum(x.te_loss_max), fnum(x.te_barrier), share, fnum(x.tr_barrier), train_share,
-                fnum(x.length), fdb(x.te_psnr_min), fnum(x.te_ssim_min), fbootstrap(x)]
+                fnum(x.length), fdb(x.te_psnr_min), fnum(x.te_ssim_min), fbootstrap(x), *terms]
 
     rows = [row(f"{p.path.curve or 'curve'} curve ({p.path.num_bends or '?'} bends)", p.curve,
                 fpct(p.barrier_removed), fpct(p.train_barrier_removed)), row("segment", seg, "—", "—")]
@@ -205,7 +236,8 @@ def equal_budget(g: Group) -> tuple[Rows, Rows] | None:
 
 CONFIG_KEYS = (("preset", "preset"), ("dataset", "dataset"), ("data_dir", "data folder"), ("image_size", "image size"),
                ("limit", "image limit"), ("losses", "losses"), ("seeds", "seeds"), ("model", "model factory"),
-               ("model_kwargs", "model kwargs"), ("latent_dim", "bottleneck"), ("width", "width"),
+               ("model_kwargs", "model kwargs"), ("kl_weight", "KL weight β (VAE)"), ("latent_dim", "bottleneck"),
+               ("width", "width"),
                ("epochs", "endpoint epochs"), ("lr", "endpoint lr (Adam)"), ("lr_schedule", "endpoint lr schedule"),
                ("batch_size", "batch size"), ("curve", "curve"), ("num_bends", "bends (ends fixed)"),
                ("curve_epochs", "curve epochs"), ("curve_lr", "curve lr (Adam)"),
@@ -222,9 +254,14 @@ def configuration(study: Study) -> list[list[str]]:
              "model_kwargs": settings.model_kwargs or "none"}
     if not takes_width(model):  # a custom factory takes its own settings, in its kwargs
         shown["width"] = "does not apply (a setting of the built-in convolutional models)"
+    vae = [g.vae for g in study.groups.values() if g.vae is not None]
+    if vae:  # an autoencoder has no KL: β is shown for VAEs only, as their evaluations measured it
+        weights = sorted({v.kl_weight for v in vae})
+        shown["kl_weight"] = ", ".join(f"{w:g}" for w in weights) + " (objective: distortion + β·KL/D, D the values " \
+            "per image)"
     rows = [[label, setting_text(shown[k])] for k, label in CONFIG_KEYS
             if k in shown and not (shown[k] is None and k in ("data_dir", "limit"))
-            and not (k == "fge_cycle" and not settings.fge)]
+            and not (k == "fge_cycle" and not settings.fge) and not (k == "kl_weight" and not vae)]
     return rows + [["images (training / held out)", _ran(ran.data)],
                    ["BN statistics per point, from", _ran(ran.bn_images, settings.bn_images)],
                    ["train metrics per point, from", _ran(ran.train_metric_images, settings.train_images)],
