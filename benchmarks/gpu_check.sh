@@ -54,7 +54,7 @@ if [ $DRY = 1 ]; then
     DEVICE=cpu
     TESTS=(tests/test_models.py)
     TRAIN=(--device cpu --batch-size 2 --warmup 1 --steps 2 --vgg-warmup 0 --vgg-steps 1 --matmul-n 256
-           --matmul-repeats 1 --no-accuracy --levers --rounds 1 --lever-steps 1 --breakdown)
+           --matmul-repeats 1 --no-accuracy --levers --rounds 1 --lever-steps 1 --breakdown --models)
     EVAL=(--device cpu --points 2 --images 16 --per-call 1 2 --precision fp32 --formats default channels_last
           --ssim-images 16)
     if [ -d "$SAMPLE/img_align_celeba" ]; then DATA=(--data-dir "$SAMPLE"); else DATA=(--dataset synthetic); fi
@@ -66,7 +66,7 @@ else
     DEVICE=cuda
     TESTS=(-m "not slow")
     TRAIN=(--device cuda --warmup 10 --steps 50 --vgg-warmup 3 --vgg-steps 20 --matmul-n 8192 --acc-steps 300
-           --levers --compile --rounds 5 --lever-steps 10 --breakdown)
+           --levers --compile --rounds 5 --lever-steps 10 --breakdown --models)
     EVAL=(--device cuda --points 16 --images 1024)
     [ -d "$SAMPLE/img_align_celeba" ] || { echo "no CelebA sample in $SAMPLE: run --prepare here and carry it" \
         | tee -a "$OUT/summary.txt"; }

@@ -20,7 +20,10 @@ What it measures
   4. With --breakdown: the profiler's self time per kind of operation (convolutions forward and backward,
      BatchNorm, matmuls, casts, Adam, the rest) of the endpoint step in fp32 and bf16, the curve step and the
      peer's in bf16: where a step's time goes.
-  5. The accuracy check (on by default; --no-accuracy skips it): equal loss after equal steps. From the same
+  5. With --models: the training step (MSE loss, fp32 and bf16) of each built-in model at the same sizes, the VAEs
+     trained as VAEs (their objective with β = 1): ConvAutoencoder, ConvVAE and KLAutoencoder (diffusers'
+     AutoencoderKL; its config from --kl-kwargs), in interleaved rounds, each as a ratio to ConvAutoencoder's.
+  6. The accuracy check (on by default; --no-accuracy skips it): equal loss after equal steps. From the same
      seed and batches: the endpoint trained in fp32 and bf16, with the baseline and with every lever (and
      compile with --compile), beside a second seed as the noise reference; then the curve between the two
      baseline endpoints, ours with the baseline and with every lever, and the peer's, each measured by θ(0.5)'s
@@ -30,9 +33,11 @@ Run from the repository root:
     python benchmarks/train_throughput.py                                   # CPU, about 4 minutes on 2 cores
     python benchmarks/train_throughput.py --only-levers --levers --compile --breakdown --rounds 9 --lever-steps 4
     python benchmarks/train_throughput.py --device cuda --steps 50 --vgg-steps 20 --levers --compile
+    python benchmarks/train_throughput.py --only-levers --models --no-accuracy     # the built-in models' steps
 """
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -44,8 +49,9 @@ from tabulate import tabulate
 from torch.utils.flop_counter import FlopCounterMode
 
 from aecurves import runtime
+from aecurves.errors import UserError
 from aecurves.losses import make_loss
-from aecurves.models import ConvAutoencoder
+from aecurves.models import ConvAutoencoder, build_model
 
 ARCH = dict(channels=3, image_size=64, latent_dim=128, width=32)
 
@@ -80,6 +86,57 @@ def time_steps(loss_name, precision, device, batch, warmup, steps):
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+MODELS = ("aecurves.models:ConvAutoencoder", "aecurves.models:ConvVAE", "aecurves.models:KLAutoencoder")
+
+
+def model_stepper(name, precision, device, batch, kl_kwargs):
+    """One training step of the built-in model `name` at ARCH's sizes (MSE loss; a VAE's objective with β = 1)."""
+    torch.manual_seed(0)
+    sizes = {k: ARCH[k] for k in ("channels", "image_size", "latent_dim")}
+    width = ARCH["width"] if name != MODELS[2] else None
+    arch = {"model": name, "model_kwargs": kl_kwargs if name == MODELS[2] else {}, **sizes, "width": width}
+    model = build_model(arch).to(device).train()
+    loss_fn = make_loss("mse").to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.rand(batch, 3, ARCH["image_size"], ARCH["image_size"], device=device)
+    params = sum(p.numel() for p in model.parameters())
+    return params, lambda: train_step(model, loss_fn, opt, x, device, precision)
+
+
+def models_table(device, batch, warmup, steps, rounds, kl_kwargs):
+    """ms per training step of each built-in model, fp32 and bf16, median over interleaved rounds."""
+    steppers = {}
+    for precision in ("fp32", "bf16"):
+        for name in MODELS:
+            try:
+                params, step = model_stepper(name, precision, device, batch, kl_kwargs)
+            except UserError as exc:  # e.g. diffusers not installed: the others are still timed
+                print(f"note: {name} left out: {exc}")
+                continue
+            for _ in range(warmup):
+                step()
+            steppers[name, precision] = (params, step)
+    times = {key: [] for key in steppers}
+    for _ in range(rounds):
+        for key, (_, step) in steppers.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync(device)
+            times[key].append((time.perf_counter() - t0) / steps)
+    rows = []
+    for (name, precision), (params, _) in steppers.items():
+        median = statistics.median(times[name, precision])
+        base = statistics.median(times[MODELS[0], precision])
+        rows.append([name.split(":")[1], precision, f"{params / 1e6:.2f}", f"{median * 1e3:.1f}",
+                     f"{batch / median:.1f}", f"{median / base:.2f}"])
+    print(f"\nthe built-in models' training step at batch {batch} (MSE; VAEs with their KL), median of {rounds} "
+          f"interleaved rounds of {steps} steps; KLAutoencoder kwargs {json.dumps(kl_kwargs)}")
+    print(tabulate(rows, headers=["model", "precision", "M params", "ms/step", "images/s",
+                                  "x ConvAutoencoder's time"]))
 
 
 def count_flops(device, batch):
@@ -480,6 +537,10 @@ def main():
     p.add_argument("--only-levers", action="store_true", help="skip the first throughput table (with --levers or "
                    "--breakdown)")
     p.add_argument("--lever-steps", type=int, default=3, help="with --levers: timed steps per configuration and round")
+    p.add_argument("--models", action="store_true", help="also time each built-in model's training step (ConvVAE, "
+                   "KLAutoencoder beside ConvAutoencoder)")
+    p.add_argument("--kl-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help="with --models: KLAutoencoder's --model-kwargs (default: its own defaults)")
     args = p.parse_args()
 
     device = runtime.resolve_device(args.device)
@@ -536,6 +597,10 @@ def main():
                                  step_flops, mm))
         print(f"(levers took {time.perf_counter() - t0:.0f} s)")
 
+    if args.models:
+        t0 = time.perf_counter()
+        models_table(device, args.batch_size, args.warmup, args.lever_steps, args.rounds, args.kl_kwargs)
+        print(f"(models took {time.perf_counter() - t0:.0f} s)")
     if args.accuracy:
         accuracy_check(args, device)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
