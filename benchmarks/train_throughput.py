@@ -105,10 +105,10 @@ def model_stepper(name, precision, device, batch, kl_kwargs):
     return params, lambda: train_step(model, loss_fn, opt, x, device, precision)
 
 
-def models_table(device, batch, warmup, steps, rounds, kl_kwargs):
-    """ms per training step of each built-in model, fp32 and bf16, median over interleaved rounds."""
+def models_table(device, batch, warmup, steps, rounds, kl_kwargs, precisions):
+    """ms per training step of each built-in model in each of `precisions`, median over interleaved rounds."""
     steppers = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         for name in MODELS:
             try:
                 params, step = model_stepper(name, precision, device, batch, kl_kwargs)
@@ -130,7 +130,7 @@ def models_table(device, batch, warmup, steps, rounds, kl_kwargs):
     rows = []
     for (name, precision), (params, _) in steppers.items():
         median = statistics.median(times[name, precision])
-        base = statistics.median(times[MODELS[0], precision])
+        base = statistics.median(times[MODELS[0], precision]) if (MODELS[0], precision) in times else float("nan")
         rows.append([name.split(":")[1], precision, f"{params / 1e6:.2f}", f"{median * 1e3:.1f}",
                      f"{batch / median:.1f}", f"{median / base:.2f}"])
     print(f"\nthe built-in models' training step at batch {batch} (MSE; VAEs with their KL), median of {rounds} "
@@ -541,6 +541,8 @@ def main():
                    "KLAutoencoder beside ConvAutoencoder)")
     p.add_argument("--kl-kwargs", type=json.loads, default={}, metavar="JSON",
                    help="with --models: KLAutoencoder's --model-kwargs (default: its own defaults)")
+    p.add_argument("--model-precisions", default="fp32,bf16", help="with --models: comma-separated precisions "
+                   "(fp32 alone on a CPU without bf16 units, where bf16 steps take many times longer)")
     args = p.parse_args()
 
     device = runtime.resolve_device(args.device)
@@ -599,7 +601,8 @@ def main():
 
     if args.models:
         t0 = time.perf_counter()
-        models_table(device, args.batch_size, args.warmup, args.lever_steps, args.rounds, args.kl_kwargs)
+        models_table(device, args.batch_size, args.warmup, args.lever_steps, args.rounds, args.kl_kwargs,
+                     args.model_precisions.split(","))
         print(f"(models took {time.perf_counter() - t0:.0f} s)")
     if args.accuracy:
         accuracy_check(args, device)

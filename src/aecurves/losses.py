@@ -239,18 +239,20 @@ class Objective(nn.Module):
 
     def forward(self, out, target: torch.Tensor) -> torch.Tensor:
         recon, kl = split_output(out)
-        loss = self.distortion(recon, target)
-        if kl is None:
-            return loss
-        return loss + self.kl_weight * kl.float().mean() / pixels_per_image(recon)
+        return self.add_kl(self.distortion(recon, target), None if kl is None else kl.float().mean(), recon)
 
     def per_image(self, out, target: torch.Tensor) -> torch.Tensor:
         """Each image's objective: their mean is forward's value."""
         recon, kl = split_output(out)
-        loss = self.distortion.per_image(recon, target)
+        return self.add_kl(self.distortion.per_image(recon, target), None if kl is None else kl.float(), recon)
+
+    def add_kl(self, distortion: torch.Tensor, kl: torch.Tensor | None, recon: torch.Tensor) -> torch.Tensor:
+        """The objective from its parts, the one place its arithmetic is written: `distortion` + β·`kl`/D, the two
+        alike (means, per-image values or sums over the same images); `distortion` itself for an autoencoder
+        (kl None). Callers that also report the terms compute the reconstruction loss once and add the KL here."""
         if kl is None:
-            return loss
-        return loss + self.kl_weight * kl.float() / pixels_per_image(recon)
+            return distortion
+        return distortion + self.kl_weight * kl / pixels_per_image(recon)
 
     def terms(self, out, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each image's distortion and rate (its KL in nats), [batch] each: a VAE's two terms; {} for an

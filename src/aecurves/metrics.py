@@ -32,7 +32,7 @@ from aecurves.curves import (
 )
 from aecurves.data import BatchLoader
 from aecurves.errors import UserError
-from aecurves.losses import pixels_per_image, reconstruction, split_output
+from aecurves.losses import Objective, reconstruction, split_output
 from aecurves.ssim import ssim_per_image
 from aecurves.stats import SPLITS
 
@@ -94,18 +94,17 @@ def objective_sums(loss_fn, out, x: torch.Tensor, by_image: bool) -> dict:
     """{"loss": the batch's summed objective, "per_image": each image's (with `by_image`, else None), and for a VAE
     "distortion" and "rate" summed}. `loss_fn` is a losses.Objective, or a bare reconstruction loss (β = 1 then).
 
-    The objective is put together from its terms here, with losses.Objective's arithmetic, so the reconstruction
-    loss (the VGG one is costly) is computed once per batch for all three."""
-    distortion = getattr(loss_fn, "distortion", loss_fn)
+    The objective is put together from its terms here (losses.Objective.add_kl), so the reconstruction loss (the
+    VGG one is costly) is computed once per batch for all three."""
+    objective = loss_fn if isinstance(loss_fn, Objective) else Objective(loss_fn)
     recon, kl = split_output(out)
-    per_image = distortion.per_image(recon, x) if by_image else None
-    total = per_image.sum() if by_image else distortion(recon, x) * x.shape[0]
+    per_image = objective.distortion.per_image(recon, x) if by_image else None
+    total = per_image.sum() if by_image else objective.distortion(recon, x) * x.shape[0]
     if kl is None:
         return {"loss": total, "per_image": per_image}
-    weight, d = getattr(loss_fn, "kl_weight", 1.0), pixels_per_image(recon)
     kl = kl.float()
-    return {"loss": total + weight * kl.sum() / d, "distortion": total, "rate": kl.sum(),
-            "per_image": per_image + weight * kl / d if by_image else None}
+    return {"loss": objective.add_kl(total, kl.sum(), recon), "distortion": total, "rate": kl.sum(),
+            "per_image": objective.add_kl(per_image, kl, recon) if by_image else None}
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 
 from aecurves import console, runtime
-from aecurves.losses import Objective, pixels_per_image, split_output
+from aecurves.losses import Objective, split_output
 from aecurves.metrics import check_finite
 from aecurves.schedules import set_lr
 
@@ -25,15 +25,13 @@ class Epoch(NamedTuple):
 def objective_and_terms(loss_fn, out, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the batch's objective, its mean distortion and rate stacked [2] or None): a VAE's terms come from the
     same computation as the objective, so reporting them costs no second pass through the loss (a perceptual loss
-    would run VGG again). The objective is losses.Objective.forward's, bit for bit: the formula is written out here
-    only to keep its parts (test_vae_training checks the two agree)."""
+    would run VGG again). The objective is losses.Objective.forward's, bit for bit (Objective.add_kl)."""
     recon, kl = split_output(out)
     if kl is None or not isinstance(loss_fn, Objective):
         return loss_fn(out, x), None
     distortion = loss_fn.distortion(recon, x)
     rate = kl.float().mean()
-    objective = distortion + loss_fn.kl_weight * rate / pixels_per_image(recon)
-    return objective, torch.stack([distortion.detach().float(), rate.detach()])
+    return loss_fn.add_kl(distortion, rate, recon), torch.stack([distortion.detach().float(), rate.detach()])
 
 
 def epoch_terms(sums: torch.Tensor | None, n: torch.Tensor) -> dict:
