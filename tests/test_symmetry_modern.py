@@ -1,7 +1,7 @@
 """Alignment of modern blocks (issue 28): GroupNorm, LayerNorm over channels, SiLU/GELU, a VAE's chunked posterior,
-attention over channels with one or two heads. Each network's groups are checked, a random permutation that keeps
-the groups' blocks is recovered exactly by weight and activation matching and keeps the function, and aligning
-two networks from different seeds keeps B's function."""
+attention over channels with one or two heads, ViT blocks with timm's fused qkv or nn.MultiheadAttention. Each
+network's groups are checked, a random permutation that keeps the groups' blocks is recovered exactly by weight and
+activation matching and keeps the function, and aligning two networks from different seeds keeps B's function."""
 
 import copy
 import itertools
@@ -150,6 +150,60 @@ class ConvPosterior(nn.Module):
         return torch.sigmoid(self.dec(self.post_quant_conv(z))), kl
 
 
+class TimmAttention(nn.Module):
+    """timm's ViT Attention: one Linear writes q, k and v, reshaped to [3, batch, heads, positions, per head].
+    `form`: sdpa with unbind, or explicit (q · scale @ kᵀ, softmax, @ v) with qkv[0], qkv[1], qkv[2]."""
+
+    def __init__(self, dim: int, num_heads: int, form: str = "sdpa"):
+        super().__init__()
+        self.num_heads, self.head_dim, self.form = num_heads, dim // num_heads, form
+        self.scale = self.head_dim ** -0.5
+        self.qkv, self.q_norm, self.k_norm = nn.Linear(dim, dim * 3), nn.Identity(), nn.Identity()
+        self.attn_drop, self.proj, self.proj_drop = nn.Dropout(0.0), nn.Linear(dim, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0) if self.form == "sdpa" else (qkv[0], qkv[1], qkv[2])
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.form == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+            x = attn @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+class ViTNet(nn.Module):
+    """A ViT block between a patch embedding and its transposed convolution: LayerNorm -> attention -> residual ->
+    LayerNorm -> MLP -> residual. `attention`: timm's (TimmAttention, `form`) or nn.MultiheadAttention called as
+    attn(t, t, t) with batch_first True (need_weights False) or False (need_weights True)."""
+
+    def __init__(self, attention: str = "timm", form: str = "sdpa", batch_first: bool = True):
+        super().__init__()
+        self.batch_first = batch_first
+        self.patch, self.norm1, self.norm2 = nn.Conv2d(3, 32, 4, 4), nn.LayerNorm(32), nn.LayerNorm(32)
+        self.attn = TimmAttention(32, 4, form) if attention == "timm" else \
+            nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.out = nn.ConvTranspose2d(32, 3, 4, 4)
+
+    def attend(self, t):
+        if isinstance(self.attn, TimmAttention):
+            return self.attn(t)
+        if not self.batch_first:  # [positions, batch, features]
+            t = t.transpose(0, 1)
+        o = self.attn(t, t, t, need_weights=not self.batch_first)[0]
+        return o if self.batch_first else o.transpose(0, 1)
+
+    def forward(self, x):
+        b, _, hh, ww = x.shape
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = t + self.attend(self.norm1(t))
+        t = t + self.mlp(self.norm2(t))
+        return torch.sigmoid(self.out(t.transpose(1, 2).reshape(b, 32, hh // 4, ww // 4)))
+
+
 def vae(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return randomize(build_model(VAE_ARCH), seed)
@@ -176,6 +230,10 @@ NETWORKS = {
     "attention-2-heads": lambda seed: randomize(AttentionNet(2), seed),
     "attention-explicit-2-heads": lambda seed: randomize(AttentionNet(2, "explicit"), seed),
     "attention-baddbmm": lambda seed: randomize(AttentionNet(1, "baddbmm"), seed),
+    "vit-timm": lambda seed: randomize(ViTNet("timm"), seed),
+    "vit-timm-explicit": lambda seed: randomize(ViTNet("timm", "explicit"), seed),
+    "vit-multihead": lambda seed: randomize(ViTNet("multihead"), seed),
+    "vit-multihead-sequence-first": lambda seed: randomize(ViTNet("multihead", batch_first=False), seed),
 }
 
 
@@ -230,6 +288,26 @@ def test_attention_pairs_query_with_key_and_value_with_output_keeping_heads_in_p
                 ("conv_out.weight", 1, 1)} <= set(groups["conv_in"].entries)
     with pytest.raises(ValueError, match="keep its 2 blocks of 4 units together and in place"):
         permute({}, [groups["to_q"]], {"to_q": torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])})  # moves a head
+
+
+def test_fused_qkv_and_multihead_attention_pair_q_with_k_and_v_with_the_output_as_parts_of_one_axis():
+    for net, qkv, proj in ((ViTNet("timm"), "attn.qkv", "attn.proj"),
+                           (ViTNet("multihead"), "attn.in_proj", "attn.out_proj")):
+        groups = {g.name: g for g in find_groups(randomize(net, 0), example())}
+        assert set(groups) == {"patch", f"{qkv}[q]", f"{qkv}[v]", "mlp.0"}
+        w, b = ("attn.qkv.weight", "attn.qkv.bias") if qkv == "attn.qkv" else ("attn.in_proj_weight",
+                                                                               "attn.in_proj_bias")
+        q, v = groups[f"{qkv}[q]"], groups[f"{qkv}[v]"]
+        assert (q.size, q.blocks, q.blocks_fixed) == (v.size, v.blocks, v.blocks_fixed) == (32, 4, True)
+        assert set(q.entries) == {(w, 0, 1), (w, 0, 1, 1, 32), (b, 0, 1), (b, 0, 1, 1, 32)}  # q's and k's rows
+        assert set(v.entries) == {(w, 0, 1, 1, 64), (b, 0, 1, 1, 64), (f"{proj}.weight", 1, 1)}
+        assert {(w, 1, 1), (f"{proj}.weight", 0, 1), (f"{proj}.bias", 0, 1)} <= set(groups["patch"].entries)
+        state = net.state_dict()
+        perm = torch.cat([torch.randperm(8, generator=torch.Generator().manual_seed(h)) + 8 * h for h in range(4)])
+        moved = permute(state, [v], {v.name: perm})[w]
+        assert torch.equal(moved[:64], state[w][:64]) and torch.equal(moved[64:], state[w][64:][perm])
+        moved = permute(state, [q], {q.name: perm})[w]
+        assert torch.equal(moved[32:64], state[w][32:64][perm]) and torch.equal(moved[64:], state[w][64:])
 
 
 # --- permuted copies: the same function, recovered exactly -------------------------------------------------------
@@ -438,3 +516,61 @@ def test_align_on_vaes_keeps_b_function_and_records_it(vae_endpoints, tmp_path, 
     for p, q in zip(outputs(nets[0], x), outputs(nets[1], x)):
         assert (p - q).abs().max() <= TOLERANCE * max(1.0, float(p.abs().max()))
     assert check_same_function(VAE_ARCH, original["model"], aligned["model"], None, x, "cpu") <= TOLERANCE
+
+
+class CrossAttention(nn.Module):
+    """nn.MultiheadAttention whose key and value are another group's units (or of another width: kdim)."""
+
+    def __init__(self, kdim: int | None = None):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(3, kdim or 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        u = self.b(t)
+        return self.out(self.attn(self.a(t), u, u, need_weights=False)[0]).transpose(1, 2).reshape(x.shape)
+
+
+class FusedOutputReused(TimmAttention):
+    """The fused qkv output also read as a whole: its parts cannot be permuted apart."""
+
+    def forward(self, x):
+        y = self.qkv(x)
+        q, k, v = y.reshape(*x.shape[:2], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
+        return self.proj(o) + y.sum(-1, keepdim=True)
+
+
+class Tokens(nn.Module):
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.embed, self.attention = nn.Linear(3, 8), attention
+
+    def forward(self, x):
+        return self.attention(self.embed(x.flatten(2).transpose(1, 2)))
+
+
+def test_cross_attention_and_other_multihead_forms_are_refused_naming_the_module():
+    with pytest.raises(UserError, match=r"node 'attn' \(attn: MultiheadAttention\) has a key or value other than "
+                                        r"its query \(cross-attention\)"):
+        find_groups(CrossAttention(), example())
+    with pytest.raises(UserError, match=r"\(attn: MultiheadAttention\) has kdim or vdim other than embed_dim"):
+        find_groups(CrossAttention(kdim=4), example())
+
+    class Masked(ViTNet):
+        def attend(self, t):
+            mask = torch.zeros(t.shape[1], t.shape[1], dtype=torch.bool)
+            return self.attn(t, t, t, need_weights=False, attn_mask=mask)[0]
+
+    with pytest.raises(UserError, match=r"\(attn: MultiheadAttention\) has an attention mask"):
+        find_groups(Masked("multihead"), example())
+
+
+def test_a_fused_projection_read_whole_as_well_as_in_parts_is_refused():
+    with pytest.raises(UserError, match=r"cutting the units of attention.qkv into 3 parts, understood only right "
+                                        "after the Linear"):
+        find_groups(Tokens(FusedOutputReused(8, 2)), example())
+    (group,) = [g for g in find_groups(Tokens(TimmAttention(8, 2)), example()) if g.name == "attention.qkv[v]"]
+    assert group.blocks == 2 and ("attention.proj.weight", 1, 1) in group.entries

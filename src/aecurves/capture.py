@@ -32,9 +32,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
 
+from aecurves.config import ALIGN_TOLERANCE
 from aecurves.errors import UserError
 
-TOLERANCE = 1e-6
+# the recording must compute the model's outputs as closely as an aligned network must keep them: fused kernels
+# (nn.MultiheadAttention's fast path in eval mode) round differently from their ops replayed one by one
+TOLERANCE = ALIGN_TOLERANCE
 
 # Tensor methods as the TorchFunctionMode sees them -> the operator fx records for the Python syntax (`a + b`
 # reaches the mode as Tensor.add, `2 - a` as Tensor.__rsub__(a, 2), `a += b` as Tensor.add_, which fx records as

@@ -6,10 +6,10 @@ such a reordering, and the straight line between them may cross a loss barrier o
 to the other first asks whether anything else is left.
 
 find_groups traces a model with torch.fx in eval mode (a branch on self.training takes its eval side) and returns
-its groups of hidden channels/units, each with the (state-dict key, axis, block[, repeat]) entries that move with
-it. Every tensor that carries units has a layout: the axis they run along (axis 1 of a conv's tensor, the last of
-a Linear's, wherever transpose/permute/view then send it), the block of consecutive indices a unit owns, the
-repeats (copies of the layout along the axis), and for attention the axis of its heads. Understood:
+its groups of hidden channels/units, each with the (state-dict key, axis, block[, repeat[, offset]]) entries that
+move with it. Every tensor that carries units has a layout: the axis they run along (axis 1 of a conv's tensor,
+the last of a Linear's, wherever transpose/permute/view then send it), the block of consecutive indices a unit
+owns, the repeats (copies of the layout along the axis), and for attention the axis of its heads. Understood:
   - Conv1d/2d/3d and ConvTranspose1d/2d/3d with groups=1 (a transposed convolution's weight is [in, out, ...],
     so its axes are the other way round), Linear on the last axis of [batch, ..., features], BatchNorm/
     InstanceNorm (weight, bias, running_mean, running_var; num_batches_tracked is a count, not per channel),
@@ -33,6 +33,13 @@ repeats (copies of the layout along the axis), and for attention the axis of its
     units one group; the result of (scores @ v) holds v's units. With heads > 1 the heads stay in place
     (blocks fixed) and units move within their head: moving heads would have to move q/k's and v's heads
     together, one permutation across two groups, which is not expressed here;
+  - fused attention projections: a Linear(C, 3C) whose output goes straight to a view [..., 3, heads, C / heads]
+    (timm's qkv), then transpose/permute, unbind or indexing of the parts' axis: each part becomes its own
+    run of units, its entries covering part of the Linear's axis (Entry.offset), q's and k's then one group as
+    above; nn.MultiheadAttention as self-attention (query, key and value one tensor, no masks, no kdim/vdim):
+    in_proj's rows hold q and k (one group) and v (with out_proj's columns), each within its head, and
+    out_proj writes the output's units (item 0 of its tuple). A transpose may move the batch axis
+    ([positions, batch, features] without batch_first) as long as the units do not land on axis 0;
   - element-wise add/sub/mul/div: hidden tensors of two groups become one group (a residual connection); a
     parameter combined with a hidden tensor moves with it; any other tensor that is never permuted (the input,
     a constant) pins the units it meets, which are then no group.
@@ -70,19 +77,23 @@ class Entry(tuple):
     """(name, axis, block): the state-dict key, the tensor axis the group's units run along, and how many
     consecutive indices along it belong to one unit. `repeat`: the axis holds that many copies of the units'
     layout one after another, all moved by the same permutation (a VAE's Linear that writes μ and log σ², then
-    chunked in halves: unit u owns indices u and size + u); a 4th element only when it is not 1, so an entry
+    chunked in halves: unit u owns indices u and size + u). `offset`: the units' layout starts at this index and
+    covers only part of the axis (a fused qkv Linear: q, k and v are three parts of its outputs; the indices
+    outside the part do not move). Each extra element is written only when it is not its default, so an entry
     compares equal to the plain tuple (name, axis, block) it always was."""
 
-    def __new__(cls, name: str, axis: int, block: int, repeat: int = 1):
-        return super().__new__(cls, (name, axis, block) if repeat == 1 else (name, axis, block, repeat))
+    def __new__(cls, name: str, axis: int, block: int, repeat: int = 1, offset: int = 0):
+        extra = (repeat, offset) if offset else (repeat,) if repeat != 1 else ()
+        return super().__new__(cls, (name, axis, block) + extra)
 
     name = property(lambda self: self[0])
     axis = property(lambda self: self[1])
     block = property(lambda self: self[2])
     repeat = property(lambda self: self[3] if len(self) > 3 else 1)
+    offset = property(lambda self: self[4] if len(self) > 4 else 0)
 
     def _replace(self, **changes) -> "Entry":
-        return Entry(**{**{k: getattr(self, k) for k in ("name", "axis", "block", "repeat")}, **changes})
+        return Entry(**{**{k: getattr(self, k) for k in ("name", "axis", "block", "repeat", "offset")}, **changes})
 
     def __repr__(self) -> str:
         return f"Entry{tuple(self)!r}"
@@ -91,11 +102,14 @@ class Entry(tuple):
 class TapLayout(NamedTuple):
     """Where a tapped tensor holds its group's units: along `axis`, `block` consecutive indices a unit, `repeat`
     copies (as Entry); with `heads`, the units are split over two axes, attention heads (`heads`) and the
-    features within a head (`axis`): unit-index = head * features-per-head + feature."""
+    features within a head (`axis`): unit-index = head * features-per-head + feature. `project`: (weight key,
+    bias key or None, offset): the units are not a tensor of the graph (inside nn.MultiheadAttention) but rows
+    offset .. offset + size - 1 of that Linear projection of the tapped tensor, whose `axis` it reads."""
     axis: int
     block: int = 1
     repeat: int = 1
     heads: int | None = None
+    project: tuple | None = None
 
 
 @dataclass
@@ -166,7 +180,7 @@ _METADATA_METHODS = {"size", "dim"}
 _UNDERSTOOD = ("understood: convolutions with groups=1, Linear on the last axis, batch/instance/group/layer norm, "
                "per-element activations, softmax, dropout, pooling, upsampling, flatten/view/unflatten, transpose/"
                "permute, chunk/split, element-wise add/sub/mul/div, sums and means, attention (matmul, "
-               "scaled_dot_product_attention)")
+               "scaled_dot_product_attention, a fused qkv Linear, nn.MultiheadAttention as self-attention)")
 
 
 def _shape(node) -> tuple | None:
@@ -198,6 +212,7 @@ class _Space:
     blocks: int = 1                              # see Group.blocks
     blocks_fixed: bool = False
     blocks_by: str = ""                          # what imposed the blocks, for messages
+    projected: dict = field(default_factory=dict)  # tap node -> TapLayout, for taps that project (see TapLayout)
 
 
 class _Layout(NamedTuple):
@@ -223,6 +238,11 @@ class _Tracer:
         self.tuples: dict = {}  # chunk/split node -> the _Layout of every piece
         self.noise: set = set()  # nodes that are a fresh draw of i.i.d. noise
         self.owner: dict = {}  # (key, axis) -> (space id, entry): a module called twice shares its units
+        # A tensor whose axis `part` cuts a fused Linear's outputs into parts (qkv): node -> (part axis, the
+        # _Layout of each part, with axes counted in the whole tensor)
+        self.fused: dict = {}
+        self.items: dict = {}  # node of a tuple whose items differ: item index -> its _Layout (unbind, MHA)
+        self.parted: set = set()  # (key, axis) whose axis is cut into parts (Entry.offset), for find_groups' check
 
     # -- spaces -----------------------------------------------------------------------------------------------
 
@@ -233,8 +253,20 @@ class _Tracer:
         return i
 
     def root(self, node) -> _Space:
-        layout = self.layout[node] if node in self.layout else self.tuples[node]
-        return self.spaces[self.find(layout.space)]
+        return self.spaces[self.find(self.layouts_of(node)[0].space)]
+
+    def layouts_of(self, node) -> list:
+        """Every _Layout a node holds (one for a tensor, one per part or item for a fused tensor or a tuple)."""
+        if node in self.layout:
+            return [self.layout[node]]
+        if node in self.tuples:
+            return [self.tuples[node]]
+        if node in self.fused:
+            return list(self.fused[node][1])
+        return list(self.items.get(node, {}).values())
+
+    def holds(self, node) -> bool:
+        return bool(self.layouts_of(node)) if isinstance(node, fx.Node) else False
 
     def new_space(self, name: str, size: int) -> int:
         self.spaces.append(_Space(name, size))
@@ -243,10 +275,18 @@ class _Tracer:
 
     def relayout(self, root: int, **scale) -> None:
         """Multiply the block or repeat of every layout of the space (after coarsen or split_repeats)."""
+        def scaled(lay):
+            if self.find(lay.space) != root:
+                return lay
+            return lay._replace(**{k: getattr(lay, k) * v for k, v in scale.items()})
+
         for table in (self.layout, self.tuples):
             for n, lay in table.items():
-                if self.find(lay.space) == root:
-                    table[n] = lay._replace(**{k: getattr(lay, k) * v for k, v in scale.items()})
+                table[n] = scaled(lay)
+        for n, (part, lays) in self.fused.items():
+            self.fused[n] = (part, tuple(scaled(lay) for lay in lays))
+        for n, lays in self.items.items():
+            self.items[n] = {i: scaled(lay) for i, lay in lays.items()}
 
     def coarsen(self, root: int, k: int, node: fx.Node) -> None:
         """Merge every k consecutive units into one: a reshape showed that they can only move together."""
@@ -331,18 +371,35 @@ class _Tracer:
         a.uses |= b.uses
         a.fixed |= b.fixed
         a.taps += b.taps
+        a.projected.update(b.projected)
         self.set_blocks(keep, b.blocks, b.blocks_fixed, b.blocks_by)
 
     def attach(self, key: str, axis: int, layout: _Layout, node: fx.Node) -> None:
         if key not in self.keys:  # a bias=False, affine=False or stat-less module
             return
         if (key, axis) in self.owner:  # the same weight used twice: both uses share units
+            if self.owner[(key, axis)] is None:
+                raise UserError(f"symmetry: node '{node.name}' reads {key} a second time, after its axis {axis} "
+                                "was cut into parts (a fused qkv projection or nn.MultiheadAttention); a module "
+                                "called twice there is not understood, so aecurves cannot align this model.")
             space, entry = self.owner[(key, axis)]
             self.unify(_Layout(space, entry[2], repeat=entry[3]), layout, node)
             return
-        entry = [key, axis, layout.block, layout.repeat]
+        entry = [key, axis, layout.block, layout.repeat, 0]
         self.spaces[self.find(layout.space)].entries.append(entry)
         self.owner[(key, axis)] = (layout.space, entry)
+
+    def attach_part(self, key: str, axis: int, space: int, offset: int, node: fx.Node) -> None:
+        """`key`'s axis holds the space's units in the part starting at `offset` (Entry.offset)."""
+        if key not in self.keys:
+            return
+        if self.owner.get((key, axis), False) is not False and offset == 0:
+            raise UserError(f"symmetry: node '{node.name}' uses {key} a second time (a module called twice); "
+                            "with its axis cut into parts (a fused qkv projection or nn.MultiheadAttention) this "
+                            "is not understood, so aecurves cannot align this model.")
+        self.spaces[self.find(space)].entries.append([key, axis, 1, 1, offset])
+        self.owner[(key, axis)] = None
+        self.parted.add((key, axis))
 
     def use(self, node, kind: str) -> None:
         self.root(node).uses.add(kind)
@@ -370,11 +427,13 @@ class _Tracer:
                 continue
             if node.op == "output":
                 for n in node.all_input_nodes:  # what the model returns keeps its order
-                    if n in self.layout or n in self.tuples:
-                        self.root(n).fixed = True
+                    for lay in self.layouts_of(n):
+                        self.spaces[self.find(lay.space)].fixed = True
                 continue
-            spaced = [n for n in node.all_input_nodes if n in self.layout or n in self.tuples]
-            if any(n in self.tuples for n in spaced) and node.target is not operator.getitem:
+            spaced = [n for n in node.all_input_nodes if self.holds(n)]
+            if any(n in self.fused or n in self.items for n in spaced):
+                self.parts_op(node, spaced)
+            elif any(n in self.tuples for n in spaced) and node.target is not operator.getitem:
                 self.unknown(node, spaced, f"{_describe(node, self.modules)} on the pieces of a chunk/split")
             elif node.op == "call_module":
                 self.module(node, self.modules[node.target], spaced)
@@ -424,6 +483,8 @@ class _Tracer:
             self.pass_through(node, x, "elementwise", spaced, spatial=True)
         elif isinstance(m, (nn.Flatten, nn.Unflatten)):
             self.reshape(node, x, spaced)
+        elif isinstance(m, nn.MultiheadAttention):
+            self.multihead(node, m, spaced)
         else:
             self.unknown(node, spaced)
 
@@ -553,6 +614,9 @@ class _Tracer:
         if o is None or len(o) < 2 or o[0] != s[0]:
             return self.unknown(node, spaced, f"{_describe(node, self.modules)}, reshaping {s} to {o} across the "
                                               "batch axis")
+        if lay.heads is None and lay.axis == len(s) - 1 >= 2 and len(o) >= 5 and o[-3] > 1 and \
+                o[-3] * o[-2] * o[-1] == s[-1] and math.prod(o[1:-3]) == math.prod(s[1:-1]):
+            return self.fuse(node, x, lay, o)  # [..., parts * heads * per head] -> [..., parts, heads, per head]
         new = self.reshape_channels(node, lay, s, o) if lay.axis == 1 and lay.heads is None else \
             self.reshape_sequence(node, lay, s, o)
         if new is None:
@@ -594,11 +658,10 @@ class _Tracer:
             return lay._replace(axis=len(o) - 1, heads=len(o) - 2)
         return None
 
-    def transpose(self, node: fx.Node, x, spaced: list) -> None:
-        """transpose/permute/movedim: the units' axis goes where the axis order sends it; the batch axis stays."""
-        if any(n is not x for n in spaced):
-            return self.unknown(node, spaced, f"{_describe(node, self.modules)} with a second hidden input")
-        lay, n = self.layout[x], len(_shape(x))
+    def order(self, node: fx.Node, x, spaced: list) -> list | None:
+        """The axis order of a transpose/permute/movedim (output axis i is input axis order[i]), or None after
+        refusing it. The units may not land on axis 0, which reshapes keep as the batch axis."""
+        n = len(_shape(x))
         name = node.target if node.op == "call_method" else node.target.__name__
         args = list(node.args[1:])
         order = list(range(n))
@@ -616,8 +679,127 @@ class _Tracer:
                 order.insert(dest, source)
         except TypeError:  # a dimension that is not a plain int
             return self.unknown(node, spaced, f"{_describe(node, self.modules)} with dimensions {args}")
-        if order[0] != 0 or sorted(order) != list(range(n)):
-            return self.unknown(node, spaced, f"{_describe(node, self.modules)} moving the batch axis")
+        units = {a for lay in self.layouts_of(x) for a in (lay.axis, lay.heads) if a is not None}
+        if sorted(order) != list(range(n)) or order[0] in units:
+            return self.unknown(node, spaced, f"{_describe(node, self.modules)} moving the units to axis 0")
+        return order
+
+    def fuse(self, node: fx.Node, x, lay: _Layout, o: tuple) -> None:
+        """A Linear's outputs viewed as [..., parts, heads, per head] (timm's qkv: one Linear(C, 3C) writes q, k and
+        v): each part is a run of units of its own, so the writer's space becomes `parts` spaces whose entries are
+        parts of its axis (Entry.offset); each part's heads stay in place, as for separate projections."""
+        root, (parts, heads) = self.find(lay.space), o[-3:-1]
+        space = self.spaces[root]
+        holders = [n for table in (self.layout, self.tuples) for n, held in table.items()
+                   if self.find(held.space) == root]
+        fresh = (holders == [x] and len(x.users) == 1 and (lay.block, lay.repeat, space.blocks) == (1, 1, 1)
+                 and not space.fixed and space.uses <= {"linear_out", "sequence_linear_out"}
+                 and all(e[2:] == [1, 1, 0] for e in space.entries))
+        if not fresh:
+            return self.unknown(node, [x], f"{_describe(node, self.modules)}, cutting the units of {space.name} into "
+                                           f"{parts} parts, understood only right after the Linear that writes them")
+        entries, space.entries, space.taps, space.fixed = space.entries, [], [], True  # its units live on in parts
+        for key, axis, *_ in entries:
+            self.owner.pop((key, axis), None)
+        labels = "qkv" if parts == 3 else [str(p) for p in range(parts)]
+        per, lays = space.size // parts, []
+        for p in range(parts):
+            new = self.new_space(f"{space.name}[{labels[p]}]", per)
+            for key, axis, *_ in entries:
+                self.attach_part(key, axis, new, p * per, node)
+            self.spaces[new].uses.add("sequence_linear_out")
+            self.set_blocks(new, heads, True, f"node '{node.name}' (splitting into {heads} heads)")
+            lays.append(_Layout(new, 1, axis=len(o) - 1, heads=len(o) - 2))
+        self.fused[node] = (len(o) - 3, tuple(lays))
+
+    def parts_op(self, node: fx.Node, spaced: list) -> None:
+        """An op on a fused tensor (see fuse) or on a tuple whose items hold different units (an unbind of the
+        parts, nn.MultiheadAttention's output): transposes and copies of the first, indexing or unbinding of its
+        parts' axis, indexing of the second; nothing else."""
+        x, method, target = (node.args[0] if node.args else None), node.op == "call_method", node.target
+        if any(n is not x for n in spaced):
+            return self.unknown(node, spaced, f"{_describe(node, self.modules)} with a second hidden input")
+        index = node.args[1] if target is operator.getitem and len(node.args) > 1 else None
+        if x in self.items:
+            if not isinstance(index, int) or index < 0:
+                return self.unknown(node, spaced, f"{_describe(node, self.modules)} on the items of a tuple")
+            if index in self.items[x]:  # the others (attention weights) hold no units
+                self.carry(node, self.items[x][index])
+            return
+        part, lays = self.fused[x]
+
+        def drop(lay):  # the layout once the parts' axis is gone
+            return lay._replace(axis=lay.axis - (lay.axis > part),
+                                heads=None if lay.heads is None else lay.heads - (lay.heads > part))
+
+        if method and target in _IDENTITY_METHODS:
+            self.fused[node] = self.fused[x]
+        elif target in (_TRANSPOSE_METHODS if method else _TRANSPOSE_FUNCTIONS):
+            order = self.order(node, x, spaced)
+            if order is not None:
+                self.fused[node] = (order.index(part), tuple(
+                    lay._replace(axis=order.index(lay.axis),
+                                 heads=None if lay.heads is None else order.index(lay.heads)) for lay in lays))
+        elif isinstance(index, int) and part == 0 and -len(lays) <= index < len(lays):
+            self.carry(node, drop(lays[index]))
+        elif (target == "unbind" if method else target is torch.unbind) and \
+                isinstance(_arg(node, 1, "dim", 0), int) and _arg(node, 1, "dim", 0) % len(_shape(x)) == part:
+            self.items[node] = {i: drop(lay) for i, lay in enumerate(lays)}
+        else:
+            self.unknown(node, spaced, f"{_describe(node, self.modules)} on a projection cut into parts (understood: "
+                                       "transpose/permute, and unbind or indexing of the parts' axis)")
+
+    def multihead(self, node: fx.Node, m: nn.MultiheadAttention, spaced: list) -> None:
+        """nn.MultiheadAttention as self-attention, a leaf of the graph: in_proj_weight [3E, E] reads the input's
+        units on axis 1 and writes q and k (rows u and E + u, one permutation) and v (rows 2E + u), each within its
+        head; out_proj reads v's units and writes the output's, item 0 of the tuple it returns."""
+        t, what = node.target, f"node '{node.name}' ({node.target}: MultiheadAttention)"
+        q, k, v = (_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+        layouts = [self.layout.get(a) for a in (q, k, v)]
+        same = q is k is v or (None not in layouts and len({(self.find(la.space), la.block, la.axis, la.heads)
+                                                            for la in layouts}) == 1)
+        masked = _arg(node, 3, "key_padding_mask") is not None or _arg(node, 5, "attn_mask") is not None or \
+            bool(_arg(node, 7, "is_causal", False))
+        problem = ("kdim or vdim other than embed_dim" if not m._qkv_same_embed_dim else
+                   "add_bias_kv" if m.bias_k is not None else "add_zero_attn" if m.add_zero_attn else
+                   "an attention mask" if masked else
+                   None if same else "a key or value other than its query (cross-attention)")
+        if problem:
+            raise UserError(f"symmetry: {what} has {problem}; aecurves understands nn.MultiheadAttention only as "
+                            "self-attention (query, key and value the same tensor) without masks, extra key/value "
+                            "biases or kdim/vdim, so it cannot align this model.")
+        last, lay = len(_shape(q)) - 1, layouts[0]
+        if lay is not None and (lay.axis != last or lay.heads is not None):
+            return self.unknown(node, spaced, f"{what} reading units on axis {lay.axis}, not its last")
+        embed, bias = m.embed_dim, f"{t}.in_proj_bias" if f"{t}.in_proj_bias" in self.keys else None
+        qk, vs = self.new_space(f"{t}.in_proj[q]", embed), self.new_space(f"{t}.in_proj[v]", embed)
+        for space, offsets in ((qk, (0, embed)), (vs, (2 * embed,))):
+            for offset in offsets:
+                for key in ("in_proj_weight", "in_proj_bias"):
+                    self.attach_part(f"{t}.{key}", 0, space, offset, node)
+            self.set_blocks(space, m.num_heads, True, f"{what} ({m.num_heads} heads)")
+            self.spaces[space].uses.add("attention")
+            self.spaces[space].taps.append(q)  # their values: the projection of the query (TapLayout.project)
+            self.spaces[space].projected[q] = TapLayout(last, project=(f"{t}.in_proj_weight", bias, offsets[0]))
+        if lay is not None:
+            self.attach(f"{t}.in_proj_weight", 1, lay, node)
+            self.use(q, "attention")
+        out = _Layout(self.new_space(f"{t}.out_proj", embed), 1, axis=last)
+        self.attach(f"{t}.out_proj.weight", 1, _Layout(vs, 1), node)
+        for key, axis in (("out_proj.weight", 0), ("out_proj.bias", 0)):
+            self.attach(f"{t}.{key}", axis, out, node)
+        self.spaces[out.space].uses.add("attention")
+        self.items[node] = {0: out}  # item 1, the attention weights (or None), holds no units
+
+    def transpose(self, node: fx.Node, x, spaced: list) -> None:
+        """transpose/permute/movedim: the units' axis goes where the axis order sends it (the batch axis may move
+        too: nn.MultiheadAttention without batch_first reads [positions, batch, features])."""
+        if any(n is not x for n in spaced):
+            return self.unknown(node, spaced, f"{_describe(node, self.modules)} with a second hidden input")
+        order = self.order(node, x, spaced)
+        if order is None:
+            return
+        lay = self.layout[x]
         heads = None if lay.heads is None else order.index(lay.heads)
         self.carry(node, lay._replace(axis=order.index(lay.axis), heads=heads), "transpose")
 
@@ -773,8 +955,8 @@ class _Tracer:
                 continue
             entries = [Entry(*e) for e in space.entries]
             latent = space.uses == {"linear_in", "linear_out"} and all(e.block == 1 and e.repeat == 1 for e in entries)
-            layouts = {n.name: TapLayout(lay.axis, lay.block, lay.repeat, lay.heads)
-                       for n, lay in ((n, self.layout[n]) for n in space.taps)}
+            layouts = {n.name: space.projected.get(n) or TapLayout(lay.axis, lay.block, lay.repeat, lay.heads)
+                       for n, lay in ((n, self.layout.get(n)) for n in space.taps)}
             found.append(Group(space.name, space.size, entries, "latent" if latent else "hidden",
                                [n.name for n in space.taps], space.blocks, space.blocks_fixed, layouts))
         return found
@@ -793,7 +975,8 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
     groups = tracer.groups()
     for g in groups:  # a mismatch here is a bug in this module, not in the model
         for e in g.entries:
-            if state[e.name].shape[e.axis] != e.repeat * g.size * e.block:
+            length, extent = state[e.name].shape[e.axis], e.repeat * g.size * e.block
+            if length < e.offset + extent or (length != extent and (e.name, e.axis) not in tracer.parted):
                 raise RuntimeError(f"symmetry: group {g.name} ({e.repeat} x {g.size} x {e.block}) does not fit "
                                    f"{e.name} "
                                    f"{tuple(state[e.name].shape)} along axis {e.axis}")
@@ -802,18 +985,30 @@ def find_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
 
 # --- applying permutations and latent maps ---------------------------------------------------------------------
 
-def _index(perm: torch.Tensor, block: int, repeat: int = 1) -> torch.Tensor:
+def _index(perm: torch.Tensor, block: int, repeat: int = 1, offset: int = 0, length: int | None = None) -> torch.Tensor:
     """Unit permutation -> index along the axis: unit i's block of indices takes unit perm[i]'s block, in each of
-    the `repeat` copies of the units' layout."""
+    the `repeat` copies of the units' layout; with `offset` and the axis' `length`, the layout is the part
+    starting at `offset` and every index outside it stays."""
     index = perm if block == 1 else (perm[:, None] * block + torch.arange(block)).reshape(-1)
-    if repeat == 1:
+    if repeat != 1:
+        index = (torch.arange(repeat)[:, None] * index.numel() + index).reshape(-1)
+    if length is None or (offset == 0 and index.numel() == length):
         return index
-    return (torch.arange(repeat)[:, None] * index.numel() + index).reshape(-1)
+    full = torch.arange(length)
+    full[offset:offset + index.numel()] = offset + index
+    return full
 
 
-def unit_rows(value: torch.Tensor, layout: TapLayout, size: int) -> torch.Tensor:
+def unit_rows(value: torch.Tensor, layout: TapLayout, size: int, state: dict | None = None) -> torch.Tensor:
     """[size, samples]: each unit's values in a tensor laid out as `layout` (a Group's tap_layouts), its block,
     repeats and every other axis (the batch's too) together in one row."""
+    if layout.project is not None:  # the units are a projection of the tapped tensor (see TapLayout)
+        if state is None:
+            raise ValueError("unit_rows: a projected tap layout needs the model's state dict")
+        weight, bias, offset = layout.project
+        w = state[weight][offset:offset + size].to(value)
+        b = None if bias is None else state[bias][offset:offset + size].to(value)
+        value = F.linear(value.movedim(layout.axis, -1), w, b).movedim(-1, layout.axis)
     if layout.heads is not None:  # [.., heads, .., per head, ..] -> [batch, heads * per head, ..]
         value = value.movedim((layout.heads, layout.axis), (1, 2)).flatten(1, 2)
     else:
@@ -849,7 +1044,7 @@ def permute(state: dict, groups: list[Group], perms: dict) -> dict:
             continue
         perm = _check_perm(perms[g.name], g)
         for e in g.entries:
-            index = _index(perm, e.block, e.repeat)
+            index = _index(perm, e.block, e.repeat, e.offset, out[e.name].shape[e.axis])
             out[e.name] = out[e.name].index_select(e.axis, index.to(out[e.name].device))
     return out
 
@@ -925,9 +1120,11 @@ def assign(cost, group: Group, maximize: bool = True) -> np.ndarray:
     return linear_assignment_blocks(cost, group.blocks, group.blocks_fixed, maximize, group.name)
 
 
-def _rows(w: torch.Tensor, axis: int, size: int, repeat: int = 1) -> torch.Tensor:
-    """One row per unit: the unit's block along `axis` (in every repeat) and everything along the other axes."""
-    return w.movedim(axis, 0).reshape(repeat, size, -1).transpose(0, 1).reshape(size, -1)
+def _rows(w: torch.Tensor, axis: int, size: int, repeat: int = 1, offset: int = 0, block: int = 1) -> torch.Tensor:
+    """One row per unit: the unit's block along `axis` (in every repeat, within the part of repeat * size * block
+    indices starting at `offset`) and everything along the other axes."""
+    w = w.movedim(axis, 0)[offset:offset + repeat * size * block]
+    return w.reshape(repeat, size, -1).transpose(0, 1).reshape(size, -1)
 
 
 def weight_matching(state_a: dict, state_b: dict, groups: list[Group], iters: int = 100, seed: int = 0,
@@ -951,7 +1148,7 @@ def weight_matching(state_a: dict, state_b: dict, groups: list[Group], iters: in
     along: dict[str, list] = {}  # tensor name -> [(group name, axis, block)]
     for g in groups:
         for e in g.entries:
-            along.setdefault(e.name, []).append((g.name, e.axis, e.block, e.repeat))
+            along.setdefault(e.name, []).append((g.name, e.axis, e.block, e.repeat, e.offset))
     names = set(along) & set(state_a) & set(state_b)  # the tensors that count, in float64 once
     state_a = {n: state_a[n].detach().double().cpu() for n in names}
     state_b = {n: state_b[n].detach().double().cpu() for n in names}
@@ -985,10 +1182,10 @@ def _matching_cost(g: Group, state_a: dict, state_b: dict, perms: dict, along: d
         if e.name not in state_a or e.name not in state_b:
             continue
         wb = state_b[e.name].double()
-        for name, axis, block, *repeat in along[e.name]:
-            if (name, axis) != (g.name, e.axis):  # the other axes as B is currently permuted
-                wb = wb.index_select(axis, _index(perms[name], block, *repeat))
-        ra, rb = (_rows(w, e.axis, g.size, e.repeat) for w in (state_a[e.name].double(), wb))
+        for name, axis, block, *more in along[e.name]:  # more: (repeat, offset), when not the defaults
+            if (name, axis) != (g.name, e.axis):  # the other axes (parts) as B is currently permuted
+                wb = wb.index_select(axis, _index(perms[name], block, *more, length=wb.shape[axis]))
+        ra, rb = (_rows(w, e.axis, g.size, e.repeat, e.offset, e.block) for w in (state_a[e.name].double(), wb))
         cost += ra @ rb.T
         if normalise:  # a row's norm does not depend on how the other axes are ordered
             norms_a += ra.square().sum(dim=1)

@@ -178,13 +178,14 @@ def _unit_activations(model, groups, images, at: str = "pre") -> dict[str, torch
     found = {g.name: [] for g in groups}
     model.eval()
     graphs = {}  # find_groups captured the same model; a recorded graph is one input shape's (capture.trace)
+    state = model.state_dict()  # for taps that are a projection (inside nn.MultiheadAttention)
     for x in images:
         if x.shape not in graphs:
             graphs[x.shape] = capture.trace(model, x, "aligning")
         runner = _Taps(graphs[x.shape], set(tap.values()))
         runner.run(x)
         for g in groups:
-            rows = unit_rows(runner.values[tap[g.name]], g.tap_layouts[tap[g.name]], g.size)
+            rows = unit_rows(runner.values[tap[g.name]], g.tap_layouts[tap[g.name]], g.size, state)
             found[g.name].append(rows.double().cpu())
     return {name: torch.cat(rows, dim=1) for name, rows in found.items()}
 
