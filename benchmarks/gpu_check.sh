@@ -54,14 +54,15 @@ if [ $DRY = 1 ]; then
     DEVICE=cpu
     TESTS=(tests/test_models.py)
     TRAIN=(--device cpu --batch-size 2 --warmup 1 --steps 2 --vgg-warmup 0 --vgg-steps 1 --matmul-n 256
-           --matmul-repeats 1 --no-accuracy --levers --rounds 1 --lever-steps 1 --breakdown --models)
+           --matmul-repeats 1 --no-accuracy --levers --rounds 1 --lever-steps 1 --breakdown --models
+           --model-precisions fp32 --kl-kwargs '{"block_out_channels": [4, 4, 8, 8], "norm_num_groups": 4}')
     EVAL=(--device cpu --points 2 --images 16 --per-call 1 2 --precision fp32 --formats default channels_last
           --ssim-images 16)
     if [ -d "$SAMPLE/img_align_celeba" ]; then DATA=(--data-dir "$SAMPLE"); else DATA=(--dataset synthetic); fi
     STUDY=(--preset celeba "${DATA[@]}" --limit 96 --image-size 16 --width 8 --epochs 1 --curve-epochs 1
            --num-points 3 --bn-images 32 --train-images 32 --losses mse --vgg-weights random --seeds 1,2
            --no-align --no-extra-training --no-fge --ensemble 0 --plane-grid 0 --device cpu)
-    LIMITS=(60 120 120 120)
+    LIMITS=(60 180 120 120)
 else
     DEVICE=cuda
     TESTS=(-m "not slow")
