@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from aecurves import runtime
 from aecurves.checkpoint import load_checkpoint, load_endpoints
 from aecurves.commands import fge
 from aecurves.curves import batchnorms, recompute_bn
 from aecurves.data import BatchLoader, load_run_data
 from aecurves.metrics import fixed_subset
 from aecurves.models import arch_of, build_model
+from aecurves.records import FgeRecord, snapshot_file
 from aecurves.schedules import cyclic_lr, is_snapshot_epoch, snapshot_epochs
 
 from conftest import run_cli
@@ -129,6 +131,25 @@ def test_a_run_takes_its_snapshots_at_fge_pys_epochs_with_the_cyclic_lr(straight
     states, arch = load_endpoints([straight / "snapshot_1.pt", straight / "snapshot_2.pt"], ["a", "b"], None, "test")
     assert arch == arch_of(ep["args"]) and states[0]["fge_snapshot"]["epoch"] == 1
     assert states[1]["epoch"] == ep["epoch"] + 6  # the training it has had
+
+
+def test_fge_json_is_its_record_written_byte_for_byte(straight):
+    """fge.json is FgeRecord.to_json() as write_json writes it: read back and written again, the same bytes; the
+    files it lists (the snapshots' flattened in) are the run's, named by records.snapshot_file."""
+    text = (straight / "fge.json").read_text()
+    record = FgeRecord.from_json(json.loads(text), str(straight / "fge.json"))
+    assert json.dumps(record.to_json(), indent=2) + "\n" == text
+    assert record.budget_epochs == EPOCHS and record.config["cycle"] == CYCLE
+    names = [snapshot_file(k) for k in (1, 2)]
+    assert sorted(p.name for p in straight.glob("snapshot_*.pt")) == names == ["snapshot_1.pt", "snapshot_2.pt"]
+    assert record.listed_files() == [str(straight / n) for n in ("fge.json", "metrics.jsonl", "checkpoint.pt",
+                                                                  "reconstructions.png", *names)]
+    assert all((straight / f).is_file() for f in record.listed_files())
+
+
+def _adam_form(optimizer_state: dict) -> tuple:
+    group = optimizer_state["param_groups"][0]
+    return group.get("fused"), group.get("foreach")
 
 
 def test_the_ensemble_metrics_match_a_hand_computation_from_the_files(straight):
@@ -264,12 +285,21 @@ def test_a_run_resumes_after_its_endpoint_moved(straight, endpoint, tmp_path, mo
 
 
 def test_a_snapshot_starts_fge_itself_with_a_fresh_optimizer(straight, tmp_path, capsys):
-    """A snapshot holds no optimizer state (like an exported point): FGE from it starts a fresh Adam, and says so."""
+    """A snapshot holds no optimizer state (like an exported point): FGE from it starts a fresh Adam, and says so.
+    That Adam is torch's default form, as fge always built it (runtime.adam's fused form would change its numbers
+    by rounding), also once resumed; one that takes the endpoint's state is runtime.adam's, the form train saved."""
     assert run_cli("fge", "--ckpt", straight / "snapshot_1.pt", "--epochs", 1, "--cycle", 2, "--num-images", 0, *RUN,
                    "--out", tmp_path / "again") == 0
     record = read(tmp_path / "again")
     assert record["optimizer"].startswith("fresh Adam") and "fresh Adam" in capsys.readouterr().out
     assert record["snapshot_epochs"] == [0] and not (tmp_path / "again/reconstructions.png").exists()
+    probe = [torch.nn.Parameter(torch.zeros(2))]
+    default = _adam_form(torch.optim.Adam(probe, lr=1.0).state_dict())
+    assert _adam_form(load_checkpoint(tmp_path / "again/checkpoint.pt", "fge")["optimizer"]) == default
+    assert run_cli("fge", "--resume", "--epochs", 2, *RUN, "--out", tmp_path / "again") == 0
+    assert _adam_form(load_checkpoint(tmp_path / "again/checkpoint.pt", "fge")["optimizer"]) == default
+    tuned = _adam_form(runtime.adam(probe, lr=1.0).state_dict())
+    assert _adam_form(load_checkpoint(straight / "checkpoint.pt", "fge")["optimizer"]) == tuned != default
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -44,6 +44,16 @@ def check_format(d: dict, newest: int, source: str, key: str = "format_version")
                           f"{newest}): it was written by another release. Use that release for it.")
 
 
+# An endpoint's reconstructions.pt (train writes it, the report reads it): {"format": HELD_OUT_FORMAT, "images",
+# "reconstructions"}, uint8 pixels of the fixed held-out images (CHANGELOG.md).
+HELD_OUT_FORMAT = 1
+
+
+def snapshot_file(index: int) -> str:
+    """The file name of FGE snapshot `index` (from 1) in an fge run's folder: fge writes it, the study reads it."""
+    return f"snapshot_{index}.pt"
+
+
 # What each command leaves in its output folder, by the names only it writes there (train and eval-curve both write
 # reconstructions.png, so that name tells neither): one command writing into a folder of another's would replace
 # its files or mix its own among them, and a study re-run would take the mixture for either.
@@ -324,3 +334,137 @@ class EndpointRecord:
             raise RecordError(f"{source} is damaged: its epoch is {epoch!r}, not an integer. Retrain it.")
         return cls(kind=str(d.get("kind") or "endpoint"), epoch=epoch, args=dict(d.get("args") or {}),
                    metrics=list(d.get("metrics") or []), format_version=version)
+
+
+def _in_order(keys: tuple, values: dict) -> dict:
+    """`values` with the keys of `keys` first, in that order (a record file's layout), then any others as given."""
+    return {**{k: values[k] for k in keys if k in values}, **{k: v for k, v in values.items() if k not in keys}}
+
+
+def _format(d: dict, newest: int, source: str) -> int:
+    """The "format" of an fge.json / ensembles.json (their key; 1 when absent): NewerFormat beyond `newest`,
+    RecordError for anything but an integer this release reads."""
+    check_format(d, newest, source, "format")
+    version = d.get("format", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= newest:
+        raise RecordError(f"{source} has format {version!r}, which this release of aecurves does not read (it reads "
+                          f"up to {newest}). It was written by another release: use that one, or re-run the command "
+                          "that wrote it.")
+    return version
+
+
+def _need_kind(d: dict, kind: str, source: str) -> None:
+    if d.get("kind", kind) != kind:
+        raise RecordError(f"{source} is damaged or no {kind} record: its kind is {d.get('kind')!r}, not "
+                          f"{kind!r}. Re-run the command that wrote it.")
+
+
+def _need_strings(values, what: str, source: str) -> list:
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise RecordError(f"{source} is damaged: {what} is {json.dumps(values, default=str)[:40]}, not a list of "
+                          "file names. Re-run the command that wrote it.")
+    return values
+
+
+@dataclass
+class FgeRecord:
+    """fge.json, written last by `aecurves fge` (its presence marks a finished run). `config` is the run's resolved
+    config, `budget_epochs` its epochs, `files` what it wrote ({"json", "metrics", "checkpoint", "snapshots": [...],
+    "reconstructions"}); `rest` holds every other key as written (endpoint, schedule, epochs, snapshots, start,
+    ensemble...). Format 1 throughout; a file without "format" reads as 1, and one from before issue 28 (no
+    "kl_weight") reads as it is."""
+
+    FORMAT: ClassVar[int] = 1
+    KIND: ClassVar[str] = "fge"
+    # the file's layout: to_json() writes the keys in this order, so a record read and written again is the same file
+    LAYOUT: ClassVar[tuple] = (
+        "reference", "endpoint", "config", "optimizer", "schedule", "budget_epochs", "steps_per_epoch",
+        "train_images", "test_images", "loss", "kl_weight", "loss_description", "data", "bn", "metrics", "epochs",
+        "snapshot_epochs", "snapshots", "start", "ensemble", "ensemble_mse_gain", "notes", "device", "precision",
+        "seconds", "files")
+
+    config: dict
+    budget_epochs: int
+    files: dict = field(default_factory=dict)
+    rest: dict = field(default_factory=dict)
+
+    def get(self, key: str, default=None):
+        """Any other key of the file, as written."""
+        return self.rest.get(key, default)
+
+    def listed_files(self) -> list[str]:
+        """Every file the run lists under "files", its snapshots' list flattened in."""
+        return [v for k, v in self.files.items() if k != "snapshots"] + list(self.files.get("snapshots", []))
+
+    def to_json(self) -> dict:
+        return {"format": self.FORMAT, "kind": self.KIND, **_in_order(self.LAYOUT, {
+            **self.rest, "config": self.config, "budget_epochs": self.budget_epochs, "files": self.files})}
+
+    @classmethod
+    def from_json(cls, d, source: str = "fge.json") -> "FgeRecord":
+        d = _need_dict(d, "the file", source)
+        _format(d, cls.FORMAT, source)
+        _need_kind(d, cls.KIND, source)
+        config = _need_dict(d.get("config"), "config", source)
+        epochs = d.get("budget_epochs")
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+            raise RecordError(f"{source} is damaged: its budget_epochs is {epochs!r}, not a number of epochs. Re-run "
+                              "fge.")
+        files = _need_dict(d.get("files", {}), "files", source)
+        for key, value in files.items():
+            if key == "snapshots":
+                _need_strings(value, "files.snapshots", source)
+            elif not isinstance(value, str):
+                raise RecordError(f"{source} is damaged: files.{key} is {value!r}, not a file name. Re-run fge.")
+        snapshots = d.get("snapshots", [])
+        if not isinstance(snapshots, list) or not all(isinstance(s, dict) for s in snapshots):
+            raise RecordError(f"{source} is damaged: its snapshots are not a list of objects. Re-run fge.")
+        return cls(config=config, budget_epochs=epochs, files=files,
+                   rest={k: v for k, v in d.items() if k not in ("format", "kind", "config", "budget_epochs", "files")})
+
+
+@dataclass
+class EnsemblesRecord:
+    """ensembles.json, written last by the study's ensembles stage (ensembles.py). `config` is its config (the
+    networks' files and the averages asked for), `averages` the measured ones ({name: {"members", "files", "mse",
+    "psnr", ...}}); `rest` holds every other key as written (networks with their SHA-256, metrics, bn, notes...).
+    Format 1 throughout; a file without "format" reads as 1, and one without "vae" (from before issue 28) is an
+    autoencoders' (`vae`)."""
+
+    FORMAT: ClassVar[int] = 1
+    KIND: ClassVar[str] = "ensembles"
+    LAYOUT: ClassVar[tuple] = ("config", "networks", "averages", "metrics", "vae", "test_images", "train_images", "bn",
+                               "data", "notes", "device", "seconds", "files")
+
+    config: dict
+    averages: dict
+    rest: dict = field(default_factory=dict)
+
+    def get(self, key: str, default=None):
+        """Any other key of the file, as written."""
+        return self.rest.get(key, default)
+
+    def networks(self) -> list[str]:
+        """The checkpoint files of the networks measured, as the config names them ([] when it names none)."""
+        return list(self.config.get("networks", []))
+
+    @property
+    def vae(self) -> bool:
+        return self.rest.get("vae") is True
+
+    def to_json(self) -> dict:
+        return {"format": self.FORMAT, "kind": self.KIND,
+                **_in_order(self.LAYOUT, {**self.rest, "config": self.config, "averages": self.averages})}
+
+    @classmethod
+    def from_json(cls, d, source: str = "ensembles.json") -> "EnsemblesRecord":
+        d = _need_dict(d, "the file", source)
+        _format(d, cls.FORMAT, source)
+        _need_kind(d, cls.KIND, source)
+        config = _need_dict(d.get("config"), "config", source)
+        _need_strings(config.get("networks", []), "config.networks", source)
+        averages = _need_dict(d.get("averages"), "averages", source)
+        for name, values in averages.items():
+            _need_dict(values, f"averages.{name}", source)
+        return cls(config=config, averages=averages,
+                   rest={k: v for k, v in d.items() if k not in ("format", "kind", "config", "averages")})

@@ -14,7 +14,7 @@ reconstructions (each decoding its posterior mean) are averaged the same way; an
 no objective is reported ("vae": true, and a note, say so).
 
 Output: OUT/ensembles.json, written last (atomically): the config, every network's file and SHA-256, and per
-average its members and metrics.
+average its members and metrics (records.EnsemblesRecord).
 """
 
 import time
@@ -31,9 +31,9 @@ from aecurves.errors import UserError
 from aecurves.files import folder_lock, sha256, write_json
 from aecurves.metrics import evaluate_averages, fixed_subset, network_with_bn
 from aecurves.models import build_model, is_vae
+from aecurves.records import EnsemblesRecord
 from aecurves.ssim import SSIM_WINDOW
 
-FORMAT = 1  # of ensembles.json (a file without "vae" is an autoencoders')
 VAE_NOTE = ("VAE: the metrics are of the averaged reconstructions (each network decoding its posterior mean); an "
             "average of outputs has no rate, so no objective is reported")
 
@@ -108,13 +108,10 @@ def _run(cfg, out: Path, paths, states, arch, data, device, t0) -> dict:
                              f"{SSIM_WINDOW} window"]
     if vae:
         notes.append(VAE_NOTE)
-    record = {
-        "format": FORMAT,
-        "kind": "ensembles",
-        "config": as_record(cfg),
+    averages = {name: {"members": list(members), "files": [str(paths[i]) for i in members], **results[name]}
+                for name, members in cfg.averages.items()}
+    record = EnsemblesRecord(config=as_record(cfg), averages=averages, rest={
         "networks": [{"checkpoint": str(p), "sha256": sha256(p)} for p in paths],
-        "averages": {name: {"members": list(members), "files": [str(paths[i]) for i in members], **results[name]}
-                     for name, members in cfg.averages.items()},
         "metrics": list(next(iter(results.values()))),
         "vae": vae,
         "test_images": len(data.test),
@@ -126,10 +123,10 @@ def _run(cfg, out: Path, paths, states, arch, data, device, t0) -> dict:
         "device": str(device),
         "seconds": time.perf_counter() - t0,
         "files": {"json": str(out / "ensembles.json")},
-    }
-    write_json(out / "ensembles.json", record)  # last: its presence marks a finished measurement
-    for name, values in record["averages"].items():
+    })
+    write_json(out / "ensembles.json", record.to_json())  # last: its presence marks a finished measurement
+    for name, values in averages.items():
         print(f"{name}: {len(values['members'])} networks, held-out MSE {values['mse']:.6f}, PSNR "
               f"{values['psnr']:.2f} dB" + (f", SSIM {values['ssim']:.4f}" if "ssim" in values else ""))
     print(f"wrote {out / 'ensembles.json'}")
-    return {"out": str(out), "averages": record["averages"]}
+    return {"out": str(out), "averages": averages}

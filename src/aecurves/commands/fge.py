@@ -37,8 +37,9 @@ Where it differs from fge.py, and why (docs/paper.md says the same):
   e, so no epoch is replayed); `--resume --epochs N` trains a finished run on to N epochs.
 
 Outputs in --out (default runs/fge): snapshot_K.pt, checkpoint.pt, metrics.jsonl (one row per epoch), fge.json
-(written last: the config, the schedule, per-epoch lr and loss, the snapshot epochs, every network's metrics
-and the ensemble's), reconstructions.png (held-out images, the endpoint, every snapshot and the average).
+(records.FgeRecord, written last: the config, the schedule, per-epoch lr and loss, the snapshot epochs, every
+network's metrics and the ensemble's), reconstructions.png (held-out images, the endpoint, every snapshot and the
+average).
 """
 
 import copy
@@ -72,16 +73,17 @@ from aecurves.files import append_jsonl, folder_lock, read_json, sha256, write_j
 from aecurves.losses import make_loss
 from aecurves.metrics import average_outputs, check_finite_state, evaluate, evaluate_averages, fixed_subset
 from aecurves.models import build_model, is_vae, num_parameters
+from aecurves.records import FgeRecord, snapshot_file
 from aecurves.schedules import cyclic_lr, is_snapshot_epoch, snapshot_epochs
 from aecurves.ssim import SSIM_WINDOW
 from aecurves.training import TERMS, term_columns, train_one_epoch
 
-FORMAT = 1  # of fge.json
 COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_mse", "snapshot", "seconds", "images/s"]
 INTERRUPTED = ("interrupted; the epochs and snapshots finished so far are kept in {out}: run the same command with "
                "--resume to continue")
 DEFAULT_BATCH_SIZE = TrainConfig.__dataclass_fields__["batch_size"].default
 ADAM_STATE = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+FRESH = "fresh Adam"  # how fge.json's "optimizer" note of a run that started with a fresh Adam begins
 
 
 @dataclasses.dataclass
@@ -250,12 +252,105 @@ def _number(x) -> bool:
 # training
 
 
+@dataclasses.dataclass
+class Training:
+    """What a run trains: the network, its optimizer, the rows of the epochs done and the snapshots taken."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    optimizer_note: str       # fge.json's "optimizer": where its state came from
+    history: list
+    start_epoch: int
+    snapshots: list
+
+
+@dataclasses.dataclass
+class Loaders:
+    train: BatchLoader        # shuffled, a permutation seeded by --seed and the epoch
+    test: BatchLoader         # the held-out images
+    bn: BatchLoader | None    # eval-curve's fixed subset of training images; None when the network has no BatchNorm
+    bn_images: int            # images in that subset (0 without BatchNorm)
+
+
+def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, precision: str) -> dict:
+    """The run: the network and optimizer where it starts, its epochs (a snapshot at the end of each cycle's first
+    half), then the endpoint, every snapshot and their output average measured on the held-out images, fge.json
+    written last."""
+    out = plan.out
+    runtime.seed_everything(cfg.seed)
+    run, vae = start_training(cfg, plan, device)
+    loaders = make_loaders(cfg, data, run.model, device)
+    print_start(cfg, plan, data, run, loaders, loss_fn, vae, device, precision)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "metrics.jsonl", run.history)  # mirrors the checkpoint (drops rows a crashed run logged)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        train_epoch(cfg, plan, run, epoch, loss_fn, loaders, device, precision)
+    if run.start_epoch >= cfg.epochs:
+        print(f"nothing to train: the run is already at epoch {run.start_epoch} of {cfg.epochs}; measuring")
+
+    t0 = time.perf_counter()
+    notes = measurement_notes(data.image_size, loaders)
+    fixed = data.test[: cfg.num_images].to(device).float().div(255)
+    measured = measure(plan, run.snapshots, loaders.test, loaders.bn, data.image_size >= SSIM_WINDOW, fixed, device)
+    seconds = {"training": sum(r["epoch_seconds"] for r in run.history), "evaluation": time.perf_counter() - t0}
+    files = {"json": str(out / "fge.json"), "metrics": str(out / "metrics.jsonl"),
+             "checkpoint": str(out / "checkpoint.pt"), "snapshots": [str(out / s["file"]) for s in run.snapshots]}
+    if len(fixed):
+        files["reconstructions"] = str(out / "reconstructions.png")
+        save_picture(out / "reconstructions.png", fixed, measured["reconstructions"], run.snapshots)
+    record = make_record(cfg, plan, data, run, loss_fn, loss_name, loaders, measured, notes, str(device), precision,
+                         seconds, files)
+    write_json(out / "fge.json", record.to_json())  # last: its presence marks a finished run
+    print_done(cfg, out, record)
+    results = measured["results"]
+    return {"out": str(out), "epochs": cfg.epochs, "snapshot_epochs": record.get("snapshot_epochs"),
+            "start": results["start"], "ensemble": results["ensemble"],
+            "snapshots": [results[f"snapshot_{s['index']}"] for s in run.snapshots], "files": files}
+
+
+def start_training(cfg: FgeConfig, plan: Plan, device) -> tuple[Training, bool]:
+    """(the run where it starts, whether its network is a VAE): the endpoint's weights and optimizer state (a fresh
+    Adam when it holds none that fits), or on --resume the run's own checkpoint."""
+    model = build_model(plan.arch)
+    vae = is_vae(model, plan.arch)  # on the CPU, before the move: it feeds the network a batch made there
+    model.to(device)
+    resumed = plan.resumed
+    source, source_path = (resumed, plan.out / "checkpoint.pt") if resumed else (plan.endpoint, cfg.ckpt)
+    check_fits(model.state_dict(), source["model"], source_path)
+    model.load_state_dict(source["model"])
+    if resumed:
+        note = resumed["fge"].get("optimizer", "")
+        optimizer = new_adam(model, cfg, fresh=note.startswith(FRESH))  # the form the run started with
+        try:
+            runtime.load_optimizer_state(optimizer, resumed["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise UserError(f"The optimizer state in {source_path} does not fit the network ({type(exc).__name__}): "
+                            "the file is damaged; start a new run in another --out folder.") from None
+        run = Training(model, optimizer, note, list(resumed["metrics"]), resumed["epoch"],
+                       [dict(s) for s in resumed["fge"].get("snapshots", [])])
+    else:
+        optimizer, note = adam_for(model, cfg, plan.endpoint["optimizer"])
+        run = Training(model, optimizer, note, [], 0, [])
+    for group in optimizer.param_groups:
+        group["weight_decay"] = cfg.wd
+    return run, vae
+
+
+def new_adam(model: torch.nn.Module, cfg: FgeConfig, fresh: bool) -> torch.optim.Adam:
+    """Adam at --lr-1 with --wd. One that takes the endpoint's state is runtime.adam's (fused where torch has the
+    kernel), the form train saved that state with. A fresh one is torch's default form (single-tensor on the CPU,
+    for-each on CUDA), as fge has always built it: the fused form differs from it in float rounding, so it would
+    change the numbers of every run that starts fresh (from a snapshot or an exported point) and of its resumption."""
+    if fresh:
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr_1, weight_decay=cfg.wd)
+    return runtime.adam(model.parameters(), lr=cfg.lr_1, weight_decay=cfg.wd)
+
+
 def adam_for(model: torch.nn.Module, cfg: FgeConfig, saved: dict) -> tuple[torch.optim.Adam, str]:
     """(Adam over the model's parameters, what its state is): the endpoint's state when it holds Adam's for exactly
     these parameters, else a fresh one (the note says why). The lr is set before every step; the weight decay is
     --wd's."""
     def fresh(why: str):
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr_1, weight_decay=cfg.wd), f"fresh Adam ({why})"
+        return new_adam(model, cfg, fresh=True), f"{FRESH} ({why})"
 
     if not saved:
         return fresh("the endpoint checkpoint holds no optimizer state, e.g. a point written by export-point")
@@ -272,12 +367,72 @@ def adam_for(model: torch.nn.Module, cfg: FgeConfig, saved: dict) -> tuple[torch
         if not isinstance(entry, dict) or not set(entry) <= ADAM_STATE or any(
                 k != "step" and (not torch.is_tensor(v) or v.shape != params[j].shape) for k, v in entry.items()):
             return fresh("the endpoint's optimizer state is not Adam's for this network's parameters")
-    optimizer = torch.optim.Adam(params, lr=cfg.lr_1, weight_decay=cfg.wd)
+    optimizer = new_adam(model, cfg, fresh=False)
     try:
-        optimizer.load_state_dict(saved)
+        runtime.load_optimizer_state(optimizer, saved)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         return fresh(f"the endpoint's optimizer state could not be loaded: {type(exc).__name__}")
     return optimizer, "Adam, its state loaded from the endpoint checkpoint"
+
+
+def make_loaders(cfg: FgeConfig, data, model: torch.nn.Module, device) -> Loaders:
+    train = BatchLoader(data.train, cfg.batch_size, device, shuffle=True, seed=cfg.seed)
+    test = BatchLoader(data.test, EVAL_BATCH_SIZE, device)
+    bn_subset = fixed_subset(data.train, cfg.bn_images)
+    bn = BatchLoader(bn_subset, EVAL_BATCH_SIZE, device) if batchnorms(model) else None
+    return Loaders(train, test, bn, len(bn_subset) if bn is not None else 0)
+
+
+def print_start(cfg: FgeConfig, plan: Plan, data, run: Training, loaders: Loaders, loss_fn, vae: bool, device,
+                precision: str) -> None:
+    planned = snapshot_epochs(cfg.epochs, cfg.cycle)
+    print(f"data: {data.source}")
+    objective = f" + β·KL/D with β = --kl-weight {cfg.kl_weight:g} (a VAE)" if vae else ""
+    print(f"model: {plan.arch['model']}: {num_parameters(run.model):,} parameters; loss: {loss_fn.description}"
+          f"{objective}; device {device}, precision {precision}, batch {cfg.batch_size}, {len(loaders.train)} steps "
+          "per epoch")
+    print(f"FGE from {cfg.ckpt}: {cfg.epochs} epochs, cycles of {cfg.cycle}, lr from {cfg.lr_1:g} down to "
+          f"{cfg.lr_2:g} and back (set before every step), weight decay {cfg.wd:g}; optimizer: {run.optimizer_note}; "
+          f"snapshots after epochs {', '.join(map(str, planned))} (counted from 0), BatchNorm statistics "
+          f"recomputed on {loaders.bn_images} training images")
+    if plan.resumed:
+        print(f"resuming from {plan.out / 'checkpoint.pt'} at epoch {run.start_epoch} ({len(run.snapshots)} "
+              "snapshots taken)")
+
+
+def train_epoch(cfg: FgeConfig, plan: Plan, run: Training, epoch: int, loss_fn, loaders: Loaders, device,
+                precision: str) -> None:
+    """One epoch at the cyclic lr, a snapshot at its end when the lr is at its lowest, the epoch's row (printed and
+    appended to metrics.jsonl), and the run's checkpoint."""
+    t0 = time.perf_counter()
+    steps = len(loaders.train)
+
+    def lr_for_step(step):
+        return cyclic_lr(epoch, step, steps, cfg.cycle, cfg.lr_1, cfg.lr_2)
+
+    train_loss, seen, lr, train_terms = train_one_epoch(run.model, loss_fn, run.optimizer, loaders.train, device,
+                                                        precision, epoch, not cfg.no_progress, lr_for_step)
+    train_seconds = time.perf_counter() - t0
+    check_finite_state(run.model.state_dict().items(), f"epoch {epoch}")
+    test = evaluate(run.model, loaders.test, loss_fn)  # with the running statistics of training, as train's rows
+    index = None
+    if is_snapshot_epoch(epoch, cfg.cycle):
+        index = len(run.snapshots) + 1
+        run.snapshots.append(save_snapshot(plan.out, index, epoch, lr, run.model, loaders.bn, plan.endpoint, cfg))
+    row = {"epoch": epoch, "lr_first": lr_for_step(0), "lr": lr, "train_loss": train_loss,
+           **{f"train_{k}": v for k, v in train_terms.items()}, "test_loss": test["loss"],
+           **{f"test_{k}": test[k] for k in TERMS if k in test}, "test_mse": test["mse"],
+           "test_psnr": test["psnr"], "snapshot": index,
+           "epoch_seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds,
+           "precision": precision}
+    run.history.append(row)
+    print(format_row(row, header=epoch == run.start_epoch))
+    append_jsonl(plan.out / "metrics.jsonl", row)
+    save_checkpoint(plan.out / "checkpoint.pt", {
+        "kind": "fge", "model": run.model.state_dict(), "model_config": dict(plan.arch),
+        "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1, "args": as_record(cfg), "metrics": run.history,
+        "fge": {"endpoint": cfg.ckpt, "endpoint_sha256": plan.endpoint_sha256, "optimizer": run.optimizer_note,
+                "snapshots": run.snapshots}})
 
 
 def format_row(row: dict, header: bool) -> str:
@@ -285,10 +440,6 @@ def format_row(row: dict, header: bool) -> str:
               "" if row["snapshot"] is None else f"#{row['snapshot']}", row["epoch_seconds"], row["images_per_s"]]
     formats = ["d", "9.2e", "9.5f", "9.5f", "9.5f", "", "8.1f", "8.0f"]
     return console.table_row(*term_columns(row, "train_", 3, values, COLUMNS, formats), header)
-
-
-def snapshot_name(index: int) -> str:
-    return f"snapshot_{index}.pt"
 
 
 @torch.no_grad()
@@ -301,157 +452,6 @@ def with_bn_recomputed(model: torch.nn.Module, bn_loader) -> tuple[torch.nn.Modu
     return copied, used
 
 
-def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, precision: str) -> dict:
-    progress = not cfg.no_progress
-    out, endpoint, resumed = plan.out, plan.endpoint, plan.resumed
-    eargs = endpoint["args"]
-    runtime.seed_everything(cfg.seed)
-    model = build_model(plan.arch)
-    vae = is_vae(model, plan.arch)  # on the CPU, before the move: it feeds the network a batch made there
-    model.to(device)
-    source, source_path = (resumed, out / "checkpoint.pt") if resumed else (endpoint, cfg.ckpt)
-    check_fits(model.state_dict(), source["model"], source_path)
-    model.load_state_dict(source["model"])
-    if resumed:
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_1, weight_decay=cfg.wd)
-        try:
-            optimizer.load_state_dict(resumed["optimizer"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise UserError(f"The optimizer state in {source_path} does not fit the network ({type(exc).__name__}): "
-                            "the file is damaged; start a new run in another --out folder.") from None
-        optimizer_note = resumed["fge"].get("optimizer", "")
-        history, start_epoch = list(resumed["metrics"]), resumed["epoch"]
-        snapshots = [dict(s) for s in resumed["fge"].get("snapshots", [])]
-    else:
-        optimizer, optimizer_note = adam_for(model, cfg, endpoint["optimizer"])
-        history, start_epoch, snapshots = [], 0, []
-    for group in optimizer.param_groups:
-        group["weight_decay"] = cfg.wd
-
-    train_loader = BatchLoader(data.train, cfg.batch_size, device, shuffle=True, seed=cfg.seed)
-    test_loader = BatchLoader(data.test, EVAL_BATCH_SIZE, device)
-    bn_subset = fixed_subset(data.train, cfg.bn_images)
-    bn_loader = BatchLoader(bn_subset, EVAL_BATCH_SIZE, device) if batchnorms(model) else None
-    steps = len(train_loader)
-    planned = snapshot_epochs(cfg.epochs, cfg.cycle)
-
-    print(f"data: {data.source}")
-    objective = f" + β·KL/D with β = --kl-weight {cfg.kl_weight:g} (a VAE)" if vae else ""
-    print(f"model: {plan.arch['model']}: {num_parameters(model):,} parameters; loss: {loss_fn.description}{objective}; "
-          f"device {device}, precision {precision}, batch {cfg.batch_size}, {steps} steps per epoch")
-    print(f"FGE from {cfg.ckpt}: {cfg.epochs} epochs, cycles of {cfg.cycle}, lr from {cfg.lr_1:g} down to "
-          f"{cfg.lr_2:g} and back (set before every step), weight decay {cfg.wd:g}; optimizer: {optimizer_note}; "
-          f"snapshots after epochs {', '.join(map(str, planned))} (counted from 0), BatchNorm statistics "
-          f"recomputed on {len(bn_subset) if bn_loader else 0} training images")
-    if resumed:
-        print(f"resuming from {source_path} at epoch {start_epoch} ({len(snapshots)} snapshots taken)")
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "metrics.jsonl", history)  # mirrors the checkpoint (drops rows a crashed run logged)
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-
-        def lr_for_step(step, epoch=epoch):
-            return cyclic_lr(epoch, step, steps, cfg.cycle, cfg.lr_1, cfg.lr_2)
-
-        train_loss, seen, lr, train_terms = train_one_epoch(model, loss_fn, optimizer, train_loader, device,
-                                                            precision, epoch, progress, lr_for_step)
-        train_seconds = time.perf_counter() - t0
-        check_finite_state(model.state_dict().items(), f"epoch {epoch}")
-        test = evaluate(model, test_loader, loss_fn)  # with the running statistics of training, as train's rows
-        index = None
-        if is_snapshot_epoch(epoch, cfg.cycle):
-            index = len(snapshots) + 1
-            snapshots.append(save_snapshot(out, index, epoch, lr, model, bn_loader, endpoint, cfg))
-        row = {"epoch": epoch, "lr_first": lr_for_step(0), "lr": lr, "train_loss": train_loss,
-               **{f"train_{k}": v for k, v in train_terms.items()}, "test_loss": test["loss"],
-               **{f"test_{k}": test[k] for k in TERMS if k in test}, "test_mse": test["mse"],
-               "test_psnr": test["psnr"], "snapshot": index,
-               "epoch_seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds,
-               "precision": precision}
-        history.append(row)
-        print(format_row(row, header=epoch == start_epoch))
-        append_jsonl(out / "metrics.jsonl", row)
-        save_checkpoint(out / "checkpoint.pt", {
-            "kind": "fge", "model": model.state_dict(), "model_config": dict(plan.arch),
-            "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": as_record(cfg), "metrics": history,
-            "fge": {"endpoint": cfg.ckpt, "endpoint_sha256": plan.endpoint_sha256, "optimizer": optimizer_note,
-                    "snapshots": snapshots}})
-    if start_epoch >= cfg.epochs:
-        print(f"nothing to train: the run is already at epoch {start_epoch} of {cfg.epochs}; measuring")
-
-    t0 = time.perf_counter()
-    notes = []
-    ssim = data.image_size >= SSIM_WINDOW
-    if not ssim:
-        notes.append(f"SSIM omitted: {data.image_size}px images are smaller than its {SSIM_WINDOW}x{SSIM_WINDOW} "
-                     "window")
-    if bn_loader is None:
-        notes.append("the network has no BatchNorm: no statistics to recompute")
-    fixed = data.test[: cfg.num_images].to(device).float().div(255)
-    measured = measure(plan, snapshots, test_loader, bn_loader, ssim, fixed, device)
-    seconds = {"training": sum(r["epoch_seconds"] for r in history), "evaluation": time.perf_counter() - t0}
-
-    names = list(measured["results"]["start"])
-    results = measured["results"]
-    files = {"json": str(out / "fge.json"), "metrics": str(out / "metrics.jsonl"),
-             "checkpoint": str(out / "checkpoint.pt"),
-             "snapshots": [str(out / s["file"]) for s in snapshots]}
-    if len(fixed):
-        files["reconstructions"] = str(out / "reconstructions.png")
-        save_picture(out / "reconstructions.png", fixed, measured["reconstructions"], snapshots)
-    best = min(results[f"snapshot_{s['index']}"]["mse"] for s in snapshots)
-    ensemble, start = results["ensemble"], results["start"]
-    record = {
-        "format": FORMAT,
-        "kind": "fge",
-        "reference": "timgaripov/dnn-mode-connectivity fge.py (Garipov et al. 2018)",
-        "endpoint": {"checkpoint": cfg.ckpt, "sha256": plan.endpoint_sha256, "epoch": endpoint["epoch"],
-                     "lr": eargs.get("lr"), "loss": loss_name,
-                     "kl_weight": recorded_value(TrainConfig, "kl_weight", eargs)},
-        "config": as_record(cfg),
-        "optimizer": optimizer_note,
-        "schedule": {"cycle": cfg.cycle, "lr_1": cfg.lr_1, "lr_2": cfg.lr_2, "lr_2_over_lr_1": cfg.lr_2 / cfg.lr_1,
-                     "set": "before every step: cyclic_lr(epoch, step, steps_per_epoch, cycle, lr_1, lr_2)",
-                     "epochs_counted_from": 0},
-        "budget_epochs": cfg.epochs,
-        "steps_per_epoch": steps,
-        "train_images": len(data.train),
-        "test_images": len(data.test),
-        "loss": loss_name,
-        "kl_weight": cfg.kl_weight,
-        "loss_description": loss_fn.description,
-        "data": {**{k: eargs.get(k) for k in ("dataset", "data_dir", "image_size", "limit", "val_fraction",
-                                                "use_test")}, "source": data.source},
-        "bn": {"recomputed": bn_loader is not None, "images": len(bn_subset) if bn_loader is not None else 0,
-               "subset_seed": SUBSET_SEED, "batch_size": EVAL_BATCH_SIZE,
-               "what": "every snapshot and the starting endpoint, on eval-curve's fixed subset"},
-        "metrics": names,
-        "epochs": history,
-        "snapshot_epochs": [s["epoch"] for s in snapshots],
-        "snapshots": [{**s, "file": str(out / s["file"]), **results[f"snapshot_{s['index']}"]} for s in snapshots],
-        "start": {"what": "the starting endpoint (BatchNorm statistics recomputed like the snapshots')",
-                  "bn_images": measured["start_bn_images"], **start},
-        "ensemble": {"what": f"the output average of the {len(snapshots)} snapshots", "members": len(snapshots),
-                     **ensemble},
-        "ensemble_mse_gain": {"vs_start": 1 - ensemble["mse"] / start["mse"],
-                              "vs_best_snapshot": 1 - ensemble["mse"] / best},
-        "notes": notes,
-        "device": str(device),
-        "precision": precision,
-        "seconds": seconds,
-        "files": files,
-    }
-    write_json(out / "fge.json", record)  # last: its presence marks a finished run
-    print(f"done: {len(snapshots)} snapshots (after epochs {', '.join(map(str, record['snapshot_epochs']))}) in "
-          f"{cfg.epochs} epochs; held-out MSE: endpoint {start['mse']:.5f}, best snapshot {best:.5f}, FGE average "
-          f"{ensemble['mse']:.5f} ({record['ensemble_mse_gain']['vs_start']:+.1%} vs the endpoint), PSNR "
-          f"{ensemble['psnr']:.2f} dB; fge.json and snapshot_K.pt in {out}")
-    return {"out": str(out), "epochs": cfg.epochs, "snapshot_epochs": record["snapshot_epochs"],
-            "start": start, "ensemble": ensemble, "snapshots": [results[f"snapshot_{s['index']}"] for s in snapshots],
-            "files": files}
-
-
 def save_snapshot(out: Path, index: int, epoch: int, lr: float, model, bn_loader, endpoint: dict,
                   cfg: FgeConfig) -> dict:
     """OUT/snapshot_K.pt: the network now, its BatchNorm statistics recomputed, as an ordinary endpoint checkpoint
@@ -462,8 +462,8 @@ def save_snapshot(out: Path, index: int, epoch: int, lr: float, model, bn_loader
     if bad:
         raise UserError(f"The snapshot after epoch {epoch} has non-finite values in {', '.join(bad[:4])} once its "
                         "BatchNorm statistics were recomputed; lower --lr-1, then run again with --resume.")
-    entry = {"index": index, "epoch": epoch, "file": snapshot_name(index), "lr_last_step": lr, "bn_images": used}
-    save_checkpoint(out / snapshot_name(index), {
+    entry = {"index": index, "epoch": epoch, "file": snapshot_file(index), "lr_last_step": lr, "bn_images": used}
+    save_checkpoint(out / snapshot_file(index), {
         "kind": "endpoint", "model": state, "optimizer": {}, "epoch": endpoint["epoch"] + epoch + 1, "metrics": [],
         "args": dict(endpoint["args"]),
         "fge_snapshot": {"endpoint": cfg.ckpt, **entry, "cycle": cfg.cycle, "lr_1": cfg.lr_1, "lr_2": cfg.lr_2}})
@@ -506,3 +506,70 @@ def save_picture(path: Path, fixed: torch.Tensor, recons: dict, snapshots: list)
     rows += [(f"snapshot {s['index']} (epoch {s['epoch']})", recons[f"snapshot_{s['index']}"]) for s in snapshots]
     rows.append((f"FGE average of {len(snapshots)}", recons["ensemble"]))
     plots.save_labelled_rows(rows, path, title="FGE: held-out images, the endpoint, its snapshots and their average")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the record
+
+
+def measurement_notes(image_size: int, loaders: Loaders) -> list:
+    notes = []
+    if image_size < SSIM_WINDOW:
+        notes.append(f"SSIM omitted: {image_size}px images are smaller than its {SSIM_WINDOW}x{SSIM_WINDOW} window")
+    if loaders.bn is None:
+        notes.append("the network has no BatchNorm: no statistics to recompute")
+    return notes
+
+
+def make_record(cfg: FgeConfig, plan: Plan, data, run: Training, loss_fn, loss_name: str, loaders: Loaders,
+                measured: dict, notes: list, device: str, precision: str, seconds: dict, files: dict) -> FgeRecord:
+    """fge.json: the config, the schedule, every epoch's row, the snapshots, and the metrics of the endpoint, of
+    every snapshot and of their output average."""
+    eargs, snapshots, results = plan.endpoint["args"], run.snapshots, measured["results"]
+    best = min(results[f"snapshot_{s['index']}"]["mse"] for s in snapshots)
+    ensemble, start = results["ensemble"], results["start"]
+    return FgeRecord(config=as_record(cfg), budget_epochs=cfg.epochs, files=files, rest={
+        "reference": "timgaripov/dnn-mode-connectivity fge.py (Garipov et al. 2018)",
+        "endpoint": {"checkpoint": cfg.ckpt, "sha256": plan.endpoint_sha256, "epoch": plan.endpoint["epoch"],
+                     "lr": eargs.get("lr"), "loss": loss_name,
+                     "kl_weight": recorded_value(TrainConfig, "kl_weight", eargs)},
+        "optimizer": run.optimizer_note,
+        "schedule": {"cycle": cfg.cycle, "lr_1": cfg.lr_1, "lr_2": cfg.lr_2, "lr_2_over_lr_1": cfg.lr_2 / cfg.lr_1,
+                     "set": "before every step: cyclic_lr(epoch, step, steps_per_epoch, cycle, lr_1, lr_2)",
+                     "epochs_counted_from": 0},
+        "steps_per_epoch": len(loaders.train),
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        "loss": loss_name,
+        "kl_weight": cfg.kl_weight,
+        "loss_description": loss_fn.description,
+        "data": {**{k: eargs.get(k) for k in ("dataset", "data_dir", "image_size", "limit", "val_fraction",
+                                                "use_test")}, "source": data.source},
+        "bn": {"recomputed": loaders.bn is not None, "images": loaders.bn_images, "subset_seed": SUBSET_SEED,
+               "batch_size": EVAL_BATCH_SIZE, "what": "every snapshot and the starting endpoint, on eval-curve's "
+               "fixed subset"},
+        "metrics": list(start),
+        "epochs": run.history,
+        "snapshot_epochs": [s["epoch"] for s in snapshots],
+        "snapshots": [{**s, "file": str(plan.out / s["file"]), **results[f"snapshot_{s['index']}"]}
+                      for s in snapshots],
+        "start": {"what": "the starting endpoint (BatchNorm statistics recomputed like the snapshots')",
+                  "bn_images": measured["start_bn_images"], **start},
+        "ensemble": {"what": f"the output average of the {len(snapshots)} snapshots", "members": len(snapshots),
+                     **ensemble},
+        "ensemble_mse_gain": {"vs_start": 1 - ensemble["mse"] / start["mse"],
+                              "vs_best_snapshot": 1 - ensemble["mse"] / best},
+        "notes": notes,
+        "device": device,
+        "precision": precision,
+        "seconds": seconds,
+    })
+
+
+def print_done(cfg: FgeConfig, out: Path, record: FgeRecord) -> None:
+    snapshots, start, ensemble = record.get("snapshots"), record.get("start"), record.get("ensemble")
+    best = min(s["mse"] for s in snapshots)
+    print(f"done: {len(snapshots)} snapshots (after epochs {', '.join(map(str, record.get('snapshot_epochs')))}) in "
+          f"{cfg.epochs} epochs; held-out MSE: endpoint {start['mse']:.5f}, best snapshot {best:.5f}, FGE average "
+          f"{ensemble['mse']:.5f} ({record.get('ensemble_mse_gain')['vs_start']:+.1%} vs the endpoint), PSNR "
+          f"{ensemble['psnr']:.2f} dB; fge.json and snapshot_K.pt in {out}")
