@@ -346,3 +346,80 @@ def test_held_out_tensors_hold_the_pictures_pixels(tmp_path):
             cell = grid[top:top + 32, left:left + 32].transpose(2, 0, 1)
             assert np.array_equal(cell, held[key][i].numpy()), (key, i)
     assert (tmp_path / "reconstructions_epoch001.pt").is_file()
+
+
+def test_run_epochs_mirrors_history_saves_every_n_and_the_last_and_prints_one_header(tmp_path):
+    """The loop train and train-curve share: rows a crashed run logged past its checkpoint are dropped from
+    metrics.jsonl, every row joins history and metrics.jsonl, saves come every `every` epochs and after the last."""
+    from aecurves.training import TABLE_HEAD, TABLE_TAIL, run_epochs, run_folder
+
+    table = (*TABLE_HEAD, ("test_loss", "test_loss", "9.5f"), *TABLE_TAIL)
+    history = [{"epoch": 2, "lr": 1e-3, "train_loss": 0.5, "test_loss": 0.6, "epoch_seconds": 1.0,
+                "images_per_s": 9.0}]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(history[0]) + "\n" + json.dumps({"epoch": 3}) + "\n")
+    saved, printed = [], []
+
+    def one_epoch(epoch):
+        return {**history[0], "epoch": epoch, "train_loss": 1 / epoch}
+
+    with run_folder(tmp_path, "training run", True, history):
+        assert [json.loads(r)["epoch"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]
+        run_epochs(range(3, 8), history, one_epoch, table, printed.append, tmp_path, 2,
+                   lambda epoch: saved.append((epoch, len(history))))
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == history and [r["epoch"] for r in rows] == [2, 3, 4, 5, 6, 7]
+    assert saved == [(4, 3), (6, 5), (7, 6)]  # each save sees its own epoch's row
+    assert "train_loss" in printed[0] and all("train_loss" not in line for line in printed[1:])
+    assert printed[-1].split()[:3] == ["7", "1.00e-03", f"{1 / 7:.5f}"]
+
+
+def test_run_epochs_on_another_rank_writes_nothing(tmp_path):
+    from aecurves.training import TABLE_HEAD, TABLE_TAIL, run_epochs, run_folder
+
+    history = []
+    with run_folder(tmp_path / "run", "training run", False, history):
+        run_epochs(range(1, 3), history, lambda e: {"epoch": e, "lr": 0.1, "train_loss": 1.0, "epoch_seconds": 0.0,
+                                                    "images_per_s": 0.0}, (*TABLE_HEAD, *TABLE_TAIL),
+                   lambda line: None, None, 1, lambda epoch: pytest.fail("rank 1 saved"))
+    assert [r["epoch"] for r in history] == [1, 2] and not (tmp_path / "run").exists()
+
+
+def test_metrics_row_and_epoch_line_put_a_vaes_terms_after_the_loss():
+    from aecurves.training import TABLE_HEAD, TABLE_TAIL, epoch_line, metrics_row
+
+    held_out = {"loss": 0.25, "mse": 0.125, "psnr": 9.0, "distortion": 0.2, "rate": 0.1, "ssim": 0.5}
+    row = metrics_row(4, 1e-3, {"loss": 0.5, "l2_term": 0.01, "distortion": 0.4, "rate": 0.2}, held_out, "mid_test_",
+                      (0.0, 2.0, 64), {"precision": "fp32"})
+    assert list(row) == ["epoch", "lr", "train_loss", "train_l2_term", "train_distortion", "train_rate",
+                         "mid_test_loss", "mid_test_distortion", "mid_test_rate", "mid_test_mse", "mid_test_psnr",
+                         "epoch_seconds", "images_per_s", "precision"]
+    assert row["images_per_s"] == 32.0 and row["mid_test_mse"] == 0.125 and row["train_l2_term"] == 0.01
+    table = (*TABLE_HEAD, ("l2_term", "train_l2_term", "9.5f"), *TABLE_TAIL)
+    header, _, line = epoch_line(row, table, header=True).splitlines()
+    assert header.split() == ["epoch", "lr", "train_loss", "distortion", "rate", "l2_term", "seconds", "images/s"]
+    assert line.split()[2:6] == ["0.50000", "0.40000", "0.20", "0.01000"]
+
+
+def test_tensorboard_gets_each_epochs_figures_and_picture(tmp_path, monkeypatch):
+    """What --tensorboard writes, through a stand-in writer (the package is optional): the metrics row's figures
+    under their own names at each epoch, the reconstruction grid at each save, and the writer closed."""
+    from aecurves.commands import train
+
+    class Board:
+        scalars, images, closed = [], [], False
+
+        def add_scalar(self, key, value, step):
+            self.scalars.append((key, value, step))
+
+        def add_image(self, key, grid, step):
+            self.images.append((key, tuple(grid.shape), step))
+
+        def close(self):
+            Board.closed = True
+
+    monkeypatch.setattr(train, "tensorboard_writer", lambda out: Board())
+    assert run_cli("train", *TINY, "--epochs", 2, "--save-every-epoch", 2, "--tensorboard", "--out", tmp_path) == 0
+    rows = _rows(tmp_path)
+    assert Board.scalars == [(k, r[k], r["epoch"]) for r in rows
+                             for k in ("train_loss", "test_loss", "test_mse", "test_psnr", "lr", "images_per_s")]
+    assert Board.images == [("reconstructions", (3, 2 * 32 + 3 * 2, 8 * 34 + 2), 2)] and Board.closed

@@ -4,10 +4,11 @@
 --batch-size is per process, as in torchvision's references).
 """
 
-import contextlib
 import dataclasses
+import functools
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -24,21 +25,29 @@ from aecurves.config import (
     takes_width,
     validate,
 )
-from aecurves.console import table_row
 from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
-from aecurves.files import append_jsonl, atomic_path, folder_lock, write_jsonl
+from aecurves.files import atomic_path
 from aecurves.losses import make_loss, reconstruction
 from aecurves.metrics import check_finite_state, evaluate, usable_memory_format
 from aecurves.models import arch_of, build_model, is_vae, num_parameters
-from aecurves.records import EndpointRecord, refuse_other_outputs
+from aecurves.records import HELD_OUT_FORMAT, EndpointRecord, refuse_other_outputs
 from aecurves.schedules import lr_at
-from aecurves.training import TERMS, term_columns, train_one_epoch
+from aecurves.training import (
+    TABLE_HEAD,
+    TABLE_TAIL,
+    TERMS,
+    checkpoint_state,
+    metrics_row,
+    run_epochs,
+    run_folder,
+    train_one_epoch,
+)
 
-COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_mse", "test_psnr", "seconds", "images/s"]
-
-
-HELD_OUT_FORMAT = 1  # of reconstructions.pt (CHANGELOG.md)
+TABLE = (*TABLE_HEAD, ("test_loss", "test_loss", "9.5f"), ("test_mse", "test_mse", "9.5f"),
+         ("test_psnr", "test_psnr", "7.2f"), *TABLE_TAIL)  # the epoch table printed (training.epoch_line)
+BOARD_KEYS = ("train_loss", "test_loss", "test_mse", "test_psnr", "lr", "images_per_s",
+              *(f"{split}_{k}" for split in ("train", "test") for k in TERMS))  # what --tensorboard plots
 
 
 def reconstruct(model, images: torch.Tensor) -> torch.Tensor:
@@ -84,13 +93,6 @@ def tensorboard_writer(out: Path):
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard (or "
                         "pip install -e '.[tensorboard]'); metrics.jsonl holds the same figures without it.") from None
     return SummaryWriter(log_dir=str(out / "tensorboard"))
-
-
-def format_row(row: dict, header: bool) -> str:
-    values = [row["epoch"], row["lr"], row["train_loss"], row["test_loss"], row["test_mse"], row["test_psnr"],
-              row["epoch_seconds"], row["images_per_s"]]
-    formats = ["d", "9.2e", "9.5f", "9.5f", "9.5f", "7.2f", "8.1f", "8.0f"]
-    return table_row(*term_columns(row, "train_", 3, values, COLUMNS, formats), header)
 
 
 def resolve_start(cfg: TrainConfig, out: Path):
@@ -169,12 +171,7 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     log = print if info.is_main else (lambda *a, **k: None)
     progress = info.is_main and not cfg.no_progress
     out = Path(cfg.out)
-    start = resolve_start(cfg, out)
-    resumed, ckpt_path = start if start else (None, None)
-
-    init = resolve_init(cfg, resumed)
-    resolve_train_config(cfg, resumed["args"] if resumed else None, ckpt_path, init)
-    check_outside_data(out, cfg.data_dir, "--out")
+    resumed, ckpt_path, init = resolve_sources(cfg, out)
     precision = runtime.resolve_precision(cfg.precision, device)
     data = load_data_once(info, progress, dataset=cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
                           limit=cfg.limit, val_fraction=cfg.val_fraction, use_test=cfg.use_test,
@@ -185,6 +182,56 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
         if state:
             check_same_arch(state["args"], args, where, "the data of this run")
 
+    net = build_network(cfg, arch, data, device)
+    fine_tune = bool(resumed) and not resumed["optimizer"]  # e.g. a point exported from a curve
+    history, start_epoch = restore(net, resumed, init, ckpt_path if resumed else cfg.init, fine_tune)
+    describe_setup(log, cfg, info, device, precision, data, arch, net)
+    describe_start(log, cfg, ckpt_path, resumed, fine_tune, start_epoch)
+    loaders = make_loaders(cfg, info, data, device, net.memory_format)
+    net = wrap_for_training(net, cfg, info, device, log)
+
+    board = tensorboard_writer(out) if cfg.tensorboard and info.is_main else None
+    with run_folder(out, "training run", info.is_main, history):
+        if info.is_main and resumed and not fine_tune:
+            refresh_picture(out / "reconstructions.png", ckpt_path, net.model, loaders.fixed)
+        one_epoch = functools.partial(train_and_measure, cfg=cfg, info=info, net=net, loaders=loaders, device=device,
+                                      precision=precision, progress=progress, board=board)
+        save = functools.partial(save_endpoint, out=out, args=args, history=history, net=net,
+                                 skipped=len(data.skipped), fixed=loaders.fixed, board=board)
+        run_epochs(range(start_epoch + 1, cfg.epochs + 1), history, one_epoch, TABLE, log,
+                   out if info.is_main else None, cfg.save_every_epoch, save)
+        if board is not None:
+            board.close()
+    return summarize(log, out, cfg.epochs, history, len(data.skipped))
+
+
+def resolve_sources(cfg: TrainConfig, out: Path) -> tuple:
+    """(the checkpoint resumed or None, its path or None, the endpoint --init starts from or None), with the
+    settings resolved from them (resolve_train_config)."""
+    start = resolve_start(cfg, out)
+    resumed, ckpt_path = start if start else (None, None)
+    init = resolve_init(cfg, resumed)
+    resolve_train_config(cfg, resumed["args"] if resumed else None, ckpt_path, init)
+    check_outside_data(out, cfg.data_dir, "--out")
+    return resumed, ckpt_path, init
+
+
+class Network(NamedTuple):
+    """What the run trains: the model, its loss and Adam, the memory format of its weights and batches (with a
+    note when it is not the one asked for), whether it is a VAE; then (wrap_for_training) `wrapped`, the model in
+    DistributedDataParallel under torchrun (else the model), and `forward`, that through torch.compile or not."""
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    memory_format: str
+    format_note: str
+    vae: bool
+    wrapped: torch.nn.Module | None = None
+    forward: runtime.CompiledOrEager | None = None
+
+
+def build_network(cfg: TrainConfig, arch: dict, data, device: torch.device) -> Network:
+    """The model initialised from --seed, on `device`, its loss and a fresh Adam."""
     runtime.seed_everything(cfg.seed)
     model = build_model(arch)
     vae = is_vae(model, arch)  # on the CPU, before the move: it feeds the network a batch made there
@@ -195,27 +242,41 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     if memory_format == "channels_last":  # before the optimizer, so its state takes the weights' layout
         model.to(memory_format=torch.channels_last)
     optimizer = runtime.adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
-    history, start_epoch = [], 0
-    fine_tune = bool(resumed) and not resumed["optimizer"]  # e.g. a point exported from a curve
-    if resumed or init:
-        check_fits(model.state_dict(), (resumed or init)["model"], ckpt_path if resumed else cfg.init)
-        model.load_state_dict((resumed or init)["model"])
-    if resumed and not fine_tune:
-        runtime.load_optimizer_state(optimizer, resumed["optimizer"])
-        history, start_epoch = list(resumed["metrics"]), resumed["epoch"]
+    return Network(model, loss_fn, optimizer, memory_format, format_note, vae)
 
+
+def restore(net: Network, resumed: dict | None, init: dict | None, source, fine_tune: bool) -> tuple[list, int]:
+    """(metrics rows so far, the epoch to start after): the weights of the checkpoint resumed or of the endpoint
+    --init starts from (`source`: its path), and a resumed run's optimizer state and metrics, unless it is a
+    fine-tuning (a checkpoint without optimizer state: a fresh Adam, epochs counted from 0)."""
+    if resumed or init:
+        check_fits(net.model.state_dict(), (resumed or init)["model"], source)
+        net.model.load_state_dict((resumed or init)["model"])
+    if resumed and not fine_tune:
+        runtime.load_optimizer_state(net.optimizer, resumed["optimizer"])
+        return list(resumed["metrics"]), resumed["epoch"]
+    return [], 0
+
+
+def describe_setup(log, cfg: TrainConfig, info: runtime.Dist, device, precision: str, data, arch: dict,
+                   net: Network) -> None:
+    """The data, model, loss and how the run computes, as printed before the first epoch."""
     log(f"data: {data.source}" + (f" ({len(data.skipped)} files or folders skipped, named in the warning above)"
                                 if data.skipped else ""))
     settings = ", ".join(f"{k}={v}" for k, v in arch.items() if k not in ("model", "model_kwargs") and v is not None)
     kwargs = f" {arch['model_kwargs']}" if arch["model_kwargs"] else ""
-    log(f"model: {arch['model']}{kwargs} {settings}: {num_parameters(model):,} parameters")
-    objective = f" + β·KL/D with β = --kl-weight {cfg.kl_weight:g} (a VAE)" if vae else ""
-    log(f"loss: {loss_fn.description}{objective}; lr {cfg.lr:g} ({cfg.lr_schedule} schedule); device {device}, "
-        f"precision {precision}, {memory_format}, Adam {runtime.adam_implementation(optimizer)}"
+    log(f"model: {arch['model']}{kwargs} {settings}: {num_parameters(net.model):,} parameters")
+    objective = f" + β·KL/D with β = --kl-weight {cfg.kl_weight:g} (a VAE)" if net.vae else ""
+    log(f"loss: {net.loss_fn.description}{objective}; lr {cfg.lr:g} ({cfg.lr_schedule} schedule); device {device}, "
+        f"precision {precision}, {net.memory_format}, Adam {runtime.adam_implementation(net.optimizer)}"
         f"{', compiled' if cfg.compile else ''}; world size {info.world_size}, batch {cfg.batch_size} per process")
-    if format_note:
-        log(f"note: {format_note}")
-    if init:
+    if net.format_note:
+        log(f"note: {net.format_note}")
+
+
+def describe_start(log, cfg: TrainConfig, ckpt_path, resumed, fine_tune: bool, start_epoch: int) -> None:
+    """Where the run starts from: --init's endpoint, a fine-tuned or resumed checkpoint, or nothing left to do."""
+    if cfg.init and not resumed:
         log(f"starting from the weights of {cfg.init} with a fresh Adam optimizer, epochs counted from 0")
     if fine_tune:
         log(f"fine-tuning from {ckpt_path}: its weights, a fresh Adam optimizer (the file holds no optimizer "
@@ -225,71 +286,79 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     if start_epoch >= cfg.epochs:
         log(f"nothing to do: the checkpoint is already at epoch {start_epoch} of {cfg.epochs}")
 
+
+class Loaders(NamedTuple):
+    train: BatchLoader  # this process's shard, reshuffled every epoch
+    test: BatchLoader  # this process's shard of the held-out images
+    fixed: torch.Tensor  # the first --num-images held-out images, in [0, 1]: the reconstruction pictures'
+
+
+def make_loaders(cfg: TrainConfig, info: runtime.Dist, data, device, memory_format: str) -> Loaders:
     cl = memory_format == "channels_last"
-    train_loader = BatchLoader(data.train, cfg.batch_size, device, shuffle=True, seed=cfg.seed,
-                               rank=info.rank, world_size=info.world_size, channels_last=cl)
-    test_loader = BatchLoader(data.test, cfg.batch_size, device, rank=info.rank, world_size=info.world_size,
-                              channels_last=cl)
-    fixed = data.test[: cfg.num_images].to(device).float().div(255)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.enabled else model
-    forward = runtime.CompiledOrEager(net, cfg.compile, "model", log)
+    return Loaders(BatchLoader(data.train, cfg.batch_size, device, shuffle=True, seed=cfg.seed, rank=info.rank,
+                               world_size=info.world_size, channels_last=cl),
+                   BatchLoader(data.test, cfg.batch_size, device, rank=info.rank, world_size=info.world_size,
+                               channels_last=cl),
+                   data.test[: cfg.num_images].to(device).float().div(255))
 
-    board = tensorboard_writer(out) if cfg.tensorboard and info.is_main else None
-    # one writer per run folder (rank 0 writes; the lock is released when the block ends or the process dies)
-    with folder_lock(out, "training run") if info.is_main else contextlib.nullcontext():
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_jsonl(out / "metrics.jsonl", history)  # mirrors the checkpoint (drops rows a crashed run logged)
-            picture = out / "reconstructions.png"
-            if resumed and not fine_tune and len(fixed) and (
-                    not picture.exists() or not picture.with_suffix(".pt").exists()
-                    or picture.stat().st_mtime_ns < ckpt_path.stat().st_mtime_ns):
-                save_reconstructions(fixed, reconstruct(model, fixed), [picture])  # e.g. killed before it was written
 
-        perceptual = getattr(loss_fn, "perceptual", None)
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            train_loss, seen, lr, train_terms = train_one_epoch(
-                net, loss_fn, optimizer, train_loader, device, precision, epoch, progress,
-                lambda step, epoch=epoch: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs),
-                forward)
-            train_seconds = time.perf_counter() - t0
-            check_finite_state(model.state_dict().items(), f"epoch {epoch}")
-            test = evaluate(model, test_loader, loss_fn)
-            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
-                   **{f"train_{k}": v for k, v in train_terms.items()}, "test_loss": test["loss"],
-                   **{f"test_{k}": test[k] for k in TERMS if k in test}, "test_mse": test["mse"],
-                   "test_psnr": test["psnr"], "epoch_seconds": time.perf_counter() - t0,
-                   "images_per_s": seen * info.world_size / train_seconds, "precision": precision,
-                   "memory_format": memory_format, "compiled": forward.active}
-            if cfg.loss == "vgg":
-                row["loss_is_perceptual"] = perceptual
-            history.append(row)
-            log(format_row(row, header=epoch == start_epoch + 1))
-            if info.is_main:
-                append_jsonl(out / "metrics.jsonl", row)
-                if board is not None:
-                    for key in ("train_loss", "test_loss", "test_mse", "test_psnr", "lr", "images_per_s",
-                                *(f"{split}_{k}" for split in ("train", "test") for k in TERMS)):
-                        if key in row:  # a VAE's terms
-                            board.add_scalar(key, row[key], epoch)
-                if epoch % cfg.save_every_epoch == 0 or epoch == cfg.epochs:
-                    record = EndpointRecord(kind="endpoint", epoch=epoch, args=args, metrics=history)
-                    state = {**record.to_json(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "skipped_images": len(data.skipped)}
-                    save_checkpoint(out / f"checkpoint_epoch{epoch:03d}.pt", state)
-                    save_checkpoint(out / "checkpoint.pt", state)
-                    if len(fixed):  # --num-images 0: no pictures
-                        save_reconstructions(fixed, reconstruct(model, fixed), [
-                            out / f"reconstructions_epoch{epoch:03d}.png", out / "reconstructions.png"], epoch, board)
-        if board is not None:
-            board.close()
+def wrap_for_training(net: Network, cfg: TrainConfig, info: runtime.Dist, device, log) -> Network:
+    """`net` with `wrapped` (DistributedDataParallel under torchrun) and `forward` (through torch.compile with
+    --compile) set."""
+    wrapped = DistributedDataParallel(net.model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.enabled else net.model
+    return net._replace(wrapped=wrapped, forward=runtime.CompiledOrEager(wrapped, cfg.compile, "model", log))
 
-    summary = {"out": str(out), "epochs": cfg.epochs, "skipped_images": len(data.skipped),
+
+def refresh_picture(picture: Path, ckpt_path: Path, model, fixed: torch.Tensor) -> None:
+    """On resume, reconstructions.png (and .pt) of the checkpoint again when missing or older than it (e.g. the run
+    was killed between the checkpoint's write and the picture's)."""
+    if len(fixed) and (not picture.exists() or not picture.with_suffix(".pt").exists()
+                       or picture.stat().st_mtime_ns < ckpt_path.stat().st_mtime_ns):
+        save_reconstructions(fixed, reconstruct(model, fixed), [picture])
+
+
+def train_and_measure(epoch: int, cfg: TrainConfig, info: runtime.Dist, net: Network, loaders: Loaders, device,
+                      precision: str, progress: bool, board) -> dict:
+    """One epoch: training, a check that the weights stayed finite, the held-out metrics; its metrics row (also
+    given to tensorboard with --tensorboard)."""
+    t0 = time.perf_counter()
+    trained = train_one_epoch(
+        net.wrapped, net.loss_fn, net.optimizer, loaders.train, device, precision, epoch, progress,
+        lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(loaders.train), cfg.epochs), net.forward)
+    train_seconds = time.perf_counter() - t0
+    check_finite_state(net.model.state_dict().items(), f"epoch {epoch}")
+    test = evaluate(net.model, loaders.test, net.loss_fn)
+    facts = {"precision": precision, "memory_format": net.memory_format, "compiled": net.forward.active}
+    if cfg.loss == "vgg":
+        facts["loss_is_perceptual"] = getattr(net.loss_fn, "perceptual", None)
+    row = metrics_row(epoch, trained.lr, {"loss": trained.loss, **trained.terms}, test, "test_",
+                      (t0, train_seconds, trained.seen * info.world_size), facts)
+    if board is not None:
+        for key in BOARD_KEYS:
+            if key in row:  # a VAE's terms
+                board.add_scalar(key, row[key], epoch)
+    return row
+
+
+def save_endpoint(epoch: int, out: Path, args: dict, history: list, net: Network, skipped: int,
+                  fixed: torch.Tensor, board) -> None:
+    """checkpoint.pt and checkpoint_epoch{epoch}.pt, and the reconstruction pictures (none with --num-images 0)."""
+    record = EndpointRecord(kind="endpoint", epoch=epoch, args=args, metrics=history).to_json()
+    state = checkpoint_state({**record, "skipped_images": skipped}, {"model": net.model.state_dict()}, net.optimizer)
+    save_checkpoint(out / f"checkpoint_epoch{epoch:03d}.pt", state)
+    save_checkpoint(out / "checkpoint.pt", state)
+    if len(fixed):
+        save_reconstructions(fixed, reconstruct(net.model, fixed), [
+            out / f"reconstructions_epoch{epoch:03d}.png", out / "reconstructions.png"], epoch, board)
+
+
+def summarize(log, out: Path, epochs: int, history: list, skipped: int) -> dict:
+    """What run returns (the last epoch's figures), as the last line printed says it."""
+    summary = {"out": str(out), "epochs": epochs, "skipped_images": skipped,
                **({k: history[-1][k] for k in ("train_loss", "test_loss", "test_mse", "test_psnr")} if history else {})}
     log(f"done: {summary.get('epochs')} epochs, test loss {summary.get('test_loss', float('nan')):.5f}, "
-        f"test PSNR {summary.get('test_psnr', float('nan')):.2f} dB, {len(data.skipped)} files or folders skipped; "
+        f"test PSNR {summary.get('test_psnr', float('nan')):.2f} dB, {skipped} files or folders skipped; "
         f"checkpoint, metrics.jsonl and reconstructions.png in {out}")
     return summary
 

@@ -14,10 +14,11 @@ from the same fixed subset of training images, held-out metrics in fp32), so the
 eval-curve's value at t = 0.5.
 """
 
-import contextlib
 import dataclasses
+import functools
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.func import functional_call
@@ -35,19 +36,27 @@ from aecurves.config import (
     settle_with_checkpoint,
     validate,
 )
-from aecurves.console import table_row
 from aecurves.curves import Curve, CurvePoint, make_coefficients
 from aecurves.data import BatchLoader, check_outside_data, load_data_once
 from aecurves.errors import UserError
-from aecurves.files import append_jsonl, folder_lock, write_jsonl
 from aecurves.losses import make_loss
 from aecurves.metrics import check_finite, check_finite_state, evaluate, fixed_subset, usable_memory_format
 from aecurves.models import build_model, is_vae
 from aecurves.records import refuse_other_outputs
 from aecurves.schedules import lr_at, set_lr
-from aecurves.training import TERMS, epoch_terms, objective_and_terms, term_columns
+from aecurves.training import (
+    TABLE_HEAD,
+    TABLE_TAIL,
+    checkpoint_state,
+    epoch_terms,
+    metrics_row,
+    objective_and_terms,
+    run_epochs,
+    run_folder,
+)
 
-COLUMNS = ["epoch", "lr", "train_loss", "l2_term", "mid_test_loss", "mid_test_mse", "seconds", "images/s"]
+TABLE = (*TABLE_HEAD, ("l2_term", "train_l2_term", "9.5f"), ("mid_test_loss", "mid_test_loss", "9.5f"),
+         ("mid_test_mse", "mid_test_mse", "9.5f"), *TABLE_TAIL)  # the epoch table printed (training.epoch_line)
 
 
 def _same_setting(key: str, a, b) -> bool:
@@ -188,53 +197,106 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
     progress = info.is_main and not cfg.no_progress
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
+    resumed = resolve_resume(cfg, out, ckpt_path)
+    resolve_curve_config(cfg, resumed["args"] if resumed else None, ckpt_path)
+    a, b, arch = resolve_endpoints(cfg, out)
+    precision = runtime.resolve_precision(cfg.precision, device)
+    data = load_data_once(info, progress, dataset=cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                          limit=cfg.limit, val_fraction=cfg.val_fraction, use_test=cfg.use_test,
+                          cache_dir=cfg.cache_dir)
+    check_data_fits(data, arch)
+
+    curve, vae, loss_fn, optimizer = build_curve(cfg, arch, a["model"], b["model"], device)
+    history, start_epoch = restore(cfg, curve, optimizer, resumed, a["model"], b["model"], device)
+    memory_format, format_note = usable_memory_format(cfg.memory_format, curve.base, curve.weights(0.5),
+                                                      data.train[:2].to(device).float().div(255))
+    curve.run_base = runtime.CompiledOrEager(base_runner(curve.base, memory_format), cfg.compile, "base network",
+                                             log)
+    describe(log, cfg, device, precision, data, curve, vae, loss_fn, optimizer, (memory_format, format_note))
+    if resumed:
+        log(f"resuming from {ckpt_path} at epoch {start_epoch}")
+    loaders = make_loaders(cfg, info, data, device, memory_format)
+    net = DistributedDataParallel(curve, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.enabled else curve
+
+    with run_folder(out, "curve run", info.is_main, history):
+        one_epoch = functools.partial(train_and_monitor, cfg=cfg, info=info, net=net, curve=curve, loss_fn=loss_fn,
+                                      optimizer=optimizer, loaders=loaders, device=device, precision=precision,
+                                      facts={"precision": precision, "memory_format": memory_format},
+                                      progress=progress)
+        save = functools.partial(save_curve, path=ckpt_path, args=as_record(cfg), arch=arch, history=history,
+                                 curve=curve, optimizer=optimizer)
+        run_epochs(range(start_epoch + 1, cfg.epochs + 1), history, one_epoch, TABLE, log,
+                   out if info.is_main else None, cfg.save_every_epoch, save)
+
+    log(f"done: curve checkpoint {ckpt_path}; evaluate it with `aecurves eval-curve --ckpt {ckpt_path}`")
+    return {"out": str(out), "checkpoint": str(ckpt_path), **(history[-1] if history else {})}
+
+
+def resolve_resume(cfg: TrainCurveConfig, out: Path, ckpt_path: Path) -> dict | None:
+    """The curve checkpoint --resume continues (None: a new run), after refusing to overwrite a run or to write
+    into another command's output."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the curve run (nothing was written).")
     refuse_other_outputs(out, "train-curve", ("evaluation", "plane"))
-    resumed = None
     if cfg.resume and ckpt_path.is_file():
-        resumed = load_checkpoint(ckpt_path, "curve", "curve checkpoint")
-    elif ckpt_path.exists():
+        return load_checkpoint(ckpt_path, "curve", "curve checkpoint")
+    if ckpt_path.exists():
         raise UserError(f"{out} already holds a curve run (checkpoint.pt). Pass --resume to continue it, "
                         "or choose another --dir/--out folder; nothing was overwritten.")
-    resolve_curve_config(cfg, resumed["args"] if resumed else None, ckpt_path)
+    return None
+
+
+def resolve_endpoints(cfg: TrainCurveConfig, out: Path) -> tuple[dict, dict, dict]:
+    """(start endpoint, end endpoint, their architecture), with the paths resolved and the data and model settings
+    filled from the endpoints (fill_from_endpoint)."""
     a, b, arch = load_endpoint_pair(cfg.init_start, cfg.init_end, cfg.model,
                                     data_chosen=bool(cfg.dataset or cfg.data_dir))
     cfg.init_start, cfg.init_end = (str(Path(p).resolve()) for p in (cfg.init_start, cfg.init_end))
     cfg.model = arch["model"]
     fill_from_endpoint(cfg, a["args"], b["args"])
     check_outside_data(out, cfg.data_dir, "--out")
+    return a, b, arch
 
-    precision = runtime.resolve_precision(cfg.precision, device)
-    data = load_data_once(info, progress, dataset=cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                          limit=cfg.limit, val_fraction=cfg.val_fraction, use_test=cfg.use_test,
-                          cache_dir=cfg.cache_dir)
+
+def check_data_fits(data, arch: dict) -> None:
     if data.channels != arch["channels"] or data.image_size != arch["image_size"]:
         raise UserError(f"The data ({data.channels} channels, {data.image_size}px) does not fit the endpoints "
                         f"({arch['channels']} channels, {arch['image_size']}px); drop the --dataset/"
                         "--data_path overrides or pass data like the endpoints were trained on.")
 
+
+def build_curve(cfg: TrainCurveConfig, arch: dict, start: dict, end: dict, device) -> tuple:
+    """(the curve between the endpoints' weights `start` and `end`, its middle bends on their segment unless
+    --init-linear-off, whether it is a VAE's, its loss, a fresh Adam over its free bends), from --seed."""
     runtime.seed_everything(cfg.seed)
     curve = Curve(build_model(arch), cfg.curve, cfg.num_bends, cfg.fix_start, cfg.fix_end)
     vae = is_vae(curve.base, arch)  # on the CPU, before the move: it feeds the network a batch made there
-    curve.set_endpoints(a["model"], b["model"])
+    curve.set_endpoints(start, end)
     if not cfg.init_linear_off:
         curve.init_linear()
     curve.to(device)
     loss_fn = make_loss(cfg.loss, cfg.vgg_weights, cfg.kl_weight).to(device)
     optimizer = runtime.adam([p for p in curve.bends if p.requires_grad], lr=cfg.lr)
-    history, start_epoch = [], 0
-    if resumed:
-        curve.load_curve_state(resumed["curve"])
-        check_fixed_ends(curve, a["model"], b["model"], cfg)
-        curve.to(device)
-        runtime.load_optimizer_state(optimizer, resumed["optimizer"])
-        history, start_epoch = list(resumed["metrics"]), resumed["epoch"]
-    memory_format, format_note = usable_memory_format(cfg.memory_format, curve.base, curve.weights(0.5),
-                                                      data.train[:2].to(device).float().div(255))
-    curve.run_base = runtime.CompiledOrEager(base_runner(curve.base, memory_format), cfg.compile, "base network",
-                                             log)
+    return curve, vae, loss_fn, optimizer
 
+
+def restore(cfg: TrainCurveConfig, curve: Curve, optimizer, resumed: dict | None, start: dict, end: dict,
+            device) -> tuple[list, int]:
+    """(metrics rows so far, the epoch to start after): a resumed run's bends, optimizer state and metrics."""
+    if not resumed:
+        return [], 0
+    curve.load_curve_state(resumed["curve"])
+    check_fixed_ends(curve, start, end, cfg)
+    curve.to(device)
+    runtime.load_optimizer_state(optimizer, resumed["optimizer"])
+    return list(resumed["metrics"]), resumed["epoch"]
+
+
+def describe(log, cfg: TrainCurveConfig, device, precision: str, data, curve: Curve, vae: bool, loss_fn, optimizer,
+             memory_format: tuple[str, str]) -> None:
+    """The data, the curve, its objective and how the run computes, as printed before the first epoch."""
+    memory_format, format_note = memory_format
     log(f"data: {data.source}")
     log(f"curve: {cfg.curve} with {cfg.num_bends} bends between {cfg.init_start} and {cfg.init_end}; "
         f"start {'fixed' if cfg.fix_start else 'free'}, end {'fixed' if cfg.fix_end else 'free'}, "
@@ -247,58 +309,44 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
         log(f"note: {format_note}")
     log(f"monitor: θ(0.5) on the held-out images after BN statistics from {min(cfg.bn_images, len(data.train))} "
         "training images (eval-curve's protocol)")
-    if resumed:
-        log(f"resuming from {ckpt_path} at epoch {start_epoch}")
 
+
+class Loaders(NamedTuple):
+    train: BatchLoader  # this process's shard, reshuffled every epoch
+    bn: BatchLoader  # the fixed subset of training images the midpoint's BN statistics come from
+    test: BatchLoader  # this process's shard of the held-out images
+
+
+def make_loaders(cfg: TrainCurveConfig, info: runtime.Dist, data, device, memory_format: str) -> Loaders:
+    """The monitor uses eval-curve's protocol: the same fixed BN subset and batch size (BN statistics are averaged
+    per batch), so its last figure is eval-curve's at t = 0.5."""
     cl = memory_format == "channels_last"
-    train_loader = BatchLoader(data.train, cfg.batch_size, device, shuffle=True, seed=cfg.seed,
-                               rank=info.rank, world_size=info.world_size, channels_last=cl)
-    # The monitor uses eval-curve's protocol: the same fixed BN subset and batch size (BN statistics are
-    # averaged per batch), so its last figure is eval-curve's at t = 0.5.
-    bn_loader = BatchLoader(fixed_subset(data.train, cfg.bn_images), EVAL_BATCH_SIZE, device, channels_last=cl)
-    test_loader = BatchLoader(data.test, EVAL_BATCH_SIZE, device, rank=info.rank, world_size=info.world_size,
-                              channels_last=cl)
-    net = DistributedDataParallel(curve, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.enabled else curve
+    return Loaders(BatchLoader(data.train, cfg.batch_size, device, shuffle=True, seed=cfg.seed, rank=info.rank,
+                               world_size=info.world_size, channels_last=cl),
+                   BatchLoader(fixed_subset(data.train, cfg.bn_images), EVAL_BATCH_SIZE, device, channels_last=cl),
+                   BatchLoader(data.test, EVAL_BATCH_SIZE, device, rank=info.rank, world_size=info.world_size,
+                               channels_last=cl))
 
-    # one writer per run folder (rank 0 writes; the lock is released when the block ends or the process dies)
-    with folder_lock(out, "curve run") if info.is_main else contextlib.nullcontext():
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_jsonl(out / "metrics.jsonl", history)  # mirrors the checkpoint (drops rows a crashed run logged)
 
-        args = as_record(cfg)
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            # t comes from a generator seeded by (seed, epoch, rank): reproducible, and resumable per epoch
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + info.rank)
-            ts = sample_ts(len(train_loader), gen, cfg.t_sampling)
-            train_loss, l2_mean, seen, lr, train_terms = train_curve_one_epoch(
-                net, curve, loss_fn, optimizer, train_loader, device, precision, epoch, ts,
-                lambda step, epoch=epoch: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(train_loader), cfg.epochs),
-                cfg.wd, progress)
-            train_seconds = time.perf_counter() - t0
-            check_finite_state([*((f"bend {k}", b) for k, b in enumerate(curve.bends)), *curve.base.named_buffers()],
-                               f"epoch {epoch}")
-            mid = midpoint_monitor(curve, bn_loader, test_loader, loss_fn)
-            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_l2_term": l2_mean,
-                   **{f"train_{k}": v for k, v in train_terms.items()}, "mid_test_loss": mid["loss"],
-                   **{f"mid_test_{k}": mid[k] for k in TERMS if k in mid}, "mid_test_mse": mid["mse"],
-                   "mid_test_psnr": mid["psnr"],
-                   "epoch_seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds,
-                   "precision": precision, "memory_format": memory_format,
-                   "compiled": curve.run_base.active}
-            history.append(row)
-            values = [epoch, lr, train_loss, l2_mean, mid["loss"], mid["mse"], row["epoch_seconds"],
-                      row["images_per_s"]]
-            formats = ["d", "9.2e", "9.5f", "9.5f", "9.5f", "9.5f", "8.1f", "8.0f"]
-            log(table_row(*term_columns(row, "train_", 3, values, COLUMNS, formats), epoch == start_epoch + 1))
-            if info.is_main:
-                append_jsonl(out / "metrics.jsonl", row)
-                if epoch % cfg.save_every_epoch == 0 or epoch == cfg.epochs:
-                    state = {"kind": "curve", "curve": curve.curve_state(), "model_config": arch,
-                             "optimizer": optimizer.state_dict(), "epoch": epoch, "args": args, "metrics": history}
-                    save_checkpoint(out / "checkpoint.pt", state)
+def train_and_monitor(epoch: int, cfg: TrainCurveConfig, info: runtime.Dist, net, curve: Curve, loss_fn, optimizer,
+                      loaders: Loaders, device, precision: str, facts: dict, progress: bool) -> dict:
+    """One epoch: training at the epoch's t, a check that the bends and the BN buffers stayed finite, the
+    midpoint's held-out metrics; its metrics row."""
+    t0 = time.perf_counter()
+    # t comes from a generator seeded by (seed, epoch, rank): reproducible, and resumable per epoch
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + info.rank)
+    ts = sample_ts(len(loaders.train), gen, cfg.t_sampling)
+    train_loss, l2_mean, seen, lr, train_terms = train_curve_one_epoch(
+        net, curve, loss_fn, optimizer, loaders.train, device, precision, epoch, ts,
+        lambda step: lr_at(cfg.lr_schedule, cfg.lr, epoch, step, len(loaders.train), cfg.epochs), cfg.wd, progress)
+    train_seconds = time.perf_counter() - t0
+    check_finite_state([*((f"bend {k}", b) for k, b in enumerate(curve.bends)), *curve.base.named_buffers()],
+                       f"epoch {epoch}")
+    mid = midpoint_monitor(curve, loaders.bn, loaders.test, loss_fn)
+    return metrics_row(epoch, lr, {"loss": train_loss, "l2_term": l2_mean, **train_terms}, mid, "mid_test_",
+                       (t0, train_seconds, seen), {**facts, "compiled": curve.run_base.active})
 
-    log(f"done: curve checkpoint {ckpt_path}; evaluate it with `aecurves eval-curve --ckpt {ckpt_path}`")
-    return {"out": str(out), "checkpoint": str(ckpt_path), **(history[-1] if history else {})}
+
+def save_curve(epoch: int, path: Path, args: dict, arch: dict, history: list, curve: Curve, optimizer) -> None:
+    record = {"kind": "curve", "model_config": arch, "epoch": epoch, "args": args, "metrics": history}
+    save_checkpoint(path, checkpoint_state(record, {"curve": curve.curve_state()}, optimizer))

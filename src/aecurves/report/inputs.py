@@ -16,12 +16,11 @@ import numpy as np
 from aecurves.config import LOSSES
 from aecurves.errors import UserError
 from aecurves.files import check_no_link
-from aecurves.records import RecordError, StudyRecord
+from aecurves.records import HELD_OUT_FORMAT, RecordError, StudyRecord
 
 from .model import Picture
 from .specs import (
     CURVE_ARRAYS,
-    HELD_OUT_FORMAT,
     RUN_GROUP,
     SKIPPED_GROUP,
     STUDY,

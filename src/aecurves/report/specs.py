@@ -146,4 +146,3 @@ ENSEMBLES = {"averages": Each({"members": [int], "mse": NUMBER, "psnr": NUMBER, 
 FGE = {"budget_epochs": int, "snapshots": [dict], "schedule": Maybe({"cycle": Maybe(int)})}  # fge.json
 CURVE_ARRAYS = ("ts", "tr_loss", "te_loss")  # what the figures draw of a curve.npz, for the curve and its segment
 TERM_ARRAYS = ("te_distortion", "te_rate")  # and of a VAE's, when there: its objective's two terms
-HELD_OUT_FORMAT = 1  # of an endpoint's reconstructions.pt (train.py)
