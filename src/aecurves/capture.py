@@ -1,5 +1,6 @@
 """A network's forward pass as a torch.fx graph, for alignment (symmetry.find_groups, align's activation taps) and
---renormalize (renormalize.find_layers).
+--renormalize (renormalize.find_layers), and the one question both ask of it: which layers only BatchNorm reads
+(read_only_by_batchnorm).
 
 trace first asks torch.fx: symbolic_trace runs forward on proxies, so a model it traces today gets exactly today's
 graph. fx refuses Python control flow on shapes or configuration (diffusers' AutoencoderKL: "symbolically traced
@@ -361,3 +362,50 @@ def _writes(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__")
     return node.op == "call_function" and node.target is operator.setitem
+
+
+# --- which layers only BatchNorm reads ----------------------------------------------------------------------------
+
+# the layers whose output channels a BatchNorm after them normalises, and the BatchNorms: every module of torch's
+# BatchNorm family (BatchNorm1d/2d/3d, SyncBatchNorm, their lazy forms and subclasses), in training or eval mode
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+BATCHNORM = nn.modules.batchnorm._BatchNorm
+SHAPE_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "is_cuda")
+SHAPE_METHODS = ("size", "dim", "numel")
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """A node that reads only a tensor's shape (x.shape, x.size()): no data flows through it."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in SHAPE_ATTRIBUTES
+    return node.op == "call_method" and node.target in SHAPE_METHODS
+
+
+def data_readers(node: fx.Node) -> list:
+    """The nodes that read `node`'s values (its users, less those that only ask for its shape)."""
+    return [user for user in node.users if not is_shape_query(user)]
+
+
+def read_only_by_batchnorm(gm: fx.GraphModule) -> dict[str, tuple]:
+    """{layer: the BatchNorm modules that read it} for every LAYERS module whose output, at every one of its calls,
+    is read as data by BatchNorm modules (BATCHNORM) and by nothing else; in the order of the layers' first calls.
+
+    Such a layer's output is seen only as BatchNorm normalises it: whatever scale and shift its channels have,
+    BatchNorm's statistics take them out (so --renormalize leaves it to the BatchNorm recomputation, and alignment
+    may fold the BatchNorm into it). Hence: a shape query (x.shape, x.size()) reads no data and does not count;
+    any other reader (an activation, a residual sum, GroupNorm, torch.nn.functional.batch_norm, which holds its
+    statistics outside any module) sees the raw output; a layer called more than once counts only if every call
+    is read by BatchNorm alone; an unused output is read by nothing, so by no BatchNorm."""
+    modules = dict(gm.named_modules())
+    found, refused = {}, set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], LAYERS) or node.target in refused:
+            continue
+        readers = data_readers(node)
+        norms = [u.target for u in readers if u.op == "call_module" and isinstance(modules[u.target], BATCHNORM)]
+        if readers and len(norms) == len(readers):
+            found[node.target] = tuple(dict.fromkeys(found.get(node.target, ()) + tuple(norms)))
+        else:
+            refused.add(node.target)
+            found.pop(node.target, None)
+    return found

@@ -14,8 +14,9 @@ giving each layer's output channels the statistics interpolated between the endp
 Here a path's networks already get their BatchNorm statistics recomputed at every t (the evaluation protocol),
 which is REPAIR's correction for the layers that BatchNorm reads. So only the Conv*/ConvTranspose*/Linear
 layers whose output is NOT read directly by a BatchNorm are corrected (`find_layers`, by torch.fx: a layer
-whose every consumer is a BatchNorm module is covered), the output layer left out by default (deviation 4);
-in the built-in ConvAutoencoder that leaves the two latent Linear layers. At each t, for each such layer, with
+whose every consumer, at every call, is a BatchNorm module is covered: capture.read_only_by_batchnorm), the
+output layer left out by default (deviation 4); in the built-in ConvAutoencoder that leaves the two latent Linear
+layers. At each t, for each such layer, with
 per-channel (Conv: per output channel; Linear: per output feature) statistics over the BN subset of training
 images:
 
@@ -70,6 +71,7 @@ Deviations from REPAIR, and why:
    (tied elsewhere) are left uncorrected and listed in `Plan.skipped`.
 """
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -82,12 +84,9 @@ from aecurves.errors import UserError
 
 EPS = 1e-5  # BatchNorm's default eps, REPAIR's too
 
-LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-               nn.Linear)
+LAYER_TYPES = capture.LAYERS  # the layers it corrects, and the BatchNorms: the alignment's (capture's) lists
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-BATCHNORM = nn.modules.batchnorm._BatchNorm
-SHAPE_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "is_cuda")
-SHAPE_METHODS = ("size", "dim", "numel")
+BATCHNORM = capture.BATCHNORM
 
 
 @dataclass(frozen=True)
@@ -122,13 +121,6 @@ class Plan:
                 "covered_by_batchnorm": list(self.covered), "skipped": dict(self.skipped), "eps": EPS}
 
 
-def _is_shape_query(node: fx.Node) -> bool:
-    """A node that reads only a tensor's shape (x.shape, x.size()): no data flows through it."""
-    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
-        return node.args[1] in SHAPE_ATTRIBUTES
-    return node.op == "call_method" and node.target in SHAPE_METHODS
-
-
 def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModule:
     """torch.fx's graph of the model, else (given an example input) a recording of one run (capture.trace)."""
     return capture.trace(model, example, "--renormalize")
@@ -137,57 +129,25 @@ def trace(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModu
 def find_layers(model: nn.Module, include_output: bool = False, example: torch.Tensor | None = None) -> Plan:
     """The Conv*/ConvTranspose*/Linear modules of `model` whose output is not read directly by a BatchNorm
     module, found in its graph (trace; `example`: an input batch, for a model torch.fx cannot trace): a layer
-    whose every consumer is a BatchNorm module is covered (its statistics are renormalised when BatchNorm's are
-    recomputed); every other one is corrected, the output layer (no Conv/Linear/BatchNorm after it) only with
-    `include_output`."""
+    that only BatchNorm modules read (capture.read_only_by_batchnorm, alignment's rule too) is covered (its
+    statistics are renormalised when BatchNorm's are recomputed); every other one is corrected, the output layer
+    (no Conv/Linear/BatchNorm after it) only with `include_output`."""
     gm = trace(model, example)
     modules = dict(gm.named_modules())
+    plan = Plan([], covered=list(capture.read_only_by_batchnorm(gm)))
+    upstream = _upstream(gm, modules)
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    counted = [n for n in gm.graph.nodes if _module_of(n, modules, (*LAYER_TYPES, BATCHNORM))]
+    bn_nodes = [n for n in gm.graph.nodes if _module_of(n, modules, BATCHNORM)]
     params = dict(model.named_parameters())
-
-    def module_of(node):
-        return modules.get(node.target) if node.op == "call_module" else None
-
-    calls = {}
+    seen = set(plan.covered)
     for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    # upstream[node]: the Conv/Linear/BatchNorm modules whose output flows (as data, not shape) into node
-    upstream = {}
-    for node in gm.graph.nodes:
-        above = set()
-        if not _is_shape_query(node):
-            for source in node.all_input_nodes:
-                above |= upstream[source]
-                if isinstance(module_of(source), (*LAYER_TYPES, BATCHNORM)):
-                    above.add(source.target)
-        upstream[node] = frozenset(above)
-    nodes = [n for n in gm.graph.nodes if isinstance(module_of(n), LAYER_TYPES)]
-    bn_nodes = [n for n in gm.graph.nodes if isinstance(module_of(n), BATCHNORM)]
-    counted = [n for n in gm.graph.nodes if isinstance(module_of(n), (*LAYER_TYPES, BATCHNORM))]
-    plan = Plan([])
-    seen = set()
-    for node in nodes:
-        name, m = node.target, module_of(node)
-        if name in seen:
+        name, m = node.target, _module_of(node, modules, LAYER_TYPES)
+        if m is None or name in seen:
             continue
         seen.add(name)
-        readers = [u for u in node.users if not _is_shape_query(u)]
-        if readers and all(isinstance(module_of(u), BATCHNORM) for u in readers):
-            plan.covered.append(name)
-            continue
         output = not any(name in upstream[n] for n in counted)
-        why = None
-        if calls[name] > 1:
-            why = f"called {calls[name]} times in the forward pass: one correction cannot fit every call"
-        elif not readers:
-            why = "its output is not used"
-        elif m.bias is None:
-            why = "no bias: the mean of its output cannot be moved within its weights"
-        elif params.get(f"{name}.weight") is not m.weight or params.get(f"{name}.bias") is not m.bias:
-            why = "its parameters are shared with another module"
-        elif output and not include_output:
-            why = ("the output layer (no Conv, Linear or BatchNorm after it), left as it is: correcting it measured "
-                   "worse (docs/alignment.md)")
+        why = _why_not_corrected(m, calls[name], capture.data_readers(node), params, name, output, include_output)
         if why:
             plan.skipped[name] = why
             continue
@@ -198,6 +158,43 @@ def find_layers(model: nn.Module, include_output: bool = False, example: torch.T
             bn_before=frozenset(b for b in upstream[node] if isinstance(modules[b], BATCHNORM)),
             bn_after=frozenset(b.target for b in bn_nodes if name in upstream[b])))
     return plan
+
+
+def _module_of(node: fx.Node, modules: dict, types: tuple) -> nn.Module | None:
+    """The module a call_module node calls, if it is one of `types`."""
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return module if isinstance(module, types) else None
+
+
+def _upstream(gm: fx.GraphModule, modules: dict) -> dict:
+    """{node: the Conv/Linear/BatchNorm modules whose output flows (as data, not shape) into it}."""
+    upstream = {}
+    for node in gm.graph.nodes:
+        above = set()
+        if not capture.is_shape_query(node):
+            for source in node.all_input_nodes:
+                above |= upstream[source]
+                if _module_of(source, modules, (*LAYER_TYPES, BATCHNORM)) is not None:
+                    above.add(source.target)
+        upstream[node] = frozenset(above)
+    return upstream
+
+
+def _why_not_corrected(m: nn.Module, calls: int, readers: list, params: dict, name: str, output: bool,
+                       include_output: bool) -> str | None:
+    """Why a layer that BatchNorm does not cover is left uncorrected; None if it is corrected."""
+    if calls > 1:
+        return f"called {calls} times in the forward pass: one correction cannot fit every call"
+    if not readers:
+        return "its output is not used"
+    if m.bias is None:
+        return "no bias: the mean of its output cannot be moved within its weights"
+    if params.get(f"{name}.weight") is not m.weight or params.get(f"{name}.bias") is not m.bias:
+        return "its parameters are shared with another module"
+    if output and not include_output:
+        return ("the output layer (no Conv, Linear or BatchNorm after it), left as it is: correcting it measured "
+                "worse (docs/alignment.md)")
+    return None
 
 
 def no_layers_message(plan: Plan) -> str:

@@ -1197,24 +1197,16 @@ def _matching_cost(g: Group, state_a: dict, state_b: dict, perms: dict, along: d
 
 # --- BatchNorm folded into the layer before it ----------------------------------------------------------------
 
-_WRITERS = _CONVS + _CONV_TRANSPOSES + (nn.Linear,)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
 def batchnorm_after(model: nn.Module, example: torch.Tensor | None = None) -> dict[str, str]:
-    """{layer: its BatchNorm} for every Conv/ConvTranspose/Linear whose output only a BatchNorm module reads.
-    `example`: find_groups' input, needed for a model that torch.fx cannot trace (capture.trace)."""
+    """{layer: its BatchNorm} for every Conv/ConvTranspose/Linear whose output only BatchNorm reads
+    (capture.read_only_by_batchnorm, the rule --renormalize uses too), where fold_batchnorm can fold it: one
+    BatchNorm module alone (two would want two scales of one weight), keeping running statistics (one without
+    them normalises by each batch's, which no weight can hold). `example`: find_groups' input, needed for a model
+    that torch.fx cannot trace (capture.trace)."""
     gm = capture.trace(model, example, "aligning")  # find_groups captured it already, so this cannot fail
     modules = dict(gm.named_modules())
-    pairs = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _WRITERS):
-            continue
-        users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], _BATCHNORMS) \
-                and users[0].args[0] is node:
-            pairs[node.target] = users[0].target
-    return pairs
+    return {layer: norms[0] for layer, norms in capture.read_only_by_batchnorm(gm).items()
+            if len(norms) == 1 and modules[norms[0]].running_var is not None}
 
 
 def fold_batchnorm(state: dict, model: nn.Module, pairs: dict[str, str]) -> dict:

@@ -52,57 +52,26 @@ def run(cfg: AlignConfig) -> dict:
     device = runtime.resolve_device(cfg.device)
     a, b, arch = load_endpoint_pair(cfg.init_start, cfg.init_end, cfg.model, "--init_start/--init_end")
     check_outside_data(out, b["args"].get("data_dir"), "--out")
-    model_a, model_b = build_model(arch).to(device), build_model(arch).to(device)
-    model_a.load_state_dict(a["model"])
-    model_b.load_state_dict(b["model"])
+    model_a, model_b = (_network(arch, endpoint["model"], device) for endpoint in (a, b))
     vae = is_vae(model_b, arch)
     check_latent_of_vae(cfg, vae)
     example = torch.full((2, arch["channels"], arch["image_size"], arch["image_size"]), 0.5, device=device)
     groups = find_groups(model_b, example)
     latent = [g for g in groups if g.kind == "latent"]
-    hidden = [g for g in groups if g.kind != "latent"]
     images = training_images(b["args"], cfg, device, latent) if cfg.method not in ("weights", "weights-raw") or \
         cfg.latent in ("orthogonal", "linear") else None
 
     t0 = time.perf_counter()
-    matched = groups if cfg.latent == "permutation" else hidden
-    perms, learned = None, None
-    if cfg.method in ("activations", "both", "mixed", "learned"):
-        correlations = activation_correlations(model_a, model_b, matched, images, cfg.match_at)
-        by_name = {g.name: g for g in matched}
-        perms = {name: torch.as_tensor(assign(c.numpy(), by_name[name])) for name, c in correlations.items()}
-    if cfg.method == "weights-raw":
-        perms = weight_matching(model_a.state_dict(), model_b.state_dict(), matched, seed=cfg.seed)
-    elif cfg.method in ("weights", "both", "mixed"):
-        pairs = batchnorm_after(model_b, example)
-        folded_a, folded_b = (fold_batchnorm(m.state_dict(), m, pairs) for m in (model_a, model_b))
-        perms = weight_matching(folded_a, folded_b, matched, seed=cfg.seed, init=perms, normalise=True,
-                                **({"unary": correlations, "alpha": cfg.alpha} if cfg.method == "mixed" else {}))
-    elif cfg.method == "learned":
-        loss_fn = make_loss(b["args"].get("loss", "mse"), cfg.vgg_weights, b["args"].get("kl_weight", 1.0)).to(device)
-        batch = int(b["args"].get("batch_size") or 64)
-        perms, learned = learned_matching(model_a, model_b, matched, perms, images, loss_fn, steps=cfg.steps,
-                                          lr=cfg.ste_lr, batch_size=batch, seed=cfg.seed,
-                                          progress=not cfg.no_progress)
+    perms, learned = match_units(cfg, model_a, model_b, groups, images, example, b["args"])
     state = permute(model_b.state_dict(), groups, perms)
-    maps = {}
     if cfg.latent in ("orthogonal", "linear") and latent:
-        model_b.load_state_dict(state)
-        for g in latent:
-            maps[g.name] = latent_map(model_a, model_b, g, images, cfg.latent)
-            state = apply_latent_map(state, g, maps[g.name])
+        state = map_latents(model_a, model_b, state, latent, images, cfg.latent)
     seconds = time.perf_counter() - t0
 
     deviation = check_same_function(arch, b["model"], state, images, example, device)
     moved = sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
-    aligned = {**b, "model": {k: v.detach().cpu() for k, v in state.items()}, "optimizer": {},
-               "aligned_to": {"start": str(Path(cfg.init_start).resolve()), "end": str(Path(cfg.init_end).resolve()),
-                              "method": cfg.method, "latent": cfg.latent, "images": cfg.images, "vae": vae,
-                              "match_at": cfg.match_at,
-                              **({"alpha": cfg.alpha} if cfg.method == "mixed" else {}),
-                              **({"learned": learned} if learned is not None else {}),
-                              "groups": {g.name: g.size for g in groups}, "units_moved": moved,
-                              "max_output_difference": deviation, "seconds": seconds}}
+    record = aligned_to(cfg, vae, learned, groups, moved, deviation, seconds)
+    aligned = {**b, "model": {k: v.detach().cpu() for k, v in state.items()}, "optimizer": {}, "aligned_to": record}
     try:
         save_checkpoint(out, aligned, exclusive=True)  # linked into place only if nothing took the name meanwhile
     except FileExistsError:
@@ -114,6 +83,57 @@ def run(cfg: AlignConfig) -> dict:
           f"{deviation:.1e}); wrote {out}")
     return {"out": str(out), "groups": len(groups), "units_moved": moved, "seconds": seconds,
             "max_output_difference": deviation}
+
+
+def _network(arch: dict, state: dict, device) -> torch.nn.Module:
+    model = build_model(arch).to(device)
+    model.load_state_dict(state)
+    return model
+
+
+def match_units(cfg: AlignConfig, model_a, model_b, groups: list, images, example: torch.Tensor,
+                args: dict) -> tuple[dict, dict | None]:
+    """The permutations of B's units by cfg.method ({group: B's unit for each of A's}; the latent groups only with
+    --latent permutation), and the learned method's record (None for the others)."""
+    matched = groups if cfg.latent == "permutation" else [g for g in groups if g.kind != "latent"]
+    perms, correlations = None, None
+    if cfg.method in ("activations", "both", "mixed", "learned"):
+        correlations = activation_correlations(model_a, model_b, matched, images, cfg.match_at)
+        by_name = {g.name: g for g in matched}
+        perms = {name: torch.as_tensor(assign(c.numpy(), by_name[name])) for name, c in correlations.items()}
+    if cfg.method == "weights-raw":
+        return weight_matching(model_a.state_dict(), model_b.state_dict(), matched, seed=cfg.seed), None
+    if cfg.method in ("weights", "both", "mixed"):
+        pairs = batchnorm_after(model_b, example)
+        folded_a, folded_b = (fold_batchnorm(m.state_dict(), m, pairs) for m in (model_a, model_b))
+        unary = {"unary": correlations, "alpha": cfg.alpha} if cfg.method == "mixed" else {}
+        return weight_matching(folded_a, folded_b, matched, seed=cfg.seed, init=perms, normalise=True, **unary), None
+    if cfg.method == "learned":
+        loss_fn = make_loss(args.get("loss", "mse"), cfg.vgg_weights, args.get("kl_weight", 1.0))
+        loss_fn = loss_fn.to(example.device)  # the models' device
+        return learned_matching(model_a, model_b, matched, perms, images, loss_fn, steps=cfg.steps, lr=cfg.ste_lr,
+                                batch_size=int(args.get("batch_size") or 64), seed=cfg.seed,
+                                progress=not cfg.no_progress)
+    return perms, None
+
+
+def map_latents(model_a, model_b, state: dict, latent: list, images, how: str) -> dict:
+    """`state` (B permuted) with each latent group's code mapped onto A's (latent_map); model_b is loaded with it."""
+    model_b.load_state_dict(state)
+    for g in latent:
+        state = apply_latent_map(state, g, latent_map(model_a, model_b, g, images, how))
+    return state
+
+
+def aligned_to(cfg: AlignConfig, vae: bool, learned: dict | None, groups: list, moved: int, deviation: float,
+               seconds: float) -> dict:
+    """The aligned checkpoint's record of how it was made."""
+    return {"start": str(Path(cfg.init_start).resolve()), "end": str(Path(cfg.init_end).resolve()),
+            "method": cfg.method, "latent": cfg.latent, "images": cfg.images, "vae": vae, "match_at": cfg.match_at,
+            **({"alpha": cfg.alpha} if cfg.method == "mixed" else {}),
+            **({"learned": learned} if learned is not None else {}),
+            "groups": {g.name: g.size for g in groups}, "units_moved": moved,
+            "max_output_difference": deviation, "seconds": seconds}
 
 
 def check_out(cfg: AlignConfig) -> Path:
@@ -240,25 +260,17 @@ def learned_matching(model_a, model_b, groups, init: dict, images, loss_fn, step
     net = copy.deepcopy(model_a)
     scratch = {n: b.clone() for n, b in net.named_buffers()}  # training-mode BatchNorm: its running stats are scratch
     generator = torch.Generator().manual_seed(seed)
-    batches = BatchLoader(images.images, batch_size, images.device, shuffle=True, seed=seed)
-    monitor = _MidpointMonitor(model_a, state_a, state_b, groups, images, loss_fn)
-    best_loss, best_perms = monitor(perms), perms
-    history = [{"step": 0, "midpoint_loss": best_loss, "units_changed": 0}]
-    last_scored = perms
+    batches = _endless(BatchLoader(images.images, batch_size, images.device, shuffle=True, seed=seed))
+    best = _BestSoFar(_MidpointMonitor(model_a, state_a, state_b, groups, images, loss_fn), perms)
     t0 = time.perf_counter()
     bar = console.progress(range(steps), "learning the permutation", progress, unit="step")
-    epoch, batch_iter = 0, None
     for step in bar:
-        x = next(batch_iter, None) if batch_iter is not None else None
-        if x is None:
-            batches.set_epoch(epoch)
-            epoch += 1
-            batch_iter = iter(batches)
-            x = next(batch_iter)
+        x = next(batches)
         perms = weight_matching({n: t.detach() for n, t in tilde.items()}, b_params, groups, init=perms,
                                 seed=seed + step)
         projected = permute(state_b, groups, perms)
         lam = torch.rand((), generator=generator).item()
+        # straight through: the projected weights forward, tilde's gradient backward
         weights = {n: (1 - lam) * theta_a[n] + lam * (projected[n] + tilde[n] - tilde[n].detach()) for n in params}
         net.train()
         loss = loss_fn(functional_call(net, {**weights, **scratch}, (x,)), x)
@@ -266,18 +278,47 @@ def learned_matching(model_a, model_b, groups, init: dict, images, loss_fn, step
         loss.backward()
         optimizer.step()
         if (step + 1) % MONITOR_EVERY == 0 or step + 1 == steps:
-            changed = sum(int((perms[k] != last_scored[k]).sum()) for k in perms)
-            if changed:
-                value = monitor(perms)
-                history.append({"step": step + 1, "midpoint_loss": value, "units_changed": changed})
-                last_scored = perms
-                if value < best_loss:
-                    best_loss, best_perms = value, perms
-            bar.set_postfix(best=f"{best_loss:.5f}")
+            best.score(step + 1, perms)
+            bar.set_postfix(best=f"{best.loss:.5f}")
     record = {"steps": steps, "lr": lr, "batch_size": batch_size, "monitor_every": MONITOR_EVERY,
-              "monitor_images": len(images.images), "start_midpoint_loss": history[0]["midpoint_loss"],
-              "best_midpoint_loss": best_loss, "history": history, "seconds": time.perf_counter() - t0}
-    return best_perms, record
+              "monitor_images": len(images.images), "start_midpoint_loss": best.history[0]["midpoint_loss"],
+              "best_midpoint_loss": best.loss, "history": best.history, "seconds": time.perf_counter() - t0}
+    return best.perms, record
+
+
+def _endless(batches: BatchLoader):
+    """The loader's batches, epoch after epoch (set_epoch before each: each epoch's own shuffle)."""
+    epoch = 0
+    while True:
+        batches.set_epoch(epoch)
+        epoch += 1
+        empty = True
+        for x in batches:
+            empty = False
+            yield x
+        if empty:
+            raise ValueError("no batches to learn the permutation from")
+
+
+class _BestSoFar:
+    """The permutation with the lowest midpoint loss scored so far, and the history of the scores; a permutation
+    is scored only if it changed since the last one scored (the first one, `init`, always)."""
+
+    def __init__(self, monitor: "_MidpointMonitor", init: dict):
+        self.monitor = monitor
+        self.loss, self.perms = monitor(init), init
+        self.history = [{"step": 0, "midpoint_loss": self.loss, "units_changed": 0}]
+        self.last_scored = init
+
+    def score(self, step: int, perms: dict) -> None:
+        changed = sum(int((perms[k] != self.last_scored[k]).sum()) for k in perms)
+        if not changed:
+            return
+        value = self.monitor(perms)
+        self.history.append({"step": step, "midpoint_loss": value, "units_changed": changed})
+        self.last_scored = perms
+        if value < self.loss:
+            self.loss, self.perms = value, perms
 
 
 class _MidpointMonitor:
