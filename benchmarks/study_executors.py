@@ -46,7 +46,7 @@ class Noop:
 
 
 def slurm_overhead(jobs: int, root: Path) -> dict:
-    from aecurves.executors import SlurmExecutor
+    from aecurves.executors import SlurmExecutor, SlurmSettings
 
     from slurm_cluster import skip_reason, slurm_cluster
 
@@ -54,7 +54,9 @@ def slurm_overhead(jobs: int, root: Path) -> dict:
     if reason:
         return {"skipped": reason}
     with slurm_cluster(root / "cluster"):
-        executor = SlurmExecutor(root / "slurm", jobs, "debug", 10, 0, None, 1, None, None, None, [], [])
+        settings = SlurmSettings(partition="debug", time=10, gpus=0, train_tasks=None, cpus=1, mem=None,
+                                 account=None, qos=None, setup=(), extra=(), max_jobs=jobs)
+        executor = SlurmExecutor(root / "slurm", settings)
         starts, seen = [], []
         for i in range(jobs):  # one at a time: the latency of a stage, not the cluster's throughput
             t0 = time.time()

@@ -202,15 +202,15 @@ def test_the_study_refuses_settings_of_stages_it_does_not_run_but_reads_its_own_
                                                                       "--no-align"),
                         ({"align": False, "align_latent": "none"}, "--align-latent none would be ignored")):
         with pytest.raises(UserError, match=flag):
-            study.resolve_study_config(make(StudyConfig, {"losses": "mse", **given}))
+            study.resolve(make(StudyConfig, {"losses": "mse", **given}))
     # study.json records the resolved cycle and the default alignment even when those stages are off: read back
     # (aecurves study --config study.json), they are no request
-    cfg = study.resolve_study_config(make(StudyConfig, {"losses": "mse", "fge": False, "align": False}))
-    assert cfg["fge_cycle"] is not None
+    cfg = study.resolve(make(StudyConfig, {"losses": "mse", "fge": False, "align": False}))
+    assert cfg.fge_cycle is not None
     (tmp_path / "study.json").write_text(json.dumps({"config": study.study_record(cfg)}))
-    again = study.resolve_study_config(parse(["study", "--config", str(tmp_path / "study.json")])[1])
-    assert again["fge_cycle"] == cfg["fge_cycle"] and again["align_method"] == cfg["align_method"]
+    again = study.resolve(parse(["study", "--config", str(tmp_path / "study.json")])[1])
+    assert again.fge_cycle == cfg.fge_cycle and again.align_method == cfg.align_method
     # the study's own align stages never trip align's check, whatever the method
     for method in config.ALIGN_METHODS:
-        cfg = study.resolve_study_config(make(StudyConfig, {"losses": "mse,vgg", "align_method": method}))
+        cfg = study.resolve(make(StudyConfig, {"losses": "mse,vgg", "align_method": method}))
         config.check_needs(config.AlignConfig, vars(study.section(cfg, "aligns")))

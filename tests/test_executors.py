@@ -85,7 +85,7 @@ def cluster(tmp_path_factory):
 
 
 def test_dependencies_come_from_the_input_files():
-    cfg = study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3"}))
+    cfg = study.resolve(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3"}))
     stages = {s.name: s for s in study.plan(cfg, 10, 2)}
     assert stages["endpoint:mse:1"].deps == ()
     assert stages["extra:mse:2"].deps == ("endpoint:mse:2",)
@@ -324,7 +324,7 @@ def test_a_killed_driver_follows_its_jobs_again_and_submits_no_stage_twice(clust
 
 
 def _folder(stage: str) -> str:
-    cfg = study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2"}))
+    cfg = study.resolve(make(StudyConfig, {"losses": "mse", "seeds": "1,2"}))
     return next(s.folder for s in study.plan(cfg, 10, 2) if s.name == stage)
 
 
@@ -350,7 +350,7 @@ def _ddp_endpoint_equals_torchrun(flags: list, tmp_path: Path, monkeypatch) -> s
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     _, config = parse(["study", *map(str, TINY), *map(str, flags), "--out", str(tmp_path / "study")])
-    cfg = study.resolve_study_config(config)
+    cfg = study.resolve(config)
     executor = study.make_executor(cfg, tmp_path / "study")
     job = study.StageJob(cfg, "endpoint:mse:1", processes=2)
     assert executor.can_start(job)
@@ -395,7 +395,7 @@ def test_a_preempted_training_job_is_requeued_and_resumes_to_the_uninterrupted_w
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     long = [*map(str, TINY), "--epochs", "30", "--save-every-epoch", "2"]
     _, config = parse(["study", *long, *map(str, SLURM), "--out", str(tmp_path / "study")])
-    cfg = study.resolve_study_config(config)
+    cfg = study.resolve(config)
     executor = study.make_executor(cfg, tmp_path / "study")
     handle = executor.submit("endpoint:mse:1", study.StageJob(cfg, "endpoint:mse:1"))
     checkpoint = tmp_path / "study/endpoints/mse_seed1/checkpoint.pt"
@@ -413,7 +413,7 @@ def test_a_preempted_training_job_is_requeued_and_resumes_to_the_uninterrupted_w
     assert "resuming from" in log, log[-2000:]  # the requeued job went on from the checkpoint
 
     _, uninterrupted = parse(["study", *long, "--out", str(tmp_path / "serial")])
-    assert run_cli("train", "--config", _toml(_endpoint_config(study.resolve_study_config(uninterrupted),
+    assert run_cli("train", "--config", _toml(_endpoint_config(study.resolve(uninterrupted),
                                                                tmp_path / "plain"), tmp_path)) == 0
     a = load_checkpoint(checkpoint, "endpoint")
     b = load_checkpoint(tmp_path / "plain/checkpoint.pt", "endpoint")

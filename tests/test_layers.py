@@ -1,5 +1,6 @@
 """The architecture rule, read from the source with ast: the library never imports a command, commands import
-the library (the study also runs the commands it is made of), and nothing imports cli."""
+the library (the study also runs the commands it is made of), and nothing imports cli; and no function in src/ is
+longer than MAX_FUNCTION_LINES."""
 
 import ast
 from pathlib import Path
@@ -17,7 +18,9 @@ ENTRY = {"cli", "__main__", "__init__"}
 def aecurves_imports(path: Path) -> set[str]:
     """Modules of the package imported anywhere in the file (top level or inside functions)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    paths = [path] if path.name != "__init__.py" or path.parent.parent.name != "commands" else \
+        sorted(path.parent.glob("*.py"))  # a command that is a package (the study): all its modules
+    for node in (n for p in paths for n in ast.walk(ast.parse(p.read_text()))):
         if isinstance(node, ast.Import):
             found |= {_module(a.name) for a in node.names if a.name.startswith("aecurves.")}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -38,6 +41,7 @@ def _modules() -> dict:
     """{module name: path} of the library (the package's top level) and the commands (aecurves/commands/)."""
     found = {p.stem: p for p in PACKAGE.glob("*.py")}
     found.update({p.stem: p for p in (PACKAGE / "commands").glob("*.py") if p.stem != "__init__"})
+    found.update({p.name: p / "__init__.py" for p in (PACKAGE / "commands").iterdir() if (p / "__init__.py").is_file()})
     found.update({p.name: p / "__init__.py" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()
                   and p.name != "commands"})
     return found
@@ -45,7 +49,8 @@ def _modules() -> dict:
 
 def test_every_module_is_classified_and_the_commands_live_in_their_package():
     assert set(_modules()) == LIBRARY | COMMANDS | ENTRY
-    assert {p.stem for p in (PACKAGE / "commands").glob("*.py")} == COMMANDS | {"__init__"}
+    assert {p.stem for p in (PACKAGE / "commands").glob("*.py")} | {"study"} == COMMANDS | {"__init__"}
+    assert (PACKAGE / "commands" / "study" / "__init__.py").is_file()  # the study is a package (commands/study/)
 
 
 def test_library_never_imports_a_command_and_nothing_imports_cli():
@@ -63,3 +68,34 @@ def test_the_rule_checker_sees_imports_inside_functions(tmp_path):
     source.write_text("def f():\n    from aecurves.commands import train\n    import aecurves.commands.eval_curve\n"
                       "from aecurves.metrics import evaluate\nfrom aecurves.commands.plane import run\n")
     assert aecurves_imports(source) == {"train", "eval_curve", "metrics", "plane"}
+
+
+MAX_FUNCTION_LINES = 90  # a body longer than this reads as several jobs: split it into named helpers
+
+
+def long_functions(root: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'path:line name (N lines)' of every function or method under `root` longer than `limit` lines, its
+    decorators and docstring included."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                lines = node.end_lineno - first + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_in_src_is_longer_than_the_limit():
+    assert long_functions(PACKAGE) == []
+
+
+def test_the_length_rule_counts_nested_functions_methods_and_decorators(tmp_path):
+    body = [f"x{i} = {i}" for i in range(8)]
+    source = ["@decorator", "def f():", *("    " + b for b in body), "", "",
+              "class C:", "    def g(self):", "        def inner():", *("            " + b for b in body)]
+    (tmp_path / "m.py").write_text("\n".join(source) + "\n")
+    assert long_functions(tmp_path, limit=9) == ["m.py:2 f (10 lines)", "m.py:14 g (10 lines)"]
+    assert long_functions(tmp_path, limit=8) == ["m.py:2 f (10 lines)", "m.py:14 g (10 lines)",
+                                                 "m.py:15 inner (9 lines)"]

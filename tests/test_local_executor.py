@@ -16,7 +16,8 @@ from test_executors import TINY, assert_same_numbers, numbers
 
 from aecurves.cli import parse
 from aecurves.commands import study
-from aecurves.config import as_record
+from aecurves.commands.study.driver import _output_to
+from aecurves.config import as_record, replace_given
 from aecurves.errors import UserError
 from aecurves.executors import LocalExecutor
 
@@ -42,7 +43,7 @@ def serial(tmp_path_factory) -> Path:
 
 def _study(root: Path, *flags) -> tuple[dict, study.Study]:
     _, config = parse(["study", *map(str, TINY), *map(str, flags), "--out", str(root)])
-    cfg = study.resolve_study_config(config)
+    cfg = study.resolve(config)
     s = study.Study(cfg)
     s.stages = study.plan(cfg, 0, 0)
     return cfg, s
@@ -50,7 +51,7 @@ def _study(root: Path, *flags) -> tuple[dict, study.Study]:
 
 def _stage_config(s: study.Study, name: str):
     """The config a local worker on CPUs gives the stage `name` (StageJob sets its device so)."""
-    return study.replace_given(s.config(next(st for st in s.stages if st.name == name)), device="cpu")
+    return replace_given(s.config(next(st for st in s.stages if st.name == name)), device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_a_stage_log_is_never_written_through_a_link(spelling, tmp_path):
         log = root / "endpoints" / "x.log"
     ran = []
     with pytest.raises(UserError) as refused:
-        with study._output_to(str(log), str(root)):
+        with _output_to(str(log), str(root)):
             ran.append(True)
     assert not ran  # the stage does not start
     words = {"linked logs folder": f"{root / 'logs'} is a symbolic link",

@@ -18,7 +18,7 @@ from test_executors import SLURM, TINY
 
 from aecurves import executors
 from aecurves.errors import UserError
-from aecurves.executors import SlurmExecutor, job_states, never_clears
+from aecurves.executors import SlurmExecutor, SlurmSettings, job_states, never_clears
 
 from conftest import run_cli
 from slurm_cluster import skip_reason, slurm_cluster
@@ -89,7 +89,9 @@ def _submit(executor: SlurmExecutor, stage: str, job: _Job):
 
 
 def _executor(root: Path, *extra: str) -> SlurmExecutor:
-    return SlurmExecutor(root / "slurm", 4, "debug", 10, 0, None, 1, None, None, None, [], list(extra))
+    settings = SlurmSettings(partition="debug", time=10, gpus=0, train_tasks=None, cpus=1, mem=None, account=None,
+                             qos=None, setup=(), extra=tuple(extra), max_jobs=4)
+    return SlurmExecutor(root / "slurm", settings)
 
 
 def _wait_for(executor: SlurmExecutor, timeout: float = 90) -> list:

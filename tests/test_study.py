@@ -384,7 +384,7 @@ def test_offline_vgg_group_is_skipped_with_the_remedy(copy_of, monkeypatch, caps
 def test_stage_configs_equal_the_commands_run_by_hand(tmp_path):
     """Each stage's config is exactly what its own command builds from the same flags: its section, made from the
     study's settings through their `sets`, with the stage's own files, seed and folder."""
-    cfg = study.resolve_study_config(make(StudyConfig, {"preset": "demo", "out": str(tmp_path)}))
+    cfg = study.resolve(make(StudyConfig, {"preset": "demo", "out": str(tmp_path)}))
     one = study.Study(cfg)
     stages = {st.name: st for st in study.plan(cfg, 10, 2)}
 
@@ -442,7 +442,7 @@ def test_a_custom_model_study_neither_sets_nor_compares_the_width(tmp_path):
     """width is a setting of the built-in model: with a factory outside aecurves the endpoints record none, and the
     study expects none (0.1.0 expected the default 32, so such a study refused its own re-run as stale)."""
     model = f"{Path(__file__).with_name('ae_models.py')}:mlp_autoencoder"
-    cfg = study.resolve_study_config(make(StudyConfig, {"model": model, "losses": "mse", "out": str(tmp_path)}))
+    cfg = study.resolve(make(StudyConfig, {"model": model, "losses": "mse", "out": str(tmp_path)}))
     endpoint = next(s for s in study.plan(cfg, 10, 2) if s.kind == "endpoint")
     one = study.Study(cfg)
     assert one.config(endpoint).width is None and "width" not in one.config(endpoint).given
@@ -475,7 +475,7 @@ def test_a_study_config_file_may_hold_a_table_per_section(tmp_path, capsys):
     _, from_tables = parse(["study", "--config", str(tables)])
     _, from_flat = parse(["study", "--config", str(flat)])
     assert as_record(from_tables) == as_record(from_flat) and from_flat.curve_lr == 0.01
-    cfg = study.resolve_study_config(from_tables)
+    cfg = study.resolve(from_tables)
     assert study.section(cfg, "curves").lr == study.section(cfg, "extras").lr == study.section(cfg, "fges").lr_1
     for text, phrase in (('[curves]\nfix_start = false\n', r"\[curves\] fix_start is not a study setting"),
                          ('curve_lr = 0.1\n[curves]\nlr = 0.2\n',
@@ -489,21 +489,21 @@ def test_a_study_config_file_may_hold_a_table_per_section(tmp_path, capsys):
 
 
 def test_presets_flags_and_bad_input(tmp_path):
-    cfg = study.resolve_study_config(make(StudyConfig, {"epochs": 7}))
-    assert cfg["preset"] == "demo" and cfg["epochs"] == 7 and cfg["width"] == 16 and cfg["seeds"] == [1, 2, 3]
-    assert cfg["losses"] == ["mse", "vgg"] and cfg["out"] == "runs/study"
-    celeba = study.resolve_study_config(make(StudyConfig, {"preset": "celeba", "data_dir": str(tmp_path)}))
-    assert (celeba["image_size"], celeba["latent_dim"], celeba["batch_size"], celeba["epochs"], celeba["lr"]) == \
+    cfg = study.resolve(make(StudyConfig, {"epochs": 7}))
+    assert cfg.preset == "demo" and cfg.epochs == 7 and cfg.width == 16 and cfg.seeds == (1, 2, 3)
+    assert cfg.losses == ("mse", "vgg") and cfg.out == "runs/study"
+    celeba = study.resolve(make(StudyConfig, {"preset": "celeba", "data_dir": str(tmp_path)}))
+    assert (celeba.image_size, celeba.latent_dim, celeba.batch_size, celeba.epochs, celeba.lr) == \
         (64, 128, 64, 30, 1e-4)
     with pytest.raises(UserError, match="--data-dir"):
-        study.resolve_study_config(make(StudyConfig, {"preset": "celeba"}))
+        study.resolve(make(StudyConfig, {"preset": "celeba"}))
     with pytest.raises(UserError, match="two distinct seeds"):
-        study.resolve_study_config(make(StudyConfig, {"seeds": "1"}))
+        study.resolve(make(StudyConfig, {"seeds": "1"}))
     with pytest.raises(UserError, match="--losses"):
-        study.resolve_study_config(make(StudyConfig, {"losses": "mse,l1"}))
+        study.resolve(make(StudyConfig, {"losses": "mse,l1"}))
     plain = {"losses": "mse", "seeds": "1,2,3", "align": False, "extra_training": False, "fge": False,
              "plane_grid": 0}
-    stages = study.plan(study.resolve_study_config(make(StudyConfig, plain)), 10, 2)
+    stages = study.plan(study.resolve(make(StudyConfig, plain)), 10, 2)
     assert [s.name for s in stages][:4] == ["endpoint:mse:1", "endpoint:mse:2", "endpoint:mse:3", "curve:mse:1-2"]
     assert len(stages) == 3 + 3 + 3 + 1
     assert study.select_forced(["curves"], stages) == {"curve:mse:1-2", "curve:mse:1-3", "curve:mse:2-3"}
@@ -511,7 +511,7 @@ def test_presets_flags_and_bad_input(tmp_path):
     assert len(study.select_forced(["mse"], stages)) == 9
     # by default: extra training and FGE per endpoint, alignment, an aligned curve and its evaluation, a baseline
     # and the equal-budget ensembles per pair
-    stages = study.plan(study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3"})), 10, 2)
+    stages = study.plan(study.resolve(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3"})), 10, 2)
     names = [s.name for s in stages]
     assert names[3:12] == ["extra:mse:1", "extra:mse:2", "extra:mse:3", "fge:mse:1", "fge:mse:2", "fge:mse:3",
                            "align:mse:1-2", "align:mse:1-3", "align:mse:2-3"]
@@ -567,8 +567,8 @@ def test_fge_and_ensemble_stages_in_the_plan(tmp_path, capsys):
     assert after("ensembles:mse:1-2") == "fge:mse:1, fge:mse:2, extra:mse:1, extra:mse:2"
     assert not out.exists() or not any(out.iterdir())  # --plan writes nothing
 
-    cfg = study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3", "curve_epochs": 10}))
-    assert cfg["fge"] is True and cfg["fge_cycle"] == 4  # fge's default: snapshots after epochs 1, 5, 9
+    cfg = study.resolve(make(StudyConfig, {"losses": "mse", "seeds": "1,2,3", "curve_epochs": 10}))
+    assert cfg.fge is True and cfg.fge_cycle == 4  # fge's default: snapshots after epochs 1, 5, 9
     stages = {s.name: s for s in study.plan(cfg, 10, 2)}
     pair = stages["ensembles:mse:1-3"]
     assert pair.inputs == [f"fge/mse_seed{s}/snapshot_{k}.pt" for s in (1, 3) for k in (1, 2, 3)] + [
@@ -578,20 +578,20 @@ def test_fge_and_ensemble_stages_in_the_plan(tmp_path, capsys):
     assert config.averages == {"fge_start": [0, 1, 2], "fge_end": [3, 4, 5], "fge_pooled": [0, 1, 2, 3, 4, 5],
                                "extra_start": [6], "extra_end": [7], "extra_average": [6, 7]}
     fge = study.Study(cfg).config(stages["fge:mse:3"])
-    assert (fge.epochs, fge.cycle, fge.lr_1, fge.seed) == (10, 4, cfg["curve_lr"], 3)  # the equal budget
+    assert (fge.epochs, fge.cycle, fge.lr_1, fge.seed) == (10, 4, cfg.curve_lr, 3)  # the equal budget
     all_stages = list(stages.values())
     assert study.select_forced(["fges"], all_stages) == {"fge:mse:1", "fge:mse:2", "fge:mse:3"}
     assert study.select_forced(["fge:mse:1"], all_stages) == {"fge:mse:1"}
     assert study.select_forced(["ensembles"], all_stages) == {f"ensembles:mse:{p}" for p in ("1-2", "1-3", "2-3")}
 
     # --no-fge: no FGE stage; the pair's ensembles stage measures the extra-trained endpoints alone
-    no_fge = study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2", "fge": False}))
+    no_fge = study.resolve(make(StudyConfig, {"losses": "mse", "seeds": "1,2", "fge": False}))
     stages = {s.name: s for s in study.plan(no_fge, 10, 2)}
     assert not any(n.startswith("fge:") for n in stages)
     assert stages["ensembles:mse:1-2"].deps == ("extra:mse:1", "extra:mse:2")
     assert study.Study(no_fge).config(stages["ensembles:mse:1-2"]).averages == {
         "extra_start": [0], "extra_end": [1], "extra_average": [0, 1]}
-    neither = study.resolve_study_config(make(StudyConfig, {"losses": "mse", "seeds": "1,2", "fge": False,
+    neither = study.resolve(make(StudyConfig, {"losses": "mse", "seeds": "1,2", "fge": False,
                                                              "extra_training": False}))
     assert not any(s.kind in ("fge", "ensembles") for s in study.plan(neither, 10, 2))
     group = study.loss_group(no_fge, "mse")
@@ -600,12 +600,12 @@ def test_fge_and_ensemble_stages_in_the_plan(tmp_path, capsys):
 
 def test_the_fge_cycle_default_and_refusals(tmp_path, capsys):
     def resolved(**kw):
-        return study.resolve_study_config(make(StudyConfig, {"losses": "mse", **kw}))
+        return study.resolve(make(StudyConfig, {"losses": "mse", **kw}))
 
     # fge's cycle of 4 when it takes at least 2 snapshots within --curve-epochs, else 2
-    assert resolved(curve_epochs=6)["fge_cycle"] == 4 and study.fge_snapshots(6, 4) == 2
-    assert resolved(curve_epochs=5)["fge_cycle"] == 2 and study.fge_snapshots(5, 2) == 3
-    assert resolved(curve_epochs=5, fge_cycle=4)["fge_cycle"] == 4  # given: kept (1 snapshot)
+    assert resolved(curve_epochs=6).fge_cycle == 4 and study.fge_snapshots(6, 4) == 2
+    assert resolved(curve_epochs=5).fge_cycle == 2 and study.fge_snapshots(5, 2) == 3
+    assert resolved(curve_epochs=5, fge_cycle=4).fge_cycle == 4  # given: kept (1 snapshot)
     with pytest.raises(UserError, match=r"--fge-cycle 6 takes no FGE snapshot .* --curve-epochs 2 "):
         resolved(curve_epochs=2, fge_cycle=6)
     with pytest.raises(UserError, match="even number"):

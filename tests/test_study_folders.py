@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -209,15 +210,15 @@ def test_clear_follows_no_link_even_one_made_after_the_check(study, tmp_path):
     before = snapshot(canary)
     st = Stage("extra:mse:1", "extra", "", "endpoints/mse_seed1_extra")
     with pytest.raises(UserError, match="is a symbolic link"):
-        Study({"out": str(study)}).clear(st)
+        Study(SimpleNamespace(out=str(study))).clear(st)
     assert snapshot(canary) == before and len(before) > 3
     # a link inside a stage folder is removed as a link; its target stays
     folder = study / "fge/mse_seed1"
     (folder / "elsewhere").symlink_to(canary)
-    Study({"out": str(study)}).clear(Stage("fge:mse:1", "fge", "", "fge/mse_seed1"))
+    Study(SimpleNamespace(out=str(study))).clear(Stage("fge:mse:1", "fge", "", "fge/mse_seed1"))
     assert list(folder.iterdir()) == [] and snapshot(canary) == before
     # a curve keeps its eval/ and plane/ (other stages')
-    Study({"out": str(study)}).clear(Stage("curve:mse:1-2", "curve", "", "curves/mse_seed1-seed2"))
+    Study(SimpleNamespace(out=str(study))).clear(Stage("curve:mse:1-2", "curve", "", "curves/mse_seed1-seed2"))
     assert sorted(p.name for p in (study / "curves/mse_seed1-seed2").iterdir()) == sorted(KINDS["curve"].keep)
 
 

@@ -650,7 +650,7 @@ def _preset(name: str, help: str, **kw):
 
 # The study's stages, one section per kind (named as --force names the kinds): the config of the command that makes
 # them, with what the study fixes for every stage of that kind. Each study setting is copied into the section fields
-# its `sets` names (section_settings); each stage then adds its own files, seed and folder (study.py's KINDS).
+# its `sets` names (section_settings); each stage then adds its own files, seed and folder (the study's kinds.KINDS).
 STUDY_SECTIONS = {
     "endpoints": (TrainConfig, {}),
     "extras": (TrainConfig, {}),  # train --init: the endpoint's data and model, trained on as long as a curve
@@ -693,7 +693,8 @@ class StudyConfig:
     val_fraction: float = same_as(DataConfig, "val_fraction", sets=("endpoints",))
     use_test: bool = same_as(DataConfig, "use_test", sets=("endpoints", *EVALUATING_SECTIONS))
     cache_dir: str | None = same_as(DataConfig, "cache_dir", sets=EVERY_SECTION)
-    # the other sections read checkpoints: study.py passes them the model only when it is outside aecurves
+    # the other sections read checkpoints: the study (settings.section) passes them the model only when it is outside
+    # aecurves
     model: str = same_as(TrainConfig, "model", group=ENDPOINTS_GROUP, sets=EVERY_SECTION)
     model_kwargs: dict = same_as(TrainConfig, "model_kwargs", group=ENDPOINTS_GROUP, sets=("endpoints",))
     epochs: int | None = _preset("epochs", "endpoint epochs", minimum=1, group=ENDPOINTS_GROUP, maximum=MAX_EPOCHS,
@@ -763,7 +764,8 @@ class StudyConfig:
     device: str = same_as(RuntimeConfig, "device", sets=EVERY_SECTION)
     # evaluations keep eval-curve's own precision (fp32)
     precision: str = same_as(RuntimeConfig, "precision", sets=TRAINING_SECTIONS)
-    # align runs the loss only with its learned method: study.py passes it the VGG weights only then
+    # align runs the loss only with its learned method: the study (settings.section) passes it the VGG weights only
+    # then
     vgg_weights: str = same_as(RuntimeConfig, "vgg_weights", sets=(*TRAINING_SECTIONS, "aligns",
                                                                    *EVALUATING_SECTIONS))
     no_progress: bool = same_as(RuntimeConfig, "no_progress", sets=EVERY_SECTION)

@@ -408,6 +408,24 @@ def live_jobs(folder: Path) -> dict[str, tuple[str, Path]]:
     return found
 
 
+@dataclass(frozen=True)
+class SlurmSettings:
+    """What every stage job asks Slurm for: the study's --slurm-* settings (config.StudyConfig holds their defaults
+    and help), without the prefix."""
+
+    partition: str | None
+    time: int                 # minutes
+    gpus: int
+    train_tasks: int | None   # DistributedDataParallel tasks of a training job (None: gpus, at least 1)
+    cpus: int | None
+    mem: str | None
+    account: str | None
+    qos: str | None
+    setup: tuple              # shell lines run before aecurves
+    extra: tuple              # KEY=VALUE for sbatch
+    max_jobs: int
+
+
 class SlurmExecutor:
     """Each stage one Slurm job. A job's result comes from submitit's result file, its state from squeue: this
     works without an accounting database (sacct), as on many small clusters. Job folders and logs are in
@@ -421,9 +439,7 @@ class SlurmExecutor:
 
     name = "slurm"
 
-    def __init__(self, folder: Path, max_jobs: int, partition: str | None, minutes: int, gpus: int,
-                 train_tasks: int | None, cpus: int | None, mem: str | None, account: str | None, qos: str | None,
-                 setup: list, extra: list):
+    def __init__(self, folder: Path, settings: "SlurmSettings"):
         import logging
 
         import submitit
@@ -432,15 +448,16 @@ class SlurmExecutor:
         self.folder = Path(os.path.abspath(folder))
         self.folder_fd, self.run_folder, self.run_fd = self._make_run_folder(self.folder)
         self.run_fds = {self.run_folder.name: self.run_fd}  # run folder name -> its fd (earlier drivers' too)
-        self.slots = max_jobs
-        self.gpus = gpus
-        self.train_tasks = train_tasks or max(1, gpus)
+        self.slots = settings.max_jobs
+        self.gpus = settings.gpus
+        self.train_tasks = settings.train_tasks or max(1, settings.gpus)
         self.executor = submitit.AutoExecutor(folder=self.run_folder / "%j", cluster="slurm")
-        extra_params = dict(kv.split("=", 1) for kv in extra)
-        params = {"timeout_min": minutes, "slurm_setup": list(setup), "slurm_additional_parameters": extra_params}
-        for key, value in (("slurm_partition", partition), ("cpus_per_task", cpus), ("slurm_mem", mem),
-                           ("slurm_account", account),
-                           ("slurm_qos", qos)):
+        extra_params = dict(kv.split("=", 1) for kv in settings.extra)
+        params = {"timeout_min": settings.time, "slurm_setup": list(settings.setup),
+                  "slurm_additional_parameters": extra_params}
+        for key, value in (("slurm_partition", settings.partition), ("cpus_per_task", settings.cpus),
+                           ("slurm_mem", settings.mem), ("slurm_account", settings.account),
+                           ("slurm_qos", settings.qos)):
             if value is not None:
                 params[key] = value
         self.executor.update_parameters(**params)
