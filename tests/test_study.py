@@ -269,6 +269,31 @@ def test_a_study_folder_of_the_last_release_reruns_with_every_stage_skipped(copy
 
 
 @pytest.mark.slow
+def test_only_a_stage_left_started_or_submitted_is_offered_to_an_earlier_drivers_job(copy_of, capsys):
+    """A Slurm job stays in squeue for a moment (COMPLETING) after the driver read its result: a re-run then must judge
+    the finished stage, not follow that job (it did, once in four clean-clone runs). The executor is asked to follow
+    an earlier driver's job only for a stage whose record says started or submitted."""
+    from aecurves.executors import SerialExecutor
+
+    class Remembering(SerialExecutor):
+        def __init__(self):
+            super().__init__()
+            self.asked = []
+
+        def attach(self, stage, record):
+            self.asked.append((stage, record["status"]))
+            return None  # no job of its own in the queue: the stage is judged
+
+    record = copy_of / EVAL / "study_stage.json"
+    record.write_text(record.read_text().replace('"status": "done"', '"status": "submitted"'))
+    one = study.Study(study.resolve(parse(["study", *map(str, SMALL), "--out", str(copy_of)])[1]))
+    study.plan_study(one)
+    executor = Remembering()
+    summary = study.run_stages(one, executor)
+    assert executor.asked == [("eval:mse:1-2", "submitted")]
+    assert summary["ran"] == [] and len(summary["skipped"]) == len(STAGES) + 1  # and the report
+
+
 def test_a_stage_is_finished_only_with_every_output(copy_of, capsys):
     (copy_of / "endpoints/mse_seed1/reconstructions.png").unlink()
     kept = {rel: _stamp(copy_of, rel) for rel in (*ENDPOINTS, CURVE)}

@@ -89,7 +89,10 @@ class Driver:
         study, i = self.study, self.study.stages.index(st) + 1
         todo = [s for s in study.stages[i - 1:] if s.name in self.will_run and s.name not in self.finished]
         record = read_stage_record(study.root / st.folder)
-        handle = self.executor.attach(st.name, record.to_json()) if record is not None else None
+        # only a stage an earlier driver left started or submitted can have a job of its own in the queue; a finished
+        # job stays in squeue for a moment (COMPLETING) after its result is read, and its stage is judged, not followed
+        left = record is not None and record.status in ("started", "submitted")
+        handle = self.executor.attach(st.name, record.to_json()) if left else None
         if handle is not None:  # submitted by an earlier driver and still queued or running: follow it
             study.progress(i, st, todo, f": following Slurm job {handle.job_id}, submitted by an earlier run")
             self.started[st.name] = (time.perf_counter(), handle)
