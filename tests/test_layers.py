@@ -10,7 +10,7 @@ import aecurves
 PACKAGE = Path(aecurves.__file__).parent
 LIBRARY = {"capture", "checkpoint", "config", "console", "curves", "data", "errors", "evaluation", "executors",
            "files", "kl_autoencoder", "losses", "metrics", "models", "plane_geometry", "plots", "renormalize",
-           "report", "runtime", "schedules", "ssim", "stats", "symmetry", "training", "records"}
+           "report", "runtime", "schedules", "ssim", "stats", "symmetry", "training", "records", "wandb_log"}
 COMMANDS = {"train", "train_curve", "eval_curve", "export_point", "align", "plane", "fge", "ensembles", "study"}
 ENTRY = {"cli", "__main__", "__init__"}
 

@@ -75,6 +75,8 @@ MAX_SYNTHETIC = 65536         # synthetic images are generated in memory
 MAX_JOBS = 256                # stages at once on one machine, GPUs per stage
 EXECUTORS = ("serial", "local", "slurm")
 SLURM = "slurm (--executor slurm)"  # the --help group of the Slurm settings
+WANDB = "Weights & Biases (--wandb)"  # the --help group of the W&B settings
+WANDB_SECTIONS = ("endpoints", "extras", "fges", "curves", "evals")  # the study's stages that log to W&B
 MODEL_SIGNATURE = "FACTORY(channels=C, image_size=S, latent_dim=D, **MODEL_KWARGS)"
 
 
@@ -179,6 +181,18 @@ class RuntimeConfig:
                                           "downloaded), a PATH to a vgg16 state dict, or random (smoke tests only; "
                                           "the loss is then not perceptual)", group="runtime")
     no_progress: bool = option(False, "no progress bars", group="runtime", recorded=False)
+    # Weights & Biases (wandb_log.py): how a run is watched, not what it computes, so no role (nothing compares them)
+    wandb: str | None = option(None, "also log the run to Weights & Biases, in this project (needs the optional "
+                                     "wandb package: pip install 'aecurves[wandb]'; WANDB_MODE=offline logs without "
+                                     "an account or network). A missing package or a failure to log is a one-line "
+                                     "note, and the run goes on", metavar="PROJECT", group=WANDB, recorded=False)
+    wandb_entity: str | None = option(None, "the W&B user or team that owns --wandb's project",
+                                      shown="your default entity", metavar="ENTITY", group=WANDB, recorded=False)
+    wandb_group: str | None = option(None, "the W&B group of the run", shown="none; the study: its folder's name",
+                                     metavar="GROUP", group=WANDB, recorded=False)
+    wandb_name: str | None = option(None, "the W&B run's name", shown="the run folder's last two parts; in a study, "
+                                    "the stage's name (endpoint:mse:1)", metavar="NAME", group=WANDB,
+                                    recorded=False)
     # the study's executor: how its stages are spread over processes, devices and Slurm jobs; a study folder reads
     # the same whoever ran it where, so study.json leaves these out (where it ran is in its provenance)
     executor: str = option("serial", "serial: one stage after another in this process; local: up to --jobs stages "
@@ -274,6 +288,10 @@ class TrainConfig(DataConfig):
     compile: bool = same_as(RuntimeConfig, "compile")
     vgg_weights: str = same_as(RuntimeConfig, "vgg_weights")
     no_progress: bool = same_as(RuntimeConfig, "no_progress")
+    wandb: str | None = same_as(RuntimeConfig, "wandb")
+    wandb_entity: str | None = same_as(RuntimeConfig, "wandb_entity")
+    wandb_group: str | None = same_as(RuntimeConfig, "wandb_group")
+    wandb_name: str | None = same_as(RuntimeConfig, "wandb_name")
     given: tuple = _given()
 
 
@@ -344,6 +362,10 @@ class TrainCurveConfig(DataConfig):
                             "the run goes on uncompiled with a note")
     vgg_weights: str = same_as(RuntimeConfig, "vgg_weights")
     no_progress: bool = same_as(RuntimeConfig, "no_progress")
+    wandb: str | None = same_as(RuntimeConfig, "wandb")
+    wandb_entity: str | None = same_as(RuntimeConfig, "wandb_entity")
+    wandb_group: str | None = same_as(RuntimeConfig, "wandb_group")
+    wandb_name: str | None = same_as(RuntimeConfig, "wandb_name")
     given: tuple = _given()
 
 
@@ -420,6 +442,10 @@ class EvalCurveConfig:
                                "vgg-loss checkpoints: imagenet, PATH or random (when unavailable the perceptual "
                                "metric is left out)")
     no_progress: bool = same_as(RuntimeConfig, "no_progress")
+    wandb: str | None = same_as(RuntimeConfig, "wandb")
+    wandb_entity: str | None = same_as(RuntimeConfig, "wandb_entity")
+    wandb_group: str | None = same_as(RuntimeConfig, "wandb_group")
+    wandb_name: str | None = same_as(RuntimeConfig, "wandb_name")
     given: tuple = _given()
 
 
@@ -595,6 +621,10 @@ class FgeConfig:
     vgg_weights: str = same_as(RuntimeConfig, "vgg_weights", help="VGG16 weights for the training loss of a vgg-loss "
                                "endpoint: imagenet, PATH or random")
     no_progress: bool = same_as(RuntimeConfig, "no_progress")
+    wandb: str | None = same_as(RuntimeConfig, "wandb")
+    wandb_entity: str | None = same_as(RuntimeConfig, "wandb_entity")
+    wandb_group: str | None = same_as(RuntimeConfig, "wandb_group")
+    wandb_name: str | None = same_as(RuntimeConfig, "wandb_name")
     given: tuple = _given()
 
 
@@ -769,6 +799,13 @@ class StudyConfig:
     vgg_weights: str = same_as(RuntimeConfig, "vgg_weights", sets=(*TRAINING_SECTIONS, "aligns",
                                                                    *EVALUATING_SECTIONS))
     no_progress: bool = same_as(RuntimeConfig, "no_progress", sets=EVERY_SECTION)
+    wandb: str | None = same_as(RuntimeConfig, "wandb", help="also log every training and evaluation stage to "
+                                "Weights & Biases, in this project, each a run named by its stage in one group, and "
+                                "the study's summary numbers in a run named study",
+                                sets=WANDB_SECTIONS)
+    wandb_entity: str | None = same_as(RuntimeConfig, "wandb_entity", sets=WANDB_SECTIONS)
+    wandb_group: str | None = same_as(RuntimeConfig, "wandb_group", help="the W&B group of the study's runs",
+                                      shown="the study folder's name", sets=WANDB_SECTIONS)
     plan: bool = option(False, "print the stages, what each depends on and its state (done, to run, to redo and "
                                "why), then exit", group="study", recorded=False)
     executor: str = same_as(RuntimeConfig, "executor")
@@ -861,6 +898,19 @@ def validate(cfg) -> None:
             raise UserError(f"{name} must be at most {_number(meta['maximum'])}, got {value}.")
         if meta.get("positive") and not value > 0:
             raise UserError(f"{name} must be positive, got {value}.")
+    check_wandb(cfg)
+
+
+def check_wandb(cfg) -> None:
+    """--wandb names a project; the other W&B settings only say where its runs go, and are refused without it."""
+    if not hasattr(cfg, "wandb"):
+        return
+    if cfg.wandb is not None and not cfg.wandb.strip():
+        raise UserError("--wandb takes the name of a W&B project, got an empty one.")
+    stray = [flag_name(k) for k in ("wandb_entity", "wandb_group", "wandb_name") if getattr(cfg, k, None) is not None]
+    if stray and cfg.wandb is None:
+        raise UserError(f"{', '.join(stray)} would be ignored without --wandb PROJECT: W&B settings say where the "
+                        "run's W&B run goes. Pass --wandb PROJECT, or leave them out; nothing was run.")
 
 
 def check_needs(cls, values: dict, defaults: dict | None = None) -> None:

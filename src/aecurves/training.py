@@ -144,15 +144,18 @@ def run_folder(out: Path, what: str, is_main: bool, history: list):
 
 
 def run_epochs(epochs: range, history: list, one_epoch: Callable[[int], dict], table: tuple, log,
-               out: Path | None, every: int, save: Callable[[int], None]) -> None:
+               out: Path | None, every: int, save: Callable[[int], None], tracker=None) -> None:
     """The epochs of a run: `one_epoch(epoch)` trains and measures one and gives its metrics row, which joins
-    `history` and is printed as a line of the epoch table; rank 0 (`out` given) appends it to metrics.jsonl and
-    calls `save(epoch)` every `every` epochs and after the last."""
+    `history` and is printed as a line of the epoch table; rank 0 (`out` given) appends it to metrics.jsonl (and
+    gives its numbers to `tracker`, a wandb_log.Tracker, at step `epoch`) and calls `save(epoch)` every `every`
+    epochs and after the last."""
     for epoch in epochs:
         row = one_epoch(epoch)
         history.append(row)
         log(epoch_line(row, table, header=epoch == epochs.start))
         if out is not None:
             append_jsonl(out / "metrics.jsonl", row)
+            if tracker is not None:
+                tracker.log(row, epoch)
             if epoch % every == 0 or epoch == epochs[-1]:
                 save(epoch)

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
-from aecurves import capture, evaluation, plots, renormalize, runtime
+from aecurves import capture, evaluation, plots, renormalize, runtime, wandb_log
 from aecurves.checkpoint import load_curve, load_endpoint_pair
 from aecurves.config import DEFAULT_SEGMENT_OUT, SUBSET_SEED, EvalCurveConfig, validate
 from aecurves.curves import Curve, make_segment, segment_of
@@ -142,6 +142,7 @@ def evaluate_subject(cfg: EvalCurveConfig, out: Path, subject: "Subject", data, 
         record.rest["ensemble"] = ensemble_record(ensemble, len(data.test), setup.vae)
     files = write_outputs(out, subject, results, fixed, record, ensemble)
     print(f"\nwrote {', '.join(Path(f).name for f in files.values())} in {out}")
+    wandb_log.log_evaluation(cfg, out)  # with --wandb: eval.json's series and loss_along_path.png
     return {"out": str(out), "kind": subject.kind, "notes": subject.notes, "files": files, **results.summary,
             **({"ensemble": record.rest["ensemble"]} if ensemble is not None else {})}
 

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from torch.func import functional_call
 
-from aecurves import console, runtime
+from aecurves import console, runtime, wandb_log
 from aecurves.checkpoint import arch_mismatch, check_fits, load_checkpoint, save_checkpoint, trusted_arch
 from aecurves.config import (
     EVAL_BATCH_SIZE,
@@ -118,7 +118,8 @@ def run(cfg: FgeConfig) -> dict:
         if run_state(plan.out) != plan.found:
             raise UserError(f"Another aecurves process changed the run in {plan.out} while this one was starting; "
                             "run the command again. Nothing was changed.")
-        return _run(cfg, plan, data, loss_fn, loss_name, device, precision)
+        with wandb_log.logging_run(cfg, "fge", plan.out) as tracker:
+            return _run(cfg, plan, data, loss_fn, loss_name, device, precision, tracker)
 
 
 def check_config(cfg: FgeConfig) -> None:
@@ -271,10 +272,10 @@ class Loaders:
     bn_images: int            # images in that subset (0 without BatchNorm)
 
 
-def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, precision: str) -> dict:
+def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, precision: str, tracker) -> dict:
     """The run: the network and optimizer where it starts, its epochs (a snapshot at the end of each cycle's first
     half), then the endpoint, every snapshot and their output average measured on the held-out images, fge.json
-    written last."""
+    written last. `tracker` (wandb_log) gets each epoch's row and the measured start and ensemble."""
     out = plan.out
     runtime.seed_everything(cfg.seed)
     run, vae = start_training(cfg, plan, device)
@@ -284,6 +285,7 @@ def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, prec
     write_jsonl(out / "metrics.jsonl", run.history)  # mirrors the checkpoint (drops rows a crashed run logged)
     for epoch in range(run.start_epoch, cfg.epochs):
         train_epoch(cfg, plan, run, epoch, loss_fn, loaders, device, precision)
+        tracker.log(run.history[-1], epoch)
     if run.start_epoch >= cfg.epochs:
         print(f"nothing to train: the run is already at epoch {run.start_epoch} of {cfg.epochs}; measuring")
 
@@ -302,6 +304,7 @@ def _run(cfg: FgeConfig, plan: Plan, data, loss_fn, loss_name: str, device, prec
     write_json(out / "fge.json", record.to_json())  # last: its presence marks a finished run
     print_done(cfg, out, record)
     results = measured["results"]
+    tracker.summary({k: record.get(k) for k in ("start", "ensemble", "ensemble_mse_gain")})  # fge.json's numbers
     return {"out": str(out), "epochs": cfg.epochs, "snapshot_epochs": record.get("snapshot_epochs"),
             "start": results["start"], "ensemble": results["ensemble"],
             "snapshots": [results[f"snapshot_{s['index']}"] for s in run.snapshots], "files": files}

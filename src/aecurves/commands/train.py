@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from aecurves import runtime
+from aecurves import runtime, wandb_log
 from aecurves.checkpoint import check_fits, check_same_arch, load_checkpoint, save_checkpoint, trusted_arch
 from aecurves.config import (
     DEFAULT_IMAGE_SIZE,
@@ -191,7 +191,8 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
     net = wrap_for_training(net, cfg, info, device, log)
 
     board = tensorboard_writer(out) if cfg.tensorboard and info.is_main else None
-    with run_folder(out, "training run", info.is_main, history):
+    with run_folder(out, "training run", info.is_main, history), \
+            wandb_log.logging_run(cfg, "train", out, info.is_main) as tracker:
         if info.is_main and resumed and not fine_tune:
             refresh_picture(out / "reconstructions.png", ckpt_path, net.model, loaders.fixed)
         one_epoch = functools.partial(train_and_measure, cfg=cfg, info=info, net=net, loaders=loaders, device=device,
@@ -199,7 +200,7 @@ def _run(cfg: TrainConfig, info: runtime.Dist, device: torch.device) -> dict:
         save = functools.partial(save_endpoint, out=out, args=args, history=history, net=net,
                                  skipped=len(data.skipped), fixed=loaders.fixed, board=board)
         run_epochs(range(start_epoch + 1, cfg.epochs + 1), history, one_epoch, TABLE, log,
-                   out if info.is_main else None, cfg.save_every_epoch, save)
+                   out if info.is_main else None, cfg.save_every_epoch, save, tracker)
         if board is not None:
             board.close()
     return summarize(log, out, cfg.epochs, history, len(data.skipped))

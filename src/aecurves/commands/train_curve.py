@@ -24,7 +24,7 @@ import torch
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 
-from aecurves import console, runtime
+from aecurves import console, runtime, wandb_log
 from aecurves.checkpoint import load_checkpoint, load_endpoint_pair, save_checkpoint
 from aecurves.config import (
     EVAL_BATCH_SIZE,
@@ -219,7 +219,8 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
     net = DistributedDataParallel(curve, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else curve
 
-    with run_folder(out, "curve run", info.is_main, history):
+    with run_folder(out, "curve run", info.is_main, history), \
+            wandb_log.logging_run(cfg, "train-curve", out, info.is_main) as tracker:
         one_epoch = functools.partial(train_and_monitor, cfg=cfg, info=info, net=net, curve=curve, loss_fn=loss_fn,
                                       optimizer=optimizer, loaders=loaders, device=device, precision=precision,
                                       facts={"precision": precision, "memory_format": memory_format},
@@ -227,7 +228,7 @@ def _run(cfg: TrainCurveConfig, info: runtime.Dist, device: torch.device) -> dic
         save = functools.partial(save_curve, path=ckpt_path, args=as_record(cfg), arch=arch, history=history,
                                  curve=curve, optimizer=optimizer)
         run_epochs(range(start_epoch + 1, cfg.epochs + 1), history, one_epoch, TABLE, log,
-                   out if info.is_main else None, cfg.save_every_epoch, save)
+                   out if info.is_main else None, cfg.save_every_epoch, save, tracker)
 
     log(f"done: curve checkpoint {ckpt_path}; evaluate it with `aecurves eval-curve --ckpt {ckpt_path}`")
     return {"out": str(out), "checkpoint": str(ckpt_path), **(history[-1] if history else {})}

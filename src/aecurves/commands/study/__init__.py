@@ -220,6 +220,9 @@ def run_stages(study: Study, executor=None) -> dict:
     study.write_study_json()  # the report shows the provenance of the stages it reports on
     study.progress(len(study.stages), report_stage, [])
     run_report_stage(study)
+    from aecurves import report, wandb_log
+
+    wandb_log.log_study(study.settings, study_record(study.settings), report.read_report_json(study.root))
     return print_summary(study)
 
 

@@ -221,6 +221,8 @@ class StageJob:
             submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR...
         st = stage_named(self.settings, self.stage)
         config = Study(self.settings).config(st, self.resume)
+        if getattr(config, "wandb", None):  # its W&B run is named by the stage (as if a flag: torchrun's file has it)
+            config = replace_given(config, wandb_name=self.stage)
         if self.device:  # as if a flag: the torchrun file writes the given settings only
             config = replace_given(config, device="cpu" if self.device.startswith("cpu") else "cuda")
         if self.processes > 1 and not in_slurm:

@@ -76,6 +76,8 @@ def resolve(config: StudyConfig) -> "Settings":
     if values["image_size"] is None:
         values["image_size"] = DEFAULT_IMAGE_SIZE.get(values["dataset"], 64)
     check_executor_flags(values)
+    if values["wandb"] and not values["wandb_group"]:  # the study's W&B runs are grouped under its folder's name
+        values["wandb_group"] = Path(values["out"]).resolve().name
     unset = {**values, "fge": False, "fge_cycle": None}
     resolve_fge_cycle(unset)  # the cycle when none is given, as study.json records it: no request of its own
     check_needs(StudyConfig, values, defaults={"fge_cycle": unset["fge_cycle"]})  # e.g. --no-align --align-method
