@@ -661,3 +661,46 @@ def test_compile_that_fails_falls_back_to_the_same_numbers(setup, curve_run, tmp
     said = [n for n in record["notes"] if "could not compile" in n]
     assert said == ["--compile: torch.compile could not compile the per-point network (RuntimeError: no C++ "
                     "compiler); it runs uncompiled, with the same numbers"], record["notes"]
+
+
+def test_reconstructions_at_every_t_are_the_strips_pixels_and_each_networks(setup, curve_run):
+    """reconstructions.npz: the held-out images, and their reconstructions on the curve and on its segment at every
+    evaluated t, uint8; bit-identical to the strips' cells at the t both have, and the network's reconstruct() at
+    each t (BN statistics recomputed from the same fixed subset)."""
+    out, _ = curve_run
+    record = json.loads((out / "eval.json").read_text())
+    assert record["files"]["reconstructions_npz"] == str(out / "reconstructions.npz")
+    with np.load(out / "reconstructions.npz") as npz:
+        arrays = dict(npz)
+    assert sorted(arrays) == ["curve", "images", "segment", "ts"]
+    assert np.array_equal(arrays["ts"], record["series"]["ts"]) and arrays["ts"].dtype == np.float64
+    originals = setup["data"].test[:3]
+    assert arrays["images"].dtype == np.uint8 and np.array_equal(arrays["images"], originals.numpy())
+    assert arrays["curve"].shape == arrays["segment"].shape == (5, 3, 3, 32, 32)
+    geo = plots.grid_geometry(3, 1 + eval_curve.RECON_POINTS, 32, title=True)
+    step = geo["cell"] + geo["padding"]
+    for name, key in (("reconstructions.png", "curve"), ("reconstructions_segment.png", "segment")):
+        with Image.open(out / name) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        for k in range(5):  # t = k/4 is the strip's column 2k (t = 0, 1/8, ..., 1), after the originals
+            for i in range(3):
+                top, left = geo["header"] + geo["padding"] + i * step, geo["padding"] + (1 + 2 * k) * step
+                cell = pixels[top: top + geo["cell"], left: left + geo["cell"]][:: geo["scale"], :: geo["scale"]]
+                assert np.array_equal(cell.transpose(2, 0, 1), arrays[key][k, i]), (name, k, i)
+    data = setup["data"]
+    bn_loader = BatchLoader(metrics.fixed_subset(data.train, 64, SUBSET_SEED), 64, "cpu")
+    curve, _ = load_curve(setup["curve"])
+    for key, path in (("curve", curve), ("segment", segment_of(curve))):
+        expected = metrics.reconstructions_along(path, arrays["ts"], originals.float().div(255), bn_loader)
+        for k, rec in enumerate(expected):
+            assert np.abs(arrays[key][k].astype(int) - evaluation.pixels(rec).astype(int)).max() <= 1, (key, k)
+    assert not np.array_equal(arrays["curve"][2], arrays["segment"][2])  # the curve's midpoint is another network
+
+
+def test_a_segment_evaluation_stores_the_segment_only(setup, tmp_path):
+    out = tmp_path / "segment"
+    run_eval({**FAST, "segment": [str(setup["a"]), str(setup["b"])], "num_points": 2, "num_images": 2,
+              "out": str(out)})
+    with np.load(out / "reconstructions.npz") as npz:
+        assert sorted(npz.files) == ["images", "segment", "ts"] and npz["segment"].shape == (2, 2, 3, 32, 32)
+        assert np.array_equal(npz["ts"], [0.0, 1.0])

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from aecurves import plots
+from aecurves import evaluation, metrics, plots
 from aecurves.checkpoint import load_curve, save_checkpoint
 from aecurves.commands import eval_curve, plane
-from aecurves.config import EvalCurveConfig, PlaneConfig, make
-from aecurves.curves import Curve
+from aecurves.config import SUBSET_SEED, EvalCurveConfig, PlaneConfig, make
+from aecurves.curves import Curve, NetworkAt, recompute_bn
 from aecurves.data import BatchLoader, load_data
 from aecurves.errors import UserError
 from aecurves.files import LOCK_NAME
@@ -226,7 +226,8 @@ def test_outputs_agree(setup, curve_plane):
               "curve_coordinates": (61, 2), "segment_coordinates": (61, 2), "curve_distance": (61,), "dx": (),
               "dy": (),
               **{f"{s}_{m}": (3, 3) for s in ("tr", "te") for m in ("loss", "mse", "psnr")},
-              **{f"bend_{s}_{m}": (3,) for s in ("tr", "te") for m in ("loss", "mse", "psnr")}}
+              **{f"bend_{s}_{m}": (3,) for s in ("tr", "te") for m in ("loss", "mse", "psnr")},
+              "recon": (3, 3, 4, 3, 32, 32), "recon_images": (4, 3, 32, 32)}
     assert {k: v.shape for k, v in npz.items()} == shapes
     assert np.array_equal(npz["alphas"], [0, 0.5, 1]) and np.array_equal(npz["betas"], [0, 0.5, 1])
     assert np.allclose(npz["grid"][2, 1], [npz["dx"], npz["dy"] / 2])
@@ -259,7 +260,10 @@ def test_points_per_call_gives_the_same_plane(setup, curve_plane, tmp_path):
     assert other["points_per_call"] == 4 and other["memory_format"] == "contiguous"
     other_npz = np.load(tmp_path / "plane.npz")
     for k in npz:
-        np.testing.assert_allclose(other_npz[k], npz[k], rtol=1e-5, atol=0, err_msg=k)
+        if k == "recon":  # pixels: a float rounding difference may move one across a uint8 step
+            assert np.abs(other_npz[k].astype(int) - npz[k].astype(int)).max() <= 1
+        else:
+            np.testing.assert_allclose(other_npz[k], npz[k], rtol=1e-5, atol=0, err_msg=k)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -387,3 +391,22 @@ def test_plane_json_holds_the_record_keys_eval_curve_writes(curve_plane, setup, 
     for key in ("loss", "loss_description", "data", "bn", "train_metric_images", "test_metric_images", "device",
                 "precision", "points_per_call", "memory_format", "compiled"):
         assert record[key] == eval_record[key], key
+
+
+def test_the_reconstructions_at_every_grid_point_are_its_networks(setup, curve_plane):
+    """plane.npz's recon[i, j]: the first held-out images reconstructed by the network at grid node (i, j), BN
+    statistics recomputed there from the same images as its metrics, as uint8 pixels (the strips' rounding)."""
+    out, _, npz, record = curve_plane
+    data = setup["data"]
+    fixed = data.test[: plane.RECON_IMAGES].float().div(255)
+    assert npz["recon"].dtype == np.uint8 and np.array_equal(npz["recon_images"], data.test[: plane.RECON_IMAGES])
+    curve, _ = load_curve(setup["curve"])
+    geometry = plane_through(*(curve.bends[k].detach() for k in (0, 1, 2)))
+    bn_loader = BatchLoader(fixed_subset(data.train, 64, SUBSET_SEED), 64, "cpu")
+    for i, j in ((0, 0), (2, 1), (1, 2)):
+        weights = curve.unflatten(geometry.point(*npz["grid"][i, j]).float())
+        recompute_bn(curve.base, weights, bn_loader)
+        expected = evaluation.pixels(metrics.reconstruct(NetworkAt(curve.base, weights), fixed))
+        assert np.abs(npz["recon"][i, j].astype(int) - expected.astype(int)).max() <= 1, (i, j)
+    # different networks reconstruct differently: the grid's corners are not one picture repeated
+    assert not np.array_equal(npz["recon"][0, 0], npz["recon"][2, 2])

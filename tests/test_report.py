@@ -1,7 +1,9 @@
 """Tests for aecurves.report: a report made from a study folder's files alone, numbers and conclusions."""
 
+import base64
 import errno
 import html
+import io
 import json
 import re
 import shutil
@@ -18,6 +20,7 @@ from aecurves.cli import main
 from aecurves.errors import UserError
 from aecurves.records import EvalRecord
 from aecurves.report import conclusions, model
+from aecurves.report import figures as report_figures
 from aecurves.report.inputs import Inputs
 from aecurves.report.model import Interval
 from aecurves.stats import summarize
@@ -296,10 +299,12 @@ def test_first_screen_answers_the_question(tmp_path):
     top = html[:html.index("<h2>Caveats</h2>")]
     assert "<details" not in top and top.count("<img") == 1 and top.count("<table>") == 1
     rest = html[html.index("<h2>mse group in detail</h2>"):]
-    assert rest.count("<details>") == rest.count("</details>") >= 10
+    assert rest.count("<details") == rest.count("</details>") >= 10
     assert re.search(r"<details><summary><h3>Endpoints</h3></summary>", rest)
-    assert all(rest.rindex("<details>", 0, m.start()) > rest.rfind("</details>", 0, m.start())
+    assert all(rest.rindex("<details", 0, m.start()) > rest.rfind("</details>", 0, m.start())
                for m in re.finditer("<img", rest))  # every other figure is inside a folded section
+    # but for the explorers: open, to be used at once (and folded by a click)
+    assert re.findall(r"<details open><summary><h3>([^<]*)</h3>", rest) == ["Look along the path"]
     assert "<section><h2>Caveats</h2>" in html  # in plain sight, not folded
 
 
@@ -318,9 +323,10 @@ def test_the_report_is_laid_out_before_anything_is_written(tmp_path, monkeypatch
     root = make_study(tmp_path / "study")
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     drawn = []
-    for name in ("plot_loss_along_paths", "plot_bands_along_t", "save_labelled_rows"):
-        original = getattr(plots, name)
-        monkeypatch.setattr(plots, name, lambda *a, _f=original, **kw: drawn.append(a) or _f(*a, **kw))
+    for module, name in ((plots, "plot_bands_along_t"), (plots, "save_labelled_rows"),
+                         (report_figures, "_plot_series")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, **kw: drawn.append(a) or _f(*a, **kw))
     built = report.build
 
     def build(*args, **kwargs):
@@ -591,7 +597,7 @@ def test_html_tables_scroll_inside_their_box(tmp_path):
     report.write_report(root)
     html = (root / "report.html").read_text()
     assert html.count("<table>") >= 8
-    assert html.count('<div class="scroll"><table>') == html.count("<table") == html.count("</table></div>")
+    assert html.count('<div class="scroll"><table') == html.count("<table") == html.count("</table></div>")
     assert ".scroll{overflow-x:auto" in html
 
 
@@ -769,8 +775,8 @@ def test_alignment_conclusion_with_its_intervals(tmp_path):
 
 def test_figures_name_their_pairs(tmp_path, monkeypatch):
     drawn = []
-    original = plots.plot_loss_along_paths
-    monkeypatch.setattr(plots, "plot_loss_along_paths",
+    original = report_figures._plot_series
+    monkeypatch.setattr(report_figures, "_plot_series",
                         lambda series, path, **kw: drawn.append((series, kw)) or original(series, path, **kw))
     root = make_study(tmp_path / "study")
     report.write_report(root)
@@ -832,7 +838,9 @@ def test_markdown_shows_the_study_strings_as_text(tmp_path):
         HOSTILE.split())
     assert f"``aecurves report '{root}'``" in md  # the command as code, the folder quoted for the shell
     html_text = (root / "report.html").read_text()
-    assert "<script>" not in html_text and f"<code>aecurves report &#x27;{html.escape(str(root))[:-4]}" in html_text
+    assert "<script>alert" not in html_text and html_text.count("<script") == html_text.count(
+        '<script type="application/json" class="explorer-data">') + 1  # the explorers' data, and their script
+    assert f"<code>aecurves report &#x27;{html.escape(str(root))[:-4]}" in html_text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1223,3 +1231,185 @@ def test_eval_json_of_the_last_release_and_of_this_one_give_the_same_report(tmp_
     assert main(["report", str(old)]) == 0 and main(["report", str(new)]) == 0
     before, after = (_leaves(json.loads((r / "report.json").read_text())) for r in (old, new))
     assert before == after and not json.loads((new / "report.json").read_text()).get("damaged")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the explorers of report.html
+
+
+def add_reconstructions(root: Path, n: int = 2, size: int = 8) -> dict[str, dict]:
+    """reconstructions.npz beside every eval.json (eval-curve's, with random pixels at each of its t), and te_ssim in
+    the curves' series (the segments' left without it: shown as "–"). Returns {eval folder: arrays}."""
+    rng = np.random.default_rng(0)
+    found = {}
+    for path in sorted(root.glob("curves/*/eval/eval.json")):
+        record = json.loads(path.read_text())
+        ts = np.asarray(record["series"]["ts"])
+        record["series"]["te_ssim"] = [0.5 + 0.01 * k for k in range(len(ts))]
+        path.write_text(json.dumps(record))
+        arrays = {"ts": ts, "images": rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8),
+                  **{key: rng.integers(0, 256, (len(ts), n, 3, size, size), dtype=np.uint8)
+                     for key in ("curve", "segment")}}
+        with open(path.parent / "reconstructions.npz", "wb") as f:
+            np.savez(f, **arrays)
+        found[str(path.parent.relative_to(root))] = arrays
+    return found
+
+
+def add_plane(root: Path, grid: int = 3, n: int = 2, size: int = 8) -> dict:
+    """The mse group's loss plane through seeds 1-2's curve, as `aecurves plane` writes it (reconstructions too)."""
+    folder = root / "curves/mse_seed1-seed2/plane"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    axis = np.linspace(0, 1, grid)
+    arrays = {"grid": np.stack(np.meshgrid(axis * 2.0, axis * 0.5, indexing="ij"), -1),
+              "te_loss": rng.uniform(0.01, 0.05, (grid, grid)),
+              "bend_coordinates": np.array([[0.0, 0.0], [1.0, 0.5], [2.0, 0.0]]),
+              "recon": rng.integers(0, 256, (grid, grid, n, 3, size, size), dtype=np.uint8),
+              "recon_images": rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)}
+    with open(folder / "plane.npz", "wb") as f:
+        np.savez(f, **arrays)
+    (folder / "plane.json").write_text(json.dumps({"format_version": 2, "kind": "curve", "summary": {},
+                                                   "config": {}, "grid": {"points": grid}, "seconds": 1.0}))
+    _png(folder / "plane.png")
+    _edit_json(root / "study.json", lambda s: s["groups"]["mse"].update(
+        plane={"seeds": [1, 2], "folder": "curves/mse_seed1-seed2/plane"}))
+    return arrays
+
+
+def _explorers(html_text: str) -> dict[str, tuple[str, dict]]:
+    """Each path explorer of the page: {pair: (its markup, its embedded JSON)}."""
+    found = {}
+    for m in re.finditer(r'<section class="explorer" data-group="mse" data-pair="([\d-]+)">(.*?)</section>',
+                         html_text, re.S):
+        data = re.search(r'<script type="application/json" class="explorer-data">(.*?)</script>', m.group(2), re.S)
+        found[m.group(1)] = (m.group(2), json.loads(data.group(1)))
+    return found
+
+
+def _png_pixels(uri: str) -> np.ndarray:
+    assert uri.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+        return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+
+
+def _attrs(markup: str, tag: str, cls: str) -> list[dict]:
+    """The attributes of each <tag> whose class matches the pattern `cls`, in the page's order."""
+    found = [dict(re.findall(r'([\w-]+)="([^"]*)"', m)) for m in re.findall(rf"<{tag}\b([^>]*)>", markup)]
+    return [a for a in found if re.fullmatch(cls, a.get("class", ""))]
+
+
+def test_the_explorer_shows_eval_jsons_series_and_the_stored_reconstructions(tmp_path):
+    """Per pair, the explorer's JSON holds eval.json's ts and each path's held-out loss, PSNR and SSIM as the page
+    shows them (4 significant digits; "–" where not measured), and the pixels of reconstructions.npz at every t;
+    the page is written at the t nearest 0.5 with those values and images; report.md has no explorer."""
+    root = make_study(tmp_path / "study")
+    add_alignment(root)
+    stored = add_reconstructions(root)
+    report.write_report(root)
+    html_text = (root / "report.html").read_text()
+    explorers = _explorers(html_text)
+    assert sorted(explorers) == ["1-2", "1-3", "2-3"]
+    for pair, (markup, data) in explorers.items():
+        a, b = pair.split("-")
+        sources = {"": f"curves/mse_seed{a}-seed{b}/eval", "aligned_": f"curves/mse_seed{a}-seed{b}_aligned/eval"}
+        series = {w: json.loads((root / folder / "eval.json").read_text())["series"] for w, folder in sources.items()}
+        assert data["ts"] == series[""]["ts"] and len(data["ts"]) == 7
+        assert list(data["paths"]) == ["segment", "curve", "aligned_segment", "aligned_curve"]
+        i = data["initial"]
+        assert i == 3 and data["ts_text"][i] == "0.500" and '<span class="explorer-t">0.500</span>' in markup
+        slider, = _attrs(markup, "input", "explorer-slider")
+        assert (slider["type"], slider["min"], slider["max"], slider["step"], slider["value"]) == \
+            ("range", "0", "6", "1", "3")
+        assert markup.count('<svg class="explorer-plot"') == 1
+        values = re.findall(r'<td class="explorer-value"[^>]*>([^<]*)</td>', markup)
+        cells = {(c["data-path"], c["data-metric"]): v for c, v in zip(_attrs(markup, "td", "explorer-value"), values)}
+        for name, p in data["paths"].items():
+            which, prefix = ("aligned_" if name.startswith("aligned") else ""), \
+                ("segment_" if name.endswith("segment") else "")
+            s = series[which]
+            assert p["te_loss"] == [f"{v:.4g}" for v in s[prefix + "te_loss"]]
+            assert p["te_psnr"] == [f"{v:.4g}" for v in s[prefix + "te_psnr"]]
+            assert p["te_ssim"] == ([f"{v:.4g}" for v in s["te_ssim"]] if not prefix else ["–"] * 7)
+            for m in ("te_loss", "te_psnr", "te_ssim"):
+                assert cells[(name, m)] == p[m][i], (pair, name, m)
+            pixels = stored[sources[which]][prefix[:-1] or "curve"]
+            assert [[_png_pixels(u).tolist() for u in row] for row in p["images"]] == pixels.tolist()
+            shown = [x for x in _attrs(markup, "img", "explorer-recon") if x["data-path"] == name]
+            assert [x["data-index"] for x in shown] == ["0", "1"]
+            assert [_png_pixels(x["src"]).tolist() for x in shown] == pixels[i].tolist()
+        originals = _attrs(markup, "img", "explorer-original")
+        assert [_png_pixels(x["src"]).tolist() for x in originals] == stored[sources[""]]["images"].tolist()
+    assert html_text.count("<script>") == 1  # the one script that moves them all, at the end
+    md = (root / "report.md").read_text()
+    assert 'class="explorer' not in md and "data:image" not in md and "curve_reconstructions.png" in md
+
+
+def test_an_evaluation_without_reconstructions_npz_is_still_reported(tmp_path, capsys):
+    """An evaluation folder written before eval-curve stored reconstructions.npz: the explorer shows the numbers,
+    says the pictures are not stored, and the static strips are all there; nothing is named damaged."""
+    root = make_study(tmp_path / "study")
+    record = report.write_report(root)
+    assert record["damaged"] == {} and "damaged" not in capsys.readouterr().err
+    html_text = (root / "report.html").read_text()
+    explorers = _explorers(html_text)
+    assert len(explorers) == 3
+    for markup, data in explorers.values():
+        assert list(data["paths"]) == ["segment", "curve"]
+        assert all(p["images"] == [] for p in data["paths"].values())
+        assert "explorer-recon" not in markup and "explorer-original" not in markup and "not stored" in markup
+    assert html_text.count("_reconstructions.png") == 0  # figures embedded, not linked
+    # each pair's curve and segment strips
+    assert len(re.findall(r"<figcaption>[^<]*held-out images reconstructed along", html_text)) == 6
+
+
+def test_a_damaged_reconstructions_npz_is_named_and_the_rest_reported(tmp_path, capsys):
+    root = make_study(tmp_path / "study")
+    add_reconstructions(root)
+    rel = "curves/mse_seed1-seed3/eval/reconstructions.npz"
+    with np.load(root / rel) as npz:
+        arrays = dict(npz)
+    with open(root / rel, "wb") as f:
+        np.savez(f, **{**arrays, "curve": arrays["curve"][:3]})  # fewer t than ts
+    record = report.write_report(root)
+    assert "curve (3, 2, 3, 8, 8) is not one reconstruction" in record["damaged"][rel]
+    assert rel in capsys.readouterr().err
+    explorers = _explorers((root / "report.html").read_text())
+    assert explorers["1-3"][1]["paths"]["curve"]["images"] == [] and explorers["1-2"][1]["paths"]["curve"]["images"]
+
+
+def test_the_plane_explorer_picks_each_grid_points_network(tmp_path):
+    root = make_study(tmp_path / "study")
+    arrays = add_plane(root)
+    report.write_report(root)
+    html_text = (root / "report.html").read_text()
+    markup = re.search(r'<section class="plane-explorer" data-group="mse">(.*?)</section>', html_text, re.S).group(1)
+    cells = _attrs(markup, "rect", "plane-cell(?: picked)?")
+    assert sorted((int(c["data-i"]), int(c["data-j"])) for c in cells) == [(i, j) for i in range(3) for j in range(3)]
+    data = json.loads(re.search(r'class="plane-data">(.*?)</script>', markup, re.S).group(1))
+    assert data["loss"] == [[f"{v:.4g}" for v in row] for row in arrays["te_loss"]]
+    assert data["points"][2][1] == "(2.000, 0.250)"
+    assert [[[_png_pixels(u).tolist() for u in node] for node in row] for row in data["images"]] == \
+        arrays["recon"].tolist()
+    i, j = data["initial"]
+    assert (i, j) == (1, 2)  # the node nearest the middle point, (1.0, 0.5)
+    assert f'<span class="plane-point">{data["points"][i][j]}</span>' in markup
+    assert f'<span class="plane-loss">{data["loss"][i][j]}</span>' in markup
+    shown = _attrs(markup, "img", "plane-recon")
+    assert [_png_pixels(x["src"]).tolist() for x in shown] == arrays["recon"][i, j].tolist()
+
+
+def test_report_html_grows_by_about_the_pictures_it_embeds(tmp_path):
+    """Sanity bound on report.html's size: the explorers add each stored picture about once (in their JSON; the
+    initial t's also in the page), not more."""
+    plain = make_study(tmp_path / "plain")
+    report.write_report(plain)
+    root = make_study(tmp_path / "study")
+    add_reconstructions(root, n=4, size=32)
+    report.write_report(root)
+    html_text = (root / "report.html").read_text()
+    uris = [u for _, data in _explorers(html_text).values() for p in data["paths"].values() for row in p["images"]
+            for u in row]
+    assert len(uris) == 3 * 2 * 7 * 4
+    grown = len(html_text) - len((plain / "report.html").read_text())
+    assert sum(map(len, uris)) < grown < 1.4 * sum(map(len, uris)) + 60_000

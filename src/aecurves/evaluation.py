@@ -9,6 +9,9 @@ here once, the two cannot drift apart.
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from aecurves import runtime
 from aecurves.config import SUBSET_SEED, VAL_FRACTION, as_record
 from aecurves.curves import Curve
@@ -181,3 +184,12 @@ def record_keys(setup: Setup, cfg, seconds: float) -> dict:
         "seconds": seconds,
         "config": as_record(cfg),
     }
+
+
+def pixels(images: torch.Tensor) -> np.ndarray:
+    """Images (floats in [0, 1], or uint8) as uint8 pixels [N, C, H, W]: the same rounding as the reconstruction
+    strips (plots.reconstruction_grid, torchvision's save_image), so the two hold the same pixels."""
+    images = images.detach().cpu()
+    if images.dtype == torch.uint8:
+        return images.numpy().copy()
+    return images.float().clamp(0, 1).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()

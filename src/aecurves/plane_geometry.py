@@ -91,11 +91,12 @@ def grid_axes(plane: Plane, points: int, margin_left: float, margin_right: float
 
 
 def evaluate_grid(base: nn.Module, unflatten, plane: Plane, grid: np.ndarray, train_loader, test_loader, loss_fn,
-                  bn_loader=None, progress: bool = False, points_per_call: int = 1) -> dict:
+                  bn_loader=None, progress: bool = False, points_per_call: int = 1, on_point=None) -> dict:
     """{"tr_loss", "tr_mse", "tr_psnr", "te_...": float64 array [G, G]}: eval-curve's metrics at every node of
     `grid` [G, G, 2], BN statistics recomputed at each from `bn_loader` (when given), by metrics.evaluate_points.
 
-    `unflatten` turns a flat vector of the base's dtype and device into its weights dict.
+    `unflatten` turns a flat vector of the base's dtype and device into its weights dict; `on_point((i, j), network)`
+    is called at each node (evaluate_points).
     """
     param = next(base.parameters())
     nodes = [(i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])]
@@ -103,7 +104,7 @@ def evaluate_grid(base: nn.Module, unflatten, plane: Plane, grid: np.ndarray, tr
                            lambda node: plane.point(*grid[node]).to(device=param.device, dtype=param.dtype),
                            nodes, train_loader, test_loader, loss_fn, bn_loader=bn_loader,
                            points_per_call=points_per_call, progress=progress,
-                           desc="plane")
+                           desc="plane", on_point=on_point)
     values = {}
     for (i, j), row in zip(nodes, rows):
         for k, v in prefixed(row).items():

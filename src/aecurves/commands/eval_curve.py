@@ -35,7 +35,8 @@ plain path's, so their labels say "renormalised", and eval.json records "renorma
 
 Outputs in `out` (default: CKPT_FOLDER/eval for a curve, runs/segment for --segment):
 curve.npz, eval.json, loss_along_path.png, reconstructions.png, for a curve with its segment
-reconstructions_segment.png, and with `ensemble` ensemble.png. Nothing is written before every point was
+reconstructions_segment.png, reconstructions.npz (the held-out images reconstructed at every t, uint8, for the
+report's explorer), and with `ensemble` ensemble.png. Nothing is written before every point was
 evaluated; then each file goes to a temporary beside it, and only when all were written are they renamed
 into place (eval.json last), so a failed or interrupted run never leaves partial or mixed results over
 earlier ones.
@@ -94,6 +95,7 @@ class PathResults:
     recons: dict              # prefix -> reconstructions at RECON_POINTS values of t
     labels: dict              # prefix -> label
     seconds: float
+    pixels: dict = dataclasses.field(default_factory=dict)  # prefix -> uint8 [T, N, C, H, W]: at every t of ts
 
 
 def run(cfg: EvalCurveConfig) -> dict:
@@ -328,14 +330,19 @@ def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, per
     if subject.segment is not None:
         paths["segment_"] = (subject.segment, subject.segment_label)
     recon_ts = np.linspace(0.0, 1.0, RECON_POINTS)
-    series, summary, recons = {}, {}, {}
+    series, summary, recons, pixels = {}, {}, {}, {}
     for prefix, (path, label) in paths.items():
-        taken = {}
+        taken, frames = {}, {}
 
-        def on_point(t, point, taken=taken):
+        def on_point(t, point, taken=taken, frames=frames):
+            if not len(fixed):
+                return
+            # the network at t is built here already: its reconstructions at every t cost one forward pass each
+            images = reconstruct(point, fixed)
+            frames[float(t)] = evaluation.pixels(images)
             hit = np.flatnonzero(np.isclose(recon_ts, t, rtol=0, atol=1e-9))
-            if len(fixed) and len(hit):
-                taken[int(hit[0])] = reconstruct(point, fixed)
+            if len(hit):
+                taken[int(hit[0])] = images
 
         one = evaluate_path(path, ts, train_loader, test_loader, loss_fn, perceptual_fn, bn_loader, progress,
                             desc=label, on_point=on_point, ssim=ssim, per_image=True,
@@ -349,8 +356,9 @@ def evaluate_paths(subject: Subject, ts, train_loader, test_loader, loss_fn, per
             missing = [i for i in range(RECON_POINTS) if i not in taken]
             taken.update(zip(missing, reconstructions_along(path, recon_ts[missing], fixed, bn_loader)))
             recons[prefix] = [taken[i] for i in range(RECON_POINTS)]
+            pixels[prefix] = np.stack([frames[float(t)] for t in ts])
     return PathResults(series, summary, recons, {p: label for p, (_, label) in paths.items()},
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, pixels)
 
 
 def print_summary(title: str, summary: dict, prefix: str = "") -> None:
@@ -421,6 +429,9 @@ def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, reco
         title = f"{results.labels[prefix]}{between}: held-out images and their reconstructions"
         writers[kind] = (f"{kind}.png", partial(plots.save_reconstruction_grid, fixed, recon_columns(images),
                                                 title=title))
+    if results.pixels:
+        writers["reconstructions_npz"] = ("reconstructions.npz", partial(save_npz, arrays=reconstruction_arrays(
+            subject, results, fixed)))
     if ensemble is not None and ensemble["reconstructions"]:
         writers["ensemble"] = ("ensemble.png", partial(plot_ensemble, subject=subject, ensemble=ensemble,
                                                        fixed=fixed, between=between))
@@ -428,6 +439,16 @@ def write_outputs(out: Path, subject: Subject, results: PathResults, fixed, reco
     writers["json"] = ("eval.json", lambda p: write_json(p, dataclasses.replace(record, files=files).to_json()))
     write_all({out / name: write for name, write in writers.values()})
     return files
+
+
+def reconstruction_arrays(subject: Subject, results: PathResults, fixed) -> dict:
+    """reconstructions.npz: the held-out images (`images`, uint8 [N, C, H, W]) and their reconstructions at every t
+    of `ts` on each path (`curve`, `segment`: uint8 [T, N, C, H, W]), the pixels the strips show at the t they
+    share (evaluation.pixels)."""
+    names = {"": subject.kind, "segment_": "segment"}
+    ts = results.series["ts"] if "ts" in results.series else results.series["segment_ts"]
+    return {"ts": np.asarray(ts, dtype=np.float64), "images": evaluation.pixels(fixed),
+            **{names[prefix]: frames for prefix, frames in results.pixels.items()}}
 
 
 def plot_losses(path: Path, subject: Subject, results: PathResults, between: str) -> None:

@@ -25,7 +25,9 @@ training and held-out images (see plane_geometry.py for the math). Deviations, a
 - Grid points go through eval-curve's engine (metrics.evaluate_points): several per call with
   --points-per-call, bf16 autocast with --precision, channels_last batches by default.
 
-Outputs in `out` (default CKPT_FOLDER/plane, or runs/plane for --points): plane.npz, plane.png (train and test
+Outputs in `out` (default CKPT_FOLDER/plane, or runs/plane for --points): plane.npz (with `recon`: RECON_IMAGES
+held-out images reconstructed at every grid point, uint8 [G, G, N, C, H, W], and `recon_images`, the originals),
+plane.png (train and test
 loss, filled contours on one log scale, with the three points, the curve and the segment) and plane.json,
 written only when every point was evaluated, each to a temporary renamed into place (plane.json last).
 """
@@ -46,12 +48,13 @@ from aecurves.curves import Curve, make_segment
 from aecurves.data import check_outside_data
 from aecurves.errors import UserError
 from aecurves.files import check_writable, folder_lock, save_npz, write_all, write_json
-from aecurves.metrics import evaluate_points
+from aecurves.metrics import evaluate_points, reconstruct
 from aecurves.models import build_model
 from aecurves.plane_geometry import evaluate_grid, grid_axes, plane_through, prefixed
 from aecurves.records import PlaneRecord, refuse_other_outputs
 
 DEFAULT_POINTS_OUT = "runs/plane"
+RECON_IMAGES = 4  # held-out images reconstructed at every grid point (plane.npz's recon): G² of them add up
 
 
 @dataclass
@@ -91,10 +94,11 @@ def evaluate_plane(cfg: PlaneConfig, out: Path, subject: "Subject", plane, data,
                                     f"{plane.dy:.4f}; a {cfg.grid}x{cfg.grid} grid", each="point")
     check_writable(out)  # now, not after every point was computed
 
-    bends, values, seconds, per_point = evaluate_bends_and_grid(cfg, subject, plane, grid, setup)
+    fixed = data.test[:RECON_IMAGES].to(setup.device).float().div(255)
+    bends, values, seconds, per_point, recon = evaluate_bends_and_grid(cfg, subject, plane, grid, setup, fixed)
     bend_coordinates = np.stack([plane.coordinates(f) for f in subject.flats])
     arrays = {"alphas": alphas, "betas": betas, "grid": grid, "bend_coordinates": bend_coordinates, "ts": ts,
-              **projections, **values,
+              **projections, **values, **recon,
               **{f"bend_{k}": np.array([b[k] for b in bends]) for k in values},
               "dx": np.float64(plane.dx), "dy": np.float64(plane.dy)}
     summary = summarize(subject, values, bends)
@@ -125,10 +129,16 @@ def evaluate_plane(cfg: PlaneConfig, out: Path, subject: "Subject", plane, data,
             "seconds_per_point": per_point, **summary}
 
 
-def evaluate_bends_and_grid(cfg: PlaneConfig, subject: Subject, plane, grid, setup: evaluation.Setup) -> tuple:
-    """(the three bends' metrics, the grid's, seconds in all, seconds per grid point). The bends are evaluated
-    directly, so their values are exact even where they fall between grid nodes."""
+def evaluate_bends_and_grid(cfg: PlaneConfig, subject: Subject, plane, grid, setup: evaluation.Setup,
+                            fixed) -> tuple:
+    """(the three bends' metrics, the grid's, seconds in all, seconds per grid point, the reconstructions of `fixed`
+    at every grid point: {"recon": uint8 [G, G, N, C, H, W], "recon_images": the originals}, or {} without images).
+    The bends are evaluated directly, so their values are exact even where they fall between grid nodes."""
     path, protocol, device = subject.path, setup.protocol, setup.device
+    frames = {}
+
+    def on_point(node, network):  # the network at the node is built already: one forward pass more
+        frames[node] = evaluation.pixels(reconstruct(network, fixed))
     t0 = time.perf_counter()
     with runtime.autocast(device, cfg.precision):  # bf16: the forward passes only, as in eval-curve
         bends = [prefixed(row) for row in evaluate_points(path.base, path.unflatten, lambda f: f.detach().to(device),
@@ -138,9 +148,11 @@ def evaluate_bends_and_grid(cfg: PlaneConfig, subject: Subject, plane, grid, set
         t1 = time.perf_counter()
         values = evaluate_grid(path.base, path.unflatten, plane, grid, protocol.train_loader, protocol.test_loader,
                                setup.loss_fn, protocol.bn_loader, progress=not cfg.no_progress,
-                               points_per_call=setup.per_call)
+                               points_per_call=setup.per_call, on_point=on_point if len(fixed) else None)
     seconds = time.perf_counter() - t0
-    return bends, values, seconds, (seconds - (t1 - t0)) / cfg.grid**2
+    recon = {"recon": np.stack([np.stack([frames[(i, j)] for j in range(cfg.grid)]) for i in range(cfg.grid)]),
+             "recon_images": evaluation.pixels(fixed)} if frames else {}
+    return bends, values, seconds, (seconds - (t1 - t0)) / cfg.grid**2, recon
 
 
 def check_config(cfg: PlaneConfig) -> None:

@@ -8,7 +8,15 @@ from pathlib import Path
 from aecurves.config import CONV_VAE, KL_AUTOENCODER
 from aecurves.records import EvalRecord, PlaneRecord, StageRecord
 
-from .inputs import Inputs, curve_arrays, endpoint_png, held_out_tensors, read_study
+from .inputs import (
+    Inputs,
+    curve_arrays,
+    endpoint_png,
+    held_out_tensors,
+    plane_arrays,
+    read_study,
+    reconstruction_arrays,
+)
 from .model import (
     BUDGET_FACTOR,
     EQUAL_BUDGET_METRICS,
@@ -164,6 +172,8 @@ def _evaluation(inputs: Inputs, p: Pair, record: dict) -> None:
     found = {"curve": f"{p.eval}/reconstructions.png", "segment": f"{p.eval}/reconstructions_segment.png",
              **({"ensemble": f"{p.eval}/ensemble.png"} if p.ensemble else {})}
     p.strips = {kind: rel for kind, rel in found.items() if inputs.status(rel) == "found"}
+    p.series = record.get("series") if isinstance(record.get("series"), dict) else None
+    p.recons = inputs.load(f"{p.eval}/reconstructions.npz", reconstruction_arrays)
 
 
 def _aligned(inputs: Inputs, p: Pair, pair: dict) -> dict | None:
@@ -175,6 +185,8 @@ def _aligned(inputs: Inputs, p: Pair, pair: dict) -> dict | None:
     a = record["paths"]
     p.aligned_curve, p.aligned_segment = PathStats.of(a["curve"]), PathStats.of(a["segment"])
     p.aligned_arrays = inputs.load(f"{p.aligned_eval}/curve.npz", curve_arrays)
+    p.aligned_series = record.get("series") if isinstance(record.get("series"), dict) else None
+    p.aligned_recons = inputs.load(f"{p.aligned_eval}/reconstructions.npz", reconstruction_arrays)
     strip = f"{p.aligned_eval}/reconstructions_segment.png"
     if inputs.status(strip) == "found":
         p.strips["aligned_segment"] = strip
@@ -294,6 +306,7 @@ def _plane(inputs: Inputs, plane: dict) -> Plane:
         out.summary, out.grid, out.seconds = pick(record, "summary", "grid", "seconds")
         picture = f"{plane['folder']}/plane.png"
         out.picture = picture if inputs.status(picture) == "found" else None
+        out.arrays = inputs.load(f"{plane['folder']}/plane.npz", plane_arrays)
     return out
 
 

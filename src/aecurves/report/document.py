@@ -51,6 +51,35 @@ class Figure:
 
 
 @dataclass
+class Explorer:
+    """report.html's explorer of one pair's paths along t (explorer.py makes it; report.md leaves it out). Values
+    are preformatted strings; images PNG data URIs, [t][image] per path."""
+    group: str
+    pair: str                # "A-B"
+    ts: list[float]
+    ts_text: list[str]       # each t with 3 decimals
+    paths: dict              # name: {label, dash, color, loss (floats), te_loss, te_psnr, te_ssim (strings), images}
+    originals: list[str]     # the held-out images
+    initial: int             # the index of t nearest 0.5
+    plot: dict               # the loss figure's geometry (explorer.PLOT)
+
+
+@dataclass
+class PlaneExplorer:
+    """report.html's explorer of a group's loss plane: [i][j] per grid node (i along x, j along y)."""
+    group: str
+    seeds: str
+    size: int
+    points: list             # "(x, y)"
+    loss: list               # the held-out loss, preformatted
+    colors: list             # each cell's fill
+    images: list             # [i][j][image]: PNG data URIs ([] when plane.npz has no reconstructions)
+    originals: list
+    initial: tuple
+    bends: list              # the three points, in (fractional) cells
+
+
+@dataclass
 class Section:
     """A heading and what belongs under it. `fold`: folded in HTML (<details>, opened by a click; `open`: shown
     open), a plain section in Markdown."""
@@ -81,6 +110,9 @@ class Doc:
 
     def img(self, rel: str, caption: Text, pixels: bool = False, width: int | None = None):
         self.blocks.append(Figure(rel, caption, pixels, width))
+
+    def add(self, block) -> None:
+        self.blocks.append(block)
 
     def section(self, level: int, title: Text, fold: bool = False, open: bool = False) -> "Doc":
         section = Section(level, title, fold, open)

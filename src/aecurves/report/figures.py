@@ -205,10 +205,29 @@ def _plot_panels(panels, path, title: str) -> None:
     plots.save_figure(fig, path)
 
 
-def _plot_series(series, path, **kw):
+def _plot_series(series, path, ylabel: str, title: str) -> None:
+    """Train and held-out loss against t (two panels), every pair's paths, the legend below the axes: with a dozen
+    lines (three pairs, four paths each) a legend inside would cover them."""
+    from matplotlib.figure import Figure
+
     from aecurves import plots
 
-    plots.plot_loss_along_paths(series, path, **kw)
+    columns = min(4, len({s.get("color") for s in series}))  # a pair per column (one colour each), up to 4
+    fig = Figure(figsize=(10.4, 4.4 + 0.22 * -(-len(series) // columns)), layout="constrained")
+    for ax, key, panel in zip(fig.subplots(1, 2), ("tr_loss", "te_loss"), ("train", "held-out")):
+        for s in series:
+            if s.get(key) is not None:
+                ax.plot(np.asarray(s["ts"]), np.asarray(s[key]), linestyle=s.get("linestyle") or "-",
+                        color=s.get("color"), label=s.get("label"), linewidth=1.6)
+        ax.set_xlabel("t")
+        ax.set_ylabel(f"{panel} {ylabel}")
+        ax.set_title(panel)
+        ax.set_xlim(0, 1)
+        ax.grid(True, alpha=0.3)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=columns,
+               fontsize="small")
+    fig.suptitle(title)
+    plots.save_figure(fig, path)
 
 
 def _labelled_rows(rows, path, **kw):

@@ -152,6 +152,48 @@ def curve_arrays(path: Path) -> dict:
     return arrays
 
 
+def _pixels(value, name: str, ndim: int) -> np.ndarray:
+    if value.dtype != np.uint8 or value.ndim != ndim or value.shape[-3] not in (1, 3) or not value.size:
+        raise Damaged(f"{name} is not uint8 pixels with {ndim} dimensions, [..., C, H, W]")
+    return value
+
+
+def reconstruction_arrays(path: Path) -> dict:
+    """eval-curve's reconstructions.npz: ts [T], images [N, C, H, W] and each path's (curve, segment) pixels
+    [T, N, C, H, W], checked to fit together."""
+    with np.load(path, allow_pickle=False) as npz:
+        if missing := [k for k in ("ts", "images") if k not in npz.files]:
+            raise Damaged(f"it has no {', '.join(missing)}")
+        arrays = {k: npz[k] for k in ("ts", "images", "curve", "segment") if k in npz.files}
+    ts, images = arrays["ts"], _pixels(arrays["images"], "images", 4)
+    if ts.dtype.kind != "f" or ts.ndim != 1:
+        raise Damaged("ts is not numbers, one per t")
+    for key in ("curve", "segment"):
+        if key in arrays and _pixels(arrays[key], key, 5).shape != (len(ts), *images.shape):
+            raise Damaged(f"{key} {arrays[key].shape} is not one reconstruction of each image {images.shape} per t "
+                          f"({len(ts)})")
+    return arrays
+
+
+def plane_arrays(path: Path) -> dict:
+    """What the plane's explorer shows of plane.npz: the grid [G, G, 2], the held-out loss [G, G], the three points'
+    coordinates and, where it has them, the reconstructions at every node (recon [G, G, N, C, H, W], recon_images
+    [N, C, H, W])."""
+    with np.load(path, allow_pickle=False) as npz:
+        if missing := [k for k in ("grid", "te_loss") if k not in npz.files]:
+            raise Damaged(f"it has no {', '.join(missing)}")
+        arrays = {k: npz[k] for k in ("grid", "te_loss", "bend_coordinates", "recon", "recon_images")
+                  if k in npz.files}
+    grid, loss = arrays["grid"], arrays["te_loss"]
+    if grid.ndim != 3 or grid.shape[0] != grid.shape[1] or grid.shape[2] != 2 or loss.shape != grid.shape[:2]:
+        raise Damaged(f"grid {grid.shape} and te_loss {loss.shape} are not a G x G grid and its values")
+    if "recon" in arrays:
+        images = _pixels(arrays.get("recon_images", np.zeros(0)), "recon_images", 4)
+        if _pixels(arrays["recon"], "recon", 6).shape != (*loss.shape, *images.shape):
+            raise Damaged(f"recon {arrays['recon'].shape} is not one reconstruction of each image per grid node")
+    return arrays
+
+
 def held_out_tensors(path: Path) -> Picture:
     """An endpoint's reconstructions.pt (train.py): {"format": 1, "images", "reconstructions"}, two uint8 tensors
     [N, C, H, W] of one shape, the pixel values of reconstructions.png. weights_only: a file someone sent must not
@@ -248,7 +290,7 @@ def _group_files(group: dict) -> list[str]:
         for key in ("eval", "aligned_eval"):
             if key in pair:
                 files += [f"{pair[key]}/{n}" for n in ("eval.json", "curve.npz", "reconstructions.png",
-                                                       "reconstructions_segment.png")]
+                                                       "reconstructions_segment.png", "reconstructions.npz")]
         if "aligned_endpoint" in pair:
             files.append(f"{pair['aligned_endpoint']}/study_stage.json")  # how long the alignment took
         if "baseline_eval" in pair:
@@ -257,7 +299,7 @@ def _group_files(group: dict) -> list[str]:
             files.append(f"{pair['ensembles']}/ensembles.json")
     files += [f"{folder}/fge.json" for folder in group.get("fge", {}).values()]
     if "plane" in group:
-        files += [f"{group['plane']['folder']}/{n}" for n in ("plane.json", "plane.png")]
+        files += [f"{group['plane']['folder']}/{n}" for n in ("plane.json", "plane.png", "plane.npz")]
     return files
 
 

@@ -14,6 +14,7 @@ from aecurves.config import BN_IMAGES, TRAIN_IMAGES
 from . import tables
 from .conclusions import DISTORTION_NAMES, LOSS_NAMES, RATE_UNIT, Findings, objective_name
 from .document import Code, Doc, Text
+from .explorer import pair_explorer, plane_explorer
 from .figures import STRIPS, Figures, GroupFigures, pairs_text
 from .fmt import fnum, fpct, fseconds, fwhen
 from .model import Group, Pair, Provenance, Settings, Study
@@ -121,6 +122,7 @@ def group_details(doc: Doc, g: Group, f: Findings, figs: GroupFigures, study: St
     d = doc.section(2, f"{g.loss} group in detail")
     if f.details:
         d.section(3, "More conclusions, with their intervals", fold=True).ul([c.text for c in f.details], "summary")
+    explorers(d, g)
     endpoints(d, g, figs)
     every_path(d, g, figs, study.damaged)
     paths_per_pair(d, g, study.settings)
@@ -131,6 +133,23 @@ def group_details(doc: Doc, g: Group, f: Findings, figs: GroupFigures, study: St
     notes = sorted({n for p in g.evaluated for n in p.notes})
     if notes:
         d.section(3, "Notes from eval-curve", fold=True).ul(notes)
+
+
+def explorers(doc: Doc, g: Group) -> None:
+    """report.html's explorers: one per pair along t, and the loss plane's (report.md has the static strips)."""
+    found = [e for p in g.evaluated if (e := pair_explorer(g.loss, p)) is not None]
+    plane = plane_explorer(g.loss, g.plane) if g.plane is not None else None
+    if not found and plane is None:
+        return
+    d = doc.section(3, "Look along the path", fold=True, open=True)
+    d.p("In report.html: move t with the slider (or its arrow keys), or point at the figure; the table gives each "
+        "path's held-out loss, PSNR and SSIM at that t, beside the reconstructions of the same held-out images by "
+        "its network there (BatchNorm statistics recomputed at every t, as measured by eval-curve). report.md shows "
+        "the reconstructions at t = 0, 1/8, …, 1 under each pair instead.", "muted")
+    for e in found:
+        d.add(e)
+    if plane is not None:
+        d.add(plane)
 
 
 def endpoints(doc: Doc, g: Group, figs: GroupFigures) -> None:

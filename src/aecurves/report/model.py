@@ -231,6 +231,10 @@ class Pair:
     arrays: dict | None = local()                             # curve.npz of the curve and its segment
     aligned_arrays: dict | None = local()                     # and of the aligned ones
     strips: dict[str, str] = local(None)                      # kind: reconstruction strip found (a PNG)
+    series: dict | None = local()                             # eval.json's series (the explorer's numbers)
+    aligned_series: dict | None = local()
+    recons: dict | None = local()                             # reconstructions.npz: the pixels at every t
+    aligned_recons: dict | None = local()
 
     @property
     def label(self) -> str:
@@ -366,6 +370,7 @@ class Plane:
     grid: dict | None = None
     seconds: float | None = None
     picture: str | None = local()  # plane.png, when found
+    arrays: dict | None = local()  # plane.npz's grid, held-out loss and reconstructions (the explorer's)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Step 5: the renderers. A Doc as Markdown (figures linked from report_files/) and as one self-contained HTML file
-(figures embedded as data URIs, the style sheet report.css inlined): both pure functions of the document."""
+(figures embedded as data URIs, the style sheet report.css inlined, and the explorers with their script, which
+Markdown leaves out: report.md keeps the static strips): both pure functions of the document."""
 
 import base64
 import html
@@ -7,7 +8,8 @@ import re
 import urllib.parse
 from importlib import resources
 
-from .document import Code, Doc, Figure, Heading, Items, Paragraph, Section, Table, Text
+from .document import Code, Doc, Explorer, Figure, Heading, Items, Paragraph, PlaneExplorer, Section, Table, Text
+from .explorer_html import SCRIPT, explorer_html, plane_explorer_html
 
 
 def _pieces(text: Text) -> tuple:
@@ -94,7 +96,14 @@ def to_html(doc: Doc, title: str, images: dict[str, bytes]) -> str:
     head = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{style_sheet()}</style></head><body>")
-    return "\n".join([head, *_html_parts(doc.blocks, images), "</body></html>\n"])
+    parts = _html_parts(doc.blocks, images)
+    script = [SCRIPT] if _has_explorer(doc.blocks) else []
+    return "\n".join([head, *parts, *script, "</body></html>\n"])
+
+
+def _has_explorer(blocks: list) -> bool:
+    return any(isinstance(b, (Explorer, PlaneExplorer)) or isinstance(b, Section) and _has_explorer(b.blocks)
+               for b in blocks)
 
 
 def _html_parts(blocks: list, images: dict[str, bytes]) -> list[str]:
@@ -115,6 +124,10 @@ def _html_parts(blocks: list, images: dict[str, bytes]) -> list[str]:
             parts.append(f"<div class=\"box {b.cls}\"><ul>{items}</ul></div>" if b.cls else f"<ul>{items}</ul>")
         elif isinstance(b, Table):
             parts.append(_html_table(b))
+        elif isinstance(b, Explorer):
+            parts.append(explorer_html(b))
+        elif isinstance(b, PlaneExplorer):
+            parts.append(plane_explorer_html(b))
         elif isinstance(b, Figure):
             data = images.get(b.rel)
             src = f"data:image/png;base64,{base64.b64encode(data).decode('ascii')}" if data else esc(b.rel)
@@ -129,7 +142,14 @@ def _html_table(b: Table) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in b.headers)
     body = "".join("<tr>" + "".join(
-        f"<td class=\"num\">{esc(str(c))}</td>" if i >= b.numeric_from else f"<td>{esc(str(c))}</td>"
+        f"<td class=\"num\">{_num_cell(str(c))}</td>" if i >= b.numeric_from else f"<td>{esc(str(c))}</td>"
         for i, c in enumerate(row)) + "</tr>" for row in b.rows)
-    # a wide table scrolls inside its box instead of widening the page on a narrow screen
+    # a wide table wraps its numbers (each value, and each interval, kept whole), and scrolls inside its box
+    # instead of widening the page where even that is too wide
     return f"<div class=\"scroll\"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _num_cell(text: str) -> str:
+    """A number's cell: a line may break between a value and its interval, never inside either."""
+    return "".join(f"<span class=\"interval\">{html.escape(p)}</span>" if p.startswith("[") else html.escape(p)
+                   for p in re.split(r"(\[[^\]]*\])", text))
