@@ -80,6 +80,51 @@ def tiny_endpoints(tmp_path_factory) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def browser_missing() -> str | None:
+    """Why the browser tests cannot run here (None: they can): Debian's chromium, chromium-driver, and selenium."""
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not path.is_file():
+            return f"no {path} (Debian's {package}: apt-get install chromium chromium-driver; .ci/run does as root)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    return None
+
+
+def start_chromium(javascript: bool = True):
+    """Headless Chromium at 1400x1000 through the system chromedriver, its console kept for get_log("browser").
+    Nothing reaches the network: updates and sync are off, and with the driver's path given selenium never runs
+    Selenium Manager (which would download one)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-default-apps", "--disable-extensions", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    if not javascript:
+        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (tests/test_browser.py); skips, saying why, where none is installed."""
+    reason = browser_missing()
+    if reason:
+        pytest.skip(reason)
+    driver = start_chromium()
+    yield driver
+    driver.quit()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked cuda run only where torch sees a GPU; elsewhere they skip, saying so."""
     import torch
