@@ -128,8 +128,9 @@ def cursor_index(section) -> int:
     return int(section.find_element(By.CSS_SELECTOR, "input.explorer-slider").get_attribute("value"))
 
 
-def check_cursor(driver, section, stored: dict, k: int):
-    """At cursor index k the explorer shows ts[k], each path's held-out numbers at k and its reconstructions at k."""
+def check_cursor(driver, section, stored: dict, k: int, pictured: int | None = None):
+    """At cursor index k the explorer shows ts[k], each path's held-out numbers at k and its reconstructions at k
+    (or at `pictured`, where the page embeds the pictures of another t: the nearest that has them)."""
     from selenium.webdriver.common.by import By
 
     ts = stored["curve"][0]["ts"]
@@ -148,7 +149,8 @@ def check_cursor(driver, section, stored: dict, k: int):
     for index, image in enumerate(originals):
         assert same_pixels(shown["explorer-original", "", index], image), ("original", index)
         for path, (_, npz, key) in stored.items():
-            assert same_pixels(shown["explorer-recon", path, index], npz[key][k, index]), (path, index, k)
+            at = k if pictured is None else pictured
+            assert same_pixels(shown["explorer-recon", path, index], npz[key][at, index]), (path, index, k)
 
 
 def test_explorer_starts_at_t_one_half_with_every_path(page, study):
@@ -204,6 +206,34 @@ def test_hover_and_click_on_the_plot_move_the_cursor(page, study):
     ActionChains(page).move_to_element_with_offset(plot, -int(width / 2) + 2, 0).click().perform()
     check_cursor(page, section, stored, 0)
     assert console_errors(page) == []
+
+
+def test_between_the_pictured_t_the_nearest_pictures_show_and_say_where(browser, study, tmp_path, monkeypatch):
+    """Past explorer.PATH_PICTURES t per path the page embeds the pictures of some t only: at every other t it shows
+    that t's numbers with the pictures of the nearest pictured t, and says which."""
+    import shutil
+
+    from aecurves import report
+    from aecurves.report import explorer as explorer_module
+
+    copy = tmp_path / "study"
+    shutil.copytree(study, copy)
+    monkeypatch.setattr(explorer_module, "PATH_PICTURES", 2)  # 5 t: pictures at 0, 2 (nearest 0.5) and 4
+    report.write_report(copy)
+    browser.get_log("browser")
+    browser.get((copy / "report.html").as_uri())
+    section = explorer(browser)
+    stored = stored_paths(copy, section)
+    ts = stored["curve"][0]["ts"]
+    assert len(ts) == 5
+    slider = section.find_element("css selector", "input.explorer-slider")
+    note = section.find_element("css selector", "span.explorer-picture-t")
+    for k, at in ((1, 0), (3, 2), (4, 4)):
+        browser.execute_script("arguments[0].value = arguments[1];"
+                               "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))", slider, k)
+        check_cursor(browser, section, stored, k, pictured=at)
+        assert note.text == ("" if at == k else f"(pictures at t = {ts[at]:.3f})"), (k, note.text)
+    assert console_errors(browser) == []
 
 
 def test_plane_explorer_picks_the_network_at_a_point(page, study):

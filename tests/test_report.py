@@ -1399,6 +1399,37 @@ def test_the_plane_explorer_picks_each_grid_points_network(tmp_path):
     assert [_png_pixels(x["src"]).tolist() for x in shown] == arrays["recon"][i, j].tolist()
 
 
+def test_pictures_are_embedded_at_some_t_and_every_other_shows_the_nearest():
+    from aecurves.report.explorer import pictured
+
+    assert pictured(7, 21, 3) == list(range(7))  # few enough: every t has its own
+    picture = pictured(61, 21, 30)
+    assert sorted(set(picture)) == list(range(0, 61, 3)) and 30 in picture  # 21 spread evenly, the ends included
+    assert all(abs(picture[k] - k) == min(abs(c - k) for c in set(picture)) for k in range(61))
+    assert pictured(7, 3, 2) == [0, 0, 2, 3, 3, 6, 6]  # 0, 3, 6 and the kept 2; ties go to the lower
+    assert pictured(21, 11, 10, 13)[13] == 13 and len(set(pictured(21, 11, 10, 13))) == 12
+
+
+def test_past_the_limit_the_page_embeds_pictures_at_some_t_only(tmp_path, monkeypatch):
+    """With more t than explorer.PATH_PICTURES, the JSON holds the pictures of the chosen t only (null elsewhere),
+    each equal to reconstructions.npz's at that t, and `picture` maps every t to the chosen one nearest it."""
+    from aecurves.report import explorer
+
+    monkeypatch.setattr(explorer, "PATH_PICTURES", 3)
+    root = make_study(tmp_path / "study")
+    stored = add_reconstructions(root)
+    report.write_report(root)
+    for pair, (markup, data) in _explorers((root / "report.html").read_text()).items():
+        a, b = pair.split("-")
+        pixels = stored[f"curves/mse_seed{a}-seed{b}/eval"]
+        assert data["picture"] == [0, 0, 3, 3, 3, 6, 6]  # 0, 3, 6 (3: the t nearest 0.5)
+        for name, p in data["paths"].items():
+            assert [k for k, row in enumerate(p["images"]) if row is not None] == [0, 3, 6]
+            for k in (0, 3, 6):
+                assert [_png_pixels(u).tolist() for u in p["images"][k]] == pixels[name][k].tolist()
+        assert '<span class="explorer-picture-t muted"></span>' in markup  # the initial t has its own
+
+
 def test_report_html_grows_by_about_the_pictures_it_embeds(tmp_path):
     """Sanity bound on report.html's size: the explorers add each stored picture about once (in their JSON; the
     initial t's also in the page), not more."""

@@ -62,6 +62,7 @@ class Explorer:
     originals: list[str]     # the held-out images
     initial: int             # the index of t nearest 0.5
     plot: dict               # the loss figure's geometry (explorer.PLOT)
+    picture: list = field(default_factory=list)  # per t, the t whose pictures show there (explorer.pictured)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class PlaneExplorer:
     originals: list
     initial: tuple
     bends: list              # the three points, in (fractional) cells
+    picture: list = field(default_factory=list)  # per grid line, the line whose pictures show (explorer.pictured)
 
 
 @dataclass

@@ -25,6 +25,11 @@ PATHS = (("segment", "naive", "segment_", "segment", "straight segment", "6 4", 
          ("curve", "naive", "", "curve", "curve", "", "#1f77b4"),
          ("aligned_segment", "aligned", "segment_", "segment", "aligned segment", "2 3", "#ff7f0e"),
          ("aligned_curve", "aligned", "", "curve", "aligned curve", "8 3 2 3", "#2ca02c"))
+# report.html embeds the reconstructions of at most this many t per path, spread evenly (and the t nearest 0.5),
+# and of the nodes on at most this many grid lines per axis of a plane: the numbers are there at every t and node,
+# the pictures at the nearest pictured one (report.html's size: docs/performance.md)
+PATH_PICTURES = 21
+PLANE_PICTURES = 11
 # the loss figure's geometry, in SVG units: the plot area, and the legend right of it (never over the lines)
 PLOT = {"width": 640, "height": 220, "left": 56, "top": 12, "plot_width": 400, "plot_height": 170}
 
@@ -46,6 +51,13 @@ def png_uri(pixels: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def pictured(n: int, limit: int, *keep: int) -> list[int]:
+    """For each of `n` indices, the index whose pictures show there: at most `limit` indices spread evenly over
+    0 ... n - 1, and those in `keep`, have pictures; every other shows the nearest of them (the lower on a tie)."""
+    chosen = sorted({*np.linspace(0, n - 1, min(n, limit)).round().astype(int).tolist(), *keep})
+    return [min(chosen, key=lambda c: (abs(c - k), c)) for k in range(n)]
+
+
 def nearest(ts, t: float = 0.5) -> int:
     return int(np.argmin(np.abs(np.asarray(ts, dtype=float) - t)))
 
@@ -57,6 +69,7 @@ def pair_explorer(loss: str, p: Pair) -> Explorer | None:
     if ts is None:
         return None
     paths, originals = {}, None
+    picture = pictured(len(ts), PATH_PICTURES, nearest(ts))
     for name, which, prefix, key, label, dash, color in PATHS:
         series, recons = sources[which]
         if not series or _ts(series, prefix) != ts or not isinstance(series.get(prefix + "te_loss"), list):
@@ -66,11 +79,12 @@ def pair_explorer(loss: str, p: Pair) -> Explorer | None:
         if frames is not None and originals is None:
             originals = [png_uri(image) for image in recons["images"]]
         paths[name] = {"label": label, "dash": dash, "color": color, "loss": series[prefix + "te_loss"],
-                       **values, "images": [] if frames is None else [[png_uri(x) for x in f] for f in frames]}
+                       **values, "images": [] if frames is None else
+                       [[png_uri(x) for x in f] if picture[k] == k else None for k, f in enumerate(frames)]}
     if not paths:
         return None
     return Explorer(group=loss, pair=f"{p.seeds[0]}-{p.seeds[1]}", ts=ts, ts_text=[f"{t:.3f}" for t in ts],
-                    paths=paths, originals=originals or [], initial=nearest(ts), plot=dict(PLOT))
+                    paths=paths, originals=originals or [], initial=nearest(ts), plot=dict(PLOT), picture=picture)
 
 
 def _ts(series, prefix: str = "") -> list | None:
@@ -96,16 +110,17 @@ def plane_explorer(loss: str, plane: Plane) -> PlaneExplorer | None:
     grid, te_loss = arrays["grid"], arrays["te_loss"]
     size = grid.shape[0]
     recon = arrays.get("recon")
-    images = [[[png_uri(x) for x in recon[i, j]] for j in range(size)] for i in range(size)] \
-        if recon is not None else []
-    originals = [png_uri(x) for x in arrays["recon_images"]] if recon is not None else []
     bends = arrays.get("bend_coordinates")
     start = (size // 2, size // 2) if bends is None else _nearest_node(grid, bends[1])
+    picture = pictured(size, PLANE_PICTURES, *start)  # the same lines on both axes, the start's among them
+    images = [[[png_uri(x) for x in recon[i, j]] if picture[i] == i and picture[j] == j else None
+               for j in range(size)] for i in range(size)] if recon is not None else []
+    originals = [png_uri(x) for x in arrays["recon_images"]] if recon is not None else []
     return PlaneExplorer(group=loss, seeds=f"{plane.seeds[0]}-{plane.seeds[1]}", size=size,
                          points=[[f"({x:.3f}, {y:.3f})" for x, y in row] for row in grid],
                          loss=[[fvalue(float(v)) for v in row] for row in te_loss],
                          colors=_colors(te_loss), images=images, originals=originals, initial=start,
-                         bends=_bend_cells(grid, bends))
+                         bends=_bend_cells(grid, bends), picture=picture)
 
 
 def _nearest_node(grid: np.ndarray, xy) -> tuple[int, int]:

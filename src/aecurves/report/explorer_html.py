@@ -43,13 +43,14 @@ def explorer_html(e: Explorer) -> str:
         rows.append(f"<tr><td><span class=\"swatch\" style=\"border-color:{p['color']}\"></span>"
                     f"{html.escape(p['label'])}</td>{cells}<td class=\"explorer-images\">{images}</td></tr>")
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in COLUMNS)
-    data = {"ts": e.ts, "ts_text": e.ts_text, "initial": i, "plot": e.plot,
+    data = {"ts": e.ts, "ts_text": e.ts_text, "initial": i, "plot": e.plot, "picture": e.picture,
             "paths": {n: {k: p[k] for k in ("te_loss", "te_psnr", "te_ssim", "images")} for n, p in e.paths.items()}}
     return (f"<section class=\"explorer\" data-group=\"{html.escape(e.group)}\" data-pair=\"{html.escape(e.pair)}\">"
             f"<h4>Seeds {html.escape(e.pair.replace('-', ' and '))}</h4>"
             f"<div class=\"explorer-controls\"><label>t = <span class=\"explorer-t\">{e.ts_text[i]}</span> "
             f"<input type=\"range\" class=\"explorer-slider\" min=\"0\" max=\"{last}\" step=\"1\" value=\"{i}\" "
-            f"aria-label=\"t along the paths, seeds {html.escape(e.pair)}\"></label></div>"
+            f"aria-label=\"t along the paths, seeds {html.escape(e.pair)}\"></label> "
+            "<span class=\"explorer-picture-t muted\"></span></div>"
             f"{_plot_svg(e)}"
             f"<div class=\"scroll\"><table class=\"explorer-table\"><thead><tr><th>path</th>{head}"
             f"<th>reconstructions at t</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
@@ -107,14 +108,15 @@ def plane_explorer_html(e: PlaneExplorer) -> str:
         "<span class=\"muted\">not stored (plane.npz written before it held reconstructions)</span>"
     originals = "".join(_img("plane-original", src, k, alt=f"held-out image {k}") for k, src in
                         enumerate(e.originals))
-    data = {"size": n, "points": e.points, "loss": e.loss, "images": e.images, "initial": list(e.initial)}
+    data = {"size": n, "points": e.points, "loss": e.loss, "images": e.images, "initial": list(e.initial),
+            "picture": e.picture}
     return (f"<section class=\"plane-explorer\" data-group=\"{html.escape(e.group)}\">"
             f"<h4>The loss plane of seeds {html.escape(e.seeds.replace('-', ' and '))}</h4>"
             f"<div class=\"plane-layout\"><svg class=\"plane-plot\" viewBox=\"0 0 {n * cell} {n * cell}\" "
             f"width=\"{n * cell * 2}\" role=\"img\" aria-label=\"held-out loss over the plane; point to pick a "
             "network\">"
             f"{rects}{marks}</svg><div><p>point <span class=\"plane-point\">{e.points[i0][j0]}</span>, held-out "
-            f"loss <span class=\"plane-loss\">{e.loss[i0][j0]}</span></p>"
+            f"loss <span class=\"plane-loss\">{e.loss[i0][j0]}</span> <span class=\"plane-picture muted\"></span></p>"
             f"<p class=\"explorer-images\">{originals}</p><p class=\"explorer-images\">{images}</p>"
             "<p class=\"muted\">Top: held-out images; below: their reconstructions by the network at the picked point "
             "(colour: held-out loss, log scale, dark low; circles: the three points).</p></div></div>"
@@ -132,6 +134,7 @@ SCRIPT = """<script>
     var shownT = sec.querySelector(".explorer-t");
     var svg = sec.querySelector("svg.explorer-plot");
     var cursor = svg.querySelector(".explorer-cursor");
+    var pictureT = sec.querySelector(".explorer-picture-t");
     function show(i) {
       i = Math.max(0, Math.min(data.ts.length - 1, i));
       slider.value = String(i);
@@ -139,6 +142,8 @@ SCRIPT = """<script>
       var x = data.plot.left + data.ts[i] * data.plot.plot_width;
       cursor.setAttribute("x1", x.toFixed(1));
       cursor.setAttribute("x2", x.toFixed(1));
+      var k = data.picture[i];  // pictures are embedded at some t only: the nearest of them
+      pictureT.textContent = k === i ? "" : "(pictures at t = " + data.ts_text[k] + ")";
       Object.keys(data.paths).forEach(function (name) {
         var p = data.paths[name];
         each(sec.querySelectorAll('td.explorer-value[data-path="' + name + '"]'), function (td) {
@@ -146,7 +151,7 @@ SCRIPT = """<script>
         });
         if (p.images.length) {
           each(sec.querySelectorAll('img.explorer-recon[data-path="' + name + '"]'), function (img) {
-            img.src = p.images[i][Number(img.getAttribute("data-index"))];
+            img.src = p.images[data.picture[i]][Number(img.getAttribute("data-index"))];
           });
         }
       });
@@ -172,9 +177,12 @@ SCRIPT = """<script>
       cell.classList.add("picked");
       sec.querySelector(".plane-point").textContent = data.points[i][j];
       sec.querySelector(".plane-loss").textContent = data.loss[i][j];
+      var pi = data.picture[i], pj = data.picture[j];  // pictures at the nodes of some grid lines only
+      sec.querySelector(".plane-picture").textContent =
+        pi === i && pj === j ? "" : "(pictures at the nearest pictured point " + data.points[pi][pj] + ")";
       if (data.images.length) {
         each(sec.querySelectorAll("img.plane-recon"), function (img) {
-          img.src = data.images[i][j][Number(img.getAttribute("data-index"))];
+          img.src = data.images[data.picture[i]][data.picture[j]][Number(img.getAttribute("data-index"))];
         });
       }
     }
