@@ -52,6 +52,7 @@ from aecurves.records import NewerFormat, RecordError, StudyRecord
 from .driver import Driver, StageJob, check_executor_machine, make_executor, torchrun_file
 from .kinds import KINDS, Kind, describe, ensemble_members
 from .planning import Stage, plan, select_forced, stage_named, with_dependencies
+from .planning import loss_group as group_folders
 from .settings import (
     Settings,
     fge_snapshots,
@@ -61,7 +62,7 @@ from .settings import (
     section_record,
     study_record,
 )
-from .state import Study, fmt_seconds
+from .state import Study, check_stages, fmt_seconds, refuse_stale_outputs, refuse_untrusted_files
 
 __doc__ += describe()
 __all__ = ["KINDS", "Driver", "Kind", "Settings", "Stage", "StageJob", "Study", "ensemble_members", "fge_snapshots",
@@ -97,8 +98,6 @@ def run_study(settings: Settings) -> dict:
         raise UserError("--epochs and --curve-epochs are needed.")
     check_executor_machine(settings)
     plan_study(study)
-    from .state import check_stages, refuse_stale_outputs, refuse_untrusted_files
-
     refuse_untrusted_files(study)  # before any stage is judged, --plan included
     check_stages(study)
     if settings.plan:
@@ -136,9 +135,7 @@ def plan_study(study: Study) -> None:
 def loss_group(settings: Settings, loss: str) -> dict:
     """One loss group's record for study.json (planning.loss_group): its folders, and whether it runs (vgg needs the
     VGG weights)."""
-    from .planning import loss_group as folders
-
-    group = folders(settings, loss)
+    group = group_folders(settings, loss)
     if loss != "vgg":
         return group
     problem = check_vgg(settings.vgg_weights)

@@ -45,8 +45,8 @@ def plan(s: Settings, n_train: int, n_test: int, perceptual: bool = False) -> li
     for loss in s.losses:
         for round_ in sorted({k.round for k in KINDS.values()}):
             kinds = [k for k in KINDS.values() if k.round == round_ and k.when(s)]
-            for unit in _units(s, kinds):
-                stages += [make_stage(k, s, loss, unit, sizes) for k in kinds if unit in _units(s, [k])]
+            for unit in _units(s, kinds):  # the kinds of a round share theirs (per seed, or per pair)
+                stages += [make_stage(k, s, loss, unit, sizes) for k in kinds]
     stages.append(Stage("report", "report", "report", "."))
     return with_dependencies(stages)
 
