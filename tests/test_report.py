@@ -1399,6 +1399,28 @@ def test_the_plane_explorer_picks_each_grid_points_network(tmp_path):
     assert [_png_pixels(x["src"]).tolist() for x in shown] == arrays["recon"][i, j].tolist()
 
 
+def test_a_linked_reconstructions_npz_is_never_read_into_the_page(tmp_path, capsys):
+    """The explorers' pictures come from the study folder only: a reconstructions.npz that is a link (to another
+    study's pixels) stops the report before anything is written, and one linked in after that check, or named
+    through '..', is named damaged and never embedded."""
+    from aecurves.cli import main
+    from aecurves.report.inputs import Inputs, reconstruction_arrays
+
+    root = make_study(tmp_path / "study")
+    add_reconstructions(root)
+    rel = "curves/mse_seed1-seed2/eval/reconstructions.npz"
+    elsewhere = tmp_path / "elsewhere.npz"
+    (root / rel).rename(elsewhere)
+    (root / rel).symlink_to(elsewhere)
+    assert main(["report", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was changed" in err and "Traceback" not in err and not (root / "report.html").exists()
+    inputs = Inputs(root)
+    for spelling in (rel, "curves/mse_seed1-seed2/eval/../eval/reconstructions.npz", "../elsewhere.npz"):
+        assert inputs.load(spelling, reconstruction_arrays) is None, spelling
+        assert "outside the study folder" in inputs.damaged[spelling], spelling
+
+
 def test_pictures_are_embedded_at_some_t_and_every_other_shows_the_nearest():
     from aecurves.report.explorer import pictured
 
