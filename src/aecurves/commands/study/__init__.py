@@ -219,8 +219,9 @@ def run_stages(study: Study, executor=None) -> dict:
     run_report_stage(study)
     from aecurves import report, wandb_log
 
-    wandb_log.log_study(study.settings, study_record(study.settings), report.read_report_json(study.root))
-    return print_summary(study)
+    summary = report.read_report_json(study.root)
+    wandb_log.log_study(study.settings, study_record(study.settings), summary)
+    return print_summary(study, summary)
 
 
 def start_provenance(study: Study, executor: str) -> None:
@@ -252,10 +253,8 @@ def run_report_stage(study: Study) -> None:
     study.ran.append("report")
 
 
-def print_summary(study: Study) -> dict:
-    from aecurves import report
-
-    summary = report.read_report_json(study.root)
+def print_summary(study: Study, summary: dict) -> dict:
+    """The end of the run on the console, and run()'s result; `summary`: report.json."""
     print(f"\nstudy finished in {fmt_seconds(time.perf_counter() - study.t0)}: {len(study.ran)} stages run, "
           f"{len(study.skipped)} already finished")
     for loss, group in study.groups.items():
